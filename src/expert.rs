@@ -1,0 +1,33 @@
+//! The experts: `E_e(v) = relu(v W1_e + b1_e) W2_e + b2_e`, all experts of a layer stored as
+//! stacked weights so that every expert runs in one batched matmul over its packed tokens.
+//!
+//! PyTorch keeps one `nn.Linear` per expert (`experts.{e}.layer1.weight` `[d_ff, d]`); here
+//! `w1[e]` is that matrix transposed (`[d, d_ff]`), so `x @ w1` needs no transpose.
+
+use burn::module::{Module, Param};
+use burn::tensor::Tensor;
+use burn::tensor::activation::relu;
+
+#[derive(Module, Debug)]
+pub struct Experts {
+    /// `[n_experts, d_model, d_ff]`
+    pub w1: Param<Tensor<3>>,
+    /// `[n_experts, d_ff]`
+    pub b1: Param<Tensor<2>>,
+    /// `[n_experts, d_ff, d_model]`
+    pub w2: Param<Tensor<3>>,
+    /// `[n_experts, d_model]`
+    pub b2: Param<Tensor<2>>,
+}
+
+impl Experts {
+    pub fn n_experts(&self) -> usize {
+        self.w1.dims()[0]
+    }
+
+    /// `x`: `[n_experts, slots, d_model]`, expert e's tokens in row block e.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = relu(x.matmul(self.w1.val()) + self.b1.val().unsqueeze_dim(1));
+        h.matmul(self.w2.val()) + self.b2.val().unsqueeze_dim(1)
+    }
+}

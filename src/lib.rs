@@ -1,0 +1,25 @@
+//! A Switch Transformer (Fedus, Zoph, Shazeer 2021) on Burn, numerically faithful to labml's
+//! PyTorch miniature (`labml_nn.transformers.switch`).
+//!
+//! Read in this order: [`router`] -> [`expert`] -> [`switch`] -> [`attention`] -> [`block`] ->
+//! [`model`] -> [`loss`] -> [`optim`]. [`weights`] maps the model to PyTorch `state_dict`
+//! names; [`parity`] checks it against tensors recorded from the PyTorch code.
+
+pub mod attention;
+pub mod block;
+pub mod config;
+pub mod expert;
+pub mod init;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod parity;
+pub mod router;
+pub mod store;
+pub mod switch;
+pub mod util;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use model::SwitchTransformer;
+pub use router::RoutingRng;

@@ -1,0 +1,249 @@
+//! Host-side tensors and safetensors files.
+//!
+//! Everything that crosses the program boundary (weights, fixtures, checkpoints) goes through
+//! [`TensorFile`]: named host tensors plus the safetensors string metadata.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+/// The element storage of a [`HostTensor`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+}
+
+/// A dense row-major tensor in host memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+impl HostTensor {
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape/data mismatch"
+        );
+        Self {
+            shape,
+            data: HostData::F32(data),
+        }
+    }
+
+    pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape/data mismatch"
+        );
+        Self {
+            shape,
+            data: HostData::I64(data),
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The values as f32, converting integer and f64 storage.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.data {
+            HostData::F32(v) => v.clone(),
+            HostData::F64(v) => v.iter().map(|&x| x as f32).collect(),
+            HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
+            HostData::U8(v) => v.iter().map(|&x| x as f32).collect(),
+        }
+    }
+
+    pub fn to_f64(&self) -> Vec<f64> {
+        match &self.data {
+            HostData::F64(v) => v.clone(),
+            _ => self.to_f32().into_iter().map(f64::from).collect(),
+        }
+    }
+
+    pub fn to_i64(&self) -> Vec<i64> {
+        match &self.data {
+            HostData::I64(v) => v.clone(),
+            HostData::U8(v) => v.iter().map(|&x| x as i64).collect(),
+            HostData::F32(v) => v.iter().map(|&x| x as i64).collect(),
+            HostData::F64(v) => v.iter().map(|&x| x as i64).collect(),
+        }
+    }
+
+    /// Reads a float tensor back from a device.
+    pub fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
+        let shape = t.dims().to_vec();
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("float tensor data");
+        Self::f32(shape, data)
+    }
+
+    /// Uploads as a float tensor of rank `D`; errors if the rank differs.
+    pub fn to_tensor<const D: usize>(&self, device: &Device) -> Result<Tensor<D>> {
+        if self.shape.len() != D {
+            bail!("expected a rank-{D} tensor, got shape {:?}", self.shape);
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(self.to_f32(), self.shape.clone()),
+            device,
+        ))
+    }
+
+    /// Uploads as an integer tensor of rank `D`.
+    pub fn to_int_tensor<const D: usize>(&self, device: &Device) -> Result<Tensor<D, Int>> {
+        if self.shape.len() != D {
+            bail!("expected a rank-{D} tensor, got shape {:?}", self.shape);
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(self.to_i64(), self.shape.clone()),
+            device,
+        ))
+    }
+
+    /// Matrix transpose of a rank-2 f32 tensor.
+    pub fn transposed(&self) -> Self {
+        assert_eq!(self.shape.len(), 2, "transpose needs a matrix");
+        let (r, c) = (self.shape[0], self.shape[1]);
+        let v = self.to_f32();
+        let mut out = vec![0.0; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                out[j * r + i] = v[i * c + j];
+            }
+        }
+        Self::f32(vec![c, r], out)
+    }
+
+    fn dtype(&self) -> Dtype {
+        match self.data {
+            HostData::F32(_) => Dtype::F32,
+            HostData::F64(_) => Dtype::F64,
+            HostData::I64(_) => Dtype::I64,
+            HostData::U8(_) => Dtype::U8,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        match &self.data {
+            HostData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            HostData::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            HostData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            HostData::U8(v) => v.clone(),
+        }
+    }
+
+    fn from_view(name: &str, view: &TensorView<'_>) -> Result<Self> {
+        let shape = view.shape().to_vec();
+        let b = view.data();
+        let data = match view.dtype() {
+            Dtype::F32 => HostData::F32(
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            Dtype::F64 => HostData::F64(
+                b.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            Dtype::I64 => HostData::I64(
+                b.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            Dtype::U8 | Dtype::BOOL => HostData::U8(b.to_vec()),
+            other => bail!("tensor `{name}` has dtype {other:?}; only F32, F64, I64, U8 are read"),
+        };
+        Ok(Self { shape, data })
+    }
+}
+
+/// Named host tensors with their safetensors metadata, ordered by name.
+#[derive(Debug, Clone, Default)]
+pub struct TensorFile {
+    pub tensors: BTreeMap<String, HostTensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read safetensors file {}", path.display()))?;
+        Self::from_bytes(&bytes)
+            .with_context(|| format!("{} is not a valid safetensors file", path.display()))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{e}"))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{e}"))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.iter() {
+            tensors.insert(name.to_string(), HostTensor::from_view(name, &view)?);
+        }
+        Ok(Self {
+            tensors,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        })
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dtype(), t.shape.clone(), t.bytes()))
+            .collect();
+        let views = owned
+            .iter()
+            .map(|(k, d, s, b)| Ok((k.as_str(), TensorView::new(*d, s.clone(), b)?)))
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+            .map_err(|e| anyhow!("{e}"))?;
+        let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
+        safetensors::serialize(views, meta).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Writes atomically: a temporary file in the same directory, then a rename.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        crate::util::write_atomic(path, &self.to_bytes()?)
+    }
+
+    pub fn get(&self, name: &str) -> Result<&HostTensor> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor `{name}` is missing"))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Tensors whose name starts with `prefix`, with the prefix removed.
+    pub fn with_prefix(&self, prefix: &str) -> BTreeMap<String, HostTensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// The JSON object stored under the metadata key `meta`.
+    pub fn meta_json(&self) -> Result<serde_json::Value> {
+        let raw = self
+            .metadata
+            .get("meta")
+            .ok_or_else(|| anyhow!("the safetensors metadata has no `meta` key"))?;
+        serde_json::from_str(raw).context("the `meta` metadata is not valid JSON")
+    }
+}
