@@ -311,3 +311,31 @@ pub fn model_from_state_dict(
         generator,
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Files.
+
+/// Saves the model as a PyTorch-loadable safetensors state dict
+/// (`model.load_state_dict(safetensors.torch.load_file(path))` in labml), with the
+/// configuration as JSON under the metadata key `config`. Written atomically.
+pub fn save_model(path: &std::path::Path, m: &SwitchTransformer, c: &ModelConfig) -> Result<()> {
+    let mut f = crate::store::TensorFile {
+        tensors: model_state_dict(m, Source::Values),
+        ..Default::default()
+    };
+    f.metadata
+        .insert("config".into(), serde_json::to_string(c)?);
+    f.write(path)
+}
+
+/// Loads weights saved by [`save_model`] or by PyTorch (`safetensors.torch.save_file(
+/// model.state_dict(), path)`) for configuration `c`.
+pub fn load_model(
+    path: &std::path::Path,
+    c: &ModelConfig,
+    device: &Device,
+) -> Result<SwitchTransformer> {
+    let f = crate::store::TensorFile::read(path)?;
+    model_from_state_dict(c, &f.tensors, device)
+        .with_context(|| format!("{} does not fit the model configuration", path.display()))
+}
