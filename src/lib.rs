@@ -7,8 +7,13 @@
 
 pub mod attention;
 pub mod block;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
+pub mod download;
+pub mod eval;
 pub mod expert;
+pub mod generate;
 pub mod init;
 pub mod loss;
 pub mod model;
@@ -17,6 +22,7 @@ pub mod parity;
 pub mod router;
 pub mod store;
 pub mod switch;
+pub mod train;
 pub mod util;
 pub mod weights;
 

@@ -1,19 +1,32 @@
-//! `switch`: the command-line interface. A thin layer over the library.
+//! `switch`: the command-line interface, a thin layer over the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use switch_transformer::config::{RunConfig, keys_help};
+use switch_transformer::data::{TextData, valid_batches};
+use switch_transformer::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download};
+use switch_transformer::eval::evaluate;
+use switch_transformer::generate::{SampleOptions, generate};
 use switch_transformer::parity;
+use switch_transformer::router::RoutingRng;
 use switch_transformer::store::TensorFile;
+use switch_transformer::train::{Event, Finish, Trainer, load_run_model};
+
+const DEFAULT_DATA: &str = "data/tinyshakespeare.txt";
 
 #[derive(Parser)]
 #[command(
     name = "switch",
     version,
-    about = "Switch Transformer on Burn: train, sample, check parity with labml's PyTorch code"
+    about = "Switch Transformer on Burn: train, sample, evaluate, and check parity with labml's PyTorch code"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -22,6 +35,64 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model (by default labml's Tiny Shakespeare experiment) in runs/NAME/.
+    #[command(after_help = keys_help())]
+    Train {
+        /// UTF-8 text file to train on. The default is downloaded when missing.
+        #[arg(long, default_value = DEFAULT_DATA)]
+        data: PathBuf,
+        /// TOML configuration file with [model] and [train] sections.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override one key, e.g. --set train.steps=1000 (repeatable; see the keys below).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Shortcut for --set train.seed=N.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Run name: the run is written to runs/NAME/ (default: a timestamp).
+        #[arg(long)]
+        name: Option<String>,
+        /// Directory holding the runs.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Continue the run in this directory from its latest checkpoint.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "overrides", "seed", "name"])]
+        resume: Option<PathBuf>,
+    },
+    /// Generate text from a trained run.
+    Sample {
+        /// Run directory (uses best/ if present, else the latest checkpoint).
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value = "It is")]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Drop over-capacity tokens while generating (labml's sampler does).
+        #[arg(long)]
+        drop_tokens: bool,
+    },
+    /// Loss and perplexity over the whole validation split of a run's data.
+    Eval {
+        #[arg(long)]
+        run: PathBuf,
+        /// The data the run was trained on.
+        #[arg(long, default_value = DEFAULT_DATA)]
+        data: PathBuf,
+        /// Drop over-capacity tokens as in training (labml's validation); off by default.
+        #[arg(long)]
+        drop_tokens: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Replay fixtures recorded from labml's PyTorch code and compare every tensor.
     ///
     /// Prints one row per tensor (max abs error, max error relative to the tensor's largest
@@ -45,9 +116,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    let device = Device::default();
     match cli.command {
         Command::Parity { fixtures } => {
-            let device = Device::default();
             let mut all = true;
             for path in &fixtures {
                 println!("== {}", path.display());
@@ -64,5 +135,208 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Train {
+            data,
+            config,
+            overrides,
+            seed,
+            name,
+            runs_dir,
+            resume,
+        } => {
+            let mut trainer = if let Some(run_dir) = resume {
+                let seq_len = RunConfig::from_toml_file(&run_dir.join("config.toml"))
+                    .with_context(|| format!("{} is not a run directory", run_dir.display()))?
+                    .train
+                    .seq_len;
+                let text = load_data(&data, seq_len)?;
+                let t = Trainer::resume(&run_dir, text, &device)?;
+                println!("resuming {} at step {}", run_dir.display(), t.step);
+                t
+            } else {
+                let mut c = match config {
+                    Some(path) => RunConfig::from_toml_file(&path)?,
+                    None => RunConfig::default(),
+                };
+                for o in &overrides {
+                    c.set(o)?;
+                }
+                if let Some(s) = seed {
+                    c.train.seed = s;
+                }
+                c.validate()?;
+                let text = load_data(&data, c.train.seq_len)?;
+                let name = name.unwrap_or_else(default_run_name);
+                Trainer::create(c, text, &runs_dir.join(name), &device)?
+            };
+            train(&mut trainer)
+        }
+        Command::Sample {
+            run,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            seed,
+            drop_tokens,
+        } => {
+            let (config, vocab, mut model) = load_run_model(&run, &device)?;
+            model.set_drop_tokens(drop_tokens);
+            if prompt.is_empty() {
+                bail!("--prompt must not be empty");
+            }
+            let ids = vocab.encode(&prompt).context("--prompt")?;
+            let opts = SampleOptions {
+                max_tokens,
+                temperature,
+                top_k,
+                context: config.train.seq_len,
+            };
+            let mut rng = RoutingRng::seed_from_u64(seed);
+            let new = generate(&model, &ids, &opts, &mut rng.clone(), &mut rng);
+            println!("{prompt}{}", vocab.decode(&new));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            run,
+            data,
+            drop_tokens,
+            seed,
+        } => {
+            let (config, vocab, mut model) = load_run_model(&run, &device)?;
+            model.set_drop_tokens(drop_tokens);
+            let text = TextData::load(&data, config.train.seq_len + 1)?;
+            if text.vocab != vocab {
+                bail!(
+                    "{} has other characters than the run's data: evaluate on the data the run \
+                     was trained on",
+                    data.display()
+                );
+            }
+            let t = &config.train;
+            let batches = valid_batches(&text.valid, t.seq_len, t.batch_size, None);
+            let m = evaluate(&model, &batches, &mut RoutingRng::seed_from_u64(seed));
+            println!(
+                "validation split: {} tokens, token dropping {}",
+                m.tokens,
+                if drop_tokens { "on" } else { "off" }
+            );
+            println!(
+                "loss {:.4}  perplexity {:.3}  accuracy {:.4}",
+                m.loss,
+                m.perplexity(),
+                m.accuracy
+            );
+            println!(
+                "load-balancing loss {:.3}  dropped {:.4}",
+                m.lb_loss, m.dropped_frac
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Reads the training text, downloading Tiny Shakespeare when the default path is missing.
+fn load_data(path: &Path, seq_len: usize) -> Result<TextData> {
+    if !path.exists() && path == Path::new(DEFAULT_DATA) {
+        eprintln!("{DEFAULT_DATA} not found: downloading Tiny Shakespeare");
+        let bar = ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+                .expect("valid template"),
+        );
+        download(
+            TINY_SHAKESPEARE_URL,
+            TINY_SHAKESPEARE_SHA256,
+            path,
+            &mut |done, total| {
+                if let Some(t) = total {
+                    bar.set_length(t);
+                }
+                bar.set_position(done);
+            },
+        )?;
+        bar.finish();
+    }
+    TextData::load(path, seq_len + 1)
+}
+
+fn default_run_name() -> String {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    format!(
+        "run-{}",
+        now.trim_end_matches('Z').replace(':', "").replace('T', "-")
+    )
+}
+
+fn train(trainer: &mut Trainer) -> Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130); // second Ctrl-C: leave now
+            }
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let t = trainer.config.train.clone();
+    let m = &trainer.config.model;
+    println!(
+        "run {}: {} parameters, {} layers x {} experts, d_model {}, {} steps of {}x{} tokens",
+        trainer.run_dir.display(),
+        m.num_params(),
+        m.n_layers,
+        m.n_experts,
+        m.d_model,
+        t.steps,
+        t.batch_size,
+        t.seq_len
+    );
+    let bar = ProgressBar::new(t.steps).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(trainer.step);
+    let mut tok_s = 0.0f64;
+    let finish = trainer.run(&stop, &mut |event| match event {
+        Event::Step(s) => {
+            let rate = s.tokens as f64 / s.seconds.max(1e-9);
+            tok_s = if tok_s == 0.0 {
+                rate
+            } else {
+                0.9 * tok_s + 0.1 * rate
+            };
+            bar.set_position(s.step);
+            bar.set_message(format!(
+                "epoch {} loss {:.3} lr {:.2e} {:.0} tok/s",
+                s.epoch, s.loss, s.lr, tok_s
+            ));
+        }
+        Event::Validation {
+            step,
+            metrics,
+            sample,
+        } => {
+            bar.suspend(|| {
+                println!(
+                    "step {step}: valid loss {:.4} acc {:.3} lb {:.3} dropped {:.3} | {sample:?}",
+                    metrics.loss, metrics.accuracy, metrics.lb_loss, metrics.dropped_frac
+                )
+            });
+        }
+        Event::Checkpoint(dir) => bar.suspend(|| println!("checkpoint {}", dir.display())),
+    })?;
+    bar.finish();
+    Ok(match finish {
+        Finish::Completed => ExitCode::SUCCESS,
+        Finish::Interrupted => {
+            eprintln!(
+                "interrupted: checkpoint written; continue with `switch train --resume {}`",
+                trainer.run_dir.display()
+            );
+            ExitCode::from(130)
+        }
+    })
 }

@@ -38,6 +38,13 @@ impl SwitchTransformer {
         self.layers.len()
     }
 
+    /// Turns token dropping on or off in every Switch layer (e.g. off for evaluation).
+    pub fn set_drop_tokens(&mut self, drop_tokens: bool) {
+        for layer in &mut self.layers {
+            layer.feed_forward.drop_tokens = drop_tokens;
+        }
+    }
+
     /// `ids`: `[batch, seq]` token ids.
     pub fn forward(&self, ids: Tensor<2, Int>, rng: &mut RoutingRng) -> ModelOutput {
         self.forward_traced(ids, rng, None)

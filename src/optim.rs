@@ -33,10 +33,12 @@ impl Noam {
     }
 }
 
-/// Gradients of a module's parameters, flattened, keyed by parameter id.
+/// Gradients of a module's parameters, flattened, in module order (so that reductions over
+/// them, like the global norm, add up in the same order every run).
 #[derive(Default)]
 pub struct ParamGrads {
-    grads: HashMap<ParamId, Tensor<1>>,
+    grads: Vec<Tensor<1>>,
+    index: HashMap<ParamId, usize>,
 }
 
 impl ParamGrads {
@@ -44,7 +46,7 @@ impl ParamGrads {
     pub fn from_gradients<M: Module>(module: &M, mut grads: Gradients) -> Self {
         struct Collect<'a> {
             grads: &'a mut Gradients,
-            out: HashMap<ParamId, Tensor<1>>,
+            out: ParamGrads,
         }
         impl ModuleVisitor for Collect<'_> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -59,18 +61,24 @@ impl ParamGrads {
         }
         let mut c = Collect {
             grads: &mut grads,
-            out: HashMap::new(),
+            out: ParamGrads::default(),
         };
         module.visit(&mut c);
-        Self { grads: c.out }
+        c.out
     }
 
     pub fn insert(&mut self, id: ParamId, grad: Tensor<1>) {
-        self.grads.insert(id, grad);
+        match self.index.get(&id) {
+            Some(&i) => self.grads[i] = grad,
+            None => {
+                self.index.insert(id, self.grads.len());
+                self.grads.push(grad);
+            }
+        }
     }
 
     pub fn get(&self, id: &ParamId) -> Option<&Tensor<1>> {
-        self.grads.get(id)
+        self.index.get(id).map(|&i| &self.grads[i])
     }
 
     pub fn len(&self) -> usize {
@@ -85,7 +93,7 @@ impl ParamGrads {
     pub fn global_norm(&self) -> f64 {
         let squares: Vec<Tensor<1>> = self
             .grads
-            .values()
+            .iter()
             .map(|g| g.clone().square().sum())
             .collect();
         if squares.is_empty() {
@@ -101,7 +109,7 @@ impl ParamGrads {
         let norm = self.global_norm();
         let coef = (max_norm / (norm + 1e-6)).min(1.0);
         if coef < 1.0 {
-            for g in self.grads.values_mut() {
+            for g in &mut self.grads {
                 *g = g.clone() * coef;
             }
         }

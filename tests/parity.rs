@@ -30,11 +30,18 @@ fn every_fixture_passes() {
 
 #[test]
 fn fixture_kinds_are_recognised() {
-    let kind = |f: &str| FixtureKind::detect(&TensorFile::read(&common::fixture(f)).unwrap()).unwrap();
+    let kind =
+        |f: &str| FixtureKind::detect(&TensorFile::read(&common::fixture(f)).unwrap()).unwrap();
     assert_eq!(kind("model_tiny.safetensors"), FixtureKind::Model);
     assert_eq!(kind("noam.safetensors"), FixtureKind::Optimizer);
-    assert_eq!(kind("switch_ff_scale.safetensors"), FixtureKind::SwitchFeedForward);
-    assert_eq!(kind("switch_ff_drop.safetensors"), FixtureKind::SwitchFeedForwardDrop);
+    assert_eq!(
+        kind("switch_ff_scale.safetensors"),
+        FixtureKind::SwitchFeedForward
+    );
+    assert_eq!(
+        kind("switch_ff_drop.safetensors"),
+        FixtureKind::SwitchFeedForwardDrop
+    );
 }
 
 /// A tampered fixture must fail: the check can fail.
@@ -47,7 +54,12 @@ fn a_wrong_recording_fails() {
     *logits = switch_transformer::store::HostTensor::f32(logits.shape.clone(), v);
     let report = parity::run(&f, &Device::default()).unwrap();
     assert!(!report.passed());
-    let bad: Vec<_> = report.rows.iter().filter(|r| !r.pass).map(|r| r.name.as_str()).collect();
+    let bad: Vec<_> = report
+        .rows
+        .iter()
+        .filter(|r| !r.pass)
+        .map(|r| r.name.as_str())
+        .collect();
     assert_eq!(bad, ["logits"]);
 }
 

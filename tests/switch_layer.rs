@@ -154,7 +154,6 @@ fn check(c: Case, seed: u64) {
     let plan = RoutePlan::new(&probs, c.e, c.capacity_factor, c.drop_tokens, &mut rng);
     let out = sff.dispatch(x.clone(), route_prob, &probs, &plan);
 
-
     let (_, expected, _) = slow_switch(&sd, &x_host, &g_host, &plan, &c, None);
     let ours: Vec<f64> = out
         .out

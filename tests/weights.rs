@@ -7,7 +7,9 @@ use rand::SeedableRng;
 use switch_transformer::ModelConfig;
 use switch_transformer::router::RoutingRng;
 use switch_transformer::store::TensorFile;
-use switch_transformer::weights::{Source, load_model, model_from_state_dict, model_state_dict, save_model};
+use switch_transformer::weights::{
+    Source, load_model, model_from_state_dict, model_state_dict, save_model,
+};
 
 fn tiny() -> ModelConfig {
     ModelConfig {
@@ -37,7 +39,10 @@ fn labml_weights_round_trip_exactly() {
     let sd = f.with_prefix("param.");
     let m = model_from_state_dict(&tiny(), &sd, &device).unwrap();
     let back = model_state_dict(&m, Source::Values);
-    assert_eq!(back.keys().collect::<Vec<_>>(), sd.keys().collect::<Vec<_>>());
+    assert_eq!(
+        back.keys().collect::<Vec<_>>(),
+        sd.keys().collect::<Vec<_>>()
+    );
     for (k, v) in &sd {
         assert_eq!(&back[k], v, "{k} changed in the round trip");
     }
@@ -56,7 +61,10 @@ fn save_then_load_gives_the_same_model() {
     assert_eq!(logits(&m, &device), logits(&loaded, &device));
     // The file is a plain PyTorch state dict plus the config as metadata.
     let f = TensorFile::read(&path).unwrap();
-    assert!(f.tensors.contains_key("transformer.layers.1.feed_forward.experts.3.layer2.weight"));
+    assert!(
+        f.tensors
+            .contains_key("transformer.layers.1.feed_forward.experts.3.layer2.weight")
+    );
     assert_eq!(f.tensors["generator.weight"].shape, vec![65, 32]);
     let meta: ModelConfig = serde_json::from_str(&f.metadata["config"]).unwrap();
     assert_eq!(meta, c);
@@ -68,21 +76,27 @@ fn mismatched_weights_are_clear_errors() {
     let device = Device::default();
     let f = TensorFile::read(&common::fixture("model_tiny.safetensors")).unwrap();
     let sd = f.with_prefix("param.");
-    let wrong_width = ModelConfig {
-        d_ff: 32,
-        ..tiny()
-    };
-    let err = model_from_state_dict(&wrong_width, &sd, &device).unwrap_err().to_string();
-    assert!(err.contains("has shape") && err.contains("layer1.weight"), "{err}");
+    let wrong_width = ModelConfig { d_ff: 32, ..tiny() };
+    let err = model_from_state_dict(&wrong_width, &sd, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has shape") && err.contains("layer1.weight"),
+        "{err}"
+    );
     let fewer_layers = ModelConfig {
         n_layers: 1,
         ..tiny()
     };
-    let err = model_from_state_dict(&fewer_layers, &sd, &device).unwrap_err().to_string();
+    let err = model_from_state_dict(&fewer_layers, &sd, &device)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not use"), "{err}");
     let mut missing = sd.clone();
     missing.remove("transformer.norm.bias");
-    let err = model_from_state_dict(&tiny(), &missing, &device).unwrap_err().to_string();
+    let err = model_from_state_dict(&tiny(), &missing, &device)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("transformer.norm.bias"), "{err}");
 }
 

@@ -39,13 +39,28 @@ pub fn random_switch_weights(seed: u64, d: usize, f: usize, e: usize) -> StateDi
     let mut rng = RoutingRng::seed_from_u64(seed);
     let mut sd = StateDict::new();
     let (ad, af) = (1.0 / (d as f32).sqrt(), 1.0 / (f as f32).sqrt());
-    sd.insert("switch.weight".into(), uniform(&mut rng, vec![e, d], 4.0 * ad));
+    sd.insert(
+        "switch.weight".into(),
+        uniform(&mut rng, vec![e, d], 4.0 * ad),
+    );
     sd.insert("switch.bias".into(), uniform(&mut rng, vec![e], 4.0 * ad));
     for i in 0..e {
-        sd.insert(format!("experts.{i}.layer1.weight"), uniform(&mut rng, vec![f, d], ad));
-        sd.insert(format!("experts.{i}.layer1.bias"), uniform(&mut rng, vec![f], ad));
-        sd.insert(format!("experts.{i}.layer2.weight"), uniform(&mut rng, vec![d, f], af));
-        sd.insert(format!("experts.{i}.layer2.bias"), uniform(&mut rng, vec![d], af));
+        sd.insert(
+            format!("experts.{i}.layer1.weight"),
+            uniform(&mut rng, vec![f, d], ad),
+        );
+        sd.insert(
+            format!("experts.{i}.layer1.bias"),
+            uniform(&mut rng, vec![f], ad),
+        );
+        sd.insert(
+            format!("experts.{i}.layer2.weight"),
+            uniform(&mut rng, vec![d, f], af),
+        );
+        sd.insert(
+            format!("experts.{i}.layer2.bias"),
+            uniform(&mut rng, vec![d], af),
+        );
     }
     sd
 }
@@ -58,4 +73,75 @@ pub fn max_rel_err(a: &[f64], b: &[f64]) -> f64 {
         .zip(b)
         .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
         / scale
+}
+
+/// Tiny Shakespeare if it can be found ($SWITCH_DATA, then ../shared/data/), else a generated
+/// text written to `dir` (the test says which it uses).
+pub fn training_text(dir: &std::path::Path) -> PathBuf {
+    let candidates = [
+        std::env::var_os("SWITCH_DATA").map(PathBuf::from),
+        Some(manifest_dir().join("../shared/data/tinyshakespeare.txt")),
+    ];
+    for c in candidates.into_iter().flatten() {
+        if c.is_file() {
+            eprintln!("using training text {}", c.display());
+            return c;
+        }
+    }
+    eprintln!(
+        "note: Tiny Shakespeare not found (set SWITCH_DATA or provide ../shared/data); \
+         using a generated text"
+    );
+    let words = [
+        "the", "king", "shall", "not", "speak", "of", "love", "and", "death", "my", "lord", "good",
+        "night", "sweet", "prince", "what", "is", "in", "a", "name",
+    ];
+    let mut rng = RoutingRng::seed_from_u64(99);
+    let mut text = String::new();
+    while text.len() < 200_000 {
+        let line_len = rng.random_range(4..12);
+        let line: Vec<&str> = (0..line_len)
+            .map(|_| words[rng.random_range(0..words.len())])
+            .collect();
+        let mut line = line.join(" ");
+        line[..1].make_ascii_uppercase();
+        text.push_str(&line);
+        text.push_str(if rng.random_bool(0.3) { ".\n\n" } else { ",\n" });
+    }
+    let path = dir.join("generated.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A fresh empty directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("switch-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A small, fast run configuration.
+pub fn tiny_run_config() -> switch_transformer::config::RunConfig {
+    let mut c = switch_transformer::config::RunConfig::default();
+    for s in [
+        "model.d_model=32",
+        "model.heads=2",
+        "model.d_ff=64",
+        "model.n_layers=2",
+        "model.n_experts=4",
+        "train.batch_size=4",
+        "train.seq_len=16",
+        "train.steps=8",
+        "train.warmup=4",
+        "train.log_interval=1",
+        "train.eval_interval=4",
+        "train.eval_batches=2",
+        "train.checkpoint_interval=4",
+        "train.keep_checkpoints=2",
+        "train.sample_tokens=8",
+    ] {
+        c.set(s).unwrap();
+    }
+    c
 }

@@ -1,0 +1,69 @@
+//! Autoregressive generation: feed the last `context` tokens, take the next-token logits,
+//! pick greedily (temperature 0) or sample with temperature and top-k.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::Rng;
+
+use crate::model::SwitchTransformer;
+use crate::router::RoutingRng;
+use crate::switch::host_f32;
+
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    /// Tokens to generate.
+    pub max_tokens: usize,
+    /// 0 = greedy (argmax); otherwise logits are divided by it before sampling.
+    pub temperature: f64,
+    /// Sample only among the k most likely tokens.
+    pub top_k: Option<usize>,
+    /// Longest window the model sees (the training seq_len).
+    pub context: usize,
+}
+
+/// Picks the next token from `logits` `[n_vocab]`.
+pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut impl Rng) -> u32 {
+    if opts.temperature <= 0.0 {
+        return crate::router::argmax(logits) as u32;
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order.truncate(opts.top_k.unwrap_or(logits.len()).clamp(1, logits.len()));
+    let max = logits[order[0]] as f64;
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / opts.temperature).exp())
+        .collect();
+    let mut r = rng.random::<f64>() * weights.iter().sum::<f64>();
+    for (&i, w) in order.iter().zip(&weights) {
+        r -= w;
+        if r <= 0.0 {
+            return i as u32;
+        }
+    }
+    order[order.len() - 1] as u32
+}
+
+/// Generates `opts.max_tokens` tokens after `prompt` (non-empty), recomputing the whole
+/// window for each new token. Returns only the new tokens.
+pub fn generate(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+) -> Vec<u32> {
+    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
+    let device = model.src_embed.weight.device();
+    let mut tokens = prompt.to_vec();
+    for _ in 0..opts.max_tokens {
+        let start = tokens.len().saturating_sub(opts.context);
+        let window: Vec<i64> = tokens[start..].iter().map(|&t| t as i64).collect();
+        let n = window.len();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(window, [1, n]), &device);
+        let logits = model.forward(ids, routing_rng).logits;
+        let [_, _, v] = logits.dims();
+        let last = host_f32(logits.slice([0..1, n - 1..n, 0..v]));
+        tokens.push(pick(&last, opts, sample_rng));
+    }
+    tokens.split_off(prompt.len())
+}

@@ -1,0 +1,260 @@
+//! The `switch` binary as a user runs it: bad input gives one clear error line and a non-zero
+//! exit, and never costs an existing checkpoint.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn switch(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switch"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run the switch binary")
+}
+
+/// Asserts failure with exactly one `error:` line containing every needle.
+fn assert_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
+    for n in needles {
+        assert!(
+            errors[0].contains(n),
+            "error line lacks {n:?}: {}",
+            errors[0]
+        );
+    }
+}
+
+const TINY: &[&str] = &[
+    "--set",
+    "model.d_model=16",
+    "--set",
+    "model.heads=2",
+    "--set",
+    "model.d_ff=32",
+    "--set",
+    "model.n_layers=1",
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "train.seq_len=8",
+    "--set",
+    "train.steps=4",
+    "--set",
+    "train.eval_interval=2",
+    "--set",
+    "train.eval_batches=1",
+    "--set",
+    "train.checkpoint_interval=2",
+    "--set",
+    "train.sample_tokens=4",
+];
+
+fn train_args<'a>(data: &'a str, name: &'a str) -> Vec<&'a str> {
+    let mut a = vec![
+        "train",
+        "--data",
+        data,
+        "--name",
+        name,
+        "--runs-dir",
+        "runs",
+    ];
+    a.extend_from_slice(TINY);
+    a
+}
+
+/// Snapshot of every file under `dir` (path, bytes).
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn bad_data_files() {
+    let tmp = common::temp_dir("cli-data");
+    std::fs::write(tmp.join("empty.txt"), "").unwrap();
+    std::fs::write(tmp.join("short.txt"), "To be, or not to be").unwrap();
+    std::fs::write(tmp.join("binary.txt"), [0x48, 0x69, 0xff, 0xfe, 0x00]).unwrap();
+    let cases: [(&str, &[&str]); 4] = [
+        ("missing.txt", &["cannot read the data file", "missing.txt"]),
+        ("empty.txt", &["empty.txt", "empty"]),
+        ("short.txt", &["short.txt", "seq_len + 1"]),
+        ("binary.txt", &["binary.txt", "not valid UTF-8"]),
+    ];
+    for (file, needles) in cases {
+        let out = switch(&train_args(file, "x"), &tmp);
+        assert_error(&out, needles);
+    }
+    assert!(
+        !tmp.join("runs/x").exists(),
+        "no run directory for bad data"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn bad_configuration() {
+    let tmp = common::temp_dir("cli-config");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    let mut args = train_args(data, "x");
+    args.extend(["--set", "train.stepz=4"]);
+    assert_error(&switch(&args, &tmp), &["unknown config key `train.stepz`"]);
+    let mut args = train_args(data, "x");
+    args.extend(["--set", "model.heads=3"]);
+    assert_error(
+        &switch(&args, &tmp),
+        &["model.d_model", "divisible", "model.heads"],
+    );
+    let mut args = train_args(data, "x");
+    args.extend(["--set", "train.lr=fast"]);
+    assert_error(&switch(&args, &tmp), &["train.lr", "fast"]);
+    std::fs::write(tmp.join("bad.toml"), "[model]\nexperts = 8\n").unwrap();
+    let out = switch(&["train", "--data", data, "--config", "bad.toml"], &tmp);
+    assert_error(&out, &["bad.toml", "experts"]);
+    assert!(!tmp.join("runs").exists());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn run_directory_problems_never_lose_checkpoints() {
+    let tmp = common::temp_dir("cli-run");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+
+    // Unwritable: the runs directory is a file.
+    std::fs::write(tmp.join("afile"), "x").unwrap();
+    let args: Vec<&str> = train_args(data, "x")
+        .into_iter()
+        .map(|a| if a == "runs" { "afile" } else { a })
+        .collect();
+    assert_error(&switch(&args, &tmp), &["cannot create the run directory"]);
+
+    // A good run.
+    let out = switch(&train_args(data, "good"), &tmp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = tmp.join("runs/good");
+    let before = snapshot(&run);
+
+    // The same name again: refused, nothing touched.
+    assert_error(
+        &switch(&train_args(data, "good"), &tmp),
+        &["already holds a run", "--resume"],
+    );
+    assert_eq!(snapshot(&run), before);
+
+    // Sample and eval work on it.
+    let out = switch(
+        &[
+            "sample",
+            "--run",
+            "runs/good",
+            "--max-tokens",
+            "12",
+            "--prompt",
+            "The",
+        ],
+        &tmp,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let text = text.strip_suffix('\n').unwrap();
+    assert!(
+        text.starts_with("The") && text.chars().count() == 15,
+        "{text:?}"
+    );
+    let out = switch(&["eval", "--run", "runs/good", "--data", data], &tmp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("perplexity"));
+    let out = switch(
+        &[
+            "sample",
+            "--run",
+            "runs/good",
+            "--prompt",
+            "\u{00e9}t\u{00e9}",
+        ],
+        &tmp,
+    );
+    assert_error(&out, &["--prompt", "not in the model's vocabulary"]);
+
+    // Resume with a configuration that no longer fits the checkpoint.
+    let config = run.join("config.toml");
+    let good_config = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good_config.replace("d_ff = 32", "d_ff = 48")).unwrap();
+    let before = snapshot(&run);
+    let out = switch(&["train", "--data", data, "--resume", "runs/good"], &tmp);
+    assert_error(&out, &["unusable", "shape"]);
+    assert_eq!(snapshot(&run), before);
+    std::fs::write(&config, good_config).unwrap();
+
+    // Corrupt the latest checkpoint's weights: resume fails, nothing is overwritten.
+    let latest = switch_transformer::checkpoint::list(&run.join("checkpoints"))
+        .pop()
+        .unwrap()
+        .1;
+    std::fs::write(latest.join("model.safetensors"), b"not safetensors").unwrap();
+    let before = snapshot(&run);
+    let out = switch(&["train", "--data", data, "--resume", "runs/good"], &tmp);
+    assert_error(&out, &["unusable", "model.safetensors"]);
+    assert_eq!(snapshot(&run), before);
+
+    // Resume with other data: refused.
+    std::fs::write(tmp.join("other.txt"), "xyz ".repeat(1000)).unwrap();
+    let out = switch(
+        &["train", "--data", "other.txt", "--resume", "runs/good"],
+        &tmp,
+    );
+    assert_error(&out, &["characters differ"]);
+    assert_eq!(snapshot(&run), before);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn parity_command_reports_and_exits() {
+    let tmp = common::temp_dir("cli-parity");
+    let fixture = common::fixture("switch_ff_scale.safetensors");
+    let out = switch(&["parity", fixture.to_str().unwrap()], &tmp);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("grad.experts.2.layer1.weight"));
+    assert_eq!(stdout.lines().last(), Some("parity: PASS"));
+    std::fs::write(tmp.join("junk.safetensors"), b"junk").unwrap();
+    assert_error(
+        &switch(&["parity", "junk.safetensors"], &tmp),
+        &["junk.safetensors"],
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

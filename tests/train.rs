@@ -1,0 +1,150 @@
+//! Training end to end on a tiny configuration: the run directory, metrics, checkpoints, and
+//! exact resumption.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::tensor::Device;
+use serde_json::Value;
+use switch_transformer::data::TextData;
+use switch_transformer::train::{Event, Finish, Trainer};
+
+fn metrics(dir: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn train_losses(lines: &[Value]) -> Vec<(u64, f64)> {
+    lines
+        .iter()
+        .filter(|l| l.get("train_loss").is_some())
+        .map(|l| {
+            (
+                l["step"].as_u64().unwrap(),
+                l["train_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn smoke_run_writes_metrics_and_checkpoints() {
+    let tmp = common::temp_dir("smoke");
+    let text = common::training_text(&tmp);
+    let c = common::tiny_run_config();
+    let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
+    let run = tmp.join("run");
+    let mut t = Trainer::create(c, data, &run, &Device::default()).unwrap();
+    let mut validations = 0;
+    let finish = t
+        .run(&AtomicBool::new(false), &mut |e| {
+            if let Event::Validation { .. } = e {
+                validations += 1
+            }
+        })
+        .unwrap();
+    assert_eq!(finish, Finish::Completed);
+    assert_eq!(validations, 2);
+    let lines = metrics(&run);
+    let train: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("train_loss").is_some())
+        .collect();
+    let valid: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("valid_loss").is_some())
+        .collect();
+    assert_eq!(train.len(), 8);
+    assert_eq!(valid.len(), 2);
+    for l in &train {
+        for k in ["step", "train_loss", "lr", "tokens_per_s"] {
+            assert!(l[k].is_number(), "training line lacks {k}: {l}");
+        }
+    }
+    for l in &valid {
+        for k in [
+            "step",
+            "valid_loss",
+            "valid_accuracy",
+            "lb_loss",
+            "dropped_frac",
+        ] {
+            assert!(l[k].is_number(), "validation line lacks {k}: {l}");
+        }
+        assert_eq!(l["layers"].as_array().unwrap().len(), 2);
+        assert!(l["sample"].as_str().unwrap().starts_with("It is"));
+    }
+    // Loss is finite and starts near ln(vocab).
+    let first = train[0]["train_loss"].as_f64().unwrap();
+    assert!(first.is_finite() && first > 1.0 && first < 6.0, "{first}");
+    // Checkpoints: step 4 and 8 (keep 2), and best.
+    let steps: Vec<u64> = switch_transformer::checkpoint::list(&run.join("checkpoints"))
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(steps, [4, 8]);
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert!(run.join("best").join(f).is_file(), "best/{f}");
+    }
+    assert!(run.join("config.toml").is_file() && run.join("vocab.json").is_file());
+    // A second run cannot overwrite this one.
+    let data = TextData::load(&text, 17).unwrap();
+    let err = Trainer::create(common::tiny_run_config(), data, &run, &Device::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn interrupted_and_resumed_run_equals_uninterrupted_run() {
+    let tmp = common::temp_dir("resume");
+    let text = common::training_text(&tmp);
+    let device = Device::default();
+    let load = || TextData::load(&text, 17).unwrap();
+
+    let straight = tmp.join("straight");
+    Trainer::create(common::tiny_run_config(), load(), &straight, &device)
+        .unwrap()
+        .run(&AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+
+    // Stop after step 3 (as Ctrl-C does): a checkpoint at step 3, then resume.
+    let split = tmp.join("split");
+    let stop = AtomicBool::new(false);
+    let finish = Trainer::create(common::tiny_run_config(), load(), &split, &device)
+        .unwrap()
+        .run(&stop, &mut |e| {
+            if let Event::Step(s) = e
+                && s.step == 3
+            {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+    assert_eq!(finish, Finish::Interrupted);
+    let mut resumed = Trainer::resume(&split, load(), &device).unwrap();
+    assert_eq!(resumed.step, 3);
+    resumed.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+
+    let a = train_losses(&metrics(&straight));
+    let b = train_losses(&metrics(&split));
+    assert_eq!(a.len(), 8);
+    assert_eq!(
+        a, b,
+        "losses after resuming differ from the uninterrupted run"
+    );
+    let valid = |lines: Vec<Value>| -> Vec<f64> {
+        lines
+            .iter()
+            .filter_map(|l| l["valid_loss"].as_f64())
+            .collect()
+    };
+    assert_eq!(valid(metrics(&straight)), valid(metrics(&split)));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
