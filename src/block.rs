@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::nn::LayerNorm;
 use burn::tensor::Tensor;
 
-use crate::attention::MultiHeadAttention;
+use crate::attention::{KvCache, MultiHeadAttention};
 use crate::router::RoutingRng;
 use crate::switch::{SwitchFeedForward, SwitchStats};
 
@@ -31,6 +31,23 @@ pub struct BlockOutput {
 }
 
 impl SwitchBlock {
+    /// [`forward`](Self::forward) for new positions only, with earlier keys and values cached.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        cache: &mut KvCache,
+        max_len: usize,
+        rng: &mut RoutingRng,
+    ) -> Tensor<3> {
+        let [b, s, d] = x.dims();
+        let x = x.clone()
+            + self
+                .attn
+                .forward_cached(self.norm_self_attn.forward(x), cache, max_len);
+        let ff_in = self.norm_ff.forward(x.clone()).reshape([b * s, d]);
+        x + self.feed_forward.forward(ff_in, rng).out.reshape([b, s, d])
+    }
+
     /// `x`: `[batch, seq, d_model]`. Tokens reach the Switch layer flattened batch-major
     /// (token `b * seq + s`).
     pub fn forward(&self, x: Tensor<3>, rng: &mut RoutingRng) -> BlockOutput {

@@ -4,6 +4,7 @@
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::Rng;
 
+use crate::attention::KvCache;
 use crate::model::SwitchTransformer;
 use crate::router::RoutingRng;
 use crate::switch::host_f32;
@@ -66,4 +67,38 @@ pub fn generate(
         tokens.push(pick(&last, opts, sample_rng));
     }
     tokens.split_off(prompt.len())
+}
+
+/// Like [`generate`], but each new token costs one position: keys and values of earlier
+/// positions are cached. Identical to [`generate`] while the text fits in `opts.context`;
+/// beyond it, each position attends to the `context` most recent ones (a sliding window)
+/// instead of the window being recomputed. Token dropping is off (one token at a time would
+/// have capacity 0).
+pub fn generate_cached(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+) -> Vec<u32> {
+    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
+    let mut model = model.clone();
+    model.set_drop_tokens(false);
+    let device = model.src_embed.weight.device();
+    let mut cache = vec![KvCache::default(); model.n_layers()];
+    let start = prompt.len().saturating_sub(opts.context);
+    let mut feed: Vec<u32> = prompt[start..].to_vec();
+    let mut new = Vec::with_capacity(opts.max_tokens);
+    for _ in 0..opts.max_tokens {
+        let n = feed.len();
+        let ids: Vec<i64> = feed.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let logits = model.forward_cached(ids, &mut cache, opts.context, routing_rng);
+        let v = logits.dims()[2];
+        let last = host_f32(logits.slice([0..1, n - 1..n, 0..v]));
+        let next = pick(&last, opts, sample_rng);
+        new.push(next);
+        feed = vec![next];
+    }
+    new
 }

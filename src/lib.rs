@@ -6,6 +6,7 @@
 //! names; [`parity`] checks it against tensors recorded from the PyTorch code.
 
 pub mod attention;
+pub mod bench;
 pub mod block;
 pub mod checkpoint;
 pub mod config;

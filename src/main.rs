@@ -10,6 +10,8 @@ use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
+use switch_transformer::ModelConfig;
+use switch_transformer::bench::{BenchConfig, bench_generate, bench_train};
 use switch_transformer::config::{RunConfig, keys_help};
 use switch_transformer::data::{TextData, valid_batches};
 use switch_transformer::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download};
@@ -93,6 +95,43 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Time training steps (default: the reference configuration) or generation.
+    Bench {
+        #[arg(long, default_value_t = 4)]
+        experts: usize,
+        #[arg(long, default_value_t = 6)]
+        layers: usize,
+        #[arg(long, default_value_t = 128)]
+        d_model: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 256)]
+        d_ff: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 1.2)]
+        capacity_factor: f64,
+        /// Worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed steps (after the warm-up).
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Time generation instead: tokens/s with the key/value cache and with the window
+        /// recomputed per token, at context --seq-len.
+        #[arg(long)]
+        generate: bool,
+        /// Tokens generated per timing with --generate.
+        #[arg(long, default_value_t = 200)]
+        tokens: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replay fixtures recorded from labml's PyTorch code and compare every tensor.
     ///
     /// Prints one row per tensor (max abs error, max error relative to the tensor's largest
@@ -118,6 +157,101 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     let device = Device::default();
     match cli.command {
+        Command::Bench {
+            experts,
+            layers,
+            d_model,
+            heads,
+            d_ff,
+            batch,
+            seq_len,
+            capacity_factor,
+            threads,
+            steps,
+            warmup,
+            generate,
+            tokens,
+            json,
+        } => {
+            if threads > 0 {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build_global()
+                    .context("cannot size the thread pool")?;
+            }
+            let c = BenchConfig {
+                model: ModelConfig {
+                    n_vocab: 65,
+                    d_model,
+                    heads,
+                    d_ff,
+                    n_layers: layers,
+                    n_experts: experts,
+                    capacity_factor,
+                    drop_tokens: true,
+                    is_scale_prob: true,
+                },
+                batch_size: batch,
+                seq_len,
+                warmup,
+                steps,
+                threads: rayon::current_num_threads(),
+                device: format!("{device:?}"),
+            };
+            c.model.validate()?;
+            if batch == 0 || seq_len == 0 || steps == 0 {
+                bail!("--batch, --seq-len and --steps must be at least 1");
+            }
+            if generate {
+                let r = bench_generate(&c, tokens, &device)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "generation, context {}, {} tokens, {} threads, {} experts x {} layers, d_model {}",
+                        r.context, r.tokens, c.threads, experts, layers, d_model
+                    );
+                    println!(
+                        "  with key/value cache : {:>10.1} tokens/s",
+                        r.cached_tokens_per_s
+                    );
+                    println!(
+                        "  window recomputation: {:>10.1} tokens/s",
+                        r.recompute_tokens_per_s
+                    );
+                    println!("  speed-up            : {:>10.1}x", r.speedup);
+                }
+            } else {
+                let r = bench_train(&c, &device)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "training: {} params, {} experts x {} layers, d_model {}, d_ff {}, batch {}x{}, {} threads, {} steps after {} warm-up",
+                        r.params,
+                        experts,
+                        layers,
+                        d_model,
+                        d_ff,
+                        batch,
+                        seq_len,
+                        c.threads,
+                        steps,
+                        warmup
+                    );
+                    println!(
+                        "  {:.1} ms/step median ({:.1} min) = {:.0} tokens/s",
+                        r.ms_per_step_median, r.ms_per_step_min, r.tokens_per_s_median
+                    );
+                    println!(
+                        "  forward+loss {:.1} ms, backward+clip {:.1} ms, optimizer {:.1} ms",
+                        r.forward_ms_median, r.backward_ms_median, r.optimizer_ms_median
+                    );
+                    println!("  peak RSS {:.0} MB", r.peak_rss_mb);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Parity { fixtures } => {
             let mut all = true;
             for path in &fixtures {

@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::{Int, Tensor};
 
+use crate::attention::KvCache;
 use crate::block::SwitchBlock;
 use crate::router::RoutingRng;
 use crate::store::HostTensor;
@@ -43,6 +44,23 @@ impl SwitchTransformer {
         for layer in &mut self.layers {
             layer.feed_forward.drop_tokens = drop_tokens;
         }
+    }
+
+    /// Logits `[batch, n, n_vocab]` for `n` new tokens `ids` following those already in
+    /// `cache` (one [`KvCache`] per layer; start with `vec![KvCache::default(); n_layers]`).
+    /// Attention looks back at most `max_len` positions.
+    pub fn forward_cached(
+        &self,
+        ids: Tensor<2, Int>,
+        cache: &mut [KvCache],
+        max_len: usize,
+        rng: &mut RoutingRng,
+    ) -> Tensor<3> {
+        let mut x = self.src_embed.forward(ids);
+        for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
+            x = layer.forward_cached(x, c, max_len, rng);
+        }
+        self.generator.forward(self.norm.forward(x))
     }
 
     /// `ids`: `[batch, seq]` token ids.

@@ -1,0 +1,190 @@
+//! Benchmarks: training-step throughput (with the forward / backward / optimizer split) and
+//! generation speed. Timings are medians over steps after warm-up; every result carries the
+//! configuration that produced it.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::Device;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::config::ModelConfig;
+use crate::data::Batch;
+use crate::generate::{SampleOptions, generate, generate_cached};
+use crate::loss::Losses;
+use crate::optim::{LabmlAdam, Noam, ParamGrads};
+use crate::router::RoutingRng;
+use crate::switch::host_f32;
+
+/// What to time.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchConfig {
+    pub model: ModelConfig,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    pub threads: usize,
+    pub device: String,
+}
+
+/// Training-step timings.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBench {
+    pub config: BenchConfig,
+    pub params: usize,
+    pub tokens_per_step: usize,
+    pub ms_per_step_median: f64,
+    pub ms_per_step_min: f64,
+    pub tokens_per_s_median: f64,
+    pub forward_ms_median: f64,
+    pub backward_ms_median: f64,
+    pub optimizer_ms_median: f64,
+    pub peak_rss_mb: f64,
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process in MB (Linux `VmHWM`; NaN elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn random_batch(rng: &mut RoutingRng, n_vocab: usize, batch: usize, seq_len: usize) -> Batch {
+    let mut draw = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.random_range(0..n_vocab as u32))
+            .collect()
+    };
+    Batch {
+        inputs: draw(batch * seq_len),
+        targets: draw(batch * seq_len),
+        batch,
+        seq_len,
+    }
+}
+
+/// Times full training steps (forward, loss, backward, clip, Adam) on random tokens.
+pub fn bench_train(c: &BenchConfig, device: &Device) -> Result<TrainBench> {
+    let device = device.clone().autodiff();
+    let mut model = c.model.init(0, &device)?;
+    let mut adam = LabmlAdam::default();
+    let noam = Noam {
+        lr: 1.0,
+        warmup: 2000,
+        d_model: c.model.d_model,
+    };
+    let mut rng = RoutingRng::seed_from_u64(0);
+    let (mut fwd, mut bwd, mut opt, mut total) = (vec![], vec![], vec![], vec![]);
+    for i in 0..c.warmup + c.steps {
+        let batch = random_batch(&mut rng, c.model.n_vocab, c.batch_size, c.seq_len);
+        let (x, y) = batch.tensors(&device);
+        let t0 = Instant::now();
+        let out = model.forward(x, &mut rng);
+        let losses = Losses::new(out.logits, y, &out.stats, 0.01);
+        let _ = host_f32(losses.total.clone());
+        let t1 = Instant::now();
+        let mut grads = ParamGrads::from_gradients(&model, losses.total.backward());
+        grads.clip_global_norm(1.0);
+        let t2 = Instant::now();
+        model = adam.step(model, &grads, noam.lr(i as u64 + 1));
+        device.sync()?;
+        let t3 = Instant::now();
+        if i >= c.warmup {
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            fwd.push(ms(t0, t1));
+            bwd.push(ms(t1, t2));
+            opt.push(ms(t2, t3));
+            total.push(ms(t0, t3));
+        }
+    }
+    let tokens = c.batch_size * c.seq_len;
+    let med = median(&total);
+    Ok(TrainBench {
+        config: c.clone(),
+        params: c.model.num_params(),
+        tokens_per_step: tokens,
+        ms_per_step_median: med,
+        ms_per_step_min: total.iter().cloned().fold(f64::INFINITY, f64::min),
+        tokens_per_s_median: tokens as f64 / (med / 1e3),
+        forward_ms_median: median(&fwd),
+        backward_ms_median: median(&bwd),
+        optimizer_ms_median: median(&opt),
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+/// Generation timings: per-token cost with the key/value cache and with the whole window
+/// recomputed for every token (labml's sampler).
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateBench {
+    pub config: BenchConfig,
+    pub context: usize,
+    pub tokens: usize,
+    pub cached_tokens_per_s: f64,
+    pub recompute_tokens_per_s: f64,
+    pub speedup: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// Generates `tokens` tokens greedily (after a warm-up) both ways, with the window capped at
+/// `c.seq_len`, from a model with token dropping off.
+pub fn bench_generate(c: &BenchConfig, tokens: usize, device: &Device) -> Result<GenerateBench> {
+    let mut model = c.model.init(0, device)?;
+    model.set_drop_tokens(false);
+    let opts = SampleOptions {
+        max_tokens: tokens,
+        temperature: 0.0,
+        top_k: None,
+        context: c.seq_len,
+    };
+    let prompt = [1u32, 2, 3];
+    let mut rng = RoutingRng::seed_from_u64(0);
+    let mut time = |cached: bool| -> f64 {
+        let warm = SampleOptions {
+            max_tokens: 4,
+            ..opts.clone()
+        };
+        let run = |o: &SampleOptions, rng: &mut RoutingRng| {
+            if cached {
+                generate_cached(&model, &prompt, o, &mut rng.clone(), rng)
+            } else {
+                generate(&model, &prompt, o, &mut rng.clone(), rng)
+            }
+        };
+        run(&warm, &mut rng);
+        let t = Instant::now();
+        run(&opts, &mut rng);
+        tokens as f64 / t.elapsed().as_secs_f64()
+    };
+    let cached = time(true);
+    let recompute = time(false);
+    Ok(GenerateBench {
+        config: c.clone(),
+        context: c.seq_len,
+        tokens,
+        cached_tokens_per_s: cached,
+        recompute_tokens_per_s: recompute,
+        speedup: cached / recompute,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
