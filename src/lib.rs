@@ -11,6 +11,7 @@ pub mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod download;
 pub mod eval;
 pub mod expert;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -14,6 +13,7 @@ use switch_transformer::ModelConfig;
 use switch_transformer::bench::{BenchConfig, bench_generate, bench_train};
 use switch_transformer::config::{RunConfig, keys_help};
 use switch_transformer::data::{TextData, valid_batches};
+use switch_transformer::device::parse_device;
 use switch_transformer::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download};
 use switch_transformer::eval::evaluate;
 use switch_transformer::generate::{SampleOptions, generate};
@@ -31,6 +31,10 @@ const DEFAULT_DATA: &str = "data/tinyshakespeare.txt";
     about = "Switch Transformer on Burn: train, sample, evaluate, and check parity with labml's PyTorch code"
 )]
 struct Cli {
+    /// Compute device: cpu | cuda[:N] | rocm[:N] | wgpu | vulkan | metal (GPU backends need
+    /// the cargo feature of the same name).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -155,7 +159,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let device = Device::default();
+    let device = parse_device(&cli.device)?;
+    let device_name = cli.device.clone();
     match cli.command {
         Command::Bench {
             experts,
@@ -196,7 +201,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 warmup,
                 steps,
                 threads: rayon::current_num_threads(),
-                device: format!("{device:?}"),
+                device: device_name,
             };
             c.model.validate()?;
             if batch == 0 || seq_len == 0 || steps == 0 {
