@@ -184,7 +184,7 @@ pub fn run(file: &TensorFile, device: &Device) -> Result<Report> {
     };
     let device = device.clone().autodiff();
     match kind {
-        FixtureKind::SwitchFeedForward => switch_exact(file, &device, &mut report, "")?,
+        FixtureKind::SwitchFeedForward => switch_exact(file, &device, &mut report)?,
         FixtureKind::SwitchFeedForwardDrop => switch_drop(file, &device, &mut report)?,
         FixtureKind::Model => model(file, &device, &mut report)?,
         FixtureKind::Optimizer => optimizer(file, &device, &mut report)?,
@@ -344,7 +344,7 @@ fn compare_routing(
     Ok(())
 }
 
-fn switch_exact(file: &TensorFile, device: &Device, report: &mut Report, _p: &str) -> Result<()> {
+fn switch_exact(file: &TensorFile, device: &Device, report: &mut Report) -> Result<()> {
     let meta = file.meta_json()?;
     let config = switch_config(&meta)?;
     if config.drop_tokens {
