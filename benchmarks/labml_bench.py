@@ -12,6 +12,13 @@ import time
 import torch
 from torch import nn
 
+from labml import tracker
+
+# labml-nn 0.5.1's MultiHeadAttention calls tracker.debug, which labml 0.5.3 on PyPI lacks;
+# it only records debug statistics, so a no-op stands in for it.
+if not hasattr(tracker, "debug"):
+    tracker.debug = lambda *args, **kwargs: None
+
 from labml_nn.optimizers.noam import Noam
 from labml_nn.transformers import MultiHeadAttention
 from labml_nn.transformers.feed_forward import FeedForward
