@@ -17,7 +17,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/pip" install -q "torch==2.15.0" "labml-nn==0.5.1" "labml==0.5.3"
 fi
 cargo build --release -q
-OUT=$(mktemp)
+OUT=benchmarks/results.jsonl
+: >"$OUT"
 ours() { target/release/switch bench --json --threads "$THREADS" --steps "$STEPS" "$@"; }
 theirs() { "$VENV/bin/python" benchmarks/labml_bench.py --threads "$THREADS" --steps "$STEPS" "$@"; }
 for round in $(seq "$ROUNDS"); do
@@ -27,7 +28,7 @@ for round in $(seq "$ROUNDS"); do
         echo "{\"round\": $round, \"result\": $(theirs --experts "$e")}" >>"$OUT"
     done
 done
-echo "{\"round\": 0, \"generate\": $(ours --generate --json --threads "$THREADS" --tokens 200)}" >>"$OUT"
+echo "{\"round\": 0, \"generate\": $(ours --generate --tokens 200)}" >>"$OUT"
 "$VENV/bin/python" benchmarks/report.py "$OUT" "$THREADS" "$ROUNDS" "$STEPS" >BENCHMARKS.md
-rm "$OUT"
+
 cat BENCHMARKS.md
