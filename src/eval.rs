@@ -113,3 +113,34 @@ pub fn evaluate(model: &SwitchTransformer, batches: &[Batch], rng: &mut RoutingR
         tokens,
     }
 }
+
+/// For each character of `ids` (in windows of `context`), the expert it goes to in each layer
+/// and its routing probability: `[layer][position]`. Token dropping is off.
+pub fn route_tokens(
+    model: &SwitchTransformer,
+    ids: &[u32],
+    context: usize,
+) -> Vec<Vec<(usize, f32)>> {
+    let mut model = model.clone();
+    model.set_drop_tokens(false);
+    let device = model.src_embed.weight.device();
+    let mut out = vec![Vec::with_capacity(ids.len()); model.n_layers()];
+    let mut rng = <RoutingRng as rand::SeedableRng>::seed_from_u64(0);
+    for window in ids.chunks(context.max(1)) {
+        let v: Vec<i64> = window.iter().map(|&t| t as i64).collect();
+        let x = Tensor::<2, Int>::from_data(
+            burn::tensor::TensorData::new(v, [1, window.len()]),
+            &device,
+        );
+        let stats = model.forward(x, &mut rng).stats;
+        for (l, s) in stats.iter().enumerate() {
+            out[l].extend(
+                s.routes
+                    .iter()
+                    .copied()
+                    .zip(s.route_prob_max.iter().copied()),
+            );
+        }
+    }
+    out
+}

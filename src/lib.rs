@@ -21,6 +21,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod parity;
+pub mod report;
 pub mod router;
 pub mod store;
 pub mod switch;

@@ -15,9 +15,10 @@ use switch_transformer::config::{RunConfig, keys_help};
 use switch_transformer::data::{TextData, valid_batches};
 use switch_transformer::device::parse_device;
 use switch_transformer::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download};
-use switch_transformer::eval::evaluate;
+use switch_transformer::eval::{evaluate, route_tokens};
 use switch_transformer::generate::{SampleOptions, generate};
 use switch_transformer::parity;
+use switch_transformer::report::{RouteTable, RunMetrics, write_report};
 use switch_transformer::router::RoutingRng;
 use switch_transformer::store::TensorFile;
 use switch_transformer::train::{Event, Finish, Trainer, load_run_model};
@@ -141,6 +142,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write an HTML report (plus SVG charts) of one or more training runs.
+    Report {
+        /// Run directories (several are overlaid).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output directory (default: RUN_DIR/report of the first run).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Text whose routing the report shows, through the first run's model.
+        #[arg(
+            long,
+            default_value = "ROMEO:\nBut, soft! what light through yonder window breaks?"
+        )]
+        route_text: String,
+    },
+    /// Show which expert each character of a text goes to, in every layer.
+    Route {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        text: String,
+    },
     /// Replay fixtures recorded from labml's PyTorch code and compare every tensor.
     ///
     /// Prints one row per tensor (max abs error, max error relative to the tensor's largest
@@ -262,6 +285,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report {
+            runs,
+            out,
+            route_text,
+        } => {
+            let metrics = runs
+                .iter()
+                .map(|r| RunMetrics::read(r))
+                .collect::<Result<Vec<_>>>()?;
+            let route = match load_run_model(&runs[0], &device) {
+                Ok((config, vocab, model)) => match vocab.encode(&route_text) {
+                    Ok(ids) => Some(RouteTable {
+                        text: route_text.chars().collect(),
+                        layers: route_tokens(&model, &ids, config.train.seq_len),
+                    }),
+                    Err(e) => {
+                        eprintln!("note: no routing table: --route-text: {e}");
+                        None
+                    }
+                },
+                Err(e) => {
+                    eprintln!("note: no routing table: {e:#}");
+                    None
+                }
+            };
+            let out = out.unwrap_or_else(|| runs[0].join("report"));
+            let html = write_report(&metrics, route.as_ref(), &out)?;
+            println!("wrote {}", html.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Route { run, text } => {
+            let (config, vocab, model) = load_run_model(&run, &device)?;
+            if text.is_empty() {
+                bail!("--text must not be empty");
+            }
+            let ids = vocab.encode(&text).context("--text")?;
+            let layers = route_tokens(&model, &ids, config.train.seq_len);
+            print_routes(&text, &layers, config.model.n_experts);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Parity { fixtures } => {
             let mut all = true;
             for path in &fixtures {
@@ -377,6 +440,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Prints each layer's routing of `text`: every character on the background colour of its
+/// expert, then a table of expert and probability per character.
+fn print_routes(text: &str, layers: &[Vec<(usize, f32)>], n_experts: usize) {
+    const BG: [u8; 8] = [41, 42, 43, 44, 45, 46, 47, 100];
+    let show = |c: char| match c {
+        '\n' => '⏎',
+        ' ' => '␣',
+        c => c,
+    };
+    print!("experts:");
+    for e in 0..n_experts {
+        print!(" \x1b[{};30m {e} \x1b[0m", BG[e % BG.len()]);
+    }
+    println!();
+    for (l, row) in layers.iter().enumerate() {
+        print!("layer {l}: ");
+        for (c, &(e, _)) in text.chars().zip(row) {
+            print!("\x1b[{};30m{}\x1b[0m", BG[e % BG.len()], show(c));
+        }
+        println!();
+    }
+    println!();
+    print!("char");
+    for l in 0..layers.len() {
+        print!("  layer {l:<6}");
+    }
+    println!();
+    for (i, c) in text.chars().enumerate() {
+        print!("{:<4}", show(c));
+        for row in layers {
+            let (e, p) = row[i];
+            print!("  e{e:<2} p={p:.2} ");
+        }
+        println!();
     }
 }
 

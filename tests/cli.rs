@@ -198,6 +198,26 @@ fn run_directory_problems_never_lose_checkpoints() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("perplexity"));
+    let out = switch(&["report", "runs/good"], &tmp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let html = std::fs::read_to_string(run.join("report/report.html")).unwrap();
+    assert!(html.contains("Routing of a text"));
+    let out = switch(&["route", "--run", "runs/good", "--text", "To be"], &tmp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("layer 0"));
+    assert_error(
+        &switch(&["report", "runs/none"], &tmp),
+        &["runs/none", "not a directory"],
+    );
+    std::fs::remove_dir_all(run.join("report")).unwrap();
     let out = switch(
         &[
             "sample",

@@ -1,0 +1,472 @@
+//! Training reports: charts of a run's `metrics.jsonl` as SVG files and one self-contained
+//! HTML page (no network needed to open it).
+//!
+//! Charts: training and validation loss, load-balancing loss (and router z-loss when logged),
+//! dropped-token fraction per layer, router confidence per layer, and a per-layer heatmap of
+//! expert load over training.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// One run's metrics.
+#[derive(Debug, Clone)]
+pub struct RunMetrics {
+    pub name: String,
+    pub train: Vec<Value>,
+    pub valid: Vec<Value>,
+}
+
+impl RunMetrics {
+    /// Reads `run_dir/metrics.jsonl`; a line that is not a JSON object is an error naming it.
+    pub fn read(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        if !run_dir.is_dir() {
+            bail!("{} is not a directory", run_dir.display());
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} has no metrics.jsonl: is it a run directory written by `switch train`?",
+                run_dir.display()
+            )
+        })?;
+        let (mut train, mut valid) = (Vec::new(), Vec::new());
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(line).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} line {}: not a complete JSON object ({e}); the file is malformed or \
+                     truncated",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+            if v.get("step").and_then(Value::as_u64).is_none() {
+                bail!("{} line {}: no integer \"step\"", path.display(), i + 1);
+            }
+            if v.get("valid_loss").is_some() {
+                valid.push(v);
+            } else if v.get("train_loss").is_some() {
+                train.push(v);
+            } else {
+                bail!(
+                    "{} line {}: neither a training line (\"train_loss\") nor a validation line \
+                     (\"valid_loss\")",
+                    path.display(),
+                    i + 1
+                );
+            }
+        }
+        if train.is_empty() && valid.is_empty() {
+            bail!("{} holds no metrics yet", path.display());
+        }
+        let name = run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| run_dir.display().to_string());
+        Ok(Self { name, train, valid })
+    }
+
+    fn layers(&self) -> usize {
+        self.train
+            .iter()
+            .chain(&self.valid)
+            .filter_map(|v| v["layers"].as_array().map(Vec::len))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A named series of (x, y) points.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A line chart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineChart {
+    pub id: String,
+    pub title: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+/// Expert load over training: `cells[expert][column]` = fraction of tokens, one column per
+/// logged step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heatmap {
+    pub id: String,
+    pub title: String,
+    pub steps: Vec<u64>,
+    pub cells: Vec<Vec<f64>>,
+}
+
+fn series(label: String, lines: &[Value], y: impl Fn(&Value) -> Option<f64>) -> Option<Series> {
+    let points: Vec<(f64, f64)> = lines
+        .iter()
+        .filter_map(|v| Some((v["step"].as_f64()?, y(v)?)))
+        .collect();
+    (!points.is_empty()).then_some(Series { label, points })
+}
+
+fn layer_value(v: &Value, l: usize, key: &str) -> Option<f64> {
+    v["layers"].get(l)?.get(key)?.as_f64()
+}
+
+/// Every chart of the report for `runs`.
+pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
+    let multi = runs.len() > 1;
+    let label = |run: &RunMetrics, what: &str| {
+        if multi {
+            format!("{} {what}", run.name)
+        } else {
+            what.to_string()
+        }
+    };
+    let mut loss = Vec::new();
+    let mut lb = Vec::new();
+    for r in runs {
+        loss.extend(series(label(r, "train"), &r.train, |v| {
+            v["ce_loss"].as_f64().or(v["train_loss"].as_f64())
+        }));
+        loss.extend(series(label(r, "valid"), &r.valid, |v| {
+            v["valid_loss"].as_f64()
+        }));
+        lb.extend(series(label(r, "load balancing"), &r.train, |v| {
+            v["lb_loss"].as_f64()
+        }));
+        lb.extend(series(label(r, "z-loss"), &r.train, |v| {
+            v["z_loss"].as_f64()
+        }));
+    }
+    let mut lines = vec![
+        LineChart {
+            id: "loss".into(),
+            title: "Cross-entropy loss".into(),
+            y_label: "cross-entropy (nats)".into(),
+            series: loss,
+        },
+        LineChart {
+            id: "aux".into(),
+            title: "Auxiliary losses (training)".into(),
+            y_label: "loss".into(),
+            series: lb,
+        },
+    ];
+    let mut heatmaps = Vec::new();
+    for (ri, r) in runs.iter().enumerate() {
+        let suffix = if multi {
+            format!(" ({})", r.name)
+        } else {
+            String::new()
+        };
+        let per_layer = |key: &str, lines: &[Value]| -> Vec<Series> {
+            (0..r.layers())
+                .filter_map(|l| series(format!("layer {l}"), lines, |v| layer_value(v, l, key)))
+                .collect()
+        };
+        lines.push(LineChart {
+            id: format!("dropped-{ri}"),
+            title: format!("Dropped-token fraction per layer (training){suffix}"),
+            y_label: "fraction of tokens dropped".into(),
+            series: per_layer("dropped_frac", &r.train),
+        });
+        lines.push(LineChart {
+            id: format!("confidence-{ri}"),
+            title: format!("Router confidence per layer (training){suffix}"),
+            y_label: "mean top routing probability".into(),
+            series: per_layer("mean_top_prob", &r.train),
+        });
+        for l in 0..r.layers() {
+            let rows: Vec<(u64, Vec<f64>)> = r
+                .train
+                .iter()
+                .filter_map(|v| {
+                    let fr = v["layers"].get(l)?["expert_frac"].as_array()?;
+                    Some((
+                        v["step"].as_u64()?,
+                        fr.iter().filter_map(Value::as_f64).collect(),
+                    ))
+                })
+                .collect();
+            let n_experts = rows.iter().map(|(_, f)| f.len()).max().unwrap_or(0);
+            if n_experts == 0 {
+                continue;
+            }
+            heatmaps.push(Heatmap {
+                id: format!("load-{ri}-{l}"),
+                title: format!("Expert load, layer {l}{suffix}"),
+                steps: rows.iter().map(|(s, _)| *s).collect(),
+                cells: (0..n_experts)
+                    .map(|e| {
+                        rows.iter()
+                            .map(|(_, f)| f.get(e).copied().unwrap_or(0.0))
+                            .collect()
+                    })
+                    .collect(),
+            });
+        }
+    }
+    (lines, heatmaps)
+}
+
+const PALETTE: [&str; 10] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The chart as a standalone SVG document.
+pub fn line_svg(c: &LineChart) -> String {
+    let (w, h, left, right, top, bottom) = (680.0, 340.0, 64.0, 150.0, 36.0, 44.0);
+    let pts = c.series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts {
+        if y.is_finite() {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 == x0 {
+        x1 = x0 + 1.0;
+    }
+    if y1 == y0 {
+        y1 = y0 + 1.0;
+    }
+    let pad = (y1 - y0) * 0.05;
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    let sx = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
+    let sy = |y: f64| top + (y1 - y) / (y1 - y0) * (h - top - bottom);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12" data-chart="{}">"#,
+        esc(&c.id)
+    );
+    let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="20" font-size="15" font-weight="bold">{}</text>"#,
+        esc(&c.title)
+    );
+    for i in 0..=4 {
+        let yv = y0 + (y1 - y0) * i as f64 / 4.0;
+        let xv = x0 + (x1 - x0) * i as f64 / 4.0;
+        let _ = write!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+            w - right,
+            left - 6.0,
+            sy(yv) + 4.0,
+            fmt_num(yv),
+            y = sy(yv)
+        );
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            sx(xv),
+            h - bottom + 16.0,
+            fmt_num(xv)
+        );
+    }
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">step</text><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{}</text>"#,
+        (left + w - right) / 2.0,
+        h - 6.0,
+        (top + h - bottom) / 2.0,
+        (top + h - bottom) / 2.0,
+        esc(&c.y_label)
+    );
+    for (i, ser) in c.series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let path: Vec<String> = ser
+            .points
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = write!(
+            s,
+            r#"<polyline data-series="{}" data-points="{}" fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+            esc(&ser.label),
+            ser.points.len(),
+            path.join(" ")
+        );
+        let ly = top + 16.0 * i as f64 + 8.0;
+        let _ = write!(
+            s,
+            r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            w - right + 10.0,
+            w - right + 28.0,
+            w - right + 32.0,
+            ly + 4.0,
+            esc(&ser.label)
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// The heatmap as a standalone SVG document: experts down, logged steps across, darker =
+/// more tokens.
+pub fn heatmap_svg(hm: &Heatmap) -> String {
+    let (n_e, n_s) = (hm.cells.len(), hm.steps.len());
+    let (left, top, w, h) = (70.0, 36.0, 620.0, (n_e as f64 * 18.0).clamp(60.0, 400.0));
+    let (cw, ch) = (w / n_s.max(1) as f64, h / n_e.max(1) as f64);
+    let max = hm.cells.iter().flatten().cloned().fold(1e-9, f64::max);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12" data-chart="{}" data-experts="{n_e}" data-steps="{n_s}">"#,
+        left + w + 90.0,
+        top + h + 40.0,
+        esc(&hm.id)
+    );
+    let _ = write!(
+        s,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="15" font-weight="bold">{}</text>"#,
+        esc(&hm.title)
+    );
+    for (e, row) in hm.cells.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            let shade = (255.0 * (1.0 - v / max)).round() as u8;
+            let _ = write!(
+                s,
+                r#"<rect x="{:.1}" y="{:.1}" width="{:.2}" height="{:.2}" fill="rgb({shade},{shade},255)"><title>expert {e}, step {}: {:.3}</title></rect>"#,
+                left + j as f64 * cw,
+                top + e as f64 * ch,
+                cw + 0.3,
+                ch + 0.3,
+                hm.steps[j],
+                v
+            );
+        }
+        if n_e <= 24 || e % (n_e / 16).max(1) == 0 {
+            let _ = write!(
+                s,
+                r#"<text x="{}" y="{:.1}" text-anchor="end">expert {e}</text>"#,
+                left - 6.0,
+                top + (e as f64 + 0.5) * ch + 4.0
+            );
+        }
+    }
+    if let (Some(first), Some(last)) = (hm.steps.first(), hm.steps.last()) {
+        let _ = write!(
+            s,
+            r#"<text x="{left}" y="{}">step {first}</text><text x="{}" y="{}" text-anchor="end">step {last}</text>"#,
+            top + h + 16.0,
+            left + w,
+            top + h + 16.0
+        );
+    }
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}">max {:.2}</text>"#,
+        left + w + 8.0,
+        top + 12.0,
+        max
+    );
+    s.push_str("</svg>");
+    s
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// A routing table for the report: each character with its expert and probability per layer.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    pub text: Vec<char>,
+    /// `[layer][char]` (expert, probability)
+    pub layers: Vec<Vec<(usize, f32)>>,
+}
+
+fn route_html(t: &RouteTable) -> String {
+    let mut s = String::from("<table class=\"route\"><tr><th>layer</th>");
+    for c in &t.text {
+        let shown = match c {
+            '\n' => "⏎".to_string(),
+            ' ' => "␣".to_string(),
+            c => esc(&c.to_string()),
+        };
+        let _ = write!(s, "<th>{shown}</th>");
+    }
+    s.push_str("</tr>");
+    for (l, row) in t.layers.iter().enumerate() {
+        let _ = write!(s, "<tr><td>{l}</td>");
+        for &(e, p) in row {
+            let _ = write!(
+                s,
+                r#"<td style="background:{}" title="p = {p:.3}">{e}</td>"#,
+                PALETTE[e % PALETTE.len()].to_string() + "55"
+            );
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</table>");
+    s
+}
+
+/// Writes `report.html` and one SVG per chart into `out`; returns the HTML path.
+pub fn write_report(
+    runs: &[RunMetrics],
+    route: Option<&RouteTable>,
+    out: &Path,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let (lines, heatmaps) = charts(runs);
+    let mut html = String::from(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Switch Transformer report</title>\
+         <style>body{font-family:sans-serif;margin:24px;max-width:1500px}svg{margin:8px;border:1px solid #eee}\
+         table.route{border-collapse:collapse;font-family:monospace}table.route td,table.route th{border:1px solid #ccc;padding:2px 4px;text-align:center}</style>\
+         </head><body><h1>Switch Transformer training report</h1>",
+    );
+    let names: Vec<String> = runs.iter().map(|r| esc(&r.name)).collect();
+    let _ = write!(html, "<p>Runs: {}</p>", names.join(", "));
+    let write_svg = |html: &mut String, id: &str, svg: String| -> Result<()> {
+        let path = out.join(format!("{id}.svg"));
+        std::fs::write(&path, &svg).with_context(|| format!("cannot write {}", path.display()))?;
+        html.push_str(&svg);
+        Ok(())
+    };
+    for c in &lines {
+        write_svg(&mut html, &c.id, line_svg(c))?;
+    }
+    html.push_str("<h2>Expert load over training</h2>");
+    for hm in &heatmaps {
+        write_svg(&mut html, &hm.id, heatmap_svg(hm))?;
+    }
+    if let Some(t) = route {
+        html.push_str("<h2>Routing of a text (expert per character and layer)</h2>");
+        html.push_str(&route_html(t));
+    }
+    html.push_str("</body></html>");
+    let path = out.join("report.html");
+    std::fs::write(&path, html).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}

@@ -1,0 +1,136 @@
+//! `switch report`: the charts of a real (short) run, overlays, and clear errors on bad input.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use burn::tensor::Device;
+use switch_transformer::data::TextData;
+use switch_transformer::report::{RunMetrics, charts, write_report};
+use switch_transformer::train::Trainer;
+
+fn short_run(tmp: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let text = common::training_text(tmp);
+    let c = common::tiny_run_config(); // 2 layers, 4 experts, 8 steps, validation every 4
+    let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
+    let run = tmp.join(name);
+    Trainer::create(c, data, &run, &Device::default())
+        .unwrap()
+        .run(&AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+    run
+}
+
+#[test]
+fn report_of_a_real_run_has_every_chart() {
+    let tmp = common::temp_dir("report");
+    let run = short_run(&tmp, "a");
+    let metrics = RunMetrics::read(&run).unwrap();
+    let (lines, heatmaps) = charts(std::slice::from_ref(&metrics));
+    let by_id = |id: &str| {
+        lines
+            .iter()
+            .find(|c| c.id == id)
+            .unwrap_or_else(|| panic!("{id}"))
+    };
+    let shape = |id: &str| -> Vec<(String, usize)> {
+        by_id(id)
+            .series
+            .iter()
+            .map(|s| (s.label.clone(), s.points.len()))
+            .collect()
+    };
+    assert_eq!(shape("loss"), [("train".into(), 8), ("valid".into(), 2)]);
+    assert_eq!(shape("aux"), [("load balancing".into(), 8)]);
+    for id in ["dropped-0", "confidence-0"] {
+        assert_eq!(shape(id), [("layer 0".into(), 8), ("layer 1".into(), 8)]);
+    }
+    assert_eq!(heatmaps.len(), 2);
+    for hm in &heatmaps {
+        assert_eq!(hm.cells.len(), 4);
+        assert!(hm.cells.iter().all(|row| row.len() == 8));
+        // Each column is a distribution over experts.
+        for j in 0..8 {
+            let total: f64 = hm.cells.iter().map(|r| r[j]).sum();
+            assert!((total - 1.0).abs() < 1e-6, "{total}");
+        }
+    }
+
+    let out = tmp.join("out");
+    let html_path = write_report(&[metrics], None, &out).unwrap();
+    let html = std::fs::read_to_string(html_path).unwrap();
+    for id in [
+        "loss",
+        "aux",
+        "dropped-0",
+        "confidence-0",
+        "load-0-0",
+        "load-0-1",
+    ] {
+        assert!(
+            html.contains(&format!("data-chart=\"{id}\"")),
+            "{id} missing from the HTML"
+        );
+        assert!(out.join(format!("{id}.svg")).is_file(), "{id}.svg");
+    }
+    assert_eq!(html.matches("<polyline").count(), 2 + 1 + 2 + 2);
+    assert!(
+        !html.contains("<script src"),
+        "the page must be self-contained"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn several_runs_are_overlaid_and_labelled() {
+    let tmp = common::temp_dir("report-multi");
+    let a = RunMetrics::read(&short_run(&tmp, "first")).unwrap();
+    let b = RunMetrics::read(&short_run(&tmp, "second")).unwrap();
+    let (lines, heatmaps) = charts(&[a, b]);
+    let labels: Vec<&str> = lines[0].series.iter().map(|s| s.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        ["first train", "first valid", "second train", "second valid"]
+    );
+    assert_eq!(heatmaps.len(), 4);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn bad_metrics_are_clear_errors() {
+    let tmp = common::temp_dir("report-bad");
+    let good = r#"{"step":1,"train_loss":4.0,"lb_loss":2.0}"#;
+    let cases = [
+        (
+            "truncated",
+            format!("{good}\n{{\"step\":2,\"train_lo"),
+            "line 2",
+        ),
+        ("malformed", format!("{good}\nnot json\n{good}"), "line 2"),
+        (
+            "nostep",
+            format!("{good}\n{{\"train_loss\":1.0}}"),
+            "line 2",
+        ),
+        ("empty", String::new(), "no metrics"),
+    ];
+    for (name, text, needle) in cases {
+        let dir = tmp.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+        let err = RunMetrics::read(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains(needle) && err.contains("metrics.jsonl"),
+            "{name}: {err}"
+        );
+    }
+    let empty_dir = tmp.join("nothing");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let err = RunMetrics::read(&empty_dir).unwrap_err().to_string();
+    assert!(err.contains("no metrics.jsonl"), "{err}");
+    let err = RunMetrics::read(&tmp.join("absent"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a directory"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
