@@ -100,7 +100,7 @@ pub fn bench_train(c: &BenchConfig, device: &Device) -> Result<TrainBench> {
         let (x, y) = batch.tensors(&device);
         let t0 = Instant::now();
         let out = model.forward(x, &mut rng);
-        let losses = Losses::new(out.logits, y, &out.stats, 0.01);
+        let losses = Losses::new(out.logits, y, &out.stats, 0.01, 0.0);
         let _ = host_f32(losses.total.clone());
         let t1 = Instant::now();
         let mut grads = ParamGrads::from_gradients(&model, losses.total.backward());
@@ -150,6 +150,7 @@ pub struct GenerateBench {
 /// `c.seq_len`, from a model with token dropping off.
 pub fn bench_generate(c: &BenchConfig, tokens: usize, device: &Device) -> Result<GenerateBench> {
     let mut model = c.model.init(0, device)?;
+    model.set_training(false);
     model.set_drop_tokens(false);
     let opts = SampleOptions {
         max_tokens: tokens,

@@ -6,6 +6,8 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::model::SwitchTransformer;
+use crate::router::{DropPolicy, RoutingOptions};
+use crate::switch::DroppedTokens;
 
 /// Shape and routing of a Switch Transformer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +31,43 @@ pub struct ModelConfig {
     pub drop_tokens: bool,
     /// Scale the expert output by the router probability (else by p / stop_gradient(p) = 1).
     pub is_scale_prob: bool,
+    /// Experts per token: 1 = Switch; k >= 2 = top-k MoE (gates renormalized over the k,
+    /// capacity counted per assignment).
+    pub top_k: usize,
+    /// Which tokens an over-capacity expert drops: random (labml), position, confidence.
+    pub drop_policy: DropPolicy,
+    /// What a dropped token contributes: pass_through (labml) or zero (paper).
+    pub dropped_tokens: DroppedTokens,
+    /// Capacity factor outside training; 0 = the training one (paper: 2.0 at evaluation).
+    pub eval_capacity_factor: f64,
+    /// Multiplicative jitter on the router input in training, U(1 - eps, 1 + eps) (paper: 0.01).
+    pub router_jitter: f64,
+    /// Dropout on the experts' hidden activations in training (paper: 0.4 when fine-tuning).
+    pub expert_dropout: f64,
+    /// Dropout on each sub-layer's output before the residual add, in training (paper: 0.1).
+    pub dropout: f64,
+    /// A Switch layer every k-th block, dense FFN blocks between (1 = all Switch, labml;
+    /// paper: 2); 0 = the dense baseline (no Switch layer).
+    pub switch_every: usize,
+    /// Learned positional embeddings (labml has none).
+    pub pos_embedding: bool,
+    /// Positions of the learned positional embedding (longest sequence).
+    pub max_seq_len: usize,
+    /// Initialisation: labml (PyTorch defaults, experts and layers identical copies),
+    /// independent (PyTorch defaults, all drawn independently), truncated_normal (paper).
+    pub init: InitScheme,
+    /// truncated_normal: sigma = sqrt(init_scale / fan_in) (paper: 0.1).
+    pub init_scale: f64,
+}
+
+/// How parameters start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitScheme {
+    #[default]
+    Labml,
+    Independent,
+    TruncatedNormal,
 }
 
 impl Default for ModelConfig {
@@ -43,6 +82,18 @@ impl Default for ModelConfig {
             capacity_factor: 1.2,
             drop_tokens: true,
             is_scale_prob: true,
+            top_k: 1,
+            drop_policy: DropPolicy::Random,
+            dropped_tokens: DroppedTokens::PassThrough,
+            eval_capacity_factor: 0.0,
+            router_jitter: 0.0,
+            expert_dropout: 0.0,
+            dropout: 0.0,
+            switch_every: 1,
+            pos_embedding: false,
+            max_seq_len: 64,
+            init: InitScheme::Labml,
+            init_scale: 0.1,
         }
     }
 }
@@ -76,11 +127,65 @@ impl ModelConfig {
                 self.capacity_factor
             );
         }
+        if !(self.eval_capacity_factor.is_finite() && self.eval_capacity_factor >= 0.0) {
+            bail!(
+                "model.eval_capacity_factor must be zero (= capacity_factor) or positive (got {})",
+                self.eval_capacity_factor
+            );
+        }
+        if self.top_k == 0 || self.top_k > self.n_experts {
+            bail!(
+                "model.top_k must be between 1 and model.n_experts = {} (got {})",
+                self.n_experts,
+                self.top_k
+            );
+        }
+        for (name, v) in [
+            ("router_jitter", self.router_jitter),
+            ("expert_dropout", self.expert_dropout),
+            ("dropout", self.dropout),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("model.{name} must be in [0, 1) (got {v})");
+            }
+        }
+        if self.pos_embedding && self.max_seq_len == 0 {
+            bail!("model.max_seq_len must be at least 1 with model.pos_embedding");
+        }
+        if !(self.init_scale.is_finite() && self.init_scale > 0.0) {
+            bail!(
+                "model.init_scale must be a positive number (got {})",
+                self.init_scale
+            );
+        }
         Ok(())
     }
 
     pub fn d_k(&self) -> usize {
         self.d_model / self.heads
+    }
+
+    /// Whether block `l` has a Switch layer (else a dense FFN).
+    pub fn is_switch_layer(&self, l: usize) -> bool {
+        // Every k-th block counting from the last: with k = 2 blocks 1, 3, 5 (of 0..6).
+        self.switch_every > 0 && (l + 1) % self.switch_every == 0
+    }
+
+    /// Number of blocks with a Switch layer.
+    pub fn n_switch_layers(&self) -> usize {
+        (0..self.n_layers)
+            .filter(|&l| self.is_switch_layer(l))
+            .count()
+    }
+
+    /// Routing of the Switch layers.
+    pub fn routing(&self) -> RoutingOptions {
+        RoutingOptions {
+            top_k: self.top_k,
+            capacity_factor: self.capacity_factor,
+            drop_tokens: self.drop_tokens,
+            drop_policy: self.drop_policy,
+        }
     }
 
     /// Parameter count, as PyTorch's `sum(p.numel())` would report it.
@@ -89,14 +194,26 @@ impl ModelConfig {
         let attn = 4 * (d * d + d);
         let norms = 4 * d;
         let router = d * e + e;
-        let experts = e * (d * f + f + f * d + d);
-        v * d + (d * v + v) + 2 * d + self.n_layers * (attn + norms + router + experts)
+        let ffn = d * f + f + f * d + d;
+        let switch = self.n_switch_layers();
+        let pos = if self.pos_embedding {
+            self.max_seq_len * d
+        } else {
+            0
+        };
+        v * d
+            + pos
+            + (d * v + v)
+            + 2 * d
+            + self.n_layers * (attn + norms)
+            + switch * (router + e * ffn)
+            + (self.n_layers - switch) * ffn
     }
 
-    /// Builds a model with labml's initialisation, seeded.
+    /// Builds a model initialised as `self.init` says, seeded.
     pub fn init(&self, seed: u64, device: &Device) -> Result<SwitchTransformer> {
         self.validate()?;
-        Ok(crate::init::labml_init(self, seed, device))
+        Ok(crate::init::init_model(self, seed, device))
     }
 }
 
@@ -126,6 +243,8 @@ pub struct TrainConfig {
     pub eps: f64,
     /// Clip gradients to this global L2 norm.
     pub grad_clip: f64,
+    /// Router z-loss coefficient (ST-MoE: 0.001); the z-loss is logged either way.
+    pub z_loss_coef: f64,
     /// Steps between training-metric lines in metrics.jsonl.
     pub log_interval: u64,
     /// Steps between validations (and at the last step).
@@ -156,6 +275,7 @@ impl Default for TrainConfig {
             beta2: 0.999,
             eps: 1e-8,
             grad_clip: 1.0,
+            z_loss_coef: 0.0,
             log_interval: 10,
             eval_interval: 250,
             eval_batches: 20,
@@ -245,6 +365,54 @@ pub const KEYS: &[(&str, &str)] = &[
         "scale expert outputs by the router probability",
     ),
     (
+        "model.top_k",
+        "experts per token: 1 = Switch, k >= 2 = top-k MoE (paper's baseline: 2)",
+    ),
+    (
+        "model.drop_policy",
+        "which tokens drop over capacity: random (labml), position, confidence (batch-prioritized)",
+    ),
+    (
+        "model.dropped_tokens",
+        "a dropped token contributes: pass_through (labml) or zero (paper)",
+    ),
+    (
+        "model.eval_capacity_factor",
+        "capacity factor outside training, 0 = capacity_factor (paper: 2.0)",
+    ),
+    (
+        "model.router_jitter",
+        "multiplicative router-input noise eps in training (paper: 0.01)",
+    ),
+    (
+        "model.expert_dropout",
+        "dropout inside the experts in training (paper: 0.4 fine-tuning)",
+    ),
+    (
+        "model.dropout",
+        "dropout on sub-layer outputs in training (paper: 0.1)",
+    ),
+    (
+        "model.switch_every",
+        "a Switch layer every k-th block, dense FFN between; 0 = dense baseline (paper: 2)",
+    ),
+    (
+        "model.pos_embedding",
+        "learned positional embeddings (labml: none)",
+    ),
+    (
+        "model.max_seq_len",
+        "positions of the learned positional embedding",
+    ),
+    (
+        "model.init",
+        "labml (identical experts and layers), independent, truncated_normal (paper)",
+    ),
+    (
+        "model.init_scale",
+        "truncated_normal scale s: sigma = sqrt(s / fan_in) (paper: 0.1)",
+    ),
+    (
         "train.seed",
         "seed for initialisation, data order and token dropping",
     ),
@@ -261,6 +429,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "Adam eps (added to sqrt(v) before bias correction, as labml)",
     ),
     ("train.grad_clip", "global gradient-norm clip"),
+    (
+        "train.z_loss_coef",
+        "router z-loss coefficient (ST-MoE: 0.001)",
+    ),
     (
         "train.log_interval",
         "steps between training lines in metrics.jsonl",

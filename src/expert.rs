@@ -25,9 +25,13 @@ impl Experts {
         self.w1.dims()[0]
     }
 
-    /// `x`: `[n_experts, slots, d_model]`, expert e's tokens in row block e.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = relu(x.matmul(self.w1.val()) + self.b1.val().unsqueeze_dim(1));
+    /// `x`: `[n_experts, slots, d_model]`, expert e's tokens in row block e. `dropout`: an
+    /// optional mask `[n_experts, slots, d_ff]` multiplied into the hidden activations.
+    pub fn forward(&self, x: Tensor<3>, dropout: Option<Tensor<3>>) -> Tensor<3> {
+        let mut h = relu(x.matmul(self.w1.val()) + self.b1.val().unsqueeze_dim(1));
+        if let Some(mask) = dropout {
+            h = h * mask;
+        }
         h.matmul(self.w2.val()) + self.b2.val().unsqueeze_dim(1)
     }
 }

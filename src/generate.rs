@@ -73,7 +73,7 @@ pub fn generate(
 /// positions are cached. Identical to [`generate`] while the text fits in `opts.context`;
 /// beyond it, each position attends to the `context` most recent ones (a sliding window)
 /// instead of the window being recomputed. Token dropping is off (one token at a time would
-/// have capacity 0).
+/// have capacity 0). A model with learned positional embeddings recomputes the window.
 pub fn generate_cached(
     model: &SwitchTransformer,
     prompt: &[u32],
@@ -82,6 +82,10 @@ pub fn generate_cached(
     routing_rng: &mut RoutingRng,
 ) -> Vec<u32> {
     assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
+    if model.pos_embed.is_some() {
+        // Positions past the embedding's length do not exist: slide the window instead.
+        return generate(model, prompt, opts, sample_rng, routing_rng);
+    }
     let mut model = model.clone();
     model.set_drop_tokens(false);
     let device = model.src_embed.weight.device();

@@ -1,5 +1,6 @@
 //! Training losses (labml `Configs.step`):
-//! `loss = cross_entropy + lb_coef * n_experts * sum_layers sum_i f_i * P_i`.
+//! `loss = cross_entropy + lb_coef * n_experts * sum_layers sum_i f_i * P_i`
+//! `       + z_coef * sum_layers mean_t logsumexp(router logits_t)^2` (ST-MoE; 0 in labml).
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -37,11 +38,21 @@ pub fn load_balancing_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> 
     total.unwrap_or_else(|| Tensor::zeros([1], device))
 }
 
-/// The three losses of a training step.
+/// Router z-loss summed over layers.
+pub fn router_z_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
+    stats
+        .iter()
+        .map(|s| s.z_loss.clone())
+        .reduce(|a, b| a + b)
+        .unwrap_or_else(|| Tensor::zeros([1], device))
+}
+
+/// The losses of a training step.
 pub struct Losses {
     pub ce: Tensor<1>,
     pub lb: Tensor<1>,
-    /// `ce + lb_coef * lb`: the one tensor to call `backward` on.
+    pub z: Tensor<1>,
+    /// `ce + lb_coef * lb + z_coef * z`: the one tensor to call `backward` on.
     pub total: Tensor<1>,
 }
 
@@ -52,12 +63,17 @@ impl Losses {
         targets: Tensor<2, Int>,
         stats: &[SwitchStats],
         lb_coef: f64,
+        z_coef: f64,
     ) -> Self {
         let [b, s, v] = logits.dims();
         let device = logits.device();
         let ce = cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]));
         let lb = load_balancing_loss(stats, &device);
-        let total = ce.clone() + lb.clone() * lb_coef;
-        Self { ce, lb, total }
+        let z = router_z_loss(stats, &device);
+        let mut total = ce.clone() + lb.clone() * lb_coef;
+        if z_coef > 0.0 {
+            total = total + z.clone() * z_coef;
+        }
+        Self { ce, lb, z, total }
     }
 }

@@ -223,6 +223,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     capacity_factor,
                     drop_tokens: true,
                     is_scale_prob: true,
+                    ..Default::default()
                 },
                 batch_size: batch,
                 seq_len,

@@ -17,16 +17,19 @@ use crate::switch::SwitchStats;
 #[derive(Module, Debug)]
 pub struct SwitchTransformer {
     pub src_embed: Embedding,
+    /// Learned positional embedding `[max_seq_len, d_model]`, if configured.
+    pub pos_embed: Option<Embedding>,
     pub layers: Vec<SwitchBlock>,
     /// Final LayerNorm (labml `transformer.norm`).
     pub norm: LayerNorm,
     pub generator: Linear,
 }
 
-/// Logits plus each layer's routing statistics.
+/// Logits plus each Switch layer's routing statistics.
 pub struct ModelOutput {
     /// `[batch, seq, n_vocab]`
     pub logits: Tensor<3>,
+    /// One entry per Switch layer, in block order (dense blocks have none).
     pub stats: Vec<SwitchStats>,
 }
 
@@ -42,7 +45,37 @@ impl SwitchTransformer {
     /// Turns token dropping on or off in every Switch layer (e.g. off for evaluation).
     pub fn set_drop_tokens(&mut self, drop_tokens: bool) {
         for layer in &mut self.layers {
-            layer.feed_forward.drop_tokens = drop_tokens;
+            if let Some(s) = layer.switch_mut() {
+                s.routing.drop_tokens = drop_tokens;
+            }
+        }
+    }
+
+    /// Training mode (dropout, router jitter, training capacity factor) or evaluation mode.
+    pub fn set_training(&mut self, training: bool) {
+        for layer in &mut self.layers {
+            layer.training = training;
+            if let Some(s) = layer.switch_mut() {
+                s.training = training;
+            }
+        }
+    }
+
+    /// Token embeddings plus, if configured, positional embeddings from position `start`.
+    fn embed(&self, ids: Tensor<2, Int>, start: usize) -> Tensor<3> {
+        let [_, s] = ids.dims();
+        let x = self.src_embed.forward(ids);
+        match &self.pos_embed {
+            Some(p) => {
+                let device = x.device();
+                let pos: Vec<i64> = (start..start + s).map(|i| i as i64).collect();
+                let pos = Tensor::<2, Int>::from_data(
+                    burn::tensor::TensorData::new(pos, [1, s]),
+                    &device,
+                );
+                x + p.forward(pos)
+            }
+            None => x,
         }
     }
 
@@ -56,7 +89,8 @@ impl SwitchTransformer {
         max_len: usize,
         rng: &mut RoutingRng,
     ) -> Tensor<3> {
-        let mut x = self.src_embed.forward(ids);
+        let start = cache.first().map_or(0, KvCache::len);
+        let mut x = self.embed(ids, start);
         for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
             x = layer.forward_cached(x, c, max_len, rng);
         }
@@ -75,7 +109,7 @@ impl SwitchTransformer {
         mut trace: Option<&mut Trace>,
     ) -> ModelOutput {
         let tracing = trace.is_some();
-        let mut x = self.src_embed.forward(ids);
+        let mut x = self.embed(ids, 0);
         let mut record = |name: String, t: &Tensor<3>| {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.insert(name, HostTensor::from_tensor(t.clone()));
@@ -89,17 +123,17 @@ impl SwitchTransformer {
             record(format!("layers.{l}.attn_out"), &out.attn_out);
             record(format!("layers.{l}.ff_out"), &out.ff_out);
             record(format!("layers.{l}.out"), &out.x);
-            if tracing {
-                logits_trace.push(out.ff_in);
+            if tracing && out.stats.is_some() {
+                logits_trace.push((l, out.ff_in));
             }
-            stats.push(out.stats);
+            stats.extend(out.stats);
             x = out.x;
         }
         let x = self.norm.forward(x);
         record("final_norm".into(), &x);
         if let Some(tr) = trace {
-            for (l, ff_in) in logits_trace.into_iter().enumerate() {
-                let router = &self.layers[l].feed_forward.router;
+            for (l, ff_in) in logits_trace {
+                let router = &self.layers[l].switch().expect("a Switch layer").router;
                 tr.insert(
                     format!("layers.{l}.router_logits"),
                     HostTensor::from_tensor(router.logits(ff_in)),

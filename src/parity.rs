@@ -17,7 +17,7 @@ use crate::config::ModelConfig;
 use crate::loss::Losses;
 use crate::model::{SwitchTransformer, Trace};
 use crate::optim::{LabmlAdam, Noam, ParamGrads};
-use crate::router::{RoutePlan, RoutingRng, capacity};
+use crate::router::{RoutePlan, RoutingOptions, RoutingRng, capacity};
 use crate::store::{HostTensor, TensorFile};
 use crate::switch::{SwitchFeedForward, host_f32};
 use crate::weights::{
@@ -224,6 +224,7 @@ fn switch_config(meta: &Value) -> Result<ModelConfig> {
         capacity_factor: meta_f64(meta, "capacity_factor")?,
         drop_tokens: meta_bool(meta, "drop_tokens")?,
         is_scale_prob: meta_bool(meta, "is_scale_prob")?,
+        ..Default::default()
     })
 }
 
@@ -367,6 +368,7 @@ fn switch_exact(file: &TensorFile, device: &Device, report: &mut Report) -> Resu
         out.stats.routes.clone(),
         vec![false; out.stats.routes.len()],
         config.n_experts,
+        1,
         0,
     );
     compare_routing(
@@ -398,11 +400,16 @@ fn switch_drop(file: &TensorFile, device: &Device, report: &mut Report) -> Resul
     let plan = RoutePlan::new(
         &probs,
         config.n_experts,
-        config.capacity_factor,
-        true,
+        &RoutingOptions::labml(config.capacity_factor, true),
         &mut RoutingRng::seed_from_u64(0),
     );
-    let out = sff.dispatch(x.clone(), route_prob.clone(), &probs, &plan);
+    let out = sff.dispatch(
+        x.clone(),
+        route_prob.clone(),
+        &probs,
+        &plan,
+        &mut RoutingRng::seed_from_u64(0),
+    );
     compare_routing(
         report,
         file,
@@ -473,8 +480,7 @@ fn switch_drop(file: &TensorFile, device: &Device, report: &mut Report) -> Resul
         let p = RoutePlan::new(
             &probs,
             config.n_experts,
-            config.capacity_factor,
-            true,
+            &RoutingOptions::labml(config.capacity_factor, true),
             &mut RoutingRng::seed_from_u64(seed),
         );
         for (f, &dropped) in freq.iter_mut().zip(&p.dropped) {
@@ -516,8 +522,15 @@ fn switch_drop(file: &TensorFile, device: &Device, report: &mut Report) -> Resul
         .iter()
         .map(|&m| m != 0)
         .collect();
-    let recorded = RoutePlan::from_decisions(plan.routes.clone(), dropped, config.n_experts, cap);
-    let out = sff.dispatch(x.clone(), route_prob, &probs, &recorded);
+    let recorded =
+        RoutePlan::from_decisions(plan.routes.clone(), dropped, config.n_experts, 1, cap);
+    let out = sff.dispatch(
+        x.clone(),
+        route_prob,
+        &probs,
+        &recorded,
+        &mut RoutingRng::seed_from_u64(0),
+    );
     report.compare(
         "run.out",
         &host_f32(out.out.clone()),
@@ -543,6 +556,7 @@ fn model_config(meta: &Value) -> Result<ModelConfig> {
         capacity_factor: meta_f64(meta, "capacity_factor")?,
         drop_tokens: meta_bool(meta, "drop_tokens")?,
         is_scale_prob: meta_bool(meta, "is_scale_prob")?,
+        ..Default::default()
     })
 }
 
@@ -641,7 +655,7 @@ fn model(file: &TensorFile, device: &Device, report: &mut Report) -> Result<()> 
     let dropped: Vec<i64> = stats.iter().map(|st| st.n_dropped as i64).collect();
     report.exact("n_dropped", &dropped, &file.get("n_dropped")?.to_i64());
 
-    let losses = Losses::new(out.logits, targets, &out.stats, lb_coef);
+    let losses = Losses::new(out.logits, targets, &out.stats, lb_coef, 0.0);
     report.compare(
         "ce_loss",
         &host_f32(losses.ce.clone()),

@@ -11,6 +11,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::softmax;
 use rand::Rng;
 use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
 
 /// Seeded random generator used for token dropping; the caller owns it so runs reproduce.
 pub type RoutingRng = rand_chacha::ChaCha8Rng;
@@ -34,8 +35,46 @@ impl Router {
     }
 }
 
+/// Which tokens an over-capacity expert drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropPolicy {
+    /// A uniformly random subset keeps its place (labml: `torch.randperm`).
+    #[default]
+    Random,
+    /// First come, first served: first choices before second choices, then by position in the
+    /// batch (Mesh TensorFlow, Hugging Face).
+    Position,
+    /// The most confident assignments keep their place (batch-prioritized routing).
+    Confidence,
+}
+
+/// How tokens are assigned to experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoutingOptions {
+    /// Experts per token (1 = Switch; 2 = the top-2 MoE the paper compares against).
+    pub top_k: usize,
+    pub capacity_factor: f64,
+    /// Enforce capacity; off = dropless (capacity grows to the largest load).
+    pub drop_tokens: bool,
+    pub drop_policy: DropPolicy,
+}
+
+impl RoutingOptions {
+    /// labml's Switch routing.
+    pub fn labml(capacity_factor: f64, drop_tokens: bool) -> Self {
+        Self {
+            top_k: 1,
+            capacity_factor,
+            drop_tokens,
+            drop_policy: DropPolicy::Random,
+        }
+    }
+}
+
 /// labml's capacity: `int(capacity_factor * tokens / n_experts)`, evaluated in f64 in the same
-/// order as Python so the floor lands on the same integer.
+/// order as Python so the floor lands on the same integer. With top-k routing every assignment
+/// takes a slot, so `tokens` counts assignments (`k * tokens`).
 pub fn capacity(capacity_factor: f64, n_tokens: usize, n_experts: usize) -> usize {
     (capacity_factor * n_tokens as f64 / n_experts as f64) as usize
 }
@@ -51,56 +90,80 @@ pub fn argmax(row: &[f32]) -> usize {
     best
 }
 
+/// Indices of the `k` largest values, largest first (earlier index first on ties).
+pub fn top_k(row: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
 /// Where every token goes, after capacity is enforced.
 ///
-/// Expert `e` owns the slot rows `e * slots .. (e + 1) * slots` of the packed expert input;
-/// unused slots point at token 0 and their outputs are never read (so they get no gradient).
+/// An *assignment* is one (token, expert) pair: token `t`'s `r`-th choice is assignment
+/// `t * top_k + r`. Expert `e` owns the slot rows `e * slots .. (e + 1) * slots` of the packed
+/// expert input; unused slots point at token 0 and their outputs are never read (so they get
+/// no gradient).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutePlan {
     pub n_experts: usize,
-    /// Argmax expert of each token.
+    pub top_k: usize,
+    /// Expert of each assignment (with `top_k = 1`: each token's argmax expert).
     pub routes: Vec<usize>,
-    /// Tokens routed to each expert, before dropping.
+    /// Tokens whose first choice is each expert, before dropping (the f_i of the
+    /// load-balancing loss).
     pub counts: Vec<usize>,
-    /// labml's capacity (only enforced when dropping).
+    /// Slots per expert when dropping.
     pub capacity: usize,
-    /// Whether each token was dropped.
+    /// Whether each assignment was dropped.
     pub dropped: Vec<bool>,
     /// Rows per expert in the packed expert input.
     pub slots: usize,
     /// For each slot row, the token it holds (`n_experts * slots` entries).
     pub slot_token: Vec<usize>,
-    /// For each token: its slot row if kept, `n_experts * slots + token` if dropped (that row
-    /// of `[expert outputs; dropped-token fallback]`).
+    /// For each assignment: its slot row if kept, `n_experts * slots + token` if dropped (that
+    /// row of `[expert outputs; dropped-token fallback]`).
     pub token_source: Vec<usize>,
 }
 
 impl RoutePlan {
-    /// Routes by argmax of `probs` (`[tokens, n_experts]`, row-major). With `drop_tokens`, an
-    /// over-capacity expert keeps a uniformly random subset of `capacity` of its tokens (labml
-    /// shuffles each expert's token list with `torch.randperm`).
-    pub fn new(
-        probs: &[f32],
-        n_experts: usize,
-        capacity_factor: f64,
-        drop_tokens: bool,
-        rng: &mut impl Rng,
-    ) -> Self {
+    /// Routes by the top-k of `probs` (`[tokens, n_experts]`, row-major). With dropping, an
+    /// over-capacity expert keeps `capacity` of its assignments, chosen by the drop policy.
+    pub fn new(probs: &[f32], n_experts: usize, opts: &RoutingOptions, rng: &mut impl Rng) -> Self {
+        let k = opts.top_k.clamp(1, n_experts);
         let n_tokens = probs.len() / n_experts;
-        let routes: Vec<usize> = probs.chunks_exact(n_experts).map(argmax).collect();
-        let cap = capacity(capacity_factor, n_tokens, n_experts);
-        let mut dropped = vec![false; n_tokens];
-        if drop_tokens {
-            for mut tokens in tokens_by_expert(&routes, n_experts) {
-                if tokens.len() > cap {
-                    tokens.shuffle(rng);
-                    for &t in &tokens[cap..] {
-                        dropped[t] = true;
+        let routes: Vec<usize> = probs
+            .chunks_exact(n_experts)
+            .flat_map(|row| {
+                if k == 1 {
+                    vec![argmax(row)]
+                } else {
+                    top_k(row, k)
+                }
+            })
+            .collect();
+        let cap = capacity(opts.capacity_factor, n_tokens * k, n_experts);
+        let mut dropped = vec![false; routes.len()];
+        if opts.drop_tokens {
+            for mut assignments in assignments_by_expert(&routes, n_experts) {
+                if assignments.len() <= cap {
+                    continue;
+                }
+                match opts.drop_policy {
+                    DropPolicy::Random => assignments.shuffle(rng),
+                    // (rank, token) order: first choices first, then by position.
+                    DropPolicy::Position => assignments.sort_by_key(|&a| (a % k, a / k)),
+                    DropPolicy::Confidence => {
+                        let p = |a: usize| probs[(a / k) * n_experts + routes[a]];
+                        assignments.sort_by(|&a, &b| p(b).total_cmp(&p(a)).then(a.cmp(&b)));
                     }
+                }
+                for &a in &assignments[cap..] {
+                    dropped[a] = true;
                 }
             }
         }
-        Self::from_decisions(routes, dropped, n_experts, cap)
+        Self::from_decisions(routes, dropped, n_experts, k, cap)
     }
 
     /// A plan from explicit decisions (used to replay a recorded drop set).
@@ -108,28 +171,32 @@ impl RoutePlan {
         routes: Vec<usize>,
         dropped: Vec<bool>,
         n_experts: usize,
+        top_k: usize,
         capacity: usize,
     ) -> Self {
-        let n_tokens = routes.len();
+        let n_assign = routes.len();
         let mut counts = vec![0; n_experts];
-        for &r in &routes {
+        for &r in routes.iter().step_by(top_k) {
             counts[r] += 1;
         }
-        let kept: Vec<Vec<usize>> = tokens_by_expert(&routes, n_experts)
+        let kept: Vec<Vec<usize>> = assignments_by_expert(&routes, n_experts)
             .into_iter()
-            .map(|ts| ts.into_iter().filter(|&t| !dropped[t]).collect())
+            .map(|ts| ts.into_iter().filter(|&a| !dropped[a]).collect())
             .collect();
         let slots = kept.iter().map(Vec::len).max().unwrap_or(0);
         let mut slot_token = vec![0; n_experts * slots];
-        let mut token_source: Vec<usize> = (0..n_tokens).map(|t| n_experts * slots + t).collect();
-        for (e, tokens) in kept.iter().enumerate() {
-            for (i, &t) in tokens.iter().enumerate() {
-                slot_token[e * slots + i] = t;
-                token_source[t] = e * slots + i;
+        let mut token_source: Vec<usize> = (0..n_assign)
+            .map(|a| n_experts * slots + a / top_k)
+            .collect();
+        for (e, assignments) in kept.iter().enumerate() {
+            for (i, &a) in assignments.iter().enumerate() {
+                slot_token[e * slots + i] = a / top_k;
+                token_source[a] = e * slots + i;
             }
         }
         Self {
             n_experts,
+            top_k,
             routes,
             counts,
             capacity,
@@ -141,30 +208,40 @@ impl RoutePlan {
     }
 
     pub fn n_tokens(&self) -> usize {
-        self.routes.len()
+        self.routes.len() / self.top_k
     }
 
+    /// Dropped assignments (= dropped tokens with `top_k = 1`).
     pub fn n_dropped(&self) -> usize {
         self.dropped.iter().filter(|&&d| d).count()
     }
 
-    /// Tokens kept by each expert.
+    /// Assignments kept by each expert.
     pub fn kept_counts(&self) -> Vec<usize> {
         let mut kept = vec![0; self.n_experts];
-        for (t, &e) in self.routes.iter().enumerate() {
-            if !self.dropped[t] {
+        for (a, &e) in self.routes.iter().enumerate() {
+            if !self.dropped[a] {
                 kept[e] += 1;
             }
         }
         kept
     }
+
+    /// Assignments routed to each expert, before dropping.
+    pub fn assigned_counts(&self) -> Vec<usize> {
+        let mut n = vec![0; self.n_experts];
+        for &e in &self.routes {
+            n[e] += 1;
+        }
+        n
+    }
 }
 
-/// Token indices routed to each expert, in token order.
-fn tokens_by_expert(routes: &[usize], n_experts: usize) -> Vec<Vec<usize>> {
+/// Assignment indices routed to each expert, in assignment order.
+fn assignments_by_expert(routes: &[usize], n_experts: usize) -> Vec<Vec<usize>> {
     let mut by_expert = vec![Vec::new(); n_experts];
-    for (t, &e) in routes.iter().enumerate() {
-        by_expert[e].push(t);
+    for (a, &e) in routes.iter().enumerate() {
+        by_expert[e].push(a);
     }
     by_expert
 }
@@ -204,7 +281,12 @@ mod tests {
             let n_tokens = 1 + (trial * 37) % 300;
             let cf = 0.25 + (trial % 7) as f64 * 0.3;
             let probs = random_probs(&mut rng, n_tokens, n_experts);
-            let plan = RoutePlan::new(&probs, n_experts, cf, true, &mut rng);
+            let plan = RoutePlan::new(
+                &probs,
+                n_experts,
+                &RoutingOptions::labml(cf, true),
+                &mut rng,
+            );
             let cap = capacity(cf, n_tokens, n_experts);
             let kept = plan.kept_counts();
             let mut expected_dropped = 0;
@@ -244,7 +326,7 @@ mod tests {
     fn without_dropping_nothing_drops() {
         let mut rng = RoutingRng::seed_from_u64(1);
         let probs = random_probs(&mut rng, 100, 4);
-        let plan = RoutePlan::new(&probs, 4, 0.1, false, &mut rng);
+        let plan = RoutePlan::new(&probs, 4, &RoutingOptions::labml(0.1, false), &mut rng);
         assert_eq!(plan.n_dropped(), 0);
         assert_eq!(plan.slots, *plan.counts.iter().max().unwrap());
     }
@@ -253,9 +335,24 @@ mod tests {
     fn dropping_is_reproducible_from_the_seed() {
         let mut rng = RoutingRng::seed_from_u64(3);
         let probs = random_probs(&mut rng, 128, 4);
-        let a = RoutePlan::new(&probs, 4, 0.5, true, &mut RoutingRng::seed_from_u64(11));
-        let b = RoutePlan::new(&probs, 4, 0.5, true, &mut RoutingRng::seed_from_u64(11));
-        let c = RoutePlan::new(&probs, 4, 0.5, true, &mut RoutingRng::seed_from_u64(12));
+        let a = RoutePlan::new(
+            &probs,
+            4,
+            &RoutingOptions::labml(0.5, true),
+            &mut RoutingRng::seed_from_u64(11),
+        );
+        let b = RoutePlan::new(
+            &probs,
+            4,
+            &RoutingOptions::labml(0.5, true),
+            &mut RoutingRng::seed_from_u64(11),
+        );
+        let c = RoutePlan::new(
+            &probs,
+            4,
+            &RoutingOptions::labml(0.5, true),
+            &mut RoutingRng::seed_from_u64(12),
+        );
         assert_eq!(a, b);
         assert_ne!(a.dropped, c.dropped);
     }

@@ -4,33 +4,51 @@
 //! ```text
 //! p = softmax(x W_r + b_r);  e(t) = argmax p_t
 //! y_t = p_t[e(t)] * E_{e(t)}(x_t)      kept tokens
-//! y_t = p_t[e(t)] * x_t                tokens dropped over capacity (labml: the input passes)
+//! y_t = p_t[e(t)] * x_t                tokens dropped over capacity (labml: the input passes;
+//!                                      `DroppedTokens::Zero`: 0, the paper's choice)
 //! ```
 //! Multiplying by the probability is what trains the router (with `is_scale_prob = false` the
-//! factor is `p / stop_gradient(p)`: value 1, same gradient path).
+//! factor is `p / stop_gradient(p)`: value 1, same gradient path). With top-k routing (k >= 2)
+//! each token's output is the sum over its k experts, weighted by the k probabilities
+//! renormalized to sum to 1.
 //!
 //! Computation: one gather packs each expert's tokens into `[n_experts, slots, d]`, one batched
-//! matmul pair runs all experts, one gather unpacks. No expert ever sees another's tokens.
+//! matmul pair runs all experts, one gather per choice unpacks. No expert sees another's tokens.
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::expert::Experts;
-use crate::router::{RoutePlan, Router, RoutingRng};
+use crate::router::{RoutePlan, Router, RoutingOptions, RoutingRng};
+
+/// What a token dropped over capacity contributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DroppedTokens {
+    /// Its (normalized) input passes through, scaled by p (labml).
+    #[default]
+    PassThrough,
+    /// Nothing: the Switch sub-layer adds 0 and the token continues on the residual (paper).
+    Zero,
+}
 
 /// Routing statistics of one Switch layer for one forward pass.
 #[derive(Debug, Clone)]
 pub struct SwitchStats {
-    /// Tokens routed to each expert, before dropping (f_i numerator; constant).
+    /// Tokens whose first choice is each expert, before dropping (f_i numerator; constant).
     pub counts: Vec<f32>,
     /// Sum over all tokens of the full routing probabilities `[n_experts]` (P_i numerator;
     /// carries the gradient to the router).
     pub route_prob_sum: Tensor<1>,
-    /// Tokens dropped over capacity.
+    /// Router z-loss of this layer: mean over tokens of logsumexp(logits)^2 (with gradient).
+    pub z_loss: Tensor<1>,
+    /// Assignments dropped over capacity (= tokens with top-1 routing).
     pub n_dropped: usize,
     /// Each token's top probability.
     pub route_prob_max: Vec<f32>,
-    /// Each token's expert.
+    /// Each token's first-choice expert.
     pub routes: Vec<usize>,
 }
 
@@ -46,9 +64,19 @@ pub struct SwitchOutput {
 pub struct SwitchFeedForward {
     pub router: Router,
     pub experts: Experts,
-    pub capacity_factor: f64,
-    pub drop_tokens: bool,
+    #[module(skip)]
+    pub routing: RoutingOptions,
+    /// Capacity factor outside training (0 = the training one).
+    pub eval_capacity_factor: f64,
     pub is_scale_prob: bool,
+    #[module(skip)]
+    pub dropped_tokens: DroppedTokens,
+    /// Multiplicative router-input noise `U(1 - eps, 1 + eps)` in training (0 = off).
+    pub jitter: f64,
+    /// Dropout on the experts' hidden activations in training.
+    pub expert_dropout: f64,
+    /// Training mode: jitter and expert dropout on, training capacity factor.
+    pub training: bool,
 }
 
 impl SwitchFeedForward {
@@ -56,18 +84,37 @@ impl SwitchFeedForward {
         self.experts.n_experts()
     }
 
+    /// Routing in the current mode (the capacity factor differs outside training if set).
+    pub fn routing_options(&self) -> RoutingOptions {
+        let mut r = self.routing;
+        if !self.training && self.eval_capacity_factor > 0.0 {
+            r.capacity_factor = self.eval_capacity_factor;
+        }
+        r
+    }
+
     /// `x`: `[tokens, d_model]` (any token order; statistics follow it).
     pub fn forward(&self, x: Tensor<2>, rng: &mut RoutingRng) -> SwitchOutput {
-        let route_prob = self.router.forward(x.clone());
+        let router_in = if self.training && self.jitter > 0.0 {
+            // The experts must see the un-noised x: the noise goes on a copy.
+            let noise = uniform_tensor(
+                rng,
+                x.dims(),
+                1.0 - self.jitter,
+                1.0 + self.jitter,
+                &x.device(),
+            );
+            x.clone() * noise
+        } else {
+            x.clone()
+        };
+        let logits = self.router.logits(router_in);
+        let route_prob = burn::tensor::activation::softmax(logits.clone(), 1);
         let probs = host_f32(route_prob.clone());
-        let plan = RoutePlan::new(
-            &probs,
-            self.n_experts(),
-            self.capacity_factor,
-            self.drop_tokens,
-            rng,
-        );
-        self.dispatch(x, route_prob, &probs, &plan)
+        let plan = RoutePlan::new(&probs, self.n_experts(), &self.routing_options(), rng);
+        let mut out = self.dispatch(x, route_prob, &probs, &plan, rng);
+        out.stats.z_loss = z_loss(logits);
+        out
     }
 
     /// Runs the experts according to `plan` (from [`RoutePlan::new`] or a recorded one).
@@ -78,56 +125,92 @@ impl SwitchFeedForward {
         route_prob: Tensor<2>,
         probs: &[f32],
         plan: &RoutePlan,
+        rng: &mut RoutingRng,
     ) -> SwitchOutput {
         let device = x.device();
         let [n_tokens, d_model] = x.dims();
-        let n_experts = self.n_experts();
+        let (n_experts, k) = (self.n_experts(), plan.top_k);
 
-        let routes = index_tensor(&plan.routes, &device).reshape([n_tokens, 1]);
-        let p_max = route_prob.clone().gather(1, routes); // [tokens, 1]
-        let gate = if self.is_scale_prob {
-            p_max
+        // Gates [tokens, k]: p of each chosen expert (renormalized over the k for k >= 2).
+        let chosen = index_tensor(&plan.routes, &device).reshape([n_tokens, k]);
+        let p = route_prob.clone().gather(1, chosen);
+        let gates = if k > 1 {
+            p.clone() / p.sum_dim(1)
+        } else if self.is_scale_prob {
+            p
         } else {
-            p_max.clone() / p_max.detach()
+            p.clone() / p.detach()
         };
 
-        let out = if plan.slots == 0 {
-            // Capacity 0: every token dropped.
-            x
-        } else {
+        let expert_out = (plan.slots > 0).then(|| {
             let packed = x
                 .clone()
                 .select(0, index_tensor(&plan.slot_token, &device))
                 .reshape([n_experts, plan.slots, d_model]);
-            let expert_out = self
-                .experts
-                .forward(packed)
-                .reshape([n_experts * plan.slots, d_model]);
-            let source = if plan.n_dropped() == 0 {
-                expert_out
-            } else {
-                Tensor::cat(vec![expert_out, x], 0)
-            };
-            source.select(0, index_tensor(&plan.token_source, &device))
+            let dropout = (self.training && self.expert_dropout > 0.0).then(|| {
+                let [_, _, d_ff] = self.experts.w1.dims();
+                dropout_mask(
+                    rng,
+                    [n_experts, plan.slots, d_ff],
+                    self.expert_dropout,
+                    &device,
+                )
+            });
+            self.experts
+                .forward(packed, dropout)
+                .reshape([n_experts * plan.slots, d_model])
+        });
+        // Rows the assignments read: expert outputs, then the dropped-token fallback.
+        let fallback = match self.dropped_tokens {
+            DroppedTokens::PassThrough => x,
+            DroppedTokens::Zero => Tensor::zeros([n_tokens, d_model], &device),
         };
+        let source = match expert_out {
+            Some(e) if plan.n_dropped() == 0 => e,
+            Some(e) => Tensor::cat(vec![e, fallback], 0),
+            None => fallback, // capacity 0: every assignment dropped
+        };
+        let mut out: Option<Tensor<2>> = None;
+        for r in 0..k {
+            let rows: Vec<usize> = plan
+                .token_source
+                .iter()
+                .skip(r)
+                .step_by(k)
+                .copied()
+                .collect();
+            let picked = source.clone().select(0, index_tensor(&rows, &device));
+            let gate = gates.clone().slice([0..n_tokens, r..r + 1]);
+            let term = picked * gate;
+            out = Some(match out {
+                Some(o) => o + term,
+                None => term,
+            });
+        }
 
-        let route_prob_max = plan
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(t, &e)| probs[t * n_experts + e])
+        let route_prob_max = (0..n_tokens)
+            .map(|t| probs[t * n_experts + plan.routes[t * k]])
             .collect();
         SwitchOutput {
-            out: out * gate,
+            out: out.expect("top_k >= 1"),
             stats: SwitchStats {
                 counts: plan.counts.iter().map(|&c| c as f32).collect(),
                 route_prob_sum: route_prob.sum_dim(0).reshape([n_experts]),
+                z_loss: Tensor::zeros([1], &device),
                 n_dropped: plan.n_dropped(),
                 route_prob_max,
-                routes: plan.routes.clone(),
+                routes: plan.routes.iter().step_by(k).copied().collect(),
             },
         }
     }
+}
+
+/// ST-MoE router z-loss: `mean_t (log sum_e exp(logits_te))^2`.
+pub fn z_loss(logits: Tensor<2>) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let m = logits.clone().detach().max_dim(1);
+    let lse = (logits - m.clone()).exp().sum_dim(1).log() + m;
+    lse.reshape([n]).square().mean()
 }
 
 /// Reads a float tensor back to the host.
@@ -142,4 +225,34 @@ pub(crate) fn host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 pub(crate) fn index_tensor(idx: &[usize], device: &Device) -> Tensor<1, Int> {
     let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
     Tensor::from_data(TensorData::new(v, [idx.len()]), device)
+}
+
+/// Uniform noise in `[lo, hi)` drawn from the run's generator (so runs and resumes reproduce).
+pub(crate) fn uniform_tensor<const D: usize>(
+    rng: &mut RoutingRng,
+    shape: [usize; D],
+    lo: f64,
+    hi: f64,
+    device: &Device,
+) -> Tensor<D> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(lo as f32..hi as f32))
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+/// Inverted-dropout mask: 0 with probability `p`, else `1 / (1 - p)`.
+pub(crate) fn dropout_mask<const D: usize>(
+    rng: &mut RoutingRng,
+    shape: [usize; D],
+    p: f64,
+    device: &Device,
+) -> Tensor<D> {
+    let n: usize = shape.iter().product();
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let v: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
 }

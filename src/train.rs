@@ -45,6 +45,8 @@ pub struct StepMetrics {
     pub loss: f64,
     pub ce: f64,
     pub lb: f64,
+    /// Router z-loss, summed over layers.
+    pub z: f64,
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: usize,
@@ -200,23 +202,26 @@ impl Trainer {
         let batch = self.loader.next_batch(&self.data.train);
         let (x, y) = batch.tensors(&self.device);
         let out = self.model.forward(x, &mut self.rng);
-        let losses = Losses::new(out.logits, y, &out.stats, self.config.train.lb_coef);
-        let (ce, lb) = (
-            host_f32(losses.ce.clone())[0],
-            host_f32(losses.lb.clone())[0],
+        let t = &self.config.train;
+        let losses = Losses::new(out.logits, y, &out.stats, t.lb_coef, t.z_loss_coef);
+        let (ce, lb, z) = (
+            host_f32(losses.ce.clone())[0] as f64,
+            host_f32(losses.lb.clone())[0] as f64,
+            host_f32(losses.z.clone())[0] as f64,
         );
         let mut grads = ParamGrads::from_gradients(&self.model, losses.total.backward());
         let grad_norm = grads.clip_global_norm(self.config.train.grad_clip);
         let lr = self.noam.lr(self.step + 1);
         self.model = self.adam.step(self.model.clone(), &grads, lr);
         self.step += 1;
-        let lb_coef = self.config.train.lb_coef;
+        let t = &self.config.train;
         StepMetrics {
             step: self.step,
             epoch: self.loader.state.epoch,
-            loss: ce as f64 + lb_coef * lb as f64,
-            ce: ce as f64,
-            lb: lb as f64,
+            loss: ce + t.lb_coef * lb + t.z_loss_coef * z,
+            ce,
+            lb,
+            z,
             lr,
             grad_norm,
             tokens: batch.tokens(),
@@ -232,7 +237,8 @@ impl Trainer {
     /// Validation on the fixed batches with the training routing (labml's protocol), and a
     /// greedy sample from the configured prompt.
     pub fn validate(&self) -> Result<(EvalMetrics, String)> {
-        let model = self.model.valid();
+        let mut model = self.model.valid();
+        model.set_training(false);
         let seed = self.config.train.seed;
         let metrics = evaluate(
             &model,
@@ -346,6 +352,7 @@ impl Trainer {
                     "train_loss": m.loss,
                     "ce_loss": m.ce,
                     "lb_loss": m.lb,
+                    "z_loss": m.z,
                     "lr": m.lr,
                     "grad_norm": m.grad_norm,
                     "tokens_per_s": interval_tokens as f64 / interval_seconds.max(1e-9),
@@ -411,7 +418,9 @@ pub fn load_run_model(
             .map(|(_, d)| d)
             .with_context(|| format!("{} has no checkpoint", run_dir.display()))?
     };
-    let model = crate::weights::load_model(&dir.join("model.safetensors"), &config.model, device)
-        .with_context(|| format!("checkpoint {} is unusable", dir.display()))?;
+    let mut model =
+        crate::weights::load_model(&dir.join("model.safetensors"), &config.model, device)
+            .with_context(|| format!("checkpoint {} is unusable", dir.display()))?;
+    model.set_training(false);
     Ok((config, vocab, model))
 }

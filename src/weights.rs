@@ -15,7 +15,7 @@ use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
 use crate::attention::MultiHeadAttention;
-use crate::block::SwitchBlock;
+use crate::block::{DenseFeedForward, FeedForward, SwitchBlock};
 use crate::config::ModelConfig;
 use crate::expert::Experts;
 use crate::model::SwitchTransformer;
@@ -106,7 +106,13 @@ impl Exporter<'_> {
         self.linear(&format!("{prefix}.attn.output"), &b.attn.output);
         self.layer_norm(&format!("{prefix}.norm_self_attn"), &b.norm_self_attn);
         self.layer_norm(&format!("{prefix}.norm_ff"), &b.norm_ff);
-        self.switch(&format!("{prefix}.feed_forward"), &b.feed_forward);
+        match &b.feed_forward {
+            FeedForward::Switch(s) => self.switch(&format!("{prefix}.feed_forward"), s),
+            FeedForward::Dense(d) => {
+                self.linear(&format!("{prefix}.feed_forward.layer1"), &d.layer1);
+                self.linear(&format!("{prefix}.feed_forward.layer2"), &d.layer2);
+            }
+        }
     }
 }
 
@@ -127,6 +133,9 @@ pub fn model_state_dict(m: &SwitchTransformer, source: Source<'_>) -> StateDict 
         out: StateDict::new(),
     };
     ex.put("src_embed.weight".into(), &m.src_embed.weight);
+    if let Some(p) = &m.pos_embed {
+        ex.put("pos_embed.weight".into(), &p.weight);
+    }
     for (l, b) in m.layers.iter().enumerate() {
         ex.block(&format!("transformer.layers.{l}"), b);
     }
@@ -229,13 +238,17 @@ impl Importer<'_> {
                 c.d_model,
                 c.d_ff,
             )?,
-            capacity_factor: c.capacity_factor,
-            drop_tokens: c.drop_tokens,
+            routing: c.routing(),
+            eval_capacity_factor: c.eval_capacity_factor,
             is_scale_prob: c.is_scale_prob,
+            dropped_tokens: c.dropped_tokens,
+            jitter: c.router_jitter,
+            expert_dropout: c.expert_dropout,
+            training: true,
         })
     }
 
-    fn block(&mut self, prefix: &str, c: &ModelConfig) -> Result<SwitchBlock> {
+    fn block(&mut self, prefix: &str, c: &ModelConfig, l: usize) -> Result<SwitchBlock> {
         let d = c.d_model;
         let mut proj = |name: &str| self.linear(&format!("{prefix}.attn.{name}.linear"), d, d);
         let (query, key, value) = (proj("query")?, proj("key")?, proj("value")?);
@@ -249,7 +262,16 @@ impl Importer<'_> {
             },
             norm_self_attn: self.layer_norm(&format!("{prefix}.norm_self_attn"), d)?,
             norm_ff: self.layer_norm(&format!("{prefix}.norm_ff"), d)?,
-            feed_forward: self.switch(&format!("{prefix}.feed_forward"), c)?,
+            feed_forward: if c.is_switch_layer(l) {
+                FeedForward::Switch(self.switch(&format!("{prefix}.feed_forward"), c)?)
+            } else {
+                FeedForward::Dense(DenseFeedForward {
+                    layer1: self.linear(&format!("{prefix}.feed_forward.layer1"), d, c.d_ff)?,
+                    layer2: self.linear(&format!("{prefix}.feed_forward.layer2"), c.d_ff, d)?,
+                })
+            },
+            dropout: c.dropout,
+            training: true,
         })
     }
 
@@ -298,14 +320,22 @@ pub fn model_from_state_dict(
     let src_embed = Embedding {
         weight: im.take_param("src_embed.weight", &[c.n_vocab, c.d_model])?,
     };
+    let pos_embed = if c.pos_embedding {
+        Some(Embedding {
+            weight: im.take_param("pos_embed.weight", &[c.max_seq_len, c.d_model])?,
+        })
+    } else {
+        None
+    };
     let layers = (0..c.n_layers)
-        .map(|l| im.block(&format!("transformer.layers.{l}"), c))
+        .map(|l| im.block(&format!("transformer.layers.{l}"), c, l))
         .collect::<Result<Vec<_>>>()?;
     let norm = im.layer_norm("transformer.norm", c.d_model)?;
     let generator = im.linear("generator", c.d_model, c.n_vocab)?;
     im.finish()?;
     Ok(SwitchTransformer {
         src_embed,
+        pos_embed,
         layers,
         norm,
         generator,

@@ -18,6 +18,7 @@ fn config() -> ModelConfig {
         capacity_factor: 1.0,
         drop_tokens: false,
         is_scale_prob: true,
+        ..Default::default()
     }
 }
 

@@ -41,7 +41,10 @@ fn report_of_a_real_run_has_every_chart() {
             .collect()
     };
     assert_eq!(shape("loss"), [("train".into(), 8), ("valid".into(), 2)]);
-    assert_eq!(shape("aux"), [("load balancing".into(), 8)]);
+    assert_eq!(
+        shape("aux"),
+        [("load balancing".into(), 8), ("z-loss".into(), 8)]
+    );
     for id in ["dropped-0", "confidence-0"] {
         assert_eq!(shape(id), [("layer 0".into(), 8), ("layer 1".into(), 8)]);
     }
@@ -73,7 +76,7 @@ fn report_of_a_real_run_has_every_chart() {
         );
         assert!(out.join(format!("{id}.svg")).is_file(), "{id}.svg");
     }
-    assert_eq!(html.matches("<polyline").count(), 2 + 1 + 2 + 2);
+    assert_eq!(html.matches("<polyline").count(), 2 + 2 + 2 + 2);
     assert!(
         !html.contains("<script src"),
         "the page must be self-contained"

@@ -7,7 +7,7 @@ mod common;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
-use switch_transformer::router::{RoutePlan, RoutingRng};
+use switch_transformer::router::{RoutePlan, RoutingOptions, RoutingRng};
 use switch_transformer::store::{HostData, HostTensor};
 use switch_transformer::weights::{Source, StateDict, switch_from_state_dict, switch_state_dict};
 
@@ -151,8 +151,9 @@ fn check(c: Case, seed: u64) {
     let x = to_t(&x_host).require_grad();
     let route_prob = sff.router.forward(x.clone());
     let probs: Vec<f32> = route_prob.clone().into_data().try_to_vec().unwrap();
-    let plan = RoutePlan::new(&probs, c.e, c.capacity_factor, c.drop_tokens, &mut rng);
-    let out = sff.dispatch(x.clone(), route_prob, &probs, &plan);
+    let opts = RoutingOptions::labml(c.capacity_factor, c.drop_tokens);
+    let plan = RoutePlan::new(&probs, c.e, &opts, &mut rng);
+    let out = sff.dispatch(x.clone(), route_prob, &probs, &plan, &mut rng);
 
     let (_, expected, _) = slow_switch(&sd, &x_host, &g_host, &plan, &c, None);
     let ours: Vec<f64> = out

@@ -22,6 +22,7 @@ fn tiny() -> ModelConfig {
         capacity_factor: 1.0,
         drop_tokens: false,
         is_scale_prob: true,
+        ..Default::default()
     }
 }
 
