@@ -26,6 +26,7 @@ impl DenseFeedForward {
 
 /// The block's feed-forward sub-layer.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // a handful per model
 pub enum FeedForward {
     Switch(SwitchFeedForward),
     Dense(DenseFeedForward),

@@ -168,7 +168,7 @@ impl ModelConfig {
     /// Whether block `l` has a Switch layer (else a dense FFN).
     pub fn is_switch_layer(&self, l: usize) -> bool {
         // Every k-th block counting from the last: with k = 2 blocks 1, 3, 5 (of 0..6).
-        self.switch_every > 0 && (l + 1) % self.switch_every == 0
+        self.switch_every > 0 && (l + 1).is_multiple_of(self.switch_every)
     }
 
     /// Number of blocks with a Switch layer.

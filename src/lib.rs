@@ -9,6 +9,7 @@ pub mod attention;
 pub mod bench;
 pub mod block;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod device;

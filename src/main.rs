@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
 use switch_transformer::bench::{BenchConfig, bench_generate, bench_train};
+use switch_transformer::compare;
 use switch_transformer::config::{RunConfig, keys_help};
 use switch_transformer::data::{TextData, valid_batches};
 use switch_transformer::device::parse_device;
@@ -141,6 +142,25 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Train a dense baseline and Switch models with more and more experts at equal compute
+    /// per token (same steps, same seed); write a table and a plot of validation loss.
+    Compare {
+        #[arg(long, default_value = DEFAULT_DATA)]
+        data: PathBuf,
+        /// Base configuration (default: a small model, see the printed table header).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Expert counts of the Switch models.
+        #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
+        experts: Vec<usize>,
+        /// The comparison is written to runs/NAME/ (finished runs there are reused).
+        #[arg(long, default_value = "compare")]
+        name: String,
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
     },
     /// Write an HTML report (plus SVG charts) of one or more training runs.
     Report {
@@ -284,6 +304,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("  peak RSS {:.0} MB", r.peak_rss_mb);
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare {
+            data,
+            config,
+            overrides,
+            experts,
+            name,
+            runs_dir,
+        } => {
+            let mut base = match config {
+                Some(path) => RunConfig::from_toml_file(&path)?,
+                None => compare::default_base(),
+            };
+            for o in &overrides {
+                base.set(o)?;
+            }
+            base.validate()?;
+            if experts.contains(&0) {
+                bail!("--experts: each count must be at least 1");
+            }
+            let text = load_data(&data, base.train.seq_len)?;
+            let dir = runs_dir.join(name);
+            let entries = compare::run(&base, &experts, &text, &dir, &device, &mut |label, e| {
+                if let Event::Validation { step, metrics, .. } = e {
+                    println!("{label:>10} step {step:>5}: valid loss {:.4}", metrics.loss);
+                }
+            })?;
+            println!("{}", compare::table(&base, &entries));
+            println!(
+                "wrote {} and {}",
+                dir.join("compare.md").display(),
+                dir.join("compare.svg").display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Report {
