@@ -18,7 +18,7 @@ fn every_fixture_passes() {
             .collect();
         files.sort();
         for path in files {
-            let report = parity::run(&TensorFile::read(&path).unwrap(), &Device::default())
+            let report = parity::run(&TensorFile::read(&path).unwrap(), &common::test_device())
                 .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             println!("== {}\n{report}", path.display());
             assert!(report.passed(), "{} failed:\n{report}", path.display());

@@ -38,7 +38,7 @@ fn smoke_run_writes_metrics_and_checkpoints() {
     let c = common::tiny_run_config();
     let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
     let run = tmp.join("run");
-    let mut t = Trainer::create(c, data, &run, &Device::default()).unwrap();
+    let mut t = Trainer::create(c, data, &run, &common::test_device()).unwrap();
     let mut validations = 0;
     let finish = t
         .run(&AtomicBool::new(false), &mut |e| {
@@ -105,7 +105,7 @@ fn smoke_run_writes_metrics_and_checkpoints() {
 fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     let tmp = common::temp_dir("resume");
     let text = common::training_text(&tmp);
-    let device = Device::default();
+    let device = common::test_device();
     let load = || TextData::load(&text, 17).unwrap();
 
     let straight = tmp.join("straight");

@@ -145,3 +145,15 @@ pub fn tiny_run_config() -> switch_transformer::config::RunConfig {
     }
     c
 }
+
+/// The device tests run on: `$SWITCH_TEST_DEVICE` (`cpu`, `wgpu`, ...; the binary must be
+/// built with that backend's feature), else the CPU.
+pub fn test_device() -> burn::tensor::Device {
+    match std::env::var("SWITCH_TEST_DEVICE") {
+        Ok(spec) => {
+            eprintln!("testing on device {spec}");
+            switch_transformer::device::parse_device(&spec).unwrap()
+        }
+        Err(_) => burn::tensor::Device::default(),
+    }
+}
