@@ -7,6 +7,8 @@ use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::precision::{cast_to, linear};
+
 #[derive(Module, Debug)]
 pub struct MultiHeadAttention {
     pub query: Linear,
@@ -23,14 +25,14 @@ impl MultiHeadAttention {
         let mask = causal_mask(s, &x.device());
         let (h, dk) = (self.heads, d / self.heads);
         let split = |t: Tensor<3>| t.reshape([b, s, h, dk]).swap_dims(1, 2); // [b, h, s, dk]
-        let q = split(self.query.forward(x.clone()));
-        let k = split(self.key.forward(x.clone()));
-        let v = split(self.value.forward(x));
+        let q = split(linear(&self.query, x.clone()));
+        let k = split(linear(&self.key, x.clone()));
+        let v = split(linear(&self.value, x.clone()));
 
         let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (dk as f64).sqrt());
-        let attn = softmax(scores + mask, 3);
+        let attn = softmax(scores + cast_to(mask, x.dtype()), 3);
         let o = attn.matmul(v).swap_dims(1, 2).reshape([b, s, d]);
-        self.output.forward(o)
+        linear(&self.output, o)
     }
 }
 
@@ -59,13 +61,14 @@ impl MultiHeadAttention {
         let [b, n, d] = x.dims();
         let (h, dk) = (self.heads, d / self.heads);
         let split = |t: Tensor<3>| t.reshape([b, n, h, dk]).swap_dims(1, 2);
-        let q = split(self.query.forward(x.clone()));
+        let dtype = x.dtype();
+        let q = split(linear(&self.query, x.clone()));
         let append = |old: Option<Tensor<4>>, new: Tensor<4>| match old {
             Some(old) => Tensor::cat(vec![old, new], 2),
             None => new,
         };
-        let mut k = append(cache.k.take(), split(self.key.forward(x.clone())));
-        let mut v = append(cache.v.take(), split(self.value.forward(x)));
+        let mut k = append(cache.k.take(), split(linear(&self.key, x.clone())));
+        let mut v = append(cache.v.take(), split(linear(&self.value, x)));
         let len = k.dims()[2];
         if len > max_len {
             k = k.slice([0..b, 0..h, len - max_len..len, 0..dk]);
@@ -74,7 +77,7 @@ impl MultiHeadAttention {
         let len = k.dims()[2];
         let mut scores = q.matmul(k.clone().swap_dims(2, 3)) * (1.0 / (dk as f64).sqrt());
         if n > 1 {
-            scores = scores + offset_causal_mask(n, len, &k.device());
+            scores = scores + cast_to(offset_causal_mask(n, len, &k.device()), dtype);
         }
         let o = softmax(scores, 3)
             .matmul(v.clone())
@@ -82,7 +85,7 @@ impl MultiHeadAttention {
             .reshape([b, n, d]);
         cache.k = Some(k);
         cache.v = Some(v);
-        self.output.forward(o)
+        linear(&self.output, o)
     }
 }
 

@@ -8,6 +8,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 
 use crate::attention::{KvCache, MultiHeadAttention};
+use crate::precision::{layer_norm, linear};
 use crate::router::RoutingRng;
 use crate::switch::{SwitchFeedForward, SwitchStats, dropout_mask};
 
@@ -20,7 +21,7 @@ pub struct DenseFeedForward {
 
 impl DenseFeedForward {
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.layer2.forward(relu(self.layer1.forward(x)))
+        linear(&self.layer2, relu(linear(&self.layer1, x)))
     }
 }
 
@@ -99,10 +100,12 @@ impl SwitchBlock {
     /// (token `b * seq + s`).
     pub fn forward(&self, x: Tensor<3>, rng: &mut RoutingRng) -> BlockOutput {
         let [b, s, d] = x.dims();
-        let attn_out = self.attn.forward(self.norm_self_attn.forward(x.clone()));
+        let attn_out = self
+            .attn
+            .forward(layer_norm(&self.norm_self_attn, x.clone()));
         let attn_out = self.drop(attn_out, rng);
         let x = x + attn_out.clone();
-        let ff_in = self.norm_ff.forward(x.clone()).reshape([b * s, d]);
+        let ff_in = layer_norm(&self.norm_ff, x.clone()).reshape([b * s, d]);
         let (ff_out, stats) = self.feed_forward(ff_in.clone(), rng);
         let ff_out = self.drop(ff_out.reshape([b, s, d]), rng);
         BlockOutput {
@@ -123,11 +126,11 @@ impl SwitchBlock {
         rng: &mut RoutingRng,
     ) -> Tensor<3> {
         let [b, s, d] = x.dims();
-        let a = self
-            .attn
-            .forward_cached(self.norm_self_attn.forward(x.clone()), cache, max_len);
+        let a =
+            self.attn
+                .forward_cached(layer_norm(&self.norm_self_attn, x.clone()), cache, max_len);
         let x = x + self.drop(a, rng);
-        let ff_in = self.norm_ff.forward(x.clone()).reshape([b * s, d]);
+        let ff_in = layer_norm(&self.norm_ff, x.clone()).reshape([b * s, d]);
         let ff_out = self.feed_forward(ff_in, rng).0.reshape([b, s, d]);
         x + self.drop(ff_out, rng)
     }

@@ -6,6 +6,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::model::SwitchTransformer;
+use crate::precision::Precision;
 use crate::router::{DropPolicy, RoutingOptions};
 use crate::switch::DroppedTokens;
 
@@ -58,6 +59,8 @@ pub struct ModelConfig {
     pub init: InitScheme,
     /// truncated_normal: sigma = sqrt(init_scale / fan_in) (paper: 0.1).
     pub init_scale: f64,
+    /// Compute type: f32, bf16 or f16; the router and losses stay f32 (selective precision).
+    pub precision: Precision,
 }
 
 /// How parameters start.
@@ -94,6 +97,7 @@ impl Default for ModelConfig {
             max_seq_len: 64,
             init: InitScheme::Labml,
             init_scale: 0.1,
+            precision: Precision::F32,
         }
     }
 }
@@ -411,6 +415,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "model.init_scale",
         "truncated_normal scale s: sigma = sqrt(s / fan_in) (paper: 0.1)",
+    ),
+    (
+        "model.precision",
+        "compute type f32, bf16 or f16; router and losses stay f32 (paper: bf16)",
     ),
     (
         "train.seed",

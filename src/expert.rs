@@ -8,6 +8,8 @@ use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 
+use crate::precision::cast_to;
+
 #[derive(Module, Debug)]
 pub struct Experts {
     /// `[n_experts, d_model, d_ff]`
@@ -28,10 +30,13 @@ impl Experts {
     /// `x`: `[n_experts, slots, d_model]`, expert e's tokens in row block e. `dropout`: an
     /// optional mask `[n_experts, slots, d_ff]` multiplied into the hidden activations.
     pub fn forward(&self, x: Tensor<3>, dropout: Option<Tensor<3>>) -> Tensor<3> {
-        let mut h = relu(x.matmul(self.w1.val()) + self.b1.val().unsqueeze_dim(1));
+        let dt = x.dtype();
+        let w = |p: &Param<Tensor<3>>| cast_to(p.val(), dt);
+        let b = |p: &Param<Tensor<2>>| cast_to(p.val(), dt).unsqueeze_dim(1);
+        let mut h = relu(x.matmul(w(&self.w1)) + b(&self.b1));
         if let Some(mask) = dropout {
-            h = h * mask;
+            h = h * cast_to(mask, dt);
         }
-        h.matmul(self.w2.val()) + self.b2.val().unsqueeze_dim(1)
+        h.matmul(w(&self.w2)) + b(&self.b2)
     }
 }

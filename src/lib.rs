@@ -22,6 +22,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod parity;
+pub mod precision;
 pub mod report;
 pub mod router;
 pub mod store;

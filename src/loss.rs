@@ -10,7 +10,7 @@ use crate::switch::SwitchStats;
 /// Mean cross-entropy of `logits` `[tokens, n_vocab]` against `targets` `[tokens]`.
 pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     let [n, _] = logits.dims();
-    let logp = log_softmax(logits, 1);
+    let logp = log_softmax(crate::precision::f32(logits), 1);
     logp.gather(1, targets.reshape([n, 1])).mean().neg()
 }
 

@@ -10,6 +10,7 @@ use burn::tensor::{Int, Tensor};
 
 use crate::attention::KvCache;
 use crate::block::SwitchBlock;
+use crate::precision::{Precision, cast_to, layer_norm, linear};
 use crate::router::RoutingRng;
 use crate::store::HostTensor;
 use crate::switch::SwitchStats;
@@ -23,6 +24,9 @@ pub struct SwitchTransformer {
     /// Final LayerNorm (labml `transformer.norm`).
     pub norm: LayerNorm,
     pub generator: Linear,
+    /// Compute type of the activations (the router always runs in f32).
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 /// Logits plus each Switch layer's routing statistics.
@@ -64,7 +68,7 @@ impl SwitchTransformer {
     /// Token embeddings plus, if configured, positional embeddings from position `start`.
     fn embed(&self, ids: Tensor<2, Int>, start: usize) -> Tensor<3> {
         let [_, s] = ids.dims();
-        let x = self.src_embed.forward(ids);
+        let x = cast_to(self.src_embed.forward(ids), self.precision.dtype().into());
         match &self.pos_embed {
             Some(p) => {
                 let device = x.device();
@@ -73,7 +77,8 @@ impl SwitchTransformer {
                     burn::tensor::TensorData::new(pos, [1, s]),
                     &device,
                 );
-                x + p.forward(pos)
+                let dtype = x.dtype();
+                x + cast_to(p.forward(pos), dtype)
             }
             None => x,
         }
@@ -94,7 +99,7 @@ impl SwitchTransformer {
         for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
             x = layer.forward_cached(x, c, max_len, rng);
         }
-        self.generator.forward(self.norm.forward(x))
+        linear(&self.generator, layer_norm(&self.norm, x))
     }
 
     /// `ids`: `[batch, seq]` token ids.
@@ -129,7 +134,7 @@ impl SwitchTransformer {
             stats.extend(out.stats);
             x = out.x;
         }
-        let x = self.norm.forward(x);
+        let x = layer_norm(&self.norm, x);
         record("final_norm".into(), &x);
         if let Some(tr) = trace {
             for (l, ff_in) in logits_trace {
@@ -141,7 +146,7 @@ impl SwitchTransformer {
             }
         }
         ModelOutput {
-            logits: self.generator.forward(x),
+            logits: linear(&self.generator, x),
             stats,
         }
     }

@@ -95,6 +95,8 @@ impl SwitchFeedForward {
 
     /// `x`: `[tokens, d_model]` (any token order; statistics follow it).
     pub fn forward(&self, x: Tensor<2>, rng: &mut RoutingRng) -> SwitchOutput {
+        // Selective precision: the router, its softmax and z-loss run in f32.
+        let x32 = crate::precision::f32(x.clone());
         let router_in = if self.training && self.jitter > 0.0 {
             // The experts must see the un-noised x: the noise goes on a copy.
             let noise = uniform_tensor(
@@ -104,9 +106,9 @@ impl SwitchFeedForward {
                 1.0 + self.jitter,
                 &x.device(),
             );
-            x.clone() * noise
+            x32 * noise
         } else {
-            x.clone()
+            x32
         };
         let logits = self.router.logits(router_in);
         let route_prob = burn::tensor::activation::softmax(logits.clone(), 1);
@@ -141,6 +143,7 @@ impl SwitchFeedForward {
         } else {
             p.clone() / p.detach()
         };
+        let gates = crate::precision::cast_to(gates, x.dtype());
 
         let expert_out = (plan.slots > 0).then(|| {
             let packed = x
@@ -163,7 +166,7 @@ impl SwitchFeedForward {
         // Rows the assignments read: expert outputs, then the dropped-token fallback.
         let fallback = match self.dropped_tokens {
             DroppedTokens::PassThrough => x,
-            DroppedTokens::Zero => Tensor::zeros([n_tokens, d_model], &device),
+            DroppedTokens::Zero => x.zeros_like(),
         };
         let source = match expert_out {
             Some(e) if plan.n_dropped() == 0 => e,

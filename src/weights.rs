@@ -339,6 +339,7 @@ pub fn model_from_state_dict(
         layers,
         norm,
         generator,
+        precision: c.precision,
     })
 }
 

@@ -490,3 +490,84 @@ fn dropouts_act_in_training_only() {
         assert_eq!(run(&m, 1), run(&p, 1));
     }
 }
+
+#[test]
+fn selective_precision_keeps_the_router_in_f32() {
+    use burn::tensor::{DType, FloatDType};
+    use switch_transformer::precision::Precision;
+    let device = Device::default().autodiff();
+    let sff = switch(
+        ModelConfig {
+            drop_tokens: false,
+            ..config()
+        },
+        20,
+        &device,
+    );
+    let (_, x) = input(21, &device);
+    let out = sff.forward(
+        x.clone().cast(FloatDType::BF16),
+        &mut RoutingRng::seed_from_u64(0),
+    );
+    assert_eq!(
+        out.out.dtype(),
+        DType::BF16,
+        "experts run in the model's precision"
+    );
+    assert_eq!(
+        out.stats.route_prob_sum.dtype(),
+        DType::F32,
+        "the router runs in f32"
+    );
+    assert_eq!(out.stats.z_loss.dtype(), DType::F32);
+    // Same routing as in f32 (the router's input is the same bf16-rounded x, in f32).
+    let f32_out = sff.forward(
+        x.cast(FloatDType::BF16).cast(FloatDType::F32),
+        &mut RoutingRng::seed_from_u64(0),
+    );
+    assert_eq!(out.stats.routes, f32_out.stats.routes);
+
+    // A bf16 model: logits close to f32's, f32 losses, f32 gradients for the f32 parameters.
+    let c = ModelConfig {
+        drop_tokens: false,
+        ..small_model()
+    };
+    let m32 = c.init(3, &device).unwrap();
+    let m16 = model_from_state_dict(
+        &ModelConfig {
+            precision: Precision::Bf16,
+            ..c.clone()
+        },
+        &model_state_dict(&m32, Source::Values),
+        &device,
+    )
+    .unwrap();
+    let a = m32.forward(ids(&device, 2, 8), &mut RoutingRng::seed_from_u64(0));
+    let b = m16.forward(ids(&device, 2, 8), &mut RoutingRng::seed_from_u64(0));
+    assert_eq!(b.logits.dtype(), DType::BF16);
+    let (la, lb): (Vec<f32>, Vec<f32>) = (
+        a.logits.into_data().convert::<f32>().try_to_vec().unwrap(),
+        b.logits
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap(),
+    );
+    let scale = la.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = la
+        .iter()
+        .zip(&lb)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(err / scale < 0.05, "bf16 logits differ by {}", err / scale);
+    let targets = ids(&device, 2, 8);
+    let losses = switch_transformer::loss::Losses::new(b.logits, targets, &b.stats, 0.01, 0.001);
+    assert_eq!(losses.total.dtype(), DType::F32);
+    let grads = losses.total.backward();
+    let g = model_state_dict(&m16, Source::Grads(&grads));
+    assert_eq!(
+        g.len(),
+        model_state_dict(&m16, Source::Values).len(),
+        "every parameter gets a gradient"
+    );
+}

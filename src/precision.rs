@@ -1,0 +1,63 @@
+//! Selective precision (paper, section 2.4): the model may compute in bf16 or f16, while the
+//! router, its softmax and the losses always run in f32. Parameters stay f32 (master weights:
+//! the optimizer and checkpoints see f32); they are cast to the compute type where used.
+
+use burn::nn::Linear;
+use burn::tensor::{DType, FloatDType, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Compute type of the model's activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> FloatDType {
+        match self {
+            Self::F32 => FloatDType::F32,
+            Self::Bf16 => FloatDType::BF16,
+            Self::F16 => FloatDType::F16,
+        }
+    }
+}
+
+/// `t` in `dtype` (a no-op when it already is).
+pub fn cast_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(FloatDType::from(dtype))
+    }
+}
+
+/// `t` in f32.
+pub fn f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    cast_to(t, DType::F32)
+}
+
+/// `l.forward(x)` computed in `x`'s dtype.
+pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if l.weight.val().dtype() == dtype {
+        return l.forward(x);
+    }
+    burn::tensor::module::linear(
+        x,
+        cast_to(l.weight.val(), dtype),
+        l.bias.as_ref().map(|b| cast_to(b.val(), dtype)),
+    )
+}
+
+/// LayerNorm computed in f32 (its statistics need the range), returned in `x`'s dtype.
+pub fn layer_norm<const D: usize>(ln: &burn::nn::LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return ln.forward(x);
+    }
+    cast_to(ln.forward(f32(x)), dtype)
+}
