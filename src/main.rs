@@ -19,6 +19,7 @@ use switch_transformer::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL
 use switch_transformer::eval::{evaluate, route_tokens};
 use switch_transformer::generate::{SampleOptions, generate};
 use switch_transformer::parity;
+use switch_transformer::precision::Precision;
 use switch_transformer::report::{RouteTable, RunMetrics, write_report};
 use switch_transformer::router::RoutingRng;
 use switch_transformer::store::TensorFile;
@@ -142,6 +143,9 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Compute type: f32, bf16 or f16 (the router stays f32).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Train a dense baseline and Switch models with more and more experts at equal compute
     /// per token (same steps, same seed); write a table and a plot of validation loss.
@@ -225,7 +229,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             generate,
             tokens,
             json,
+            precision,
         } => {
+            let precision: Precision =
+                serde_json::from_value(serde_json::Value::String(precision.clone())).map_err(
+                    |_| anyhow::anyhow!("--precision must be f32, bf16 or f16 (got `{precision}`)"),
+                )?;
             if threads > 0 {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -243,6 +252,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     capacity_factor,
                     drop_tokens: true,
                     is_scale_prob: true,
+                    precision,
                     ..Default::default()
                 },
                 batch_size: batch,
