@@ -217,6 +217,7 @@ impl ModelConfig {
     /// Builds a model initialised as `self.init` says, seeded.
     pub fn init(&self, seed: u64, device: &Device) -> Result<SwitchTransformer> {
         self.validate()?;
+        crate::precision::check_device(self.precision, device)?;
         Ok(crate::init::init_model(self, seed, device))
     }
 }

@@ -61,3 +61,15 @@ pub fn layer_norm<const D: usize>(ln: &burn::nn::LayerNorm, x: Tensor<D>) -> Ten
     }
     cast_to(ln.forward(f32(x)), dtype)
 }
+
+/// An error if `device` cannot compute in `precision` (WGSL, say, has no bf16).
+pub fn check_device(precision: Precision, device: &burn::tensor::Device) -> anyhow::Result<()> {
+    if device.supports_dtype(precision.dtype()) {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "this device does not support {precision:?} tensors: set model.precision to f32 or \
+             another type the backend supports (wgpu has f16 but no bf16)"
+        )
+    }
+}

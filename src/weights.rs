@@ -312,6 +312,7 @@ pub fn model_from_state_dict(
     device: &Device,
 ) -> Result<SwitchTransformer> {
     c.validate()?;
+    crate::precision::check_device(c.precision, device)?;
     let mut im = Importer {
         sd,
         device,
