@@ -110,7 +110,7 @@ pub fn load(dir: &Path, config: &ModelConfig, adam: LabmlAdam, device: &Device) 
         );
     }
     let mut adam = adam;
-    adam.load_state_tensors(step, &opt.tensors, &device.clone().without_autodiff())
+    adam.load_state_tensors(step, &opt.tensors)
         .with_context(ctx)?;
     Ok(Loaded { model, adam, state })
 }

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Gradients, Tensor};
+use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::store::HostTensor;
@@ -118,10 +118,93 @@ impl ParamGrads {
 }
 
 /// Adam first and second moments of one parameter (flattened).
-#[derive(Clone)]
-struct Moments {
-    m: Tensor<1>,
-    v: Tensor<1>,
+#[allow(clippy::large_enum_variant)] // one per parameter tensor
+enum Moments {
+    /// On the parameter's device, updated with tensor ops (any backend).
+    Device { m: Tensor<1>, v: Tensor<1> },
+    /// In host memory, updated by one fused loop: used on the CPU backend, where every tensor
+    /// op is a separate pass over memory (about 13 for an Adam step).
+    Host { m: Vec<f32>, v: Vec<f32> },
+}
+
+impl Moments {
+    fn into_host(self) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            Self::Host { m, v } => (m, v),
+            Self::Device { m, v } => (host_vec(m), host_vec(v)),
+        }
+    }
+
+    fn into_device(self, device: &Device) -> (Tensor<1>, Tensor<1>) {
+        match self {
+            Self::Device { m, v } => (m, v),
+            Self::Host { m, v } => {
+                let n = m.len();
+                (
+                    Tensor::from_data(TensorData::new(m, [n]), device),
+                    Tensor::from_data(TensorData::new(v, [n]), device),
+                )
+            }
+        }
+    }
+
+    fn host_tensors(&self) -> (HostTensor, HostTensor) {
+        match self {
+            Self::Host { m, v } => (
+                HostTensor::f32(vec![m.len()], m.clone()),
+                HostTensor::f32(vec![v.len()], v.clone()),
+            ),
+            Self::Device { m, v } => (
+                HostTensor::from_tensor(m.clone()),
+                HostTensor::from_tensor(v.clone()),
+            ),
+        }
+    }
+}
+
+fn host_vec(t: Tensor<1>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("float tensor data")
+}
+
+/// One fused Adam update in place: the same arithmetic as the tensor path, one pass.
+/// Coefficients come in f64 and are rounded once (`1 - b1` is computed in f64, as PyTorch
+/// computes `alpha` in Python).
+#[allow(clippy::too_many_arguments)]
+fn fused_update(
+    theta: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    b1: f64,
+    b2: f64,
+    eps: f64,
+    step_size: f64,
+) {
+    let (c1, d1, c2, d2) = (b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32);
+    let (eps, step_size) = (eps as f32, step_size as f32);
+    type Chunks<'a> = (((&'a mut [f32], &'a mut [f32]), &'a mut [f32]), &'a [f32]);
+    let update = |(((t, m), v), g): Chunks| {
+        for i in 0..t.len() {
+            m[i] = c1 * m[i] + d1 * g[i];
+            v[i] = c2 * v[i] + d2 * (g[i] * g[i]);
+            t[i] -= (m[i] * step_size) / (v[i].sqrt() + eps);
+        }
+    };
+    const CHUNK: usize = 1 << 15;
+    if theta.len() > 2 * CHUNK {
+        use rayon::prelude::*;
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(update);
+    } else {
+        update((((theta, m), v), g));
+    }
 }
 
 /// labml's Adam (`optimized_update=True`, weight decay 0). State is keyed by the parameter's
@@ -172,18 +255,19 @@ impl LabmlAdam {
     pub fn state_tensors(&self) -> Vec<(String, HostTensor)> {
         let mut out = Vec::new();
         for (path, s) in &self.state {
-            out.push((format!("m.{path}"), HostTensor::from_tensor(s.m.clone())));
-            out.push((format!("v.{path}"), HostTensor::from_tensor(s.v.clone())));
+            let (m, v) = s.host_tensors();
+            out.push((format!("m.{path}"), m));
+            out.push((format!("v.{path}"), v));
         }
         out
     }
 
-    /// Restores moments written by [`state_tensors`](Self::state_tensors).
+    /// Restores moments written by [`state_tensors`](Self::state_tensors). They move to the
+    /// parameters' device at the next step.
     pub fn load_state_tensors(
         &mut self,
         step: u64,
         tensors: &std::collections::BTreeMap<String, HostTensor>,
-        device: &burn::tensor::Device,
     ) -> anyhow::Result<()> {
         self.step = step;
         self.state.clear();
@@ -194,11 +278,18 @@ impl LabmlAdam {
             let v = tensors.get(&format!("v.{path}")).ok_or_else(|| {
                 anyhow::anyhow!("optimizer state has `m.{path}` but no `v.{path}`")
             })?;
+            if m.shape.len() != 1 || v.shape != m.shape {
+                anyhow::bail!(
+                    "optimizer state `{path}` has shapes {:?} and {:?}",
+                    m.shape,
+                    v.shape
+                );
+            }
             self.state.insert(
                 path.to_string(),
-                Moments {
-                    m: m.to_tensor(device)?,
-                    v: v.to_tensor(device)?,
+                Moments::Host {
+                    m: m.to_f32(),
+                    v: v.to_f32(),
                 },
             );
         }
@@ -231,21 +322,31 @@ impl ModuleMapper for Update<'_> {
         let shape = tensor.shape();
         let n = shape.num_elements();
         let theta = tensor.inner().reshape([n]);
+        let device = theta.device();
         let g = g.clone();
         let (b1, b2) = (self.adam.beta1, self.adam.beta2);
         let key = self.path.join(".");
-        let moments = match self.adam.state.remove(&key) {
-            Some(s) => Moments {
-                m: s.m * b1 + g.clone() * (1.0 - b1),
-                v: s.v * b2 + g.clone().square() * (1.0 - b2),
-            },
-            None => Moments {
-                m: g.clone() * (1.0 - b1),
-                v: g.square() * (1.0 - b2),
-            },
+        let state = self.adam.state.remove(&key);
+        let (theta, moments) = if device == Device::flex() && theta.dtype() == DType::F32 {
+            let mut th = host_vec(theta);
+            let (mut m, mut v) =
+                state.map_or_else(|| (vec![0.0; n], vec![0.0; n]), Moments::into_host);
+            let (eps, g) = (self.adam.eps, host_vec(g));
+            fused_update(&mut th, &g, &mut m, &mut v, b1, b2, eps, self.step_size);
+            let th = Tensor::<1>::from_data(TensorData::new(th, [n]), &device);
+            (th, Moments::Host { m, v })
+        } else {
+            let (m, v) = match state.map(|s| s.into_device(&device)) {
+                Some((m, v)) => (
+                    m * b1 + g.clone() * (1.0 - b1),
+                    v * b2 + g.clone().square() * (1.0 - b2),
+                ),
+                None => (g.clone() * (1.0 - b1), g.square() * (1.0 - b2)),
+            };
+            let denom = v.clone().sqrt() + self.adam.eps;
+            let theta = theta - (m.clone() * self.step_size) / denom;
+            (theta, Moments::Device { m, v })
         };
-        let denom = moments.v.clone().sqrt() + self.adam.eps;
-        let theta = theta - (moments.m.clone() * self.step_size) / denom;
         self.adam.state.insert(key, moments);
 
         let mut updated = theta.reshape(shape);
