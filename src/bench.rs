@@ -15,7 +15,7 @@ use crate::generate::{SampleOptions, generate, generate_cached};
 use crate::loss::Losses;
 use crate::optim::{LabmlAdam, Noam, ParamGrads};
 use crate::router::RoutingRng;
-use crate::switch::host_f32;
+use crate::store::host_f32;
 
 /// What to time.
 #[derive(Debug, Clone, Serialize)]

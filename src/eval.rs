@@ -8,7 +8,8 @@ use crate::data::Batch;
 use crate::loss::{cross_entropy, load_balancing_loss};
 use crate::model::SwitchTransformer;
 use crate::router::RoutingRng;
-use crate::switch::{SwitchStats, host_f32};
+use crate::store::host_f32;
+use crate::switch::SwitchStats;
 
 /// Routing of one layer, aggregated over the evaluated tokens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

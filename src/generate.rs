@@ -7,7 +7,7 @@ use rand::Rng;
 use crate::attention::KvCache;
 use crate::model::SwitchTransformer;
 use crate::router::RoutingRng;
-use crate::switch::host_f32;
+use crate::store::host_f32;
 
 #[derive(Debug, Clone)]
 pub struct SampleOptions {

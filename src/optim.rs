@@ -14,7 +14,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::store::HostTensor;
+use crate::store::{HostTensor, host_f32};
 
 /// Noam schedule (labml `Noam.get_lr`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -131,7 +131,7 @@ impl Moments {
     fn into_host(self) -> (Vec<f32>, Vec<f32>) {
         match self {
             Self::Host { m, v } => (m, v),
-            Self::Device { m, v } => (host_vec(m), host_vec(v)),
+            Self::Device { m, v } => (host_f32(m), host_f32(v)),
         }
     }
 
@@ -160,13 +160,6 @@ impl Moments {
             ),
         }
     }
-}
-
-fn host_vec(t: Tensor<1>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("float tensor data")
 }
 
 /// One fused Adam update in place: the same arithmetic as the tensor path, one pass.
@@ -328,10 +321,10 @@ impl ModuleMapper for Update<'_> {
         let key = self.path.join(".");
         let state = self.adam.state.remove(&key);
         let (theta, moments) = if device == Device::flex() && theta.dtype() == DType::F32 {
-            let mut th = host_vec(theta);
+            let mut th = host_f32(theta);
             let (mut m, mut v) =
                 state.map_or_else(|| (vec![0.0; n], vec![0.0; n]), Moments::into_host);
-            let (eps, g) = (self.adam.eps, host_vec(g));
+            let (eps, g) = (self.adam.eps, host_f32(g));
             fused_update(&mut th, &g, &mut m, &mut v, b1, b2, eps, self.step_size);
             let th = Tensor::<1>::from_data(TensorData::new(th, [n]), &device);
             (th, Moments::Host { m, v })

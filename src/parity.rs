@@ -18,8 +18,8 @@ use crate::loss::Losses;
 use crate::model::{SwitchTransformer, Trace};
 use crate::optim::{LabmlAdam, Noam, ParamGrads};
 use crate::router::{RoutePlan, RoutingOptions, RoutingRng, capacity};
-use crate::store::{HostTensor, TensorFile};
-use crate::switch::{SwitchFeedForward, host_f32};
+use crate::store::{HostTensor, TensorFile, host_f32};
+use crate::switch::SwitchFeedForward;
 use crate::weights::{
     Source, StateDict, model_from_state_dict, model_state_dict, switch_from_state_dict,
     switch_state_dict,

@@ -84,12 +84,7 @@ impl HostTensor {
     /// Reads a float tensor back from a device.
     pub fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
         let shape = t.dims().to_vec();
-        let data = t
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("float tensor data");
-        Self::f32(shape, data)
+        Self::f32(shape, host_f32(t))
     }
 
     /// Uploads as a float tensor of rank `D`; errors if the rank differs.
@@ -170,6 +165,14 @@ impl HostTensor {
         };
         Ok(Self { shape, data })
     }
+}
+
+/// Reads a float tensor (of any float dtype) back to the host as f32 values, row-major.
+pub fn host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("float tensor data")
 }
 
 /// Named host tensors with their safetensors metadata, ordered by name.

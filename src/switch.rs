@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::expert::Experts;
 use crate::router::{RoutePlan, Router, RoutingOptions, RoutingRng};
+use crate::store::host_f32;
 
 /// What a token dropped over capacity contributes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -214,14 +215,6 @@ pub fn z_loss(logits: Tensor<2>) -> Tensor<1> {
     let m = logits.clone().detach().max_dim(1);
     let lse = (logits - m.clone()).exp().sum_dim(1).log() + m;
     lse.reshape([n]).square().mean()
-}
-
-/// Reads a float tensor back to the host.
-pub(crate) fn host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("float tensor data")
 }
 
 /// Uploads indices as an int tensor.

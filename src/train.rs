@@ -30,7 +30,7 @@ use crate::loss::Losses;
 use crate::model::SwitchTransformer;
 use crate::optim::{LabmlAdam, Noam, ParamGrads};
 use crate::router::RoutingRng;
-use crate::switch::host_f32;
+use crate::store::host_f32;
 use crate::util::write_atomic;
 
 /// Seeds derived from the run seed for streams that must not disturb training's.
