@@ -193,6 +193,12 @@ impl Batch {
     }
 }
 
+/// One sequence of token ids as a `[1, len]` tensor.
+pub fn sequence_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
+    let v: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    Tensor::from_data(TensorData::new(v, [1, ids.len()]), device)
+}
+
 /// Where the training loader is: enough to continue exactly after a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {

@@ -4,7 +4,7 @@
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::Batch;
+use crate::data::{Batch, sequence_tensor};
 use crate::loss::{cross_entropy, load_balancing_loss};
 use crate::model::SwitchTransformer;
 use crate::router::RoutingRng;
@@ -128,12 +128,9 @@ pub fn route_tokens(
     let mut out = vec![Vec::with_capacity(ids.len()); model.n_layers()];
     let mut rng = <RoutingRng as rand::SeedableRng>::seed_from_u64(0);
     for window in ids.chunks(context.max(1)) {
-        let v: Vec<i64> = window.iter().map(|&t| t as i64).collect();
-        let x = Tensor::<2, Int>::from_data(
-            burn::tensor::TensorData::new(v, [1, window.len()]),
-            &device,
-        );
-        let stats = model.forward(x, &mut rng).stats;
+        let stats = model
+            .forward(sequence_tensor(window, &device), &mut rng)
+            .stats;
         for (l, s) in stats.iter().enumerate() {
             out[l].extend(
                 s.routes

@@ -1,10 +1,11 @@
 //! Autoregressive generation: feed the last `context` tokens, take the next-token logits,
 //! pick greedily (temperature 0) or sample with temperature and top-k.
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use rand::Rng;
 
 use crate::attention::KvCache;
+use crate::data::sequence_tensor;
 use crate::model::SwitchTransformer;
 use crate::router::RoutingRng;
 use crate::store::host_f32;
@@ -44,6 +45,12 @@ pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut impl Rng) -> u32 {
     order[order.len() - 1] as u32
 }
 
+/// The next-token logits of a `[1, n, n_vocab]` output: its last position.
+fn last_logits(logits: Tensor<3>) -> Vec<f32> {
+    let [_, n, v] = logits.dims();
+    host_f32(logits.slice([0..1, n - 1..n, 0..v]))
+}
+
 /// Generates `opts.max_tokens` tokens after `prompt` (non-empty), recomputing the whole
 /// window for each new token. Returns only the new tokens.
 pub fn generate(
@@ -58,13 +65,9 @@ pub fn generate(
     let mut tokens = prompt.to_vec();
     for _ in 0..opts.max_tokens {
         let start = tokens.len().saturating_sub(opts.context);
-        let window: Vec<i64> = tokens[start..].iter().map(|&t| t as i64).collect();
-        let n = window.len();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(window, [1, n]), &device);
+        let ids = sequence_tensor(&tokens[start..], &device);
         let logits = model.forward(ids, routing_rng).logits;
-        let [_, _, v] = logits.dims();
-        let last = host_f32(logits.slice([0..1, n - 1..n, 0..v]));
-        tokens.push(pick(&last, opts, sample_rng));
+        tokens.push(pick(&last_logits(logits), opts, sample_rng));
     }
     tokens.split_off(prompt.len())
 }
@@ -94,13 +97,9 @@ pub fn generate_cached(
     let mut feed: Vec<u32> = prompt[start..].to_vec();
     let mut new = Vec::with_capacity(opts.max_tokens);
     for _ in 0..opts.max_tokens {
-        let n = feed.len();
-        let ids: Vec<i64> = feed.iter().map(|&t| t as i64).collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let ids = sequence_tensor(&feed, &device);
         let logits = model.forward_cached(ids, &mut cache, opts.context, routing_rng);
-        let v = logits.dims()[2];
-        let last = host_f32(logits.slice([0..1, n - 1..n, 0..v]));
-        let next = pick(&last, opts, sample_rng);
+        let next = pick(&last_logits(logits), opts, sample_rng);
         new.push(next);
         feed = vec![next];
     }
