@@ -115,8 +115,8 @@ pub fn evaluate(model: &SwitchTransformer, batches: &[Batch], rng: &mut RoutingR
     }
 }
 
-/// For each character of `ids` (in windows of `context`), the expert it goes to in each layer
-/// and its routing probability: `[layer][position]`. Token dropping is off.
+/// For each character of `ids` (in windows of `context`), the expert it goes to in each Switch
+/// layer and its routing probability: `[switch layer][position]`. Token dropping is off.
 pub fn route_tokens(
     model: &SwitchTransformer,
     ids: &[u32],
@@ -125,7 +125,8 @@ pub fn route_tokens(
     let mut model = model.clone();
     model.set_drop_tokens(false);
     let device = model.src_embed.weight.device();
-    let mut out = vec![Vec::with_capacity(ids.len()); model.n_layers()];
+    let n_switch = model.layers.iter().filter(|l| l.switch().is_some()).count();
+    let mut out = vec![Vec::with_capacity(ids.len()); n_switch];
     let mut rng = <RoutingRng as rand::SeedableRng>::seed_from_u64(0);
     for window in ids.chunks(context.max(1)) {
         let stats = model

@@ -359,6 +359,15 @@ fn switch_every_other_layer_and_the_dense_baseline() {
         let back = model_from_state_dict(&c, &sd, &device).unwrap();
         assert_eq!(model_state_dict(&back, Source::Values), sd);
     }
+    // Routing inspection lists the Switch layers only, every position in each.
+    let c = ModelConfig {
+        switch_every: 2,
+        ..small_model()
+    };
+    let m = c.init(0, &device).unwrap();
+    let routes = switch_transformer::eval::route_tokens(&m, &[1, 2, 3, 4, 5], 4);
+    assert_eq!(routes.len(), 2);
+    assert!(routes.iter().all(|r| r.len() == 5));
     // Equal compute per token: the dense baseline's FFN is one expert's size.
     let dense = ModelConfig {
         switch_every: 0,
