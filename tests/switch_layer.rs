@@ -128,6 +128,13 @@ fn finite_difference(
     (grads, gx)
 }
 
+fn to_f64(t: Tensor<2>) -> Vec<f64> {
+    switch_transformer::store::host_f32(t)
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
 fn check(c: Case, seed: u64) {
     let device = Device::default().autodiff();
     let sd = common::random_switch_weights(seed, c.d, c.f, c.e);
@@ -156,15 +163,7 @@ fn check(c: Case, seed: u64) {
     let out = sff.dispatch(x.clone(), route_prob, &probs, &plan, &mut rng);
 
     let (_, expected, _) = slow_switch(&sd, &x_host, &g_host, &plan, &c, None);
-    let ours: Vec<f64> = out
-        .out
-        .clone()
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let ours = to_f64(out.out.clone());
     let err = common::max_rel_err(&ours, &expected);
     assert!(err < 1e-5, "forward error {err}");
 
@@ -180,15 +179,7 @@ fn check(c: Case, seed: u64) {
         let err = common::max_rel_err(&ours, &t.to_f64());
         assert!(err < 1e-3, "gradient of {name}: error {err}");
     }
-    let gx: Vec<f64> = x
-        .grad(&grads)
-        .unwrap()
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let gx = to_f64(x.grad(&grads).unwrap());
     let err = common::max_rel_err(&gx, &fd_x);
     assert!(err < 1e-3, "gradient of x: error {err}");
 }
