@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use burn::tensor::Device;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -12,10 +12,9 @@ use serde::Serialize;
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::generate::{SampleOptions, generate, generate_cached};
-use crate::loss::Losses;
-use crate::optim::{LabmlAdam, Noam, ParamGrads};
+use crate::optim::{LabmlAdam, Noam};
+use crate::parallel::{Placement, Replica, Replicas, StepSettings};
 use crate::router::RoutingRng;
-use crate::store::host_f32;
 
 /// What to time.
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +26,8 @@ pub struct BenchConfig {
     pub steps: usize,
     pub threads: usize,
     pub device: String,
+    /// Data-parallel replicas, each on `batch_size / replicas` windows.
+    pub replicas: usize,
 }
 
 /// Training-step timings.
@@ -40,6 +41,7 @@ pub struct TrainBench {
     pub tokens_per_s_median: f64,
     pub forward_ms_median: f64,
     pub backward_ms_median: f64,
+    /// All-reduce (with replicas), clip and Adam.
     pub optimizer_ms_median: f64,
     pub peak_rss_mb: f64,
 }
@@ -83,11 +85,25 @@ fn random_batch(rng: &mut RoutingRng, n_vocab: usize, batch: usize, seq_len: usi
     }
 }
 
-/// Times full training steps (forward, loss, backward, clip, Adam) on random tokens.
-pub fn bench_train(c: &BenchConfig, device: &Device) -> Result<TrainBench> {
-    let device = device.clone().autodiff();
-    let mut model = c.model.init(0, &device)?;
-    let mut adam = LabmlAdam::default();
+/// Times full training steps (forward, loss, backward, all-reduce, clip, Adam) on random
+/// tokens, on `c.replicas` data-parallel replicas placed by `placement`.
+pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<TrainBench> {
+    let placement = placement.into();
+    let devices = placement.devices_for(c.replicas)?;
+    if c.replicas == 0 || !c.batch_size.is_multiple_of(c.replicas) {
+        bail!(
+            "the batch size ({}) must be a multiple of the number of replicas ({})",
+            c.batch_size,
+            c.replicas
+        );
+    }
+    let device = devices[0].clone().autodiff();
+    let first = Replica {
+        model: c.model.init(0, &device)?,
+        adam: LabmlAdam::default(),
+        device,
+    };
+    let mut replicas = Replicas::new(first, &c.model, &devices, placement.all_reduce)?;
     let noam = Noam {
         lr: 1.0,
         warmup: 2000,
@@ -97,24 +113,20 @@ pub fn bench_train(c: &BenchConfig, device: &Device) -> Result<TrainBench> {
     let (mut fwd, mut bwd, mut opt, mut total) = (vec![], vec![], vec![], vec![]);
     for i in 0..c.warmup + c.steps {
         let batch = random_batch(&mut rng, c.model.n_vocab, c.batch_size, c.seq_len);
-        let (x, y) = batch.tensors(&device);
+        let settings = StepSettings {
+            lb_coef: 0.01,
+            z_coef: 0.0,
+            grad_clip: 1.0,
+            lr: noam.lr(i as u64 + 1),
+        };
         let t0 = Instant::now();
-        let out = model.forward(x, &mut rng);
-        let losses = Losses::new(out.logits, y, &out.stats, 0.01, 0.0);
-        let _ = host_f32(losses.total.clone());
-        let t1 = Instant::now();
-        let mut grads = ParamGrads::from_gradients(&model, losses.total.backward());
-        grads.clip_global_norm(1.0);
-        let t2 = Instant::now();
-        model = adam.step(model, &grads, noam.lr(i as u64 + 1));
-        device.sync()?;
-        let t3 = Instant::now();
+        let out = replicas.step(&batch, &mut rng, settings);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
         if i >= c.warmup {
-            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-            fwd.push(ms(t0, t1));
-            bwd.push(ms(t1, t2));
-            opt.push(ms(t2, t3));
-            total.push(ms(t0, t3));
+            fwd.push(out.forward_s * 1e3);
+            bwd.push(out.backward_s * 1e3);
+            opt.push(out.update_s * 1e3);
+            total.push(ms);
         }
     }
     let tokens = c.batch_size * c.seq_len;

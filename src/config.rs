@@ -250,6 +250,10 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Router z-loss coefficient (ST-MoE: 0.001); the z-loss is logged either way.
     pub z_loss_coef: f64,
+    /// Data-parallel replicas: each takes `batch_size / replicas` windows of every batch and
+    /// routes them on its own (capacity and load balancing per replica, as in the paper);
+    /// gradients are averaged. 1 = one model, labml's experiment.
+    pub replicas: usize,
     /// Steps between training-metric lines in metrics.jsonl.
     pub log_interval: u64,
     /// Steps between validations (and at the last step).
@@ -281,6 +285,7 @@ impl Default for TrainConfig {
             eps: 1e-8,
             grad_clip: 1.0,
             z_loss_coef: 0.0,
+            replicas: 1,
             log_interval: 10,
             eval_interval: 250,
             eval_batches: 20,
@@ -296,6 +301,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let at_least_one = [
             ("batch_size", self.batch_size as u64),
+            ("replicas", self.replicas as u64),
             ("seq_len", self.seq_len as u64),
             ("steps", self.steps),
             ("warmup", self.warmup),
@@ -330,6 +336,14 @@ impl TrainConfig {
             if !(0.0..1.0).contains(&v) {
                 bail!("train.{name} must be in [0, 1) (got {v})");
             }
+        }
+        if !self.batch_size.is_multiple_of(self.replicas) {
+            bail!(
+                "train.batch_size ({}) must be a multiple of train.replicas ({}): every replica \
+                 takes an equal share of each batch",
+                self.batch_size,
+                self.replicas
+            );
         }
         Ok(())
     }
@@ -441,6 +455,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "train.z_loss_coef",
         "router z-loss coefficient (ST-MoE: 0.001)",
+    ),
+    (
+        "train.replicas",
+        "data-parallel replicas, each on batch_size/replicas windows (switch train --devices)",
     ),
     (
         "train.log_interval",

@@ -184,6 +184,25 @@ impl Batch {
         self.batch * self.seq_len
     }
 
+    /// `n` equal batches of consecutive windows (`n` must divide `batch`): the shards of the
+    /// data-parallel replicas.
+    pub fn split(&self, n: usize) -> Vec<Batch> {
+        assert!(
+            n > 0 && self.batch.is_multiple_of(n),
+            "cannot split {} windows into {n} equal shards",
+            self.batch
+        );
+        let len = self.batch / n * self.seq_len;
+        (0..n)
+            .map(|i| Batch {
+                inputs: self.inputs[i * len..(i + 1) * len].to_vec(),
+                targets: self.targets[i * len..(i + 1) * len].to_vec(),
+                batch: self.batch / n,
+                seq_len: self.seq_len,
+            })
+            .collect()
+    }
+
     pub fn tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
         let t = |v: &[u32]| {
             let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();

@@ -21,6 +21,7 @@ pub mod init;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod parallel;
 pub mod parity;
 pub mod precision;
 pub mod report;

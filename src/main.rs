@@ -18,6 +18,7 @@ use switch_transformer::device::parse_device;
 use switch_transformer::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download};
 use switch_transformer::eval::{evaluate, route_tokens};
 use switch_transformer::generate::{SampleOptions, generate};
+use switch_transformer::parallel::Placement;
 use switch_transformer::parity;
 use switch_transformer::precision::Precision;
 use switch_transformer::report::{RouteTable, RunMetrics, write_report};
@@ -73,6 +74,8 @@ enum Command {
         /// Continue the run in this directory from its latest checkpoint.
         #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "overrides", "seed", "name"])]
         resume: Option<PathBuf>,
+        #[command(flatten)]
+        parallel: ParallelArgs,
     },
     /// Generate text from a trained run.
     Sample {
@@ -146,6 +149,12 @@ enum Command {
         /// Compute type: f32, bf16 or f16 (the router stays f32).
         #[arg(long, default_value = "f32")]
         precision: String,
+        /// Data-parallel replicas, each on batch/replicas windows (default: one per --devices
+        /// entry).
+        #[arg(long)]
+        replicas: Option<usize>,
+        #[command(flatten)]
+        parallel: ParallelArgs,
     },
     /// Train a dense baseline and Switch models with more and more experts at equal compute
     /// per token (same steps, same seed); write a table and a plot of validation loss.
@@ -199,6 +208,19 @@ enum Command {
     },
 }
 
+/// Data parallelism: where the replicas run and how they average gradients.
+#[derive(clap::Args)]
+struct ParallelArgs {
+    /// Data-parallel training on these devices, one replica each (e.g. cpu,cpu or
+    /// cuda:0,cuda:1); sets train.replicas. Without it every replica runs on --device.
+    #[arg(long, value_delimiter = ',', value_name = "DEVICE,...")]
+    devices: Vec<String>,
+    /// How replicas average gradients: host (any backend) or collective (Burn's NCCL
+    /// all-reduce; CUDA devices only).
+    #[arg(long, default_value = "host")]
+    all_reduce: String,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -230,7 +252,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tokens,
             json,
             precision,
+            replicas,
+            parallel,
         } => {
+            let placement = Placement::parse(&parallel.devices, &device, &parallel.all_reduce)?;
+            let replicas = replicas.unwrap_or(parallel.devices.len().max(1));
             let precision: Precision =
                 serde_json::from_value(serde_json::Value::String(precision.clone())).map_err(
                     |_| anyhow::anyhow!("--precision must be f32, bf16 or f16 (got `{precision}`)"),
@@ -260,7 +286,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 warmup,
                 steps,
                 threads: rayon::current_num_threads(),
-                device: device_name,
+                device: if parallel.devices.is_empty() {
+                    device_name
+                } else {
+                    parallel.devices.join(",")
+                },
+                replicas,
             };
             c.model.validate()?;
             if batch == 0 || seq_len == 0 || steps == 0 {
@@ -286,12 +317,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("  speed-up            : {:>10.1}x", r.speedup);
                 }
             } else {
-                let r = bench_train(&c, &device)?;
+                let r = bench_train(&c, placement)?;
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
                     println!(
-                        "training: {} params, {} experts x {} layers, d_model {}, d_ff {}, batch {}x{}, {} threads, {} steps after {} warm-up",
+                        "training: {} params, {} experts x {} layers, d_model {}, d_ff {}, batch {}x{}, {} threads, {} replica(s) on {}, {} steps after {} warm-up",
                         r.params,
                         experts,
                         layers,
@@ -300,6 +331,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         batch,
                         seq_len,
                         c.threads,
+                        c.replicas,
+                        c.device,
                         steps,
                         warmup
                     );
@@ -308,7 +341,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         r.ms_per_step_median, r.ms_per_step_min, r.tokens_per_s_median
                     );
                     println!(
-                        "  forward+loss {:.1} ms, backward+clip {:.1} ms, optimizer {:.1} ms",
+                        "  forward+loss {:.1} ms, backward {:.1} ms, all-reduce+clip+Adam {:.1} ms",
                         r.forward_ms_median, r.backward_ms_median, r.optimizer_ms_median
                     );
                     println!("  peak RSS {:.0} MB", r.peak_rss_mb);
@@ -415,14 +448,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             name,
             runs_dir,
             resume,
+            parallel,
         } => {
+            let placement = Placement::parse(&parallel.devices, &device, &parallel.all_reduce)?;
             let mut trainer = if let Some(run_dir) = resume {
                 let seq_len = RunConfig::from_toml_file(&run_dir.join("config.toml"))
                     .with_context(|| format!("{} is not a run directory", run_dir.display()))?
                     .train
                     .seq_len;
                 let text = load_data(&data, seq_len)?;
-                let t = Trainer::resume(&run_dir, text, &device)?;
+                let t = Trainer::resume(&run_dir, text, placement)?;
                 println!("resuming {} at step {}", run_dir.display(), t.step);
                 t
             } else {
@@ -436,10 +471,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if let Some(s) = seed {
                     c.train.seed = s;
                 }
+                if parallel.devices.len() > 1 && c.train.replicas == 1 {
+                    c.train.replicas = parallel.devices.len();
+                }
                 c.validate()?;
+                placement.devices_for(c.train.replicas)?;
                 let text = load_data(&data, c.train.seq_len)?;
                 let name = name.unwrap_or_else(default_run_name);
-                Trainer::create(c, text, &runs_dir.join(name), &device)?
+                Trainer::create(c, text, &runs_dir.join(name), placement)?
             };
             train(&mut trainer)
         }

@@ -77,6 +77,13 @@ impl ParamGrads {
         }
     }
 
+    /// Replaces every gradient by `f(gradient)`.
+    pub fn map(&mut self, mut f: impl FnMut(Tensor<1>) -> Tensor<1>) {
+        for g in &mut self.grads {
+            *g = f(g.clone());
+        }
+    }
+
     pub fn get(&self, id: &ParamId) -> Option<&Tensor<1>> {
         self.index.get(id).map(|&i| &self.grads[i])
     }

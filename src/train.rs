@@ -26,11 +26,10 @@ use crate::config::RunConfig;
 use crate::data::{Batch, TextData, TrainLoader, Vocab, valid_batches};
 use crate::eval::{EvalMetrics, LayerStats, evaluate};
 use crate::generate::{SampleOptions, generate};
-use crate::loss::Losses;
 use crate::model::SwitchTransformer;
-use crate::optim::{LabmlAdam, Noam, ParamGrads};
+use crate::optim::{LabmlAdam, Noam};
+use crate::parallel::{Placement, Replica, Replicas, StepSettings};
 use crate::router::RoutingRng;
-use crate::store::host_f32;
 use crate::util::write_atomic;
 
 /// Seeds derived from the run seed for streams that must not disturb training's.
@@ -77,27 +76,29 @@ pub struct Trainer {
     pub config: RunConfig,
     pub run_dir: PathBuf,
     pub data: TextData,
-    pub model: SwitchTransformer,
     pub step: u64,
-    adam: LabmlAdam,
+    /// The model (replica 0 is validated and checkpointed) with its optimizer state.
+    replicas: Replicas,
     noam: Noam,
     loader: TrainLoader,
     rng: RoutingRng,
     best_valid_loss: Option<f64>,
     valid: Vec<Batch>,
-    device: Device,
 }
 
 impl Trainer {
-    /// Starts a new run in `run_dir`, which must not hold a run already.
+    /// Starts a new run in `run_dir`, which must not hold a run already, on one device or on
+    /// `train.replicas` data-parallel replicas.
     pub fn create(
         mut config: RunConfig,
         data: TextData,
         run_dir: &Path,
-        device: &Device,
+        placement: impl Into<Placement>,
     ) -> Result<Self> {
         config.model.n_vocab = data.vocab.len();
         config.validate()?;
+        let placement = placement.into();
+        let devices = placement.devices_for(config.train.replicas)?;
         if run_dir.join("config.toml").exists() || run_dir.join("checkpoints").exists() {
             bail!(
                 "{} already holds a run: continue it with --resume {0}, or choose another --name",
@@ -108,20 +109,26 @@ impl Trainer {
             .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
         write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
         write_atomic(&run_dir.join("vocab.json"), data.vocab.to_json().as_bytes())?;
-        let device = device.clone().autodiff();
+        let device = devices[0].clone().autodiff();
         let model = config.model.init(config.train.seed, &device)?;
         let t = &config.train;
         let adam = LabmlAdam::new(t.beta1, t.beta2, t.eps);
         let loader = TrainLoader::new(data.train.len(), t.seq_len, t.batch_size, t.seed);
         let rng = RoutingRng::seed_from_u64(t.seed);
-        let trainer = Self::assemble(config, run_dir, data, model, adam, loader, rng, &device);
+        let first = Replica {
+            model,
+            adam,
+            device,
+        };
+        let replicas = Replicas::new(first, &config.model, &devices, placement.all_reduce)?;
+        let trainer = Self::assemble(config, run_dir, data, replicas, loader, rng);
         trainer.truncate_metrics(0)?;
         Ok(trainer)
     }
 
     /// Continues the run in `run_dir` from its latest checkpoint. `data` must have the run's
-    /// vocabulary.
-    pub fn resume(run_dir: &Path, data: TextData, device: &Device) -> Result<Self> {
+    /// vocabulary; `placement` must fit the run's `train.replicas`.
+    pub fn resume(run_dir: &Path, data: TextData, placement: impl Into<Placement>) -> Result<Self> {
         let config = RunConfig::from_toml_file(&run_dir.join("config.toml"))
             .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
         let vocab_text = std::fs::read_to_string(run_dir.join("vocab.json"))
@@ -136,21 +143,27 @@ impl Trainer {
         let Some((_, dir)) = checkpoint::list(&run_dir.join("checkpoints")).pop() else {
             bail!("{} has no checkpoint to resume from", run_dir.display());
         };
-        let device = device.clone().autodiff();
+        let placement = placement.into();
+        let devices = placement.devices_for(config.train.replicas)?;
+        let device = devices[0].clone().autodiff();
         let t = &config.train;
         let adam = LabmlAdam::new(t.beta1, t.beta2, t.eps);
         let loaded = checkpoint::load(&dir, &config.model, adam, &device)?;
         let mut loader = TrainLoader::new(data.train.len(), t.seq_len, t.batch_size, t.seed);
         loader.restore(loaded.state.loader);
+        let first = Replica {
+            model: loaded.model,
+            adam: loaded.adam,
+            device,
+        };
+        let replicas = Replicas::new(first, &config.model, &devices, placement.all_reduce)?;
         let mut trainer = Self::assemble(
             config,
             run_dir,
             data,
-            loaded.model,
-            loaded.adam,
+            replicas,
             loader,
             loaded.state.routing_rng,
-            &device,
         );
         trainer.step = loaded.state.step;
         trainer.best_valid_loss = loaded.state.best_valid_loss;
@@ -158,16 +171,13 @@ impl Trainer {
         Ok(trainer)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn assemble(
         config: RunConfig,
         run_dir: &Path,
         data: TextData,
-        model: SwitchTransformer,
-        adam: LabmlAdam,
+        replicas: Replicas,
         loader: TrainLoader,
         rng: RoutingRng,
-        device: &Device,
     ) -> Self {
         let t = &config.train;
         let valid = valid_batches(&data.valid, t.seq_len, t.batch_size, Some(t.eval_batches));
@@ -179,17 +189,25 @@ impl Trainer {
         Self {
             run_dir: run_dir.to_path_buf(),
             data,
-            model,
             step: 0,
-            adam,
+            replicas,
             noam,
             loader,
             rng,
             best_valid_loss: None,
             valid,
-            device: device.clone(),
             config,
         }
+    }
+
+    /// The model being trained (replica 0).
+    pub fn model(&self) -> &SwitchTransformer {
+        &self.replicas.first().model
+    }
+
+    /// Data-parallel replicas (1 = one model).
+    pub fn replicas(&self) -> &[Replica] {
+        &self.replicas.replicas
     }
 
     pub fn epoch(&self) -> u64 {
@@ -200,44 +218,34 @@ impl Trainer {
     pub fn train_step(&mut self) -> StepMetrics {
         let start = Instant::now();
         let batch = self.loader.next_batch(&self.data.train);
-        let (x, y) = batch.tensors(&self.device);
-        let out = self.model.forward(x, &mut self.rng);
         let t = &self.config.train;
-        let losses = Losses::new(out.logits, y, &out.stats, t.lb_coef, t.z_loss_coef);
-        let (ce, lb, z) = (
-            host_f32(losses.ce.clone())[0] as f64,
-            host_f32(losses.lb.clone())[0] as f64,
-            host_f32(losses.z.clone())[0] as f64,
-        );
-        let mut grads = ParamGrads::from_gradients(&self.model, losses.total.backward());
-        let grad_norm = grads.clip_global_norm(self.config.train.grad_clip);
-        let lr = self.noam.lr(self.step + 1);
-        self.model = self.adam.step(self.model.clone(), &grads, lr);
+        let settings = StepSettings {
+            lb_coef: t.lb_coef,
+            z_coef: t.z_loss_coef,
+            grad_clip: t.grad_clip,
+            lr: self.noam.lr(self.step + 1),
+        };
+        let out = self.replicas.step(&batch, &mut self.rng, settings);
         self.step += 1;
-        let t = &self.config.train;
         StepMetrics {
             step: self.step,
             epoch: self.loader.state.epoch,
-            loss: ce + t.lb_coef * lb + t.z_loss_coef * z,
-            ce,
-            lb,
-            z,
-            lr,
-            grad_norm,
+            loss: out.ce + t.lb_coef * out.lb + t.z_loss_coef * out.z,
+            ce: out.ce,
+            lb: out.lb,
+            z: out.z,
+            lr: settings.lr,
+            grad_norm: out.grad_norm,
             tokens: batch.tokens(),
             seconds: start.elapsed().as_secs_f64(),
-            layers: out
-                .stats
-                .iter()
-                .map(|s| LayerStats::from_stats([s]))
-                .collect(),
+            layers: out.layers,
         }
     }
 
     /// Validation on the fixed batches with the training routing (labml's protocol), and a
     /// greedy sample from the configured prompt.
     pub fn validate(&self) -> Result<(EvalMetrics, String)> {
-        let mut model = self.model.valid();
+        let mut model = self.model().valid();
         model.set_training(false);
         let seed = self.config.train.seed;
         let metrics = evaluate(
@@ -284,9 +292,9 @@ impl Trainer {
         let dir = checkpoint::step_dir(&checkpoints, self.step);
         checkpoint::save(
             &dir,
-            &self.model,
+            &self.replicas.first().model,
             &self.config.model,
-            &self.adam,
+            &self.replicas.first().adam,
             &self.state(valid_loss),
         )?;
         let all = checkpoint::list(&checkpoints);
@@ -383,9 +391,9 @@ impl Trainer {
                     self.best_valid_loss = Some(metrics.loss);
                     checkpoint::save(
                         &self.run_dir.join("best"),
-                        &self.model,
+                        &self.replicas.first().model,
                         &self.config.model,
-                        &self.adam,
+                        &self.replicas.first().adam,
                         &self.state(valid_loss),
                     )?;
                 }

@@ -278,3 +278,49 @@ fn parity_command_reports_and_exits() {
     );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn data_parallel_training_on_cpu_workers() {
+    let tmp = common::temp_dir("cli-devices");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    let mut args = train_args(data, "dp");
+    args.extend(["--devices", "cpu,cpu"]);
+    let out = switch(&args, &tmp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = std::fs::read_to_string(tmp.join("runs/dp/config.toml")).unwrap();
+    assert!(config.contains("replicas = 2"), "{config}");
+
+    // Three replicas cannot share a batch of two windows; collectives need CUDA; a resume
+    // must place every replica.
+    let mut args = train_args(data, "x");
+    args.extend(["--devices", "cpu,cpu,cpu"]);
+    assert_error(
+        &switch(&args, &tmp),
+        &["train.batch_size (2)", "train.replicas (3)"],
+    );
+    let mut args = train_args(data, "x");
+    args.extend(["--devices", "cpu,cpu", "--all-reduce", "collective"]);
+    assert_error(&switch(&args, &tmp), &["collective", "CUDA"]);
+    let before = snapshot(&tmp.join("runs/dp"));
+    let out = switch(
+        &[
+            "train",
+            "--data",
+            data,
+            "--resume",
+            "runs/dp",
+            "--devices",
+            "cpu,cpu,cpu",
+        ],
+        &tmp,
+    );
+    assert_error(&out, &["3 devices", "train.replicas = 2"]);
+    assert_eq!(before, snapshot(&tmp.join("runs/dp")));
+    assert!(!tmp.join("runs/x").exists());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

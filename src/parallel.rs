@@ -1,0 +1,381 @@
+//! The training step, on one model or on data-parallel replicas (`train.replicas`,
+//! `switch train --devices`). Replicas are identical copies of the model, one per device
+//! (several may share a device, e.g. CPU workers), each in its own thread on `batch / N`
+//! consecutive windows of every batch:
+//!
+//! ```text
+//! replica r:   loss_r = ce_r + lb_coef * lb_r + z_coef * z_r   routes, capacity and load balance
+//!                                                             over its own tokens (as each core
+//!                                                             in the paper)
+//! all-reduce:  g = (1/N) sum_r grad(loss_r)                   module order, replica order
+//! replica r:   clip g to the global norm; Adam step           same input, same update: the
+//!                                                             replicas stay identical
+//! ```
+//!
+//! With one replica this is the plain step (no threads), bit for bit what it always was.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::distributed::{DistributedConfig, DistributedContext, ReduceOperation};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{RngCore, SeedableRng};
+
+use crate::config::ModelConfig;
+use crate::data::Batch;
+use crate::eval::LayerStats;
+use crate::loss::Losses;
+use crate::model::SwitchTransformer;
+use crate::optim::{LabmlAdam, ParamGrads};
+use crate::router::RoutingRng;
+use crate::store::host_f32;
+use crate::switch::SwitchStats;
+use crate::weights::{Source, model_from_state_dict, model_state_dict};
+
+/// How replicas average their gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllReduce {
+    /// Read every gradient to host memory, average there, copy back: works on every backend
+    /// (Burn 0.22's collectives exist only on CUDA). On the CPU this is a memory copy.
+    Host,
+    /// Burn's `all_reduce` (NCCL) between CUDA devices, without a host round trip.
+    Collective,
+}
+
+impl AllReduce {
+    /// `host` or `collective`; `collective` needs every device to be CUDA.
+    pub fn parse(name: &str, device_specs: &[String]) -> Result<Self> {
+        match name {
+            "host" => Ok(Self::Host),
+            "collective" => {
+                if let Some(d) = device_specs.iter().find(|d| !d.starts_with("cuda")) {
+                    bail!(
+                        "--all-reduce collective needs CUDA devices (Burn 0.22 implements \
+                         collectives only with NCCL), but `{d}` is not one: use --all-reduce host"
+                    );
+                }
+                Ok(Self::Collective)
+            }
+            _ => bail!("unknown --all-reduce `{name}`: use host or collective"),
+        }
+    }
+}
+
+/// Where the replicas of a run go.
+#[derive(Clone)]
+pub struct Placement {
+    /// One device per replica, or one device for all of them.
+    pub devices: Vec<Device>,
+    pub all_reduce: AllReduce,
+}
+
+impl From<&Device> for Placement {
+    fn from(device: &Device) -> Self {
+        Self {
+            devices: vec![device.clone()],
+            all_reduce: AllReduce::Host,
+        }
+    }
+}
+
+impl Placement {
+    /// From `--devices a,b,...` (empty: every replica on `default`) and `--all-reduce`.
+    pub fn parse(specs: &[String], default: &Device, all_reduce: &str) -> Result<Self> {
+        let devices = if specs.is_empty() {
+            vec![default.clone()]
+        } else {
+            specs
+                .iter()
+                .map(|s| crate::device::parse_device(s))
+                .collect::<Result<_>>()?
+        };
+        Ok(Self {
+            devices,
+            all_reduce: AllReduce::parse(all_reduce, specs)?,
+        })
+    }
+
+    /// The device of each of `replicas` replicas.
+    pub fn devices_for(&self, replicas: usize) -> Result<Vec<Device>> {
+        match self.devices.len() {
+            1 => Ok(vec![self.devices[0].clone(); replicas]),
+            n if n == replicas => Ok(self.devices.clone()),
+            n => bail!(
+                "{n} devices were given for a run with train.replicas = {replicas}: give one \
+                 device per replica (or one for all of them)"
+            ),
+        }
+    }
+}
+
+/// One copy of the model with its optimizer state, on its device.
+pub struct Replica {
+    pub model: SwitchTransformer,
+    pub adam: LabmlAdam,
+    /// An autodiff device.
+    pub device: Device,
+}
+
+impl Replica {
+    /// A copy of `self` (weights and optimizer moments) on `device`, with tensors of its own.
+    fn copy_to(&self, config: &ModelConfig, device: &Device) -> Result<Self> {
+        let device = device.clone().autodiff();
+        let weights = model_state_dict(&self.model, Source::Values);
+        let model = model_from_state_dict(config, &weights, &device)?;
+        let mut adam = LabmlAdam::new(self.adam.beta1, self.adam.beta2, self.adam.eps);
+        adam.load_state_tensors(
+            self.adam.step,
+            &self.adam.state_tensors().into_iter().collect(),
+        )?;
+        Ok(Self {
+            model,
+            adam,
+            device,
+        })
+    }
+}
+
+/// Loss weights, clipping and learning rate of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub lb_coef: f64,
+    pub z_coef: f64,
+    pub grad_clip: f64,
+    pub lr: f64,
+}
+
+/// What one step measured (losses averaged over replicas).
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub ce: f64,
+    pub lb: f64,
+    pub z: f64,
+    /// Global gradient norm before clipping (of the averaged gradients).
+    pub grad_norm: f64,
+    /// Routing statistics per Switch layer, over all replicas' tokens.
+    pub layers: Vec<LayerStats>,
+    /// Seconds in forward + loss, backward (replica 0) and the rest (all-reduce, clip, Adam).
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub update_s: f64,
+}
+
+/// The model's replicas; replica 0 is the one validated and checkpointed.
+pub struct Replicas {
+    pub replicas: Vec<Replica>,
+    all_reduce: AllReduce,
+    _context: Option<DistributedContext>,
+}
+
+/// One replica's forward and backward.
+struct Part {
+    ce: f64,
+    lb: f64,
+    z: f64,
+    stats: Vec<SwitchStats>,
+    grads: ParamGrads,
+    forward_s: f64,
+    backward_s: f64,
+}
+
+impl Replicas {
+    /// `first` and copies of it, one replica per entry of `devices`.
+    pub fn new(
+        first: Replica,
+        config: &ModelConfig,
+        devices: &[Device],
+        all_reduce: AllReduce,
+    ) -> Result<Self> {
+        let mut replicas = vec![];
+        for (i, d) in devices.iter().enumerate().skip(1) {
+            replicas.push(
+                first
+                    .copy_to(config, d)
+                    .with_context(|| format!("cannot place replica {i} on its device"))?,
+            );
+        }
+        replicas.insert(0, first);
+        let context = (all_reduce == AllReduce::Collective).then(|| {
+            let config = DistributedConfig {
+                all_reduce_op: ReduceOperation::Mean,
+            };
+            DistributedContext::init(devices.to_vec(), config)
+        });
+        Ok(Self {
+            replicas,
+            all_reduce,
+            _context: context,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.replicas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replicas.is_empty()
+    }
+
+    /// Replica 0.
+    pub fn first(&self) -> &Replica {
+        &self.replicas[0]
+    }
+
+    /// One optimizer step on `batch`. With one replica routing draws from `rng` directly; with
+    /// more, each replica gets a generator seeded from `rng` (so a checkpointed `rng` replays
+    /// the step exactly).
+    pub fn step(&mut self, batch: &Batch, rng: &mut RoutingRng, s: StepSettings) -> StepOutput {
+        let n = self.replicas.len();
+        let parts: Vec<Part> = if n == 1 {
+            let r = &self.replicas[0];
+            vec![forward_backward(r, batch, rng, s, None)]
+        } else {
+            let shards = batch.split(n);
+            let seeds: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+            let collective = (self.all_reduce == AllReduce::Collective)
+                .then(|| self.replicas.iter().map(|r| r.device.clone()).collect());
+            let replicas = &self.replicas;
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..n)
+                    .map(|i| {
+                        let (shard, collective) = (&shards[i], collective.clone());
+                        let mut rng = RoutingRng::seed_from_u64(seeds[i]);
+                        scope.spawn(move || {
+                            forward_backward(&replicas[i], shard, &mut rng, s, collective)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a replica's thread panicked"))
+                    .collect()
+            })
+        };
+        let t0 = Instant::now();
+        let (forward_s, backward_s) = (parts[0].forward_s, parts[0].backward_s);
+        let mean = |f: fn(&Part) -> f64| parts.iter().map(f).sum::<f64>() / n as f64;
+        let (ce, lb, z) = (mean(|p| p.ce), mean(|p| p.lb), mean(|p| p.z));
+        let n_layers = parts[0].stats.len();
+        let layers = (0..n_layers)
+            .map(|l| LayerStats::from_stats(parts.iter().map(|p| &p.stats[l])))
+            .collect();
+        let mut grads: Vec<ParamGrads> = parts.into_iter().map(|p| p.grads).collect();
+        if n > 1 && self.all_reduce == AllReduce::Host {
+            grads = mean_on_host(&self.replicas, &grads);
+        }
+        let norms: Vec<f64> = if n == 1 {
+            vec![update(&mut self.replicas[0], &mut grads[0], s)]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = self
+                    .replicas
+                    .iter_mut()
+                    .zip(grads.iter_mut())
+                    .map(|(r, g)| scope.spawn(move || update(r, g, s)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a replica's thread panicked"))
+                    .collect()
+            })
+        };
+        StepOutput {
+            ce,
+            lb,
+            z,
+            grad_norm: norms[0],
+            layers,
+            forward_s,
+            backward_s,
+            update_s: t0.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+fn forward_backward(
+    r: &Replica,
+    batch: &Batch,
+    rng: &mut RoutingRng,
+    s: StepSettings,
+    collective: Option<Vec<Device>>,
+) -> Part {
+    let t0 = Instant::now();
+    let (x, y) = batch.tensors(&r.device);
+    let out = r.model.forward(x, rng);
+    let losses = Losses::new(out.logits, y, &out.stats, s.lb_coef, s.z_coef);
+    let (ce, lb, z) = (
+        host_f32(losses.ce.clone())[0] as f64,
+        host_f32(losses.lb.clone())[0] as f64,
+        host_f32(losses.z.clone())[0] as f64,
+    );
+    let t1 = Instant::now();
+    let mut grads = ParamGrads::from_gradients(&r.model, losses.total.backward());
+    if let Some(devices) = collective {
+        grads.map(|g| {
+            burn::tensor::distributed::all_reduce(g, ReduceOperation::Mean, devices.clone())
+                .resolve()
+        });
+    }
+    let _ = r.device.sync();
+    Part {
+        ce,
+        lb,
+        z,
+        stats: out.stats,
+        grads,
+        forward_s: (t1 - t0).as_secs_f64(),
+        backward_s: t1.elapsed().as_secs_f64(),
+    }
+}
+
+/// Clip and Adam on one replica; returns the norm before clipping.
+fn update(r: &mut Replica, grads: &mut ParamGrads, s: StepSettings) -> f64 {
+    let norm = grads.clip_global_norm(s.grad_clip);
+    r.model = r.adam.step(r.model.clone(), grads, s.lr);
+    let _ = r.device.sync();
+    norm
+}
+
+/// Each trainable parameter's id and size, in module order (the same order on every replica).
+fn param_slots(model: &SwitchTransformer) -> Vec<(ParamId, usize)> {
+    struct Slots(Vec<(ParamId, usize)>);
+    impl ModuleVisitor for Slots {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.is_require_grad() {
+                self.0.push((param.id, param.shape().num_elements()));
+            }
+        }
+    }
+    let mut slots = Slots(vec![]);
+    model.visit(&mut slots);
+    slots.0
+}
+
+/// The mean of the replicas' gradients, summed on the host in replica order, one copy per
+/// replica on its device. A parameter without a gradient on a replica counts as zero there.
+fn mean_on_host(replicas: &[Replica], grads: &[ParamGrads]) -> Vec<ParamGrads> {
+    let slots: Vec<_> = replicas.iter().map(|r| param_slots(&r.model)).collect();
+    let mut out: Vec<ParamGrads> = replicas.iter().map(|_| ParamGrads::default()).collect();
+    let scale = 1.0 / replicas.len() as f32;
+    for (i, &(_, numel)) in slots[0].iter().enumerate() {
+        let mut sum: Option<Vec<f32>> = None;
+        for (r, g) in grads.iter().enumerate() {
+            if let Some(g) = g.get(&slots[r][i].0) {
+                let g = host_f32(g.clone());
+                match &mut sum {
+                    None => sum = Some(g),
+                    Some(s) => s.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                }
+            }
+        }
+        let Some(mut sum) = sum else { continue };
+        sum.iter_mut().for_each(|a| *a *= scale);
+        for (r, o) in out.iter_mut().enumerate() {
+            let data = TensorData::new(sum.clone(), [numel]);
+            let device = replicas[r].device.clone().inner();
+            o.insert(slots[r][i].0, Tensor::from_data(data, &device));
+        }
+    }
+    out
+}

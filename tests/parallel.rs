@@ -1,0 +1,209 @@
+//! Data-parallel training: a step on N replicas equals, computed by hand, the mean of the
+//! per-shard gradients, clipped and applied by Adam; replicas stay identical; runs resume
+//! exactly; bad placements are clear errors.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rand::{Rng, RngCore, SeedableRng};
+use switch_transformer::RoutingRng;
+use switch_transformer::data::{Batch, TextData};
+use switch_transformer::loss::Losses;
+use switch_transformer::optim::LabmlAdam;
+use switch_transformer::parallel::{AllReduce, Placement, Replica, Replicas, StepSettings};
+use switch_transformer::store::host_f32;
+use switch_transformer::train::{Event, Trainer};
+use switch_transformer::weights::{Source, StateDict, model_from_state_dict, model_state_dict};
+
+fn values(sd: &StateDict) -> Vec<(String, Vec<f64>)> {
+    sd.iter().map(|(k, t)| (k.clone(), t.to_f64())).collect()
+}
+
+#[test]
+fn replica_step_is_the_mean_of_shard_gradients_clipped_then_adam() {
+    let device = common::test_device().autodiff();
+    let mut config = common::tiny_run_config().model;
+    config.n_vocab = 20;
+    let model = config.init(3, &device).unwrap();
+    let start = model_state_dict(&model, Source::Values);
+    let first = Replica {
+        model,
+        adam: LabmlAdam::default(),
+        device: device.clone(),
+    };
+    let placement = Placement::from(&device);
+    let devices = placement.devices_for(2).unwrap();
+    let mut replicas = Replicas::new(first, &config, &devices, AllReduce::Host).unwrap();
+
+    // 4 windows of 16 tokens: 2 windows (32 tokens, capacity floor(1.0*32/4) = 8) per replica.
+    let mut data_rng = RoutingRng::seed_from_u64(11);
+    let mut draw = || (0..64).map(|_| data_rng.random_range(0..20)).collect();
+    let batch = Batch {
+        inputs: draw(),
+        targets: draw(),
+        batch: 4,
+        seq_len: 16,
+    };
+    let s = StepSettings {
+        lb_coef: 0.01,
+        z_coef: 0.001,
+        grad_clip: 0.5,
+        lr: 1e-2,
+    };
+    let mut rng = RoutingRng::seed_from_u64(5);
+    let mut seeds = rng.clone();
+    let out = replicas.step(&batch, &mut rng, s);
+
+    // By hand: each shard on a fresh copy of the starting weights with the seed the step drew.
+    let mut mean: Vec<(String, Vec<f64>)> = vec![];
+    let (mut ce, mut lb) = (0.0, 0.0);
+    for shard in batch.split(2) {
+        let m = model_from_state_dict(&config, &start, &device).unwrap();
+        let (x, y) = shard.tensors(&device);
+        let mut shard_rng = RoutingRng::seed_from_u64(seeds.next_u64());
+        let o = m.forward(x, &mut shard_rng);
+        let losses = Losses::new(o.logits, y, &o.stats, s.lb_coef, s.z_coef);
+        ce += host_f32(losses.ce.clone())[0] as f64 / 2.0;
+        lb += host_f32(losses.lb.clone())[0] as f64 / 2.0;
+        let grads = losses.total.backward();
+        let g = values(&model_state_dict(&m, Source::Grads(&grads)));
+        if mean.is_empty() {
+            mean = g
+                .iter()
+                .map(|(k, v)| (k.clone(), vec![0.0; v.len()]))
+                .collect();
+        }
+        for ((_, acc), (_, v)) in mean.iter_mut().zip(&g) {
+            acc.iter_mut().zip(v).for_each(|(a, b)| *a += b / 2.0);
+        }
+    }
+    assert!((out.ce - ce).abs() < 1e-6 && (out.lb - lb).abs() < 1e-6);
+    let norm = mean
+        .iter()
+        .flat_map(|(_, v)| v)
+        .map(|g| g * g)
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        (out.grad_norm - norm).abs() < 1e-5 * norm,
+        "norm {} vs {norm}",
+        out.grad_norm
+    );
+    assert!(norm > s.grad_clip, "the test should exercise clipping");
+    let coef = s.grad_clip / (norm + 1e-6);
+    // Adam's first step: m = (1-b1) g, v = (1-b2) g^2, step = lr sqrt(1-b2) / (1-b1).
+    let (b1, b2, eps) = (0.9, 0.999, 1e-8);
+    let step = s.lr * (1.0f64 - b2).sqrt() / (1.0 - b1);
+    let start = values(&start);
+    for r in replicas.replicas.iter() {
+        let after = values(&model_state_dict(&r.model, Source::Values));
+        for (((name, before), (_, g)), (_, got)) in start.iter().zip(&mean).zip(&after) {
+            let want: Vec<f64> = before
+                .iter()
+                .zip(g)
+                .map(|(p, g)| {
+                    let g = g * coef;
+                    p - step * ((1.0 - b1) * g) / (((1.0 - b2) * g * g).sqrt() + eps)
+                })
+                .collect();
+            let err = common::max_rel_err(got, &want);
+            assert!(err < 1e-5, "{name}: relative error {err}");
+        }
+    }
+    // The replicas are bit-identical.
+    let a = model_state_dict(&replicas.replicas[0].model, Source::Values);
+    let b = model_state_dict(&replicas.replicas[1].model, Source::Values);
+    assert_eq!(values(&a), values(&b));
+}
+
+#[test]
+fn data_parallel_run_resumes_exactly_with_identical_replicas() {
+    let tmp = common::temp_dir("parallel");
+    let text = common::training_text(&tmp);
+    let device = common::test_device();
+    let load = || TextData::load(&text, 17).unwrap();
+    let config = || {
+        let mut c = common::tiny_run_config();
+        c.set("train.replicas=2").unwrap();
+        c
+    };
+    let losses = |run: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("train_loss") || l.contains("valid_loss"))
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{} {} {}", v["step"], v["train_loss"], v["valid_loss"])
+            })
+            .collect()
+    };
+
+    let straight = tmp.join("straight");
+    let mut t = Trainer::create(config(), load(), &straight, &device).unwrap();
+    assert_eq!(t.replicas().len(), 2);
+    t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+    let dicts: Vec<_> = t
+        .replicas()
+        .iter()
+        .map(|r| values(&model_state_dict(&r.model, Source::Values)))
+        .collect();
+    assert_eq!(dicts[0], dicts[1], "replicas drifted apart");
+
+    let split = tmp.join("split");
+    let stop = AtomicBool::new(false);
+    Trainer::create(config(), load(), &split, &device)
+        .unwrap()
+        .run(&stop, &mut |e| {
+            if let Event::Step(s) = e
+                && s.step == 3
+            {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+    let mut resumed = Trainer::resume(&split, load(), &device).unwrap();
+    assert_eq!((resumed.step, resumed.replicas().len()), (3, 2));
+    resumed.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+    assert_eq!(losses(&straight).len(), 10);
+    assert_eq!(losses(&straight), losses(&split));
+
+    // One replica is a different computation (routing over the whole batch).
+    let single = tmp.join("single");
+    Trainer::create(common::tiny_run_config(), load(), &single, &device)
+        .unwrap()
+        .run(&AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+    assert_ne!(losses(&single), losses(&straight));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn bad_placements_are_clear_errors() {
+    let device = common::test_device();
+    let mut c = common::tiny_run_config();
+    c.set("train.replicas=3").unwrap();
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("multiple of train.replicas"), "{e}");
+
+    let three = Placement {
+        devices: vec![device.clone(); 3],
+        all_reduce: AllReduce::Host,
+    };
+    let e = three.devices_for(2).unwrap_err().to_string();
+    assert!(e.contains("3 devices") && e.contains("replicas = 2"), "{e}");
+    assert_eq!(three.devices_for(3).unwrap().len(), 3);
+
+    let e = AllReduce::parse("collective", &["cpu".into(), "cpu".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CUDA") && e.contains("`cpu`"), "{e}");
+    assert!(AllReduce::parse("ring", &[]).is_err());
+    assert_eq!(AllReduce::parse("host", &[]).unwrap(), AllReduce::Host);
+    let e = Placement::parse(&["cpu".into(), "tpu".into()], &device, "host")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("unknown device `tpu`"), "{e}");
+}
