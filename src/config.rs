@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::SwitchTransformer;
 use crate::precision::Precision;
-use crate::router::{DropPolicy, RoutingOptions};
+use crate::router::{DropPolicy, RoutePlace, RoutingOptions};
 use crate::switch::DroppedTokens;
 
 /// Shape and routing of a Switch Transformer.
@@ -37,6 +37,9 @@ pub struct ModelConfig {
     pub top_k: usize,
     /// Which tokens an over-capacity expert drops: random (labml), position, confidence.
     pub drop_policy: DropPolicy,
+    /// Where routing is decided: auto (host on the CPU, device on GPUs), host, device (top-1
+    /// with dropping, random or position policy; otherwise the host).
+    pub route_on: RoutePlace,
     /// What a dropped token contributes: pass_through (labml) or zero (paper).
     pub dropped_tokens: DroppedTokens,
     /// Capacity factor outside training; 0 = the training one (paper: 2.0 at evaluation).
@@ -87,6 +90,7 @@ impl Default for ModelConfig {
             is_scale_prob: true,
             top_k: 1,
             drop_policy: DropPolicy::Random,
+            route_on: RoutePlace::Auto,
             dropped_tokens: DroppedTokens::PassThrough,
             eval_capacity_factor: 0.0,
             router_jitter: 0.0,
@@ -153,6 +157,12 @@ impl ModelConfig {
                 bail!("model.{name} must be in [0, 1) (got {v})");
             }
         }
+        if self.route_on == RoutePlace::Device && !self.routing().device_capable() {
+            bail!(
+                "model.route_on = device needs model.top_k = 1, model.drop_tokens = true and \
+                 model.drop_policy random or position; use auto or host"
+            );
+        }
         if self.pos_embedding && self.max_seq_len == 0 {
             bail!("model.max_seq_len must be at least 1 with model.pos_embedding");
         }
@@ -189,6 +199,7 @@ impl ModelConfig {
             capacity_factor: self.capacity_factor,
             drop_tokens: self.drop_tokens,
             drop_policy: self.drop_policy,
+            place: self.route_on,
         }
     }
 
@@ -390,6 +401,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "model.drop_policy",
         "which tokens drop over capacity: random (labml), position, confidence (batch-prioritized)",
+    ),
+    (
+        "model.route_on",
+        "where routing is decided: auto (host on the CPU, device on GPUs), host, device",
     ),
     (
         "model.dropped_tokens",

@@ -26,18 +26,19 @@ pub struct LayerStats {
 }
 
 impl LayerStats {
-    /// Aggregates one layer's statistics over several forward passes.
-    pub fn from_stats<'a>(stats: impl IntoIterator<Item = &'a SwitchStats>) -> Self {
-        let (mut counts, mut top, mut dropped, mut tokens) =
-            (Vec::<f64>::new(), 0.0, 0usize, 0usize);
-        for s in stats {
-            counts.resize(s.counts.len(), 0.0);
-            for (c, &n) in counts.iter_mut().zip(&s.counts) {
-                *c += n as f64;
+    /// One layer's statistics from the [`SwitchStats::summary`] values of several forward
+    /// passes, each with its number of tokens.
+    fn from_summaries(passes: &[(&[f32], usize)]) -> Self {
+        let (mut counts, mut top, mut dropped, mut tokens) = (Vec::<f64>::new(), 0.0, 0.0, 0usize);
+        for &(summary, n) in passes {
+            let e = summary.len() - 2;
+            counts.resize(e, 0.0);
+            for (c, &v) in counts.iter_mut().zip(&summary[..e]) {
+                *c += v as f64;
             }
-            top += s.route_prob_max.iter().map(|&p| p as f64).sum::<f64>();
-            dropped += s.n_dropped;
-            tokens += s.routes.len();
+            dropped += summary[e] as f64;
+            top += summary[e + 1] as f64;
+            tokens += n;
         }
         let t = tokens.max(1) as f64;
         let expert_frac: Vec<f64> = counts.iter().map(|c| c / t).collect();
@@ -50,9 +51,38 @@ impl LayerStats {
             std_frac: var.sqrt(),
             expert_frac,
             mean_top_prob: top / t,
-            dropped_frac: dropped as f64 / t,
+            dropped_frac: dropped / t,
         }
     }
+}
+
+/// Per-layer statistics over several forward passes (`passes[i][l]`: Switch layer `l` of pass
+/// `i`, all layers of a pass on one device): one read-back per pass.
+pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
+    let n_layers = passes.first().map_or(0, Vec::len);
+    let read: Vec<Vec<f32>> = passes
+        .iter()
+        .map(|p| {
+            if p.is_empty() {
+                return vec![];
+            }
+            host_f32(Tensor::cat(p.iter().map(SwitchStats::summary).collect(), 0))
+        })
+        .collect();
+    (0..n_layers)
+        .map(|l| {
+            let rows: Vec<(&[f32], usize)> = passes
+                .iter()
+                .zip(&read)
+                .map(|(p, values)| {
+                    let start: usize = p[..l].iter().map(|s| s.counts.dims()[0] + 2).sum();
+                    let len = p[l].counts.dims()[0] + 2;
+                    (&values[start..start + len], p[l].n_tokens())
+                })
+                .collect();
+            LayerStats::from_summaries(&rows)
+        })
+        .collect()
 }
 
 /// Metrics of one evaluation.
@@ -80,7 +110,7 @@ impl EvalMetrics {
 pub fn evaluate(model: &SwitchTransformer, batches: &[Batch], rng: &mut RoutingRng) -> EvalMetrics {
     let device = model.src_embed.weight.device();
     let (mut loss, mut correct, mut lb, mut tokens) = (0.0, 0i64, 0.0, 0usize);
-    let mut per_layer: Vec<Vec<SwitchStats>> = vec![Vec::new(); model.n_layers()];
+    let mut passes: Vec<Vec<SwitchStats>> = Vec::new();
     for batch in batches {
         let (x, y) = batch.tensors(&device);
         let out = model.forward(x, rng);
@@ -94,14 +124,9 @@ pub fn evaluate(model: &SwitchTransformer, batches: &[Batch], rng: &mut RoutingR
         correct += hits.into_scalar::<i64>();
         lb += host_f32(load_balancing_loss(&out.stats, &device))[0] as f64;
         tokens += n;
-        for (l, st) in out.stats.into_iter().enumerate() {
-            per_layer[l].push(st);
-        }
+        passes.push(out.stats);
     }
-    let layers: Vec<LayerStats> = per_layer
-        .iter()
-        .map(|s| LayerStats::from_stats(s.iter()))
-        .collect();
+    let layers = layer_stats(&passes);
     let dropped_frac =
         layers.iter().map(|l| l.dropped_frac).sum::<f64>() / layers.len().max(1) as f64;
     let t = tokens.max(1) as f64;
@@ -133,12 +158,8 @@ pub fn route_tokens(
             .forward(sequence_tensor(window, &device), &mut rng)
             .stats;
         for (l, s) in stats.iter().enumerate() {
-            out[l].extend(
-                s.routes
-                    .iter()
-                    .copied()
-                    .zip(s.route_prob_max.iter().copied()),
-            );
+            let s = s.host();
+            out[l].extend(s.routes.into_iter().zip(s.route_prob_max));
         }
     }
     out

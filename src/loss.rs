@@ -3,7 +3,7 @@
 //! `       + z_coef * sum_layers mean_t logsumexp(router logits_t)^2` (ST-MoE; 0 in labml).
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::switch::SwitchStats;
 
@@ -20,15 +20,15 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
 pub fn load_balancing_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
     let mut total: Option<Tensor<1>> = None;
     for s in stats {
-        let n_experts = s.counts.len();
-        let tokens: f32 = s.counts.iter().sum();
+        let n_experts = s.counts.dims()[0] as f64;
+        let tokens = s.n_tokens() as f64;
         // n_experts * f_i / tokens folded into one constant vector: sum_i c_i * P_sum_i.
-        let coef: Vec<f32> = s
+        let coef = s
             .counts
-            .iter()
-            .map(|&c| n_experts as f32 * (c / tokens) / tokens)
-            .collect();
-        let coef = Tensor::<1>::from_data(TensorData::new(coef, [n_experts]), device);
+            .clone()
+            .div_scalar(tokens)
+            .mul_scalar(n_experts)
+            .div_scalar(tokens);
         let layer = (s.route_prob_sum.clone() * coef).sum();
         total = Some(match total {
             Some(t) => t + layer,

@@ -24,7 +24,7 @@ use rand::{RngCore, SeedableRng};
 
 use crate::config::ModelConfig;
 use crate::data::Batch;
-use crate::eval::LayerStats;
+use crate::eval::{LayerStats, layer_stats};
 use crate::loss::Losses;
 use crate::model::SwitchTransformer;
 use crate::optim::{LabmlAdam, ParamGrads};
@@ -256,10 +256,8 @@ impl Replicas {
         let (forward_s, backward_s) = (parts[0].forward_s, parts[0].backward_s);
         let mean = |f: fn(&Part) -> f64| parts.iter().map(f).sum::<f64>() / n as f64;
         let (ce, lb, z) = (mean(|p| p.ce), mean(|p| p.lb), mean(|p| p.z));
-        let n_layers = parts[0].stats.len();
-        let layers = (0..n_layers)
-            .map(|l| LayerStats::from_stats(parts.iter().map(|p| &p.stats[l])))
-            .collect();
+        let passes: Vec<Vec<SwitchStats>> = parts.iter().map(|p| p.stats.clone()).collect();
+        let layers = layer_stats(&passes);
         let mut grads: Vec<ParamGrads> = parts.into_iter().map(|p| p.grads).collect();
         if n > 1 && self.all_reduce == AllReduce::Host {
             grads = mean_on_host(&self.replicas, &grads);
@@ -304,11 +302,9 @@ fn forward_backward(
     let (x, y) = batch.tensors(&r.device);
     let out = r.model.forward(x, rng);
     let losses = Losses::new(out.logits, y, &out.stats, s.lb_coef, s.z_coef);
-    let (ce, lb, z) = (
-        host_f32(losses.ce.clone())[0] as f64,
-        host_f32(losses.lb.clone())[0] as f64,
-        host_f32(losses.z.clone())[0] as f64,
-    );
+    // One read for the three.
+    let read = host_f32(Tensor::cat(vec![losses.ce, losses.lb, losses.z], 0));
+    let (ce, lb, z) = (read[0] as f64, read[1] as f64, read[2] as f64);
     let t1 = Instant::now();
     let mut grads = ParamGrads::from_gradients(&r.model, losses.total.backward());
     if let Some(devices) = collective {

@@ -19,7 +19,7 @@ use crate::model::{SwitchTransformer, Trace};
 use crate::optim::{LabmlAdam, Noam, ParamGrads};
 use crate::router::{RoutePlan, RoutingOptions, RoutingRng, capacity};
 use crate::store::{HostTensor, TensorFile, host_f32};
-use crate::switch::SwitchFeedForward;
+use crate::switch::{HostStats, SwitchFeedForward, SwitchStats};
 use crate::weights::{
     Source, StateDict, model_from_state_dict, model_state_dict, switch_from_state_dict,
     switch_state_dict,
@@ -364,9 +364,10 @@ fn switch_exact(file: &TensorFile, device: &Device, report: &mut Report) -> Resu
         FORWARD_TOL,
     );
     let probs = host_f32(sff.router.forward(x.clone()));
+    let host = out.stats.host();
     let plan = RoutePlan::from_decisions(
-        out.stats.routes.clone(),
-        vec![false; out.stats.routes.len()],
+        host.routes.clone(),
+        vec![false; host.routes.len()],
         config.n_experts,
         1,
         0,
@@ -380,7 +381,7 @@ fn switch_exact(file: &TensorFile, device: &Device, report: &mut Report) -> Resu
     )?;
     report.exact(
         "n_dropped",
-        &[out.stats.n_dropped as i64],
+        &[host.n_dropped as i64],
         &file.get("n_dropped")?.to_i64(),
     );
     switch_backward(&sff, &x, out.out, file, device, report, "grad.")
@@ -406,7 +407,6 @@ fn switch_drop(file: &TensorFile, device: &Device, report: &mut Report) -> Resul
     let out = sff.dispatch(
         x.clone(),
         route_prob.clone(),
-        &probs,
         &plan,
         &mut RoutingRng::seed_from_u64(0),
     );
@@ -527,7 +527,6 @@ fn switch_drop(file: &TensorFile, device: &Device, report: &mut Report) -> Resul
     let out = sff.dispatch(
         x.clone(),
         route_prob,
-        &probs,
         &recorded,
         &mut RoutingRng::seed_from_u64(0),
     );
@@ -539,7 +538,7 @@ fn switch_drop(file: &TensorFile, device: &Device, report: &mut Report) -> Resul
     );
     report.exact(
         "run.n_dropped",
-        &[out.stats.n_dropped as i64],
+        &[out.stats.host().n_dropped as i64],
         &file.get("run.n_dropped")?.to_i64(),
     );
     switch_backward(&sff, &x, out.out, file, device, report, "run.grad.")
@@ -604,7 +603,8 @@ fn model(file: &TensorFile, device: &Device, report: &mut Report) -> Result<()> 
             report.compare(&key, &seq_major(ours), file.get(&key)?, FORWARD_TOL);
         }
     }
-    for (l, st) in out.stats.iter().enumerate() {
+    let stats: Vec<HostStats> = out.stats.iter().map(SwitchStats::host).collect();
+    for (l, st) in stats.iter().enumerate() {
         let key = format!("act.layers.{l}.routes");
         if file.contains(&key) {
             report.exact(
@@ -615,7 +615,7 @@ fn model(file: &TensorFile, device: &Device, report: &mut Report) -> Result<()> 
         }
     }
     let cat = |f: &dyn Fn(usize) -> Vec<f32>| -> Vec<f32> { (0..c.n_layers).flat_map(f).collect() };
-    let stats = &out.stats;
+    let (stats, sums) = (&stats, &out.stats);
     report.compare(
         "counts",
         &cat(&|l| stats[l].counts.clone()),
@@ -624,7 +624,7 @@ fn model(file: &TensorFile, device: &Device, report: &mut Report) -> Result<()> 
     );
     report.compare(
         "route_prob_sum",
-        &cat(&|l| host_f32(stats[l].route_prob_sum.clone())),
+        &cat(&|l| host_f32(sums[l].route_prob_sum.clone())),
         file.get("route_prob_sum")?,
         FORWARD_TOL,
     );
@@ -644,7 +644,7 @@ fn model(file: &TensorFile, device: &Device, report: &mut Report) -> Result<()> 
     report.compare(
         "route_prob_mean",
         &cat(&|l| {
-            host_f32(stats[l].route_prob_sum.clone())
+            host_f32(sums[l].route_prob_sum.clone())
                 .iter()
                 .map(|p| p / tokens)
                 .collect()

@@ -1,14 +1,16 @@
 //! The router: `p = softmax(x W_r + b_r)`, each token to its argmax expert, at most
 //! `capacity = floor(capacity_factor * tokens / n_experts)` tokens per expert.
 //!
-//! The decision (argmax, capacity, which tokens drop) is discrete, so it is made on the host
-//! from the probabilities and handed to the switch layer as a [`RoutePlan`]: index lists that
-//! one gather and one scatter use. Gradients reach the router through the probabilities only.
+//! The decision (argmax, capacity, which tokens drop) is discrete. It is made either on the host
+//! from the probabilities read back ([`RoutePlan`]: index lists; any top-k, policy, dropless;
+//! the fastest way on the CPU) or on the device with tensor ops ([`DeviceRoutes`]: top-1 with
+//! capacity, no read-back; GPU backends). Either way it ends as index tensors that one gather
+//! and one select use. Gradients reach the router through the probabilities only.
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::Tensor;
 use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -49,6 +51,20 @@ pub enum DropPolicy {
     Confidence,
 }
 
+/// Where the routing decision is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutePlace {
+    /// On the host on the CPU backend (fastest there), on the device on the others, where
+    /// [`RoutingOptions::device_capable`].
+    #[default]
+    Auto,
+    /// On the host, from the probabilities read back (one read per layer per forward).
+    Host,
+    /// On the device wherever [`RoutingOptions::device_capable`] (else on the host).
+    Device,
+}
+
 /// How tokens are assigned to experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoutingOptions {
@@ -58,6 +74,7 @@ pub struct RoutingOptions {
     /// Enforce capacity; off = dropless (capacity grows to the largest load).
     pub drop_tokens: bool,
     pub drop_policy: DropPolicy,
+    pub place: RoutePlace,
 }
 
 impl RoutingOptions {
@@ -68,7 +85,25 @@ impl RoutingOptions {
             capacity_factor,
             drop_tokens,
             drop_policy: DropPolicy::Random,
+            place: RoutePlace::Auto,
         }
+    }
+
+    /// Whether [`DeviceRoutes`] can make this decision: top-1 with a fixed capacity, dropping
+    /// at random or by position (dropless needs the largest load, confidence a sort: both
+    /// would read back to the host).
+    pub fn device_capable(&self) -> bool {
+        self.top_k == 1 && self.drop_tokens && self.drop_policy != DropPolicy::Confidence
+    }
+
+    /// Whether to route on the device for tensors on `device`.
+    pub fn on_device(&self, device: &Device) -> bool {
+        self.device_capable()
+            && match self.place {
+                RoutePlace::Host => false,
+                RoutePlace::Device => true,
+                RoutePlace::Auto => *device != Device::flex(),
+            }
     }
 }
 
@@ -235,6 +270,100 @@ impl RoutePlan {
         }
         n
     }
+}
+
+/// A top-1 routing decision with capacity, made and held on the device (no read-back):
+///
+/// ```text
+/// e_t    = argmax p_t
+/// order  = a random permutation of the tokens (policy random) or their positions (position)
+/// pos_t  = number of tokens routed to e_t before t in that order   (a cumulative sum)
+/// kept   = pos_t < capacity;  slot_t = e_t * capacity + pos_t
+/// ```
+/// The permutation is drawn on the host from the run's generator and uploaded with its
+/// inverse, so the decision reproduces from the seed like [`RoutePlan`]'s (with a different
+/// draw: the two places drop different, equally random, subsets).
+pub struct DeviceRoutes {
+    /// Slots per expert: the capacity.
+    pub slots: usize,
+    /// `[tokens]` expert of each token.
+    pub routes: Tensor<1, Int>,
+    /// `[n_experts * slots]` token of each slot (token 0 in unused slots, never read).
+    pub slot_token: Tensor<1, Int>,
+    /// `[tokens]` slot row of each kept token; `n_experts * slots + t` for a dropped token `t`
+    /// (that row of `[expert outputs; dropped-token fallback]`).
+    pub token_source: Tensor<1, Int>,
+    /// `[n_experts]` tokens routed to each expert before dropping.
+    pub counts: Tensor<1>,
+    /// `[1]` tokens dropped.
+    pub n_dropped: Tensor<1>,
+}
+
+impl DeviceRoutes {
+    /// `route_prob`: `[tokens, n_experts]` (its value only is used). Needs
+    /// [`RoutingOptions::device_capable`].
+    pub fn new(route_prob: Tensor<2>, opts: &RoutingOptions, rng: &mut impl Rng) -> Self {
+        assert!(
+            opts.device_capable(),
+            "device routing needs top-1 with dropping"
+        );
+        let device = route_prob.device();
+        let [n, e] = route_prob.dims();
+        let cap = capacity(opts.capacity_factor, n, e);
+        let routes: Tensor<1, Int> = route_prob.detach().argmax(1).reshape([n]);
+        let order = (opts.drop_policy == DropPolicy::Random).then(|| {
+            let mut perm: Vec<usize> = (0..n).collect();
+            perm.shuffle(rng);
+            let mut inverse = vec![0; n];
+            for (i, &t) in perm.iter().enumerate() {
+                inverse[t] = i;
+            }
+            (
+                index_tensor(&perm, &device),
+                index_tensor(&inverse, &device),
+            )
+        });
+        let ordered = match &order {
+            Some((perm, _)) => routes.clone().select(0, perm.clone()),
+            None => routes.clone(),
+        };
+        // [n, e] one-hot of the experts (without `one_hot`, which checks its input on the host).
+        let experts = Tensor::<1, Int>::arange(0..e as i64, &device).reshape([1, e]);
+        let hot: Tensor<2, Int> = ordered
+            .clone()
+            .reshape([n, 1])
+            .expand([n, e])
+            .equal(experts.expand([n, e]))
+            .int();
+        let before = hot.clone().cumsum(0).gather(1, ordered.reshape([n, 1])) - 1;
+        let pos = match order {
+            Some((_, inverse)) => before.reshape([n]).select(0, inverse),
+            None => before.reshape([n]),
+        };
+        let kept: Tensor<1, Bool> = pos.clone().lower_elem(cap as i64);
+        let tokens = Tensor::<1, Int>::arange(0..n as i64, &device);
+        let dropped_row = tokens.clone() + (e * cap) as i64;
+        let slot = routes.clone() * cap as i64 + pos;
+        let token_source = dropped_row.mask_where(kept.clone(), slot);
+        let slot_token = Tensor::<1, Int>::zeros([e * cap + n], &device)
+            .scatter(0, token_source.clone(), tokens, IndexingUpdateOp::Assign)
+            .slice(0..e * cap);
+        let n_kept = kept.int().sum().float();
+        Self {
+            slots: cap,
+            routes,
+            slot_token,
+            token_source,
+            counts: hot.sum_dim(0).reshape([e]).float(),
+            n_dropped: n_kept.neg() + n as f64,
+        }
+    }
+}
+
+/// Uploads indices as an int tensor.
+pub(crate) fn index_tensor(idx: &[usize], device: &Device) -> Tensor<1, Int> {
+    let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(v, [idx.len()]), device)
 }
 
 /// Assignment indices routed to each expert, in assignment order.

@@ -21,7 +21,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::expert::Experts;
-use crate::router::{RoutePlan, Router, RoutingOptions, RoutingRng};
+use crate::router::{DeviceRoutes, RoutePlan, Router, RoutingOptions, RoutingRng, index_tensor};
 use crate::store::host_f32;
 
 /// What a token dropped over capacity contributes.
@@ -35,22 +35,65 @@ pub enum DroppedTokens {
     Zero,
 }
 
-/// Routing statistics of one Switch layer for one forward pass.
+/// Routing statistics of one Switch layer for one forward pass, as tensors on the layer's
+/// device (reading them is the caller's choice: once per step for the logs).
 #[derive(Debug, Clone)]
 pub struct SwitchStats {
-    /// Tokens whose first choice is each expert, before dropping (f_i numerator; constant).
-    pub counts: Vec<f32>,
+    /// `[n_experts]` tokens whose first choice is each expert, before dropping (f_i numerator;
+    /// constant).
+    pub counts: Tensor<1>,
     /// Sum over all tokens of the full routing probabilities `[n_experts]` (P_i numerator;
     /// carries the gradient to the router).
     pub route_prob_sum: Tensor<1>,
     /// Router z-loss of this layer: mean over tokens of logsumexp(logits)^2 (with gradient).
     pub z_loss: Tensor<1>,
-    /// Assignments dropped over capacity (= tokens with top-1 routing).
+    /// `[1]` assignments dropped over capacity (= tokens with top-1 routing).
+    pub n_dropped: Tensor<1>,
+    /// `[tokens]` each token's top probability (no gradient).
+    pub route_prob_max: Tensor<1>,
+    /// `[tokens]` each token's first-choice expert.
+    pub routes: Tensor<1, Int>,
+}
+
+/// [`SwitchStats`] read back to the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostStats {
+    pub counts: Vec<f32>,
     pub n_dropped: usize,
-    /// Each token's top probability.
     pub route_prob_max: Vec<f32>,
-    /// Each token's first-choice expert.
     pub routes: Vec<usize>,
+}
+
+impl SwitchStats {
+    pub fn n_tokens(&self) -> usize {
+        self.routes.dims()[0]
+    }
+
+    /// `[n_experts + 2]`: the counts, the dropped count and the sum of the top probabilities
+    /// (what the training log needs, so that all layers read back in one go).
+    pub fn summary(&self) -> Tensor<1> {
+        Tensor::cat(
+            vec![
+                self.counts.clone(),
+                self.n_dropped.clone(),
+                self.route_prob_max.clone().sum(),
+            ],
+            0,
+        )
+    }
+
+    /// Reads everything back (four reads).
+    pub fn host(&self) -> HostStats {
+        let routes: Vec<i64> = (self.routes.clone().into_data().convert::<i64>())
+            .try_into_vec::<i64>()
+            .expect("converted to i64");
+        HostStats {
+            counts: host_f32(self.counts.clone()),
+            n_dropped: host_f32(self.n_dropped.clone())[0].round() as usize,
+            route_prob_max: host_f32(self.route_prob_max.clone()),
+            routes: routes.into_iter().map(|r| r as usize).collect(),
+        }
+    }
 }
 
 /// Output of [`SwitchFeedForward::forward`].
@@ -113,30 +156,82 @@ impl SwitchFeedForward {
         };
         let logits = self.router.logits(router_in);
         let route_prob = burn::tensor::activation::softmax(logits.clone(), 1);
-        let probs = host_f32(route_prob.clone());
-        let plan = RoutePlan::new(&probs, self.n_experts(), &self.routing_options(), rng);
-        let mut out = self.dispatch(x, route_prob, &probs, &plan, rng);
+        let opts = self.routing_options();
+        let mut out = if opts.on_device(&x.device()) {
+            let routes = DeviceRoutes::new(route_prob.clone(), &opts, rng);
+            let assignment = Assignment {
+                k: 1,
+                slots: routes.slots,
+                chosen: routes.routes.reshape([-1, 1]),
+                slot_token: routes.slot_token,
+                token_source: routes.token_source.reshape([-1, 1]),
+                fallback: true,
+            };
+            self.run(
+                x,
+                route_prob,
+                assignment,
+                routes.counts,
+                routes.n_dropped,
+                rng,
+            )
+        } else {
+            let probs = host_f32(route_prob.clone());
+            let plan = RoutePlan::new(&probs, self.n_experts(), &opts, rng);
+            self.dispatch(x, route_prob, &plan, rng)
+        };
         out.stats.z_loss = z_loss(logits);
         out
     }
 
     /// Runs the experts according to `plan` (from [`RoutePlan::new`] or a recorded one).
-    /// `probs` is `route_prob` read back to the host.
     pub fn dispatch(
         &self,
         x: Tensor<2>,
         route_prob: Tensor<2>,
-        probs: &[f32],
         plan: &RoutePlan,
         rng: &mut RoutingRng,
     ) -> SwitchOutput {
         let device = x.device();
+        let [n_tokens, _] = x.dims();
+        let k = plan.top_k;
+        let assignment = Assignment {
+            k,
+            slots: plan.slots,
+            chosen: index_tensor(&plan.routes, &device).reshape([n_tokens, k]),
+            slot_token: index_tensor(&plan.slot_token, &device),
+            token_source: index_tensor(&plan.token_source, &device).reshape([n_tokens, k]),
+            fallback: plan.n_dropped() > 0,
+        };
+        let counts: Vec<f32> = plan.counts.iter().map(|&c| c as f32).collect();
+        let n = counts.len();
+        let counts = Tensor::from_data(TensorData::new(counts, [n]), &device);
+        let dropped =
+            Tensor::from_data(TensorData::new(vec![plan.n_dropped() as f32], [1]), &device);
+        self.run(x, route_prob, assignment, counts, dropped, rng)
+    }
+
+    /// Gates, one gather into `[n_experts, slots, d]`, the experts, one select per choice back.
+    fn run(
+        &self,
+        x: Tensor<2>,
+        route_prob: Tensor<2>,
+        a: Assignment,
+        counts: Tensor<1>,
+        n_dropped: Tensor<1>,
+        rng: &mut RoutingRng,
+    ) -> SwitchOutput {
+        let device = x.device();
         let [n_tokens, d_model] = x.dims();
-        let (n_experts, k) = (self.n_experts(), plan.top_k);
+        let (n_experts, k) = (self.n_experts(), a.k);
 
         // Gates [tokens, k]: p of each chosen expert (renormalized over the k for k >= 2).
-        let chosen = index_tensor(&plan.routes, &device).reshape([n_tokens, k]);
-        let p = route_prob.clone().gather(1, chosen);
+        let p = route_prob.clone().gather(1, a.chosen.clone());
+        let route_prob_max = p
+            .clone()
+            .detach()
+            .slice([0..n_tokens, 0..1])
+            .reshape([n_tokens]);
         let gates = if k > 1 {
             p.clone() / p.sum_dim(1)
         } else if self.is_scale_prob {
@@ -146,23 +241,23 @@ impl SwitchFeedForward {
         };
         let gates = crate::precision::cast_to(gates, x.dtype());
 
-        let expert_out = (plan.slots > 0).then(|| {
+        let expert_out = (a.slots > 0).then(|| {
             let packed = x
                 .clone()
-                .select(0, index_tensor(&plan.slot_token, &device))
-                .reshape([n_experts, plan.slots, d_model]);
+                .select(0, a.slot_token)
+                .reshape([n_experts, a.slots, d_model]);
             let dropout = (self.training && self.expert_dropout > 0.0).then(|| {
                 let [_, _, d_ff] = self.experts.w1.dims();
                 dropout_mask(
                     rng,
-                    [n_experts, plan.slots, d_ff],
+                    [n_experts, a.slots, d_ff],
                     self.expert_dropout,
                     &device,
                 )
             });
             self.experts
                 .forward(packed, dropout)
-                .reshape([n_experts * plan.slots, d_model])
+                .reshape([n_experts * a.slots, d_model])
         });
         // Rows the assignments read: expert outputs, then the dropped-token fallback.
         let fallback = match self.dropped_tokens {
@@ -170,20 +265,18 @@ impl SwitchFeedForward {
             DroppedTokens::Zero => x.zeros_like(),
         };
         let source = match expert_out {
-            Some(e) if plan.n_dropped() == 0 => e,
+            Some(e) if !a.fallback => e,
             Some(e) => Tensor::cat(vec![e, fallback], 0),
             None => fallback, // capacity 0: every assignment dropped
         };
         let mut out: Option<Tensor<2>> = None;
         for r in 0..k {
-            let rows: Vec<usize> = plan
+            let rows = a
                 .token_source
-                .iter()
-                .skip(r)
-                .step_by(k)
-                .copied()
-                .collect();
-            let picked = source.clone().select(0, index_tensor(&rows, &device));
+                .clone()
+                .slice([0..n_tokens, r..r + 1])
+                .reshape([n_tokens]);
+            let picked = source.clone().select(0, rows);
             let gate = gates.clone().slice([0..n_tokens, r..r + 1]);
             let term = picked * gate;
             out = Some(match out {
@@ -191,22 +284,34 @@ impl SwitchFeedForward {
                 None => term,
             });
         }
-
-        let route_prob_max = (0..n_tokens)
-            .map(|t| probs[t * n_experts + plan.routes[t * k]])
-            .collect();
         SwitchOutput {
             out: out.expect("top_k >= 1"),
             stats: SwitchStats {
-                counts: plan.counts.iter().map(|&c| c as f32).collect(),
+                counts,
                 route_prob_sum: route_prob.sum_dim(0).reshape([n_experts]),
                 z_loss: Tensor::zeros([1], &device),
-                n_dropped: plan.n_dropped(),
+                n_dropped,
                 route_prob_max,
-                routes: plan.routes.iter().step_by(k).copied().collect(),
+                routes: a.chosen.slice([0..n_tokens, 0..1]).reshape([n_tokens]),
             },
         }
     }
+}
+
+/// A routing decision as index tensors (from a [`RoutePlan`] or [`DeviceRoutes`]).
+struct Assignment {
+    /// Choices per token.
+    k: usize,
+    /// Rows per expert in the packed expert input.
+    slots: usize,
+    /// `[tokens, k]` expert of each assignment.
+    chosen: Tensor<2, Int>,
+    /// `[n_experts * slots]` token of each slot row.
+    slot_token: Tensor<1, Int>,
+    /// `[tokens, k]` row of `[expert outputs; fallback]` each assignment reads.
+    token_source: Tensor<2, Int>,
+    /// Whether any assignment reads a fallback row.
+    fallback: bool,
 }
 
 /// ST-MoE router z-loss: `mean_t (log sum_e exp(logits_te))^2`.
@@ -215,12 +320,6 @@ pub fn z_loss(logits: Tensor<2>) -> Tensor<1> {
     let m = logits.clone().detach().max_dim(1);
     let lse = (logits - m.clone()).exp().sum_dim(1).log() + m;
     lse.reshape([n]).square().mean()
-}
-
-/// Uploads indices as an int tensor.
-pub(crate) fn index_tensor(idx: &[usize], device: &Device) -> Tensor<1, Int> {
-    let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
-    Tensor::from_data(TensorData::new(v, [idx.len()]), device)
 }
 
 /// Uniform noise in `[lo, hi)` drawn from the run's generator (so runs and resumes reproduce).

@@ -16,21 +16,6 @@ use switch_transformer::store::host_f32;
 use switch_transformer::train::{Event, Trainer};
 use switch_transformer::weights::{Source, StateDict, model_from_state_dict, model_state_dict};
 
-/// Bit-equal on the CPU. GPU backends fuse and autotune kernels as the replicas' threads
-/// interleave, which may round differently from run to run (seen: 1e-7 relative on lavapipe).
-fn same(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)], what: &str) {
-    let cpu = std::env::var("SWITCH_TEST_DEVICE").map_or(true, |d| d == "cpu");
-    if cpu {
-        assert!(a == b, "{what}: {a:?} vs {b:?}");
-        return;
-    }
-    assert_eq!(a.len(), b.len(), "{what}");
-    for ((name, x), (_, y)) in a.iter().zip(b) {
-        let err = common::max_rel_err(x, y);
-        assert!(err < 1e-5, "{what}: {name} differs by {err}");
-    }
-}
-
 fn values(sd: &StateDict) -> Vec<(String, Vec<f64>)> {
     sd.iter().map(|(k, t)| (k.clone(), t.to_f64())).collect()
 }
@@ -165,7 +150,7 @@ fn data_parallel_run_resumes_exactly_with_identical_replicas() {
         .iter()
         .map(|r| values(&model_state_dict(&r.model, Source::Values)))
         .collect();
-    same(&dicts[0], &dicts[1], "replicas drifted apart");
+    common::assert_same_run(&dicts[0], &dicts[1], "replicas drifted apart");
 
     let split = tmp.join("split");
     let stop = AtomicBool::new(false);
@@ -183,7 +168,7 @@ fn data_parallel_run_resumes_exactly_with_identical_replicas() {
     assert_eq!((resumed.step, resumed.replicas().len()), (3, 2));
     resumed.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
     assert_eq!(losses(&straight).len(), 10);
-    same(&losses(&straight), &losses(&split), "resumed run differs");
+    common::assert_same_run(&losses(&straight), &losses(&split), "resumed run differs");
 
     // One replica is a different computation (routing over the whole batch).
     let single = tmp.join("single");

@@ -160,7 +160,7 @@ fn check(c: Case, seed: u64) {
     let probs: Vec<f32> = route_prob.clone().into_data().try_to_vec().unwrap();
     let opts = RoutingOptions::labml(c.capacity_factor, c.drop_tokens);
     let plan = RoutePlan::new(&probs, c.e, &opts, &mut rng);
-    let out = sff.dispatch(x.clone(), route_prob, &probs, &plan, &mut rng);
+    let out = sff.dispatch(x.clone(), route_prob, &plan, &mut rng);
 
     let (_, expected, _) = slow_switch(&sd, &x_host, &g_host, &plan, &c, None);
     let ours = to_f64(out.out.clone());

@@ -130,10 +130,11 @@ fn jitter_is_training_only_and_never_reaches_the_experts() {
     // Training: routing sees noise, yet each kept token's output is gate * E(x), un-noised x.
     let out = sff.forward(x.clone(), &mut RoutingRng::seed_from_u64(5));
     let y = host(out.out);
+    let stats = out.stats.host();
     for t in 0..T {
-        let e = out.stats.routes[t];
+        let e = stats.routes[t];
         let want = expert(&sd, e, &xh[t * D..(t + 1) * D]);
-        let gate = out.stats.route_prob_max[t] as f64;
+        let gate = stats.route_prob_max[t] as f64;
         for j in 0..D {
             assert!(
                 (y[t * D + j] as f64 - gate * want[j]).abs() < 1e-4,
@@ -296,7 +297,7 @@ fn zero_policy_leaves_dropped_tokens_unchanged_through_the_sub_layer() {
     let mut rng = RoutingRng::seed_from_u64(0);
     let plan = RoutePlan::new(&probs, E, &sff.routing_options(), &mut rng);
     assert!(plan.n_dropped() > 0);
-    let y = host(sff.dispatch(x, route_prob, &probs, &plan, &mut rng).out);
+    let y = host(sff.dispatch(x, route_prob, &plan, &mut rng).out);
     for t in 0..T {
         let zero = y[t * D..(t + 1) * D].iter().all(|&v| v == 0.0);
         assert_eq!(zero, plan.dropped[t], "token {t}");
@@ -534,7 +535,7 @@ fn selective_precision_keeps_the_router_in_f32() {
         x.cast(FloatDType::BF16).cast(FloatDType::F32),
         &mut RoutingRng::seed_from_u64(0),
     );
-    assert_eq!(out.stats.routes, f32_out.stats.routes);
+    assert_eq!(out.stats.host().routes, f32_out.stats.host().routes);
 
     // A bf16 model: logits close to f32's, f32 losses, f32 gradients for the f32 parameters.
     let c = ModelConfig {

@@ -132,19 +132,29 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     assert_eq!(resumed.step, 3);
     resumed.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
 
+    let named = |v: Vec<(u64, f64)>| -> Vec<(String, Vec<f64>)> {
+        v.into_iter()
+            .map(|(s, l)| (format!("step {s}"), vec![l]))
+            .collect()
+    };
     let a = train_losses(&metrics(&straight));
     let b = train_losses(&metrics(&split));
     assert_eq!(a.len(), 8);
-    assert_eq!(
-        a, b,
-        "losses after resuming differ from the uninterrupted run"
+    common::assert_same_run(
+        &named(a),
+        &named(b),
+        "losses after resuming differ from the uninterrupted run",
     );
-    let valid = |lines: Vec<Value>| -> Vec<f64> {
+    let valid = |lines: Vec<Value>| -> Vec<(u64, f64)> {
         lines
             .iter()
-            .filter_map(|l| l["valid_loss"].as_f64())
+            .filter_map(|l| Some((l["step"].as_u64()?, l["valid_loss"].as_f64()?)))
             .collect()
     };
-    assert_eq!(valid(metrics(&straight)), valid(metrics(&split)));
+    common::assert_same_run(
+        &named(valid(metrics(&straight))),
+        &named(valid(metrics(&split))),
+        "validation after resuming differs",
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
