@@ -41,7 +41,7 @@ pub struct TrainBench {
     pub tokens_per_s_median: f64,
     pub forward_ms_median: f64,
     pub backward_ms_median: f64,
-    /// All-reduce (with replicas), clip and Adam.
+    /// Gradient sync (with replicas), clip and Adam.
     pub optimizer_ms_median: f64,
     pub peak_rss_mb: f64,
 }
@@ -85,7 +85,7 @@ fn random_batch(rng: &mut RoutingRng, n_vocab: usize, batch: usize, seq_len: usi
     }
 }
 
-/// Times full training steps (forward, loss, backward, all-reduce, clip, Adam) on random
+/// Times full training steps (forward, loss, backward, gradient sync, clip, Adam) on random
 /// tokens, on `c.replicas` data-parallel replicas placed by `placement`.
 pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<TrainBench> {
     let placement = placement.into();
@@ -103,7 +103,7 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
         adam: LabmlAdam::default(),
         device,
     };
-    let mut replicas = Replicas::new(first, &c.model, &devices, placement.all_reduce)?;
+    let mut replicas = Replicas::new(first, &c.model, &devices, placement.grad_sync)?;
     let noam = Noam {
         lr: 1.0,
         warmup: 2000,

@@ -215,10 +215,11 @@ struct ParallelArgs {
     /// cuda:0,cuda:1); sets train.replicas. Without it every replica runs on --device.
     #[arg(long, value_delimiter = ',', value_name = "DEVICE,...")]
     devices: Vec<String>,
-    /// How replicas average gradients: host (any backend) or collective (Burn's NCCL
+    /// How replicas combine gradients: broadcast (summed on the first replica, which steps
+    /// and hands its weights to the others; any backend) or collective (Burn's NCCL
     /// all-reduce; CUDA devices only).
-    #[arg(long, default_value = "host")]
-    all_reduce: String,
+    #[arg(long, default_value = "broadcast")]
+    grad_sync: String,
 }
 
 fn main() -> ExitCode {
@@ -255,7 +256,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             replicas,
             parallel,
         } => {
-            let placement = Placement::parse(&parallel.devices, &device, &parallel.all_reduce)?;
+            let placement = Placement::parse(&parallel.devices, &device, &parallel.grad_sync)?;
             let replicas = replicas.unwrap_or(parallel.devices.len().max(1));
             let precision: Precision =
                 serde_json::from_value(serde_json::Value::String(precision.clone())).map_err(
@@ -341,7 +342,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         r.ms_per_step_median, r.ms_per_step_min, r.tokens_per_s_median
                     );
                     println!(
-                        "  forward+loss {:.1} ms, backward {:.1} ms, all-reduce+clip+Adam {:.1} ms",
+                        "  forward+loss {:.1} ms, backward {:.1} ms, gradient sync+clip+Adam {:.1} ms",
                         r.forward_ms_median, r.backward_ms_median, r.optimizer_ms_median
                     );
                     println!("  peak RSS {:.0} MB", r.peak_rss_mb);
@@ -450,7 +451,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             resume,
             parallel,
         } => {
-            let placement = Placement::parse(&parallel.devices, &device, &parallel.all_reduce)?;
+            let placement = Placement::parse(&parallel.devices, &device, &parallel.grad_sync)?;
             let mut trainer = if let Some(run_dir) = resume {
                 let seq_len = RunConfig::from_toml_file(&run_dir.join("config.toml"))
                     .with_context(|| format!("{} is not a run directory", run_dir.display()))?

@@ -7,19 +7,22 @@
 //! replica r:   loss_r = ce_r + lb_coef * lb_r + z_coef * z_r   routes, capacity and load balance
 //!                                                             over its own tokens (as each core
 //!                                                             in the paper)
-//! all-reduce:  g = (1/N) sum_r grad(loss_r)                   module order, replica order
-//! replica r:   clip g to the global norm; Adam step           same input, same update: the
-//!                                                             replicas stay identical
+//! g = (1/N) sum_r grad(loss_r)                                module order, replica order
+//! clip g to its global norm; one Adam step; the same weights on every replica
 //! ```
 //!
-//! With one replica this is the plain step (no threads), bit for bit what it always was.
+//! Two ways to get there ([`GradSync`]): the gradients summed on the first replica's device,
+//! which takes the Adam step and hands its weights to the others (shared, not copied, when
+//! they are on the same device); or Burn's collective all-reduce, after which every replica
+//! takes the same step. With one replica this is the plain step (no threads), bit for bit
+//! what it always was.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::distributed::{DistributedConfig, DistributedContext, ReduceOperation};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use rand::{RngCore, SeedableRng};
 
 use crate::config::ModelConfig;
@@ -33,31 +36,34 @@ use crate::store::host_f32;
 use crate::switch::SwitchStats;
 use crate::weights::{Source, model_from_state_dict, model_state_dict};
 
-/// How replicas average their gradients.
+/// How replicas combine their gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AllReduce {
-    /// Read every gradient to host memory, average there, copy back: works on every backend
-    /// (Burn 0.22's collectives exist only on CUDA). On the CPU this is a memory copy.
-    Host,
-    /// Burn's `all_reduce` (NCCL) between CUDA devices, without a host round trip.
+pub enum GradSync {
+    /// Sum the gradients on the first replica's device (a move to it, free when shared), take
+    /// the Adam step there, hand the weights back: works on every backend (Burn 0.22's
+    /// collectives exist only on CUDA), and the replicas share one set of weights on the CPU.
+    Broadcast,
+    /// Burn's `all_reduce` (NCCL, mean) between CUDA devices; every replica then takes the
+    /// same clip and Adam step.
     Collective,
 }
 
-impl AllReduce {
-    /// `host` or `collective`; `collective` needs every device to be CUDA.
+impl GradSync {
+    /// `broadcast` or `collective`; `collective` needs every device to be CUDA.
     pub fn parse(name: &str, device_specs: &[String]) -> Result<Self> {
         match name {
-            "host" => Ok(Self::Host),
+            "broadcast" => Ok(Self::Broadcast),
             "collective" => {
                 if let Some(d) = device_specs.iter().find(|d| !d.starts_with("cuda")) {
                     bail!(
-                        "--all-reduce collective needs CUDA devices (Burn 0.22 implements \
-                         collectives only with NCCL), but `{d}` is not one: use --all-reduce host"
+                        "--grad-sync collective needs CUDA devices (Burn 0.22 implements \
+                         collectives only with NCCL), but `{d}` is not one: use --grad-sync \
+                         broadcast"
                     );
                 }
                 Ok(Self::Collective)
             }
-            _ => bail!("unknown --all-reduce `{name}`: use host or collective"),
+            _ => bail!("unknown --grad-sync `{name}`: use broadcast or collective"),
         }
     }
 }
@@ -67,21 +73,21 @@ impl AllReduce {
 pub struct Placement {
     /// One device per replica, or one device for all of them.
     pub devices: Vec<Device>,
-    pub all_reduce: AllReduce,
+    pub grad_sync: GradSync,
 }
 
 impl From<&Device> for Placement {
     fn from(device: &Device) -> Self {
         Self {
             devices: vec![device.clone()],
-            all_reduce: AllReduce::Host,
+            grad_sync: GradSync::Broadcast,
         }
     }
 }
 
 impl Placement {
-    /// From `--devices a,b,...` (empty: every replica on `default`) and `--all-reduce`.
-    pub fn parse(specs: &[String], default: &Device, all_reduce: &str) -> Result<Self> {
+    /// From `--devices a,b,...` (empty: every replica on `default`) and `--grad-sync`.
+    pub fn parse(specs: &[String], default: &Device, grad_sync: &str) -> Result<Self> {
         let devices = if specs.is_empty() {
             vec![default.clone()]
         } else {
@@ -92,7 +98,7 @@ impl Placement {
         };
         Ok(Self {
             devices,
-            all_reduce: AllReduce::parse(all_reduce, specs)?,
+            grad_sync: GradSync::parse(grad_sync, specs)?,
         })
     }
 
@@ -164,7 +170,7 @@ pub struct StepOutput {
 /// The model's replicas; replica 0 is the one validated and checkpointed.
 pub struct Replicas {
     pub replicas: Vec<Replica>,
-    all_reduce: AllReduce,
+    grad_sync: GradSync,
     _context: Option<DistributedContext>,
 }
 
@@ -185,7 +191,7 @@ impl Replicas {
         first: Replica,
         config: &ModelConfig,
         devices: &[Device],
-        all_reduce: AllReduce,
+        grad_sync: GradSync,
     ) -> Result<Self> {
         let mut replicas = vec![];
         for (i, d) in devices.iter().enumerate().skip(1) {
@@ -196,7 +202,7 @@ impl Replicas {
             );
         }
         replicas.insert(0, first);
-        let context = (all_reduce == AllReduce::Collective).then(|| {
+        let context = (grad_sync == GradSync::Collective).then(|| {
             let config = DistributedConfig {
                 all_reduce_op: ReduceOperation::Mean,
             };
@@ -204,7 +210,7 @@ impl Replicas {
         });
         Ok(Self {
             replicas,
-            all_reduce,
+            grad_sync,
             _context: context,
         })
     }
@@ -233,7 +239,7 @@ impl Replicas {
         } else {
             let shards = batch.split(n);
             let seeds: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
-            let collective = (self.all_reduce == AllReduce::Collective)
+            let collective = (self.grad_sync == GradSync::Collective)
                 .then(|| self.replicas.iter().map(|r| r.device.clone()).collect());
             let replicas = &self.replicas;
             std::thread::scope(|scope| {
@@ -259,13 +265,20 @@ impl Replicas {
         let passes: Vec<Vec<SwitchStats>> = parts.iter().map(|p| p.stats.clone()).collect();
         let layers = layer_stats(&passes);
         let mut grads: Vec<ParamGrads> = parts.into_iter().map(|p| p.grads).collect();
-        if n > 1 && self.all_reduce == AllReduce::Host {
-            grads = mean_on_host(&self.replicas, &grads);
-        }
-        let norms: Vec<f64> = if n == 1 {
-            vec![update(&mut self.replicas[0], &mut grads[0], s)]
+        let grad_norm = if n == 1 {
+            update(&mut self.replicas[0], &mut grads[0], s)
+        } else if self.grad_sync == GradSync::Broadcast {
+            // clip(sum / N) = sum * min(1, clip / (|sum| / N + 1e-6)) / N: one pass over the sum.
+            let mut sum = sum_on_first(&self.replicas, &grads);
+            let norm = sum.global_norm() / n as f64;
+            let coef = (s.grad_clip / (norm + 1e-6)).min(1.0) / n as f64;
+            sum.map(|g| g * coef);
+            let first = &mut self.replicas[0];
+            first.model = first.adam.step(first.model.clone(), &sum, s.lr);
+            broadcast_weights(&mut self.replicas);
+            norm
         } else {
-            std::thread::scope(|scope| {
+            let norms: Vec<f64> = std::thread::scope(|scope| {
                 let handles: Vec<_> = self
                     .replicas
                     .iter_mut()
@@ -276,13 +289,14 @@ impl Replicas {
                     .into_iter()
                     .map(|h| h.join().expect("a replica's thread panicked"))
                     .collect()
-            })
+            });
+            norms[0]
         };
         StepOutput {
             ce,
             lb,
             z,
-            grad_norm: norms[0],
+            grad_norm,
             layers,
             forward_s,
             backward_s,
@@ -333,45 +347,83 @@ fn update(r: &mut Replica, grads: &mut ParamGrads, s: StepSettings) -> f64 {
     norm
 }
 
-/// Each trainable parameter's id and size, in module order (the same order on every replica).
-fn param_slots(model: &SwitchTransformer) -> Vec<(ParamId, usize)> {
-    struct Slots(Vec<(ParamId, usize)>);
-    impl ModuleVisitor for Slots {
+/// Each trainable parameter's id, in module order (the same order on every replica).
+fn param_ids(model: &SwitchTransformer) -> Vec<ParamId> {
+    struct Ids(Vec<ParamId>);
+    impl ModuleVisitor for Ids {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if param.is_require_grad() {
-                self.0.push((param.id, param.shape().num_elements()));
+                self.0.push(param.id);
             }
         }
     }
-    let mut slots = Slots(vec![]);
-    model.visit(&mut slots);
-    slots.0
+    let mut ids = Ids(vec![]);
+    model.visit(&mut ids);
+    ids.0
 }
 
-/// The mean of the replicas' gradients, summed on the host in replica order, one copy per
-/// replica on its device. A parameter without a gradient on a replica counts as zero there.
-fn mean_on_host(replicas: &[Replica], grads: &[ParamGrads]) -> Vec<ParamGrads> {
-    let slots: Vec<_> = replicas.iter().map(|r| param_slots(&r.model)).collect();
-    let mut out: Vec<ParamGrads> = replicas.iter().map(|_| ParamGrads::default()).collect();
-    let scale = 1.0 / replicas.len() as f32;
-    for (i, &(_, numel)) in slots[0].iter().enumerate() {
-        let mut sum: Option<Vec<f32>> = None;
+/// The sum of the replicas' gradients, added in replica order on the first replica's device
+/// and keyed by its parameters. A parameter without a gradient on a replica counts as zero.
+fn sum_on_first(replicas: &[Replica], grads: &[ParamGrads]) -> ParamGrads {
+    let ids: Vec<_> = replicas.iter().map(|r| param_ids(&r.model)).collect();
+    let device = replicas[0].device.clone().inner();
+    let mut out = ParamGrads::default();
+    for (i, &id) in ids[0].iter().enumerate() {
+        let mut sum: Option<Tensor<1>> = None;
         for (r, g) in grads.iter().enumerate() {
-            if let Some(g) = g.get(&slots[r][i].0) {
-                let g = host_f32(g.clone());
-                match &mut sum {
-                    None => sum = Some(g),
-                    Some(s) => s.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
-                }
+            if let Some(g) = g.get(&ids[r][i]) {
+                let g = g.clone().to_device(&device);
+                sum = Some(match sum {
+                    None => g,
+                    Some(s) => s + g,
+                });
             }
         }
-        let Some(mut sum) = sum else { continue };
-        sum.iter_mut().for_each(|a| *a *= scale);
-        for (r, o) in out.iter_mut().enumerate() {
-            let data = TensorData::new(sum.clone(), [numel]);
-            let device = replicas[r].device.clone().inner();
-            o.insert(slots[r][i].0, Tensor::from_data(data, &device));
+        if let Some(sum) = sum {
+            out.insert(id, sum);
         }
     }
     out
+}
+
+/// Gives every replica the first replica's weights, as fresh autodiff leaves of its own (on
+/// the same device the storage is shared, not copied).
+fn broadcast_weights(replicas: &mut [Replica]) {
+    struct Values(Vec<Tensor<1>>);
+    impl ModuleVisitor for Values {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.is_require_grad() {
+                let v = param.val().inner();
+                let n = v.shape().num_elements();
+                self.0.push(v.reshape([n]));
+            }
+        }
+    }
+    struct Assign(std::vec::IntoIter<Tensor<1>>);
+    impl ModuleMapper for Assign {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !param.is_require_grad() {
+                return param;
+            }
+            let (id, tensor, mapper) = param.consume();
+            let device = tensor.device();
+            let value = self.0.next().expect("replicas have the same parameters");
+            let value = value
+                .reshape(tensor.shape())
+                .to_device(&device.clone().inner());
+            let value = if device.is_autodiff() {
+                value.autodiff()
+            } else {
+                value
+            };
+            Param::from_mapped_value(id, value.require_grad(), mapper)
+        }
+    }
+    let (first, rest) = replicas.split_first_mut().expect("at least one replica");
+    let mut values = Values(vec![]);
+    first.model.visit(&mut values);
+    for r in rest {
+        let mut assign = Assign(values.0.clone().into_iter());
+        r.model = r.model.clone().map(&mut assign);
+    }
 }

@@ -120,7 +120,7 @@ impl Trainer {
             adam,
             device,
         };
-        let replicas = Replicas::new(first, &config.model, &devices, placement.all_reduce)?;
+        let replicas = Replicas::new(first, &config.model, &devices, placement.grad_sync)?;
         let trainer = Self::assemble(config, run_dir, data, replicas, loader, rng);
         trainer.truncate_metrics(0)?;
         Ok(trainer)
@@ -156,7 +156,7 @@ impl Trainer {
             adam: loaded.adam,
             device,
         };
-        let replicas = Replicas::new(first, &config.model, &devices, placement.all_reduce)?;
+        let replicas = Replicas::new(first, &config.model, &devices, placement.grad_sync)?;
         let mut trainer = Self::assemble(
             config,
             run_dir,

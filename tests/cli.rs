@@ -304,7 +304,7 @@ fn data_parallel_training_on_cpu_workers() {
         &["train.batch_size (2)", "train.replicas (3)"],
     );
     let mut args = train_args(data, "x");
-    args.extend(["--devices", "cpu,cpu", "--all-reduce", "collective"]);
+    args.extend(["--devices", "cpu,cpu", "--grad-sync", "collective"]);
     assert_error(&switch(&args, &tmp), &["collective", "CUDA"]);
     let before = snapshot(&tmp.join("runs/dp"));
     let out = switch(

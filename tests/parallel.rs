@@ -11,7 +11,7 @@ use switch_transformer::RoutingRng;
 use switch_transformer::data::{Batch, TextData};
 use switch_transformer::loss::Losses;
 use switch_transformer::optim::LabmlAdam;
-use switch_transformer::parallel::{AllReduce, Placement, Replica, Replicas, StepSettings};
+use switch_transformer::parallel::{GradSync, Placement, Replica, Replicas, StepSettings};
 use switch_transformer::store::host_f32;
 use switch_transformer::train::{Event, Trainer};
 use switch_transformer::weights::{Source, StateDict, model_from_state_dict, model_state_dict};
@@ -34,7 +34,7 @@ fn replica_step_is_the_mean_of_shard_gradients_clipped_then_adam() {
     };
     let placement = Placement::from(&device);
     let devices = placement.devices_for(2).unwrap();
-    let mut replicas = Replicas::new(first, &config, &devices, AllReduce::Host).unwrap();
+    let mut replicas = Replicas::new(first, &config, &devices, GradSync::Broadcast).unwrap();
 
     // 4 windows of 16 tokens: 2 windows (32 tokens, capacity floor(1.0*32/4) = 8) per replica.
     let mut data_rng = RoutingRng::seed_from_u64(11);
@@ -190,18 +190,21 @@ fn bad_placements_are_clear_errors() {
 
     let three = Placement {
         devices: vec![device.clone(); 3],
-        all_reduce: AllReduce::Host,
+        grad_sync: GradSync::Broadcast,
     };
     let e = three.devices_for(2).unwrap_err().to_string();
     assert!(e.contains("3 devices") && e.contains("replicas = 2"), "{e}");
     assert_eq!(three.devices_for(3).unwrap().len(), 3);
 
-    let e = AllReduce::parse("collective", &["cpu".into(), "cpu".into()])
+    let e = GradSync::parse("collective", &["cpu".into(), "cpu".into()])
         .unwrap_err()
         .to_string();
     assert!(e.contains("CUDA") && e.contains("`cpu`"), "{e}");
-    assert!(AllReduce::parse("ring", &[]).is_err());
-    assert_eq!(AllReduce::parse("host", &[]).unwrap(), AllReduce::Host);
+    assert!(GradSync::parse("ring", &[]).is_err());
+    assert_eq!(
+        GradSync::parse("broadcast", &[]).unwrap(),
+        GradSync::Broadcast
+    );
     let e = Placement::parse(&["cpu".into(), "tpu".into()], &device, "host")
         .err()
         .unwrap()
