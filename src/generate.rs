@@ -6,6 +6,7 @@ use rand::Rng;
 
 use crate::attention::KvCache;
 use crate::data::sequence_tensor;
+use crate::decode::HostDecoder;
 use crate::model::SwitchTransformer;
 use crate::router::RoutingRng;
 use crate::store::host_f32;
@@ -73,11 +74,42 @@ pub fn generate(
 }
 
 /// Like [`generate`], but each new token costs one position: keys and values of earlier
-/// positions are cached. Identical to [`generate`] while the text fits in `opts.context`;
-/// beyond it, each position attends to the `context` most recent ones (a sliding window)
-/// instead of the window being recomputed. Token dropping is off (one token at a time would
-/// have capacity 0). A model with learned positional embeddings recomputes the window.
+/// positions are cached. Identical to [`generate`] while the text fits in `opts.context` (up to
+/// rounding); beyond it, each position attends to the `context` most recent ones (a sliding
+/// window) instead of the window being recomputed. Token dropping is off (one token at a time
+/// would have capacity 0). On the CPU backend an f32 model decodes with plain loops
+/// ([`HostDecoder`]); elsewhere through Burn ([`generate_cached_generic`]). A model with
+/// learned positional embeddings recomputes the window.
 pub fn generate_cached(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+) -> Vec<u32> {
+    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
+    let Some(decoder) = HostDecoder::for_model(model) else {
+        return generate_cached_generic(model, prompt, opts, sample_rng, routing_rng);
+    };
+    let mut cache = decoder.new_cache();
+    let start = prompt.len().saturating_sub(opts.context);
+    let mut logits = vec![];
+    for &t in &prompt[start..] {
+        logits = decoder.step(t, &mut cache, opts.context);
+    }
+    let mut new = Vec::with_capacity(opts.max_tokens);
+    for i in 0..opts.max_tokens {
+        let next = pick(&logits, opts, sample_rng);
+        new.push(next);
+        if i + 1 < opts.max_tokens {
+            logits = decoder.step(next, &mut cache, opts.context);
+        }
+    }
+    new
+}
+
+/// [`generate_cached`] through Burn's tensor ops: any backend and precision.
+pub fn generate_cached_generic(
     model: &SwitchTransformer,
     prompt: &[u32],
     opts: &SampleOptions,

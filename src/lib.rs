@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod data;
+pub mod decode;
 pub mod device;
 pub mod download;
 pub mod eval;

@@ -17,7 +17,7 @@ use switch_transformer::data::{TextData, valid_batches};
 use switch_transformer::device::parse_device;
 use switch_transformer::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download};
 use switch_transformer::eval::{evaluate, route_tokens};
-use switch_transformer::generate::{SampleOptions, generate};
+use switch_transformer::generate::{SampleOptions, generate, generate_cached};
 use switch_transformer::parallel::Placement;
 use switch_transformer::parity;
 use switch_transformer::precision::Precision;
@@ -93,9 +93,15 @@ enum Command {
         top_k: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Drop over-capacity tokens while generating (labml's sampler does).
+        /// Drop over-capacity tokens while generating (labml's sampler does; implies
+        /// --recompute).
         #[arg(long)]
         drop_tokens: bool,
+        /// Recompute the whole window for every token, as labml's sampler does, instead of
+        /// caching keys and values (the same text within the context; beyond it, the cache
+        /// attends to a sliding window).
+        #[arg(long)]
+        recompute: bool,
     },
     /// Loss and perplexity over the whole validation split of a run's data.
     Eval {
@@ -491,6 +497,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             top_k,
             seed,
             drop_tokens,
+            recompute,
         } => {
             let (config, vocab, mut model) = load_run_model(&run, &device)?;
             model.set_drop_tokens(drop_tokens);
@@ -505,7 +512,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 context: config.train.seq_len,
             };
             let mut rng = RoutingRng::seed_from_u64(seed);
-            let new = generate(&model, &ids, &opts, &mut rng.clone(), &mut rng);
+            let new = if recompute || drop_tokens {
+                generate(&model, &ids, &opts, &mut rng.clone(), &mut rng)
+            } else {
+                generate_cached(&model, &ids, &opts, &mut rng.clone(), &mut rng)
+            };
             println!("{prompt}{}", vocab.decode(&new));
             Ok(ExitCode::SUCCESS)
         }

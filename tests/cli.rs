@@ -191,6 +191,25 @@ fn run_directory_problems_never_lose_checkpoints() {
         text.starts_with("The") && text.chars().count() == 15,
         "{text:?}"
     );
+    // Greedy within the context (seq_len 8): the cache and labml's recomputation agree.
+    let greedy = |extra: &[&str]| {
+        let mut args = vec![
+            "sample",
+            "--run",
+            "runs/good",
+            "--max-tokens",
+            "5",
+            "--prompt",
+            "The",
+            "--temperature",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let out = switch(&args, &tmp);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(greedy(&[]), greedy(&["--recompute"]));
     let out = switch(&["eval", "--run", "runs/good", "--data", data], &tmp);
     assert!(
         out.status.success(),

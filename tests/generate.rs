@@ -115,3 +115,78 @@ fn sampling_respects_temperature_and_top_k() {
     let ratio = seen[1] as f64 / seen[3] as f64;
     assert!((ratio - 1.105).abs() < 0.15, "{seen:?}");
 }
+
+/// The CPU decoder against Burn's cached forward, step by step past the context (sliding
+/// window), for Switch routing variants and dense blocks.
+#[test]
+fn host_decoder_matches_the_burn_path() {
+    use switch_transformer::config::InitScheme;
+    use switch_transformer::decode::HostDecoder;
+    use switch_transformer::generate::generate_cached_generic;
+
+    let device = Device::flex();
+    let variants = [
+        config(),
+        ModelConfig {
+            top_k: 2,
+            ..config()
+        },
+        ModelConfig {
+            is_scale_prob: false,
+            switch_every: 2,
+            ..config()
+        },
+    ];
+    for (i, c) in variants.into_iter().enumerate() {
+        let c = ModelConfig {
+            init: InitScheme::Independent,
+            ..c
+        };
+        let model = c.init(10 + i as u64, &device).unwrap();
+        let decoder = HostDecoder::for_model(&model).expect("an f32 model on the CPU");
+        let (mut host_cache, mut cache) = (decoder.new_cache(), vec![KvCache::default(); 3]);
+        let mut rng = RoutingRng::seed_from_u64(0);
+        let mut model_nodrop = model.clone();
+        model_nodrop.set_drop_tokens(false);
+        for step in 0..30i64 {
+            let token = (step * 7 + 3) % 20;
+            let host = decoder.step(token as u32, &mut host_cache, 8);
+            let burn: Vec<f32> = model_nodrop
+                .forward_cached(ids(&[token], &device), &mut cache, 8, &mut rng)
+                .into_data()
+                .try_to_vec()
+                .unwrap();
+            let scale = burn.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = host
+                .iter()
+                .zip(&burn)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err / scale < 1e-5, "variant {i} step {step}: {err}");
+        }
+        let opts = SampleOptions {
+            max_tokens: 40,
+            temperature: 0.0,
+            top_k: None,
+            context: 8,
+        };
+        let mut r = RoutingRng::seed_from_u64(1);
+        let prompt = [1u32, 5, 9];
+        assert_eq!(
+            generate_cached(&model, &prompt, &opts, &mut r.clone(), &mut r.clone()),
+            generate_cached_generic(&model, &prompt, &opts, &mut r.clone(), &mut r),
+            "variant {i}"
+        );
+    }
+    // Other precisions and learned positions take the generic path.
+    let bf16 = ModelConfig {
+        precision: switch_transformer::precision::Precision::Bf16,
+        ..config()
+    };
+    assert!(HostDecoder::for_model(&bf16.init(0, &device).unwrap()).is_none());
+    let learned = ModelConfig {
+        pos_embedding: true,
+        max_seq_len: 16,
+        ..config()
+    };
+    assert!(HostDecoder::for_model(&learned.init(0, &device).unwrap()).is_none());
+}
