@@ -171,6 +171,9 @@ pub struct StepOutput {
 pub struct Replicas {
     pub replicas: Vec<Replica>,
     grad_sync: GradSync,
+    /// One thread pool per replica, splitting the global pool's threads between them, so that
+    /// the backend's parallel kernels of concurrent replicas do not oversubscribe the cores.
+    pools: Vec<rayon::ThreadPool>,
     _context: Option<DistributedContext>,
 }
 
@@ -208,9 +211,20 @@ impl Replicas {
             };
             DistributedContext::init(devices.to_vec(), config)
         });
+        let n = replicas.len();
+        let pools = if n > 1 {
+            let threads = (rayon::current_num_threads() / n).max(1);
+            (0..n)
+                .map(|_| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
+                .collect::<Result<_, _>>()
+                .context("cannot start the replicas' thread pools")?
+        } else {
+            vec![]
+        };
         Ok(Self {
             replicas,
             grad_sync,
+            pools,
             _context: context,
         })
     }
@@ -241,14 +255,16 @@ impl Replicas {
             let seeds: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
             let collective = (self.grad_sync == GradSync::Collective)
                 .then(|| self.replicas.iter().map(|r| r.device.clone()).collect());
-            let replicas = &self.replicas;
+            let (replicas, pools) = (&self.replicas, &self.pools);
             std::thread::scope(|scope| {
                 let handles: Vec<_> = (0..n)
                     .map(|i| {
                         let (shard, collective) = (&shards[i], collective.clone());
                         let mut rng = RoutingRng::seed_from_u64(seeds[i]);
                         scope.spawn(move || {
-                            forward_backward(&replicas[i], shard, &mut rng, s, collective)
+                            pools[i].install(|| {
+                                forward_backward(&replicas[i], shard, &mut rng, s, collective)
+                            })
                         })
                     })
                     .collect();
@@ -283,7 +299,8 @@ impl Replicas {
                     .replicas
                     .iter_mut()
                     .zip(grads.iter_mut())
-                    .map(|(r, g)| scope.spawn(move || update(r, g, s)))
+                    .zip(&self.pools)
+                    .map(|((r, g), pool)| scope.spawn(move || pool.install(|| update(r, g, s))))
                     .collect();
                 handles
                     .into_iter()
