@@ -124,16 +124,19 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// A copy of `self` (weights and optimizer moments) on `device`, with tensors of its own.
-    fn copy_to(&self, config: &ModelConfig, device: &Device) -> Result<Self> {
+    /// A copy of `self` on `device`, with tensors of its own: the weights, and the optimizer
+    /// moments if `with_moments` (only replicas that take their own Adam steps need them).
+    fn copy_to(&self, config: &ModelConfig, device: &Device, with_moments: bool) -> Result<Self> {
         let device = device.clone().autodiff();
         let weights = model_state_dict(&self.model, Source::Values);
         let model = model_from_state_dict(config, &weights, &device)?;
         let mut adam = LabmlAdam::new(self.adam.beta1, self.adam.beta2, self.adam.eps);
-        adam.load_state_tensors(
-            self.adam.step,
-            &self.adam.state_tensors().into_iter().collect(),
-        )?;
+        if with_moments {
+            adam.load_state_tensors(
+                self.adam.step,
+                &self.adam.state_tensors().into_iter().collect(),
+            )?;
+        }
         Ok(Self {
             model,
             adam,
@@ -200,7 +203,7 @@ impl Replicas {
         for (i, d) in devices.iter().enumerate().skip(1) {
             replicas.push(
                 first
-                    .copy_to(config, d)
+                    .copy_to(config, d, grad_sync == GradSync::Collective)
                     .with_context(|| format!("cannot place replica {i} on its device"))?,
             );
         }
