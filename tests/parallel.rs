@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use rand::{Rng, RngCore, SeedableRng};
 use switch_transformer::RoutingRng;
@@ -13,7 +13,7 @@ use switch_transformer::loss::Losses;
 use switch_transformer::optim::LabmlAdam;
 use switch_transformer::parallel::{GradSync, Placement, Replica, Replicas, StepSettings};
 use switch_transformer::store::host_f32;
-use switch_transformer::train::{Event, Trainer};
+use switch_transformer::train::Trainer;
 use switch_transformer::weights::{Source, StateDict, model_from_state_dict, model_state_dict};
 
 fn values(sd: &StateDict) -> Vec<(String, Vec<f64>)> {
@@ -153,17 +153,10 @@ fn data_parallel_run_resumes_exactly_with_identical_replicas() {
     common::assert_same_run(&dicts[0], &dicts[1], "replicas drifted apart");
 
     let split = tmp.join("split");
-    let stop = AtomicBool::new(false);
-    Trainer::create(config(), load(), &split, &device)
-        .unwrap()
-        .run(&stop, &mut |e| {
-            if let Event::Step(s) = e
-                && s.step == 3
-            {
-                stop.store(true, Ordering::SeqCst);
-            }
-        })
-        .unwrap();
+    common::run_until_step(
+        &mut Trainer::create(config(), load(), &split, &device).unwrap(),
+        3,
+    );
     let mut resumed = Trainer::resume(&split, load(), &device).unwrap();
     assert_eq!((resumed.step, resumed.replicas().len()), (3, 2));
     resumed.run(&AtomicBool::new(false), &mut |_| {}).unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use burn::tensor::Device;
 use serde_json::Value;
@@ -116,17 +116,10 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
 
     // Stop after step 3 (as Ctrl-C does): a checkpoint at step 3, then resume.
     let split = tmp.join("split");
-    let stop = AtomicBool::new(false);
-    let finish = Trainer::create(common::tiny_run_config(), load(), &split, &device)
-        .unwrap()
-        .run(&stop, &mut |e| {
-            if let Event::Step(s) = e
-                && s.step == 3
-            {
-                stop.store(true, Ordering::SeqCst);
-            }
-        })
-        .unwrap();
+    let finish = common::run_until_step(
+        &mut Trainer::create(common::tiny_run_config(), load(), &split, &device).unwrap(),
+        3,
+    );
     assert_eq!(finish, Finish::Interrupted);
     let mut resumed = Trainer::resume(&split, load(), &device).unwrap();
     assert_eq!(resumed.step, 3);

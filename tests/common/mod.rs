@@ -173,3 +173,21 @@ pub fn assert_same_run(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)], what:
         assert!(err < 1e-5, "{what}: {name} differs by {err}");
     }
 }
+
+/// Runs `trainer` and stops it after step `step`, as Ctrl-C does (a checkpoint is written).
+pub fn run_until_step(
+    trainer: &mut switch_transformer::train::Trainer,
+    step: u64,
+) -> switch_transformer::train::Finish {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    trainer
+        .run(&stop, &mut |e| {
+            if let switch_transformer::train::Event::Step(s) = e
+                && s.step == step
+            {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap()
+}
