@@ -50,26 +50,27 @@ fn matvec(x: &[f32], w: &[f32], b: &[f32], n_out: usize) -> Vec<f32> {
         // SAFETY: the CPU supports the features the function is compiled for.
         return unsafe { matvec_avx2(x, w, b, n_out) };
     }
-    matvec_loop(x, w, b, n_out)
+    matvec_loop::<false>(x, w, b, n_out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn matvec_avx2(x: &[f32], w: &[f32], b: &[f32], n_out: usize) -> Vec<f32> {
-    let mut y = b.to_vec();
-    for (xi, row) in x.iter().zip(w.chunks_exact(n_out)) {
-        for (yj, wj) in y.iter_mut().zip(row) {
-            *yj = xi.mul_add(*wj, *yj); // one vfmadd per lane
-        }
-    }
-    y
+    matvec_loop::<true>(x, w, b, n_out)
 }
 
-fn matvec_loop(x: &[f32], w: &[f32], b: &[f32], n_out: usize) -> Vec<f32> {
+/// The loop itself; `FMA` fuses the multiply-add (only where the CPU has it: elsewhere
+/// `mul_add` is a slow library call).
+#[inline(always)]
+fn matvec_loop<const FMA: bool>(x: &[f32], w: &[f32], b: &[f32], n_out: usize) -> Vec<f32> {
     let mut y = b.to_vec();
     for (xi, row) in x.iter().zip(w.chunks_exact(n_out)) {
         for (yj, wj) in y.iter_mut().zip(row) {
-            *yj += xi * wj;
+            *yj = if FMA {
+                xi.mul_add(*wj, *yj)
+            } else {
+                *yj + xi * wj
+            };
         }
     }
     y

@@ -114,7 +114,7 @@ impl ParamGrads {
     /// `min(1, max_norm / (norm + 1e-6))`; returns the norm before clipping.
     pub fn clip_global_norm(&mut self, max_norm: f64) -> f64 {
         let norm = self.global_norm();
-        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        let coef = clip_coefficient(norm, max_norm);
         if coef < 1.0 {
             for g in &mut self.grads {
                 *g = g.clone() * coef;
@@ -122,6 +122,12 @@ impl ParamGrads {
         }
         norm
     }
+}
+
+/// PyTorch `clip_grad_norm_`'s factor for gradients of global norm `norm`:
+/// `min(1, max_norm / (norm + 1e-6))`.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
 }
 
 /// Adam first and second moments of one parameter (flattened).

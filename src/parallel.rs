@@ -30,7 +30,7 @@ use crate::data::Batch;
 use crate::eval::{LayerStats, layer_stats};
 use crate::loss::Losses;
 use crate::model::SwitchTransformer;
-use crate::optim::{LabmlAdam, ParamGrads};
+use crate::optim::{LabmlAdam, ParamGrads, clip_coefficient};
 use crate::router::RoutingRng;
 use crate::store::host_f32;
 use crate::switch::SwitchStats;
@@ -232,14 +232,6 @@ impl Replicas {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.replicas.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.replicas.is_empty()
-    }
-
     /// Replica 0.
     pub fn first(&self) -> &Replica {
         &self.replicas[0]
@@ -258,59 +250,34 @@ impl Replicas {
             let seeds: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
             let collective = (self.grad_sync == GradSync::Collective)
                 .then(|| self.replicas.iter().map(|r| r.device.clone()).collect());
-            let (replicas, pools) = (&self.replicas, &self.pools);
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..n)
-                    .map(|i| {
-                        let (shard, collective) = (&shards[i], collective.clone());
-                        let mut rng = RoutingRng::seed_from_u64(seeds[i]);
-                        scope.spawn(move || {
-                            pools[i].install(|| {
-                                forward_backward(&replicas[i], shard, &mut rng, s, collective)
-                            })
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a replica's thread panicked"))
-                    .collect()
+            let work = self.replicas.iter().zip(shards.iter().zip(seeds));
+            on_each(&self.pools, work, |(r, (shard, seed))| {
+                let mut rng = RoutingRng::seed_from_u64(seed);
+                forward_backward(r, shard, &mut rng, s, collective.clone())
             })
         };
         let t0 = Instant::now();
         let (forward_s, backward_s) = (parts[0].forward_s, parts[0].backward_s);
         let mean = |f: fn(&Part) -> f64| parts.iter().map(f).sum::<f64>() / n as f64;
         let (ce, lb, z) = (mean(|p| p.ce), mean(|p| p.lb), mean(|p| p.z));
-        let passes: Vec<Vec<SwitchStats>> = parts.iter().map(|p| p.stats.clone()).collect();
+        let (passes, mut grads): (Vec<Vec<SwitchStats>>, Vec<ParamGrads>) =
+            parts.into_iter().map(|p| (p.stats, p.grads)).unzip();
         let layers = layer_stats(&passes);
-        let mut grads: Vec<ParamGrads> = parts.into_iter().map(|p| p.grads).collect();
         let grad_norm = if n == 1 {
             update(&mut self.replicas[0], &mut grads[0], s)
         } else if self.grad_sync == GradSync::Broadcast {
             // clip(sum / N) = sum * min(1, clip / (|sum| / N + 1e-6)) / N: one pass over the sum.
             let mut sum = sum_on_first(&self.replicas, &grads);
             let norm = sum.global_norm() / n as f64;
-            let coef = (s.grad_clip / (norm + 1e-6)).min(1.0) / n as f64;
+            let coef = clip_coefficient(norm, s.grad_clip) / n as f64;
             sum.map(|g| g * coef);
             let first = &mut self.replicas[0];
             first.model = first.adam.step(first.model.clone(), &sum, s.lr);
             broadcast_weights(&mut self.replicas);
             norm
         } else {
-            let norms: Vec<f64> = std::thread::scope(|scope| {
-                let handles: Vec<_> = self
-                    .replicas
-                    .iter_mut()
-                    .zip(grads.iter_mut())
-                    .zip(&self.pools)
-                    .map(|((r, g), pool)| scope.spawn(move || pool.install(|| update(r, g, s))))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a replica's thread panicked"))
-                    .collect()
-            });
-            norms[0]
+            let work = self.replicas.iter_mut().zip(grads.iter_mut());
+            on_each(&self.pools, work, |(r, g)| update(r, g, s))[0]
         };
         StepOutput {
             ce,
@@ -323,6 +290,26 @@ impl Replicas {
             update_s: t0.elapsed().as_secs_f64(),
         }
     }
+}
+
+/// `f` on each item at once, item `i` in a thread of its own inside `pools[i]`; the results
+/// in item order.
+fn on_each<T: Send, R: Send>(
+    pools: &[rayon::ThreadPool],
+    items: impl Iterator<Item = T>,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .zip(pools)
+            .map(|(item, pool)| scope.spawn(move || pool.install(|| f(item))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a replica's thread panicked"))
+            .collect()
+    })
 }
 
 fn forward_backward(
