@@ -28,6 +28,8 @@ pub struct BenchConfig {
     pub device: String,
     /// Data-parallel replicas, each on `batch_size / replicas` windows.
     pub replicas: usize,
+    /// The replicas route each batch together, as one model.
+    pub global_routing: bool,
 }
 
 /// Training-step timings.
@@ -103,7 +105,13 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
         adam: LabmlAdam::default(),
         device,
     };
-    let mut replicas = Replicas::new(first, &c.model, &devices, placement.grad_sync)?;
+    let mut replicas = Replicas::new(
+        first,
+        &c.model,
+        &devices,
+        placement.grad_sync,
+        c.global_routing,
+    )?;
     let noam = Noam {
         lr: 1.0,
         warmup: 2000,

@@ -261,10 +261,13 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Router z-loss coefficient (ST-MoE: 0.001); the z-loss is logged either way.
     pub z_loss_coef: f64,
-    /// Data-parallel replicas: each takes `batch_size / replicas` windows of every batch and
-    /// routes them on its own (capacity and load balancing per replica, as in the paper);
+    /// Data-parallel replicas: each takes `batch_size / replicas` windows of every batch;
     /// gradients are averaged. 1 = one model, labml's experiment.
     pub replicas: usize,
+    /// Replicas route the whole batch together (capacity, drops and load balance over all its
+    /// tokens: the step of one model, in `replicas` threads) instead of each its own windows
+    /// (as each core in the paper).
+    pub global_routing: bool,
     /// Steps between training-metric lines in metrics.jsonl.
     pub log_interval: u64,
     /// Steps between validations (and at the last step).
@@ -297,6 +300,7 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             z_loss_coef: 0.0,
             replicas: 1,
+            global_routing: false,
             log_interval: 10,
             eval_interval: 250,
             eval_batches: 20,
@@ -476,6 +480,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "data-parallel replicas, each on batch_size/replicas windows (switch train --devices)",
     ),
     (
+        "train.global_routing",
+        "replicas route the whole batch together, as one model (else each its own windows)",
+    ),
+    (
         "train.log_interval",
         "steps between training lines in metrics.jsonl",
     ),
@@ -502,7 +510,15 @@ pub const KEYS: &[(&str, &str)] = &[
 impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
-        self.train.validate()
+        self.train.validate()?;
+        let t = &self.train;
+        if t.global_routing && t.replicas > 1 && self.model.route_on == RoutePlace::Device {
+            bail!(
+                "train.global_routing routes through the host (the replicas exchange their \
+                 router probabilities there): set model.route_on = auto or host"
+            );
+        }
+        Ok(())
     }
 
     /// Reads a TOML file; unknown keys and wrong types are errors naming the key.

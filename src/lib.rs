@@ -18,6 +18,7 @@ pub mod download;
 pub mod eval;
 pub mod expert;
 pub mod generate;
+pub mod group;
 pub mod init;
 pub mod loss;
 pub mod model;

@@ -15,8 +15,9 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
 }
 
 /// Switch load-balancing loss summed over layers: `n_experts * sum_l sum_i f_li * P_li`, with
-/// `f` the routed fraction (from counts before dropping; a constant) and `P` the mean routing
-/// probability (carries the gradient). Equals the number of layers at perfect balance.
+/// `f` the routed fraction (from counts before dropping, over the tokens routed together; a
+/// constant) and `P` the mean routing probability over this pass's tokens (carries the
+/// gradient). Equals the number of layers at perfect balance.
 pub fn load_balancing_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
     let mut total: Option<Tensor<1>> = None;
     for s in stats {
@@ -24,9 +25,9 @@ pub fn load_balancing_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> 
         let tokens = s.n_tokens() as f64;
         // n_experts * f_i / tokens folded into one constant vector: sum_i c_i * P_sum_i.
         let coef = s
-            .counts
+            .group_counts
             .clone()
-            .div_scalar(tokens)
+            .div_scalar(s.group_tokens as f64)
             .mul_scalar(n_experts)
             .div_scalar(tokens);
         let layer = (s.route_prob_sum.clone() * coef).sum();

@@ -226,6 +226,11 @@ struct ParallelArgs {
     /// all-reduce; CUDA devices only).
     #[arg(long, default_value = "broadcast")]
     grad_sync: String,
+    /// The replicas route each batch together, as one model does (capacity, drops and load
+    /// balance over the whole batch); sets train.global_routing. Without it each replica
+    /// routes its own windows.
+    #[arg(long)]
+    global_routing: bool,
 }
 
 fn main() -> ExitCode {
@@ -299,6 +304,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     parallel.devices.join(",")
                 },
                 replicas,
+                global_routing: parallel.global_routing,
             };
             c.model.validate()?;
             if batch == 0 || seq_len == 0 || steps == 0 {
@@ -329,7 +335,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
                     println!(
-                        "training: {} params, {} experts x {} layers, d_model {}, d_ff {}, batch {}x{}, {} threads, {} replica(s) on {}, {} steps after {} warm-up",
+                        "training: {} params, {} experts x {} layers, d_model {}, d_ff {}, batch {}x{}, {} threads, {} replica(s){} on {}, {} steps after {} warm-up",
                         r.params,
                         experts,
                         layers,
@@ -339,6 +345,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         seq_len,
                         c.threads,
                         c.replicas,
+                        if c.global_routing && c.replicas > 1 {
+                            " routing together"
+                        } else {
+                            ""
+                        },
                         c.device,
                         steps,
                         warmup
@@ -464,6 +475,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .train
                     .seq_len;
                 let text = load_data(&data, seq_len)?;
+                if parallel.global_routing {
+                    bail!(
+                        "--global-routing applies to new runs; a resumed run keeps its \
+                         train.global_routing"
+                    );
+                }
                 let t = Trainer::resume(&run_dir, text, placement)?;
                 println!("resuming {} at step {}", run_dir.display(), t.step);
                 t
@@ -480,6 +497,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 if parallel.devices.len() > 1 && c.train.replicas == 1 {
                     c.train.replicas = parallel.devices.len();
+                }
+                if parallel.global_routing {
+                    c.train.global_routing = true;
                 }
                 c.validate()?;
                 placement.devices_for(c.train.replicas)?;

@@ -4,14 +4,16 @@
 //! consecutive windows of every batch:
 //!
 //! ```text
-//! replica r:   loss_r = ce_r + lb_coef * lb_r + z_coef * z_r   routes, capacity and load balance
-//!                                                             over its own tokens (as each core
-//!                                                             in the paper)
-//! g = (1/N) sum_r grad(loss_r)                                module order, replica order
+//! replica r:   loss_r = (ce_r + lb_coef * lb_r + z_coef * z_r) / N
+//! g = sum_r grad(loss_r)                                      module order, replica order
 //! clip g to its global norm; one Adam step; the same weights on every replica
 //! ```
+//! Routing, two ways (`train.global_routing`): each replica routes its own tokens (capacity and
+//! load balance per replica, as each core in the paper), or the replicas route the whole batch
+//! together through a [`RouteGroup`] (capacity, drops and the load-balancing f_i over all
+//! tokens): the same step as one model, computed by N threads.
 //!
-//! Two ways to get there ([`GradSync`]): the gradients summed on the first replica's device,
+//! Two ways to combine the gradients ([`GradSync`]): summed on the first replica's device,
 //! which takes the Adam step and hands its weights to the others (shared, not copied, when
 //! they are on the same device); or Burn's collective all-reduce, after which every replica
 //! takes the same step. With one replica this is the plain step (no threads), bit for bit
@@ -24,10 +26,12 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::distributed::{DistributedConfig, DistributedContext, ReduceOperation};
 use burn::tensor::{Device, Tensor};
 use rand::{RngCore, SeedableRng};
+use std::sync::Arc;
 
 use crate::config::ModelConfig;
 use crate::data::Batch;
 use crate::eval::{LayerStats, layer_stats};
+use crate::group::{self, RouteGroup};
 use crate::loss::Losses;
 use crate::model::SwitchTransformer;
 use crate::optim::{LabmlAdam, ParamGrads, clip_coefficient};
@@ -43,7 +47,7 @@ pub enum GradSync {
     /// the Adam step there, hand the weights back: works on every backend (Burn 0.22's
     /// collectives exist only on CUDA), and the replicas share one set of weights on the CPU.
     Broadcast,
-    /// Burn's `all_reduce` (NCCL, mean) between CUDA devices; every replica then takes the
+    /// Burn's `all_reduce` (NCCL, sum) between CUDA devices; every replica then takes the
     /// same clip and Adam step.
     Collective,
 }
@@ -154,13 +158,13 @@ pub struct StepSettings {
     pub lr: f64,
 }
 
-/// What one step measured (losses averaged over replicas).
+/// What one step measured (losses over all replicas' tokens: the mean of theirs).
 #[derive(Debug, Clone)]
 pub struct StepOutput {
     pub ce: f64,
     pub lb: f64,
     pub z: f64,
-    /// Global gradient norm before clipping (of the averaged gradients).
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Routing statistics per Switch layer, over all replicas' tokens.
     pub layers: Vec<LayerStats>,
@@ -177,10 +181,12 @@ pub struct Replicas {
     /// One thread pool per replica, splitting the global pool's threads between them, so that
     /// the backend's parallel kernels of concurrent replicas do not oversubscribe the cores.
     pools: Vec<rayon::ThreadPool>,
+    /// The replicas' routing group, if they route the batch together.
+    group: Option<Arc<RouteGroup>>,
     _context: Option<DistributedContext>,
 }
 
-/// One replica's forward and backward.
+/// One replica's forward and backward; the losses are its share of the step's.
 struct Part {
     ce: f64,
     lb: f64,
@@ -192,12 +198,14 @@ struct Part {
 }
 
 impl Replicas {
-    /// `first` and copies of it, one replica per entry of `devices`.
+    /// `first` and copies of it, one replica per entry of `devices`; with `global_routing`
+    /// they route every batch together (as one model).
     pub fn new(
         first: Replica,
         config: &ModelConfig,
         devices: &[Device],
         grad_sync: GradSync,
+        global_routing: bool,
     ) -> Result<Self> {
         let mut replicas = vec![];
         for (i, d) in devices.iter().enumerate().skip(1) {
@@ -225,6 +233,7 @@ impl Replicas {
             vec![]
         };
         Ok(Self {
+            group: (global_routing && n > 1).then(|| RouteGroup::new(n)),
             replicas,
             grad_sync,
             pools,
@@ -238,38 +247,60 @@ impl Replicas {
     }
 
     /// One optimizer step on `batch`. With one replica routing draws from `rng` directly; with
-    /// more, each replica gets a generator seeded from `rng` (so a checkpointed `rng` replays
-    /// the step exactly).
+    /// more, each replica gets a generator derived from `rng` (so a checkpointed `rng` replays
+    /// the step exactly). In a routing group replica 0 routes the batch with `rng` itself, as
+    /// one model would; the others draw their own dropout and jitter from other streams.
     pub fn step(&mut self, batch: &Batch, rng: &mut RoutingRng, s: StepSettings) -> StepOutput {
         let n = self.replicas.len();
         let parts: Vec<Part> = if n == 1 {
             let r = &self.replicas[0];
-            vec![forward_backward(r, batch, rng, s, None)]
+            vec![forward_backward(r, batch, rng, s, None, 1.0)]
         } else {
             let shards = batch.split(n);
-            let seeds: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+            let rngs: Vec<RoutingRng> = match &self.group {
+                None => (0..n)
+                    .map(|_| RoutingRng::seed_from_u64(rng.next_u64()))
+                    .collect(),
+                Some(_) => (0..n)
+                    .map(|i| {
+                        let mut g = rng.clone();
+                        g.set_stream(g.get_stream().wrapping_add(i as u64));
+                        g
+                    })
+                    .collect(),
+            };
             let collective = (self.grad_sync == GradSync::Collective)
                 .then(|| self.replicas.iter().map(|r| r.device.clone()).collect());
-            let work = self.replicas.iter().zip(shards.iter().zip(seeds));
-            on_each(&self.pools, work, |(r, (shard, seed))| {
-                let mut rng = RoutingRng::seed_from_u64(seed);
-                forward_backward(r, shard, &mut rng, s, collective.clone())
-            })
+            let group = self.group.clone();
+            let work = (self.replicas.iter().zip(shards.iter()).zip(rngs)).enumerate();
+            let share = 1.0 / n as f64;
+            let done = on_each(&self.pools, work, |(i, ((r, shard), mut rng))| {
+                let mut run = || forward_backward(r, shard, &mut rng, s, collective.clone(), share);
+                let part = match &group {
+                    Some(g) => group::within(g, i, run),
+                    None => run(),
+                };
+                (part, rng)
+            });
+            let (parts, mut rngs): (Vec<Part>, Vec<RoutingRng>) = done.into_iter().unzip();
+            if self.group.is_some() {
+                *rng = rngs.swap_remove(0);
+            }
+            parts
         };
         let t0 = Instant::now();
         let (forward_s, backward_s) = (parts[0].forward_s, parts[0].backward_s);
-        let mean = |f: fn(&Part) -> f64| parts.iter().map(f).sum::<f64>() / n as f64;
-        let (ce, lb, z) = (mean(|p| p.ce), mean(|p| p.lb), mean(|p| p.z));
+        let sum = |f: fn(&Part) -> f64| parts.iter().map(f).sum::<f64>();
+        let (ce, lb, z) = (sum(|p| p.ce), sum(|p| p.lb), sum(|p| p.z));
         let (passes, mut grads): (Vec<Vec<SwitchStats>>, Vec<ParamGrads>) =
             parts.into_iter().map(|p| (p.stats, p.grads)).unzip();
         let layers = layer_stats(&passes);
         let grad_norm = if n == 1 {
             update(&mut self.replicas[0], &mut grads[0], s)
         } else if self.grad_sync == GradSync::Broadcast {
-            // clip(sum / N) = sum * min(1, clip / (|sum| / N + 1e-6)) / N: one pass over the sum.
             let mut sum = sum_on_first(&self.replicas, &grads);
-            let norm = sum.global_norm() / n as f64;
-            let coef = clip_coefficient(norm, s.grad_clip) / n as f64;
+            let norm = sum.global_norm();
+            let coef = clip_coefficient(norm, s.grad_clip);
             sum.map(|g| g * coef);
             let first = &mut self.replicas[0];
             first.model = first.adam.step(first.model.clone(), &sum, s.lr);
@@ -318,6 +349,7 @@ fn forward_backward(
     rng: &mut RoutingRng,
     s: StepSettings,
     collective: Option<Vec<Device>>,
+    share: f64,
 ) -> Part {
     let t0 = Instant::now();
     let (x, y) = batch.tensors(&r.device);
@@ -325,12 +357,17 @@ fn forward_backward(
     let losses = Losses::new(out.logits, y, &out.stats, s.lb_coef, s.z_coef);
     // One read for the three.
     let read = host_f32(Tensor::cat(vec![losses.ce, losses.lb, losses.z], 0));
-    let (ce, lb, z) = (read[0] as f64, read[1] as f64, read[2] as f64);
+    let [ce, lb, z] = [0, 1, 2].map(|i| read[i] as f64 * share);
     let t1 = Instant::now();
-    let mut grads = ParamGrads::from_gradients(&r.model, losses.total.backward());
+    let total = if share == 1.0 {
+        losses.total
+    } else {
+        losses.total.mul_scalar(share)
+    };
+    let mut grads = ParamGrads::from_gradients(&r.model, total.backward());
     if let Some(devices) = collective {
         grads.map(|g| {
-            burn::tensor::distributed::all_reduce(g, ReduceOperation::Mean, devices.clone())
+            burn::tensor::distributed::all_reduce(g, ReduceOperation::Sum, devices.clone())
                 .resolve()
         });
     }

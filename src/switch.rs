@@ -39,9 +39,13 @@ pub enum DroppedTokens {
 /// device (reading them is the caller's choice: once per step for the logs).
 #[derive(Debug, Clone)]
 pub struct SwitchStats {
-    /// `[n_experts]` tokens whose first choice is each expert, before dropping (f_i numerator;
-    /// constant).
+    /// `[n_experts]` tokens whose first choice is each expert, before dropping (constant).
     pub counts: Tensor<1>,
+    /// `[n_experts]` the same over the tokens routed together (the f_i numerator of the
+    /// load-balancing loss): `counts` itself, or the whole batch's in a [`crate::group`].
+    pub group_counts: Tensor<1>,
+    /// Tokens routed together (the f_i denominator).
+    pub group_tokens: usize,
     /// Sum over all tokens of the full routing probabilities `[n_experts]` (P_i numerator;
     /// carries the gradient to the router).
     pub route_prob_sum: Tensor<1>,
@@ -157,7 +161,22 @@ impl SwitchFeedForward {
         let logits = self.router.logits(router_in);
         let route_prob = burn::tensor::activation::softmax(logits.clone(), 1);
         let opts = self.routing_options();
-        let mut out = if opts.on_device(&x.device()) {
+        let group = crate::group::current();
+        let mut out = if let Some((group, shard)) = group {
+            // Shards of one batch route together: probabilities through the host.
+            let n_experts = self.n_experts();
+            let probs = host_f32(route_prob.clone());
+            let r = group.route(shard, probs, |all| {
+                RoutePlan::new(all, n_experts, &opts, rng)
+            });
+            let mut out = self.dispatch(x, route_prob, &r.plan, rng);
+            let n = r.group_counts.len();
+            let counts: Vec<f32> = r.group_counts.iter().map(|&c| c as f32).collect();
+            out.stats.group_counts =
+                Tensor::from_data(TensorData::new(counts, [n]), &out.out.device());
+            out.stats.group_tokens = r.group_tokens;
+            out
+        } else if opts.on_device(&x.device()) {
             let routes = DeviceRoutes::new(route_prob.clone(), &opts, rng);
             let assignment = Assignment {
                 k: 1,
@@ -287,6 +306,8 @@ impl SwitchFeedForward {
         SwitchOutput {
             out: out.expect("top_k >= 1"),
             stats: SwitchStats {
+                group_counts: counts.clone(),
+                group_tokens: n_tokens,
                 counts,
                 route_prob_sum: route_prob.sum_dim(0).reshape([n_experts]),
                 z_loss: Tensor::zeros([1], &device),

@@ -120,7 +120,13 @@ impl Trainer {
             adam,
             device,
         };
-        let replicas = Replicas::new(first, &config.model, &devices, placement.grad_sync)?;
+        let replicas = Replicas::new(
+            first,
+            &config.model,
+            &devices,
+            placement.grad_sync,
+            config.train.global_routing,
+        )?;
         let trainer = Self::assemble(config, run_dir, data, replicas, loader, rng);
         trainer.truncate_metrics(0)?;
         Ok(trainer)
@@ -156,7 +162,13 @@ impl Trainer {
             adam: loaded.adam,
             device,
         };
-        let replicas = Replicas::new(first, &config.model, &devices, placement.grad_sync)?;
+        let replicas = Replicas::new(
+            first,
+            &config.model,
+            &devices,
+            placement.grad_sync,
+            config.train.global_routing,
+        )?;
         let mut trainer = Self::assemble(
             config,
             run_dir,

@@ -313,6 +313,17 @@ fn data_parallel_training_on_cpu_workers() {
     );
     let config = std::fs::read_to_string(tmp.join("runs/dp/config.toml")).unwrap();
     assert!(config.contains("replicas = 2"), "{config}");
+    assert!(config.contains("global_routing = false"), "{config}");
+    let mut args = train_args(data, "together");
+    args.extend(["--devices", "cpu,cpu", "--global-routing"]);
+    let out = switch(&args, &tmp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = std::fs::read_to_string(tmp.join("runs/together/config.toml")).unwrap();
+    assert!(config.contains("global_routing = true"), "{config}");
 
     // Three replicas cannot share a batch of two windows; collectives need CUDA; a resume
     // must place every replica.
@@ -340,6 +351,32 @@ fn data_parallel_training_on_cpu_workers() {
     );
     assert_error(&out, &["3 devices", "train.replicas = 2"]);
     assert_eq!(before, snapshot(&tmp.join("runs/dp")));
+    // Global routing is part of a run's configuration and exchanges through the host.
+    let out = switch(
+        &[
+            "train",
+            "--data",
+            data,
+            "--resume",
+            "runs/dp",
+            "--global-routing",
+        ],
+        &tmp,
+    );
+    assert_error(&out, &["--global-routing", "resumed run"]);
+    assert_eq!(before, snapshot(&tmp.join("runs/dp")));
+    let mut args = train_args(data, "x");
+    args.extend([
+        "--devices",
+        "cpu,cpu",
+        "--global-routing",
+        "--set",
+        "model.route_on=device",
+    ]);
+    assert_error(
+        &switch(&args, &tmp),
+        &["train.global_routing", "model.route_on"],
+    );
     assert!(!tmp.join("runs/x").exists());
     std::fs::remove_dir_all(&tmp).unwrap();
 }
