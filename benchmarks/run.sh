@@ -25,6 +25,7 @@ for round in $(seq "$ROUNDS"); do
     for e in 4 16 64; do
         echo "round $round, $e experts" >&2
         echo "{\"round\": $round, \"result\": $(ours --experts "$e")}" >>"$OUT"
+        echo "{\"round\": $round, \"result\": $(ours --experts "$e" --replicas 2 --global-routing)}" >>"$OUT"
         echo "{\"round\": $round, \"result\": $(ours --experts "$e" --replicas 2)}" >>"$OUT"
         echo "{\"round\": $round, \"result\": $(theirs --experts "$e")}" >>"$OUT"
     done

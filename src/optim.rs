@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 
+use burn::backend::flex::{Flex, FlexTensor};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -96,8 +97,20 @@ impl ParamGrads {
         self.grads.is_empty()
     }
 
-    /// L2 norm over all gradients together (one read back to the host).
+    /// L2 norm over all gradients together (one read back to the host; on the CPU backend a
+    /// pass over the gradients' storage, accumulated in f64).
     pub fn global_norm(&self) -> f64 {
+        if self.grads.iter().all(on_flex_f32) {
+            let total: f64 = self
+                .grads
+                .iter()
+                .map(|g| {
+                    let g = flex(g.clone());
+                    sum_squares(contiguous_f32(&g))
+                })
+                .sum();
+            return total.sqrt();
+        }
         let squares: Vec<Tensor<1>> = self
             .grads
             .iter()
@@ -129,6 +142,44 @@ impl ParamGrads {
 pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     (max_norm / (norm + 1e-6)).min(1.0)
 }
+
+/// Whether `t` lives on the CPU backend in f32, where the optimizer works on the storage itself.
+fn on_flex_f32(t: &Tensor<1>) -> bool {
+    t.device() == Device::flex() && t.dtype() == DType::F32
+}
+
+/// The CPU backend's tensor behind `t` (shares its storage; needs [`on_flex_f32`]).
+fn flex(t: Tensor<1>) -> FlexTensor {
+    let t = if t.is_autodiff() { t.inner() } else { t };
+    let t = t
+        .try_into_primitive::<Flex>()
+        .expect("a tensor on the flex backend");
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// The `n` values of a contiguous 1-D f32 [`FlexTensor`] (its buffer may be longer).
+fn contiguous_f32(t: &FlexTensor) -> &[f32] {
+    let n = t.layout().shape().num_elements();
+    &t.storage::<f32>()[..n]
+}
+
+/// Sum of squares in f64, in parallel over large tensors.
+fn sum_squares(x: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    let part = |c: &[f32]| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+    if x.len() > 2 * CHUNK {
+        x.par_chunks(CHUNK).map(part).sum()
+    } else {
+        part(x)
+    }
+}
+
+/// Elements per parallel task of the CPU update.
+const CHUNK: usize = 1 << 15;
 
 /// Adam first and second moments of one parameter (flattened).
 #[allow(clippy::large_enum_variant)] // one per parameter tensor
@@ -175,41 +226,64 @@ impl Moments {
     }
 }
 
-/// One fused Adam update in place: the same arithmetic as the tensor path, one pass.
-/// Coefficients come in f64 and are rounded once (`1 - b1` is computed in f64, as PyTorch
+/// Adam's coefficients for one step, rounded once to f32 (`1 - b1` computed in f64, as PyTorch
 /// computes `alpha` in Python).
-#[allow(clippy::too_many_arguments)]
-fn fused_update(
-    theta: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    b1: f64,
-    b2: f64,
-    eps: f64,
-    step_size: f64,
-) {
-    let (c1, d1, c2, d2) = (b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32);
-    let (eps, step_size) = (eps as f32, step_size as f32);
-    type Chunks<'a> = (((&'a mut [f32], &'a mut [f32]), &'a mut [f32]), &'a [f32]);
-    let update = |(((t, m), v), g): Chunks| {
-        for i in 0..t.len() {
-            m[i] = c1 * m[i] + d1 * g[i];
-            v[i] = c2 * v[i] + d2 * (g[i] * g[i]);
-            t[i] -= (m[i] * step_size) / (v[i].sqrt() + eps);
+#[derive(Clone, Copy)]
+struct Coefs {
+    c1: f32,
+    d1: f32,
+    c2: f32,
+    d2: f32,
+    eps: f32,
+    step_size: f32,
+    /// Applied to the gradient first (the clip factor).
+    grad_scale: f32,
+}
+
+/// Where the CPU update writes the new parameter values.
+enum Theta<'a> {
+    /// Over the old ones (storage held by no one else).
+    InPlace(&'a mut [f32]),
+    /// To a new buffer (the old storage is shared, e.g. with another replica).
+    Into { old: &'a [f32], new: &'a mut [f32] },
+}
+
+/// One fused Adam update on the CPU: the same arithmetic as the tensor path, in one pass.
+fn fused_update(theta: Theta, g: &[f32], m: &mut [f32], v: &mut [f32], k: Coefs) {
+    use rayon::prelude::*;
+    // The amount subtracted from one parameter; updates its moments.
+    let delta = |g: f32, m: &mut f32, v: &mut f32| {
+        let g = g * k.grad_scale;
+        *m = k.c1 * *m + k.d1 * g;
+        *v = k.c2 * *v + k.d2 * (g * g);
+        (*m * k.step_size) / (v.sqrt() + k.eps)
+    };
+    let into = |o: &mut [f32], t: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+        for i in 0..o.len() {
+            o[i] = t[i] - delta(g[i], &mut m[i], &mut v[i]);
         }
     };
-    const CHUNK: usize = 1 << 15;
-    if theta.len() > 2 * CHUNK {
-        use rayon::prelude::*;
-        theta
+    let in_place = |t: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+        for i in 0..t.len() {
+            t[i] -= delta(g[i], &mut m[i], &mut v[i]);
+        }
+    };
+    let parallel = g.len() > 2 * CHUNK;
+    let moments = m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK));
+    match theta {
+        Theta::Into { old, new } if parallel => new
             .par_chunks_mut(CHUNK)
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
+            .zip(old.par_chunks(CHUNK))
             .zip(g.par_chunks(CHUNK))
-            .for_each(update);
-    } else {
-        update((((theta, m), v), g));
+            .zip(moments)
+            .for_each(|(((o, t), g), (m, v))| into(o, t, g, m, v)),
+        Theta::Into { old, new } => into(new, old, g, m, v),
+        Theta::InPlace(t) if parallel => t
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(moments)
+            .for_each(|((t, g), (m, v))| in_place(t, g, m, v)),
+        Theta::InPlace(t) => in_place(t, g, m, v),
     }
 }
 
@@ -245,6 +319,17 @@ impl LabmlAdam {
     /// One update of every parameter that has a gradient in `grads`, with learning rate `lr`.
     /// The step counter advances first, as in labml.
     pub fn step<M: Module>(&mut self, module: M, grads: &ParamGrads, lr: f64) -> M {
+        self.step_scaled(module, grads, lr, 1.0)
+    }
+
+    /// [`step`](Self::step) on `grad_scale * grads` (the clip factor, applied in the same pass).
+    pub fn step_scaled<M: Module>(
+        &mut self,
+        module: M,
+        grads: &ParamGrads,
+        lr: f64,
+        grad_scale: f64,
+    ) -> M {
         self.step += 1;
         let t = self.step as f64;
         let step_size = lr * (1.0 - self.beta2.powf(t)).sqrt() / (1.0 - self.beta1.powf(t));
@@ -252,6 +337,7 @@ impl LabmlAdam {
             adam: self,
             grads,
             step_size,
+            grad_scale,
             path: Vec::new(),
         };
         module.map(&mut mapper)
@@ -307,6 +393,7 @@ struct Update<'a> {
     adam: &'a mut LabmlAdam,
     grads: &'a ParamGrads,
     step_size: f64,
+    grad_scale: f64,
     path: Vec<String>,
 }
 
@@ -333,15 +420,48 @@ impl ModuleMapper for Update<'_> {
         let (b1, b2) = (self.adam.beta1, self.adam.beta2);
         let key = self.path.join(".");
         let state = self.adam.state.remove(&key);
-        let (theta, moments) = if device == Device::flex() && theta.dtype() == DType::F32 {
-            let mut th = host_f32(theta);
+        let (theta, moments) = if on_flex_f32(&theta) && on_flex_f32(&g) {
             let (mut m, mut v) =
                 state.map_or_else(|| (vec![0.0; n], vec![0.0; n]), Moments::into_host);
-            let (eps, g) = (self.adam.eps, host_f32(g));
-            fused_update(&mut th, &g, &mut m, &mut v, b1, b2, eps, self.step_size);
-            let th = Tensor::<1>::from_data(TensorData::new(th, [n]), &device);
-            (th, Moments::Host { m, v })
+            let k = Coefs {
+                c1: b1 as f32,
+                d1: (1.0 - b1) as f32,
+                c2: b2 as f32,
+                d2: (1.0 - b2) as f32,
+                eps: self.adam.eps as f32,
+                step_size: self.step_size as f32,
+                grad_scale: self.grad_scale as f32,
+            };
+            let g = flex(g);
+            let mut th = flex(theta);
+            let theta = if th.is_unique() && th.storage::<f32>().len() == n {
+                fused_update(
+                    Theta::InPlace(th.storage_mut()),
+                    contiguous_f32(&g),
+                    &mut m,
+                    &mut v,
+                    k,
+                );
+                Tensor::from_primitive::<Flex>(th)
+            } else {
+                let mut new = vec![0.0; n];
+                let old = contiguous_f32(&th);
+                fused_update(
+                    Theta::Into { old, new: &mut new },
+                    contiguous_f32(&g),
+                    &mut m,
+                    &mut v,
+                    k,
+                );
+                Tensor::from_data(TensorData::new(new, [n]), &device)
+            };
+            (theta, Moments::Host { m, v })
         } else {
+            let g = if self.grad_scale == 1.0 {
+                g
+            } else {
+                g * self.grad_scale
+            };
             let (m, v) = match state.map(|s| s.into_device(&device)) {
                 Some((m, v)) => (
                     m * b1 + g.clone() * (1.0 - b1),

@@ -292,22 +292,20 @@ impl Replicas {
         let (forward_s, backward_s) = (parts[0].forward_s, parts[0].backward_s);
         let sum = |f: fn(&Part) -> f64| parts.iter().map(f).sum::<f64>();
         let (ce, lb, z) = (sum(|p| p.ce), sum(|p| p.lb), sum(|p| p.z));
-        let (passes, mut grads): (Vec<Vec<SwitchStats>>, Vec<ParamGrads>) =
+        let (passes, grads): (Vec<Vec<SwitchStats>>, Vec<ParamGrads>) =
             parts.into_iter().map(|p| (p.stats, p.grads)).unzip();
         let layers = layer_stats(&passes);
         let grad_norm = if n == 1 {
-            update(&mut self.replicas[0], &mut grads[0], s)
+            update_first(&mut self.replicas, &grads[0], s)
         } else if self.grad_sync == GradSync::Broadcast {
-            let mut sum = sum_on_first(&self.replicas, &grads);
+            let sum = sum_on_first(&self.replicas, &grads);
             let norm = sum.global_norm();
             let coef = clip_coefficient(norm, s.grad_clip);
-            sum.map(|g| g * coef);
-            let first = &mut self.replicas[0];
-            first.model = first.adam.step(first.model.clone(), &sum, s.lr);
+            adam_step_first(&mut self.replicas, &sum, s.lr, coef);
             broadcast_weights(&mut self.replicas);
             norm
         } else {
-            let work = self.replicas.iter_mut().zip(grads.iter_mut());
+            let work = self.replicas.iter_mut().zip(grads.iter());
             on_each(&self.pools, work, |(r, g)| update(r, g, s))[0]
         };
         StepOutput {
@@ -384,11 +382,28 @@ fn forward_backward(
 }
 
 /// Clip and Adam on one replica; returns the norm before clipping.
-fn update(r: &mut Replica, grads: &mut ParamGrads, s: StepSettings) -> f64 {
-    let norm = grads.clip_global_norm(s.grad_clip);
-    r.model = r.adam.step(r.model.clone(), grads, s.lr);
+fn update(r: &mut Replica, grads: &ParamGrads, s: StepSettings) -> f64 {
+    let norm = grads.global_norm();
+    let coef = clip_coefficient(norm, s.grad_clip);
+    r.model = r.adam.step_scaled(r.model.clone(), grads, s.lr, coef);
     let _ = r.device.sync();
     norm
+}
+
+/// [`update`] on the first replica, which gives up its model to the step (weights that no
+/// other replica shares are then updated in place on the CPU).
+fn update_first(replicas: &mut Vec<Replica>, grads: &ParamGrads, s: StepSettings) -> f64 {
+    let norm = grads.global_norm();
+    adam_step_first(replicas, grads, s.lr, clip_coefficient(norm, s.grad_clip));
+    norm
+}
+
+/// Adam on `grad_scale * grads` for the first replica, its model moved through the step.
+fn adam_step_first(replicas: &mut Vec<Replica>, grads: &ParamGrads, lr: f64, grad_scale: f64) {
+    let mut first = replicas.remove(0);
+    first.model = first.adam.step_scaled(first.model, grads, lr, grad_scale);
+    let _ = first.device.sync();
+    replicas.insert(0, first);
 }
 
 /// Each trainable parameter's id, in module order (the same order on every replica).
