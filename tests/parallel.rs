@@ -12,6 +12,7 @@ use switch_transformer::data::{Batch, TextData};
 use switch_transformer::loss::Losses;
 use switch_transformer::optim::LabmlAdam;
 use switch_transformer::parallel::{GradSync, Placement, Replica, Replicas, StepSettings};
+use switch_transformer::router::RoutePlace;
 use switch_transformer::store::host_f32;
 use switch_transformer::train::Trainer;
 use switch_transformer::weights::{Source, StateDict, model_from_state_dict, model_state_dict};
@@ -123,6 +124,9 @@ fn replicas_routing_together_take_the_step_of_one_model() {
     let mut config = common::tiny_run_config().model;
     config.n_vocab = 20;
     config.capacity_factor = 0.8; // drops in every layer
+    // A routing group decides on the host; one model compared with it must too (on GPU
+    // devices it would otherwise route on the device, which draws other random drops).
+    config.route_on = RoutePlace::Host;
     let start = model_state_dict(&config.init(3, &device).unwrap(), Source::Values);
     let replicas = |n: usize| {
         let first = Replica {
@@ -214,6 +218,7 @@ fn resumes_exactly(global_routing: bool) {
         let mut c = common::tiny_run_config();
         c.set("train.replicas=2").unwrap();
         c.train.global_routing = global_routing;
+        c.model.route_on = RoutePlace::Host; // as the routing group (matters on GPU devices)
         c
     };
     let losses = |run: &std::path::Path| -> Vec<(String, Vec<f64>)> {
@@ -254,7 +259,9 @@ fn resumes_exactly(global_routing: bool) {
     // Routing per replica is a different computation from one model (routing over the whole
     // batch); routing together is the same one, up to summation order.
     let single = tmp.join("single");
-    Trainer::create(common::tiny_run_config(), load(), &single, &device)
+    let mut one_model = common::tiny_run_config();
+    one_model.model.route_on = RoutePlace::Host;
+    Trainer::create(one_model, load(), &single, &device)
         .unwrap()
         .run(&AtomicBool::new(false), &mut |_| {})
         .unwrap();
