@@ -16,8 +16,7 @@
 //! Two ways to combine the gradients ([`GradSync`]): summed on the first replica's device,
 //! which takes the Adam step and hands its weights to the others (shared, not copied, when
 //! they are on the same device); or Burn's collective all-reduce, after which every replica
-//! takes the same step. With one replica this is the plain step (no threads), bit for bit
-//! what it always was.
+//! takes the same step. With one replica this is the plain step (no threads).
 
 use std::time::Instant;
 
