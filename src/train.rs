@@ -120,13 +120,7 @@ impl Trainer {
             adam,
             device,
         };
-        let replicas = Replicas::new(
-            first,
-            &config.model,
-            &devices,
-            placement.grad_sync,
-            config.train.global_routing,
-        )?;
+        let replicas = run_replicas(first, &config, &devices, &placement)?;
         let trainer = Self::assemble(config, run_dir, data, replicas, loader, rng);
         trainer.truncate_metrics(0)?;
         Ok(trainer)
@@ -162,13 +156,7 @@ impl Trainer {
             adam: loaded.adam,
             device,
         };
-        let replicas = Replicas::new(
-            first,
-            &config.model,
-            &devices,
-            placement.grad_sync,
-            config.train.global_routing,
-        )?;
+        let replicas = run_replicas(first, &config, &devices, &placement)?;
         let mut trainer = Self::assemble(
             config,
             run_dir,
@@ -443,4 +431,16 @@ pub fn load_run_model(
             .with_context(|| format!("checkpoint {} is unusable", dir.display()))?;
     model.set_training(false);
     Ok((config, vocab, model))
+}
+
+/// The run's replicas: `first` and its copies on `devices`, routing as `train.global_routing`
+/// says.
+fn run_replicas(
+    first: Replica,
+    config: &RunConfig,
+    devices: &[Device],
+    placement: &Placement,
+) -> Result<Replicas> {
+    let global = config.train.global_routing;
+    Replicas::new(first, &config.model, devices, placement.grad_sync, global)
 }

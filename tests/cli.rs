@@ -336,33 +336,17 @@ fn data_parallel_training_on_cpu_workers() {
     let mut args = train_args(data, "x");
     args.extend(["--devices", "cpu,cpu", "--grad-sync", "collective"]);
     assert_error(&switch(&args, &tmp), &["collective", "CUDA"]);
+    // A resume must place every replica; global routing belongs to the run's configuration.
     let before = snapshot(&tmp.join("runs/dp"));
-    let out = switch(
-        &[
-            "train",
-            "--data",
-            data,
-            "--resume",
-            "runs/dp",
-            "--devices",
-            "cpu,cpu,cpu",
-        ],
-        &tmp,
-    );
+    let resume = |extra: &[&str]| {
+        let mut args = vec!["train", "--data", data, "--resume", "runs/dp"];
+        args.extend(extra);
+        switch(&args, &tmp)
+    };
+    let out = resume(&["--devices", "cpu,cpu,cpu"]);
     assert_error(&out, &["3 devices", "train.replicas = 2"]);
     assert_eq!(before, snapshot(&tmp.join("runs/dp")));
-    // Global routing is part of a run's configuration and exchanges through the host.
-    let out = switch(
-        &[
-            "train",
-            "--data",
-            data,
-            "--resume",
-            "runs/dp",
-            "--global-routing",
-        ],
-        &tmp,
-    );
+    let out = resume(&["--global-routing"]);
     assert_error(&out, &["--global-routing", "resumed run"]);
     assert_eq!(before, snapshot(&tmp.join("runs/dp")));
     let mut args = train_args(data, "x");

@@ -21,6 +21,32 @@ fn values(sd: &StateDict) -> Vec<(String, Vec<f64>)> {
     sd.iter().map(|(k, t)| (k.clone(), t.to_f64())).collect()
 }
 
+/// `windows` windows of `seq_len` random tokens below `vocab` (and random targets).
+fn random_batch(windows: usize, seq_len: usize, vocab: u32) -> Batch {
+    let mut data_rng = RoutingRng::seed_from_u64(11);
+    let mut draw = || {
+        (0..windows * seq_len)
+            .map(|_| data_rng.random_range(0..vocab))
+            .collect()
+    };
+    Batch {
+        inputs: draw(),
+        targets: draw(),
+        batch: windows,
+        seq_len,
+    }
+}
+
+/// Step settings that exercise every loss term and clipping.
+fn settings() -> StepSettings {
+    StepSettings {
+        lb_coef: 0.01,
+        z_coef: 0.001,
+        grad_clip: 0.5,
+        lr: 1e-2,
+    }
+}
+
 #[test]
 fn replica_step_is_the_mean_of_shard_gradients_clipped_then_adam() {
     let device = common::test_device().autodiff();
@@ -38,20 +64,7 @@ fn replica_step_is_the_mean_of_shard_gradients_clipped_then_adam() {
     let mut replicas = Replicas::new(first, &config, &devices, GradSync::Broadcast, false).unwrap();
 
     // 4 windows of 16 tokens: 2 windows (32 tokens, capacity floor(1.0*32/4) = 8) per replica.
-    let mut data_rng = RoutingRng::seed_from_u64(11);
-    let mut draw = || (0..64).map(|_| data_rng.random_range(0..20)).collect();
-    let batch = Batch {
-        inputs: draw(),
-        targets: draw(),
-        batch: 4,
-        seq_len: 16,
-    };
-    let s = StepSettings {
-        lb_coef: 0.01,
-        z_coef: 0.001,
-        grad_clip: 0.5,
-        lr: 1e-2,
-    };
+    let (batch, s) = (random_batch(4, 16, 20), settings());
     let mut rng = RoutingRng::seed_from_u64(5);
     let mut seeds = rng.clone();
     let out = replicas.step(&batch, &mut rng, s);
@@ -137,20 +150,7 @@ fn replicas_routing_together_take_the_step_of_one_model() {
         let devices = Placement::from(&device).devices_for(n).unwrap();
         Replicas::new(first, &config, &devices, GradSync::Broadcast, true).unwrap()
     };
-    let mut data_rng = RoutingRng::seed_from_u64(11);
-    let mut draw = || (0..128).map(|_| data_rng.random_range(0..20)).collect();
-    let batch = Batch {
-        inputs: draw(),
-        targets: draw(),
-        batch: 8,
-        seq_len: 16,
-    };
-    let s = StepSettings {
-        lb_coef: 0.01,
-        z_coef: 0.001,
-        grad_clip: 0.5,
-        lr: 1e-2,
-    };
+    let (batch, s) = (random_batch(8, 16, 20), settings());
     let mut one_rng = RoutingRng::seed_from_u64(5);
     let mut one = replicas(1);
     let want = one.step(&batch, &mut one_rng, s);
