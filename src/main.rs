@@ -470,17 +470,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let placement = Placement::parse(&parallel.devices, &device, &parallel.grad_sync)?;
             let mut trainer = if let Some(run_dir) = resume {
-                let seq_len = RunConfig::from_toml_file(&run_dir.join("config.toml"))
-                    .with_context(|| format!("{} is not a run directory", run_dir.display()))?
-                    .train
-                    .seq_len;
-                let text = load_data(&data, seq_len)?;
                 if parallel.global_routing {
                     bail!(
                         "--global-routing applies to new runs; a resumed run keeps its \
                          train.global_routing"
                     );
                 }
+                let seq_len = RunConfig::from_toml_file(&run_dir.join("config.toml"))
+                    .with_context(|| format!("{} is not a run directory", run_dir.display()))?
+                    .train
+                    .seq_len;
+                let text = load_data(&data, seq_len)?;
                 let t = Trainer::resume(&run_dir, text, placement)?;
                 println!("resuming {} at step {}", run_dir.display(), t.step);
                 t

@@ -170,10 +170,7 @@ impl SwitchFeedForward {
                 RoutePlan::new(all, n_experts, &opts, rng)
             });
             let mut out = self.dispatch(x, route_prob, &r.plan, rng);
-            let n = r.group_counts.len();
-            let counts: Vec<f32> = r.group_counts.iter().map(|&c| c as f32).collect();
-            out.stats.group_counts =
-                Tensor::from_data(TensorData::new(counts, [n]), &out.out.device());
+            out.stats.group_counts = count_tensor(&r.group_counts, &out.out.device());
             out.stats.group_tokens = r.group_tokens;
             out
         } else if opts.on_device(&x.device()) {
@@ -222,11 +219,8 @@ impl SwitchFeedForward {
             token_source: index_tensor(&plan.token_source, &device).reshape([n_tokens, k]),
             fallback: plan.n_dropped() > 0,
         };
-        let counts: Vec<f32> = plan.counts.iter().map(|&c| c as f32).collect();
-        let n = counts.len();
-        let counts = Tensor::from_data(TensorData::new(counts, [n]), &device);
-        let dropped =
-            Tensor::from_data(TensorData::new(vec![plan.n_dropped() as f32], [1]), &device);
+        let counts = count_tensor(&plan.counts, &device);
+        let dropped = count_tensor(&[plan.n_dropped()], &device);
         self.run(x, route_prob, assignment, counts, dropped, rng)
     }
 
@@ -333,6 +327,12 @@ struct Assignment {
     token_source: Tensor<2, Int>,
     /// Whether any assignment reads a fallback row.
     fallback: bool,
+}
+
+/// Host counts as an f32 tensor (the form the statistics and the losses use).
+fn count_tensor(counts: &[usize], device: &Device) -> Tensor<1> {
+    let values: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+    Tensor::from_data(TensorData::new(values, [counts.len()]), device)
 }
 
 /// ST-MoE router z-loss: `mean_t (log sum_e exp(logits_te))^2`.
