@@ -7,6 +7,7 @@ use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::fused::causal_softmax;
 use crate::precision::{cast_to, linear};
 
 #[derive(Module, Debug)]
@@ -22,15 +23,13 @@ impl MultiHeadAttention {
     /// `x`: `[batch, seq, d_model]` -> `[batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d] = x.dims();
-        let mask = causal_mask(s, &x.device());
         let (h, dk) = (self.heads, d / self.heads);
         let split = |t: Tensor<3>| t.reshape([b, s, h, dk]).swap_dims(1, 2); // [b, h, s, dk]
         let q = split(linear(&self.query, x.clone()));
         let k = split(linear(&self.key, x.clone()));
         let v = split(linear(&self.value, x.clone()));
 
-        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (dk as f64).sqrt());
-        let attn = softmax(scores + cast_to(mask, x.dtype()), 3);
+        let attn = causal_softmax(q.matmul(k.swap_dims(2, 3)), 1.0 / (dk as f64).sqrt());
         let o = attn.matmul(v).swap_dims(1, 2).reshape([b, s, d]);
         linear(&self.output, o)
     }

@@ -82,8 +82,8 @@ struct HostNorm {
 }
 
 impl HostNorm {
-    /// Burn's `LayerNormConfig` default, which every norm of the model uses.
-    const EPS: f32 = 1e-5;
+    /// The epsilon every norm of the model uses.
+    const EPS: f32 = crate::fused::LN_EPS as f32;
 
     fn new(n: &LayerNorm) -> Self {
         let gamma = host_f32(n.gamma.val());

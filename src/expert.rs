@@ -6,8 +6,8 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
-use burn::tensor::activation::relu;
 
+use crate::fused::bias_relu;
 use crate::precision::cast_to;
 
 #[derive(Module, Debug)]
@@ -33,7 +33,7 @@ impl Experts {
         let dt = x.dtype();
         let w = |p: &Param<Tensor<3>>| cast_to(p.val(), dt);
         let b = |p: &Param<Tensor<2>>| cast_to(p.val(), dt).unsqueeze_dim(1);
-        let mut h = relu(x.matmul(w(&self.w1)) + b(&self.b1));
+        let mut h = bias_relu(x.matmul(w(&self.w1)), cast_to(self.b1.val(), dt));
         if let Some(mask) = dropout {
             h = h * cast_to(mask, dt);
         }

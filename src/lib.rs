@@ -17,6 +17,7 @@ pub mod device;
 pub mod download;
 pub mod eval;
 pub mod expert;
+pub mod fused;
 pub mod generate;
 pub mod group;
 pub mod init;

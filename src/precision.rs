@@ -6,6 +6,8 @@ use burn::nn::Linear;
 use burn::tensor::{DType, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::LN_EPS;
+
 /// Compute type of the model's activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -54,12 +56,18 @@ pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
 }
 
 /// LayerNorm computed in f32 (its statistics need the range), returned in `x`'s dtype.
+/// (Fused on the CPU: [`crate::fused::layer_norm`]; every norm of the model has epsilon
+/// [`LN_EPS`].)
 pub fn layer_norm<const D: usize>(ln: &burn::nn::LayerNorm, x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
+    let norm = |x: Tensor<D>| match &ln.beta {
+        Some(beta) => crate::fused::layer_norm(x, ln.gamma.val(), beta.val(), LN_EPS),
+        None => ln.forward(x),
+    };
     if dtype == DType::F32 {
-        return ln.forward(x);
+        return norm(x);
     }
-    cast_to(ln.forward(f32(x)), dtype)
+    cast_to(norm(f32(x)), dtype)
 }
 
 /// An error if `device` cannot compute in `precision` (WGSL, say, has no bf16).

@@ -196,7 +196,9 @@ impl Importer<'_> {
     }
 
     fn layer_norm(&mut self, prefix: &str, d: usize) -> Result<LayerNorm> {
-        let mut n = LayerNormConfig::new(d).init(self.device);
+        let mut n = LayerNormConfig::new(d)
+            .with_epsilon(crate::fused::LN_EPS)
+            .init(self.device);
         n.gamma = self.take_param(&format!("{prefix}.weight"), &[d])?;
         n.beta = Some(self.take_param(&format!("{prefix}.bias"), &[d])?);
         Ok(n)

@@ -249,6 +249,27 @@ impl FlexTensor {
         }
     }
 
+    /// A contiguous tensor whose storage is left uninitialised, for outputs that the caller
+    /// overwrites completely before anything reads them (gemm with `read_dst = false`).
+    ///
+    /// # Safety
+    /// Every element must be written before the tensor is read or handed out.
+    pub(crate) unsafe fn empty_uninit(shape: Shape, dtype: DType) -> Self {
+        let num_elements = shape.num_elements();
+        let n_bytes = num_elements * dtype_size(dtype);
+        if n_bytes % 16 != 0 {
+            return Self::empty(shape, dtype);
+        }
+        let mut elems: Vec<u128> = Vec::with_capacity(n_bytes / 16);
+        // SAFETY: the caller writes every element before any read (see above).
+        unsafe { elems.set_len(n_bytes / 16) };
+        Self {
+            data: Arc::new(Bytes::from_elems(elems)),
+            layout: Layout::contiguous(shape),
+            dtype,
+        }
+    }
+
     /// Create a tensor filled with zeros.
     pub fn zeros(shape: Shape, dtype: DType) -> Self {
         Self::empty(shape, dtype)

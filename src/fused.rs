@@ -1,0 +1,487 @@
+//! Fused CPU kernels for the element-wise parts of the step that Burn runs op by op: the
+//! attention softmax (`softmax(scale * s + causal)`) and LayerNorm.
+//!
+//! Each function has a generic Burn definition (any backend, and the tests' reference) and, for
+//! f32 tensors on the flex backend, one pass forward and one pass backward, registered with
+//! Burn's autodiff as a single node. Composed from Burn ops, the causal softmax is about 7
+//! passes over the scores forward and 9 backward, LayerNorm 8 and ~15.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::tensor::activation::softmax;
+use burn::tensor::{DType, Shape, Tensor, TensorData};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+use crate::attention::causal_mask;
+use crate::precision::cast_to;
+
+type Ad = Autodiff<Flex, NoCheckpointing>;
+
+/// Epsilon of every LayerNorm of the model (Burn's and PyTorch's default).
+pub const LN_EPS: f64 = 1e-5;
+
+/// Elements below which a kernel runs on the calling thread.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// `softmax(scale * s + causal, -1)` for square scores `s` `[batch, heads, seq, seq]`: query i
+/// attends to keys `0..=i` (the weights of later keys are exactly 0).
+pub fn causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
+    if let Some(y) = on_flex(&scores, |x| {
+        let shape = x.shape();
+        (shape[2] == shape[3]).then(|| CausalSoftmax::apply(x, scale as f32))
+    }) {
+        return y;
+    }
+    causal_softmax_generic(scores, scale)
+}
+
+/// [`causal_softmax`] composed from Burn ops (labml's order: scale, mask, softmax).
+pub fn causal_softmax_generic(scores: Tensor<4>, scale: f64) -> Tensor<4> {
+    let mask = causal_mask(scores.dims()[2], &scores.device());
+    let dtype = scores.dtype();
+    softmax(scores * scale + cast_to(mask, dtype), 3)
+}
+
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`, with the
+/// biased variance (PyTorch's).
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    let f32s = [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3];
+    if let Some(y) = f32s
+        .then(|| layer_norm_flex(&x, &gamma, &beta, eps))
+        .flatten()
+    {
+        return y;
+    }
+    layer_norm_generic(x, gamma, beta, eps)
+}
+
+/// [`layer_norm`] composed from Burn ops.
+pub fn layer_norm_generic<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    burn::tensor::module::layer_norm(x, gamma, Some(beta), eps)
+}
+
+// ---- dispatch to the flex kernels ------------------------------------------------------------
+
+/// `f` applied to the flex tensor behind `t` (with autodiff or without), when `t` is f32 on
+/// the flex backend and `f` accepts it.
+fn on_flex<const D: usize>(
+    t: &Tensor<D>,
+    f: impl FnOnce(Input) -> Option<Output>,
+) -> Option<Tensor<D>> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    if t.is_autodiff() {
+        let ad = t.clone().try_into_primitive::<Ad>().ok()?;
+        match f(Input::Tracked(ad))? {
+            Output::Tracked(y) => Some(Tensor::from_primitive::<Ad>(y)),
+            Output::Plain(_) => None,
+        }
+    } else {
+        let x = t.clone().try_into_primitive::<Flex>().ok()?;
+        match f(Input::Plain(x))? {
+            Output::Plain(y) => Some(Tensor::from_primitive::<Flex>(y)),
+            Output::Tracked(_) => None,
+        }
+    }
+}
+
+/// A flex tensor with or without its autodiff node.
+enum Input {
+    Tracked(<Ad as burn::backend::BackendTypes>::FloatTensorPrimitive),
+    Plain(FlexTensor),
+}
+
+enum Output {
+    Tracked(<Ad as burn::backend::BackendTypes>::FloatTensorPrimitive),
+    Plain(FlexTensor),
+}
+
+impl Input {
+    fn shape(&self) -> &Shape {
+        match self {
+            Self::Tracked(t) => t.primitive().layout().shape(),
+            Self::Plain(t) => t.layout().shape(),
+        }
+    }
+}
+
+/// The `n` f32 values of `t`, contiguous (copied only when `t` is strided).
+fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
+    let n = t.layout().shape().num_elements();
+    if t.is_contiguous() {
+        let start = t.layout().start_offset();
+        Cow::Borrowed(&t.storage::<f32>()[start..start + n])
+    } else {
+        Cow::Owned(t.to_contiguous().storage::<f32>()[..n].to_vec())
+    }
+}
+
+fn new_tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// `f(first_element, block)` for each block of `block` elements of `out`, in parallel for
+/// large outputs. Blocks are the same either way, so results do not depend on the threads.
+fn for_blocks<F>(out: &mut [f32], block: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if out.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(b, o)| f(b * block, o));
+    } else {
+        for (b, o) in out.chunks_mut(block).enumerate() {
+            f(b * block, o)
+        }
+    }
+}
+
+// ---- causal softmax --------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct CausalSoftmax;
+
+impl CausalSoftmax {
+    fn apply(x: Input, scale: f32) -> Output {
+        match x {
+            Input::Plain(x) => Output::Plain(causal_softmax_forward(&x, scale)),
+            Input::Tracked(x) => {
+                let (x, node) = x.into_parts();
+                let y = causal_softmax_forward(&x, scale);
+                Output::Tracked(
+                    match CausalSoftmax
+                        .prepare::<NoCheckpointing>([node])
+                        .compute_bound()
+                        .stateful()
+                    {
+                        OpsKind::Tracked(prep) => prep.finish((y.clone(), scale), y),
+                        OpsKind::UnTracked(prep) => prep.finish(y),
+                    },
+                )
+            }
+        }
+    }
+}
+
+impl Backward<Flex, 1> for CausalSoftmax {
+    /// The softmax output and the scale.
+    type State = (FlexTensor, f32);
+
+    /// `ds_j = y_j * (g_j - sum_k g_k y_k) * scale`.
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (y, scale) = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
+            let shape = y.layout().shape().clone();
+            let s = shape[3];
+            let (y, g) = (values(&y), values(&g));
+            let mut dx = vec![0.0f32; g.len()];
+            for_blocks(&mut dx, s * s, |at, dx| {
+                for (i, dx) in dx.chunks_mut(s).enumerate() {
+                    let row = at + i * s;
+                    let (g, y) = (&g[row..row + i + 1], &y[row..row + i + 1]);
+                    let dot: f32 = g.iter().zip(y).map(|(&g, &y)| g * y).sum();
+                    for ((d, &g), &y) in dx.iter_mut().zip(g).zip(y) {
+                        *d = y * (g - dot) * scale;
+                    }
+                }
+            });
+            new_tensor(dx, shape)
+        });
+    }
+}
+
+/// Blocks of one `[seq, seq]` matrix; its row `i` keeps keys `0..=i`, the rest is 0.
+fn causal_softmax_forward(x: &FlexTensor, scale: f32) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let s = shape[3];
+    let x = values(x);
+    let mut y = vec![0.0f32; x.len()];
+    for_blocks(&mut y, s * s, |at, y| {
+        for (i, y) in y.chunks_mut(s).enumerate() {
+            let x = &x[at + i * s..at + i * s + i + 1];
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+            let mut sum = 0.0f32;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x * scale - max).exp();
+                sum += *y;
+            }
+            for y in &mut y[..=i] {
+                *y /= sum;
+            }
+        }
+    });
+    new_tensor(y, shape)
+}
+
+// ---- LayerNorm -------------------------------------------------------------------------------
+
+fn layer_norm_flex<const D: usize>(
+    x: &Tensor<D>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    eps: f64,
+) -> Option<Tensor<D>> {
+    let d = gamma.dims()[0];
+    if x.dims()[D - 1] != d || beta.dims()[0] != d {
+        return None;
+    }
+    let eps = eps as f32;
+    if x.is_autodiff() {
+        let x = x.clone().try_into_primitive::<Ad>().ok()?;
+        let g = gamma.clone().try_into_primitive::<Ad>().ok()?;
+        let b = beta.clone().try_into_primitive::<Ad>().ok()?;
+        let (x, x_node) = x.into_parts();
+        let (g, g_node) = g.into_parts();
+        let (b, b_node) = b.into_parts();
+        let (y, stats) = layer_norm_forward(&x, &g, &b, eps);
+        let y = match LayerNormOp
+            .prepare::<NoCheckpointing>([x_node, g_node, b_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(LayerNormState { x, stats, gamma: g }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Some(Tensor::from_primitive::<Ad>(y))
+    } else {
+        let x = x.clone().try_into_primitive::<Flex>().ok()?;
+        let g = gamma.clone().try_into_primitive::<Flex>().ok()?;
+        let b = beta.clone().try_into_primitive::<Flex>().ok()?;
+        Some(Tensor::from_primitive::<Flex>(
+            layer_norm_forward(&x, &g, &b, eps).0,
+        ))
+    }
+}
+
+/// Rows per parallel task of the LayerNorm kernels.
+const LN_ROWS: usize = 32;
+
+/// Mean and `1 / sqrt(var + eps)` of each row of length `d`.
+fn row_stats(x: &[f32], d: usize, eps: f32) -> Vec<(f32, f32)> {
+    let stats = |x: &[f32]| {
+        let mean = x.iter().sum::<f32>() / d as f32;
+        let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        (mean, 1.0 / (var + eps).sqrt())
+    };
+    if x.len() >= PARALLEL_MIN {
+        x.par_chunks(d).map(stats).collect()
+    } else {
+        x.chunks(d).map(stats).collect()
+    }
+}
+
+/// `y` and the row statistics.
+fn layer_norm_forward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    eps: f32,
+) -> (FlexTensor, Vec<(f32, f32)>) {
+    let shape = x.layout().shape().clone();
+    let d = shape[shape.num_dims() - 1];
+    let (x, gamma, beta) = (values(x), values(gamma), values(beta));
+    let stats = row_stats(&x, d, eps);
+    let mut y = vec![0.0f32; x.len()];
+    for_blocks(&mut y, d * LN_ROWS, |at, y| {
+        for (i, y) in y.chunks_mut(d).enumerate() {
+            let (mean, rstd) = stats[at / d + i];
+            let x = &x[at + i * d..at + (i + 1) * d];
+            for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma.iter()).zip(beta.iter()) {
+                *y = (x - mean) * rstd * g + b;
+            }
+        }
+    });
+    (new_tensor(y, shape), stats)
+}
+
+#[derive(Debug)]
+struct LayerNormOp;
+
+/// The input, its row statistics and `gamma`.
+#[derive(Debug, Clone)]
+struct LayerNormState {
+    x: FlexTensor,
+    stats: Vec<(f32, f32)>,
+    gamma: FlexTensor,
+}
+
+impl Backward<Flex, 3> for LayerNormOp {
+    type State = LayerNormState;
+
+    /// With `xh = (x - mean) * rstd` and `dxh = dy * gamma`: `dbeta = sum dy`,
+    /// `dgamma = sum dy * xh`, `dx = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh))`.
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let LayerNormState { x, stats, gamma } = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let [px, pg, pb] = ops.parents;
+        let shape = x.layout().shape().clone();
+        let d = shape[shape.num_dims() - 1];
+        let (x, dy, gamma) = (values(&x), values(&dy), values(&gamma));
+        let xh = |row: usize, j: usize| (x[row * d + j] - stats[row].0) * stats[row].1;
+        if let Some(n) = px {
+            let mut dx = vec![0.0f32; x.len()];
+            for_blocks(&mut dx, d * LN_ROWS, |at, dx| {
+                for (i, dx) in dx.chunks_mut(d).enumerate() {
+                    let row = at / d + i;
+                    let dy = &dy[row * d..(row + 1) * d];
+                    let (mut m1, mut m2) = (0.0f32, 0.0f32);
+                    for j in 0..d {
+                        let dxh = dy[j] * gamma[j];
+                        m1 += dxh;
+                        m2 += dxh * xh(row, j);
+                    }
+                    let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                    for (j, dx) in dx.iter_mut().enumerate() {
+                        *dx = stats[row].1 * (dy[j] * gamma[j] - m1 - xh(row, j) * m2);
+                    }
+                }
+            });
+            grads.register::<Flex>(n.id, new_tensor(dx, shape));
+        }
+        if pg.is_some() || pb.is_some() {
+            // Per block of rows, then summed in block order (the same for any thread count).
+            let rows = x.len() / d;
+            let partial = |b: usize| {
+                let mut acc = vec![0.0f32; 2 * d];
+                for row in b * LN_ROWS..((b + 1) * LN_ROWS).min(rows) {
+                    for j in 0..d {
+                        acc[j] += dy[row * d + j] * xh(row, j);
+                        acc[d + j] += dy[row * d + j];
+                    }
+                }
+                acc
+            };
+            let blocks = rows.div_ceil(LN_ROWS);
+            let partials: Vec<Vec<f32>> = if x.len() >= PARALLEL_MIN {
+                (0..blocks).into_par_iter().map(partial).collect()
+            } else {
+                (0..blocks).map(partial).collect()
+            };
+            let mut sums = vec![0.0f32; 2 * d];
+            for p in partials {
+                for (s, v) in sums.iter_mut().zip(p) {
+                    *s += v;
+                }
+            }
+            let dbeta = sums.split_off(d);
+            if let Some(n) = pg {
+                grads.register::<Flex>(n.id, new_tensor(sums, Shape::from(vec![d])));
+            }
+            if let Some(n) = pb {
+                grads.register::<Flex>(n.id, new_tensor(dbeta, Shape::from(vec![d])));
+            }
+        }
+    }
+}
+
+// ---- bias + ReLU -----------------------------------------------------------------------------
+
+/// `relu(x + b)` for `x` `[groups, rows, n]` and one bias row per group `b` `[groups, n]` (the
+/// experts' first layer: group = expert).
+pub fn bias_relu(x: Tensor<3>, b: Tensor<2>) -> Tensor<3> {
+    let [g, _, n] = x.dims();
+    let fits = x.dtype() == DType::F32 && b.dtype() == DType::F32 && b.dims() == [g, n];
+    if let Some(y) = fits.then(|| bias_relu_flex(&x, &b)).flatten() {
+        return y;
+    }
+    bias_relu_generic(x, b)
+}
+
+/// [`bias_relu`] composed from Burn ops.
+pub fn bias_relu_generic(x: Tensor<3>, b: Tensor<2>) -> Tensor<3> {
+    burn::tensor::activation::relu(x + b.unsqueeze_dim(1))
+}
+
+fn bias_relu_flex(x: &Tensor<3>, b: &Tensor<2>) -> Option<Tensor<3>> {
+    if x.is_autodiff() {
+        let (x, x_node) = x.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+        let (b, b_node) = b.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+        let y = bias_relu_forward(&x, &b);
+        let y = match BiasRelu
+            .prepare::<NoCheckpointing>([x_node, b_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Some(Tensor::from_primitive::<Ad>(y))
+    } else {
+        let x = x.clone().try_into_primitive::<Flex>().ok()?;
+        let b = b.clone().try_into_primitive::<Flex>().ok()?;
+        Some(Tensor::from_primitive::<Flex>(bias_relu_forward(&x, &b)))
+    }
+}
+
+fn bias_relu_forward(x: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+    let shape = x.layout().shape().clone();
+    let (rows, n) = (shape[1], shape[2]);
+    let (x, b) = (values(x), values(b));
+    let mut y = vec![0.0f32; x.len()];
+    for_blocks(&mut y, n * LN_ROWS, |at, y| {
+        for (i, y) in y.chunks_mut(n).enumerate() {
+            let row = at / n + i;
+            let (x, b) = (&x[row * n..(row + 1) * n], &b[row / rows * n..][..n]);
+            for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                *y = (x + b).max(0.0);
+            }
+        }
+    });
+    new_tensor(y, shape)
+}
+
+#[derive(Debug)]
+struct BiasRelu;
+
+impl Backward<Flex, 2> for BiasRelu {
+    /// The output `y`.
+    type State = FlexTensor;
+
+    /// `dx = g * (y > 0)`, `db = sum over rows of dx`.
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let y = ops.state;
+        let g = grads.consume::<Flex>(&ops.node);
+        let [px, pb] = ops.parents;
+        let shape = y.layout().shape().clone();
+        let (groups, rows, n) = (shape[0], shape[1], shape[2]);
+        let (y, g) = (values(&y), values(&g));
+        let mut dx = vec![0.0f32; y.len()];
+        for_blocks(&mut dx, n * LN_ROWS, |at, dx| {
+            let (y, g) = (&y[at..at + dx.len()], &g[at..at + dx.len()]);
+            for ((d, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                *d = if y > 0.0 { g } else { 0.0 };
+            }
+        });
+        if let Some(node) = pb {
+            let mut db = vec![0.0f32; groups * n];
+            for (db, dx) in db.chunks_mut(n).zip(dx.chunks(rows * n)) {
+                for dx in dx.chunks(n) {
+                    for (db, &d) in db.iter_mut().zip(dx) {
+                        *db += d;
+                    }
+                }
+            }
+            grads.register::<Flex>(node.id, new_tensor(db, Shape::from(vec![groups, n])));
+        }
+        if let Some(node) = px {
+            grads.register::<Flex>(node.id, new_tensor(dx, shape));
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The fused CPU kernels (`switch_transformer::fused`) against the same functions composed from
+//! Burn ops, on random inputs: outputs and every gradient, with and without autodiff, on
+//! contiguous and strided inputs, below and above the size where the kernels go parallel.
+//! Tolerance: 2e-6 relative to each tensor's largest magnitude (f32 rounding, different
+//! summation order).
+
+mod common;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use switch_transformer::fused::{
+    LN_EPS, causal_softmax, causal_softmax_generic, layer_norm, layer_norm_generic,
+};
+
+const TOL: f64 = 2e-6;
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+fn assert_close(a: Vec<f64>, b: Vec<f64>, what: &str) {
+    let err = common::max_rel_err(&a, &b);
+    assert!(err <= TOL, "{what}: relative error {err:e} > {TOL:e}");
+}
+
+fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 2.0), device)
+}
+
+/// Forward and input gradient of both softmax versions for scores of `shape` (`transposed`:
+/// the scores are a strided view, as `k q^T` swapped back).
+fn check_softmax(shape: [usize; 4], transposed: bool) {
+    let device = Device::default().autodiff();
+    let [b, h, s, _] = shape;
+    let raw = random(shape, &device);
+    let g = random(shape, &device);
+    let scale = 0.37;
+    let run = |fused: bool| {
+        let x = raw.clone().detach().require_grad();
+        let input = if transposed {
+            x.clone().swap_dims(2, 3)
+        } else {
+            x.clone()
+        };
+        let y = if fused {
+            causal_softmax(input, scale)
+        } else {
+            causal_softmax_generic(input, scale)
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        (host(y), host(x.grad(&grads).unwrap()))
+    };
+    let ((y, dx), (y_ref, dx_ref)) = (run(true), run(false));
+    let what = format!("causal softmax {b}x{h}x{s}x{s} transposed={transposed}");
+    assert_close(y.clone(), y_ref, &format!("{what}: output"));
+    assert_close(dx, dx_ref, &format!("{what}: gradient"));
+    // Later keys get exactly zero weight; each row sums to 1.
+    for (r, row) in y.chunks(s).enumerate() {
+        let i = r % s;
+        assert!(
+            row[i + 1..].iter().all(|&v| v == 0.0),
+            "row {r} attends ahead"
+        );
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+    }
+    // Without autodiff (evaluation, generation) the forward is the same.
+    let plain = Device::default();
+    let x = Tensor::<4>::from_data(raw.clone().into_data(), &plain);
+    assert_close(
+        host(causal_softmax(x.clone(), scale)),
+        host(causal_softmax_generic(x, scale)),
+        &format!("{what}: output without autodiff"),
+    );
+}
+
+#[test]
+fn causal_softmax_matches_burn_ops() {
+    check_softmax([1, 1, 1, 1], false);
+    check_softmax([2, 3, 5, 5], false); // below the parallel threshold
+    check_softmax([16, 4, 64, 64], false); // the reference configuration's attention
+    check_softmax([3, 2, 40, 40], true);
+}
+
+/// Forward and the gradients of x, gamma and beta for input `shape` (last dim = d).
+fn check_layer_norm<const D: usize>(shape: [usize; D]) {
+    let device = Device::default().autodiff();
+    let d = shape[D - 1];
+    let raw = random(shape, &device) + 3.0; // an offset the mean must remove
+    let g = random(shape, &device);
+    let gamma0 = random([d], &device);
+    let beta0 = random([d], &device);
+    let run = |fused: bool| {
+        let x = raw.clone().detach().require_grad();
+        let gamma = gamma0.clone().detach().require_grad();
+        let beta = beta0.clone().detach().require_grad();
+        let y = if fused {
+            layer_norm(x.clone(), gamma.clone(), beta.clone(), LN_EPS)
+        } else {
+            layer_norm_generic(x.clone(), gamma.clone(), beta.clone(), LN_EPS)
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        (
+            host(y),
+            host(x.grad(&grads).unwrap()),
+            host(gamma.grad(&grads).unwrap()),
+            host(beta.grad(&grads).unwrap()),
+        )
+    };
+    let (f, r) = (run(true), run(false));
+    let what = format!("layer norm {shape:?}");
+    assert_close(f.0, r.0, &format!("{what}: output"));
+    assert_close(f.1, r.1, &format!("{what}: x gradient"));
+    assert_close(f.2, r.2, &format!("{what}: gamma gradient"));
+    assert_close(f.3, r.3, &format!("{what}: beta gradient"));
+    let plain = Device::default();
+    let x = Tensor::<D>::from_data(raw.into_data(), &plain);
+    let (gm, bt) = (
+        Tensor::<1>::from_data(gamma0.into_data(), &plain),
+        Tensor::<1>::from_data(beta0.into_data(), &plain),
+    );
+    assert_close(
+        host(layer_norm(x.clone(), gm.clone(), bt.clone(), LN_EPS)),
+        host(layer_norm_generic(x, gm, bt, LN_EPS)),
+        &format!("{what}: output without autodiff"),
+    );
+}
+
+#[test]
+fn layer_norm_matches_burn_ops() {
+    check_layer_norm([1, 1]);
+    check_layer_norm([7, 5]); // below the parallel threshold, rows not a block multiple
+    check_layer_norm([16, 64, 128]); // the reference configuration
+    check_layer_norm([1000, 33]);
+}
+
+#[test]
+fn layer_norm_on_a_strided_input() {
+    let device = Device::default().autodiff();
+    let raw = random([24, 16], &device);
+    let gamma0 = random([24], &device);
+    let beta0 = random([24], &device);
+    let g = random([16, 24], &device);
+    let run = |fused: bool| {
+        let x = raw.clone().detach().require_grad();
+        let (gamma, beta) = (gamma0.clone(), beta0.clone());
+        let input = x.clone().swap_dims(0, 1); // [16, 24], strided
+        let y = if fused {
+            layer_norm(input, gamma, beta, LN_EPS)
+        } else {
+            layer_norm_generic(input, gamma, beta, LN_EPS)
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        (host(y), host(x.grad(&grads).unwrap()))
+    };
+    let (f, r) = (run(true), run(false));
+    assert_close(f.0, r.0, "strided layer norm: output");
+    assert_close(f.1, r.1, "strided layer norm: x gradient");
+}
+
+#[test]
+fn bias_relu_matches_burn_ops() {
+    use switch_transformer::fused::{bias_relu, bias_relu_generic};
+    for (shape, seed_offset) in [([1, 1, 1], 0.0), ([3, 5, 7], 0.0), ([4, 154, 256], 0.5)] {
+        let device = Device::default().autodiff();
+        let [e, _, n] = shape;
+        let raw = random(shape, &device) + seed_offset;
+        let b0 = random([e, n], &device);
+        let g = random(shape, &device);
+        let run = |fused: bool| {
+            let x = raw.clone().detach().require_grad();
+            let b = b0.clone().detach().require_grad();
+            let y = if fused {
+                bias_relu(x.clone(), b.clone())
+            } else {
+                bias_relu_generic(x.clone(), b.clone())
+            };
+            let grads = (y.clone() * g.clone()).sum().backward();
+            (
+                host(y),
+                host(x.grad(&grads).unwrap()),
+                host(b.grad(&grads).unwrap()),
+            )
+        };
+        let (f, r) = (run(true), run(false));
+        let what = format!("bias + relu {shape:?}");
+        assert_close(f.0, r.0, &format!("{what}: output"));
+        assert_close(f.1, r.1, &format!("{what}: x gradient"));
+        assert_close(f.2, r.2, &format!("{what}: bias gradient"));
+        let plain = Device::default();
+        let x = Tensor::<3>::from_data(raw.into_data(), &plain);
+        let b = Tensor::<2>::from_data(b0.into_data(), &plain);
+        assert_close(
+            host(bias_relu(x.clone(), b.clone())),
+            host(bias_relu_generic(x, b)),
+            &format!("{what}: output without autodiff"),
+        );
+    }
+}
