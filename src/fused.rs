@@ -33,7 +33,8 @@ const PARALLEL_MIN: usize = 1 << 15;
 pub fn causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
     if let Some(y) = on_flex(&scores, |x| {
         let shape = x.shape();
-        (shape[2] == shape[3]).then(|| CausalSoftmax::apply(x, scale as f32))
+        // (The kernel takes the row maximum before scaling.)
+        (shape[2] == shape[3] && scale > 0.0).then(|| CausalSoftmax::apply(x, scale as f32))
     }) {
         return y;
     }
@@ -196,7 +197,7 @@ impl Backward<Flex, 1> for CausalSoftmax {
                 for (i, dx) in dx.chunks_mut(s).enumerate() {
                     let row = at + i * s;
                     let (g, y) = (&g[row..row + i + 1], &y[row..row + i + 1]);
-                    let dot: f32 = g.iter().zip(y).map(|(&g, &y)| g * y).sum();
+                    let dot = sum_lanes(g.len(), |j| g[j] * y[j]);
                     for ((d, &g), &y) in dx.iter_mut().zip(g).zip(y) {
                         *d = y * (g - dot) * scale;
                     }
@@ -215,14 +216,13 @@ fn causal_softmax_forward(x: &FlexTensor, scale: f32) -> FlexTensor {
     let mut y = vec![0.0f32; x.len()];
     for_blocks(&mut y, s * s, |at, y| {
         for (i, y) in y.chunks_mut(s).enumerate() {
-            let x = &x[at + i * s..at + i * s + i + 1];
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-            let mut sum = 0.0f32;
+            let (x, y) = (&x[at + i * s..at + i * s + i + 1], &mut y[..=i]);
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
             for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x * scale - max).exp();
-                sum += *y;
+                *y = exp_nonpositive(x * scale - max);
             }
-            for y in &mut y[..=i] {
+            let sum = sum_lanes(y.len(), |j| y[j]);
+            for y in y.iter_mut() {
                 *y /= sum;
             }
         }
@@ -276,8 +276,8 @@ const LN_ROWS: usize = 32;
 /// Mean and `1 / sqrt(var + eps)` of each row of length `d`.
 fn row_stats(x: &[f32], d: usize, eps: f32) -> Vec<(f32, f32)> {
     let stats = |x: &[f32]| {
-        let mean = x.iter().sum::<f32>() / d as f32;
-        let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let mean = sum_lanes(d, |j| x[j]) / d as f32;
+        let var = sum_lanes(d, |j| (x[j] - mean) * (x[j] - mean)) / d as f32;
         (mean, 1.0 / (var + eps).sqrt())
     };
     if x.len() >= PARALLEL_MIN {
@@ -334,22 +334,18 @@ impl Backward<Flex, 3> for LayerNormOp {
         let shape = x.layout().shape().clone();
         let d = shape[shape.num_dims() - 1];
         let (x, dy, gamma) = (values(&x), values(&dy), values(&gamma));
-        let xh = |row: usize, j: usize| (x[row * d + j] - stats[row].0) * stats[row].1;
+        let gamma = &gamma[..d];
+        // Row `row` of x, dy, and its statistics.
+        let row_of = |row: usize| (&x[row * d..][..d], &dy[row * d..][..d], stats[row]);
         if let Some(n) = px {
             let mut dx = vec![0.0f32; x.len()];
             for_blocks(&mut dx, d * LN_ROWS, |at, dx| {
                 for (i, dx) in dx.chunks_mut(d).enumerate() {
-                    let row = at / d + i;
-                    let dy = &dy[row * d..(row + 1) * d];
-                    let (mut m1, mut m2) = (0.0f32, 0.0f32);
-                    for j in 0..d {
-                        let dxh = dy[j] * gamma[j];
-                        m1 += dxh;
-                        m2 += dxh * xh(row, j);
-                    }
-                    let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                    let (x, dy, (mean, rstd)) = row_of(at / d + i);
+                    let m1 = sum_lanes(d, |j| dy[j] * gamma[j]) / d as f32;
+                    let m2 = sum_lanes(d, |j| dy[j] * gamma[j] * (x[j] - mean) * rstd) / d as f32;
                     for (j, dx) in dx.iter_mut().enumerate() {
-                        *dx = stats[row].1 * (dy[j] * gamma[j] - m1 - xh(row, j) * m2);
+                        *dx = rstd * (dy[j] * gamma[j] - m1 - (x[j] - mean) * rstd * m2);
                     }
                 }
             });
@@ -360,10 +356,12 @@ impl Backward<Flex, 3> for LayerNormOp {
             let rows = x.len() / d;
             let partial = |b: usize| {
                 let mut acc = vec![0.0f32; 2 * d];
+                let (dgamma, dbeta) = acc.split_at_mut(d);
                 for row in b * LN_ROWS..((b + 1) * LN_ROWS).min(rows) {
+                    let (x, dy, (mean, rstd)) = row_of(row);
                     for j in 0..d {
-                        acc[j] += dy[row * d + j] * xh(row, j);
-                        acc[d + j] += dy[row * d + j];
+                        dgamma[j] += dy[j] * (x[j] - mean) * rstd;
+                        dbeta[j] += dy[j];
                     }
                 }
                 acc
@@ -482,6 +480,78 @@ impl Backward<Flex, 2> for BiasRelu {
         }
         if let Some(node) = px {
             grads.register::<Flex>(node.id, new_tensor(dx, shape));
+        }
+    }
+}
+
+// ---- vector helpers --------------------------------------------------------------------------
+
+/// `sum_j f(j)` for `j < n` in 8 interleaved partial sums, which the compiler vectorises (one
+/// running sum is a chain of dependent adds). `f` should index slices of length `n`.
+#[inline(always)]
+fn sum_lanes(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let full = n - n % 8;
+    for j in (0..full).step_by(8) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a += f(j + k);
+        }
+    }
+    let tail: f32 = (full..n).map(&f).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `e^x` for `x <= 0`, within 2 ulp of the true value (Cody-Waite reduction `x = n ln 2 + r`,
+/// Cephes' degree-6 polynomial for `e^r`, `2^n` built in the exponent bits). Straight-line
+/// code, so loops over it vectorise (libm's `expf` is one call per element). Below -87 it
+/// returns about 1.6e-38 instead of underflowing further.
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = x.max(-87.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    // n sits in the low mantissa bits of t; n + 127 is the biased exponent of 2^n.
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    e_r * f32::from_bits(((n_int + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_nonpositive_within_two_ulp() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let got = exp_nonpositive(x) as f64;
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        // 2 ulp of f32 = 2 * 2^-23 relative at most
+        assert!(
+            worst < 2.0 * f32::EPSILON as f64,
+            "worst relative error {worst:e}"
+        );
+    }
+
+    #[test]
+    fn sum_lanes_adds_every_term() {
+        for n in [0, 1, 7, 8, 9, 64, 129] {
+            let want: f64 = (0..n).map(|j| j as f64).sum();
+            assert_eq!(sum_lanes(n, |j| j as f32) as f64, want, "n = {n}");
         }
     }
 }
