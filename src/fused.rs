@@ -197,7 +197,7 @@ impl Backward<Flex, 1> for CausalSoftmax {
                 for (i, dx) in dx.chunks_mut(s).enumerate() {
                     let row = at + i * s;
                     let (g, y) = (&g[row..row + i + 1], &y[row..row + i + 1]);
-                    let dot = sum_lanes(g.len(), |j| g[j] * y[j]);
+                    let dot = sum_lanes(g, y, y, |g, y, _| g * y);
                     for ((d, &g), &y) in dx.iter_mut().zip(g).zip(y) {
                         *d = y * (g - dot) * scale;
                     }
@@ -221,7 +221,7 @@ fn causal_softmax_forward(x: &FlexTensor, scale: f32) -> FlexTensor {
             for (y, &x) in y.iter_mut().zip(x) {
                 *y = exp_nonpositive(x * scale - max);
             }
-            let sum = sum_lanes(y.len(), |j| y[j]);
+            let sum = sum_lanes(y, y, y, |y, _, _| y);
             for y in y.iter_mut() {
                 *y /= sum;
             }
@@ -276,8 +276,8 @@ const LN_ROWS: usize = 32;
 /// Mean and `1 / sqrt(var + eps)` of each row of length `d`.
 fn row_stats(x: &[f32], d: usize, eps: f32) -> Vec<(f32, f32)> {
     let stats = |x: &[f32]| {
-        let mean = sum_lanes(d, |j| x[j]) / d as f32;
-        let var = sum_lanes(d, |j| (x[j] - mean) * (x[j] - mean)) / d as f32;
+        let mean = sum_lanes(x, x, x, |x, _, _| x) / d as f32;
+        let var = sum_lanes(x, x, x, |x, _, _| (x - mean) * (x - mean)) / d as f32;
         (mean, 1.0 / (var + eps).sqrt())
     };
     if x.len() >= PARALLEL_MIN {
@@ -342,10 +342,11 @@ impl Backward<Flex, 3> for LayerNormOp {
             for_blocks(&mut dx, d * LN_ROWS, |at, dx| {
                 for (i, dx) in dx.chunks_mut(d).enumerate() {
                     let (x, dy, (mean, rstd)) = row_of(at / d + i);
-                    let m1 = sum_lanes(d, |j| dy[j] * gamma[j]) / d as f32;
-                    let m2 = sum_lanes(d, |j| dy[j] * gamma[j] * (x[j] - mean) * rstd) / d as f32;
-                    for (j, dx) in dx.iter_mut().enumerate() {
-                        *dx = rstd * (dy[j] * gamma[j] - m1 - (x[j] - mean) * rstd * m2);
+                    let m1 = sum_lanes(dy, gamma, x, |dy, g, _| dy * g) / d as f32;
+                    let m2 = sum_lanes(dy, gamma, x, |dy, g, x| dy * g * (x - mean) * rstd);
+                    let m2 = m2 / d as f32;
+                    for (((dx, &dy), &g), &x) in dx.iter_mut().zip(dy).zip(gamma).zip(x) {
+                        *dx = rstd * (dy * g - m1 - (x - mean) * rstd * m2);
                     }
                 }
             });
@@ -359,9 +360,11 @@ impl Backward<Flex, 3> for LayerNormOp {
                 let (dgamma, dbeta) = acc.split_at_mut(d);
                 for row in b * LN_ROWS..((b + 1) * LN_ROWS).min(rows) {
                     let (x, dy, (mean, rstd)) = row_of(row);
-                    for j in 0..d {
-                        dgamma[j] += dy[j] * (x[j] - mean) * rstd;
-                        dbeta[j] += dy[j];
+                    for (((dg, db), &dy), &x) in
+                        dgamma.iter_mut().zip(dbeta.iter_mut()).zip(dy).zip(x)
+                    {
+                        *dg += dy * (x - mean) * rstd;
+                        *db += dy;
                     }
                 }
                 acc
@@ -486,18 +489,32 @@ impl Backward<Flex, 2> for BiasRelu {
 
 // ---- vector helpers --------------------------------------------------------------------------
 
-/// `sum_j f(j)` for `j < n` in 8 interleaved partial sums, which the compiler vectorises (one
-/// running sum is a chain of dependent adds). `f` should index slices of length `n`.
+/// `sum_j f(a_j, b_j, c_j)` over slices of one length, in 8 interleaved partial sums that the
+/// compiler vectorises (one running sum is a chain of dependent adds). Pass any slice for an
+/// argument `f` ignores.
 #[inline(always)]
-fn sum_lanes(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+fn sum_lanes(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let n = a.len();
+    let (b, c) = (&b[..n], &c[..n]);
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let tail: f32 = (ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder()))
+    .map(|((&a, &b), &c)| f(a, b, c))
+    .sum();
     let mut acc = [0.0f32; 8];
-    let full = n - n % 8;
-    for j in (0..full).step_by(8) {
-        for (k, a) in acc.iter_mut().enumerate() {
-            *a += f(j + k);
+    for ((a, b), c) in ca.zip(cb).zip(cc) {
+        let (a, b, c): (&[f32; 8], &[f32; 8], &[f32; 8]) = (
+            a.try_into().unwrap(),
+            b.try_into().unwrap(),
+            c.try_into().unwrap(),
+        );
+        for k in 0..8 {
+            acc[k] += f(a[k], b[k], c[k]);
         }
     }
-    let tail: f32 = (full..n).map(&f).sum();
     acc.iter().sum::<f32>() + tail
 }
 
@@ -550,8 +567,11 @@ mod tests {
     #[test]
     fn sum_lanes_adds_every_term() {
         for n in [0, 1, 7, 8, 9, 64, 129] {
-            let want: f64 = (0..n).map(|j| j as f64).sum();
-            assert_eq!(sum_lanes(n, |j| j as f32) as f64, want, "n = {n}");
+            let a: Vec<f32> = (0..n).map(|j| j as f32).collect();
+            let b: Vec<f32> = (0..n).map(|j| (j % 3) as f32).collect();
+            let want: f64 = (0..n).map(|j| (j * (j % 3) + 1) as f64).sum();
+            let got = sum_lanes(&a, &b, &a, |a, b, _| a * b + 1.0);
+            assert_eq!(got as f64, want, "n = {n}");
         }
     }
 }
