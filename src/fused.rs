@@ -575,3 +575,316 @@ mod tests {
         }
     }
 }
+
+// ---- experts over rows grouped by expert -----------------------------------------------------
+
+/// Whether `t` is an f32 tensor on the flex backend (with or without autodiff), where the
+/// kernels of this module run.
+pub fn on_cpu_kernels<const D: usize>(t: &Tensor<D>) -> bool {
+    t.dtype() == DType::F32
+        && if t.is_autodiff() {
+            t.clone().try_into_primitive::<Ad>().is_ok()
+        } else {
+            t.clone().try_into_primitive::<Flex>().is_ok()
+        }
+}
+
+/// The experts' FFN `relu(x W1_e + b1_e) W2_e + b2_e` on rows grouped by expert: rows
+/// `offsets[e]..offsets[e + 1]` of `x` `[rows, d]` go to expert e (`w1` `[E, d, f]`, `b1`
+/// `[E, f]`, `w2` `[E, f, d]`, `b2` `[E, d]`). Each expert multiplies exactly its rows, where
+/// the batched form pads every expert to the fullest one's count. `None` unless every tensor
+/// is f32 on the flex backend.
+pub fn grouped_ffn(
+    x: &Tensor<2>,
+    offsets: &[usize],
+    w1: &Tensor<3>,
+    b1: &Tensor<2>,
+    w2: &Tensor<3>,
+    b2: &Tensor<2>,
+) -> Option<Tensor<2>> {
+    let [e, d, f] = w1.dims();
+    let shapes_ok = x.dims()[1] == d
+        && offsets.len() == e + 1
+        && offsets[e] == x.dims()[0]
+        && offsets.windows(2).all(|w| w[0] <= w[1])
+        && b1.dims() == [e, f]
+        && w2.dims() == [e, f, d]
+        && b2.dims() == [e, d];
+    let f32s = [x.dtype(), w1.dtype(), b1.dtype(), w2.dtype(), b2.dtype()] == [DType::F32; 5];
+    if !(shapes_ok && f32s) {
+        return None;
+    }
+    if x.is_autodiff() {
+        let (x, xn) = x.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+        let (w1, w1n) = w1.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+        let (b1, b1n) = b1.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+        let (w2, w2n) = w2.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+        let (b2, b2n) = b2.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+        let (y, h) = grouped_ffn_forward(&x, offsets, &w1, &b1, &w2, &b2);
+        let y = match GroupedFfn
+            .prepare::<NoCheckpointing>([xn, w1n, b1n, w2n, b2n])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let offsets = offsets.to_vec();
+                prep.finish(
+                    GroupedFfnState {
+                        x,
+                        h,
+                        w1,
+                        w2,
+                        offsets,
+                    },
+                    y,
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Some(Tensor::from_primitive::<Ad>(y))
+    } else {
+        let plain = |t: Tensor<3>| t.try_into_primitive::<Flex>().ok();
+        let x = x.clone().try_into_primitive::<Flex>().ok()?;
+        let (w1, w2) = (plain(w1.clone())?, plain(w2.clone())?);
+        let b1 = b1.clone().try_into_primitive::<Flex>().ok()?;
+        let b2 = b2.clone().try_into_primitive::<Flex>().ok()?;
+        let (y, _) = grouped_ffn_forward(&x, offsets, &w1, &b1, &w2, &b2);
+        Some(Tensor::from_primitive::<Flex>(y))
+    }
+}
+
+/// A row-major matrix view for [`matmul_into`]: element `(i, j)` at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Rows `r0..` of a row-major `[_, width]` buffer.
+    fn rows(data: &'a [f32], r0: usize, width: usize) -> Self {
+        Self {
+            data: &data[r0 * width..],
+            rs: width,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `out [m, n] (row-major, contiguous) = (accumulate ? out : 0) + a [m, k] @ b [k, n]`.
+fn matmul_into(out: &mut [f32], a: Mat, b: Mat, m: usize, n: usize, k: usize, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(out.len() >= m * n);
+    if k == 0 {
+        if !accumulate {
+            out[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // The last element each view reads lies inside its slice.
+    assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len());
+    assert!((k - 1) * b.rs + (n - 1) * b.cs < b.data.len());
+    let parallelism = if m * n * k >= 192 * 192 * 192 && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every access of the three views inside their slices; the
+    // output does not alias the inputs (a `&mut` borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Splits a row-major `[rows, width]` buffer into the row ranges of `offsets`.
+fn split_groups<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(offsets.len() - 1);
+    for w in offsets.windows(2) {
+        let (head, rest) = buf.split_at_mut((w[1] - w[0]) * width);
+        parts.push(head);
+        buf = rest;
+    }
+    parts
+}
+
+/// `f(e, part)` for each expert's part, in parallel when there are many experts per thread
+/// (each multiply then runs on one thread).
+fn for_experts<T: Send>(parts: Vec<T>, f: impl Fn(usize, T) + Sync) {
+    if parts.len() >= 2 * rayon::current_num_threads() && rayon::current_num_threads() > 1 {
+        parts.into_par_iter().enumerate().for_each(|(e, p)| f(e, p));
+    } else {
+        parts.into_iter().enumerate().for_each(|(e, p)| f(e, p));
+    }
+}
+
+/// `y` and the hidden activations `h = relu(x W1_e + b1_e)`.
+fn grouped_ffn_forward(
+    x: &FlexTensor,
+    offsets: &[usize],
+    w1: &FlexTensor,
+    b1: &FlexTensor,
+    w2: &FlexTensor,
+    b2: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let [_, d, f] = w1.layout().shape().dims::<3>();
+    let rows = offsets[offsets.len() - 1];
+    let (x, w1, b1, w2, b2) = (values(x), values(w1), values(b1), values(w2), values(b2));
+    // Each output row starts as its expert's bias; the multiply accumulates onto it.
+    let layer = |out: &mut [f32], input: &[f32], w: &[f32], b: &[f32], (k, n): (usize, usize)| {
+        let parts = split_groups(out, offsets, n);
+        for_experts(parts, |e, out| {
+            let m = offsets[e + 1] - offsets[e];
+            for row in out.chunks_mut(n) {
+                row.copy_from_slice(&b[e * n..(e + 1) * n]);
+            }
+            let a = Mat::rows(input, offsets[e], k);
+            matmul_into(out, a, Mat::rows(w, e * k, n), m, n, k, true);
+        });
+    };
+    let mut h = vec![0.0f32; rows * f];
+    layer(&mut h, &x, &w1, &b1, (d, f));
+    for_blocks(&mut h, f * LN_ROWS, |_, h| {
+        for v in h {
+            *v = v.max(0.0);
+        }
+    });
+    let mut y = vec![0.0f32; rows * d];
+    layer(&mut y, &h, &w2, &b2, (f, d));
+    (
+        new_tensor(y, Shape::from(vec![rows, d])),
+        new_tensor(h, Shape::from(vec![rows, f])),
+    )
+}
+
+#[derive(Debug)]
+struct GroupedFfn;
+
+#[derive(Debug, Clone)]
+struct GroupedFfnState {
+    x: FlexTensor,
+    h: FlexTensor,
+    w1: FlexTensor,
+    w2: FlexTensor,
+    offsets: Vec<usize>,
+}
+
+/// Sums of the rows of each expert's part of a `[rows, width]` buffer: `[E, width]`.
+fn group_row_sums(buf: &[f32], offsets: &[usize], width: usize) -> Vec<f32> {
+    let mut sums = vec![0.0f32; (offsets.len() - 1) * width];
+    for (e, s) in sums.chunks_mut(width).enumerate() {
+        for row in buf[offsets[e] * width..offsets[e + 1] * width].chunks(width) {
+            for (s, &v) in s.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+    }
+    sums
+}
+
+impl Backward<Flex, 5> for GroupedFfn {
+    type State = GroupedFfnState;
+
+    /// Per expert, with `dh = (dy W2^T) * (h > 0)`: `db2 = sum dy`, `dW2 = h^T dy`,
+    /// `db1 = sum dh`, `dW1 = x^T dh`, `dx = dh W1^T`.
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let GroupedFfnState {
+            x,
+            h,
+            w1,
+            w2,
+            offsets,
+        } = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let [px, pw1, pb1, pw2, pb2] = ops.parents;
+        let [n_exp, d, f] = w1.layout().shape().dims::<3>();
+        let rows = offsets[n_exp];
+        let (x, h, w1, w2, dy) = (
+            values(&x),
+            values(&h),
+            values(&w1),
+            values(&w2),
+            values(&dy),
+        );
+        let m = |e: usize| offsets[e + 1] - offsets[e];
+        let tensor = |v: Vec<f32>, dims: Vec<usize>| new_tensor(v, Shape::from(dims));
+
+        if let Some(n) = pb2 {
+            let db2 = group_row_sums(&dy, &offsets, d);
+            grads.register::<Flex>(n.id, tensor(db2, vec![n_exp, d]));
+        }
+        if let Some(n) = pw2 {
+            let mut dw2 = vec![0.0f32; n_exp * f * d];
+            for_experts(dw2.chunks_mut(f * d).collect(), |e, out| {
+                let (hm, dym) = (Mat::rows(&h, offsets[e], f), Mat::rows(&dy, offsets[e], d));
+                matmul_into(out, hm.t(), dym, f, d, m(e), false);
+            });
+            grads.register::<Flex>(n.id, tensor(dw2, vec![n_exp, f, d]));
+        }
+        if px.is_none() && pw1.is_none() && pb1.is_none() {
+            return;
+        }
+        let mut dh = vec![0.0f32; rows * f];
+        for_experts(split_groups(&mut dh, &offsets, f), |e, out| {
+            let dym = Mat::rows(&dy, offsets[e], d);
+            let w2t = Mat::rows(&w2, e * f, d).t();
+            matmul_into(out, dym, w2t, m(e), f, d, false);
+        });
+        for_blocks(&mut dh, f * LN_ROWS, |at, dh| {
+            for (g, &h) in dh.iter_mut().zip(&h[at..]) {
+                *g = if h > 0.0 { *g } else { 0.0 }; // a select, not a branch: it vectorises
+            }
+        });
+        if let Some(n) = pb1 {
+            let db1 = group_row_sums(&dh, &offsets, f);
+            grads.register::<Flex>(n.id, tensor(db1, vec![n_exp, f]));
+        }
+        if let Some(n) = pw1 {
+            let mut dw1 = vec![0.0f32; n_exp * d * f];
+            for_experts(dw1.chunks_mut(d * f).collect(), |e, out| {
+                let (xm, dhm) = (Mat::rows(&x, offsets[e], d), Mat::rows(&dh, offsets[e], f));
+                matmul_into(out, xm.t(), dhm, d, f, m(e), false);
+            });
+            grads.register::<Flex>(n.id, tensor(dw1, vec![n_exp, d, f]));
+        }
+        if let Some(n) = px {
+            let mut dx = vec![0.0f32; rows * d];
+            for_experts(split_groups(&mut dx, &offsets, d), |e, out| {
+                let dhm = Mat::rows(&dh, offsets[e], f);
+                let w1t = Mat::rows(&w1, e * d, f).t();
+                matmul_into(out, dhm, w1t, m(e), d, f, false);
+            });
+            grads.register::<Flex>(n.id, tensor(dx, vec![rows, d]));
+        }
+    }
+}

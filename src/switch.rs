@@ -14,6 +14,8 @@
 //!
 //! Computation: one gather packs each expert's tokens into `[n_experts, slots, d]`, one batched
 //! matmul pair runs all experts, one gather per choice unpacks. No expert sees another's tokens.
+//! On the CPU kernels ([`crate::fused`]) the tokens are packed without padding, `[kept, d]`
+//! grouped by expert, and each expert multiplies exactly its rows.
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -175,11 +177,14 @@ impl SwitchFeedForward {
             out
         } else if opts.on_device(&x.device()) {
             let routes = DeviceRoutes::new(route_prob.clone(), &opts, rng);
+            let packing = Packing::Padded {
+                slots: routes.slots,
+                slot_token: routes.slot_token,
+            };
             let assignment = Assignment {
                 k: 1,
-                slots: routes.slots,
+                packing,
                 chosen: routes.routes.reshape([-1, 1]),
-                slot_token: routes.slot_token,
                 token_source: routes.token_source.reshape([-1, 1]),
                 fallback: true,
             };
@@ -211,12 +216,24 @@ impl SwitchFeedForward {
         let device = x.device();
         let [n_tokens, _] = x.dims();
         let k = plan.top_k;
+        let dropout = self.training && self.expert_dropout > 0.0;
+        let (packing, token_source) = if !dropout && crate::fused::on_cpu_kernels(&x) {
+            let (offsets, row_token, token_source) = grouped_rows(plan);
+            let row_token = index_tensor(&row_token, &device);
+            (Packing::Grouped { offsets, row_token }, token_source)
+        } else {
+            let slot_token = index_tensor(&plan.slot_token, &device);
+            let packing = Packing::Padded {
+                slots: plan.slots,
+                slot_token,
+            };
+            (packing, plan.token_source.clone())
+        };
         let assignment = Assignment {
             k,
-            slots: plan.slots,
+            packing,
             chosen: index_tensor(&plan.routes, &device).reshape([n_tokens, k]),
-            slot_token: index_tensor(&plan.slot_token, &device),
-            token_source: index_tensor(&plan.token_source, &device).reshape([n_tokens, k]),
+            token_source: index_tensor(&token_source, &device).reshape([n_tokens, k]),
             fallback: plan.n_dropped() > 0,
         };
         let counts = count_tensor(&plan.counts, &device);
@@ -254,24 +271,25 @@ impl SwitchFeedForward {
         };
         let gates = crate::precision::cast_to(gates, x.dtype());
 
-        let expert_out = (a.slots > 0).then(|| {
-            let packed = x
-                .clone()
-                .select(0, a.slot_token)
-                .reshape([n_experts, a.slots, d_model]);
-            let dropout = (self.training && self.expert_dropout > 0.0).then(|| {
-                let [_, _, d_ff] = self.experts.w1.dims();
-                dropout_mask(
-                    rng,
-                    [n_experts, a.slots, d_ff],
-                    self.expert_dropout,
-                    &device,
-                )
-            });
-            self.experts
-                .forward(packed, dropout)
-                .reshape([n_experts * a.slots, d_model])
-        });
+        let expert_out = match a.packing {
+            Packing::Padded { slots, slot_token } => (slots > 0).then(|| {
+                let packed = x
+                    .clone()
+                    .select(0, slot_token)
+                    .reshape([n_experts, slots, d_model]);
+                let dropout = (self.training && self.expert_dropout > 0.0).then(|| {
+                    let [_, _, d_ff] = self.experts.w1.dims();
+                    dropout_mask(rng, [n_experts, slots, d_ff], self.expert_dropout, &device)
+                });
+                self.experts
+                    .forward(packed, dropout)
+                    .reshape([n_experts * slots, d_model])
+            }),
+            Packing::Grouped { offsets, row_token } => (offsets[n_experts] > 0).then(|| {
+                let packed = x.clone().select(0, row_token);
+                self.experts.forward_grouped(packed, &offsets)
+            }),
+        };
         // Rows the assignments read: expert outputs, then the dropped-token fallback.
         let fallback = match self.dropped_tokens {
             DroppedTokens::PassThrough => x,
@@ -317,16 +335,68 @@ impl SwitchFeedForward {
 struct Assignment {
     /// Choices per token.
     k: usize,
-    /// Rows per expert in the packed expert input.
-    slots: usize,
+    /// How the experts' input rows are laid out.
+    packing: Packing,
     /// `[tokens, k]` expert of each assignment.
     chosen: Tensor<2, Int>,
-    /// `[n_experts * slots]` token of each slot row.
-    slot_token: Tensor<1, Int>,
     /// `[tokens, k]` row of `[expert outputs; fallback]` each assignment reads.
     token_source: Tensor<2, Int>,
     /// Whether any assignment reads a fallback row.
     fallback: bool,
+}
+
+/// The experts' input rows.
+enum Packing {
+    /// `[n_experts * slots]` token of each row: expert e owns rows `e * slots ..`, padded to
+    /// the fullest expert (one batched matmul for all experts, any backend).
+    Padded {
+        slots: usize,
+        slot_token: Tensor<1, Int>,
+    },
+    /// `[kept]` token of each row: expert e owns rows `offsets[e]..offsets[e + 1]`, no padding
+    /// (the CPU kernels' grouped FFN).
+    Grouped {
+        offsets: Vec<usize>,
+        row_token: Tensor<1, Int>,
+    },
+}
+
+/// `plan` without padding: expert offsets (`n_experts + 1`), the token of each kept row, and
+/// each assignment's row in `[kept rows; fallback rows]` (a dropped assignment reads the
+/// fallback row of its token, `kept + token`).
+fn grouped_rows(plan: &RoutePlan) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let (n_experts, slots) = (plan.n_experts, plan.slots);
+    let padded = n_experts * slots;
+    // A plan fills each expert's slots from 0, one assignment per slot.
+    let mut kept = vec![0; n_experts];
+    for &src in &plan.token_source {
+        if src < padded {
+            kept[src / slots] += 1;
+        }
+    }
+    let mut offsets = vec![0; n_experts + 1];
+    for e in 0..n_experts {
+        offsets[e + 1] = offsets[e] + kept[e];
+    }
+    let row_token = (0..n_experts)
+        .flat_map(|e| {
+            plan.slot_token[e * slots..e * slots + kept[e]]
+                .iter()
+                .copied()
+        })
+        .collect();
+    let source = plan
+        .token_source
+        .iter()
+        .map(|&src| {
+            if src < padded {
+                offsets[src / slots] + src % slots
+            } else {
+                offsets[n_experts] + (src - padded)
+            }
+        })
+        .collect();
+    (offsets, row_token, source)
 }
 
 /// Host counts as an f32 tensor (the form the statistics and the losses use).

@@ -201,3 +201,69 @@ fn bias_relu_matches_burn_ops() {
         );
     }
 }
+
+/// The experts' FFN over rows grouped by expert, against the same per expert with Burn ops.
+fn check_grouped_ffn(sizes: &[usize], d: usize, f: usize) {
+    use switch_transformer::fused::grouped_ffn;
+    let device = Device::default().autodiff();
+    let e = sizes.len();
+    let mut offsets = vec![0];
+    for s in sizes {
+        offsets.push(offsets.last().unwrap() + s);
+    }
+    let rows = offsets[e];
+    let raw = random([rows, d], &device);
+    let g = random([rows, d], &device);
+    let params0 = (
+        random([e, d, f], &device),
+        random([e, f], &device),
+        random([e, f, d], &device),
+        random([e, d], &device),
+    );
+    let run = |fused: bool| {
+        let x = raw.clone().detach().require_grad();
+        let w1 = params0.0.clone().detach().require_grad();
+        let b1 = params0.1.clone().detach().require_grad();
+        let w2 = params0.2.clone().detach().require_grad();
+        let b2 = params0.3.clone().detach().require_grad();
+        let y = if fused {
+            grouped_ffn(&x, &offsets, &w1, &b1, &w2, &b2).expect("flex f32 tensors")
+        } else {
+            let parts: Vec<Tensor<2>> = (0..e)
+                .filter(|&i| sizes[i] > 0)
+                .map(|i| {
+                    let xe = x.clone().slice([offsets[i]..offsets[i + 1], 0..d]);
+                    let w1e = w1.clone().slice([i..i + 1, 0..d, 0..f]).reshape([d, f]);
+                    let w2e = w2.clone().slice([i..i + 1, 0..f, 0..d]).reshape([f, d]);
+                    let h = burn::tensor::activation::relu(
+                        xe.matmul(w1e) + b1.clone().slice([i..i + 1, 0..f]),
+                    );
+                    h.matmul(w2e) + b2.clone().slice([i..i + 1, 0..d])
+                })
+                .collect();
+            Tensor::cat(parts, 0)
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        let grad = |t: &Tensor<3>| host(t.grad(&grads).unwrap());
+        let grad2 = |t: &Tensor<2>| host(t.grad(&grads).unwrap());
+        vec![
+            ("output", host(y)),
+            ("x", grad2(&x)),
+            ("w1", grad(&w1)),
+            ("b1", grad2(&b1)),
+            ("w2", grad(&w2)),
+            ("b2", grad2(&b2)),
+        ]
+    };
+    for ((name, a), (_, b)) in run(true).into_iter().zip(run(false)) {
+        assert_close(a, b, &format!("grouped ffn {sizes:?}: {name}"));
+    }
+}
+
+#[test]
+fn grouped_ffn_matches_burn_ops() {
+    check_grouped_ffn(&[3], 4, 5);
+    check_grouped_ffn(&[2, 0, 5, 1], 8, 16); // an expert without rows: zero weight gradients
+    check_grouped_ffn(&[300, 211, 0, 260], 128, 256); // the reference configuration's sizes
+    check_grouped_ffn(&[7; 40], 16, 32); // many experts: multiplied in parallel
+}
