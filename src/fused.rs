@@ -1,10 +1,12 @@
-//! Fused CPU kernels for the element-wise parts of the step that Burn runs op by op: the
-//! attention softmax (`softmax(scale * s + causal)`) and LayerNorm.
+//! CPU kernels with hand-written backward for the parts of the step that Burn runs as chains
+//! of small ops: the causal attention softmax (`softmax(scale * s + causal)`), LayerNorm, the
+//! experts' bias + ReLU, and the experts' FFN over rows grouped by expert (no padding).
 //!
-//! Each function has a generic Burn definition (any backend, and the tests' reference) and, for
-//! f32 tensors on the flex backend, one pass forward and one pass backward, registered with
-//! Burn's autodiff as a single node. Composed from Burn ops, the causal softmax is about 7
-//! passes over the scores forward and 9 backward, LayerNorm 8 and ~15.
+//! Each has a definition in Burn ops (any backend, and the tests' reference) and, for f32
+//! tensors on the flex backend, a kernel registered with Burn's autodiff as one node: one pass
+//! forward and one backward where Burn takes about 7 and 9 for the softmax, 8 and ~15 for
+//! LayerNorm. The softmax and LayerNorm kernels alone took one model at the reference
+//! configuration from 165 to 126 ms/step.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;

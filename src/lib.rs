@@ -3,7 +3,9 @@
 //!
 //! Read in this order: [`router`] -> [`expert`] -> [`switch`] -> [`attention`] -> [`block`] ->
 //! [`model`] -> [`loss`] -> [`optim`]. [`weights`] maps the model to PyTorch `state_dict`
-//! names; [`parity`] checks it against tensors recorded from the PyTorch code.
+//! names; [`parity`] checks it against tensors recorded from the PyTorch code. [`fused`] holds
+//! the CPU kernels (attention softmax, LayerNorm, the experts' FFN) that replace chains of
+//! Burn ops on the flex backend; every other backend runs the Burn-op definitions.
 
 pub mod attention;
 pub mod bench;
