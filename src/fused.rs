@@ -840,28 +840,36 @@ impl Backward<Flex, 5> for GroupedFfn {
         );
         let m = |e: usize| offsets[e + 1] - offsets[e];
         let tensor = |v: Vec<f32>, dims: Vec<usize>| new_tensor(v, Shape::from(dims));
+        // `[E, ka, kg]`: `a_e^T g_e` for row-major `a` `[rows, ka]` and `g` `[rows, kg]`.
+        let weight_grad = |a: &[f32], ka: usize, g: &[f32], kg: usize| {
+            let mut dw = vec![0.0f32; n_exp * ka * kg];
+            for_experts(dw.chunks_mut(ka * kg).collect(), |e, out| {
+                let (am, gm) = (Mat::rows(a, offsets[e], ka), Mat::rows(g, offsets[e], kg));
+                matmul_into(out, am.t(), gm, ka, kg, m(e), false);
+            });
+            tensor(dw, vec![n_exp, ka, kg])
+        };
+        // `[rows, kin]`: `g_e W_e^T` for `g` `[rows, kout]` and `w` `[E, kin, kout]`.
+        let input_grad = |g: &[f32], kout: usize, w: &[f32], kin: usize| {
+            let mut out = vec![0.0f32; rows * kin];
+            for_experts(split_groups(&mut out, &offsets, kin), |e, part| {
+                let (gm, wt) = (Mat::rows(g, offsets[e], kout), Mat::rows(w, e * kin, kout));
+                matmul_into(part, gm, wt.t(), m(e), kin, kout, false);
+            });
+            out
+        };
 
         if let Some(n) = pb2 {
             let db2 = group_row_sums(&dy, &offsets, d);
             grads.register::<Flex>(n.id, tensor(db2, vec![n_exp, d]));
         }
         if let Some(n) = pw2 {
-            let mut dw2 = vec![0.0f32; n_exp * f * d];
-            for_experts(dw2.chunks_mut(f * d).collect(), |e, out| {
-                let (hm, dym) = (Mat::rows(&h, offsets[e], f), Mat::rows(&dy, offsets[e], d));
-                matmul_into(out, hm.t(), dym, f, d, m(e), false);
-            });
-            grads.register::<Flex>(n.id, tensor(dw2, vec![n_exp, f, d]));
+            grads.register::<Flex>(n.id, weight_grad(&h, f, &dy, d));
         }
         if px.is_none() && pw1.is_none() && pb1.is_none() {
             return;
         }
-        let mut dh = vec![0.0f32; rows * f];
-        for_experts(split_groups(&mut dh, &offsets, f), |e, out| {
-            let dym = Mat::rows(&dy, offsets[e], d);
-            let w2t = Mat::rows(&w2, e * f, d).t();
-            matmul_into(out, dym, w2t, m(e), f, d, false);
-        });
+        let mut dh = input_grad(&dy, d, &w2, f);
         for_blocks(&mut dh, f * LN_ROWS, |at, dh| {
             for (g, &h) in dh.iter_mut().zip(&h[at..]) {
                 *g = if h > 0.0 { *g } else { 0.0 }; // a select, not a branch: it vectorises
@@ -872,21 +880,10 @@ impl Backward<Flex, 5> for GroupedFfn {
             grads.register::<Flex>(n.id, tensor(db1, vec![n_exp, f]));
         }
         if let Some(n) = pw1 {
-            let mut dw1 = vec![0.0f32; n_exp * d * f];
-            for_experts(dw1.chunks_mut(d * f).collect(), |e, out| {
-                let (xm, dhm) = (Mat::rows(&x, offsets[e], d), Mat::rows(&dh, offsets[e], f));
-                matmul_into(out, xm.t(), dhm, d, f, m(e), false);
-            });
-            grads.register::<Flex>(n.id, tensor(dw1, vec![n_exp, d, f]));
+            grads.register::<Flex>(n.id, weight_grad(&x, d, &dh, f));
         }
         if let Some(n) = px {
-            let mut dx = vec![0.0f32; rows * d];
-            for_experts(split_groups(&mut dx, &offsets, d), |e, out| {
-                let dhm = Mat::rows(&dh, offsets[e], f);
-                let w1t = Mat::rows(&w1, e * d, f).t();
-                matmul_into(out, dhm, w1t, m(e), d, f, false);
-            });
-            grads.register::<Flex>(n.id, tensor(dx, vec![rows, d]));
+            grads.register::<Flex>(n.id, tensor(input_grad(&dh, f, &w1, d), vec![rows, d]));
         }
     }
 }
