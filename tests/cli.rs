@@ -364,3 +364,61 @@ fn data_parallel_training_on_cpu_workers() {
     assert!(!tmp.join("runs/x").exists());
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// `switch bench` on a tiny model: training (one model and two threads as one model) and
+/// generation, as JSON with the fields the benchmark script reads.
+#[test]
+fn bench_prints_timings_as_json() {
+    let tmp = common::temp_dir("cli-bench");
+    let tiny = [
+        "bench",
+        "--json",
+        "--layers",
+        "1",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--d-ff",
+        "32",
+        "--batch",
+        "4",
+        "--seq-len",
+        "8",
+        "--experts",
+        "4",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+    ];
+    let json = |extra: &[&str]| {
+        let mut args = tiny.to_vec();
+        args.extend(extra);
+        let out = switch(&args, &tmp);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("one JSON object")
+    };
+    let positive = |v: &serde_json::Value, key: &str| {
+        let x = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing in {v}"));
+        assert!(x > 0.0 && x.is_finite(), "{key} = {x}");
+    };
+    for extra in [&[][..], &["--replicas", "2", "--global-routing"][..]] {
+        let v = json(extra);
+        for key in ["tokens_per_s_median", "ms_per_step_median", "peak_rss_mb"] {
+            positive(&v, key);
+        }
+        assert_eq!(v["config"]["model"]["n_experts"], 4, "{v}");
+    }
+    let v = json(&["--generate", "--tokens", "5"]);
+    for key in ["cached_tokens_per_s", "recompute_tokens_per_s", "speedup"] {
+        positive(&v, key);
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
