@@ -167,10 +167,25 @@ fn contiguous_f32(t: &FlexTensor) -> &[f32] {
     &t.storage::<f32>()[..n]
 }
 
-/// Sum of squares in f64, in parallel over large tensors.
+/// Sum of squares in f64, in parallel over large tensors. Eight partial sums, so that the loop
+/// runs in vector registers instead of waiting on one chain of dependent additions.
 fn sum_squares(x: &[f32]) -> f64 {
     use rayon::prelude::*;
-    let part = |c: &[f32]| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+    let part = |c: &[f32]| {
+        let mut acc = [0.0f64; 8];
+        let mut lanes = c.chunks_exact(8);
+        for l in &mut lanes {
+            for (a, &v) in acc.iter_mut().zip(l) {
+                *a += (v as f64) * (v as f64);
+            }
+        }
+        let tail: f64 = lanes
+            .remainder()
+            .iter()
+            .map(|&v| (v as f64) * (v as f64))
+            .sum();
+        acc.iter().sum::<f64>() + tail
+    };
     if x.len() > 2 * CHUNK {
         x.par_chunks(CHUNK).map(part).sum()
     } else {
@@ -258,14 +273,18 @@ fn fused_update(theta: Theta, g: &[f32], m: &mut [f32], v: &mut [f32], k: Coefs)
         *v = k.c2 * *v + k.d2 * (g * g);
         (*m * k.step_size) / (v.sqrt() + k.eps)
     };
+    // Zipped iterators (no bounds checks), so that the loops compile to vector instructions:
+    // indexed, they ran one element at a time, at 30% of a 64-expert step.
     let into = |o: &mut [f32], t: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
-        for i in 0..o.len() {
-            o[i] = t[i] - delta(g[i], &mut m[i], &mut v[i]);
+        let moments = m.iter_mut().zip(v.iter_mut());
+        for (((o, &t), &g), (m, v)) in o.iter_mut().zip(t).zip(g).zip(moments) {
+            *o = t - delta(g, m, v);
         }
     };
     let in_place = |t: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
-        for i in 0..t.len() {
-            t[i] -= delta(g[i], &mut m[i], &mut v[i]);
+        let moments = m.iter_mut().zip(v.iter_mut());
+        for ((t, &g), (m, v)) in t.iter_mut().zip(g).zip(moments) {
+            *t -= delta(g, m, v);
         }
     };
     let parallel = g.len() > 2 * CHUNK;
@@ -483,5 +502,83 @@ impl ModuleMapper for Update<'_> {
             updated = updated.require_grad();
         }
         Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, rng: &mut rand_chacha::ChaCha8Rng, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+    }
+
+    /// The fused loop against the formula written out one element at a time (same f32
+    /// operations in the same order, so equal bit for bit), in place and into a new buffer,
+    /// below and above the parallel threshold, with a tail that is not a multiple of a chunk.
+    #[test]
+    fn fused_update_equals_the_formula() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let k = Coefs {
+            c1: 0.9,
+            d1: 0.1,
+            c2: 0.999,
+            d2: (1.0 - 0.999f64) as f32,
+            eps: 1e-8,
+            step_size: 3e-4,
+            grad_scale: 0.37,
+        };
+        for n in [5, 1000, 2 * CHUNK + 12_345] {
+            let theta = random(n, &mut rng, 1.0);
+            let g = random(n, &mut rng, 0.1);
+            let m0 = random(n, &mut rng, 0.01);
+            let v0: Vec<f32> = random(n, &mut rng, 1e-3).iter().map(|x| x.abs()).collect();
+
+            let (mut want_t, mut want_m, mut want_v) = (theta.clone(), m0.clone(), v0.clone());
+            for i in 0..n {
+                let gi = g[i] * k.grad_scale;
+                want_m[i] = k.c1 * want_m[i] + k.d1 * gi;
+                want_v[i] = k.c2 * want_v[i] + k.d2 * (gi * gi);
+                want_t[i] -= (want_m[i] * k.step_size) / (want_v[i].sqrt() + k.eps);
+            }
+
+            let (mut t, mut m, mut v) = (theta.clone(), m0.clone(), v0.clone());
+            fused_update(Theta::InPlace(&mut t), &g, &mut m, &mut v, k);
+            assert_eq!(
+                (&t, &m, &v),
+                (&want_t, &want_m, &want_v),
+                "in place, n = {n}"
+            );
+
+            let (mut new, mut m, mut v) = (vec![0.0; n], m0.clone(), v0.clone());
+            let old = theta.clone();
+            fused_update(
+                Theta::Into {
+                    old: &old,
+                    new: &mut new,
+                },
+                &g,
+                &mut m,
+                &mut v,
+                k,
+            );
+            assert_eq!((&new, &m, &v), (&want_t, &want_m, &want_v), "into, n = {n}");
+            assert_eq!(old, theta);
+        }
+    }
+
+    #[test]
+    fn sum_squares_matches_a_plain_sum() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        for n in [0, 7, 8, 1001, 2 * CHUNK + 3] {
+            let x = random(n, &mut rng, 2.0);
+            let want: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let got = sum_squares(&x);
+            assert!(
+                (got - want).abs() <= 1e-12 * want.max(1.0),
+                "n = {n}: {got} vs {want}"
+            );
+        }
     }
 }
