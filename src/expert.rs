@@ -8,7 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 
-use crate::fused::{bias_relu, grouped_ffn};
+use crate::fused::grouped_ffn;
 use crate::precision::cast_to;
 
 #[derive(Module, Debug)]
@@ -34,7 +34,7 @@ impl Experts {
         let dt = x.dtype();
         let w = |p: &Param<Tensor<3>>| cast_to(p.val(), dt);
         let b = |p: &Param<Tensor<2>>| cast_to(p.val(), dt).unsqueeze_dim(1);
-        let mut h = bias_relu(x.matmul(w(&self.w1)), cast_to(self.b1.val(), dt));
+        let mut h = relu(x.matmul(w(&self.w1)) + b(&self.b1));
         if let Some(mask) = dropout {
             h = h * cast_to(mask, dt);
         }
@@ -42,28 +42,12 @@ impl Experts {
     }
 
     /// `x`: `[rows, d_model]`, expert e's tokens in rows `offsets[e]..offsets[e + 1]` (no
-    /// padding). The CPU kernels' grouped FFN, or per expert with Burn ops elsewhere.
+    /// padding): the CPU kernels' grouped FFN, or per expert with Burn ops elsewhere.
     pub fn forward_grouped(&self, x: Tensor<2>, offsets: &[usize]) -> Tensor<2> {
         let dt = x.dtype();
-        let (w1, b1) = (cast_to(self.w1.val(), dt), cast_to(self.b1.val(), dt));
-        let (w2, b2) = (cast_to(self.w2.val(), dt), cast_to(self.b2.val(), dt));
-        if let Some(y) = grouped_ffn(&x, offsets, &w1, &b1, &w2, &b2) {
-            return y;
-        }
-        let [_, d, f] = w1.dims();
-        let parts = (0..self.n_experts())
-            .filter(|&e| offsets[e + 1] > offsets[e])
-            .map(|e| {
-                let xe = x.clone().slice([offsets[e]..offsets[e + 1], 0..d]);
-                let layer = |w: &Tensor<3>, b: &Tensor<2>, (k, n): (usize, usize)| {
-                    let w = w.clone().slice([e..e + 1, 0..k, 0..n]).reshape([k, n]);
-                    (w, b.clone().slice([e..e + 1, 0..n]))
-                };
-                let (w1e, b1e) = layer(&w1, &b1, (d, f));
-                let (w2e, b2e) = layer(&w2, &b2, (f, d));
-                relu(xe.matmul(w1e) + b1e).matmul(w2e) + b2e
-            })
-            .collect();
-        Tensor::cat(parts, 0)
+        let w = |p: &Param<Tensor<3>>| cast_to(p.val(), dt);
+        let b = |p: &Param<Tensor<2>>| cast_to(p.val(), dt);
+        let (w1, b1, w2, b2) = (w(&self.w1), b(&self.b1), w(&self.w2), b(&self.b2));
+        grouped_ffn(x, offsets, w1, b1, w2, b2)
     }
 }

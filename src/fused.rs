@@ -1,6 +1,6 @@
 //! CPU kernels with hand-written backward for the parts of the step that Burn runs as chains
-//! of small ops: the causal attention softmax (`softmax(scale * s + causal)`), LayerNorm, the
-//! experts' bias + ReLU, and the experts' FFN over rows grouped by expert (no padding).
+//! of small ops: the causal attention softmax (`softmax(scale * s + causal)`), LayerNorm, and
+//! the experts' FFN over rows grouped by expert (no padding).
 //!
 //! Each has a definition in Burn ops (any backend, and the tests' reference) and, for f32
 //! tensors on the flex backend, a kernel registered with Burn's autodiff as one node: one pass
@@ -12,9 +12,9 @@ use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind, unary};
 use burn::backend::flex::{Flex, FlexTensor};
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -34,14 +34,19 @@ const PARALLEL_MIN: usize = 1 << 15;
 /// `softmax(scale * s + causal, -1)` for square scores `s` `[batch, heads, seq, seq]`: query i
 /// attends to keys `0..=i` (the weights of later keys are exactly 0).
 pub fn causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
-    if let Some(y) = on_flex(&scores, |x| {
-        let shape = x.shape();
-        // (The kernel takes the row maximum before scaling.)
-        (shape[2] == shape[3] && scale > 0.0).then(|| CausalSoftmax::apply(x, scale as f32))
-    }) {
-        return y;
-    }
-    causal_softmax_generic(scores, scale)
+    let [_, _, s, t] = scores.dims();
+    let scale32 = scale as f32;
+    // (The kernel takes the row maximum before scaling.)
+    let kernel = || {
+        run_kernel(CausalSoftmax, [flex_input(&scores)], |[x]| {
+            let y = causal_softmax_forward(&x, scale32);
+            (y.clone(), (y, scale32))
+        })
+    };
+    (s == t && scale > 0.0)
+        .then(kernel)
+        .flatten()
+        .unwrap_or_else(|| causal_softmax_generic(scores, scale))
 }
 
 /// [`causal_softmax`] composed from Burn ops (labml's order: scale, mask, softmax).
@@ -59,14 +64,19 @@ pub fn layer_norm<const D: usize>(
     beta: Tensor<1>,
     eps: f64,
 ) -> Tensor<D> {
-    let f32s = [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3];
-    if let Some(y) = f32s
-        .then(|| layer_norm_flex(&x, &gamma, &beta, eps))
+    let d = gamma.dims()[0];
+    let fits = x.dims()[D - 1] == d && beta.dims()[0] == d;
+    let eps32 = eps as f32;
+    let kernel = || {
+        let inputs = [flex_input(&x), flex_input(&gamma), flex_input(&beta)];
+        run_kernel(LayerNormOp, inputs, |[x, gamma, beta]| {
+            let (y, stats) = layer_norm_forward(&x, &gamma, &beta, eps32);
+            (y, LayerNormState { x, stats, gamma })
+        })
+    };
+    fits.then(kernel)
         .flatten()
-    {
-        return y;
-    }
-    layer_norm_generic(x, gamma, beta, eps)
+        .unwrap_or_else(|| layer_norm_generic(x, gamma, beta, eps))
 }
 
 /// [`layer_norm`] composed from Burn ops.
@@ -81,48 +91,61 @@ pub fn layer_norm_generic<const D: usize>(
 
 // ---- dispatch to the flex kernels ------------------------------------------------------------
 
-/// `f` applied to the flex tensor behind `t` (with autodiff or without), when `t` is f32 on
-/// the flex backend and `f` accepts it.
-fn on_flex<const D: usize>(
-    t: &Tensor<D>,
-    f: impl FnOnce(Input) -> Option<Output>,
-) -> Option<Tensor<D>> {
+/// The flex tensor behind `t` and, with autodiff, its graph node; `None` unless `t` is f32 on
+/// the flex backend.
+fn flex_input<const D: usize>(t: &Tensor<D>) -> Option<(FlexTensor, Option<NodeGuard>)> {
     if t.dtype() != DType::F32 {
         return None;
     }
     if t.is_autodiff() {
-        let ad = t.clone().try_into_primitive::<Ad>().ok()?;
-        match f(Input::Tracked(ad))? {
-            Output::Tracked(y) => Some(Tensor::from_primitive::<Ad>(y)),
-            Output::Plain(_) => None,
-        }
+        let (x, node) = t.clone().try_into_primitive::<Ad>().ok()?.into_parts();
+        Some((x, Some(node)))
     } else {
-        let x = t.clone().try_into_primitive::<Flex>().ok()?;
-        match f(Input::Plain(x))? {
-            Output::Plain(y) => Some(Tensor::from_primitive::<Flex>(y)),
-            Output::Tracked(_) => None,
-        }
+        Some((t.clone().try_into_primitive::<Flex>().ok()?, None))
     }
 }
 
-/// A flex tensor with or without its autodiff node.
-enum Input {
-    Tracked(<Ad as burn::backend::BackendTypes>::FloatTensorPrimitive),
-    Plain(FlexTensor),
+/// Whether `t` is an f32 tensor on the flex backend (with or without autodiff), where the
+/// kernels of this module run.
+pub fn on_cpu_kernels<const D: usize>(t: &Tensor<D>) -> bool {
+    flex_input(t).is_some()
 }
 
-enum Output {
-    Tracked(<Ad as burn::backend::BackendTypes>::FloatTensorPrimitive),
-    Plain(FlexTensor),
-}
-
-impl Input {
-    fn shape(&self) -> &Shape {
-        match self {
-            Self::Tracked(t) => t.primitive().layout().shape(),
-            Self::Plain(t) => t.layout().shape(),
-        }
+/// `forward` on the flex tensors behind the inputs, when every input has one (see
+/// [`flex_input`]): its output, and with autodiff (all inputs tracked) one graph node whose
+/// backward is `op` with the state `forward` returned. `None` otherwise.
+fn run_kernel<K, const N: usize, const D: usize>(
+    op: K,
+    inputs: [Option<(FlexTensor, Option<NodeGuard>)>; N],
+    forward: impl FnOnce([FlexTensor; N]) -> (FlexTensor, K::State),
+) -> Option<Tensor<D>>
+where
+    K: Backward<Flex, N>,
+{
+    let (tensors, nodes): (Vec<_>, Vec<_>) = inputs
+        .into_iter()
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    let tensors: [FlexTensor; N] = tensors.try_into().ok()?;
+    if nodes.iter().all(Option::is_none) {
+        return Some(Tensor::from_primitive::<Flex>(forward(tensors).0));
     }
+    let nodes: [NodeGuard; N] = nodes
+        .into_iter()
+        .collect::<Option<Vec<_>>>()?
+        .try_into()
+        .ok()?;
+    let (y, state) = forward(tensors);
+    let y = match op
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Some(Tensor::from_primitive::<Ad>(y))
 }
 
 /// The `n` f32 values of `t`, contiguous (copied only when `t` is strided).
@@ -161,28 +184,6 @@ where
 
 #[derive(Debug)]
 struct CausalSoftmax;
-
-impl CausalSoftmax {
-    fn apply(x: Input, scale: f32) -> Output {
-        match x {
-            Input::Plain(x) => Output::Plain(causal_softmax_forward(&x, scale)),
-            Input::Tracked(x) => {
-                let (x, node) = x.into_parts();
-                let y = causal_softmax_forward(&x, scale);
-                Output::Tracked(
-                    match CausalSoftmax
-                        .prepare::<NoCheckpointing>([node])
-                        .compute_bound()
-                        .stateful()
-                    {
-                        OpsKind::Tracked(prep) => prep.finish((y.clone(), scale), y),
-                        OpsKind::UnTracked(prep) => prep.finish(y),
-                    },
-                )
-            }
-        }
-    }
-}
 
 impl Backward<Flex, 1> for CausalSoftmax {
     /// The softmax output and the scale.
@@ -235,46 +236,8 @@ fn causal_softmax_forward(x: &FlexTensor, scale: f32) -> FlexTensor {
 
 // ---- LayerNorm -------------------------------------------------------------------------------
 
-fn layer_norm_flex<const D: usize>(
-    x: &Tensor<D>,
-    gamma: &Tensor<1>,
-    beta: &Tensor<1>,
-    eps: f64,
-) -> Option<Tensor<D>> {
-    let d = gamma.dims()[0];
-    if x.dims()[D - 1] != d || beta.dims()[0] != d {
-        return None;
-    }
-    let eps = eps as f32;
-    if x.is_autodiff() {
-        let x = x.clone().try_into_primitive::<Ad>().ok()?;
-        let g = gamma.clone().try_into_primitive::<Ad>().ok()?;
-        let b = beta.clone().try_into_primitive::<Ad>().ok()?;
-        let (x, x_node) = x.into_parts();
-        let (g, g_node) = g.into_parts();
-        let (b, b_node) = b.into_parts();
-        let (y, stats) = layer_norm_forward(&x, &g, &b, eps);
-        let y = match LayerNormOp
-            .prepare::<NoCheckpointing>([x_node, g_node, b_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(LayerNormState { x, stats, gamma: g }, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        Some(Tensor::from_primitive::<Ad>(y))
-    } else {
-        let x = x.clone().try_into_primitive::<Flex>().ok()?;
-        let g = gamma.clone().try_into_primitive::<Flex>().ok()?;
-        let b = beta.clone().try_into_primitive::<Flex>().ok()?;
-        Some(Tensor::from_primitive::<Flex>(
-            layer_norm_forward(&x, &g, &b, eps).0,
-        ))
-    }
-}
-
-/// Rows per parallel task of the LayerNorm kernels.
-const LN_ROWS: usize = 32;
+/// Rows per parallel task of the row-wise loops (LayerNorm, the experts' ReLU).
+const BLOCK_ROWS: usize = 32;
 
 /// Mean and `1 / sqrt(var + eps)` of each row of length `d`.
 fn row_stats(x: &[f32], d: usize, eps: f32) -> Vec<(f32, f32)> {
@@ -302,7 +265,7 @@ fn layer_norm_forward(
     let (x, gamma, beta) = (values(x), values(gamma), values(beta));
     let stats = row_stats(&x, d, eps);
     let mut y = vec![0.0f32; x.len()];
-    for_blocks(&mut y, d * LN_ROWS, |at, y| {
+    for_blocks(&mut y, d * BLOCK_ROWS, |at, y| {
         for (i, y) in y.chunks_mut(d).enumerate() {
             let (mean, rstd) = stats[at / d + i];
             let x = &x[at + i * d..at + (i + 1) * d];
@@ -342,7 +305,7 @@ impl Backward<Flex, 3> for LayerNormOp {
         let row_of = |row: usize| (&x[row * d..][..d], &dy[row * d..][..d], stats[row]);
         if let Some(n) = px {
             let mut dx = vec![0.0f32; x.len()];
-            for_blocks(&mut dx, d * LN_ROWS, |at, dx| {
+            for_blocks(&mut dx, d * BLOCK_ROWS, |at, dx| {
                 for (i, dx) in dx.chunks_mut(d).enumerate() {
                     let (x, dy, (mean, rstd)) = row_of(at / d + i);
                     let m1 = sum_lanes(dy, gamma, x, |dy, g, _| dy * g) / d as f32;
@@ -361,7 +324,7 @@ impl Backward<Flex, 3> for LayerNormOp {
             let partial = |b: usize| {
                 let mut acc = vec![0.0f32; 2 * d];
                 let (dgamma, dbeta) = acc.split_at_mut(d);
-                for row in b * LN_ROWS..((b + 1) * LN_ROWS).min(rows) {
+                for row in b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(rows) {
                     let (x, dy, (mean, rstd)) = row_of(row);
                     for (((dg, db), &dy), &x) in
                         dgamma.iter_mut().zip(dbeta.iter_mut()).zip(dy).zip(x)
@@ -372,7 +335,7 @@ impl Backward<Flex, 3> for LayerNormOp {
                 }
                 acc
             };
-            let blocks = rows.div_ceil(LN_ROWS);
+            let blocks = rows.div_ceil(BLOCK_ROWS);
             let partials: Vec<Vec<f32>> = if x.len() >= PARALLEL_MIN {
                 (0..blocks).into_par_iter().map(partial).collect()
             } else {
@@ -391,101 +354,6 @@ impl Backward<Flex, 3> for LayerNormOp {
             if let Some(n) = pb {
                 grads.register::<Flex>(n.id, new_tensor(dbeta, Shape::from(vec![d])));
             }
-        }
-    }
-}
-
-// ---- bias + ReLU -----------------------------------------------------------------------------
-
-/// `relu(x + b)` for `x` `[groups, rows, n]` and one bias row per group `b` `[groups, n]` (the
-/// experts' first layer: group = expert).
-pub fn bias_relu(x: Tensor<3>, b: Tensor<2>) -> Tensor<3> {
-    let [g, _, n] = x.dims();
-    let fits = x.dtype() == DType::F32 && b.dtype() == DType::F32 && b.dims() == [g, n];
-    if let Some(y) = fits.then(|| bias_relu_flex(&x, &b)).flatten() {
-        return y;
-    }
-    bias_relu_generic(x, b)
-}
-
-/// [`bias_relu`] composed from Burn ops.
-pub fn bias_relu_generic(x: Tensor<3>, b: Tensor<2>) -> Tensor<3> {
-    burn::tensor::activation::relu(x + b.unsqueeze_dim(1))
-}
-
-fn bias_relu_flex(x: &Tensor<3>, b: &Tensor<2>) -> Option<Tensor<3>> {
-    if x.is_autodiff() {
-        let (x, x_node) = x.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-        let (b, b_node) = b.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-        let y = bias_relu_forward(&x, &b);
-        let y = match BiasRelu
-            .prepare::<NoCheckpointing>([x_node, b_node])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        Some(Tensor::from_primitive::<Ad>(y))
-    } else {
-        let x = x.clone().try_into_primitive::<Flex>().ok()?;
-        let b = b.clone().try_into_primitive::<Flex>().ok()?;
-        Some(Tensor::from_primitive::<Flex>(bias_relu_forward(&x, &b)))
-    }
-}
-
-fn bias_relu_forward(x: &FlexTensor, b: &FlexTensor) -> FlexTensor {
-    let shape = x.layout().shape().clone();
-    let (rows, n) = (shape[1], shape[2]);
-    let (x, b) = (values(x), values(b));
-    let mut y = vec![0.0f32; x.len()];
-    for_blocks(&mut y, n * LN_ROWS, |at, y| {
-        for (i, y) in y.chunks_mut(n).enumerate() {
-            let row = at / n + i;
-            let (x, b) = (&x[row * n..(row + 1) * n], &b[row / rows * n..][..n]);
-            for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
-                *y = (x + b).max(0.0);
-            }
-        }
-    });
-    new_tensor(y, shape)
-}
-
-#[derive(Debug)]
-struct BiasRelu;
-
-impl Backward<Flex, 2> for BiasRelu {
-    /// The output `y`.
-    type State = FlexTensor;
-
-    /// `dx = g * (y > 0)`, `db = sum over rows of dx`.
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let y = ops.state;
-        let g = grads.consume::<Flex>(&ops.node);
-        let [px, pb] = ops.parents;
-        let shape = y.layout().shape().clone();
-        let (groups, rows, n) = (shape[0], shape[1], shape[2]);
-        let (y, g) = (values(&y), values(&g));
-        let mut dx = vec![0.0f32; y.len()];
-        for_blocks(&mut dx, n * LN_ROWS, |at, dx| {
-            let (y, g) = (&y[at..at + dx.len()], &g[at..at + dx.len()]);
-            for ((d, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                *d = if y > 0.0 { g } else { 0.0 };
-            }
-        });
-        if let Some(node) = pb {
-            let mut db = vec![0.0f32; groups * n];
-            for (db, dx) in db.chunks_mut(n).zip(dx.chunks(rows * n)) {
-                for dx in dx.chunks(n) {
-                    for (db, &d) in db.iter_mut().zip(dx) {
-                        *db += d;
-                    }
-                }
-            }
-            grads.register::<Flex>(node.id, new_tensor(db, Shape::from(vec![groups, n])));
-        }
-        if let Some(node) = px {
-            grads.register::<Flex>(node.id, new_tensor(dx, shape));
         }
     }
 }
@@ -581,79 +449,73 @@ mod tests {
 
 // ---- experts over rows grouped by expert -----------------------------------------------------
 
-/// Whether `t` is an f32 tensor on the flex backend (with or without autodiff), where the
-/// kernels of this module run.
-pub fn on_cpu_kernels<const D: usize>(t: &Tensor<D>) -> bool {
-    t.dtype() == DType::F32
-        && if t.is_autodiff() {
-            t.clone().try_into_primitive::<Ad>().is_ok()
-        } else {
-            t.clone().try_into_primitive::<Flex>().is_ok()
-        }
-}
-
 /// The experts' FFN `relu(x W1_e + b1_e) W2_e + b2_e` on rows grouped by expert: rows
 /// `offsets[e]..offsets[e + 1]` of `x` `[rows, d]` go to expert e (`w1` `[E, d, f]`, `b1`
 /// `[E, f]`, `w2` `[E, f, d]`, `b2` `[E, d]`). Each expert multiplies exactly its rows, where
-/// the batched form pads every expert to the fullest one's count. `None` unless every tensor
-/// is f32 on the flex backend.
+/// the batched form pads every expert to the fullest one's count.
 pub fn grouped_ffn(
-    x: &Tensor<2>,
+    x: Tensor<2>,
     offsets: &[usize],
-    w1: &Tensor<3>,
-    b1: &Tensor<2>,
-    w2: &Tensor<3>,
-    b2: &Tensor<2>,
-) -> Option<Tensor<2>> {
+    w1: Tensor<3>,
+    b1: Tensor<2>,
+    w2: Tensor<3>,
+    b2: Tensor<2>,
+) -> Tensor<2> {
     let [e, d, f] = w1.dims();
-    let shapes_ok = x.dims()[1] == d
+    let fits = x.dims()[1] == d
         && offsets.len() == e + 1
         && offsets[e] == x.dims()[0]
         && offsets.windows(2).all(|w| w[0] <= w[1])
         && b1.dims() == [e, f]
         && w2.dims() == [e, f, d]
         && b2.dims() == [e, d];
-    let f32s = [x.dtype(), w1.dtype(), b1.dtype(), w2.dtype(), b2.dtype()] == [DType::F32; 5];
-    if !(shapes_ok && f32s) {
-        return None;
-    }
-    if x.is_autodiff() {
-        let (x, xn) = x.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-        let (w1, w1n) = w1.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-        let (b1, b1n) = b1.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-        let (w2, w2n) = w2.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-        let (b2, b2n) = b2.clone().try_into_primitive::<Ad>().ok()?.into_parts();
-        let (y, h) = grouped_ffn_forward(&x, offsets, &w1, &b1, &w2, &b2);
-        let y = match GroupedFfn
-            .prepare::<NoCheckpointing>([xn, w1n, b1n, w2n, b2n])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let offsets = offsets.to_vec();
-                prep.finish(
-                    GroupedFfnState {
-                        x,
-                        h,
-                        w1,
-                        w2,
-                        offsets,
-                    },
-                    y,
-                )
-            }
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        Some(Tensor::from_primitive::<Ad>(y))
-    } else {
-        let plain = |t: Tensor<3>| t.try_into_primitive::<Flex>().ok();
-        let x = x.clone().try_into_primitive::<Flex>().ok()?;
-        let (w1, w2) = (plain(w1.clone())?, plain(w2.clone())?);
-        let b1 = b1.clone().try_into_primitive::<Flex>().ok()?;
-        let b2 = b2.clone().try_into_primitive::<Flex>().ok()?;
-        let (y, _) = grouped_ffn_forward(&x, offsets, &w1, &b1, &w2, &b2);
-        Some(Tensor::from_primitive::<Flex>(y))
-    }
+    let kernel = || {
+        let (fx, fb1, fb2) = (flex_input(&x), flex_input(&b1), flex_input(&b2));
+        let inputs = [fx, flex_input(&w1), fb1, flex_input(&w2), fb2];
+        run_kernel(GroupedFfn, inputs, |[x, w1, b1, w2, b2]| {
+            let (y, h) = grouped_ffn_forward(&x, offsets, &w1, &b1, &w2, &b2);
+            let offsets = offsets.to_vec();
+            (
+                y,
+                GroupedFfnState {
+                    x,
+                    h,
+                    w1,
+                    w2,
+                    offsets,
+                },
+            )
+        })
+    };
+    fits.then(kernel)
+        .flatten()
+        .unwrap_or_else(|| grouped_ffn_generic(x, offsets, w1, b1, w2, b2))
+}
+
+/// [`grouped_ffn`] composed from Burn ops, one expert at a time.
+pub fn grouped_ffn_generic(
+    x: Tensor<2>,
+    offsets: &[usize],
+    w1: Tensor<3>,
+    b1: Tensor<2>,
+    w2: Tensor<3>,
+    b2: Tensor<2>,
+) -> Tensor<2> {
+    let [n_experts, d, f] = w1.dims();
+    let parts = (0..n_experts)
+        .filter(|&e| offsets[e + 1] > offsets[e])
+        .map(|e| {
+            let xe = x.clone().slice([offsets[e]..offsets[e + 1], 0..d]);
+            let layer = |w: &Tensor<3>, b: &Tensor<2>, (k, n): (usize, usize)| {
+                let w = w.clone().slice([e..e + 1, 0..k, 0..n]).reshape([k, n]);
+                (w, b.clone().slice([e..e + 1, 0..n]))
+            };
+            let (w1e, b1e) = layer(&w1, &b1, (d, f));
+            let (w2e, b2e) = layer(&w2, &b2, (f, d));
+            relu(xe.matmul(w1e) + b1e).matmul(w2e) + b2e
+        })
+        .collect();
+    Tensor::cat(parts, 0)
 }
 
 /// A row-major matrix view for [`matmul_into`]: element `(i, j)` at `data[i * rs + j * cs]`.
@@ -806,7 +668,7 @@ fn grouped_ffn_forward(
         out
     };
     let mut h = layer(&x, &w1, &b1, (d, f));
-    for_blocks(&mut h, f * LN_ROWS, |_, h| {
+    for_blocks(&mut h, f * BLOCK_ROWS, |_, h| {
         for v in h {
             *v = v.max(0.0);
         }
@@ -904,7 +766,7 @@ impl Backward<Flex, 5> for GroupedFfn {
             return;
         }
         let mut dh = input_grad(&dy, d, &w2, f);
-        for_blocks(&mut dh, f * LN_ROWS, |at, dh| {
+        for_blocks(&mut dh, f * BLOCK_ROWS, |at, dh| {
             for (g, &h) in dh.iter_mut().zip(&h[at..]) {
                 *g = if h > 0.0 { *g } else { 0.0 }; // a select, not a branch: it vectorises
             }

@@ -205,6 +205,11 @@ impl SwitchFeedForward {
         out
     }
 
+    /// Whether this pass drops expert hidden units (training with `expert_dropout > 0`).
+    fn expert_dropout_on(&self) -> bool {
+        self.training && self.expert_dropout > 0.0
+    }
+
     /// Runs the experts according to `plan` (from [`RoutePlan::new`] or a recorded one).
     pub fn dispatch(
         &self,
@@ -216,8 +221,9 @@ impl SwitchFeedForward {
         let device = x.device();
         let [n_tokens, _] = x.dims();
         let k = plan.top_k;
-        let dropout = self.training && self.expert_dropout > 0.0;
-        let (packing, token_source) = if !dropout && crate::fused::on_cpu_kernels(&x) {
+        // The grouped rows go to the CPU kernels, which have no expert dropout.
+        let grouped = !self.expert_dropout_on() && crate::fused::on_cpu_kernels(&x);
+        let (packing, token_source) = if grouped {
             let (offsets, row_token, token_source) = grouped_rows(plan);
             let row_token = index_tensor(&row_token, &device);
             (Packing::Grouped { offsets, row_token }, token_source)
@@ -277,7 +283,7 @@ impl SwitchFeedForward {
                     .clone()
                     .select(0, slot_token)
                     .reshape([n_experts, slots, d_model]);
-                let dropout = (self.training && self.expert_dropout > 0.0).then(|| {
+                let dropout = self.expert_dropout_on().then(|| {
                     let [_, _, d_ff] = self.experts.w1.dims();
                     dropout_mask(rng, [n_experts, slots, d_ff], self.expert_dropout, &device)
                 });

@@ -162,49 +162,9 @@ fn layer_norm_on_a_strided_input() {
     assert_close(f.1, r.1, "strided layer norm: x gradient");
 }
 
-#[test]
-fn bias_relu_matches_burn_ops() {
-    use switch_transformer::fused::{bias_relu, bias_relu_generic};
-    for (shape, seed_offset) in [([1, 1, 1], 0.0), ([3, 5, 7], 0.0), ([4, 154, 256], 0.5)] {
-        let device = Device::default().autodiff();
-        let [e, _, n] = shape;
-        let raw = random(shape, &device) + seed_offset;
-        let b0 = random([e, n], &device);
-        let g = random(shape, &device);
-        let run = |fused: bool| {
-            let x = raw.clone().detach().require_grad();
-            let b = b0.clone().detach().require_grad();
-            let y = if fused {
-                bias_relu(x.clone(), b.clone())
-            } else {
-                bias_relu_generic(x.clone(), b.clone())
-            };
-            let grads = (y.clone() * g.clone()).sum().backward();
-            (
-                host(y),
-                host(x.grad(&grads).unwrap()),
-                host(b.grad(&grads).unwrap()),
-            )
-        };
-        let (f, r) = (run(true), run(false));
-        let what = format!("bias + relu {shape:?}");
-        assert_close(f.0, r.0, &format!("{what}: output"));
-        assert_close(f.1, r.1, &format!("{what}: x gradient"));
-        assert_close(f.2, r.2, &format!("{what}: bias gradient"));
-        let plain = Device::default();
-        let x = Tensor::<3>::from_data(raw.into_data(), &plain);
-        let b = Tensor::<2>::from_data(b0.into_data(), &plain);
-        assert_close(
-            host(bias_relu(x.clone(), b.clone())),
-            host(bias_relu_generic(x, b)),
-            &format!("{what}: output without autodiff"),
-        );
-    }
-}
-
 /// The experts' FFN over rows grouped by expert, against the same per expert with Burn ops.
 fn check_grouped_ffn(sizes: &[usize], d: usize, f: usize) {
-    use switch_transformer::fused::grouped_ffn;
+    use switch_transformer::fused::{grouped_ffn, grouped_ffn_generic};
     let device = Device::default().autodiff();
     let e = sizes.len();
     let mut offsets = vec![0];
@@ -226,23 +186,19 @@ fn check_grouped_ffn(sizes: &[usize], d: usize, f: usize) {
         let b1 = params0.1.clone().detach().require_grad();
         let w2 = params0.2.clone().detach().require_grad();
         let b2 = params0.3.clone().detach().require_grad();
-        let y = if fused {
-            grouped_ffn(&x, &offsets, &w1, &b1, &w2, &b2).expect("flex f32 tensors")
+        let f = if fused {
+            grouped_ffn
         } else {
-            let parts: Vec<Tensor<2>> = (0..e)
-                .filter(|&i| sizes[i] > 0)
-                .map(|i| {
-                    let xe = x.clone().slice([offsets[i]..offsets[i + 1], 0..d]);
-                    let w1e = w1.clone().slice([i..i + 1, 0..d, 0..f]).reshape([d, f]);
-                    let w2e = w2.clone().slice([i..i + 1, 0..f, 0..d]).reshape([f, d]);
-                    let h = burn::tensor::activation::relu(
-                        xe.matmul(w1e) + b1.clone().slice([i..i + 1, 0..f]),
-                    );
-                    h.matmul(w2e) + b2.clone().slice([i..i + 1, 0..d])
-                })
-                .collect();
-            Tensor::cat(parts, 0)
+            grouped_ffn_generic
         };
+        let y = f(
+            x.clone(),
+            &offsets,
+            w1.clone(),
+            b1.clone(),
+            w2.clone(),
+            b2.clone(),
+        );
         let grads = (y.clone() * g.clone()).sum().backward();
         let grad = |t: &Tensor<3>| host(t.grad(&grads).unwrap());
         let grad2 = |t: &Tensor<2>| host(t.grad(&grads).unwrap());
@@ -258,6 +214,26 @@ fn check_grouped_ffn(sizes: &[usize], d: usize, f: usize) {
     for ((name, a), (_, b)) in run(true).into_iter().zip(run(false)) {
         assert_close(a, b, &format!("grouped ffn {sizes:?}: {name}"));
     }
+    // Without autodiff (evaluation, generation).
+    let plain = Device::default();
+    let output = |fused: bool| {
+        let f = if fused {
+            grouped_ffn
+        } else {
+            grouped_ffn_generic
+        };
+        let (w1, b1, w2, b2) = &params0;
+        host(f(
+            Tensor::from_data(raw.to_data(), &plain),
+            &offsets,
+            Tensor::from_data(w1.to_data(), &plain),
+            Tensor::from_data(b1.to_data(), &plain),
+            Tensor::from_data(w2.to_data(), &plain),
+            Tensor::from_data(b2.to_data(), &plain),
+        ))
+    };
+    let what = format!("grouped ffn {sizes:?}: output without autodiff");
+    assert_close(output(true), output(false), &what);
 }
 
 #[test]
