@@ -470,8 +470,13 @@ pub fn grouped_ffn(
         && w2.dims() == [e, f, d]
         && b2.dims() == [e, d];
     let kernel = || {
-        let (fx, fb1, fb2) = (flex_input(&x), flex_input(&b1), flex_input(&b2));
-        let inputs = [fx, flex_input(&w1), fb1, flex_input(&w2), fb2];
+        let inputs = [
+            flex_input(&x),
+            flex_input(&w1),
+            flex_input(&b1),
+            flex_input(&w2),
+            flex_input(&b2),
+        ];
         run_kernel(GroupedFfn, inputs, |[x, w1, b1, w2, b2]| {
             let (y, h) = grouped_ffn_forward(&x, offsets, &w1, &b1, &w2, &b2);
             let offsets = offsets.to_vec();
