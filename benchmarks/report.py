@@ -87,6 +87,22 @@ print("| experts | " + " | ".join(label[v] for v in variants) + " |")
 print("|---" * (len(variants) + 1) + "|")
 for e in (4, 16, 64):
     print("| %d | " % e + " | ".join("%.2f" % (best(v, e, "tokens_per_s_median")[0] / base[v]) for v in variants) + " |")
+print("\n## Where one model's step goes (ours, 1 model, ms/step, medians)\n")
+print("The optimizer is labml's Adam on f32 state: per step it reads the gradient, the weight and "
+      "both moments and writes the weight and both moments, 7 x 4 bytes per parameter, after one "
+      "read of the gradients for the global norm (the clip). It grows with the parameters while "
+      "the FLOPs per token stay the same, so it bounds expert scaling on one machine: the "
+      "traffic over the optimizer phase's time is the memory bandwidth it reaches.\n")
+print("| experts | parameters | forward + loss | backward | clip + Adam | step | optimizer traffic (MB) | GB/s |")
+print("|---" * 8 + "|")
+for e in (4, 16, 64):
+    runs = [r for r in train if impl(r) == ONE and experts(r) == e]
+    med = lambda key: statistics.median(r[key] for r in runs)
+    traffic = runs[0]["params"] * 4 * 8 / 1e6
+    print("| %d | %d | %.1f | %.1f | %.1f | %.1f | %.0f | %.0f |" % (
+        e, runs[0]["params"], med("forward_ms_median"), med("backward_ms_median"),
+        med("optimizer_ms_median"), med("ms_per_step_median"), traffic,
+        traffic / med("optimizer_ms_median")))
 print("\n## Generation (ours, greedy, context %d, %d tokens, dropping off)\n" % (gen["context"], gen["tokens"]))
 print("| method | tokens/s |")
 print("|---|---|")
