@@ -253,7 +253,7 @@ impl Replicas {
         let n = self.replicas.len();
         let parts: Vec<Part> = if n == 1 {
             let r = &self.replicas[0];
-            vec![forward_backward(r, batch, rng, s, None, 1.0)]
+            vec![on_worker(|| forward_backward(r, batch, rng, s, None, 1.0))]
         } else {
             let shards = batch.split(n);
             let rngs: Vec<RoutingRng> = match &self.group {
@@ -295,7 +295,7 @@ impl Replicas {
             parts.into_iter().map(|p| (p.stats, p.grads)).unzip();
         let layers = layer_stats(&passes);
         let grad_norm = if n == 1 {
-            update_first(&mut self.replicas, &grads[0], s)
+            on_worker(|| update_first(&mut self.replicas, &grads[0], s))
         } else if self.grad_sync == GradSync::Broadcast {
             let sum = sum_on_first(&self.replicas, &grads);
             let norm = sum.global_norm();
@@ -318,6 +318,14 @@ impl Replicas {
             update_s: t0.elapsed().as_secs_f64(),
         }
     }
+}
+
+/// `f` on a worker thread of the global thread pool. Called from another thread, each parallel
+/// op inside `f` would be handed to the pool while the caller sleeps until it is done: a
+/// wake-up on the critical path per op. One model at the reference configuration: 42,000 ->
+/// 10,000 context switches in 33 steps, 98-102 -> 90-92 ms/step.
+fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// `f` on each item at once, item `i` in a thread of its own inside `pools[i]`; the results
