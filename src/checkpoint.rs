@@ -111,6 +111,7 @@ pub fn load(dir: &Path, config: &ModelConfig, adam: LabmlAdam, device: &Device) 
     }
     let mut adam = adam;
     adam.load_state_tensors(step, &opt.tensors)
+        .and_then(|()| adam.check_matches(&model))
         .with_context(ctx)?;
     Ok(Loaded { model, adam, state })
 }

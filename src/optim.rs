@@ -291,7 +291,18 @@ fn fused_update(theta: Theta, g: &[f32], m: &mut [f32], v: &mut [f32], k: Coefs)
             *t -= delta(g, m, v);
         }
     };
-    let parallel = g.len() > 2 * CHUNK;
+    let n = g.len();
+    let theta_n = match &theta {
+        Theta::InPlace(t) => t.len(),
+        Theta::Into { old, new } if old.len() == n => new.len(),
+        Theta::Into { old, .. } => old.len(),
+    };
+    // The loops zip the slices: a shorter one would leave values of `new` unwritten.
+    assert!(
+        theta_n == n && m.len() == n && v.len() == n,
+        "Adam on slices of different lengths"
+    );
+    let parallel = n > 2 * CHUNK;
     let moments = m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK));
     match theta {
         Theta::Into { old, new } if parallel => new
@@ -364,6 +375,46 @@ impl LabmlAdam {
             path: Vec::new(),
         };
         module.map(&mut mapper)
+    }
+
+    /// Checks that every moment restored by [`load_state_tensors`](Self::load_state_tensors)
+    /// belongs to a trainable parameter of `module` with as many values.
+    pub fn check_matches<M: Module>(&self, module: &M) -> anyhow::Result<()> {
+        #[derive(Default)]
+        struct Sizes {
+            path: Vec<String>,
+            sizes: HashMap<String, usize>,
+        }
+        impl ModuleVisitor for Sizes {
+            fn enter_module(&mut self, name: &str, _container_type: &str) {
+                self.path.push(name.to_string());
+            }
+            fn exit_module(&mut self, _name: &str, _container_type: &str) {
+                self.path.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if param.is_require_grad() {
+                    let n = param.shape().num_elements();
+                    self.sizes.insert(self.path.join("."), n);
+                }
+            }
+        }
+        let mut v = Sizes::default();
+        module.visit(&mut v);
+        for (path, moments) in &self.state {
+            let n = match moments {
+                Moments::Host { m, .. } => m.len(),
+                Moments::Device { m, .. } => m.shape().num_elements(),
+            };
+            match v.sizes.get(path) {
+                None => anyhow::bail!("optimizer state `{path}` is for no parameter of the model"),
+                Some(&p) if p != n => anyhow::bail!(
+                    "optimizer state `{path}` has {n} values, the model's parameter {p}"
+                ),
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// The moments as host tensors named `m.<path>` / `v.<path>`, for checkpoints.

@@ -259,11 +259,36 @@ fn run_directory_problems_never_lose_checkpoints() {
     assert_eq!(snapshot(&run), before);
     std::fs::write(&config, good_config).unwrap();
 
-    // Corrupt the latest checkpoint's weights: resume fails, nothing is overwritten.
     let latest = switch_transformer::checkpoint::list(&run.join("checkpoints"))
         .pop()
         .unwrap()
         .1;
+
+    // Optimizer moments that do not fit the model's parameter: resume fails, nothing changes.
+    let optimizer = latest.join("optimizer.safetensors");
+    let good_optimizer = std::fs::read(&optimizer).unwrap();
+    let mut file = switch_transformer::store::TensorFile::read(&optimizer).unwrap();
+    for (name, t) in file.tensors.iter_mut() {
+        if name.ends_with("attn.query.weight") {
+            *t = switch_transformer::store::HostTensor::f32(vec![3], vec![0.0; 3]);
+        }
+    }
+    file.write(&optimizer).unwrap();
+    let before = snapshot(&run);
+    let out = switch(&["train", "--data", data, "--resume", "runs/good"], &tmp);
+    assert_error(
+        &out,
+        &[
+            "unusable",
+            "optimizer state",
+            "attn.query.weight",
+            "3 values",
+        ],
+    );
+    assert_eq!(snapshot(&run), before);
+    std::fs::write(&optimizer, good_optimizer).unwrap();
+
+    // Corrupt the latest checkpoint's weights: resume fails, nothing is overwritten.
     std::fs::write(latest.join("model.safetensors"), b"not safetensors").unwrap();
     let before = snapshot(&run);
     let out = switch(&["train", "--data", data, "--resume", "runs/good"], &tmp);
