@@ -560,7 +560,8 @@ fn matmul_into(out: &mut [f32], a: Mat, b: Mat, m: usize, n: usize, k: usize, ac
 /// `out [m, n] = a [m, k] @ b [k, n]` into memory not written yet: a new gradient is written
 /// once, with no zero-fill pass before (100 MB per step at 64 experts).
 fn matmul_new(out: &mut [MaybeUninit<f32>], a: Mat, b: Mat, m: usize, n: usize, k: usize) {
-    assert!(out.len() >= m * n);
+    // All of `out`, so that a caller that allocated it uninitialised may treat it as written.
+    assert_eq!(out.len(), m * n);
     // SAFETY: without `accumulate` nothing is read from `out`, and all `m * n` values are written.
     unsafe { matmul_raw(out.as_mut_ptr().cast(), a, b, (m, n, k), false) }
 }
