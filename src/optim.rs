@@ -86,6 +86,14 @@ impl ParamGrads {
         }
     }
 
+    /// The gradients with their parameters' ids, in module order.
+    pub fn into_parts(self) -> Vec<(ParamId, Tensor<1>)> {
+        let mut ids: Vec<(usize, ParamId)> =
+            self.index.into_iter().map(|(id, i)| (i, id)).collect();
+        ids.sort_by_key(|&(i, _)| i);
+        ids.into_iter().map(|(_, id)| id).zip(self.grads).collect()
+    }
+
     pub fn get(&self, id: &ParamId) -> Option<&Tensor<1>> {
         self.index.get(id).map(|&i| &self.grads[i])
     }
@@ -624,6 +632,24 @@ mod tests {
             assert_eq!((&new, &m, &v), (&want_t, &want_m, &want_v), "into, n = {n}");
             assert_eq!(old, theta);
         }
+    }
+
+    #[test]
+    fn param_grads_into_parts_keeps_module_order() {
+        let device = Device::default();
+        let t = |v: f32| Tensor::<1>::from_data(TensorData::new(vec![v], [1]), &device);
+        let ids = [ParamId::new(), ParamId::new(), ParamId::new()];
+        let mut grads = ParamGrads::default();
+        for (i, &id) in ids.iter().enumerate() {
+            grads.insert(id, t(i as f32));
+        }
+        grads.insert(ids[1], t(7.0)); // replaced, keeps its place
+        let parts = grads.into_parts();
+        let got: Vec<(ParamId, f32)> = parts
+            .into_iter()
+            .map(|(id, g)| (id, g.into_scalar()))
+            .collect();
+        assert_eq!(got, vec![(ids[0], 0.0), (ids[1], 7.0), (ids[2], 2.0)]);
     }
 
     #[test]

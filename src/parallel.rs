@@ -18,6 +18,7 @@
 //! they are on the same device); or Burn's collective all-reduce, after which every replica
 //! takes the same step. With one replica this is the plain step (no threads).
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -297,7 +298,7 @@ impl Replicas {
         let grad_norm = if n == 1 {
             on_worker(|| update_first(&mut self.replicas, &grads[0], s))
         } else if self.grad_sync == GradSync::Broadcast {
-            let sum = sum_on_first(&self.replicas, &grads);
+            let sum = sum_on_first(&self.replicas, grads);
             let norm = sum.global_norm();
             let coef = clip_coefficient(norm, s.grad_clip);
             adam_step_first(&mut self.replicas, &sum, s.lr, coef);
@@ -430,15 +431,21 @@ fn param_ids(model: &SwitchTransformer) -> Vec<ParamId> {
 
 /// The sum of the replicas' gradients, added in replica order on the first replica's device
 /// and keyed by its parameters. A parameter without a gradient on a replica counts as zero.
-fn sum_on_first(replicas: &[Replica], grads: &[ParamGrads]) -> ParamGrads {
+fn sum_on_first(replicas: &[Replica], grads: Vec<ParamGrads>) -> ParamGrads {
     let ids: Vec<_> = replicas.iter().map(|r| param_ids(&r.model)).collect();
     let device = replicas[0].device.clone().inner();
+    // Taken out, so that the first replica's gradient is the sum's only owner: on the CPU the
+    // sum then adds into it instead of a new buffer (100 MB less at 64 experts).
+    let mut grads: Vec<HashMap<ParamId, Tensor<1>>> = grads
+        .into_iter()
+        .map(|g| g.into_parts().into_iter().collect())
+        .collect();
     let mut out = ParamGrads::default();
     for (i, &id) in ids[0].iter().enumerate() {
         let mut sum: Option<Tensor<1>> = None;
-        for (r, g) in grads.iter().enumerate() {
-            if let Some(g) = g.get(&ids[r][i]) {
-                let g = g.clone().to_device(&device);
+        for (r, g) in grads.iter_mut().enumerate() {
+            if let Some(g) = g.remove(&ids[r][i]) {
+                let g = g.to_device(&device);
                 sum = Some(match sum {
                     None => g,
                     Some(s) => s + g,
