@@ -22,6 +22,7 @@ use std::mem::MaybeUninit;
 
 use crate::attention::causal_mask;
 use crate::precision::cast_to;
+use crate::util::written_by;
 
 type Ad = Autodiff<Flex, NoCheckpointing>;
 
@@ -523,7 +524,7 @@ pub fn grouped_ffn_generic(
     Tensor::cat(parts, 0)
 }
 
-/// A row-major matrix view for [`matmul_into`]: element `(i, j)` at `data[i * rs + j * cs]`.
+/// A row-major matrix view for [`matmul_add`] and [`matmul_new`]: element `(i, j)` at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 struct Mat<'a> {
     data: &'a [f32],
@@ -550,11 +551,11 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `out [m, n] (row-major, contiguous) = (accumulate ? out : 0) + a [m, k] @ b [k, n]`.
-fn matmul_into(out: &mut [f32], a: Mat, b: Mat, m: usize, n: usize, k: usize, accumulate: bool) {
+/// `out [m, n] (row-major, contiguous) += a [m, k] @ b [k, n]`.
+fn matmul_add(out: &mut [f32], a: Mat, b: Mat, m: usize, n: usize, k: usize) {
     assert!(out.len() >= m * n);
     // SAFETY: `out` holds `m * n` initialised values.
-    unsafe { matmul_raw(out.as_mut_ptr(), a, b, (m, n, k), accumulate) }
+    unsafe { matmul_raw(out.as_mut_ptr(), a, b, (m, n, k), true) }
 }
 
 /// `out [m, n] = a [m, k] @ b [k, n]` into memory not written yet: a new gradient is written
@@ -614,18 +615,6 @@ unsafe fn matmul_raw(out: *mut f32, a: Mat, b: Mat, (m, n, k): (usize, usize, us
     }
 }
 
-/// A vector of `len` values, each written by `fill` (given the unwritten buffer) before use.
-///
-/// # Safety
-/// `fill` writes every one of the `len` values.
-unsafe fn written_by(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len);
-    fill(&mut v.spare_capacity_mut()[..len]);
-    // SAFETY: the caller's contract.
-    unsafe { v.set_len(len) };
-    v
-}
-
 /// Splits a row-major `[rows, width]` buffer into the row ranges of `offsets`.
 fn split_groups<'a, T>(mut buf: &'a mut [T], offsets: &[usize], width: usize) -> Vec<&'a mut [T]> {
     let mut parts = Vec::with_capacity(offsets.len() - 1);
@@ -669,7 +658,7 @@ fn grouped_ffn_forward(
         }
         for_experts(split_groups(&mut out, offsets, n), |e, out| {
             let (a, m) = (Mat::rows(input, offsets[e], k), offsets[e + 1] - offsets[e]);
-            matmul_into(out, a, Mat::rows(w, e * k, n), m, n, k, true);
+            matmul_add(out, a, Mat::rows(w, e * k, n), m, n, k);
         });
         out
     };

@@ -17,6 +17,7 @@ use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{HostTensor, host_f32};
+use crate::util::written_by;
 
 /// Noam schedule (labml `Noam.get_lr`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -300,14 +301,13 @@ fn fused_update(theta: Theta, g: &[f32], m: &mut [f32], v: &mut [f32], k: Coefs)
         }
     };
     let n = g.len();
-    let theta_n = match &theta {
-        Theta::InPlace(t) => t.len(),
-        Theta::Into { old, new } if old.len() == n => new.len(),
-        Theta::Into { old, .. } => old.len(),
+    let theta_fits = match &theta {
+        Theta::InPlace(t) => t.len() == n,
+        Theta::Into { old, new } => old.len() == n && new.len() == n,
     };
     // The loops zip the slices: a shorter one would leave values of `new` unwritten.
     assert!(
-        theta_n == n && m.len() == n && v.len() == n,
+        theta_fits && m.len() == n && v.len() == n,
         "Adam on slices of different lengths"
     );
     let parallel = n > 2 * CHUNK;
@@ -526,12 +526,12 @@ impl ModuleMapper for Update<'_> {
                 );
                 Tensor::from_primitive::<Flex>(th)
             } else {
-                let mut new = Vec::with_capacity(n);
-                let old = contiguous_f32(&th);
-                let (g, to) = (contiguous_f32(&g), &mut new.spare_capacity_mut()[..n]);
-                fused_update(Theta::Into { old, new: to }, g, &mut m, &mut v, k);
-                // SAFETY: `fused_update` wrote all `n` values (`old`, `g`, `m` and `v` have `n`).
-                unsafe { new.set_len(n) };
+                let (old, g) = (contiguous_f32(&th), contiguous_f32(&g));
+                let fill = |new: &mut [MaybeUninit<f32>]| {
+                    fused_update(Theta::Into { old, new }, g, &mut m, &mut v, k)
+                };
+                // SAFETY: `fused_update` writes all of `new` (it asserts `n` values everywhere).
+                let new = unsafe { written_by(n, fill) };
                 Tensor::from_data(TensorData::new(new, [n]), &device)
             };
             (theta, Moments::Host { m, v })

@@ -373,13 +373,8 @@ enum Packing {
 fn grouped_rows(plan: &RoutePlan) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
     let (n_experts, slots) = (plan.n_experts, plan.slots);
     let padded = n_experts * slots;
-    // A plan fills each expert's slots from 0, one assignment per slot.
-    let mut kept = vec![0; n_experts];
-    for &src in &plan.token_source {
-        if src < padded {
-            kept[src / slots] += 1;
-        }
-    }
+    // A plan fills each expert's slots from 0, one kept assignment per slot.
+    let kept = plan.kept_counts();
     let mut offsets = vec![0; n_experts + 1];
     for e in 0..n_experts {
         offsets[e + 1] = offsets[e] + kept[e];

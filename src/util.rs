@@ -1,6 +1,7 @@
 //! Small helpers shared by the library and the CLI.
 
 use std::io::Write;
+use std::mem::MaybeUninit;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -30,4 +31,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A vector of `len` values, each written by `fill` (given the unwritten buffer) before use:
+/// no zero-fill pass over memory that is about to be overwritten.
+///
+/// # Safety
+/// `fill` writes every one of the `len` values.
+pub unsafe fn written_by<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's contract.
+    unsafe { v.set_len(len) };
+    v
 }
