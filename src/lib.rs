@@ -1,42 +1,36 @@
 //! A Switch Transformer (Fedus, Zoph, Shazeer 2021) on Burn, numerically faithful to labml's
 //! PyTorch miniature (`labml_nn.transformers.switch`).
 //!
-//! Read in this order: [`router`] -> [`expert`] -> [`switch`] -> [`attention`] -> [`block`] ->
-//! [`model`] -> [`loss`] -> [`optim`]. [`weights`] maps the model to PyTorch `state_dict`
-//! names; [`parity`] checks it against tensors recorded from the PyTorch code. [`fused`] holds
-//! the CPU kernels (attention softmax, LayerNorm, the experts' FFN) that replace chains of
-//! Burn ops on the flex backend; every other backend runs the Burn-op definitions.
+//! Folders by concept, imports flowing one way (each uses only those above it):
+//!
+//! | module | what |
+//! |---|---|
+//! | [`util`], [`store`], [`device`] | atomic writes; host tensors and safetensors files; device names |
+//! | [`cpu`] | the CPU fast paths (kernels with hand-written backward, fused Adam): the one place that decides where they apply |
+//! | [`routing`] | the router, capacity and drop policies, the routing decision (host, device, routing groups) |
+//! | [`model`] | attention, experts, the Switch layer, blocks, the whole model, its losses and configuration |
+//! | [`optim`] | labml's Adam, the Noam schedule, gradients and the global-norm clip |
+//! | [`interop`] | the model as a PyTorch state dict, labml's initialisation, parity with PyTorch |
+//! | [`data`] | character-level text, windows and batches |
+//! | [`infer`] | generation with a key/value cache, the CPU decoder |
+//! | [`train`] | one step, data-parallel replicas, the trainer loop, checkpoints, evaluation |
+//! | [`tools`] | benchmarks, the dense-vs-Switch comparison, reports |
+//!
+//! A Switch layer for any Burn model: [`model::SwitchFeedForwardConfig`]
+//! (`examples/switch_layer.rs`); the trainer from code: `examples/train_char_lm.rs`.
 
-pub mod attention;
-pub mod bench;
-pub mod block;
-pub mod checkpoint;
-pub mod compare;
-pub mod config;
+pub mod cpu;
 pub mod data;
-pub mod decode;
 pub mod device;
-pub mod download;
-pub mod eval;
-pub mod expert;
-pub mod fused;
-pub mod generate;
-pub mod group;
-pub mod init;
-pub mod loss;
+pub mod infer;
+pub mod interop;
 pub mod model;
 pub mod optim;
-pub mod parallel;
-pub mod parity;
-pub mod precision;
-pub mod report;
-pub mod router;
+pub mod routing;
 pub mod store;
-pub mod switch;
+pub mod tools;
 pub mod train;
 pub mod util;
-pub mod weights;
 
-pub use config::ModelConfig;
-pub use model::SwitchTransformer;
-pub use router::RoutingRng;
+pub use model::{ModelConfig, SwitchFeedForward, SwitchFeedForwardConfig, SwitchTransformer};
+pub use routing::RoutingRng;

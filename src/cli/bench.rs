@@ -1,0 +1,183 @@
+//! `switch bench`: training-step or generation throughput, printed or as JSON.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use switch_transformer::ModelConfig;
+use switch_transformer::model::precision::Precision;
+use switch_transformer::tools::bench::{BenchConfig, bench_generate, bench_train};
+use switch_transformer::train::replicas::Placement;
+
+use super::ParallelArgs;
+
+/// Time training steps (default: the reference configuration) or generation.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 4)]
+    pub experts: usize,
+    #[arg(long, default_value_t = 6)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 128)]
+    pub d_model: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 256)]
+    pub d_ff: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 1.2)]
+    pub capacity_factor: f64,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Timed steps (after the warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Time generation instead: tokens/s with the key/value cache and with the window
+    /// recomputed per token, at context --seq-len.
+    #[arg(long)]
+    pub generate: bool,
+    /// Tokens generated per timing with --generate.
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Compute type: f32, bf16 or f16 (the router stays f32).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    /// Data-parallel replicas, each on batch/replicas windows (default: one per --devices
+    /// entry).
+    #[arg(long)]
+    pub replicas: Option<usize>,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+}
+
+/// Runs the command.
+pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCode> {
+    let BenchArgs {
+            experts,
+            layers,
+            d_model,
+            heads,
+            d_ff,
+            batch,
+            seq_len,
+            capacity_factor,
+            threads,
+            steps,
+            warmup,
+            generate,
+            tokens,
+            json,
+            precision,
+            replicas,
+            parallel,
+        } = args;
+
+    let placement = Placement::parse(&parallel.devices, &device, &parallel.grad_sync)?;
+    let replicas = replicas.unwrap_or(parallel.devices.len().max(1));
+    let precision: Precision =
+        serde_json::from_value(serde_json::Value::String(precision.clone())).map_err(
+            |_| anyhow::anyhow!("--precision must be f32, bf16 or f16 (got `{precision}`)"),
+        )?;
+    if threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("cannot size the thread pool")?;
+    }
+    let c = BenchConfig {
+        model: ModelConfig {
+            n_vocab: 65,
+            d_model,
+            heads,
+            d_ff,
+            n_layers: layers,
+            n_experts: experts,
+            capacity_factor,
+            drop_tokens: true,
+            is_scale_prob: true,
+            precision,
+            ..Default::default()
+        },
+        batch_size: batch,
+        seq_len,
+        warmup,
+        steps,
+        threads: rayon::current_num_threads(),
+        device: if parallel.devices.is_empty() {
+            device_name.to_string()
+        } else {
+            parallel.devices.join(",")
+        },
+        replicas,
+        global_routing: parallel.global_routing,
+    };
+    c.model.validate()?;
+    if batch == 0 || seq_len == 0 || steps == 0 {
+        bail!("--batch, --seq-len and --steps must be at least 1");
+    }
+    if generate {
+        let r = bench_generate(&c, tokens, &device)?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "generation, context {}, {} tokens, {} threads, {} experts x {} layers, d_model {}",
+                r.context, r.tokens, c.threads, experts, layers, d_model
+            );
+            println!(
+                "  with key/value cache : {:>10.1} tokens/s",
+                r.cached_tokens_per_s
+            );
+            println!(
+                "  window recomputation: {:>10.1} tokens/s",
+                r.recompute_tokens_per_s
+            );
+            println!("  speed-up            : {:>10.1}x", r.speedup);
+        }
+    } else {
+        let r = bench_train(&c, placement)?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "training: {} params, {} experts x {} layers, d_model {}, d_ff {}, batch {}x{}, {} threads, {} replica(s){} on {}, {} steps after {} warm-up",
+                r.params,
+                experts,
+                layers,
+                d_model,
+                d_ff,
+                batch,
+                seq_len,
+                c.threads,
+                c.replicas,
+                if c.global_routing && c.replicas > 1 {
+                    " routing together"
+                } else {
+                    ""
+                },
+                c.device,
+                steps,
+                warmup
+            );
+            println!(
+                "  {:.1} ms/step median ({:.1} min) = {:.0} tokens/s",
+                r.ms_per_step_median, r.ms_per_step_min, r.tokens_per_s_median
+            );
+            println!(
+                "  forward+loss {:.1} ms, backward {:.1} ms, gradient sync+clip+Adam {:.1} ms",
+                r.forward_ms_median, r.backward_ms_median, r.optimizer_ms_median
+            );
+            println!("  peak RSS {:.0} MB", r.peak_rss_mb);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

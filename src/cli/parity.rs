@@ -1,0 +1,41 @@
+//! `switch parity`: replays fixtures recorded from labml's PyTorch code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use burn::tensor::Device;
+use switch_transformer::interop::parity;
+use switch_transformer::store::TensorFile;
+
+/// Replay fixtures recorded from labml's PyTorch code and compare every tensor.
+///
+/// Prints one row per tensor (max abs error, max error relative to the tensor's largest
+/// magnitude) and ends with `parity: PASS` or `parity: FAIL`; exits 0 only on PASS.
+#[derive(clap::Args)]
+pub struct ParityArgs {
+    /// Fixture files (safetensors with a `meta` JSON metadata key).
+    #[arg(required = true)]
+    pub fixtures: Vec<PathBuf>,
+}
+
+/// Runs the command.
+pub fn run(args: ParityArgs, device: &Device) -> Result<ExitCode> {
+    let ParityArgs { fixtures } = args;
+
+    let mut all = true;
+    for path in &fixtures {
+        println!("== {}", path.display());
+        let report = parity::run(&TensorFile::read(path)?, &device)?;
+        println!("{report}");
+        all &= report.passed();
+    }
+    if fixtures.len() > 1 {
+        println!("parity: {}", if all { "PASS" } else { "FAIL" });
+    }
+    Ok(if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,61 @@
+//! `switch report`: an HTML report with SVG charts of one or more runs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use burn::tensor::Device;
+use switch_transformer::tools::report::{RouteTable, RunMetrics, write_report};
+use switch_transformer::train::eval::route_tokens;
+use switch_transformer::train::load_run_model;
+
+/// Write an HTML report (plus SVG charts) of one or more training runs.
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// Run directories (several are overlaid).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Output directory (default: RUN_DIR/report of the first run).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Text whose routing the report shows, through the first run's model.
+    #[arg(
+        long,
+        default_value = "ROMEO:\nBut, soft! what light through yonder window breaks?"
+    )]
+    pub route_text: String,
+}
+
+/// Runs the command.
+pub fn run(args: ReportArgs, device: &Device) -> Result<ExitCode> {
+    let ReportArgs {
+            runs,
+            out,
+            route_text,
+        } = args;
+
+    let metrics = runs
+        .iter()
+        .map(|r| RunMetrics::read(r))
+        .collect::<Result<Vec<_>>>()?;
+    let route = match load_run_model(&runs[0], &device) {
+        Ok((config, vocab, model)) => match vocab.encode(&route_text) {
+            Ok(ids) => Some(RouteTable {
+                text: route_text.chars().collect(),
+                layers: route_tokens(&model, &ids, config.train.seq_len),
+            }),
+            Err(e) => {
+                eprintln!("note: no routing table: --route-text: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            eprintln!("note: no routing table: {e:#}");
+            None
+        }
+    };
+    let out = out.unwrap_or_else(|| runs[0].join("report"));
+    let html = write_report(&metrics, route.as_ref(), &out)?;
+    println!("wrote {}", html.display());
+    Ok(ExitCode::SUCCESS)
+}

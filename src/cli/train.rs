@@ -1,0 +1,178 @@
+//! `switch train`: a new run, or `--resume` of one, with a progress bar; Ctrl-C checkpoints.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use switch_transformer::train::replicas::Placement;
+use switch_transformer::train::{Event, Finish, RunConfig, Trainer};
+
+use super::{DEFAULT_DATA, ParallelArgs, load_data};
+
+/// Train a model (by default labml's Tiny Shakespeare experiment) in runs/NAME/.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// UTF-8 text file to train on. The default is downloaded when missing.
+    #[arg(long, default_value = DEFAULT_DATA)]
+    pub data: PathBuf,
+    /// TOML configuration file with [model] and [train] sections.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. --set train.steps=1000 (repeatable; see the keys below).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Shortcut for --set train.seed=N.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Run name: the run is written to runs/NAME/ (default: a timestamp).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Directory holding the runs.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// Continue the run in this directory from its latest checkpoint.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "overrides", "seed", "name"])]
+    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+}
+
+/// Runs the command.
+pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
+    let TrainArgs {
+            data,
+            config,
+            overrides,
+            seed,
+            name,
+            runs_dir,
+            resume,
+            parallel,
+        } = args;
+
+    let placement = Placement::parse(&parallel.devices, &device, &parallel.grad_sync)?;
+    let mut trainer = if let Some(run_dir) = resume {
+        if parallel.global_routing {
+            bail!(
+                "--global-routing applies to new runs; a resumed run keeps its \
+                 train.global_routing"
+            );
+        }
+        let seq_len = RunConfig::from_toml_file(&run_dir.join("config.toml"))
+            .with_context(|| format!("{} is not a run directory", run_dir.display()))?
+            .train
+            .seq_len;
+        let text = load_data(&data, seq_len)?;
+        let t = Trainer::resume(&run_dir, text, placement)?;
+        println!("resuming {} at step {}", run_dir.display(), t.step);
+        t
+    } else {
+        let mut c = match config {
+            Some(path) => RunConfig::from_toml_file(&path)?,
+            None => RunConfig::default(),
+        };
+        for o in &overrides {
+            c.set(o)?;
+        }
+        if let Some(s) = seed {
+            c.train.seed = s;
+        }
+        if parallel.devices.len() > 1 && c.train.replicas == 1 {
+            c.train.replicas = parallel.devices.len();
+        }
+        if parallel.global_routing {
+            c.train.global_routing = true;
+        }
+        c.validate()?;
+        placement.devices_for(c.train.replicas)?;
+        let text = load_data(&data, c.train.seq_len)?;
+        let name = name.unwrap_or_else(default_run_name);
+        Trainer::create(c, text, &runs_dir.join(name), placement)?
+    };
+    train(&mut trainer)
+}
+
+fn default_run_name() -> String {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    format!(
+        "run-{}",
+        now.trim_end_matches('Z').replace(':', "").replace('T', "-")
+    )
+}
+
+fn train(trainer: &mut Trainer) -> Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130); // second Ctrl-C: leave now
+            }
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let t = trainer.config.train.clone();
+    let m = &trainer.config.model;
+    println!(
+        "run {}: {} parameters, {} layers x {} experts, d_model {}, {} steps of {}x{} tokens",
+        trainer.run_dir.display(),
+        m.num_params(),
+        m.n_layers,
+        m.n_experts,
+        m.d_model,
+        t.steps,
+        t.batch_size,
+        t.seq_len
+    );
+    let bar = ProgressBar::new(t.steps).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(trainer.step);
+    let mut tok_s = 0.0f64;
+    let finish = trainer.run(&stop, &mut |event| match event {
+        Event::Step(s) => {
+            let rate = s.tokens as f64 / s.seconds.max(1e-9);
+            tok_s = if tok_s == 0.0 {
+                rate
+            } else {
+                0.9 * tok_s + 0.1 * rate
+            };
+            bar.set_position(s.step);
+            bar.set_message(format!(
+                "epoch {} loss {:.3} lr {:.2e} {:.0} tok/s",
+                s.epoch, s.loss, s.lr, tok_s
+            ));
+        }
+        Event::Validation {
+            step,
+            metrics,
+            sample,
+        } => {
+            bar.suspend(|| {
+                println!(
+                    "step {step}: valid loss {:.4} acc {:.3} lb {:.3} dropped {:.3} | {sample:?}",
+                    metrics.loss, metrics.accuracy, metrics.lb_loss, metrics.dropped_frac
+                )
+            });
+        }
+        Event::Checkpoint(dir) => bar.suspend(|| println!("checkpoint {}", dir.display())),
+    })?;
+    bar.finish();
+    Ok(match finish {
+        Finish::Completed => ExitCode::SUCCESS,
+        Finish::Interrupted => {
+            eprintln!(
+                "interrupted: checkpoint written; continue with `switch train --resume {}`",
+                trainer.run_dir.display()
+            );
+            ExitCode::from(130)
+        }
+    })
+}

@@ -1,0 +1,180 @@
+//! Initialisation, drawn on the host from a seed (so it does not depend on the order in which
+//! Burn would lazily initialise parameters, nor on the backend).
+//!
+//! * `labml`: PyTorch defaults — Linear `W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, Embedding
+//!   `N(0, 1)`, LayerNorm `gamma = 1, beta = 0` — and, as labml builds experts and layers with
+//!   `copy.deepcopy`, all experts of a layer and all layers of a kind start as identical copies.
+//! * `independent`: the same distributions, every tensor drawn separately.
+//! * `truncated_normal` (the paper): weights `N(0, sigma)` truncated at 2 sigma with
+//!   `sigma = sqrt(init_scale / fan_in)`, biases 0; embeddings `N(0, 1)`.
+
+use burn::tensor::Device;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::model::{InitScheme, ModelConfig};
+use crate::model::SwitchTransformer;
+use crate::routing::RoutingRng;
+use crate::store::HostTensor;
+use crate::interop::weights::{StateDict, model_from_state_dict};
+
+struct Init<'a> {
+    rng: RoutingRng,
+    c: &'a ModelConfig,
+}
+
+impl Init<'_> {
+    fn normal(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| StandardNormal.sample(&mut self.rng))
+            .collect()
+    }
+
+    /// `nn.Linear(d_in, d_out)`, PyTorch layout `[d_out, d_in]`.
+    fn linear(&mut self, sd: &mut StateDict, name: &str, d_in: usize, d_out: usize) {
+        let (w, b) = match self.c.init {
+            InitScheme::Labml | InitScheme::Independent => {
+                let bound = 1.0 / (d_in as f32).sqrt();
+                let mut u = |n: usize| -> Vec<f32> {
+                    (0..n)
+                        .map(|_| self.rng.random_range(-bound..bound))
+                        .collect()
+                };
+                (u(d_out * d_in), u(d_out))
+            }
+            InitScheme::TruncatedNormal => {
+                let sigma = (self.c.init_scale / d_in as f64).sqrt() as f32;
+                let w = (0..d_out * d_in)
+                    .map(|_| {
+                        loop {
+                            let z: f32 = StandardNormal.sample(&mut self.rng);
+                            if z.abs() <= 2.0 {
+                                break z * sigma;
+                            }
+                        }
+                    })
+                    .collect();
+                (w, vec![0.0; d_out])
+            }
+        };
+        sd.insert(
+            format!("{name}.weight"),
+            HostTensor::f32(vec![d_out, d_in], w),
+        );
+        sd.insert(format!("{name}.bias"), HostTensor::f32(vec![d_out], b));
+    }
+
+    fn layer_norm(sd: &mut StateDict, name: &str, d: usize) {
+        sd.insert(
+            format!("{name}.weight"),
+            HostTensor::f32(vec![d], vec![1.0; d]),
+        );
+        sd.insert(
+            format!("{name}.bias"),
+            HostTensor::f32(vec![d], vec![0.0; d]),
+        );
+    }
+
+    /// One expert FFN (labml `FeedForward`), names relative to it.
+    fn ffn(&mut self) -> StateDict {
+        let mut sd = StateDict::new();
+        self.linear(&mut sd, "layer1", self.c.d_model, self.c.d_ff);
+        self.linear(&mut sd, "layer2", self.c.d_ff, self.c.d_model);
+        sd
+    }
+
+    /// One block's parameters, names relative to the block.
+    fn block(&mut self, switch: bool) -> StateDict {
+        let (d, identical) = (self.c.d_model, self.c.init == InitScheme::Labml);
+        let mut sd = StateDict::new();
+        for p in ["query", "key", "value"] {
+            self.linear(&mut sd, &format!("attn.{p}.linear"), d, d);
+        }
+        self.linear(&mut sd, "attn.output", d, d);
+        Self::layer_norm(&mut sd, "norm_self_attn", d);
+        Self::layer_norm(&mut sd, "norm_ff", d);
+        if switch {
+            self.linear(&mut sd, "feed_forward.switch", d, self.c.n_experts);
+            let first = self.ffn();
+            for e in 0..self.c.n_experts {
+                let expert = if identical || e == 0 {
+                    first.clone()
+                } else {
+                    self.ffn()
+                };
+                for (k, v) in expert {
+                    sd.insert(format!("feed_forward.experts.{e}.{k}"), v);
+                }
+            }
+        } else {
+            for (k, v) in self.ffn() {
+                sd.insert(format!("feed_forward.{k}"), v);
+            }
+        }
+        sd
+    }
+}
+
+/// The initial state dict for `c` (PyTorch names and layouts).
+pub fn initial_state_dict(c: &ModelConfig, seed: u64) -> StateDict {
+    let mut init = Init {
+        rng: RoutingRng::seed_from_u64(seed),
+        c,
+    };
+    let mut sd = StateDict::new();
+    let embed = init.normal(c.n_vocab * c.d_model);
+    sd.insert(
+        "src_embed.weight".into(),
+        HostTensor::f32(vec![c.n_vocab, c.d_model], embed),
+    );
+    if c.pos_embedding {
+        let pos = init.normal(c.max_seq_len * c.d_model);
+        sd.insert(
+            "pos_embed.weight".into(),
+            HostTensor::f32(vec![c.max_seq_len, c.d_model], pos),
+        );
+    }
+    // labml: every layer of a kind is a copy of one template.
+    let mut templates: [Option<StateDict>; 2] = [None, None];
+    for l in 0..c.n_layers {
+        let switch = c.is_switch_layer(l);
+        let layer = if c.init == InitScheme::Labml {
+            templates[switch as usize]
+                .get_or_insert_with(|| init.block(switch))
+                .clone()
+        } else {
+            init.block(switch)
+        };
+        for (k, v) in layer {
+            sd.insert(format!("transformer.layers.{l}.{k}"), v);
+        }
+    }
+    Init::layer_norm(&mut sd, "transformer.norm", c.d_model);
+    init.linear(&mut sd, "generator", c.d_model, c.n_vocab);
+    sd
+}
+
+/// labml's initial state dict (the `labml` scheme whatever `c.init` says).
+pub fn labml_state_dict(c: &ModelConfig, seed: u64) -> StateDict {
+    let c = ModelConfig {
+        init: InitScheme::Labml,
+        ..c.clone()
+    };
+    initial_state_dict(&c, seed)
+}
+
+/// A freshly initialised model on `device`. `c` must be valid.
+pub fn init_model(c: &ModelConfig, seed: u64, device: &Device) -> SwitchTransformer {
+    model_from_state_dict(c, &initial_state_dict(c, seed), device)
+        .expect("the initial state dict matches its own configuration")
+}
+
+impl ModelConfig {
+    /// Builds a model initialised as `self.init` says, seeded (checked first: the
+    /// configuration, and whether `device` computes in `self.precision`).
+    pub fn init(&self, seed: u64, device: &Device) -> anyhow::Result<SwitchTransformer> {
+        self.validate()?;
+        crate::model::precision::check_device(self.precision, device)?;
+        Ok(init_model(self, seed, device))
+    }
+}

@@ -1,0 +1,375 @@
+//! PyTorch interop: the model as a labml `state_dict` (names and layouts of
+//! `labml_nn.transformers.switch.experiment.AutoregressiveModel`).
+//!
+//! Layout differences handled here and nowhere else:
+//! * `nn.Linear` weight is `[out, in]` in PyTorch, `[in, out]` in Burn;
+//! * LayerNorm `weight`/`bias` are Burn's `gamma`/`beta`;
+//! * experts are separate `experts.{e}.layer{1,2}` Linears in PyTorch, stacked tensors here;
+//! * attention projections live under `attn.{query,key,value}.linear` in labml.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Param;
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
+
+use crate::model::attention::MultiHeadAttention;
+use crate::model::block::{DenseFeedForward, FeedForward, SwitchBlock};
+use crate::model::ModelConfig;
+use crate::model::expert::Experts;
+use crate::model::SwitchTransformer;
+use crate::routing::Router;
+use crate::store::HostTensor;
+use crate::model::switch::SwitchFeedForward;
+
+/// PyTorch parameter name -> host tensor in PyTorch layout.
+pub type StateDict = BTreeMap<String, HostTensor>;
+
+// ---------------------------------------------------------------------------------------------
+// Export: values or gradients, in PyTorch layout.
+
+/// Which tensor of each parameter an export reads.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    Values,
+    Grads(&'a Gradients),
+}
+
+struct Exporter<'a> {
+    source: Source<'a>,
+    out: StateDict,
+}
+
+impl Exporter<'_> {
+    fn read<const D: usize>(&self, p: &Param<Tensor<D>>) -> Option<HostTensor> {
+        match self.source {
+            Source::Values => Some(HostTensor::from_tensor(p.val())),
+            Source::Grads(g) => p.val().grad(g).map(HostTensor::from_tensor),
+        }
+    }
+
+    fn put<const D: usize>(&mut self, name: String, p: &Param<Tensor<D>>) {
+        if let Some(t) = self.read(p) {
+            self.out.insert(name, t);
+        }
+    }
+
+    fn linear(&mut self, prefix: &str, l: &Linear) {
+        if let Some(w) = self.read(&l.weight) {
+            self.out.insert(format!("{prefix}.weight"), w.transposed());
+        }
+        if let Some(b) = &l.bias {
+            self.put(format!("{prefix}.bias"), b);
+        }
+    }
+
+    fn layer_norm(&mut self, prefix: &str, n: &LayerNorm) {
+        self.put(format!("{prefix}.weight"), &n.gamma);
+        if let Some(b) = &n.beta {
+            self.put(format!("{prefix}.bias"), b);
+        }
+    }
+
+    fn experts(&mut self, prefix: &str, ex: &Experts) {
+        let n = ex.n_experts();
+        let split = |t: Option<HostTensor>, name: &str, transpose: bool, out: &mut StateDict| {
+            let Some(t) = t else { return };
+            let per = t.numel() / n;
+            let inner: Vec<usize> = t.shape[1..].to_vec();
+            let v = t.to_f32();
+            for e in 0..n {
+                let m = HostTensor::f32(inner.clone(), v[e * per..(e + 1) * per].to_vec());
+                let m = if transpose { m.transposed() } else { m };
+                out.insert(format!("{prefix}.{e}.{name}"), m);
+            }
+        };
+        split(self.read(&ex.w1), "layer1.weight", true, &mut self.out);
+        split(self.read(&ex.b1), "layer1.bias", false, &mut self.out);
+        split(self.read(&ex.w2), "layer2.weight", true, &mut self.out);
+        split(self.read(&ex.b2), "layer2.bias", false, &mut self.out);
+    }
+
+    fn switch(&mut self, prefix: &str, s: &SwitchFeedForward) {
+        self.linear(&format!("{prefix}.switch"), &s.router.switch);
+        self.experts(&format!("{prefix}.experts"), &s.experts);
+    }
+
+    fn block(&mut self, prefix: &str, b: &SwitchBlock) {
+        for (name, l) in [
+            ("query", &b.attn.query),
+            ("key", &b.attn.key),
+            ("value", &b.attn.value),
+        ] {
+            self.linear(&format!("{prefix}.attn.{name}.linear"), l);
+        }
+        self.linear(&format!("{prefix}.attn.output"), &b.attn.output);
+        self.layer_norm(&format!("{prefix}.norm_self_attn"), &b.norm_self_attn);
+        self.layer_norm(&format!("{prefix}.norm_ff"), &b.norm_ff);
+        match &b.feed_forward {
+            FeedForward::Switch(s) => self.switch(&format!("{prefix}.feed_forward"), s),
+            FeedForward::Dense(d) => {
+                self.linear(&format!("{prefix}.feed_forward.layer1"), &d.layer1);
+                self.linear(&format!("{prefix}.feed_forward.layer2"), &d.layer2);
+            }
+        }
+    }
+}
+
+/// The switch feed-forward alone, as labml's `SwitchFeedForward.state_dict()`.
+pub fn switch_state_dict(s: &SwitchFeedForward, source: Source<'_>) -> StateDict {
+    let mut ex = Exporter {
+        source,
+        out: StateDict::new(),
+    };
+    ex.switch("", s);
+    strip_leading_dot(ex.out)
+}
+
+/// The whole model, as labml's `AutoregressiveModel.state_dict()`.
+pub fn model_state_dict(m: &SwitchTransformer, source: Source<'_>) -> StateDict {
+    let mut ex = Exporter {
+        source,
+        out: StateDict::new(),
+    };
+    ex.put("src_embed.weight".into(), &m.src_embed.weight);
+    if let Some(p) = &m.pos_embed {
+        ex.put("pos_embed.weight".into(), &p.weight);
+    }
+    for (l, b) in m.layers.iter().enumerate() {
+        ex.block(&format!("transformer.layers.{l}"), b);
+    }
+    ex.layer_norm("transformer.norm", &m.norm);
+    ex.linear("generator", &m.generator);
+    ex.out
+}
+
+fn strip_leading_dot(sd: StateDict) -> StateDict {
+    sd.into_iter()
+        .map(|(k, v)| (k.trim_start_matches('.').to_string(), v))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Import: build modules from a state dict, checking every name and shape.
+
+struct Importer<'a> {
+    sd: &'a StateDict,
+    device: &'a Device,
+    used: Vec<String>,
+}
+
+impl Importer<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.sd.get(name).with_context(|| {
+            format!("the weights have no tensor `{name}` (expected shape {shape:?})")
+        })?;
+        if t.shape != shape {
+            bail!(
+                "tensor `{name}` has shape {:?}, the model configuration needs {shape:?}",
+                t.shape
+            );
+        }
+        self.used.push(name.to_string());
+        Ok(t.clone())
+    }
+
+    fn param<const D: usize>(&self, t: &HostTensor) -> Param<Tensor<D>> {
+        Param::from_data(TensorData::new(t.to_f32(), t.shape.clone()), self.device)
+    }
+
+    fn take_param<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Param<Tensor<D>>> {
+        let t = self.take(name, shape)?;
+        Ok(self.param(&t))
+    }
+
+    fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+        let w = self.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        Ok(Linear {
+            weight: self.param(&w.transposed()),
+            bias: Some(self.take_param(&format!("{prefix}.bias"), &[d_out])?),
+        })
+    }
+
+    fn layer_norm(&mut self, prefix: &str, d: usize) -> Result<LayerNorm> {
+        let mut n = LayerNormConfig::new(d)
+            .with_epsilon(crate::model::ops::LN_EPS)
+            .init(self.device);
+        n.gamma = self.take_param(&format!("{prefix}.weight"), &[d])?;
+        n.beta = Some(self.take_param(&format!("{prefix}.bias"), &[d])?);
+        Ok(n)
+    }
+
+    fn experts(&mut self, prefix: &str, n: usize, d: usize, f: usize) -> Result<Experts> {
+        let mut stack = |name: &str, shape: &[usize], transpose: bool| -> Result<HostTensor> {
+            let mut data = Vec::new();
+            let mut inner = shape.to_vec();
+            for e in 0..n {
+                let t = self.take(&format!("{prefix}.{e}.{name}"), shape)?;
+                let t = if transpose { t.transposed() } else { t };
+                inner = t.shape.clone();
+                data.extend(t.to_f32());
+            }
+            Ok(HostTensor::f32([vec![n], inner].concat(), data))
+        };
+        let w1 = stack("layer1.weight", &[f, d], true)?;
+        let b1 = stack("layer1.bias", &[f], false)?;
+        let w2 = stack("layer2.weight", &[d, f], true)?;
+        let b2 = stack("layer2.bias", &[d], false)?;
+        Ok(Experts {
+            w1: self.param(&w1),
+            b1: self.param(&b1),
+            w2: self.param(&w2),
+            b2: self.param(&b2),
+        })
+    }
+
+    fn switch(&mut self, prefix: &str, c: &ModelConfig) -> Result<SwitchFeedForward> {
+        let dot = if prefix.is_empty() { "" } else { "." };
+        Ok(SwitchFeedForward {
+            router: Router {
+                switch: self.linear(&format!("{prefix}{dot}switch"), c.d_model, c.n_experts)?,
+            },
+            experts: self.experts(
+                &format!("{prefix}{dot}experts"),
+                c.n_experts,
+                c.d_model,
+                c.d_ff,
+            )?,
+            routing: c.routing(),
+            eval_capacity_factor: c.eval_capacity_factor,
+            is_scale_prob: c.is_scale_prob,
+            dropped_tokens: c.dropped_tokens,
+            jitter: c.router_jitter,
+            expert_dropout: c.expert_dropout,
+            training: true,
+        })
+    }
+
+    fn block(&mut self, prefix: &str, c: &ModelConfig, l: usize) -> Result<SwitchBlock> {
+        let d = c.d_model;
+        let mut proj = |name: &str| self.linear(&format!("{prefix}.attn.{name}.linear"), d, d);
+        let (query, key, value) = (proj("query")?, proj("key")?, proj("value")?);
+        Ok(SwitchBlock {
+            attn: MultiHeadAttention {
+                query,
+                key,
+                value,
+                output: self.linear(&format!("{prefix}.attn.output"), d, d)?,
+                heads: c.heads,
+            },
+            norm_self_attn: self.layer_norm(&format!("{prefix}.norm_self_attn"), d)?,
+            norm_ff: self.layer_norm(&format!("{prefix}.norm_ff"), d)?,
+            feed_forward: if c.is_switch_layer(l) {
+                FeedForward::Switch(self.switch(&format!("{prefix}.feed_forward"), c)?)
+            } else {
+                FeedForward::Dense(DenseFeedForward {
+                    layer1: self.linear(&format!("{prefix}.feed_forward.layer1"), d, c.d_ff)?,
+                    layer2: self.linear(&format!("{prefix}.feed_forward.layer2"), c.d_ff, d)?,
+                })
+            },
+            dropout: c.dropout,
+            training: true,
+        })
+    }
+
+    /// Every tensor of the state dict must have been used.
+    fn finish(self) -> Result<()> {
+        let unused: Vec<&String> = self.sd.keys().filter(|k| !self.used.contains(k)).collect();
+        if !unused.is_empty() {
+            bail!(
+                "the weights have {} tensor(s) this model configuration does not use, e.g. `{}`",
+                unused.len(),
+                unused[0]
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds a Switch feed-forward from labml `SwitchFeedForward` weights (`switch.*`, `experts.*`).
+pub fn switch_from_state_dict(
+    c: &ModelConfig,
+    sd: &StateDict,
+    device: &Device,
+) -> Result<SwitchFeedForward> {
+    let mut im = Importer {
+        sd,
+        device,
+        used: Vec::new(),
+    };
+    let s = im.switch("", c)?;
+    im.finish()?;
+    Ok(s)
+}
+
+/// Builds the whole model from a labml `AutoregressiveModel` state dict.
+pub fn model_from_state_dict(
+    c: &ModelConfig,
+    sd: &StateDict,
+    device: &Device,
+) -> Result<SwitchTransformer> {
+    c.validate()?;
+    crate::model::precision::check_device(c.precision, device)?;
+    let mut im = Importer {
+        sd,
+        device,
+        used: Vec::new(),
+    };
+    let src_embed = Embedding {
+        weight: im.take_param("src_embed.weight", &[c.n_vocab, c.d_model])?,
+    };
+    let pos_embed = if c.pos_embedding {
+        Some(Embedding {
+            weight: im.take_param("pos_embed.weight", &[c.max_seq_len, c.d_model])?,
+        })
+    } else {
+        None
+    };
+    let layers = (0..c.n_layers)
+        .map(|l| im.block(&format!("transformer.layers.{l}"), c, l))
+        .collect::<Result<Vec<_>>>()?;
+    let norm = im.layer_norm("transformer.norm", c.d_model)?;
+    let generator = im.linear("generator", c.d_model, c.n_vocab)?;
+    im.finish()?;
+    Ok(SwitchTransformer {
+        src_embed,
+        pos_embed,
+        layers,
+        norm,
+        generator,
+        precision: c.precision,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files.
+
+/// Saves the model as a PyTorch-loadable safetensors state dict
+/// (`model.load_state_dict(safetensors.torch.load_file(path))` in labml), with the
+/// configuration as JSON under the metadata key `config`. Written atomically.
+pub fn save_model(path: &std::path::Path, m: &SwitchTransformer, c: &ModelConfig) -> Result<()> {
+    let mut f = crate::store::TensorFile {
+        tensors: model_state_dict(m, Source::Values),
+        ..Default::default()
+    };
+    f.metadata
+        .insert("config".into(), serde_json::to_string(c)?);
+    f.write(path)
+}
+
+/// Loads weights saved by [`save_model`] or by PyTorch (`safetensors.torch.save_file(
+/// model.state_dict(), path)`) for configuration `c`.
+pub fn load_model(
+    path: &std::path::Path,
+    c: &ModelConfig,
+    device: &Device,
+) -> Result<SwitchTransformer> {
+    let f = crate::store::TensorFile::read(path)?;
+    model_from_state_dict(c, &f.tensors, device)
+        .with_context(|| format!("{} does not fit the model configuration", path.display()))
+}

@@ -1,0 +1,144 @@
+//! A pre-LayerNorm Transformer block whose FFN is a Switch layer (or, between Switch layers
+//! and in the dense baseline, a plain FFN):
+//! `x = x + drop(MHA(LN(x))); x = x + drop(FFN(LN(x)))`.
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, Linear};
+use burn::tensor::Tensor;
+use burn::tensor::activation::relu;
+
+use super::attention::{KvCache, MultiHeadAttention};
+use super::precision::{layer_norm, linear};
+use super::switch::{SwitchFeedForward, SwitchStats, dropout_mask};
+use crate::routing::{RoutingRng, Shard};
+
+/// labml's `FeedForward`: `relu(x W1 + b1) W2 + b2`.
+#[derive(Module, Debug)]
+pub struct DenseFeedForward {
+    pub layer1: Linear,
+    pub layer2: Linear,
+}
+
+impl DenseFeedForward {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        linear(&self.layer2, relu(linear(&self.layer1, x)))
+    }
+}
+
+/// The block's feed-forward sub-layer.
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // a handful per model
+pub enum FeedForward {
+    Switch(SwitchFeedForward),
+    Dense(DenseFeedForward),
+}
+
+#[derive(Module, Debug)]
+pub struct SwitchBlock {
+    pub attn: MultiHeadAttention,
+    pub norm_self_attn: LayerNorm,
+    pub norm_ff: LayerNorm,
+    pub feed_forward: FeedForward,
+    /// Dropout on the two sub-layer outputs, in training.
+    pub dropout: f64,
+    pub training: bool,
+}
+
+/// Output of one block, with the intermediates parity checks look at.
+pub struct BlockOutput {
+    /// `[batch, seq, d_model]`, after both residual adds.
+    pub x: Tensor<3>,
+    /// Attention output before its residual add.
+    pub attn_out: Tensor<3>,
+    /// Normalised input of the feed-forward sub-layer, `[batch * seq, d_model]`.
+    pub ff_in: Tensor<2>,
+    /// Feed-forward output (for a Switch layer already scaled) before its residual add.
+    pub ff_out: Tensor<3>,
+    /// Routing statistics, for a Switch layer.
+    pub stats: Option<SwitchStats>,
+}
+
+impl SwitchBlock {
+    pub fn switch(&self) -> Option<&SwitchFeedForward> {
+        match &self.feed_forward {
+            FeedForward::Switch(s) => Some(s),
+            FeedForward::Dense(_) => None,
+        }
+    }
+
+    pub fn switch_mut(&mut self) -> Option<&mut SwitchFeedForward> {
+        match &mut self.feed_forward {
+            FeedForward::Switch(s) => Some(s),
+            FeedForward::Dense(_) => None,
+        }
+    }
+
+    fn drop<const D: usize>(&self, t: Tensor<D>, rng: &mut RoutingRng) -> Tensor<D> {
+        if self.training && self.dropout > 0.0 {
+            let mask = dropout_mask(rng, t.dims(), self.dropout, &t.device());
+            t * mask
+        } else {
+            t
+        }
+    }
+
+    fn feed_forward(
+        &self,
+        ff_in: Tensor<2>,
+        rng: &mut RoutingRng,
+        shard: Option<Shard<'_>>,
+    ) -> (Tensor<2>, Option<SwitchStats>) {
+        match &self.feed_forward {
+            FeedForward::Switch(s) => {
+                let o = s.forward_routed(ff_in, rng, shard);
+                (o.out, Some(o.stats))
+            }
+            FeedForward::Dense(d) => (d.forward(ff_in), None),
+        }
+    }
+
+    /// `x`: `[batch, seq, d_model]`. Tokens reach the Switch layer flattened batch-major
+    /// (token `b * seq + s`). `shard`: this batch's seat in a routing group, if its shards
+    /// route together.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rng: &mut RoutingRng,
+        shard: Option<Shard<'_>>,
+    ) -> BlockOutput {
+        let [b, s, d] = x.dims();
+        let attn_out = self
+            .attn
+            .forward(layer_norm(&self.norm_self_attn, x.clone()));
+        let attn_out = self.drop(attn_out, rng);
+        let x = x + attn_out.clone();
+        let ff_in = layer_norm(&self.norm_ff, x.clone()).reshape([b * s, d]);
+        let (ff_out, stats) = self.feed_forward(ff_in.clone(), rng, shard);
+        let ff_out = self.drop(ff_out.reshape([b, s, d]), rng);
+        BlockOutput {
+            x: x + ff_out.clone(),
+            attn_out,
+            ff_in,
+            ff_out,
+            stats,
+        }
+    }
+
+    /// [`forward`](Self::forward) for new positions only, with earlier keys and values cached.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        cache: &mut KvCache,
+        max_len: usize,
+        rng: &mut RoutingRng,
+    ) -> Tensor<3> {
+        let [b, s, d] = x.dims();
+        let a =
+            self.attn
+                .forward_cached(layer_norm(&self.norm_self_attn, x.clone()), cache, max_len);
+        let x = x + self.drop(a, rng);
+        let ff_in = layer_norm(&self.norm_ff, x.clone()).reshape([b * s, d]);
+        let ff_out = self.feed_forward(ff_in, rng, None).0.reshape([b, s, d]);
+        x + self.drop(ff_out, rng)
+    }
+}

@@ -1,0 +1,267 @@
+//! The shape and routing of a Switch Transformer. Defaults are labml's Tiny Shakespeare
+//! experiment (`labml_nn.transformers.switch.experiment`). A configuration becomes a model
+//! with [`ModelConfig::init`] (in [`crate::interop::init`], which draws labml's
+//! initialisation as a PyTorch state dict).
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::precision::Precision;
+use super::switch::DroppedTokens;
+use crate::routing::{DropPolicy, RoutePlace, RoutingOptions};
+
+/// Shape and routing of a Switch Transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Vocabulary size (the character set of the data for the reference experiment).
+    pub n_vocab: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Attention heads; d_model must be divisible by it (d_k = d_model / heads).
+    pub heads: usize,
+    /// Hidden width of each expert FFN.
+    pub d_ff: usize,
+    /// Number of pre-LayerNorm blocks.
+    pub n_layers: usize,
+    /// Experts per Switch layer.
+    pub n_experts: usize,
+    /// capacity = floor(capacity_factor * tokens / n_experts).
+    pub capacity_factor: f64,
+    /// Drop the tokens routed beyond an expert's capacity.
+    pub drop_tokens: bool,
+    /// Scale the expert output by the router probability (else by p / stop_gradient(p) = 1).
+    pub is_scale_prob: bool,
+    /// Experts per token: 1 = Switch; k >= 2 = top-k MoE (gates renormalized over the k,
+    /// capacity counted per assignment).
+    pub top_k: usize,
+    /// Which tokens an over-capacity expert drops: random (labml), position, confidence.
+    pub drop_policy: DropPolicy,
+    /// Where routing is decided: auto (host on the CPU, device on GPUs), host, device (top-1
+    /// with dropping, random or position policy; otherwise the host).
+    pub route_on: RoutePlace,
+    /// What a dropped token contributes: pass_through (labml) or zero (paper).
+    pub dropped_tokens: DroppedTokens,
+    /// Capacity factor outside training; 0 = the training one (paper: 2.0 at evaluation).
+    pub eval_capacity_factor: f64,
+    /// Multiplicative jitter on the router input in training, U(1 - eps, 1 + eps) (paper: 0.01).
+    pub router_jitter: f64,
+    /// Dropout on the experts' hidden activations in training (paper: 0.4 when fine-tuning).
+    pub expert_dropout: f64,
+    /// Dropout on each sub-layer's output before the residual add, in training (paper: 0.1).
+    pub dropout: f64,
+    /// A Switch layer every k-th block, dense FFN blocks between (1 = all Switch, labml;
+    /// paper: 2); 0 = the dense baseline (no Switch layer).
+    pub switch_every: usize,
+    /// Learned positional embeddings (labml has none).
+    pub pos_embedding: bool,
+    /// Positions of the learned positional embedding (longest sequence).
+    pub max_seq_len: usize,
+    /// Initialisation: labml (PyTorch defaults, experts and layers identical copies),
+    /// independent (PyTorch defaults, all drawn independently), truncated_normal (paper).
+    pub init: InitScheme,
+    /// truncated_normal: sigma = sqrt(init_scale / fan_in) (paper: 0.1).
+    pub init_scale: f64,
+    /// Compute type: f32, bf16 or f16; the router and losses stay f32 (selective precision).
+    pub precision: Precision,
+}
+
+/// How parameters start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitScheme {
+    #[default]
+    Labml,
+    Independent,
+    TruncatedNormal,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            n_vocab: 65,
+            d_model: 128,
+            heads: 4,
+            d_ff: 256,
+            n_layers: 6,
+            n_experts: 4,
+            capacity_factor: 1.2,
+            drop_tokens: true,
+            is_scale_prob: true,
+            top_k: 1,
+            drop_policy: DropPolicy::Random,
+            route_on: RoutePlace::Auto,
+            dropped_tokens: DroppedTokens::PassThrough,
+            eval_capacity_factor: 0.0,
+            router_jitter: 0.0,
+            expert_dropout: 0.0,
+            dropout: 0.0,
+            switch_every: 1,
+            pos_embedding: false,
+            max_seq_len: 64,
+            init: InitScheme::Labml,
+            init_scale: 0.1,
+            precision: Precision::F32,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Checks every field; the error says which value is wrong and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("n_vocab", self.n_vocab),
+            ("d_model", self.d_model),
+            ("heads", self.heads),
+            ("d_ff", self.d_ff),
+            ("n_layers", self.n_layers),
+            ("n_experts", self.n_experts),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                bail!("model.{name} must be at least 1 (got 0)");
+            }
+        }
+        if !self.d_model.is_multiple_of(self.heads) {
+            bail!(
+                "model.d_model ({}) must be divisible by model.heads ({})",
+                self.d_model,
+                self.heads
+            );
+        }
+        if !(self.capacity_factor.is_finite() && self.capacity_factor > 0.0) {
+            bail!(
+                "model.capacity_factor must be a positive number (got {})",
+                self.capacity_factor
+            );
+        }
+        if !(self.eval_capacity_factor.is_finite() && self.eval_capacity_factor >= 0.0) {
+            bail!(
+                "model.eval_capacity_factor must be zero (= capacity_factor) or positive (got {})",
+                self.eval_capacity_factor
+            );
+        }
+        if self.top_k == 0 || self.top_k > self.n_experts {
+            bail!(
+                "model.top_k must be between 1 and model.n_experts = {} (got {})",
+                self.n_experts,
+                self.top_k
+            );
+        }
+        for (name, v) in [
+            ("router_jitter", self.router_jitter),
+            ("expert_dropout", self.expert_dropout),
+            ("dropout", self.dropout),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("model.{name} must be in [0, 1) (got {v})");
+            }
+        }
+        if self.route_on == RoutePlace::Device && !self.routing().device_capable() {
+            bail!(
+                "model.route_on = device needs model.top_k = 1, model.drop_tokens = true and \
+                 model.drop_policy random or position; use auto or host"
+            );
+        }
+        if self.pos_embedding && self.max_seq_len == 0 {
+            bail!("model.max_seq_len must be at least 1 with model.pos_embedding");
+        }
+        if !(self.init_scale.is_finite() && self.init_scale > 0.0) {
+            bail!(
+                "model.init_scale must be a positive number (got {})",
+                self.init_scale
+            );
+        }
+        Ok(())
+    }
+
+    pub fn d_k(&self) -> usize {
+        self.d_model / self.heads
+    }
+
+    /// Whether block `l` has a Switch layer (else a dense FFN).
+    pub fn is_switch_layer(&self, l: usize) -> bool {
+        // Every k-th block counting from the last: with k = 2 blocks 1, 3, 5 (of 0..6).
+        self.switch_every > 0 && (l + 1).is_multiple_of(self.switch_every)
+    }
+
+    /// Number of blocks with a Switch layer.
+    pub fn n_switch_layers(&self) -> usize {
+        (0..self.n_layers)
+            .filter(|&l| self.is_switch_layer(l))
+            .count()
+    }
+
+    /// Routing of the Switch layers.
+    pub fn routing(&self) -> RoutingOptions {
+        RoutingOptions {
+            top_k: self.top_k,
+            capacity_factor: self.capacity_factor,
+            drop_tokens: self.drop_tokens,
+            drop_policy: self.drop_policy,
+            place: self.route_on,
+        }
+    }
+
+    /// Parameter count, as PyTorch's `sum(p.numel())` would report it.
+    pub fn num_params(&self) -> usize {
+        let (d, f, e, v) = (self.d_model, self.d_ff, self.n_experts, self.n_vocab);
+        let attn = 4 * (d * d + d);
+        let norms = 4 * d;
+        let router = d * e + e;
+        let ffn = d * f + f + f * d + d;
+        let switch = self.n_switch_layers();
+        let pos = if self.pos_embedding {
+            self.max_seq_len * d
+        } else {
+            0
+        };
+        v * d
+            + pos
+            + (d * v + v)
+            + 2 * d
+            + self.n_layers * (attn + norms)
+            + switch * (router + e * ffn)
+            + (self.n_layers - switch) * ffn
+    }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_parameter_count() {
+        // labml's experiment reports 2,001,497 parameters.
+        assert_eq!(ModelConfig::default().num_params(), 2_001_497);
+    }
+
+    #[test]
+    fn invalid_values_are_errors() {
+        let bad = [
+            ModelConfig {
+                heads: 3,
+                ..Default::default()
+            },
+            ModelConfig {
+                n_experts: 0,
+                ..Default::default()
+            },
+            ModelConfig {
+                capacity_factor: 0.0,
+                ..Default::default()
+            },
+            ModelConfig {
+                capacity_factor: f64::NAN,
+                ..Default::default()
+            },
+        ];
+        for c in bad {
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.starts_with("model."), "{err}");
+        }
+        ModelConfig::default().validate().unwrap();
+    }
+
+}

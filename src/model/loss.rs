@@ -1,0 +1,80 @@
+//! Training losses (labml `Configs.step`):
+//! `loss = cross_entropy + lb_coef * n_experts * sum_layers sum_i f_i * P_i`
+//! `       + z_coef * sum_layers mean_t logsumexp(router logits_t)^2` (ST-MoE; 0 in labml).
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor};
+
+use super::switch::SwitchStats;
+
+/// Mean cross-entropy of `logits` `[tokens, n_vocab]` against `targets` `[tokens]`.
+pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let logp = log_softmax(super::precision::f32(logits), 1);
+    logp.gather(1, targets.reshape([n, 1])).mean().neg()
+}
+
+/// Switch load-balancing loss summed over layers: `n_experts * sum_l sum_i f_li * P_li`, with
+/// `f` the routed fraction (from counts before dropping, over the tokens routed together; a
+/// constant) and `P` the mean routing probability over this pass's tokens (carries the
+/// gradient). Equals the number of layers at perfect balance.
+pub fn load_balancing_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
+    let mut total: Option<Tensor<1>> = None;
+    for s in stats {
+        let n_experts = s.counts.dims()[0] as f64;
+        let tokens = s.n_tokens() as f64;
+        // n_experts * f_i / tokens folded into one constant vector: sum_i c_i * P_sum_i.
+        let coef = s
+            .group_counts
+            .clone()
+            .div_scalar(s.group_tokens as f64)
+            .mul_scalar(n_experts)
+            .div_scalar(tokens);
+        let layer = (s.route_prob_sum.clone() * coef).sum();
+        total = Some(match total {
+            Some(t) => t + layer,
+            None => layer,
+        });
+    }
+    total.unwrap_or_else(|| Tensor::zeros([1], device))
+}
+
+/// Router z-loss summed over layers.
+pub fn router_z_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
+    stats
+        .iter()
+        .map(|s| s.z_loss.clone())
+        .reduce(|a, b| a + b)
+        .unwrap_or_else(|| Tensor::zeros([1], device))
+}
+
+/// The losses of a training step.
+pub struct Losses {
+    pub ce: Tensor<1>,
+    pub lb: Tensor<1>,
+    pub z: Tensor<1>,
+    /// `ce + lb_coef * lb + z_coef * z`: the one tensor to call `backward` on.
+    pub total: Tensor<1>,
+}
+
+impl Losses {
+    /// `logits` `[batch, seq, n_vocab]`, `targets` `[batch, seq]`.
+    pub fn new(
+        logits: Tensor<3>,
+        targets: Tensor<2, Int>,
+        stats: &[SwitchStats],
+        lb_coef: f64,
+        z_coef: f64,
+    ) -> Self {
+        let [b, s, v] = logits.dims();
+        let device = logits.device();
+        let ce = cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]));
+        let lb = load_balancing_loss(stats, &device);
+        let z = router_z_loss(stats, &device);
+        let mut total = ce.clone() + lb.clone() * lb_coef;
+        if z_coef > 0.0 {
+            total = total + z.clone() * z_coef;
+        }
+        Self { ce, lb, z, total }
+    }
+}

@@ -1,0 +1,20 @@
+//! The Switch Transformer itself, read bottom-up: [`ops`] (the operations with a CPU fast
+//! path) -> [`precision`] -> [`attention`] -> [`expert`] -> [`switch`] (the Switch layer: router,
+//! capacity, experts) -> [`block`] -> [`transformer`] (the whole model) -> [`loss`]. [`config`]
+//! describes a model; [`switch_config`] builds a Switch layer alone, for any Burn model.
+
+pub mod attention;
+pub mod block;
+pub mod config;
+pub mod expert;
+pub mod loss;
+pub mod ops;
+pub mod precision;
+pub mod switch;
+pub mod switch_config;
+pub mod transformer;
+
+pub use config::{InitScheme, ModelConfig};
+pub use switch::{DroppedTokens, SwitchFeedForward, SwitchOutput, SwitchStats};
+pub use switch_config::SwitchFeedForwardConfig;
+pub use transformer::{ModelOutput, SwitchTransformer, Trace};

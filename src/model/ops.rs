@@ -1,0 +1,116 @@
+//! The operations with a CPU fast path, each in two forms: the entry point the model calls,
+//! which runs the kernel of [`crate::cpu`] where it applies, and the same function composed
+//! from Burn ops (`*_generic`), which every other backend runs and the tests compare with.
+//!
+//! ```text
+//! causal_softmax(s, scale) = softmax(scale * s + causal, -1)      query i sees keys 0..=i
+//! layer_norm(x)            = (x - mean) / sqrt(var + eps) * gamma + beta   (biased variance)
+//! grouped_ffn(x)           = relu(x W1_e + b1_e) W2_e + b2_e       rows offsets[e].. of expert e
+//! ```
+
+use burn::tensor::activation::{relu, softmax};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+
+use crate::cpu;
+
+/// Epsilon of every LayerNorm of the model (Burn's and PyTorch's default).
+pub const LN_EPS: f64 = 1e-5;
+
+/// `t` in `dtype` (a no-op when it already is).
+pub fn cast_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(FloatDType::from(dtype))
+    }
+}
+
+/// `[1, 1, s, s]` additive mask: 0 where key j <= query i, -inf above the diagonal.
+pub fn causal_mask(s: usize, device: &Device) -> Tensor<4> {
+    let mut m = vec![0.0f32; s * s];
+    for i in 0..s {
+        for j in i + 1..s {
+            m[i * s + j] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [1, 1, s, s]), device)
+}
+
+/// `softmax(scale * s + causal, -1)` for square scores `s` `[batch, heads, seq, seq]`: query i
+/// attends to keys `0..=i` (the weights of later keys are exactly 0).
+pub fn causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
+    cpu::causal_softmax(&scores, scale).unwrap_or_else(|| causal_softmax_generic(scores, scale))
+}
+
+/// [`causal_softmax`] composed from Burn ops (labml's order: scale, mask, softmax).
+pub fn causal_softmax_generic(scores: Tensor<4>, scale: f64) -> Tensor<4> {
+    let mask = causal_mask(scores.dims()[2], &scores.device());
+    let dtype = scores.dtype();
+    softmax(scores * scale + cast_to(mask, dtype), 3)
+}
+
+
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`, with the
+/// biased variance (PyTorch's).
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    cpu::layer_norm(&x, &gamma, &beta, eps)
+        .unwrap_or_else(|| layer_norm_generic(x, gamma, beta, eps))
+}
+
+/// [`layer_norm`] composed from Burn ops.
+pub fn layer_norm_generic<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    burn::tensor::module::layer_norm(x, gamma, Some(beta), eps)
+}
+
+/// The experts' FFN `relu(x W1_e + b1_e) W2_e + b2_e` on rows grouped by expert: rows
+/// `offsets[e]..offsets[e + 1]` of `x` `[rows, d]` go to expert e (`w1` `[E, d, f]`, `b1`
+/// `[E, f]`, `w2` `[E, f, d]`, `b2` `[E, d]`). Each expert multiplies exactly its rows, where
+/// the batched form pads every expert to the fullest one's count.
+pub fn grouped_ffn(
+    x: Tensor<2>,
+    offsets: &[usize],
+    w1: Tensor<3>,
+    b1: Tensor<2>,
+    w2: Tensor<3>,
+    b2: Tensor<2>,
+) -> Tensor<2> {
+    cpu::grouped_ffn(&x, offsets, &w1, &b1, &w2, &b2)
+        .unwrap_or_else(|| grouped_ffn_generic(x, offsets, w1, b1, w2, b2))
+}
+
+/// [`grouped_ffn`] composed from Burn ops, one expert at a time.
+pub fn grouped_ffn_generic(
+    x: Tensor<2>,
+    offsets: &[usize],
+    w1: Tensor<3>,
+    b1: Tensor<2>,
+    w2: Tensor<3>,
+    b2: Tensor<2>,
+) -> Tensor<2> {
+    let [n_experts, d, f] = w1.dims();
+    let parts = (0..n_experts)
+        .filter(|&e| offsets[e + 1] > offsets[e])
+        .map(|e| {
+            let xe = x.clone().slice([offsets[e]..offsets[e + 1], 0..d]);
+            let layer = |w: &Tensor<3>, b: &Tensor<2>, (k, n): (usize, usize)| {
+                let w = w.clone().slice([e..e + 1, 0..k, 0..n]).reshape([k, n]);
+                (w, b.clone().slice([e..e + 1, 0..n]))
+            };
+            let (w1e, b1e) = layer(&w1, &b1, (d, f));
+            let (w2e, b2e) = layer(&w2, &b2, (f, d));
+            relu(xe.matmul(w1e) + b1e).matmul(w2e) + b2e
+        })
+        .collect();
+    Tensor::cat(parts, 0)
+}
+

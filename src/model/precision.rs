@@ -1,0 +1,75 @@
+//! Selective precision (paper, section 2.4): the model may compute in bf16 or f16, while the
+//! router, its softmax and the losses always run in f32. Parameters stay f32 (master weights:
+//! the optimizer and checkpoints see f32); they are cast to the compute type where used.
+
+use burn::nn::Linear;
+use burn::tensor::{DType, FloatDType, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use super::ops::cast_to;
+use super::ops::LN_EPS;
+
+/// Compute type of the model's activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> FloatDType {
+        match self {
+            Self::F32 => FloatDType::F32,
+            Self::Bf16 => FloatDType::BF16,
+            Self::F16 => FloatDType::F16,
+        }
+    }
+}
+
+/// `t` in f32.
+pub fn f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    cast_to(t, DType::F32)
+}
+
+/// `l.forward(x)` computed in `x`'s dtype.
+pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if l.weight.val().dtype() == dtype {
+        return l.forward(x);
+    }
+    burn::tensor::module::linear(
+        x,
+        cast_to(l.weight.val(), dtype),
+        l.bias.as_ref().map(|b| cast_to(b.val(), dtype)),
+    )
+}
+
+/// LayerNorm computed in f32 (its statistics need the range), returned in `x`'s dtype.
+/// (Fused on the CPU: [`super::ops::layer_norm`]; every norm of the model has epsilon
+/// [`LN_EPS`].)
+pub fn layer_norm<const D: usize>(ln: &burn::nn::LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    let norm = |x: Tensor<D>| match &ln.beta {
+        Some(beta) => super::ops::layer_norm(x, ln.gamma.val(), beta.val(), LN_EPS),
+        None => ln.forward(x),
+    };
+    if dtype == DType::F32 {
+        return norm(x);
+    }
+    cast_to(norm(f32(x)), dtype)
+}
+
+/// An error if `device` cannot compute in `precision` (WGSL, say, has no bf16).
+pub fn check_device(precision: Precision, device: &burn::tensor::Device) -> anyhow::Result<()> {
+    if device.supports_dtype(precision.dtype()) {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "this device does not support {precision:?} tensors: set model.precision to f32 or \
+             another type the backend supports (wgpu has f16 but no bf16)"
+        )
+    }
+}

@@ -1,0 +1,458 @@
+//! The Switch layer: the FFN of a Transformer block replaced by `n_experts` FFNs, one chosen per
+//! token by the [`Router`].
+//!
+//! ```text
+//! p = softmax(x W_r + b_r);  e(t) = argmax p_t
+//! y_t = p_t[e(t)] * E_{e(t)}(x_t)      kept tokens
+//! y_t = p_t[e(t)] * x_t                tokens dropped over capacity (labml: the input passes;
+//!                                      `DroppedTokens::Zero`: 0, the paper's choice)
+//! ```
+//! Multiplying by the probability is what trains the router (with `is_scale_prob = false` the
+//! factor is `p / stop_gradient(p)`: value 1, same gradient path). With top-k routing (k >= 2)
+//! each token's output is the sum over its k experts, weighted by the k probabilities
+//! renormalized to sum to 1.
+//!
+//! Computation: one gather packs each expert's tokens into `[n_experts, slots, d]`, one batched
+//! matmul pair runs all experts, one gather per choice unpacks. No expert sees another's tokens.
+//! On the CPU kernels ([`crate::cpu`]) the tokens are packed without padding, `[kept, d]`
+//! grouped by expert, and each expert multiplies exactly its rows.
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::expert::Experts;
+use crate::routing::{
+    DeviceRoutes, RoutePlan, Router, RoutingOptions, RoutingRng, Shard, index_tensor,
+};
+use crate::store::host_f32;
+
+/// What a token dropped over capacity contributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DroppedTokens {
+    /// Its (normalized) input passes through, scaled by p (labml).
+    #[default]
+    PassThrough,
+    /// Nothing: the Switch sub-layer adds 0 and the token continues on the residual (paper).
+    Zero,
+}
+
+/// Routing statistics of one Switch layer for one forward pass, as tensors on the layer's
+/// device (reading them is the caller's choice: once per step for the logs).
+#[derive(Debug, Clone)]
+pub struct SwitchStats {
+    /// `[n_experts]` tokens whose first choice is each expert, before dropping (constant).
+    pub counts: Tensor<1>,
+    /// `[n_experts]` the same over the tokens routed together (the f_i numerator of the
+    /// load-balancing loss): `counts` itself, or the whole batch's in a
+    /// [`crate::routing::group`].
+    pub group_counts: Tensor<1>,
+    /// Tokens routed together (the f_i denominator).
+    pub group_tokens: usize,
+    /// Sum over all tokens of the full routing probabilities `[n_experts]` (P_i numerator;
+    /// carries the gradient to the router).
+    pub route_prob_sum: Tensor<1>,
+    /// Router z-loss of this layer: mean over tokens of logsumexp(logits)^2 (with gradient).
+    pub z_loss: Tensor<1>,
+    /// `[1]` assignments dropped over capacity (= tokens with top-1 routing).
+    pub n_dropped: Tensor<1>,
+    /// `[tokens]` each token's top probability (no gradient).
+    pub route_prob_max: Tensor<1>,
+    /// `[tokens]` each token's first-choice expert.
+    pub routes: Tensor<1, Int>,
+}
+
+/// [`SwitchStats`] read back to the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostStats {
+    pub counts: Vec<f32>,
+    pub n_dropped: usize,
+    pub route_prob_max: Vec<f32>,
+    pub routes: Vec<usize>,
+}
+
+impl SwitchStats {
+    pub fn n_tokens(&self) -> usize {
+        self.routes.dims()[0]
+    }
+
+    /// `[n_experts + 2]`: the counts, the dropped count and the sum of the top probabilities
+    /// (what the training log needs, so that all layers read back in one go).
+    pub fn summary(&self) -> Tensor<1> {
+        Tensor::cat(
+            vec![
+                self.counts.clone(),
+                self.n_dropped.clone(),
+                self.route_prob_max.clone().sum(),
+            ],
+            0,
+        )
+    }
+
+    /// Reads everything back (four reads).
+    pub fn host(&self) -> HostStats {
+        let routes: Vec<i64> = (self.routes.clone().into_data().convert::<i64>())
+            .try_into_vec::<i64>()
+            .expect("converted to i64");
+        HostStats {
+            counts: host_f32(self.counts.clone()),
+            n_dropped: host_f32(self.n_dropped.clone())[0].round() as usize,
+            route_prob_max: host_f32(self.route_prob_max.clone()),
+            routes: routes.into_iter().map(|r| r as usize).collect(),
+        }
+    }
+}
+
+/// Output of [`SwitchFeedForward::forward`].
+#[derive(Debug, Clone)]
+pub struct SwitchOutput {
+    /// `[tokens, d_model]`
+    pub out: Tensor<2>,
+    pub stats: SwitchStats,
+}
+
+#[derive(Module, Debug)]
+pub struct SwitchFeedForward {
+    pub router: Router,
+    pub experts: Experts,
+    #[module(skip)]
+    pub routing: RoutingOptions,
+    /// Capacity factor outside training (0 = the training one).
+    pub eval_capacity_factor: f64,
+    pub is_scale_prob: bool,
+    #[module(skip)]
+    pub dropped_tokens: DroppedTokens,
+    /// Multiplicative router-input noise `U(1 - eps, 1 + eps)` in training (0 = off).
+    pub jitter: f64,
+    /// Dropout on the experts' hidden activations in training.
+    pub expert_dropout: f64,
+    /// Training mode: jitter and expert dropout on, training capacity factor.
+    pub training: bool,
+}
+
+impl SwitchFeedForward {
+    pub fn n_experts(&self) -> usize {
+        self.experts.n_experts()
+    }
+
+    /// Routing in the current mode (the capacity factor differs outside training if set).
+    pub fn routing_options(&self) -> RoutingOptions {
+        let mut r = self.routing;
+        if !self.training && self.eval_capacity_factor > 0.0 {
+            r.capacity_factor = self.eval_capacity_factor;
+        }
+        r
+    }
+
+    /// `x`: `[tokens, d_model]` (any token order; statistics follow it).
+    pub fn forward(&self, x: Tensor<2>, rng: &mut RoutingRng) -> SwitchOutput {
+        self.forward_routed(x, rng, None)
+    }
+
+    /// [`forward`](Self::forward) for one shard of a batch whose shards route together
+    /// (`shard`: its seat in the [`crate::routing::RouteGroup`]); `None` routes `x` alone.
+    pub fn forward_routed(
+        &self,
+        x: Tensor<2>,
+        rng: &mut RoutingRng,
+        shard: Option<Shard<'_>>,
+    ) -> SwitchOutput {
+        // Selective precision: the router, its softmax and z-loss run in f32.
+        let x32 = super::precision::f32(x.clone());
+        let router_in = if self.training && self.jitter > 0.0 {
+            // The experts must see the un-noised x: the noise goes on a copy.
+            let noise = uniform_tensor(
+                rng,
+                x.dims(),
+                1.0 - self.jitter,
+                1.0 + self.jitter,
+                &x.device(),
+            );
+            x32 * noise
+        } else {
+            x32
+        };
+        let logits = self.router.logits(router_in);
+        let route_prob = burn::tensor::activation::softmax(logits.clone(), 1);
+        let opts = self.routing_options();
+        let mut out = if let Some(shard) = shard {
+            // Shards of one batch route together: probabilities through the host.
+            let n_experts = self.n_experts();
+            let probs = host_f32(route_prob.clone());
+            let r = shard.route(probs, |all| {
+                RoutePlan::new(all, n_experts, &opts, rng)
+            });
+            let mut out = self.dispatch(x, route_prob, &r.plan, rng);
+            out.stats.group_counts = count_tensor(&r.group_counts, &out.out.device());
+            out.stats.group_tokens = r.group_tokens;
+            out
+        } else if opts.on_device(&x.device()) {
+            let routes = DeviceRoutes::new(route_prob.clone(), &opts, rng);
+            let packing = Packing::Padded {
+                slots: routes.slots,
+                slot_token: routes.slot_token,
+            };
+            let assignment = Assignment {
+                k: 1,
+                packing,
+                chosen: routes.routes.reshape([-1, 1]),
+                token_source: routes.token_source.reshape([-1, 1]),
+                fallback: true,
+            };
+            self.run(
+                x,
+                route_prob,
+                assignment,
+                routes.counts,
+                routes.n_dropped,
+                rng,
+            )
+        } else {
+            let probs = host_f32(route_prob.clone());
+            let plan = RoutePlan::new(&probs, self.n_experts(), &opts, rng);
+            self.dispatch(x, route_prob, &plan, rng)
+        };
+        out.stats.z_loss = z_loss(logits);
+        out
+    }
+
+    /// Whether this pass drops expert hidden units (training with `expert_dropout > 0`).
+    fn expert_dropout_on(&self) -> bool {
+        self.training && self.expert_dropout > 0.0
+    }
+
+    /// Runs the experts according to `plan` (from [`RoutePlan::new`] or a recorded one).
+    pub fn dispatch(
+        &self,
+        x: Tensor<2>,
+        route_prob: Tensor<2>,
+        plan: &RoutePlan,
+        rng: &mut RoutingRng,
+    ) -> SwitchOutput {
+        let device = x.device();
+        let [n_tokens, _] = x.dims();
+        let k = plan.top_k;
+        // The grouped rows go to the CPU kernels, which have no expert dropout.
+        let grouped = !self.expert_dropout_on() && crate::cpu::applies(&x);
+        let (packing, token_source) = if grouped {
+            let (offsets, row_token, token_source) = grouped_rows(plan);
+            let row_token = index_tensor(&row_token, &device);
+            (Packing::Grouped { offsets, row_token }, token_source)
+        } else {
+            let slot_token = index_tensor(&plan.slot_token, &device);
+            let packing = Packing::Padded {
+                slots: plan.slots,
+                slot_token,
+            };
+            (packing, plan.token_source.clone())
+        };
+        let assignment = Assignment {
+            k,
+            packing,
+            chosen: index_tensor(&plan.routes, &device).reshape([n_tokens, k]),
+            token_source: index_tensor(&token_source, &device).reshape([n_tokens, k]),
+            fallback: plan.n_dropped() > 0,
+        };
+        let counts = count_tensor(&plan.counts, &device);
+        let dropped = count_tensor(&[plan.n_dropped()], &device);
+        self.run(x, route_prob, assignment, counts, dropped, rng)
+    }
+
+    /// Gates, one gather into `[n_experts, slots, d]`, the experts, one select per choice back.
+    fn run(
+        &self,
+        x: Tensor<2>,
+        route_prob: Tensor<2>,
+        a: Assignment,
+        counts: Tensor<1>,
+        n_dropped: Tensor<1>,
+        rng: &mut RoutingRng,
+    ) -> SwitchOutput {
+        let device = x.device();
+        let [n_tokens, d_model] = x.dims();
+        let (n_experts, k) = (self.n_experts(), a.k);
+
+        // Gates [tokens, k]: p of each chosen expert (renormalized over the k for k >= 2).
+        let p = route_prob.clone().gather(1, a.chosen.clone());
+        let route_prob_max = p
+            .clone()
+            .detach()
+            .slice([0..n_tokens, 0..1])
+            .reshape([n_tokens]);
+        let gates = if k > 1 {
+            p.clone() / p.sum_dim(1)
+        } else if self.is_scale_prob {
+            p
+        } else {
+            p.clone() / p.detach()
+        };
+        let gates = super::ops::cast_to(gates, x.dtype());
+
+        let expert_out = match a.packing {
+            Packing::Padded { slots, slot_token } => (slots > 0).then(|| {
+                let packed = x
+                    .clone()
+                    .select(0, slot_token)
+                    .reshape([n_experts, slots, d_model]);
+                let dropout = self.expert_dropout_on().then(|| {
+                    let [_, _, d_ff] = self.experts.w1.dims();
+                    dropout_mask(rng, [n_experts, slots, d_ff], self.expert_dropout, &device)
+                });
+                self.experts
+                    .forward(packed, dropout)
+                    .reshape([n_experts * slots, d_model])
+            }),
+            Packing::Grouped { offsets, row_token } => (offsets[n_experts] > 0).then(|| {
+                let packed = x.clone().select(0, row_token);
+                self.experts.forward_grouped(packed, &offsets)
+            }),
+        };
+        // Rows the assignments read: expert outputs, then the dropped-token fallback.
+        let fallback = match self.dropped_tokens {
+            DroppedTokens::PassThrough => x,
+            DroppedTokens::Zero => x.zeros_like(),
+        };
+        let source = match expert_out {
+            Some(e) if !a.fallback => e,
+            Some(e) => Tensor::cat(vec![e, fallback], 0),
+            None => fallback, // capacity 0: every assignment dropped
+        };
+        let mut out: Option<Tensor<2>> = None;
+        for r in 0..k {
+            let rows = a
+                .token_source
+                .clone()
+                .slice([0..n_tokens, r..r + 1])
+                .reshape([n_tokens]);
+            let picked = source.clone().select(0, rows);
+            let gate = gates.clone().slice([0..n_tokens, r..r + 1]);
+            let term = picked * gate;
+            out = Some(match out {
+                Some(o) => o + term,
+                None => term,
+            });
+        }
+        SwitchOutput {
+            out: out.expect("top_k >= 1"),
+            stats: SwitchStats {
+                group_counts: counts.clone(),
+                group_tokens: n_tokens,
+                counts,
+                route_prob_sum: route_prob.sum_dim(0).reshape([n_experts]),
+                z_loss: Tensor::zeros([1], &device),
+                n_dropped,
+                route_prob_max,
+                routes: a.chosen.slice([0..n_tokens, 0..1]).reshape([n_tokens]),
+            },
+        }
+    }
+}
+
+/// A routing decision as index tensors (from a [`RoutePlan`] or [`DeviceRoutes`]).
+struct Assignment {
+    /// Choices per token.
+    k: usize,
+    /// How the experts' input rows are laid out.
+    packing: Packing,
+    /// `[tokens, k]` expert of each assignment.
+    chosen: Tensor<2, Int>,
+    /// `[tokens, k]` row of `[expert outputs; fallback]` each assignment reads.
+    token_source: Tensor<2, Int>,
+    /// Whether any assignment reads a fallback row.
+    fallback: bool,
+}
+
+/// The experts' input rows.
+enum Packing {
+    /// `[n_experts * slots]` token of each row: expert e owns rows `e * slots ..`, padded to
+    /// the fullest expert (one batched matmul for all experts, any backend).
+    Padded {
+        slots: usize,
+        slot_token: Tensor<1, Int>,
+    },
+    /// `[kept]` token of each row: expert e owns rows `offsets[e]..offsets[e + 1]`, no padding
+    /// (the CPU kernels' grouped FFN).
+    Grouped {
+        offsets: Vec<usize>,
+        row_token: Tensor<1, Int>,
+    },
+}
+
+/// `plan` without padding: expert offsets (`n_experts + 1`), the token of each kept row, and
+/// each assignment's row in `[kept rows; fallback rows]` (a dropped assignment reads the
+/// fallback row of its token, `kept + token`).
+fn grouped_rows(plan: &RoutePlan) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let (n_experts, slots) = (plan.n_experts, plan.slots);
+    let padded = n_experts * slots;
+    // A plan fills each expert's slots from 0, one kept assignment per slot.
+    let kept = plan.kept_counts();
+    let mut offsets = vec![0; n_experts + 1];
+    for e in 0..n_experts {
+        offsets[e + 1] = offsets[e] + kept[e];
+    }
+    let row_token = (0..n_experts)
+        .flat_map(|e| {
+            plan.slot_token[e * slots..e * slots + kept[e]]
+                .iter()
+                .copied()
+        })
+        .collect();
+    let source = plan
+        .token_source
+        .iter()
+        .map(|&src| {
+            if src < padded {
+                offsets[src / slots] + src % slots
+            } else {
+                offsets[n_experts] + (src - padded)
+            }
+        })
+        .collect();
+    (offsets, row_token, source)
+}
+
+/// Host counts as an f32 tensor (the form the statistics and the losses use).
+fn count_tensor(counts: &[usize], device: &Device) -> Tensor<1> {
+    let values: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+    Tensor::from_data(TensorData::new(values, [counts.len()]), device)
+}
+
+/// ST-MoE router z-loss: `mean_t (log sum_e exp(logits_te))^2`.
+pub fn z_loss(logits: Tensor<2>) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let m = logits.clone().detach().max_dim(1);
+    let lse = (logits - m.clone()).exp().sum_dim(1).log() + m;
+    lse.reshape([n]).square().mean()
+}
+
+/// Uniform noise in `[lo, hi)` drawn from the run's generator (so runs and resumes reproduce).
+pub(crate) fn uniform_tensor<const D: usize>(
+    rng: &mut RoutingRng,
+    shape: [usize; D],
+    lo: f64,
+    hi: f64,
+    device: &Device,
+) -> Tensor<D> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(lo as f32..hi as f32))
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+/// Inverted-dropout mask: 0 with probability `p`, else `1 / (1 - p)`.
+pub(crate) fn dropout_mask<const D: usize>(
+    rng: &mut RoutingRng,
+    shape: [usize; D],
+    p: f64,
+    device: &Device,
+) -> Tensor<D> {
+    let n: usize = shape.iter().product();
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let v: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}

@@ -1,0 +1,98 @@
+//! A Switch layer built the Burn way (`SwitchFeedForwardConfig::new(d_model, d_ff, n_experts)
+//! .init(&device)`), to drop into any Burn model in place of its feed-forward network. It is a
+//! [`Module`](burn::module::Module) like any other, so Burn's own optimizers train it; its
+//! forward pass returns the routing statistics that the load-balancing loss
+//! ([`crate::model::loss::load_balancing_loss`]) needs.
+//!
+//! Initialisation is PyTorch's `nn.Linear` default for the router and for every expert's two
+//! layers: `W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, each expert drawn independently.
+
+use burn::config::Config;
+use burn::module::Param;
+use burn::nn::{Initializer, LinearConfig};
+use burn::tensor::Device;
+
+use super::expert::Experts;
+use super::switch::{DroppedTokens, SwitchFeedForward};
+use crate::routing::{DropPolicy, RoutePlace, Router, RoutingOptions};
+
+/// Configuration of a [`SwitchFeedForward`] layer; [`init`](Self::init) builds one.
+#[derive(Config, Debug)]
+pub struct SwitchFeedForwardConfig {
+    /// Width of the tokens in and out.
+    pub d_model: usize,
+    /// Hidden width of each expert's FFN.
+    pub d_ff: usize,
+    /// Number of experts.
+    pub n_experts: usize,
+    /// capacity = floor(capacity_factor * tokens / n_experts) tokens per expert.
+    #[config(default = 1.0)]
+    pub capacity_factor: f64,
+    /// Capacity factor outside training (0 = the training one).
+    #[config(default = 0.0)]
+    pub eval_capacity_factor: f64,
+    /// Drop the tokens routed beyond an expert's capacity (off: dropless).
+    #[config(default = true)]
+    pub drop_tokens: bool,
+    /// Experts per token: 1 = Switch; k >= 2 = top-k MoE.
+    #[config(default = 1)]
+    pub top_k: usize,
+    /// Which tokens an over-capacity expert drops.
+    #[config(default = "DropPolicy::Random")]
+    pub drop_policy: DropPolicy,
+    /// What a dropped token contributes: its input scaled by p (labml) or nothing (paper).
+    #[config(default = "DroppedTokens::Zero")]
+    pub dropped_tokens: DroppedTokens,
+    /// Scale each expert's output by its router probability (what trains the router).
+    #[config(default = true)]
+    pub is_scale_prob: bool,
+    /// Multiplicative router-input noise U(1 - eps, 1 + eps) in training (paper: 0.01).
+    #[config(default = 0.0)]
+    pub router_jitter: f64,
+    /// Dropout on the experts' hidden units in training.
+    #[config(default = 0.0)]
+    pub expert_dropout: f64,
+}
+
+impl SwitchFeedForwardConfig {
+    /// A new Switch layer on `device`, in training mode, with PyTorch's `nn.Linear`
+    /// initialisation (see the module comment).
+    pub fn init(&self, device: &Device) -> SwitchFeedForward {
+        let (d, f, e) = (self.d_model, self.d_ff, self.n_experts);
+        // U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as PyTorch's nn.Linear and Burn's LinearConfig.
+        let uniform = |fan_in: usize| Initializer::Uniform {
+            min: -1.0 / (fan_in as f64).sqrt(),
+            max: 1.0 / (fan_in as f64).sqrt(),
+        };
+        let init3 = |shape: [usize; 3], fan_in: usize| -> Param<_> {
+            uniform(fan_in).init(shape, device)
+        };
+        let init2 = |shape: [usize; 2], fan_in: usize| -> Param<_> {
+            uniform(fan_in).init(shape, device)
+        };
+        SwitchFeedForward {
+            router: Router {
+                switch: LinearConfig::new(d, e).init(device),
+            },
+            experts: Experts {
+                w1: init3([e, d, f], d),
+                b1: init2([e, f], d),
+                w2: init3([e, f, d], f),
+                b2: init2([e, d], f),
+            },
+            routing: RoutingOptions {
+                top_k: self.top_k,
+                capacity_factor: self.capacity_factor,
+                drop_tokens: self.drop_tokens,
+                drop_policy: self.drop_policy,
+                place: RoutePlace::Auto,
+            },
+            eval_capacity_factor: self.eval_capacity_factor,
+            is_scale_prob: self.is_scale_prob,
+            dropped_tokens: self.dropped_tokens,
+            jitter: self.router_jitter,
+            expert_dropout: self.expert_dropout,
+            training: true,
+        }
+    }
+}

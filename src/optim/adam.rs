@@ -1,0 +1,276 @@
+//! labml's Adam (`optimized_update=True`, weight decay 0): eps added to `sqrt(v)` before the
+//! bias correction. On the CPU backend each parameter is one fused pass
+//! ([`crate::cpu::adam`]); elsewhere the same arithmetic in tensor ops.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::ParamGrads;
+use crate::cpu::adam::Coefs;
+use crate::store::{HostTensor, host_f32};
+
+/// Adam first and second moments of one parameter (flattened).
+#[allow(clippy::large_enum_variant)] // one per parameter tensor
+enum Moments {
+    /// On the parameter's device, updated with tensor ops (any backend).
+    Device { m: Tensor<1>, v: Tensor<1> },
+    /// In host memory, updated by one fused loop: used on the CPU backend, where every tensor
+    /// op is a separate pass over memory (about 13 for an Adam step).
+    Host { m: Vec<f32>, v: Vec<f32> },
+}
+
+impl Moments {
+    fn into_host(self) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            Self::Host { m, v } => (m, v),
+            Self::Device { m, v } => (host_f32(m), host_f32(v)),
+        }
+    }
+
+    fn into_device(self, device: &Device) -> (Tensor<1>, Tensor<1>) {
+        match self {
+            Self::Device { m, v } => (m, v),
+            Self::Host { m, v } => {
+                let n = m.len();
+                (
+                    Tensor::from_data(TensorData::new(m, [n]), device),
+                    Tensor::from_data(TensorData::new(v, [n]), device),
+                )
+            }
+        }
+    }
+
+    fn host_tensors(&self) -> (HostTensor, HostTensor) {
+        match self {
+            Self::Host { m, v } => (
+                HostTensor::f32(vec![m.len()], m.clone()),
+                HostTensor::f32(vec![v.len()], v.clone()),
+            ),
+            Self::Device { m, v } => (
+                HostTensor::from_tensor(m.clone()),
+                HostTensor::from_tensor(v.clone()),
+            ),
+        }
+    }
+}
+
+
+/// labml's Adam (`optimized_update=True`, weight decay 0). State is keyed by the parameter's
+/// module path (`layers.0.attn.query.weight`), stable across runs, for checkpoints.
+pub struct LabmlAdam {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Updates done so far (the next update uses `step + 1`).
+    pub step: u64,
+    state: HashMap<String, Moments>,
+}
+
+impl Default for LabmlAdam {
+    /// labml's `OptimizerConfigs` defaults: betas (0.9, 0.999), eps 1e-8.
+    fn default() -> Self {
+        Self::new(0.9, 0.999, 1e-8)
+    }
+}
+
+impl LabmlAdam {
+    pub fn new(beta1: f64, beta2: f64, eps: f64) -> Self {
+        Self {
+            beta1,
+            beta2,
+            eps,
+            step: 0,
+            state: HashMap::new(),
+        }
+    }
+
+    /// One update of every parameter that has a gradient in `grads`, with learning rate `lr`.
+    /// The step counter advances first, as in labml.
+    pub fn step<M: Module>(&mut self, module: M, grads: &ParamGrads, lr: f64) -> M {
+        self.step_scaled(module, grads, lr, 1.0)
+    }
+
+    /// [`step`](Self::step) on `grad_scale * grads` (the clip factor, applied in the same pass).
+    pub fn step_scaled<M: Module>(
+        &mut self,
+        module: M,
+        grads: &ParamGrads,
+        lr: f64,
+        grad_scale: f64,
+    ) -> M {
+        self.step += 1;
+        let t = self.step as f64;
+        let step_size = lr * (1.0 - self.beta2.powf(t)).sqrt() / (1.0 - self.beta1.powf(t));
+        let mut mapper = Update {
+            adam: self,
+            grads,
+            step_size,
+            grad_scale,
+            path: Vec::new(),
+        };
+        module.map(&mut mapper)
+    }
+
+    /// Checks that every moment restored by [`load_state_tensors`](Self::load_state_tensors)
+    /// belongs to a trainable parameter of `module` with as many values.
+    pub fn check_matches<M: Module>(&self, module: &M) -> anyhow::Result<()> {
+        #[derive(Default)]
+        struct Sizes {
+            path: Vec<String>,
+            sizes: HashMap<String, usize>,
+        }
+        impl ModuleVisitor for Sizes {
+            fn enter_module(&mut self, name: &str, _container_type: &str) {
+                self.path.push(name.to_string());
+            }
+            fn exit_module(&mut self, _name: &str, _container_type: &str) {
+                self.path.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if param.is_require_grad() {
+                    let n = param.shape().num_elements();
+                    self.sizes.insert(self.path.join("."), n);
+                }
+            }
+        }
+        let mut v = Sizes::default();
+        module.visit(&mut v);
+        for (path, moments) in &self.state {
+            let n = match moments {
+                Moments::Host { m, .. } => m.len(),
+                Moments::Device { m, .. } => m.shape().num_elements(),
+            };
+            match v.sizes.get(path) {
+                None => anyhow::bail!("optimizer state `{path}` is for no parameter of the model"),
+                Some(&p) if p != n => anyhow::bail!(
+                    "optimizer state `{path}` has {n} values, the model's parameter {p}"
+                ),
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The moments as host tensors named `m.<path>` / `v.<path>`, for checkpoints.
+    pub fn state_tensors(&self) -> Vec<(String, HostTensor)> {
+        let mut out = Vec::new();
+        for (path, s) in &self.state {
+            let (m, v) = s.host_tensors();
+            out.push((format!("m.{path}"), m));
+            out.push((format!("v.{path}"), v));
+        }
+        out
+    }
+
+    /// Restores moments written by [`state_tensors`](Self::state_tensors). They move to the
+    /// parameters' device at the next step.
+    pub fn load_state_tensors(
+        &mut self,
+        step: u64,
+        tensors: &std::collections::BTreeMap<String, HostTensor>,
+    ) -> anyhow::Result<()> {
+        self.step = step;
+        self.state.clear();
+        for (name, m) in tensors {
+            let Some(path) = name.strip_prefix("m.") else {
+                continue;
+            };
+            let v = tensors.get(&format!("v.{path}")).ok_or_else(|| {
+                anyhow::anyhow!("optimizer state has `m.{path}` but no `v.{path}`")
+            })?;
+            if m.shape.len() != 1 || v.shape != m.shape {
+                anyhow::bail!(
+                    "optimizer state `{path}` has shapes {:?} and {:?}",
+                    m.shape,
+                    v.shape
+                );
+            }
+            self.state.insert(
+                path.to_string(),
+                Moments::Host {
+                    m: m.to_f32(),
+                    v: v.to_f32(),
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+struct Update<'a> {
+    adam: &'a mut LabmlAdam,
+    grads: &'a ParamGrads,
+    step_size: f64,
+    grad_scale: f64,
+    path: Vec<String>,
+}
+
+impl ModuleMapper for Update<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(g) = self.grads.get(&param.id) else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let (autodiff, require_grad) = (tensor.is_autodiff(), tensor.is_require_grad());
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let theta = tensor.inner().reshape([n]);
+        let device = theta.device();
+        let g = g.clone();
+        let (b1, b2) = (self.adam.beta1, self.adam.beta2);
+        let key = self.path.join(".");
+        let state = self.adam.state.remove(&key);
+        let (theta, moments) = if crate::cpu::adam::applies(&theta, &g) {
+            let (mut m, mut v) =
+                state.map_or_else(|| (vec![0.0; n], vec![0.0; n]), Moments::into_host);
+            let k = Coefs {
+                c1: b1 as f32,
+                d1: (1.0 - b1) as f32,
+                c2: b2 as f32,
+                d2: (1.0 - b2) as f32,
+                eps: self.adam.eps as f32,
+                step_size: self.step_size as f32,
+                grad_scale: self.grad_scale as f32,
+            };
+            let theta = crate::cpu::adam::update(theta, &g, &mut m, &mut v, k);
+            (theta, Moments::Host { m, v })
+        } else {
+            let g = if self.grad_scale == 1.0 {
+                g
+            } else {
+                g * self.grad_scale
+            };
+            let (m, v) = match state.map(|s| s.into_device(&device)) {
+                Some((m, v)) => (
+                    m * b1 + g.clone() * (1.0 - b1),
+                    v * b2 + g.clone().square() * (1.0 - b2),
+                ),
+                None => (g.clone() * (1.0 - b1), g.square() * (1.0 - b2)),
+            };
+            let denom = v.clone().sqrt() + self.adam.eps;
+            let theta = theta - (m.clone() * self.step_size) / denom;
+            (theta, Moments::Device { m, v })
+        };
+        self.adam.state.insert(key, moments);
+
+        let mut updated = theta.reshape(shape);
+        if autodiff {
+            updated = updated.autodiff();
+        }
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+

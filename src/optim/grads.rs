@@ -1,0 +1,142 @@
+//! Gradients of a module's parameters, flattened, in module order (so that reductions over
+//! them, like the global norm, add up in the same order every run), and PyTorch's global-norm
+//! clip (`clip_grad_norm_`: one norm over all gradients, not one per tensor).
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::{Gradients, Tensor};
+
+/// Gradients of a module's parameters, flattened, in module order (so that reductions over
+/// them, like the global norm, add up in the same order every run).
+#[derive(Default)]
+pub struct ParamGrads {
+    grads: Vec<Tensor<1>>,
+    index: HashMap<ParamId, usize>,
+}
+
+impl ParamGrads {
+    /// Takes every parameter gradient of `module` out of `grads`.
+    pub fn from_gradients<M: Module>(module: &M, mut grads: Gradients) -> Self {
+        struct Collect<'a> {
+            grads: &'a mut Gradients,
+            out: ParamGrads,
+        }
+        impl ModuleVisitor for Collect<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if !param.is_require_grad() {
+                    return;
+                }
+                if let Some(g) = param.val().grad_remove(self.grads) {
+                    let n = g.shape().num_elements();
+                    self.out.insert(param.id, g.reshape([n]));
+                }
+            }
+        }
+        let mut c = Collect {
+            grads: &mut grads,
+            out: ParamGrads::default(),
+        };
+        module.visit(&mut c);
+        c.out
+    }
+
+    pub fn insert(&mut self, id: ParamId, grad: Tensor<1>) {
+        match self.index.get(&id) {
+            Some(&i) => self.grads[i] = grad,
+            None => {
+                self.index.insert(id, self.grads.len());
+                self.grads.push(grad);
+            }
+        }
+    }
+
+    /// Replaces every gradient by `f(gradient)`.
+    pub fn map(&mut self, mut f: impl FnMut(Tensor<1>) -> Tensor<1>) {
+        for g in &mut self.grads {
+            *g = f(g.clone());
+        }
+    }
+
+    /// The gradients with their parameters' ids, in module order.
+    pub fn into_parts(self) -> Vec<(ParamId, Tensor<1>)> {
+        let mut ids: Vec<(usize, ParamId)> =
+            self.index.into_iter().map(|(id, i)| (i, id)).collect();
+        ids.sort_by_key(|&(i, _)| i);
+        ids.into_iter().map(|(_, id)| id).zip(self.grads).collect()
+    }
+
+    pub fn get(&self, id: &ParamId) -> Option<&Tensor<1>> {
+        self.index.get(id).map(|&i| &self.grads[i])
+    }
+
+    pub fn len(&self) -> usize {
+        self.grads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+
+    /// L2 norm over all gradients together (one read back to the host; on the CPU backend a
+    /// pass over the gradients' storage, accumulated in f64).
+    pub fn global_norm(&self) -> f64 {
+        if let Some(total) = crate::cpu::adam::sum_of_squares(&self.grads) {
+            return total.sqrt();
+        }
+        let squares: Vec<Tensor<1>> = self
+            .grads
+            .iter()
+            .map(|g| g.clone().square().sum())
+            .collect();
+        if squares.is_empty() {
+            return 0.0;
+        }
+        let total: f32 = Tensor::cat(squares, 0).sum().into_scalar();
+        (total as f64).sqrt()
+    }
+
+    /// PyTorch `clip_grad_norm_(max_norm)`: scales all gradients by
+    /// `min(1, max_norm / (norm + 1e-6))`; returns the norm before clipping.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> f64 {
+        let norm = self.global_norm();
+        let coef = clip_coefficient(norm, max_norm);
+        if coef < 1.0 {
+            for g in &mut self.grads {
+                *g = g.clone() * coef;
+            }
+        }
+        norm
+    }
+}
+
+/// PyTorch `clip_grad_norm_`'s factor for gradients of global norm `norm`:
+/// `min(1, max_norm / (norm + 1e-6))`.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    #[test]
+    fn param_grads_into_parts_keeps_module_order() {
+        let device = Device::default();
+        let t = |v: f32| Tensor::<1>::from_data(TensorData::new(vec![v], [1]), &device);
+        let ids = [ParamId::new(), ParamId::new(), ParamId::new()];
+        let mut grads = ParamGrads::default();
+        for (i, &id) in ids.iter().enumerate() {
+            grads.insert(id, t(i as f32));
+        }
+        grads.insert(ids[1], t(7.0)); // replaced, keeps its place
+        let parts = grads.into_parts();
+        let got: Vec<(ParamId, f32)> = parts
+            .into_iter()
+            .map(|(id, g)| (id, g.into_scalar()))
+            .collect();
+        assert_eq!(got, vec![(ids[0], 0.0), (ids[1], 7.0), (ids[2], 2.0)]);
+    }
+}

@@ -1,0 +1,221 @@
+//! Routing groups: the shards of one batch, each running the model in a thread of its own, that
+//! route their tokens together, as one model routing the whole batch would
+//! (`train.global_routing`).
+//!
+//! ```text
+//! shard r:  p_r = router probabilities of its tokens          (tokens r*T/n .. (r+1)*T/n)
+//! shard 0:  plan = RoutePlan::new([p_0; p_1; ...])           capacity, argmax and drops over
+//!                                                             all T tokens, one generator
+//! shard r:  runs the experts on its part of the plan; f_i of the load-balancing loss from
+//!           the plan's counts over all T tokens
+//! ```
+//! One rendezvous per Switch layer per forward pass. A shard's forward pass takes its seat
+//! ([`Shard`], from [`RouteGroup::run_as`]) as an argument; a forward pass without one
+//! (evaluation, generation) routes on its own.
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::RoutePlan;
+
+/// The rendezvous of `n` shards.
+pub struct RouteGroup {
+    n: usize,
+    state: Mutex<Round>,
+    turn: Condvar,
+}
+
+#[derive(Default)]
+struct Round {
+    /// Each shard's probabilities for the current layer, until shard 0 takes them.
+    probs: Vec<Option<Vec<f32>>>,
+    arrived: usize,
+    /// Counts decided rounds; a waiting shard leaves when it moves on.
+    round: u64,
+    plan: Option<Arc<RoutePlan>>,
+    /// A shard failed: the others stop waiting.
+    abandoned: bool,
+}
+
+/// A shard's part of the group's plan.
+pub struct GroupRoute {
+    /// The plan of this shard's tokens (local token indices, local slots).
+    pub plan: RoutePlan,
+    /// Tokens whose first choice is each expert, over the whole group (the f_i numerator).
+    pub group_counts: Vec<usize>,
+    /// Tokens of the whole group.
+    pub group_tokens: usize,
+}
+
+impl RouteGroup {
+    pub fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self {
+            n,
+            state: Mutex::new(Round {
+                probs: vec![None; n],
+                ..Round::default()
+            }),
+            turn: Condvar::new(),
+        })
+    }
+
+    /// Shard `shard`'s routing for one layer: waits for every shard's `probs`
+    /// (`[tokens, n_experts]`, equal token counts); shard 0 makes the decision with `decide`
+    /// on all of them in shard order (the others never call it).
+    pub fn route(
+        &self,
+        shard: usize,
+        probs: Vec<f32>,
+        decide: impl FnOnce(&[f32]) -> RoutePlan,
+    ) -> GroupRoute {
+        let mut s = self.state.lock().expect("routing group lock");
+        let round = s.round;
+        s.probs[shard] = Some(probs);
+        s.arrived += 1;
+        if shard == 0 {
+            s = self.wait(s, |s| s.arrived == self.n);
+            let all: Vec<f32> = s.probs.iter_mut().flat_map(|p| p.take().unwrap()).collect();
+            s.plan = Some(Arc::new(decide(&all)));
+            s.arrived = 0;
+            s.round += 1;
+            self.turn.notify_all();
+        } else {
+            self.turn.notify_all();
+            s = self.wait(s, |s| s.round != round);
+        }
+        let plan = Arc::clone(s.plan.as_ref().expect("decided"));
+        drop(s);
+        let k = plan.top_k;
+        let per_shard = plan.n_tokens() / self.n;
+        let range = shard * per_shard * k..(shard + 1) * per_shard * k;
+        GroupRoute {
+            plan: RoutePlan::from_decisions(
+                plan.routes[range.clone()].to_vec(),
+                plan.dropped[range].to_vec(),
+                plan.n_experts,
+                k,
+                plan.capacity,
+            ),
+            group_counts: plan.counts.clone(),
+            group_tokens: plan.n_tokens(),
+        }
+    }
+
+    fn wait<'a>(
+        &self,
+        mut s: std::sync::MutexGuard<'a, Round>,
+        ready: impl Fn(&Round) -> bool,
+    ) -> std::sync::MutexGuard<'a, Round> {
+        while !ready(&s) {
+            assert!(!s.abandoned, "another shard of the routing group failed");
+            s = self.turn.wait(s).expect("routing group lock");
+        }
+        s
+    }
+
+    fn abandon(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.abandoned = true;
+        }
+        self.turn.notify_all();
+    }
+}
+
+/// One shard's seat in a [`RouteGroup`], handed to its forward pass.
+#[derive(Clone, Copy)]
+pub struct Shard<'a> {
+    group: &'a RouteGroup,
+    index: usize,
+}
+
+impl Shard<'_> {
+    /// This shard's index in its group.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// This shard's routing for one layer: [`RouteGroup::route`] in its seat.
+    pub fn route(&self, probs: Vec<f32>, decide: impl FnOnce(&[f32]) -> RoutePlan) -> GroupRoute {
+        self.group.route(self.index, probs, decide)
+    }
+}
+
+impl RouteGroup {
+    /// Runs `f` (one shard's forward pass) in the seat of shard `index`, which `f` passes to
+    /// the model. A panic in `f` releases the other shards instead of leaving them waiting.
+    pub fn run_as<R>(&self, index: usize, f: impl FnOnce(Shard<'_>) -> R) -> R {
+        struct Release<'a>(&'a RouteGroup);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.abandon();
+                }
+            }
+        }
+        let _release = Release(self);
+        f(Shard { group: self, index })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{RoutingOptions, RoutingRng};
+    use rand::{Rng, SeedableRng};
+
+    fn probs(n_tokens: usize, n_experts: usize, seed: u64) -> Vec<f32> {
+        let mut rng = RoutingRng::seed_from_u64(seed);
+        (0..n_tokens * n_experts).map(|_| rng.random()).collect()
+    }
+
+    #[test]
+    fn each_shard_gets_its_part_of_the_whole_batch_plan() {
+        let (shards, per_shard, experts) = (3, 20, 4);
+        let opts = RoutingOptions::labml(0.7, true);
+        let all = probs(shards * per_shard, experts, 1);
+        let whole = RoutePlan::new(&all, experts, &opts, &mut RoutingRng::seed_from_u64(9));
+        assert!(whole.n_dropped() > 0);
+        let group = RouteGroup::new(shards);
+        let parts: Vec<GroupRoute> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..shards)
+                .map(|i| {
+                    let (group, all) = (&group, &all);
+                    scope.spawn(move || {
+                        group.run_as(i, |shard| {
+                            assert_eq!(shard.index(), i);
+                            let mine =
+                                all[i * per_shard * experts..][..per_shard * experts].to_vec();
+                            let mut rng = RoutingRng::seed_from_u64(9);
+                            shard.route(mine, |p| RoutePlan::new(p, experts, &opts, &mut rng))
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, part) in parts.iter().enumerate() {
+            let range = i * per_shard..(i + 1) * per_shard;
+            assert_eq!(part.plan.routes, whole.routes[range.clone()]);
+            assert_eq!(part.plan.dropped, whole.dropped[range]);
+            assert_eq!(part.plan.capacity, whole.capacity);
+            assert_eq!(part.group_counts, whole.counts);
+            assert_eq!(part.group_tokens, shards * per_shard);
+        }
+    }
+
+    #[test]
+    fn a_failed_shard_releases_the_others() {
+        let group = RouteGroup::new(2);
+        let opts = RoutingOptions::labml(1.0, true);
+        let results: Vec<bool> = std::thread::scope(|scope| {
+            let leader = scope.spawn(|| {
+                group.run_as(0, |shard| {
+                    let mut rng = RoutingRng::seed_from_u64(0);
+                    shard.route(probs(4, 2, 0), |p| RoutePlan::new(p, 2, &opts, &mut rng))
+                })
+            });
+            let other = scope.spawn(|| group.run_as(1, |_| panic!("shard 1 fails")));
+            vec![leader.join().is_err(), other.join().is_err()]
+        });
+        assert_eq!(results, vec![true, true]);
+    }
+}

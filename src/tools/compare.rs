@@ -1,0 +1,174 @@
+//! The paper's central experiment at miniature scale: a dense baseline and Switch models with
+//! more and more experts, at equal compute per token (top-1 routing to experts the size of the
+//! dense FFN), trained for the same steps from the same seed. More experts means more
+//! parameters for the same FLOPs per token; the question is whether validation loss drops.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result};
+use burn::tensor::Device;
+use serde_json::Value;
+
+use crate::train::config::RunConfig;
+use crate::data::TextData;
+use crate::tools::report::{LineChart, RunMetrics, Series, line_svg};
+use crate::train::trainer::{Event, Finish, Trainer};
+use crate::util::write_atomic;
+
+/// One model of the comparison.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub label: String,
+    pub params: usize,
+    pub final_valid_loss: f64,
+    pub best_valid_loss: f64,
+    pub tokens_per_s: f64,
+    pub curve: Vec<(f64, f64)>,
+}
+
+/// The configurations compared: `base` as a dense model, then with each expert count.
+pub fn variants(base: &RunConfig, experts: &[usize]) -> Vec<(String, RunConfig)> {
+    let mut out = Vec::new();
+    let mut dense = base.clone();
+    dense.model.switch_every = 0;
+    dense.model.n_experts = 1;
+    out.push(("dense".to_string(), dense));
+    for &e in experts {
+        let mut c = base.clone();
+        c.model.n_experts = e;
+        c.model.top_k = 1;
+        if c.model.switch_every == 0 {
+            c.model.switch_every = 1;
+        }
+        out.push((format!("switch-{e}"), c));
+    }
+    out
+}
+
+/// Trains every variant into `dir/<label>/` (skipping runs already complete there), then
+/// writes `dir/compare.md` and `dir/compare.svg`.
+pub fn run(
+    base: &RunConfig,
+    experts: &[usize],
+    data: &TextData,
+    dir: &Path,
+    device: &Device,
+    on_event: &mut dyn FnMut(&str, Event),
+) -> Result<Vec<Entry>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut entries = Vec::new();
+    for (label, config) in variants(base, experts) {
+        let run_dir = dir.join(&label);
+        let params = {
+            let mut c = config.model.clone();
+            c.n_vocab = data.vocab.len();
+            c.num_params()
+        };
+        if !is_complete(&run_dir, config.train.steps) {
+            if run_dir.exists() {
+                std::fs::remove_dir_all(&run_dir).with_context(|| {
+                    format!("cannot clear the unfinished run {}", run_dir.display())
+                })?;
+            }
+            let mut t = Trainer::create(config.clone(), data.clone(), &run_dir, device)?;
+            let finish = t.run(&AtomicBool::new(false), &mut |e| on_event(&label, e))?;
+            anyhow::ensure!(finish == Finish::Completed, "run {label} was interrupted");
+        }
+        let m = RunMetrics::read(&run_dir)?;
+        let curve: Vec<(f64, f64)> = m
+            .valid
+            .iter()
+            .filter_map(|v| Some((v["step"].as_f64()?, v["valid_loss"].as_f64()?)))
+            .collect();
+        let speeds: Vec<f64> = m
+            .train
+            .iter()
+            .filter_map(|v| v["tokens_per_s"].as_f64())
+            .collect();
+        entries.push(Entry {
+            label,
+            params,
+            final_valid_loss: curve.last().map_or(f64::NAN, |p| p.1),
+            best_valid_loss: curve.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
+            tokens_per_s: crate::tools::bench::median(&speeds),
+            curve,
+        });
+    }
+    write_outputs(base, &entries, dir)?;
+    Ok(entries)
+}
+
+fn is_complete(run_dir: &Path, steps: u64) -> bool {
+    let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.jsonl")) else {
+        return false;
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .any(|v| v.get("valid_loss").is_some() && v["step"].as_u64() == Some(steps))
+}
+
+/// The comparison table (Markdown).
+pub fn table(base: &RunConfig, entries: &[Entry]) -> String {
+    let (m, t) = (&base.model, &base.train);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "d_model {}, {} layers, d_ff {} (each expert = the dense FFN: equal compute per token), \
+         top-1 routing, capacity factor {}, {} steps of {}x{} tokens, seed {}.\n",
+        m.d_model, m.n_layers, m.d_ff, m.capacity_factor, t.steps, t.batch_size, t.seq_len, t.seed
+    );
+    s.push_str("| model | parameters | final valid loss | best valid loss | tokens/s |\n");
+    s.push_str("|---|---|---|---|---|\n");
+    for e in entries {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.4} | {:.4} | {:.0} |",
+            e.label, e.params, e.final_valid_loss, e.best_valid_loss, e.tokens_per_s
+        );
+    }
+    s
+}
+
+fn write_outputs(base: &RunConfig, entries: &[Entry], dir: &Path) -> Result<PathBuf> {
+    let chart = LineChart {
+        id: "compare".into(),
+        title: "Validation loss: dense vs Switch at equal compute per token".into(),
+        y_label: "validation cross-entropy".into(),
+        series: entries
+            .iter()
+            .map(|e| Series {
+                label: e.label.clone(),
+                points: e.curve.clone(),
+            })
+            .collect(),
+    };
+    write_atomic(&dir.join("compare.svg"), line_svg(&chart).as_bytes())?;
+    let path = dir.join("compare.md");
+    write_atomic(&path, table(base, entries).as_bytes())?;
+    Ok(path)
+}
+
+/// The default comparison: a model small enough that dense + 4 Switch runs finish in about
+/// ten minutes on 2 cores.
+pub fn default_base() -> RunConfig {
+    let mut c = RunConfig::default();
+    for s in [
+        "model.d_model=64",
+        "model.heads=4",
+        "model.d_ff=128",
+        "model.n_layers=4",
+        "model.init=independent",
+        "train.batch_size=16",
+        "train.steps=3000",
+        "train.lr=0.5",
+        "train.warmup=500",
+        "train.eval_interval=100",
+        "train.checkpoint_interval=3000",
+        "train.keep_checkpoints=1",
+    ] {
+        c.set(s).expect("valid default");
+    }
+    c
+}

@@ -1,0 +1,6 @@
+//! Tools around training: throughput and memory [`bench`]marks, the dense-vs-Switch
+//! [`compare`] experiment, and the HTML [`report`] of runs.
+
+pub mod bench;
+pub mod compare;
+pub mod report;

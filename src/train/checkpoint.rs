@@ -1,0 +1,143 @@
+//! Checkpoints: `model.safetensors` (a PyTorch-loadable state dict), `optimizer.safetensors`
+//! (Adam moments) and `state.json` (step, data position, random-generator state).
+//!
+//! A checkpoint directory is written under a temporary name and renamed when complete, so a
+//! crash never leaves a half-written checkpoint where a good one was.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::model::ModelConfig;
+use crate::data::LoaderState;
+use crate::model::SwitchTransformer;
+use crate::optim::LabmlAdam;
+use crate::routing::RoutingRng;
+use crate::store::TensorFile;
+use crate::util::write_atomic;
+use crate::interop::weights::{load_model, save_model};
+
+/// Everything besides tensors needed to continue a run exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    pub loader: LoaderState,
+    /// The token-dropping generator, mid-stream.
+    pub routing_rng: RoutingRng,
+    /// Best validation loss seen so far.
+    pub best_valid_loss: Option<f64>,
+    /// Validation loss at this step, if validated.
+    pub valid_loss: Option<f64>,
+}
+
+const MODEL: &str = "model.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "state.json";
+
+/// Writes a checkpoint to `dir` (replacing one there only once the new one is complete).
+pub fn save(
+    dir: &Path,
+    model: &SwitchTransformer,
+    config: &ModelConfig,
+    adam: &LabmlAdam,
+    state: &TrainState,
+) -> Result<()> {
+    let parent = dir.parent().context("checkpoint path has no parent")?;
+    let name = dir.file_name().context("checkpoint path has no name")?;
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = parent.join(format!(".{}.partial", name.to_string_lossy()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    save_model(&tmp.join(MODEL), model, config)?;
+    let mut opt = TensorFile::default();
+    opt.tensors.extend(adam.state_tensors());
+    opt.metadata.insert("step".into(), adam.step.to_string());
+    opt.write(&tmp.join(OPTIMIZER))?;
+    write_atomic(
+        &tmp.join(STATE),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    // Swap in: the old directory is removed only after the new one has its final name.
+    let old = parent.join(format!(".{}.old", name.to_string_lossy()));
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&tmp, dir).with_context(|| format!("cannot write {}", dir.display()))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// A loaded checkpoint.
+pub struct Loaded {
+    pub model: SwitchTransformer,
+    pub adam: LabmlAdam,
+    pub state: TrainState,
+}
+
+/// Loads a checkpoint for model configuration `config`. The model lives on `device`, the
+/// optimizer moments on its non-autodiff counterpart.
+pub fn load(dir: &Path, config: &ModelConfig, adam: LabmlAdam, device: &Device) -> Result<Loaded> {
+    let ctx = || format!("checkpoint {} is unusable", dir.display());
+    let state: TrainState = serde_json::from_slice(
+        &std::fs::read(dir.join(STATE)).with_context(|| format!("cannot read {STATE}"))?,
+    )
+    .with_context(|| format!("{STATE} is corrupt"))
+    .with_context(ctx)?;
+    let model = load_model(&dir.join(MODEL), config, device).with_context(ctx)?;
+    let opt = TensorFile::read(&dir.join(OPTIMIZER)).with_context(ctx)?;
+    let step: u64 = opt
+        .metadata
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .context("optimizer.safetensors has no step")
+        .with_context(ctx)?;
+    if step != state.step {
+        bail!(
+            "{}: optimizer step {step} differs from state step {}",
+            ctx(),
+            state.step
+        );
+    }
+    let mut adam = adam;
+    adam.load_state_tensors(step, &opt.tensors)
+        .and_then(|()| adam.check_matches(&model))
+        .with_context(ctx)?;
+    Ok(Loaded { model, adam, state })
+}
+
+/// Name of the checkpoint directory for `step`.
+pub fn step_dir(checkpoints: &Path, step: u64) -> PathBuf {
+    checkpoints.join(format!("step-{step:07}"))
+}
+
+/// Complete checkpoints under `checkpoints`, oldest first.
+pub fn list(checkpoints: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(checkpoints) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let step = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            Some((step, path))
+        })
+        .collect();
+    out.sort();
+    out
+}

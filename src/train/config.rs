@@ -1,0 +1,421 @@
+//! The run's configuration: the model's ([`ModelConfig`]) and training's, read from and written
+//! to TOML, with every key documented ([`KEYS`]) and settable from the command line.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::model::ModelConfig;
+use crate::routing::RoutePlace;
+
+/// Training hyper-parameters. Defaults are labml's experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Seed for initialisation, data order and token dropping.
+    pub seed: u64,
+    /// Windows per batch.
+    pub batch_size: usize,
+    /// Characters per window (the model sees seq_len, predicts the next seq_len).
+    pub seq_len: usize,
+    /// Optimizer steps to train for.
+    pub steps: u64,
+    /// Load-balancing loss coefficient (alpha).
+    pub lb_coef: f64,
+    /// Noam base learning rate (labml: 1.0).
+    pub lr: f64,
+    /// Noam warm-up steps.
+    pub warmup: u64,
+    /// Adam beta1.
+    pub beta1: f64,
+    /// Adam beta2.
+    pub beta2: f64,
+    /// Adam eps, added to sqrt(v) before the bias correction (labml).
+    pub eps: f64,
+    /// Clip gradients to this global L2 norm.
+    pub grad_clip: f64,
+    /// Router z-loss coefficient (ST-MoE: 0.001); the z-loss is logged either way.
+    pub z_loss_coef: f64,
+    /// Data-parallel replicas: each takes `batch_size / replicas` windows of every batch;
+    /// gradients are averaged. 1 = one model, labml's experiment.
+    pub replicas: usize,
+    /// Replicas route the whole batch together (capacity, drops and load balance over all its
+    /// tokens: the step of one model, in `replicas` threads) instead of each its own windows
+    /// (as each core in the paper).
+    pub global_routing: bool,
+    /// Steps between training-metric lines in metrics.jsonl.
+    pub log_interval: u64,
+    /// Steps between validations (and at the last step).
+    pub eval_interval: u64,
+    /// Fixed validation batches per validation.
+    pub eval_batches: usize,
+    /// Steps between checkpoints (and at the last step).
+    pub checkpoint_interval: u64,
+    /// Most recent checkpoints kept (the best-validation one is kept besides).
+    pub keep_checkpoints: usize,
+    /// Prompt of the greedy sample shown at each validation.
+    pub sample_prompt: String,
+    /// Characters generated for that sample.
+    pub sample_tokens: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            batch_size: 32,
+            seq_len: 64,
+            steps: 3700,
+            lb_coef: 0.01,
+            lr: 1.0,
+            warmup: 2000,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            z_loss_coef: 0.0,
+            replicas: 1,
+            global_routing: false,
+            log_interval: 10,
+            eval_interval: 250,
+            eval_batches: 20,
+            checkpoint_interval: 500,
+            keep_checkpoints: 3,
+            sample_prompt: "It is".into(),
+            sample_tokens: 25,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let at_least_one = [
+            ("batch_size", self.batch_size as u64),
+            ("replicas", self.replicas as u64),
+            ("seq_len", self.seq_len as u64),
+            ("steps", self.steps),
+            ("warmup", self.warmup),
+            ("log_interval", self.log_interval),
+            ("eval_interval", self.eval_interval),
+            ("eval_batches", self.eval_batches as u64),
+            ("checkpoint_interval", self.checkpoint_interval),
+            ("keep_checkpoints", self.keep_checkpoints as u64),
+        ];
+        for (name, v) in at_least_one {
+            if v == 0 {
+                bail!("train.{name} must be at least 1 (got 0)");
+            }
+        }
+        let positive = [
+            ("lr", self.lr),
+            ("eps", self.eps),
+            ("grad_clip", self.grad_clip),
+        ];
+        for (name, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("train.{name} must be a positive number (got {v})");
+            }
+        }
+        if !(self.lb_coef.is_finite() && self.lb_coef >= 0.0) {
+            bail!(
+                "train.lb_coef must be zero or positive (got {})",
+                self.lb_coef
+            );
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("train.{name} must be in [0, 1) (got {v})");
+            }
+        }
+        if !self.batch_size.is_multiple_of(self.replicas) {
+            bail!(
+                "train.batch_size ({}) must be a multiple of train.replicas ({}): every replica \
+                 takes an equal share of each batch",
+                self.batch_size,
+                self.replicas
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Everything a training run is configured by: the TOML file of a run (`[model]`, `[train]`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+/// Every configuration key with its meaning, for `--help` and error messages.
+pub const KEYS: &[(&str, &str)] = &[
+    (
+        "model.n_vocab",
+        "vocabulary size; set from the data's characters",
+    ),
+    ("model.d_model", "width of the residual stream"),
+    (
+        "model.heads",
+        "attention heads (d_model must be divisible by it)",
+    ),
+    ("model.d_ff", "hidden width of each expert FFN"),
+    ("model.n_layers", "number of Switch Transformer blocks"),
+    ("model.n_experts", "experts per Switch layer"),
+    (
+        "model.capacity_factor",
+        "capacity = floor(capacity_factor * tokens / n_experts)",
+    ),
+    (
+        "model.drop_tokens",
+        "drop tokens routed beyond an expert's capacity",
+    ),
+    (
+        "model.is_scale_prob",
+        "scale expert outputs by the router probability",
+    ),
+    (
+        "model.top_k",
+        "experts per token: 1 = Switch, k >= 2 = top-k MoE (paper's baseline: 2)",
+    ),
+    (
+        "model.drop_policy",
+        "which tokens drop over capacity: random (labml), position, confidence (batch-prioritized)",
+    ),
+    (
+        "model.route_on",
+        "where routing is decided: auto (host on the CPU, device on GPUs), host, device",
+    ),
+    (
+        "model.dropped_tokens",
+        "a dropped token contributes: pass_through (labml) or zero (paper)",
+    ),
+    (
+        "model.eval_capacity_factor",
+        "capacity factor outside training, 0 = capacity_factor (paper: 2.0)",
+    ),
+    (
+        "model.router_jitter",
+        "multiplicative router-input noise eps in training (paper: 0.01)",
+    ),
+    (
+        "model.expert_dropout",
+        "dropout inside the experts in training (paper: 0.4 fine-tuning)",
+    ),
+    (
+        "model.dropout",
+        "dropout on sub-layer outputs in training (paper: 0.1)",
+    ),
+    (
+        "model.switch_every",
+        "a Switch layer every k-th block, dense FFN between; 0 = dense baseline (paper: 2)",
+    ),
+    (
+        "model.pos_embedding",
+        "learned positional embeddings (labml: none)",
+    ),
+    (
+        "model.max_seq_len",
+        "positions of the learned positional embedding",
+    ),
+    (
+        "model.init",
+        "labml (identical experts and layers), independent, truncated_normal (paper)",
+    ),
+    (
+        "model.init_scale",
+        "truncated_normal scale s: sigma = sqrt(s / fan_in) (paper: 0.1)",
+    ),
+    (
+        "model.precision",
+        "compute type f32, bf16 or f16; router and losses stay f32 (paper: bf16)",
+    ),
+    (
+        "train.seed",
+        "seed for initialisation, data order and token dropping",
+    ),
+    ("train.batch_size", "windows per batch"),
+    ("train.seq_len", "characters per window"),
+    ("train.steps", "optimizer steps to train for"),
+    ("train.lb_coef", "load-balancing loss coefficient"),
+    ("train.lr", "Noam base learning rate"),
+    ("train.warmup", "Noam warm-up steps"),
+    ("train.beta1", "Adam beta1"),
+    ("train.beta2", "Adam beta2"),
+    (
+        "train.eps",
+        "Adam eps (added to sqrt(v) before bias correction, as labml)",
+    ),
+    ("train.grad_clip", "global gradient-norm clip"),
+    (
+        "train.z_loss_coef",
+        "router z-loss coefficient (ST-MoE: 0.001)",
+    ),
+    (
+        "train.replicas",
+        "data-parallel replicas, each on batch_size/replicas windows (switch train --devices)",
+    ),
+    (
+        "train.global_routing",
+        "replicas route the whole batch together, as one model (else each its own windows)",
+    ),
+    (
+        "train.log_interval",
+        "steps between training lines in metrics.jsonl",
+    ),
+    ("train.eval_interval", "steps between validations"),
+    (
+        "train.eval_batches",
+        "fixed validation batches per validation",
+    ),
+    ("train.checkpoint_interval", "steps between checkpoints"),
+    (
+        "train.keep_checkpoints",
+        "most recent checkpoints kept (plus the best)",
+    ),
+    (
+        "train.sample_prompt",
+        "prompt of the greedy sample at each validation",
+    ),
+    (
+        "train.sample_tokens",
+        "characters generated for that sample",
+    ),
+];
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.train.validate()?;
+        let t = &self.train;
+        if t.global_routing && t.replicas > 1 && self.model.route_on == RoutePlace::Device {
+            bail!(
+                "train.global_routing routes through the host (the replicas exchange their \
+                 router probabilities there): set model.route_on = auto or host"
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads a TOML file; unknown keys and wrong types are errors naming the key.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| {
+            anyhow::anyhow!("{}", e.message().trim()).context(
+                e.span()
+                    .map(|s| format!("at {:?}", &text[s]))
+                    .unwrap_or_default(),
+            )
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises to TOML")
+    }
+
+    /// Applies one `key=value` override (`train.steps=1000`, `model.drop_tokens=false`).
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let (key, value) = assignment
+            .split_once('=')
+            .with_context(|| format!("--set takes key=value, got `{assignment}`"))?;
+        let key = key.trim();
+        if !KEYS.iter().any(|(k, _)| *k == key) {
+            let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+            bail!(
+                "unknown config key `{key}`; the keys are: {}",
+                known.join(", ")
+            );
+        }
+        let (section, field) = key.split_once('.').expect("keys are section.field");
+        let value = value.trim();
+        // A TOML literal (number, bool, quoted string), else the raw text as a string.
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        let mut table = toml::Table::try_from(&*self).expect("config is a table");
+        let section = table
+            .get_mut(section)
+            .and_then(toml::Value::as_table_mut)
+            .expect("section exists");
+        // `capacity_factor=2` means 2.0: widen integers where the key holds a float.
+        let parsed = match (&section[field], parsed) {
+            (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
+            (_, p) => p,
+        };
+        section.insert(field.to_string(), parsed);
+        *self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                anyhow::anyhow!("invalid value `{value}` for {key}: {}", e.message().trim())
+            })?;
+        Ok(())
+    }
+}
+
+/// `--help` text: every key, its default and its meaning.
+pub fn keys_help() -> String {
+    let defaults = toml::Table::try_from(RunConfig::default()).expect("config is a table");
+    let mut out =
+        String::from("Configuration keys (TOML sections [model] and [train]; --set key=value):\n");
+    for (key, doc) in KEYS {
+        let (section, field) = key.split_once('.').expect("keys are section.field");
+        let default = defaults[section][field].to_string();
+        out.push_str(&format!("  {key:<28} {doc} (default {default})\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_documented_and_settable() {
+        let defaults = toml::Table::try_from(RunConfig::default()).unwrap();
+        let mut n = 0;
+        for (section, fields) in &defaults {
+            for field in fields.as_table().unwrap().keys() {
+                let key = format!("{section}.{field}");
+                assert!(
+                    KEYS.iter().any(|(k, _)| *k == key),
+                    "{key} lacks a doc line"
+                );
+                n += 1;
+            }
+        }
+        assert_eq!(n, KEYS.len());
+        let mut c = RunConfig::default();
+        c.set("train.steps=12").unwrap();
+        c.set("model.drop_tokens=false").unwrap();
+        c.set("model.capacity_factor=2").unwrap();
+        c.set("train.sample_prompt=ROMEO:").unwrap();
+        assert_eq!(c.train.steps, 12);
+        assert!(!c.model.drop_tokens);
+        assert_eq!(c.model.capacity_factor, 2.0);
+        assert_eq!(c.train.sample_prompt, "ROMEO:");
+        assert_eq!(RunConfig::from_toml(&c.to_toml()).unwrap(), c);
+        assert!(keys_help().contains("train.warmup"));
+    }
+
+    #[test]
+    fn bad_overrides_and_files_are_errors() {
+        let mut c = RunConfig::default();
+        let e = c.set("train.stepz=3").unwrap_err().to_string();
+        assert!(e.contains("unknown config key `train.stepz`"), "{e}");
+        let e = c.set("train.steps=many").unwrap_err().to_string();
+        assert!(e.contains("train.steps"), "{e}");
+        assert!(c.set("steps").is_err());
+        let e = format!(
+            "{:#}",
+            RunConfig::from_toml("[train]\nbogus = 1\n").unwrap_err()
+        );
+        assert!(e.contains("bogus"), "{e}");
+        c.set("train.lr=-1.0").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("train.lr"));
+    }
+}
+

@@ -1,0 +1,166 @@
+//! Evaluation over a set of batches: cross-entropy, accuracy, load balance and routing
+//! statistics per layer. Runs without autodiff.
+
+use burn::tensor::{Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Batch, sequence_tensor};
+use crate::model::loss::{cross_entropy, load_balancing_loss};
+use crate::model::SwitchTransformer;
+use crate::routing::RoutingRng;
+use crate::store::host_f32;
+use crate::model::switch::SwitchStats;
+
+/// Routing of one layer, aggregated over the evaluated tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    /// Fraction of tokens routed to each expert (before dropping).
+    pub expert_frac: Vec<f64>,
+    pub min_frac: f64,
+    pub max_frac: f64,
+    pub std_frac: f64,
+    /// Mean of each token's top routing probability (router confidence).
+    pub mean_top_prob: f64,
+    /// Fraction of tokens dropped over capacity.
+    pub dropped_frac: f64,
+}
+
+impl LayerStats {
+    /// One layer's statistics from the [`SwitchStats::summary`] values of several forward
+    /// passes, each with its number of tokens.
+    fn from_summaries(passes: &[(&[f32], usize)]) -> Self {
+        let (mut counts, mut top, mut dropped, mut tokens) = (Vec::<f64>::new(), 0.0, 0.0, 0usize);
+        for &(summary, n) in passes {
+            let e = summary.len() - 2;
+            counts.resize(e, 0.0);
+            for (c, &v) in counts.iter_mut().zip(&summary[..e]) {
+                *c += v as f64;
+            }
+            dropped += summary[e] as f64;
+            top += summary[e + 1] as f64;
+            tokens += n;
+        }
+        let t = tokens.max(1) as f64;
+        let expert_frac: Vec<f64> = counts.iter().map(|c| c / t).collect();
+        let n = expert_frac.len().max(1) as f64;
+        let mean = expert_frac.iter().sum::<f64>() / n;
+        let var = expert_frac.iter().map(|f| (f - mean).powi(2)).sum::<f64>() / n;
+        Self {
+            min_frac: expert_frac.iter().cloned().fold(f64::INFINITY, f64::min),
+            max_frac: expert_frac.iter().cloned().fold(0.0, f64::max),
+            std_frac: var.sqrt(),
+            expert_frac,
+            mean_top_prob: top / t,
+            dropped_frac: dropped / t,
+        }
+    }
+}
+
+/// Per-layer statistics over several forward passes (`passes[i][l]`: Switch layer `l` of pass
+/// `i`, all layers of a pass on one device): one read-back per pass.
+pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
+    let n_layers = passes.first().map_or(0, Vec::len);
+    let read: Vec<Vec<f32>> = passes
+        .iter()
+        .map(|p| {
+            if p.is_empty() {
+                return vec![];
+            }
+            host_f32(Tensor::cat(p.iter().map(SwitchStats::summary).collect(), 0))
+        })
+        .collect();
+    (0..n_layers)
+        .map(|l| {
+            let rows: Vec<(&[f32], usize)> = passes
+                .iter()
+                .zip(&read)
+                .map(|(p, values)| {
+                    let start: usize = p[..l].iter().map(|s| s.counts.dims()[0] + 2).sum();
+                    let len = p[l].counts.dims()[0] + 2;
+                    (&values[start..start + len], p[l].n_tokens())
+                })
+                .collect();
+            LayerStats::from_summaries(&rows)
+        })
+        .collect()
+}
+
+/// Metrics of one evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Mean cross-entropy per token (nats).
+    pub loss: f64,
+    pub accuracy: f64,
+    /// Load-balancing loss (summed over layers; = n_layers at perfect balance), batch mean.
+    pub lb_loss: f64,
+    /// Fraction of token-layer routings dropped.
+    pub dropped_frac: f64,
+    pub layers: Vec<LayerStats>,
+    pub tokens: usize,
+}
+
+impl EvalMetrics {
+    pub fn perplexity(&self) -> f64 {
+        self.loss.exp()
+    }
+}
+
+/// Evaluates `model` (use a non-autodiff copy: `model.valid()`) on `batches`. Token dropping
+/// follows the model's configuration; `rng` decides which tokens drop.
+pub fn evaluate(model: &SwitchTransformer, batches: &[Batch], rng: &mut RoutingRng) -> EvalMetrics {
+    let device = model.src_embed.weight.device();
+    let (mut loss, mut correct, mut lb, mut tokens) = (0.0, 0i64, 0.0, 0usize);
+    let mut passes: Vec<Vec<SwitchStats>> = Vec::new();
+    for batch in batches {
+        let (x, y) = batch.tensors(&device);
+        let out = model.forward(x, rng);
+        let [b, s, v] = out.logits.dims();
+        let logits = out.logits.reshape([b * s, v]);
+        let y = y.reshape([b * s]);
+        let n = b * s;
+        let ce: f32 = host_f32(cross_entropy(logits.clone(), y.clone()))[0];
+        loss += ce as f64 * n as f64;
+        let hits: Tensor<1, Int> = logits.argmax(1).reshape([n]).equal(y).int().sum();
+        correct += hits.into_scalar::<i64>();
+        lb += host_f32(load_balancing_loss(&out.stats, &device))[0] as f64;
+        tokens += n;
+        passes.push(out.stats);
+    }
+    let layers = layer_stats(&passes);
+    let dropped_frac =
+        layers.iter().map(|l| l.dropped_frac).sum::<f64>() / layers.len().max(1) as f64;
+    let t = tokens.max(1) as f64;
+    EvalMetrics {
+        loss: loss / t,
+        accuracy: correct as f64 / t,
+        lb_loss: lb / batches.len().max(1) as f64,
+        dropped_frac,
+        layers,
+        tokens,
+    }
+}
+
+/// For each character of `ids` (in windows of `context`), the expert it goes to in each Switch
+/// layer and its routing probability: `[switch layer][position]`. Token dropping is off.
+pub fn route_tokens(
+    model: &SwitchTransformer,
+    ids: &[u32],
+    context: usize,
+) -> Vec<Vec<(usize, f32)>> {
+    let mut model = model.clone();
+    model.set_drop_tokens(false);
+    let device = model.src_embed.weight.device();
+    let n_switch = model.layers.iter().filter(|l| l.switch().is_some()).count();
+    let mut out = vec![Vec::with_capacity(ids.len()); n_switch];
+    let mut rng = <RoutingRng as rand::SeedableRng>::seed_from_u64(0);
+    for window in ids.chunks(context.max(1)) {
+        let stats = model
+            .forward(sequence_tensor(window, &device), &mut rng)
+            .stats;
+        for (l, s) in stats.iter().enumerate() {
+            let s = s.host();
+            out[l].extend(s.routes.into_iter().zip(s.route_prob_max));
+        }
+    }
+    out
+}

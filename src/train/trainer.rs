@@ -1,0 +1,447 @@
+//! The training loop, a plain one (nanoGPT style):
+//! batch -> forward -> `ce + lb_coef * lb` -> backward -> clip global norm -> Noam/Adam step,
+//! with periodic metrics, validation, samples and checkpoints in a run directory:
+//!
+//! ```text
+//! runs/NAME/config.toml      the configuration used
+//! runs/NAME/vocab.json       the character vocabulary
+//! runs/NAME/metrics.jsonl    one JSON object per line (training and validation)
+//! runs/NAME/checkpoints/step-NNNNNNN/   the last few checkpoints
+//! runs/NAME/best/            the best-validation checkpoint
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::Device;
+use rand::SeedableRng;
+use serde_json::json;
+
+use crate::train::checkpoint::{self, TrainState};
+use crate::train::config::RunConfig;
+use crate::data::{Batch, TextData, TrainLoader, Vocab, valid_batches};
+use crate::train::eval::{EvalMetrics, LayerStats, evaluate};
+use crate::infer::generate::{SampleOptions, generate};
+use crate::model::SwitchTransformer;
+use crate::optim::{LabmlAdam, Noam};
+use crate::train::replicas::{Placement, Replica, Replicas};
+use crate::train::step::{StepSettings, step};
+use crate::routing::RoutingRng;
+use crate::util::write_atomic;
+
+/// Seeds derived from the run seed for streams that must not disturb training's.
+const EVAL_STREAM: u64 = 0xe7a1;
+const SAMPLE_STREAM: u64 = 0x5a3e;
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub ce: f64,
+    pub lb: f64,
+    /// Router z-loss, summed over layers.
+    pub z: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub layers: Vec<LayerStats>,
+}
+
+/// Progress reported to the caller of [`Trainer::run`].
+pub enum Event<'a> {
+    Step(&'a StepMetrics),
+    Validation {
+        step: u64,
+        metrics: &'a EvalMetrics,
+        sample: &'a str,
+    },
+    Checkpoint(&'a Path),
+}
+
+/// How [`Trainer::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Completed,
+    /// Stopped by the caller's flag (Ctrl-C), after writing a checkpoint.
+    Interrupted,
+}
+
+pub struct Trainer {
+    pub config: RunConfig,
+    pub run_dir: PathBuf,
+    pub data: TextData,
+    pub step: u64,
+    /// The model (replica 0 is validated and checkpointed) with its optimizer state.
+    replicas: Replicas,
+    noam: Noam,
+    loader: TrainLoader,
+    rng: RoutingRng,
+    best_valid_loss: Option<f64>,
+    valid: Vec<Batch>,
+}
+
+impl Trainer {
+    /// Starts a new run in `run_dir`, which must not hold a run already, on one device or on
+    /// `train.replicas` data-parallel replicas.
+    pub fn create(
+        mut config: RunConfig,
+        data: TextData,
+        run_dir: &Path,
+        placement: impl Into<Placement>,
+    ) -> Result<Self> {
+        config.model.n_vocab = data.vocab.len();
+        config.validate()?;
+        let placement = placement.into();
+        let devices = placement.devices_for(config.train.replicas)?;
+        if run_dir.join("config.toml").exists() || run_dir.join("checkpoints").exists() {
+            bail!(
+                "{} already holds a run: continue it with --resume {0}, or choose another --name",
+                run_dir.display()
+            );
+        }
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
+        write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
+        write_atomic(&run_dir.join("vocab.json"), data.vocab.to_json().as_bytes())?;
+        let device = devices[0].clone().autodiff();
+        let model = config.model.init(config.train.seed, &device)?;
+        let t = &config.train;
+        let adam = LabmlAdam::new(t.beta1, t.beta2, t.eps);
+        let loader = TrainLoader::new(data.train.len(), t.seq_len, t.batch_size, t.seed);
+        let rng = RoutingRng::seed_from_u64(t.seed);
+        let first = Replica {
+            model,
+            adam,
+            device,
+        };
+        let replicas = run_replicas(first, &config, &devices, &placement)?;
+        let trainer = Self::assemble(config, run_dir, data, replicas, loader, rng);
+        trainer.truncate_metrics(0)?;
+        Ok(trainer)
+    }
+
+    /// Continues the run in `run_dir` from its latest checkpoint. `data` must have the run's
+    /// vocabulary; `placement` must fit the run's `train.replicas`.
+    pub fn resume(run_dir: &Path, data: TextData, placement: impl Into<Placement>) -> Result<Self> {
+        let config = RunConfig::from_toml_file(&run_dir.join("config.toml"))
+            .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
+        let vocab_text = std::fs::read_to_string(run_dir.join("vocab.json"))
+            .with_context(|| format!("{} has no vocab.json", run_dir.display()))?;
+        if Vocab::from_json(&vocab_text)? != data.vocab {
+            bail!(
+                "the data's characters differ from those of the run in {}: resume with the \
+                 same --data",
+                run_dir.display()
+            );
+        }
+        let Some((_, dir)) = checkpoint::list(&run_dir.join("checkpoints")).pop() else {
+            bail!("{} has no checkpoint to resume from", run_dir.display());
+        };
+        let placement = placement.into();
+        let devices = placement.devices_for(config.train.replicas)?;
+        let device = devices[0].clone().autodiff();
+        let t = &config.train;
+        let adam = LabmlAdam::new(t.beta1, t.beta2, t.eps);
+        let loaded = checkpoint::load(&dir, &config.model, adam, &device)?;
+        let mut loader = TrainLoader::new(data.train.len(), t.seq_len, t.batch_size, t.seed);
+        loader.restore(loaded.state.loader);
+        let first = Replica {
+            model: loaded.model,
+            adam: loaded.adam,
+            device,
+        };
+        let replicas = run_replicas(first, &config, &devices, &placement)?;
+        let mut trainer = Self::assemble(
+            config,
+            run_dir,
+            data,
+            replicas,
+            loader,
+            loaded.state.routing_rng,
+        );
+        trainer.step = loaded.state.step;
+        trainer.best_valid_loss = loaded.state.best_valid_loss;
+        trainer.truncate_metrics(trainer.step)?;
+        Ok(trainer)
+    }
+
+    fn assemble(
+        config: RunConfig,
+        run_dir: &Path,
+        data: TextData,
+        replicas: Replicas,
+        loader: TrainLoader,
+        rng: RoutingRng,
+    ) -> Self {
+        let t = &config.train;
+        let valid = valid_batches(&data.valid, t.seq_len, t.batch_size, Some(t.eval_batches));
+        let noam = Noam {
+            lr: t.lr,
+            warmup: t.warmup,
+            d_model: config.model.d_model,
+        };
+        Self {
+            run_dir: run_dir.to_path_buf(),
+            data,
+            step: 0,
+            replicas,
+            noam,
+            loader,
+            rng,
+            best_valid_loss: None,
+            valid,
+            config,
+        }
+    }
+
+    /// The model being trained (replica 0).
+    pub fn model(&self) -> &SwitchTransformer {
+        &self.replicas.first().model
+    }
+
+    /// Data-parallel replicas (1 = one model).
+    pub fn replicas(&self) -> &[Replica] {
+        &self.replicas.replicas
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.loader.state.epoch
+    }
+
+    /// One optimizer step on the next training batch.
+    pub fn train_step(&mut self) -> StepMetrics {
+        let start = Instant::now();
+        let batch = self.loader.next_batch(&self.data.train);
+        let t = &self.config.train;
+        let settings = StepSettings {
+            lb_coef: t.lb_coef,
+            z_coef: t.z_loss_coef,
+            grad_clip: t.grad_clip,
+            lr: self.noam.lr(self.step + 1),
+        };
+        let out = step(&mut self.replicas, &batch, &mut self.rng, settings);
+        self.step += 1;
+        StepMetrics {
+            step: self.step,
+            epoch: self.loader.state.epoch,
+            loss: out.ce + t.lb_coef * out.lb + t.z_loss_coef * out.z,
+            ce: out.ce,
+            lb: out.lb,
+            z: out.z,
+            lr: settings.lr,
+            grad_norm: out.grad_norm,
+            tokens: batch.tokens(),
+            seconds: start.elapsed().as_secs_f64(),
+            layers: out.layers,
+        }
+    }
+
+    /// Validation on the fixed batches with the training routing (labml's protocol), and a
+    /// greedy sample from the configured prompt.
+    pub fn validate(&self) -> Result<(EvalMetrics, String)> {
+        let mut model = self.model().valid();
+        model.set_training(false);
+        let seed = self.config.train.seed;
+        let metrics = evaluate(
+            &model,
+            &self.valid,
+            &mut RoutingRng::seed_from_u64(seed ^ EVAL_STREAM),
+        );
+        let t = &self.config.train;
+        let prompt = self
+            .data
+            .vocab
+            .encode(&t.sample_prompt)
+            .context("train.sample_prompt")?;
+        let sample = if prompt.is_empty() {
+            String::new()
+        } else {
+            let opts = SampleOptions {
+                max_tokens: t.sample_tokens,
+                temperature: 0.0,
+                top_k: None,
+                context: t.seq_len,
+            };
+            let mut rng = RoutingRng::seed_from_u64(seed ^ SAMPLE_STREAM);
+            let new = generate(&model, &prompt, &opts, &mut rng.clone(), &mut rng);
+            format!("{}{}", t.sample_prompt, self.data.vocab.decode(&new))
+        };
+        Ok((metrics, sample))
+    }
+
+    fn state(&self, valid_loss: Option<f64>) -> TrainState {
+        TrainState {
+            step: self.step,
+            loader: self.loader.state,
+            routing_rng: self.rng.clone(),
+            best_valid_loss: self.best_valid_loss,
+            valid_loss,
+        }
+    }
+
+    /// Writes a checkpoint of the current step and removes the oldest beyond
+    /// `keep_checkpoints`.
+    pub fn save_checkpoint(&self, valid_loss: Option<f64>) -> Result<PathBuf> {
+        let checkpoints = self.run_dir.join("checkpoints");
+        let dir = checkpoint::step_dir(&checkpoints, self.step);
+        checkpoint::save(
+            &dir,
+            &self.replicas.first().model,
+            &self.config.model,
+            &self.replicas.first().adam,
+            &self.state(valid_loss),
+        )?;
+        let all = checkpoint::list(&checkpoints);
+        let excess = all.len().saturating_sub(self.config.train.keep_checkpoints);
+        for (_, old) in &all[..excess] {
+            std::fs::remove_dir_all(old)
+                .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        }
+        Ok(dir)
+    }
+
+    /// Appends one JSON object to metrics.jsonl.
+    pub fn log(&self, value: &serde_json::Value) -> Result<()> {
+        let path = self.run_dir.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        writeln!(f, "{value}").with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Keeps only the metric lines up to `step` (a resumed run rewrites what follows).
+    fn truncate_metrics(&self, step: u64) -> Result<()> {
+        let path = self.run_dir.join("metrics.jsonl");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&path, kept.as_bytes())
+    }
+
+    /// Trains until `train.steps`, or until `stop` is set (then checkpoints and returns).
+    pub fn run(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(Event)) -> Result<Finish> {
+        let t = self.config.train.clone();
+        let (mut interval_tokens, mut interval_seconds) = (0usize, 0.0f64);
+        while self.step < t.steps {
+            if stop.load(Ordering::SeqCst) {
+                let dir = self.save_checkpoint(None)?;
+                on_event(Event::Checkpoint(&dir));
+                return Ok(Finish::Interrupted);
+            }
+            let m = self.train_step();
+            interval_tokens += m.tokens;
+            interval_seconds += m.seconds;
+            on_event(Event::Step(&m));
+            let last = self.step == t.steps;
+            if self.step.is_multiple_of(t.log_interval) || last {
+                let dropped = m.layers.iter().map(|l| l.dropped_frac).sum::<f64>()
+                    / m.layers.len().max(1) as f64;
+                self.log(&json!({
+                    "step": m.step,
+                    "epoch": m.epoch,
+                    "train_loss": m.loss,
+                    "ce_loss": m.ce,
+                    "lb_loss": m.lb,
+                    "z_loss": m.z,
+                    "lr": m.lr,
+                    "grad_norm": m.grad_norm,
+                    "tokens_per_s": interval_tokens as f64 / interval_seconds.max(1e-9),
+                    "dropped_frac": dropped,
+                    "layers": m.layers,
+                }))?;
+                (interval_tokens, interval_seconds) = (0, 0.0);
+            }
+            let mut valid_loss = None;
+            if self.step.is_multiple_of(t.eval_interval) || last {
+                let (metrics, sample) = self.validate()?;
+                self.log(&json!({
+                    "step": self.step,
+                    "valid_loss": metrics.loss,
+                    "valid_accuracy": metrics.accuracy,
+                    "lb_loss": metrics.lb_loss,
+                    "dropped_frac": metrics.dropped_frac,
+                    "layers": metrics.layers,
+                    "sample": sample,
+                }))?;
+                on_event(Event::Validation {
+                    step: self.step,
+                    metrics: &metrics,
+                    sample: &sample,
+                });
+                valid_loss = Some(metrics.loss);
+                if self.best_valid_loss.is_none_or(|b| metrics.loss < b) {
+                    self.best_valid_loss = Some(metrics.loss);
+                    checkpoint::save(
+                        &self.run_dir.join("best"),
+                        &self.replicas.first().model,
+                        &self.config.model,
+                        &self.replicas.first().adam,
+                        &self.state(valid_loss),
+                    )?;
+                }
+            }
+            if self.step.is_multiple_of(t.checkpoint_interval) || last {
+                let dir = self.save_checkpoint(valid_loss)?;
+                on_event(Event::Checkpoint(&dir));
+            }
+        }
+        Ok(Finish::Completed)
+    }
+}
+
+/// Loads the model of a run for inference: `best/` if present, else the latest checkpoint.
+pub fn load_run_model(
+    run_dir: &Path,
+    device: &Device,
+) -> Result<(RunConfig, Vocab, SwitchTransformer)> {
+    let config = RunConfig::from_toml_file(&run_dir.join("config.toml"))
+        .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
+    let vocab = Vocab::from_json(
+        &std::fs::read_to_string(run_dir.join("vocab.json"))
+            .with_context(|| format!("{} has no vocab.json", run_dir.display()))?,
+    )?;
+    let dir = if run_dir.join("best").is_dir() {
+        run_dir.join("best")
+    } else {
+        checkpoint::list(&run_dir.join("checkpoints"))
+            .pop()
+            .map(|(_, d)| d)
+            .with_context(|| format!("{} has no checkpoint", run_dir.display()))?
+    };
+    let mut model =
+        crate::interop::weights::load_model(&dir.join("model.safetensors"), &config.model, device)
+            .with_context(|| format!("checkpoint {} is unusable", dir.display()))?;
+    model.set_training(false);
+    Ok((config, vocab, model))
+}
+
+/// The run's replicas: `first` and its copies on `devices`, routing as `train.global_routing`
+/// says.
+fn run_replicas(
+    first: Replica,
+    config: &RunConfig,
+    devices: &[Device],
+    placement: &Placement,
+) -> Result<Replicas> {
+    let global = config.train.global_routing;
+    Replicas::new(first, &config.model, devices, placement.grad_sync, global)
+}
