@@ -10,7 +10,7 @@
 
 use burn::module::Param;
 use burn::nn::{LayerNorm, Linear};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Tensor};
 
 use crate::model::block::FeedForward;
 use crate::model::SwitchTransformer;
@@ -224,8 +224,7 @@ impl HostDecoder {
     /// positions.
     pub fn for_model(model: &SwitchTransformer) -> Option<Self> {
         let weight = model.src_embed.weight.val();
-        let cpu = weight.device() == Device::flex() || weight.device() == Device::flex().autodiff();
-        if !cpu
+        if !crate::cpu::is_cpu(&weight.device())
             || model.precision != Precision::F32
             || weight.dtype() != DType::F32
             || model.pos_embed.is_some()

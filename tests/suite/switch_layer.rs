@@ -2,14 +2,14 @@
 //! one expert matrix at a time), on random weights and inputs: outputs, and gradients against
 //! central finite differences of that implementation.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
-use switch_transformer::router::{RoutePlan, RoutingOptions, RoutingRng};
+use switch_transformer::routing::{RoutePlan, RoutingOptions, RoutingRng};
 use switch_transformer::store::{HostData, HostTensor};
-use switch_transformer::weights::{Source, StateDict, switch_from_state_dict, switch_state_dict};
+use switch_transformer::interop::weights::{Source, StateDict, switch_from_state_dict, switch_state_dict};
 
 struct Case {
     d: usize,

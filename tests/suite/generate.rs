@@ -3,9 +3,9 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
-use switch_transformer::attention::KvCache;
-use switch_transformer::generate::{SampleOptions, generate, generate_cached, pick};
-use switch_transformer::router::RoutingRng;
+use switch_transformer::model::attention::KvCache;
+use switch_transformer::infer::generate::{SampleOptions, generate, generate_cached, pick};
+use switch_transformer::routing::RoutingRng;
 
 fn config() -> ModelConfig {
     ModelConfig {
@@ -120,9 +120,9 @@ fn sampling_respects_temperature_and_top_k() {
 /// window), for Switch routing variants and dense blocks.
 #[test]
 fn host_decoder_matches_the_burn_path() {
-    use switch_transformer::config::InitScheme;
-    use switch_transformer::decode::HostDecoder;
-    use switch_transformer::generate::generate_cached_generic;
+    use switch_transformer::model::InitScheme;
+    use switch_transformer::infer::decode::HostDecoder;
+    use switch_transformer::infer::generate::generate_cached_generic;
 
     let device = Device::flex();
     let variants = [
@@ -179,7 +179,7 @@ fn host_decoder_matches_the_burn_path() {
     }
     // Other precisions and learned positions take the generic path.
     let bf16 = ModelConfig {
-        precision: switch_transformer::precision::Precision::Bf16,
+        precision: switch_transformer::model::precision::Precision::Bf16,
         ..config()
     };
     assert!(HostDecoder::for_model(&bf16.init(0, &device).unwrap()).is_none());

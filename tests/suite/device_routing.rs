@@ -3,16 +3,16 @@
 //! (position), the same invariants where it is random, and the same layer outputs and
 //! gradients.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use switch_transformer::ModelConfig;
-use switch_transformer::router::{
+use switch_transformer::routing::{
     DeviceRoutes, DropPolicy, RoutePlace, RoutePlan, RoutingOptions, RoutingRng, capacity,
 };
 use switch_transformer::store::host_f32;
-use switch_transformer::weights::{Source, switch_from_state_dict, switch_state_dict};
+use switch_transformer::interop::weights::{Source, switch_from_state_dict, switch_state_dict};
 
 fn ints(t: Tensor<1, Int>) -> Vec<usize> {
     let v: Vec<i64> = t.into_data().convert::<i64>().try_into_vec().unwrap();
@@ -130,7 +130,7 @@ fn random_policy_keeps_a_random_subset_within_capacity() {
         let mut positions = vec![vec![]; e];
         for t in 0..n {
             let row = &p[t * e..(t + 1) * e];
-            assert_eq!(d.routes[t], switch_transformer::router::argmax(row));
+            assert_eq!(d.routes[t], switch_transformer::routing::argmax(row));
             if let Some((x, pos)) = d.kept[t] {
                 assert_eq!(x, d.routes[t]);
                 kept[x] += 1;

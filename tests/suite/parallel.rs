@@ -2,20 +2,21 @@
 //! per-shard gradients, clipped and applied by Adam; with global routing it equals one model's
 //! step; replicas stay identical; runs resume exactly; bad placements are clear errors.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::AtomicBool;
 
 use rand::{Rng, RngCore, SeedableRng};
 use switch_transformer::RoutingRng;
 use switch_transformer::data::{Batch, TextData};
-use switch_transformer::loss::Losses;
+use switch_transformer::model::loss::Losses;
 use switch_transformer::optim::LabmlAdam;
-use switch_transformer::parallel::{GradSync, Placement, Replica, Replicas, StepSettings};
-use switch_transformer::router::RoutePlace;
+use switch_transformer::train::replicas::{GradSync, Placement, Replica, Replicas};
+use switch_transformer::train::step::{StepSettings, step};
+use switch_transformer::routing::RoutePlace;
 use switch_transformer::store::host_f32;
 use switch_transformer::train::Trainer;
-use switch_transformer::weights::{Source, StateDict, model_from_state_dict, model_state_dict};
+use switch_transformer::interop::weights::{Source, StateDict, model_from_state_dict, model_state_dict};
 
 fn values(sd: &StateDict) -> Vec<(String, Vec<f64>)> {
     sd.iter().map(|(k, t)| (k.clone(), t.to_f64())).collect()
@@ -67,7 +68,7 @@ fn replica_step_is_the_mean_of_shard_gradients_clipped_then_adam() {
     let (batch, s) = (random_batch(4, 16, 20), settings());
     let mut rng = RoutingRng::seed_from_u64(5);
     let mut seeds = rng.clone();
-    let out = replicas.step(&batch, &mut rng, s);
+    let out = step(&mut replicas, &batch, &mut rng, s);
 
     // By hand: each shard on a fresh copy of the starting weights with the seed the step drew.
     let mut mean: Vec<(String, Vec<f64>)> = vec![];
@@ -153,13 +154,13 @@ fn replicas_routing_together_take_the_step_of_one_model() {
     let (batch, s) = (random_batch(8, 16, 20), settings());
     let mut one_rng = RoutingRng::seed_from_u64(5);
     let mut one = replicas(1);
-    let want = one.step(&batch, &mut one_rng, s);
+    let want = step(&mut one, &batch, &mut one_rng, s);
     let want_weights = values(&model_state_dict(&one.first().model, Source::Values));
     assert!(want.layers.iter().all(|l| l.dropped_frac > 0.0));
     for n in [2, 4] {
         let mut rng = RoutingRng::seed_from_u64(5);
         let mut group = replicas(n);
-        let got = group.step(&batch, &mut rng, s);
+        let got = step(&mut group, &batch, &mut rng, s);
         // The same routing decisions, from the same draws of the run's generator.
         for (g, w) in got.layers.iter().zip(&want.layers) {
             assert_eq!(

@@ -1,9 +1,9 @@
 //! `switch compare`: dense baseline vs Switch models at equal compute per token.
 
-mod common;
+use crate::common;
 
 use burn::tensor::Device;
-use switch_transformer::compare;
+use switch_transformer::tools::compare;
 use switch_transformer::data::TextData;
 
 #[test]

@@ -1,10 +1,10 @@
 //! `switch parity` on every recorded fixture: the implementation proves itself against the
 //! tensors recorded from labml's PyTorch code.
 
-mod common;
+use crate::common;
 
 use burn::tensor::Device;
-use switch_transformer::parity::{self, FixtureKind};
+use switch_transformer::interop::parity::{self, FixtureKind};
 use switch_transformer::store::TensorFile;
 
 #[test]

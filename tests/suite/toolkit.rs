@@ -1,14 +1,14 @@
 //! The paper's toolkit beyond labml's miniature: each option's defining property.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
-use switch_transformer::config::InitScheme;
-use switch_transformer::router::{DropPolicy, RoutePlan, RoutingOptions, RoutingRng};
-use switch_transformer::switch::{DroppedTokens, SwitchFeedForward};
-use switch_transformer::weights::{
+use switch_transformer::model::InitScheme;
+use switch_transformer::routing::{DropPolicy, RoutePlan, RoutingOptions, RoutingRng};
+use switch_transformer::model::switch::{DroppedTokens, SwitchFeedForward};
+use switch_transformer::interop::weights::{
     Source, StateDict, model_from_state_dict, model_state_dict, switch_from_state_dict,
 };
 
@@ -250,7 +250,7 @@ fn top2_gates_sum_to_one() {
     let y = host(sff.forward(x, &mut RoutingRng::seed_from_u64(0)).out);
     for t in 0..T {
         let row: Vec<f32> = probs[t].iter().map(|&p| p as f32).collect();
-        let top = switch_transformer::router::top_k(&row, 2);
+        let top = switch_transformer::routing::top_k(&row, 2);
         let (p0, p1) = (probs[t][top[0]], probs[t][top[1]]);
         let (g0, g1) = (p0 / (p0 + p1), p1 / (p0 + p1));
         assert!((g0 + g1 - 1.0).abs() < 1e-12);
@@ -366,7 +366,7 @@ fn switch_every_other_layer_and_the_dense_baseline() {
         ..small_model()
     };
     let m = c.init(0, &device).unwrap();
-    let routes = switch_transformer::eval::route_tokens(&m, &[1, 2, 3, 4, 5], 4);
+    let routes = switch_transformer::train::eval::route_tokens(&m, &[1, 2, 3, 4, 5], 4);
     assert_eq!(routes.len(), 2);
     assert!(routes.iter().all(|r| r.len() == 5));
     // Equal compute per token: the dense baseline's FFN is one expert's size.
@@ -399,7 +399,7 @@ fn learned_positions_make_order_matter_and_cache_correctly() {
     // Identical tokens at different positions now differ.
     assert_ne!(logits[..65], logits[65..130]);
     // The key/value cache offsets positions.
-    let mut cache = vec![switch_transformer::attention::KvCache::default(); 4];
+    let mut cache = vec![switch_transformer::model::attention::KvCache::default(); 4];
     let mut cached: Vec<f32> = Vec::new();
     for _ in 0..6 {
         let one = Tensor::<2, Int>::from_data(TensorData::new(vec![7i64], [1, 1]), &device);
@@ -420,15 +420,15 @@ fn learned_positions_make_order_matter_and_cache_correctly() {
 #[test]
 fn initialisation_schemes() {
     let base = small_model();
-    let labml = switch_transformer::init::initial_state_dict(&base, 0);
-    let indep = switch_transformer::init::initial_state_dict(
+    let labml = switch_transformer::interop::init::initial_state_dict(&base, 0);
+    let indep = switch_transformer::interop::init::initial_state_dict(
         &ModelConfig {
             init: InitScheme::Independent,
             ..base.clone()
         },
         0,
     );
-    let trunc = switch_transformer::init::initial_state_dict(
+    let trunc = switch_transformer::interop::init::initial_state_dict(
         &ModelConfig {
             init: InitScheme::TruncatedNormal,
             init_scale: 0.1,
@@ -504,7 +504,7 @@ fn dropouts_act_in_training_only() {
 #[test]
 fn selective_precision_keeps_the_router_in_f32() {
     use burn::tensor::{DType, FloatDType};
-    use switch_transformer::precision::Precision;
+    use switch_transformer::model::precision::Precision;
     let device = Device::default().autodiff();
     let sff = switch(
         ModelConfig {
@@ -571,7 +571,7 @@ fn selective_precision_keeps_the_router_in_f32() {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(err / scale < 0.05, "bf16 logits differ by {}", err / scale);
     let targets = ids(&device, 2, 8);
-    let losses = switch_transformer::loss::Losses::new(b.logits, targets, &b.stats, 0.01, 0.001);
+    let losses = switch_transformer::model::loss::Losses::new(b.logits, targets, &b.stats, 0.01, 0.001);
     assert_eq!(losses.total.dtype(), DType::F32);
     let grads = losses.total.backward();
     let g = model_state_dict(&m16, Source::Grads(&grads));

@@ -1,13 +1,13 @@
 //! Weights move both ways between this implementation and PyTorch's state_dict format.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
-use switch_transformer::router::RoutingRng;
+use switch_transformer::routing::RoutingRng;
 use switch_transformer::store::TensorFile;
-use switch_transformer::weights::{
+use switch_transformer::interop::weights::{
     Source, load_model, model_from_state_dict, model_state_dict, save_model,
 };
 
@@ -104,7 +104,7 @@ fn mismatched_weights_are_clear_errors() {
 #[test]
 fn labml_init_has_identical_experts_and_layers() {
     let c = ModelConfig::default();
-    let sd = switch_transformer::init::labml_state_dict(&c, 0);
+    let sd = switch_transformer::interop::init::labml_state_dict(&c, 0);
     let n: usize = sd.values().map(|t| t.numel()).sum();
     assert_eq!(n, 2_001_497);
     let p = |k: &str| sd[k].to_f32();

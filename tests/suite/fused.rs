@@ -1,17 +1,39 @@
-//! The fused CPU kernels (`switch_transformer::fused`) against the same functions composed from
-//! Burn ops, on random inputs: outputs and every gradient, with and without autodiff, on
-//! contiguous and strided inputs, below and above the size where the kernels go parallel.
-//! Tolerance: 2e-6 relative to each tensor's largest magnitude (f32 rounding, different
-//! summation order).
+//! The CPU kernels (`switch_transformer::cpu`, called through `switch_transformer::model::ops`)
+//! against the same functions composed from Burn ops, on random inputs: outputs and every
+//! gradient, with and without autodiff, on contiguous and strided inputs, below and above the
+//! size where the kernels go parallel. Every comparison first proves that the kernel ran
+//! (`cpu::runs`) and that the reference did not. Tolerance: 2e-6 relative to each tensor's
+//! largest magnitude (f32 rounding, different summation order).
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use switch_transformer::fused::{
+use switch_transformer::cpu::{self, KernelRuns};
+use switch_transformer::model::ops::{
     LN_EPS, causal_softmax, causal_softmax_generic, layer_norm, layer_norm_generic,
 };
 
 const TOL: f64 = 2e-6;
+
+/// `f()`, asserting that it ran the kernel counted by `count` exactly `times` times.
+fn ran<R>(count: fn(&KernelRuns) -> u64, times: u64, f: impl FnOnce() -> R) -> R {
+    let before = count(&cpu::runs());
+    let out = f();
+    let after = count(&cpu::runs());
+    assert_eq!(after - before, times, "kernel runs");
+    out
+}
+
+/// Kernel counters.
+fn softmax_runs(r: &KernelRuns) -> u64 {
+    r.causal_softmax
+}
+fn layer_norm_runs(r: &KernelRuns) -> u64 {
+    r.layer_norm
+}
+fn grouped_ffn_runs(r: &KernelRuns) -> u64 {
+    r.grouped_ffn
+}
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
     t.into_data()
@@ -48,9 +70,9 @@ fn check_softmax(shape: [usize; 4], transposed: bool) {
             x.clone()
         };
         let y = if fused {
-            causal_softmax(input, scale)
+            ran(softmax_runs, 1, || causal_softmax(input, scale))
         } else {
-            causal_softmax_generic(input, scale)
+            ran(softmax_runs, 0, || causal_softmax_generic(input, scale))
         };
         let grads = (y.clone() * g.clone()).sum().backward();
         (host(y), host(x.grad(&grads).unwrap()))
@@ -72,7 +94,7 @@ fn check_softmax(shape: [usize; 4], transposed: bool) {
     let plain = Device::default();
     let x = Tensor::<4>::from_data(raw.clone().into_data(), &plain);
     assert_close(
-        host(causal_softmax(x.clone(), scale)),
+        host(ran(softmax_runs, 1, || causal_softmax(x.clone(), scale))),
         host(causal_softmax_generic(x, scale)),
         &format!("{what}: output without autodiff"),
     );
@@ -98,10 +120,11 @@ fn check_layer_norm<const D: usize>(shape: [usize; D]) {
         let x = raw.clone().detach().require_grad();
         let gamma = gamma0.clone().detach().require_grad();
         let beta = beta0.clone().detach().require_grad();
+        let (x1, g1, b1) = (x.clone(), gamma.clone(), beta.clone());
         let y = if fused {
-            layer_norm(x.clone(), gamma.clone(), beta.clone(), LN_EPS)
+            ran(layer_norm_runs, 1, || layer_norm(x1, g1, b1, LN_EPS))
         } else {
-            layer_norm_generic(x.clone(), gamma.clone(), beta.clone(), LN_EPS)
+            ran(layer_norm_runs, 0, || layer_norm_generic(x1, g1, b1, LN_EPS))
         };
         let grads = (y.clone() * g.clone()).sum().backward();
         (
@@ -124,7 +147,9 @@ fn check_layer_norm<const D: usize>(shape: [usize; D]) {
         Tensor::<1>::from_data(beta0.into_data(), &plain),
     );
     assert_close(
-        host(layer_norm(x.clone(), gm.clone(), bt.clone(), LN_EPS)),
+        host(ran(layer_norm_runs, 1, || {
+            layer_norm(x.clone(), gm.clone(), bt.clone(), LN_EPS)
+        })),
         host(layer_norm_generic(x, gm, bt, LN_EPS)),
         &format!("{what}: output without autodiff"),
     );
@@ -150,9 +175,9 @@ fn layer_norm_on_a_strided_input() {
         let (gamma, beta) = (gamma0.clone(), beta0.clone());
         let input = x.clone().swap_dims(0, 1); // [16, 24], strided
         let y = if fused {
-            layer_norm(input, gamma, beta, LN_EPS)
+            ran(layer_norm_runs, 1, || layer_norm(input, gamma, beta, LN_EPS))
         } else {
-            layer_norm_generic(input, gamma, beta, LN_EPS)
+            ran(layer_norm_runs, 0, || layer_norm_generic(input, gamma, beta, LN_EPS))
         };
         let grads = (y.clone() * g.clone()).sum().backward();
         (host(y), host(x.grad(&grads).unwrap()))
@@ -164,7 +189,7 @@ fn layer_norm_on_a_strided_input() {
 
 /// The experts' FFN over rows grouped by expert, against the same per expert with Burn ops.
 fn check_grouped_ffn(sizes: &[usize], d: usize, f: usize) {
-    use switch_transformer::fused::{grouped_ffn, grouped_ffn_generic};
+    use switch_transformer::model::ops::{grouped_ffn, grouped_ffn_generic};
     let device = Device::default().autodiff();
     let e = sizes.len();
     let mut offsets = vec![0];
@@ -191,14 +216,16 @@ fn check_grouped_ffn(sizes: &[usize], d: usize, f: usize) {
         } else {
             grouped_ffn_generic
         };
-        let y = f(
-            x.clone(),
-            &offsets,
-            w1.clone(),
-            b1.clone(),
-            w2.clone(),
-            b2.clone(),
-        );
+        let y = ran(grouped_ffn_runs, fused as u64, || {
+            f(
+                x.clone(),
+                &offsets,
+                w1.clone(),
+                b1.clone(),
+                w2.clone(),
+                b2.clone(),
+            )
+        });
         let grads = (y.clone() * g.clone()).sum().backward();
         let grad = |t: &Tensor<3>| host(t.grad(&grads).unwrap());
         let grad2 = |t: &Tensor<2>| host(t.grad(&grads).unwrap());
@@ -223,14 +250,16 @@ fn check_grouped_ffn(sizes: &[usize], d: usize, f: usize) {
             grouped_ffn_generic
         };
         let (w1, b1, w2, b2) = &params0;
-        host(f(
-            Tensor::from_data(raw.to_data(), &plain),
-            &offsets,
-            Tensor::from_data(w1.to_data(), &plain),
-            Tensor::from_data(b1.to_data(), &plain),
-            Tensor::from_data(w2.to_data(), &plain),
-            Tensor::from_data(b2.to_data(), &plain),
-        ))
+        host(ran(grouped_ffn_runs, fused as u64, || {
+            f(
+                Tensor::from_data(raw.to_data(), &plain),
+                &offsets,
+                Tensor::from_data(w1.to_data(), &plain),
+                Tensor::from_data(b1.to_data(), &plain),
+                Tensor::from_data(w2.to_data(), &plain),
+                Tensor::from_data(b2.to_data(), &plain),
+            )
+        }))
     };
     let what = format!("grouped ffn {sizes:?}: output without autodiff");
     assert_close(output(true), output(false), &what);
@@ -242,4 +271,51 @@ fn grouped_ffn_matches_burn_ops() {
     check_grouped_ffn(&[2, 0, 5, 1], 8, 16); // an expert without rows: zero weight gradients
     check_grouped_ffn(&[300, 211, 0, 260], 128, 256); // the reference configuration's sizes
     check_grouped_ffn(&[7; 40], 16, 32); // many experts: multiplied in parallel
+}
+
+/// The fast paths run where the model needs them: a training step of a small model on the
+/// CPU (forward, losses, backward, Adam, all on this thread) runs the softmax and LayerNorm
+/// kernels in every block, the grouped expert FFN in every Switch layer, and the fused Adam
+/// update on every parameter tensor.
+#[test]
+fn a_cpu_training_step_runs_every_kernel() {
+    use burn::tensor::{Int, TensorData};
+    use rand::SeedableRng;
+    use switch_transformer::model::loss::Losses;
+    use switch_transformer::optim::{LabmlAdam, ParamGrads};
+    use switch_transformer::routing::RoutingRng;
+
+    let device = Device::default().autodiff();
+    let config = common::tiny_run_config().model;
+    let model = config.init(0, &device).unwrap();
+    struct Count(u64);
+    impl burn::module::ModuleVisitor for Count {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+            self.0 += p.is_require_grad() as u64;
+        }
+    }
+    let mut n_tensors = Count(0);
+    burn::module::Module::visit(&model, &mut n_tensors);
+    let (b, s) = (4, 16);
+    let ids = |offset: usize| {
+        let v: Vec<i64> = (0..b * s)
+            .map(|i| ((i + offset) * 7 % config.n_vocab) as i64)
+            .collect();
+        Tensor::<2, Int>::from_data(TensorData::new(v, [b, s]), &device)
+    };
+    let before = cpu::runs();
+    let out = model.forward(ids(0), &mut RoutingRng::seed_from_u64(0));
+    let losses = Losses::new(out.logits, ids(1), &out.stats, 0.01, 0.0);
+    let grads = ParamGrads::from_gradients(&model, losses.total.backward());
+    let _model = LabmlAdam::default().step(model, &grads, 1e-3);
+    let after = cpu::runs();
+    let layers = config.n_layers as u64;
+    assert_eq!(after.causal_softmax - before.causal_softmax, layers);
+    // Two per block and the final norm.
+    assert_eq!(after.layer_norm - before.layer_norm, 2 * layers + 1);
+    assert_eq!(
+        after.grouped_ffn - before.grouped_ffn,
+        config.n_switch_layers() as u64
+    );
+    assert_eq!(after.adam - before.adam, n_tensors.0, "one update per tensor");
 }

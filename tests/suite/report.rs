@@ -1,12 +1,12 @@
 //! `switch report`: the charts of a real (short) run, overlays, and clear errors on bad input.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::AtomicBool;
 
 use burn::tensor::Device;
 use switch_transformer::data::TextData;
-use switch_transformer::report::{RunMetrics, charts, write_report};
+use switch_transformer::tools::report::{RunMetrics, charts, write_report};
 use switch_transformer::train::Trainer;
 
 fn short_run(tmp: &std::path::Path, name: &str) -> std::path::PathBuf {

@@ -1,7 +1,7 @@
 //! Training end to end on a tiny configuration: the run directory, metrics, checkpoints, and
 //! exact resumption.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::AtomicBool;
 
@@ -82,7 +82,7 @@ fn smoke_run_writes_metrics_and_checkpoints() {
     let first = train[0]["train_loss"].as_f64().unwrap();
     assert!(first.is_finite() && first > 1.0 && first < 6.0, "{first}");
     // Checkpoints: step 4 and 8 (keep 2), and best.
-    let steps: Vec<u64> = switch_transformer::checkpoint::list(&run.join("checkpoints"))
+    let steps: Vec<u64> = switch_transformer::train::checkpoint::list(&run.join("checkpoints"))
         .into_iter()
         .map(|(s, _)| s)
         .collect();

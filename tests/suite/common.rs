@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use rand::{Rng, SeedableRng};
 use switch_transformer::RoutingRng;
 use switch_transformer::store::HostTensor;
-use switch_transformer::weights::StateDict;
+use switch_transformer::interop::weights::StateDict;
 
 pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -122,8 +122,8 @@ pub fn temp_dir(name: &str) -> PathBuf {
 }
 
 /// A small, fast run configuration.
-pub fn tiny_run_config() -> switch_transformer::config::RunConfig {
-    let mut c = switch_transformer::config::RunConfig::default();
+pub fn tiny_run_config() -> switch_transformer::train::RunConfig {
+    let mut c = switch_transformer::train::RunConfig::default();
     for s in [
         "model.d_model=32",
         "model.heads=2",

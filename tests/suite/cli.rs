@@ -1,7 +1,7 @@
 //! The `switch` binary as a user runs it: bad input gives one clear error line and a non-zero
 //! exit, and never costs an existing checkpoint.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -259,7 +259,7 @@ fn run_directory_problems_never_lose_checkpoints() {
     assert_eq!(snapshot(&run), before);
     std::fs::write(&config, good_config).unwrap();
 
-    let latest = switch_transformer::checkpoint::list(&run.join("checkpoints"))
+    let latest = switch_transformer::train::checkpoint::list(&run.join("checkpoints"))
         .pop()
         .unwrap()
         .1;

@@ -1,0 +1,17 @@
+//! The integration tests, as one test binary (one link instead of one per file): each file
+//! is a module, `common` holds the shared helpers. Run one module with
+//! `cargo test --release --test suite -- parity::`.
+
+mod cli;
+mod common;
+mod compare;
+mod device_routing;
+mod fused;
+mod generate;
+mod parallel;
+mod parity;
+mod report;
+mod switch_layer;
+mod toolkit;
+mod train;
+mod weights;
