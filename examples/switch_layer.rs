@@ -46,7 +46,10 @@ impl Regressor {
 fn target(x: &Tensor<2>) -> Tensor<2> {
     let [n, _] = x.dims();
     let col = |i: usize| x.clone().slice([0..n, i..i + 1]);
-    let (a, b) = (col(0).greater_elem(0.0).float(), col(1).greater_elem(0.0).float());
+    let (a, b) = (
+        col(0).greater_elem(0.0).float(),
+        col(1).greater_elem(0.0).float(),
+    );
     let (na, nb) = (a.clone().neg() + 1.0, b.clone().neg() + 1.0);
     a.clone() * b.clone() * col(0) * col(1)
         + a * nb.clone() * (col(2) * 3.0).sin()

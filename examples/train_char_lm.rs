@@ -48,7 +48,10 @@ fn main() -> Result<()> {
         } = event
         {
             first_valid.get_or_insert(metrics.loss);
-            println!("step {step}: validation loss {:.3} | {sample:?}", metrics.loss);
+            println!(
+                "step {step}: validation loss {:.3} | {sample:?}",
+                metrics.loss
+            );
         }
     })?;
 
@@ -84,7 +87,9 @@ fn text(seq_len: usize) -> Result<TextData> {
         return TextData::load(&path, seq_len + 1);
     }
     println!("no text file found: training on a generated text");
-    let words = ["The", "king", "shall", "speak", "of", "love", "and", "night", "my", "lord"];
+    let words = [
+        "The", "king", "shall", "speak", "of", "love", "and", "night", "my", "lord",
+    ];
     let mut rng = RoutingRng::seed_from_u64(0);
     let text: Vec<&str> = (0..40_000)
         .map(|_| words[rand::Rng::random_range(&mut rng, 0..words.len())])

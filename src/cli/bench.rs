@@ -62,31 +62,29 @@ pub struct BenchArgs {
 /// Runs the command.
 pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCode> {
     let BenchArgs {
-            experts,
-            layers,
-            d_model,
-            heads,
-            d_ff,
-            batch,
-            seq_len,
-            capacity_factor,
-            threads,
-            steps,
-            warmup,
-            generate,
-            tokens,
-            json,
-            precision,
-            replicas,
-            parallel,
-        } = args;
+        experts,
+        layers,
+        d_model,
+        heads,
+        d_ff,
+        batch,
+        seq_len,
+        capacity_factor,
+        threads,
+        steps,
+        warmup,
+        generate,
+        tokens,
+        json,
+        precision,
+        replicas,
+        parallel,
+    } = args;
 
-    let placement = Placement::parse(&parallel.devices, &device, &parallel.grad_sync)?;
+    let placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
     let replicas = replicas.unwrap_or(parallel.devices.len().max(1));
-    let precision: Precision =
-        serde_json::from_value(serde_json::Value::String(precision.clone())).map_err(
-            |_| anyhow::anyhow!("--precision must be f32, bf16 or f16 (got `{precision}`)"),
-        )?;
+    let precision: Precision = serde_json::from_value(serde_json::Value::String(precision.clone()))
+        .map_err(|_| anyhow::anyhow!("--precision must be f32, bf16 or f16 (got `{precision}`)"))?;
     if threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -125,7 +123,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         bail!("--batch, --seq-len and --steps must be at least 1");
     }
     if generate {
-        let r = bench_generate(&c, tokens, &device)?;
+        let r = bench_generate(&c, tokens, device)?;
         if json {
             println!("{}", serde_json::to_string(&r)?);
         } else {

@@ -34,13 +34,13 @@ pub struct CompareArgs {
 /// Runs the command.
 pub fn run(args: CompareArgs, device: &Device) -> Result<ExitCode> {
     let CompareArgs {
-            data,
-            config,
-            overrides,
-            experts,
-            name,
-            runs_dir,
-        } = args;
+        data,
+        config,
+        overrides,
+        experts,
+        name,
+        runs_dir,
+    } = args;
 
     let mut base = match config {
         Some(path) => RunConfig::from_toml_file(&path)?,
@@ -55,7 +55,7 @@ pub fn run(args: CompareArgs, device: &Device) -> Result<ExitCode> {
     }
     let text = load_data(&data, base.train.seq_len)?;
     let dir = runs_dir.join(name);
-    let entries = compare::run(&base, &experts, &text, &dir, &device, &mut |label, e| {
+    let entries = compare::run(&base, &experts, &text, &dir, device, &mut |label, e| {
         if let Event::Validation { step, metrics, .. } = e {
             println!("{label:>10} step {step:>5}: valid loss {:.4}", metrics.loss);
         }

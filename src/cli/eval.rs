@@ -31,13 +31,13 @@ pub struct EvalArgs {
 /// Runs the command.
 pub fn run(args: EvalArgs, device: &Device) -> Result<ExitCode> {
     let EvalArgs {
-            run,
-            data,
-            drop_tokens,
-            seed,
-        } = args;
+        run,
+        data,
+        drop_tokens,
+        seed,
+    } = args;
 
-    let (config, vocab, mut model) = load_run_model(&run, &device)?;
+    let (config, vocab, mut model) = load_run_model(&run, device)?;
     model.set_drop_tokens(drop_tokens);
     let text = TextData::load(&data, config.train.seq_len + 1)?;
     if text.vocab != vocab {

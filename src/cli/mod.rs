@@ -61,4 +61,3 @@ pub fn load_data(path: &Path, seq_len: usize) -> Result<TextData> {
     }
     TextData::load(path, seq_len + 1)
 }
-

@@ -26,7 +26,7 @@ pub fn run(args: ParityArgs, device: &Device) -> Result<ExitCode> {
     let mut all = true;
     for path in &fixtures {
         println!("== {}", path.display());
-        let report = parity::run(&TensorFile::read(path)?, &device)?;
+        let report = parity::run(&TensorFile::read(path)?, device)?;
         println!("{report}");
         all &= report.passed();
     }

@@ -29,16 +29,16 @@ pub struct ReportArgs {
 /// Runs the command.
 pub fn run(args: ReportArgs, device: &Device) -> Result<ExitCode> {
     let ReportArgs {
-            runs,
-            out,
-            route_text,
-        } = args;
+        runs,
+        out,
+        route_text,
+    } = args;
 
     let metrics = runs
         .iter()
         .map(|r| RunMetrics::read(r))
         .collect::<Result<Vec<_>>>()?;
-    let route = match load_run_model(&runs[0], &device) {
+    let route = match load_run_model(&runs[0], device) {
         Ok((config, vocab, model)) => match vocab.encode(&route_text) {
             Ok(ids) => Some(RouteTable {
                 text: route_text.chars().collect(),

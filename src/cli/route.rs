@@ -21,7 +21,7 @@ pub struct RouteArgs {
 pub fn run(args: RouteArgs, device: &Device) -> Result<ExitCode> {
     let RouteArgs { run, text } = args;
 
-    let (config, vocab, model) = load_run_model(&run, &device)?;
+    let (config, vocab, model) = load_run_model(&run, device)?;
     if text.is_empty() {
         bail!("--text must not be empty");
     }
@@ -67,4 +67,3 @@ fn print_routes(text: &str, layers: &[Vec<(usize, f32)>], n_experts: usize) {
         println!();
     }
 }
-

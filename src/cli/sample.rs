@@ -41,17 +41,17 @@ pub struct SampleArgs {
 /// Runs the command.
 pub fn run(args: SampleArgs, device: &Device) -> Result<ExitCode> {
     let SampleArgs {
-            run,
-            prompt,
-            max_tokens,
-            temperature,
-            top_k,
-            seed,
-            drop_tokens,
-            recompute,
-        } = args;
+        run,
+        prompt,
+        max_tokens,
+        temperature,
+        top_k,
+        seed,
+        drop_tokens,
+        recompute,
+    } = args;
 
-    let (config, vocab, mut model) = load_run_model(&run, &device)?;
+    let (config, vocab, mut model) = load_run_model(&run, device)?;
     model.set_drop_tokens(drop_tokens);
     if prompt.is_empty() {
         bail!("--prompt must not be empty");

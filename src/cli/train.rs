@@ -44,17 +44,17 @@ pub struct TrainArgs {
 /// Runs the command.
 pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
     let TrainArgs {
-            data,
-            config,
-            overrides,
-            seed,
-            name,
-            runs_dir,
-            resume,
-            parallel,
-        } = args;
+        data,
+        config,
+        overrides,
+        seed,
+        name,
+        runs_dir,
+        resume,
+        parallel,
+    } = args;
 
-    let placement = Placement::parse(&parallel.devices, &device, &parallel.grad_sync)?;
+    let placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
     let mut trainer = if let Some(run_dir) = resume {
         if parallel.global_routing {
             bail!(

@@ -38,18 +38,28 @@ pub(crate) fn update(
     v: &mut [f32],
     k: Coefs,
 ) -> Tensor<1> {
-    assert!(applies(&theta, g), "the CPU Adam update needs f32 tensors on the CPU");
+    assert!(
+        applies(&theta, g),
+        "the CPU Adam update needs f32 tensors on the CPU"
+    );
     count(Kernel::Adam);
     let n = theta.shape().num_elements();
     let device = theta.device();
     let g = flex(g.clone());
     let mut th = flex(theta);
     if th.is_unique() && th.storage::<f32>().len() == n {
-        fused_update(Theta::InPlace(th.storage_mut()), contiguous_f32(&g), m, v, k);
+        fused_update(
+            Theta::InPlace(th.storage_mut()),
+            contiguous_f32(&g),
+            m,
+            v,
+            k,
+        );
         Tensor::from_primitive::<Flex>(th)
     } else {
         let (old, g) = (contiguous_f32(&th), contiguous_f32(&g));
-        let fill = |new: &mut [MaybeUninit<f32>]| fused_update(Theta::Into { old, new }, g, m, v, k);
+        let fill =
+            |new: &mut [MaybeUninit<f32>]| fused_update(Theta::Into { old, new }, g, m, v, k);
         // SAFETY: `fused_update` writes all of `new` (it asserts `n` values everywhere).
         let new = unsafe { written_by(n, fill) };
         Tensor::from_data(TensorData::new(new, [n]), &device)
@@ -103,7 +113,6 @@ fn sum_squares(x: &[f32]) -> f64 {
 
 /// Elements per parallel task of the CPU update.
 const CHUNK: usize = 1 << 15;
-
 
 /// Adam's coefficients for one step, rounded once to f32 (`1 - b1` computed in f64, as PyTorch
 /// computes `alpha` in Python).
@@ -182,7 +191,6 @@ fn fused_update(theta: Theta, g: &[f32], m: &mut [f32], v: &mut [f32], k: Coefs)
         Theta::InPlace(t) => in_place(t, g, m, v),
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -267,4 +275,3 @@ mod tests {
         }
     }
 }
-

@@ -41,7 +41,14 @@ pub(super) fn matmul_add(out: &mut [f32], a: Mat, b: Mat, m: usize, n: usize, k:
 
 /// `out [m, n] = a [m, k] @ b [k, n]` into memory not written yet: a new gradient is written
 /// once, with no zero-fill pass before (100 MB per step at 64 experts).
-pub(super) fn matmul_new(out: &mut [MaybeUninit<f32>], a: Mat, b: Mat, m: usize, n: usize, k: usize) {
+pub(super) fn matmul_new(
+    out: &mut [MaybeUninit<f32>],
+    a: Mat,
+    b: Mat,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
     // All of `out`, so that a caller that allocated it uninitialised may treat it as written.
     assert_eq!(out.len(), m * n);
     // SAFETY: without `accumulate` nothing is read from `out`, and all `m * n` values are written.
@@ -50,7 +57,13 @@ pub(super) fn matmul_new(out: &mut [MaybeUninit<f32>], a: Mat, b: Mat, m: usize,
 
 /// # Safety
 /// `out` is valid for writes of `m * n` values, and for reads of them with `accumulate`.
-pub(super) unsafe fn matmul_raw(out: *mut f32, a: Mat, b: Mat, (m, n, k): (usize, usize, usize), acc: bool) {
+pub(super) unsafe fn matmul_raw(
+    out: *mut f32,
+    a: Mat,
+    b: Mat,
+    (m, n, k): (usize, usize, usize),
+    acc: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -97,7 +110,11 @@ pub(super) unsafe fn matmul_raw(out: *mut f32, a: Mat, b: Mat, (m, n, k): (usize
 }
 
 /// Splits a row-major `[rows, width]` buffer into the row ranges of `offsets`.
-pub(super) fn split_groups<'a, T>(mut buf: &'a mut [T], offsets: &[usize], width: usize) -> Vec<&'a mut [T]> {
+pub(super) fn split_groups<'a, T>(
+    mut buf: &'a mut [T],
+    offsets: &[usize],
+    width: usize,
+) -> Vec<&'a mut [T]> {
     let mut parts = Vec::with_capacity(offsets.len() - 1);
     for w in offsets.windows(2) {
         let (head, rest) = buf.split_at_mut((w[1] - w[0]) * width);
@@ -116,4 +133,3 @@ pub(super) fn for_experts<T: Send>(parts: Vec<T>, f: impl Fn(usize, T) + Sync) {
         parts.into_iter().enumerate().for_each(|(e, p)| f(e, p));
     }
 }
-

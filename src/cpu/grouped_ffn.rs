@@ -45,18 +45,23 @@ pub(crate) fn grouped_ffn(
         flex_input(w2),
         flex_input(b2),
     ];
-    run_kernel(Kernel::GroupedFfn, GroupedFfn, inputs, |[x, w1, b1, w2, b2]| {
-        let (y, h) = grouped_ffn_forward(&x, offsets, &w1, &b1, &w2, &b2);
-        let offsets = offsets.to_vec();
-        let state = GroupedFfnState {
-            x,
-            h,
-            w1,
-            w2,
-            offsets,
-        };
-        (y, state)
-    })
+    run_kernel(
+        Kernel::GroupedFfn,
+        GroupedFfn,
+        inputs,
+        |[x, w1, b1, w2, b2]| {
+            let (y, h) = grouped_ffn_forward(&x, offsets, &w1, &b1, &w2, &b2);
+            let offsets = offsets.to_vec();
+            let state = GroupedFfnState {
+                x,
+                h,
+                w1,
+                w2,
+                offsets,
+            };
+            (y, state)
+        },
+    )
 }
 
 /// `y` and the hidden activations `h = relu(x W1_e + b1_e)`.
@@ -201,4 +206,3 @@ impl Backward<Flex, 5> for GroupedFfn {
         }
     }
 }
-

@@ -26,10 +26,15 @@ pub(crate) fn layer_norm<const D: usize>(
     }
     let eps = eps as f32;
     let inputs = [flex_input(x), flex_input(gamma), flex_input(beta)];
-    run_kernel(Kernel::LayerNorm, LayerNormOp, inputs, |[x, gamma, beta]| {
-        let (y, stats) = layer_norm_forward(&x, &gamma, &beta, eps);
-        (y, LayerNormState { x, stats, gamma })
-    })
+    run_kernel(
+        Kernel::LayerNorm,
+        LayerNormOp,
+        inputs,
+        |[x, gamma, beta]| {
+            let (y, stats) = layer_norm_forward(&x, &gamma, &beta, eps);
+            (y, LayerNormState { x, stats, gamma })
+        },
+    )
 }
 
 /// Mean and `1 / sqrt(var + eps)` of each row of length `d`.

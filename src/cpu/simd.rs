@@ -10,7 +10,6 @@ pub(super) const PARALLEL_MIN: usize = 1 << 15;
 /// Rows per parallel task of the row-wise loops (LayerNorm, the experts' ReLU).
 pub(super) const BLOCK_ROWS: usize = 32;
 
-
 /// `f(first_element, block)` for each block of `block` elements of `out`, in parallel for
 /// large outputs. Blocks are the same either way, so results do not depend on the threads.
 pub(super) fn for_blocks<F>(out: &mut [f32], block: usize, f: F)
@@ -27,7 +26,6 @@ where
         }
     }
 }
-
 
 /// `sum_j f(a_j, b_j, c_j)` over slices of one length, in 8 interleaved partial sums that the
 /// compiler vectorises (one running sum is a chain of dependent adds). Pass any slice for an

@@ -20,10 +20,15 @@ pub(crate) fn causal_softmax(scores: &Tensor<4>, scale: f64) -> Option<Tensor<4>
     }
     let scale = scale as f32;
     // (The kernel takes the row maximum before scaling.)
-    run_kernel(Kernel::CausalSoftmax, CausalSoftmax, [flex_input(scores)], |[x]| {
-        let y = causal_softmax_forward(&x, scale);
-        (y.clone(), (y, scale))
-    })
+    run_kernel(
+        Kernel::CausalSoftmax,
+        CausalSoftmax,
+        [flex_input(scores)],
+        |[x]| {
+            let y = causal_softmax_forward(&x, scale);
+            (y.clone(), (y, scale))
+        },
+    )
 }
 
 #[derive(Debug)]

@@ -12,8 +12,8 @@ use burn::module::Param;
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{DType, Tensor};
 
-use crate::model::block::FeedForward;
 use crate::model::SwitchTransformer;
+use crate::model::block::FeedForward;
 use crate::model::precision::Precision;
 use crate::routing::{argmax, top_k};
 use crate::store::host_f32;

@@ -4,10 +4,10 @@
 use burn::tensor::Tensor;
 use rand::Rng;
 
-use crate::model::attention::KvCache;
 use crate::data::sequence_tensor;
 use crate::infer::decode::HostDecoder;
 use crate::model::SwitchTransformer;
+use crate::model::attention::KvCache;
 use crate::routing::RoutingRng;
 use crate::store::host_f32;
 

@@ -12,11 +12,11 @@ use burn::tensor::Device;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::model::{InitScheme, ModelConfig};
+use crate::interop::weights::{StateDict, model_from_state_dict};
 use crate::model::SwitchTransformer;
+use crate::model::{InitScheme, ModelConfig};
 use crate::routing::RoutingRng;
 use crate::store::HostTensor;
-use crate::interop::weights::{StateDict, model_from_state_dict};
 
 struct Init<'a> {
     rng: RoutingRng,

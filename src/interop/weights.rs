@@ -14,14 +14,14 @@ use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
+use crate::model::ModelConfig;
+use crate::model::SwitchTransformer;
 use crate::model::attention::MultiHeadAttention;
 use crate::model::block::{DenseFeedForward, FeedForward, SwitchBlock};
-use crate::model::ModelConfig;
 use crate::model::expert::Experts;
-use crate::model::SwitchTransformer;
+use crate::model::switch::SwitchFeedForward;
 use crate::routing::Router;
 use crate::store::HostTensor;
-use crate::model::switch::SwitchFeedForward;
 
 /// PyTorch parameter name -> host tensor in PyTorch layout.
 pub type StateDict = BTreeMap<String, HostTensor>;

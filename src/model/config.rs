@@ -224,7 +224,6 @@ impl ModelConfig {
             + switch * (router + e * ffn)
             + (self.n_layers - switch) * ffn
     }
-
 }
 
 #[cfg(test)]
@@ -263,5 +262,4 @@ mod tests {
         }
         ModelConfig::default().validate().unwrap();
     }
-
 }

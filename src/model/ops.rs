@@ -49,7 +49,6 @@ pub fn causal_softmax_generic(scores: Tensor<4>, scale: f64) -> Tensor<4> {
     softmax(scores * scale + cast_to(mask, dtype), 3)
 }
 
-
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`, with the
 /// biased variance (PyTorch's).
 pub fn layer_norm<const D: usize>(
@@ -113,4 +112,3 @@ pub fn grouped_ffn_generic(
         .collect();
     Tensor::cat(parts, 0)
 }
-

@@ -6,8 +6,8 @@ use burn::nn::Linear;
 use burn::tensor::{DType, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use super::ops::cast_to;
 use super::ops::LN_EPS;
+pub use super::ops::cast_to;
 
 /// Compute type of the model's activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -181,9 +181,7 @@ impl SwitchFeedForward {
             // Shards of one batch route together: probabilities through the host.
             let n_experts = self.n_experts();
             let probs = host_f32(route_prob.clone());
-            let r = shard.route(probs, |all| {
-                RoutePlan::new(all, n_experts, &opts, rng)
-            });
+            let r = shard.route(probs, |all| RoutePlan::new(all, n_experts, &opts, rng));
             let mut out = self.dispatch(x, route_prob, &r.plan, rng);
             out.stats.group_counts = count_tensor(&r.group_counts, &out.out.device());
             out.stats.group_tokens = r.group_tokens;

@@ -64,12 +64,10 @@ impl SwitchFeedForwardConfig {
             min: -1.0 / (fan_in as f64).sqrt(),
             max: 1.0 / (fan_in as f64).sqrt(),
         };
-        let init3 = |shape: [usize; 3], fan_in: usize| -> Param<_> {
-            uniform(fan_in).init(shape, device)
-        };
-        let init2 = |shape: [usize; 2], fan_in: usize| -> Param<_> {
-            uniform(fan_in).init(shape, device)
-        };
+        let init3 =
+            |shape: [usize; 3], fan_in: usize| -> Param<_> { uniform(fan_in).init(shape, device) };
+        let init2 =
+            |shape: [usize; 2], fan_in: usize| -> Param<_> { uniform(fan_in).init(shape, device) };
         SwitchFeedForward {
             router: Router {
                 switch: LinearConfig::new(d, e).init(device),

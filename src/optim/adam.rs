@@ -56,7 +56,6 @@ impl Moments {
     }
 }
 
-
 /// labml's Adam (`optimized_update=True`, weight decay 0). State is keyed by the parameter's
 /// module path (`layers.0.attn.query.weight`), stable across runs, for checkpoints.
 pub struct LabmlAdam {
@@ -273,4 +272,3 @@ impl ModuleMapper for Update<'_> {
         Param::from_mapped_value(id, updated, mapper)
     }
 }
-

@@ -116,7 +116,6 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     (max_norm / (norm + 1e-6)).min(1.0)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

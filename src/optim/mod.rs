@@ -8,7 +8,6 @@
 //! theta = theta - lr_t * sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(v_t) + eps)
 //! ```
 
-
 mod adam;
 mod grads;
 
@@ -33,4 +32,3 @@ impl Noam {
         self.lr * (self.d_model as f64).powf(-0.5) * factor
     }
 }
-

@@ -145,7 +145,6 @@ impl RoutePlan {
     }
 }
 
-
 /// Assignment indices routed to each expert, in assignment order.
 fn assignments_by_expert(routes: &[usize], n_experts: usize) -> Vec<Vec<usize>> {
     let mut by_expert = vec![Vec::new(); n_experts];

@@ -9,13 +9,13 @@ use burn::tensor::Device;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::model::ModelConfig;
 use crate::data::Batch;
 use crate::infer::generate::{SampleOptions, generate, generate_cached};
+use crate::model::ModelConfig;
 use crate::optim::{LabmlAdam, Noam};
+use crate::routing::RoutingRng;
 use crate::train::replicas::{Placement, Replica, Replicas};
 use crate::train::step::{StepSettings, step};
-use crate::routing::RoutingRng;
 
 /// What to time.
 #[derive(Debug, Clone, Serialize)]

@@ -11,9 +11,9 @@ use anyhow::{Context, Result};
 use burn::tensor::Device;
 use serde_json::Value;
 
-use crate::train::config::RunConfig;
 use crate::data::TextData;
 use crate::tools::report::{LineChart, RunMetrics, Series, line_svg};
+use crate::train::config::RunConfig;
 use crate::train::trainer::{Event, Finish, Trainer};
 use crate::util::write_atomic;
 

@@ -10,14 +10,14 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::model::ModelConfig;
 use crate::data::LoaderState;
+use crate::interop::weights::{load_model, save_model};
+use crate::model::ModelConfig;
 use crate::model::SwitchTransformer;
 use crate::optim::LabmlAdam;
 use crate::routing::RoutingRng;
 use crate::store::TensorFile;
 use crate::util::write_atomic;
-use crate::interop::weights::{load_model, save_model};
 
 /// Everything besides tensors needed to continue a run exactly.
 #[derive(Debug, Clone, Serialize, Deserialize)]

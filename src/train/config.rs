@@ -418,4 +418,3 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("train.lr"));
     }
 }
-

@@ -5,11 +5,11 @@ use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Batch, sequence_tensor};
-use crate::model::loss::{cross_entropy, load_balancing_loss};
 use crate::model::SwitchTransformer;
+use crate::model::loss::{cross_entropy, load_balancing_loss};
+use crate::model::switch::SwitchStats;
 use crate::routing::RoutingRng;
 use crate::store::host_f32;
-use crate::model::switch::SwitchStats;
 
 /// Routing of one layer, aggregated over the evaluated tokens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -28,7 +28,6 @@ use crate::model::{ModelConfig, SwitchTransformer};
 use crate::optim::{LabmlAdam, ParamGrads};
 use crate::routing::{RouteGroup, RoutingRng, Shard};
 
-
 /// How replicas combine their gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GradSync {
@@ -300,7 +299,9 @@ impl Replicas {
                 // replica shares are updated in place on the CPU.
                 let mut first = self.replicas.remove(0);
                 let step = |first: &mut Replica| {
-                    first.model = first.adam.step_scaled(first.model.clone(), g, lr, grad_scale);
+                    first.model = first
+                        .adam
+                        .step_scaled(first.model.clone(), g, lr, grad_scale);
                     let _ = first.device.sync();
                 };
                 if n == 1 {
@@ -361,7 +362,6 @@ fn on_each<T: Send, R: Send>(
             .collect()
     })
 }
-
 
 /// Each trainable parameter's id, in module order (the same order on every replica).
 fn param_ids(model: &SwitchTransformer) -> Vec<ParamId> {
@@ -449,4 +449,3 @@ fn broadcast_weights(replicas: &mut [Replica]) {
         r.model = r.model.clone().map(&mut assign);
     }
 }
-

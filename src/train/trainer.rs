@@ -21,16 +21,16 @@ use burn::tensor::Device;
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::train::checkpoint::{self, TrainState};
-use crate::train::config::RunConfig;
 use crate::data::{Batch, TextData, TrainLoader, Vocab, valid_batches};
-use crate::train::eval::{EvalMetrics, LayerStats, evaluate};
 use crate::infer::generate::{SampleOptions, generate};
 use crate::model::SwitchTransformer;
 use crate::optim::{LabmlAdam, Noam};
+use crate::routing::RoutingRng;
+use crate::train::checkpoint::{self, TrainState};
+use crate::train::config::RunConfig;
+use crate::train::eval::{EvalMetrics, LayerStats, evaluate};
 use crate::train::replicas::{Placement, Replica, Replicas};
 use crate::train::step::{StepSettings, step};
-use crate::routing::RoutingRng;
 use crate::util::write_atomic;
 
 /// Seeds derived from the run seed for streams that must not disturb training's.

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
 use switch_transformer::RoutingRng;
-use switch_transformer::store::HostTensor;
 use switch_transformer::interop::weights::StateDict;
+use switch_transformer::store::HostTensor;
 
 pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

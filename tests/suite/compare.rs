@@ -3,8 +3,8 @@
 use crate::common;
 
 use burn::tensor::Device;
-use switch_transformer::tools::compare;
 use switch_transformer::data::TextData;
+use switch_transformer::tools::compare;
 
 #[test]
 fn compare_trains_every_variant_and_writes_table_and_plot() {

@@ -8,11 +8,11 @@ use crate::common;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use switch_transformer::ModelConfig;
+use switch_transformer::interop::weights::{Source, switch_from_state_dict, switch_state_dict};
 use switch_transformer::routing::{
     DeviceRoutes, DropPolicy, RoutePlace, RoutePlan, RoutingOptions, RoutingRng, capacity,
 };
 use switch_transformer::store::host_f32;
-use switch_transformer::interop::weights::{Source, switch_from_state_dict, switch_state_dict};
 
 fn ints(t: Tensor<1, Int>) -> Vec<usize> {
     let v: Vec<i64> = t.into_data().convert::<i64>().try_into_vec().unwrap();

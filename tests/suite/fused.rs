@@ -124,7 +124,9 @@ fn check_layer_norm<const D: usize>(shape: [usize; D]) {
         let y = if fused {
             ran(layer_norm_runs, 1, || layer_norm(x1, g1, b1, LN_EPS))
         } else {
-            ran(layer_norm_runs, 0, || layer_norm_generic(x1, g1, b1, LN_EPS))
+            ran(layer_norm_runs, 0, || {
+                layer_norm_generic(x1, g1, b1, LN_EPS)
+            })
         };
         let grads = (y.clone() * g.clone()).sum().backward();
         (
@@ -175,9 +177,13 @@ fn layer_norm_on_a_strided_input() {
         let (gamma, beta) = (gamma0.clone(), beta0.clone());
         let input = x.clone().swap_dims(0, 1); // [16, 24], strided
         let y = if fused {
-            ran(layer_norm_runs, 1, || layer_norm(input, gamma, beta, LN_EPS))
+            ran(layer_norm_runs, 1, || {
+                layer_norm(input, gamma, beta, LN_EPS)
+            })
         } else {
-            ran(layer_norm_runs, 0, || layer_norm_generic(input, gamma, beta, LN_EPS))
+            ran(layer_norm_runs, 0, || {
+                layer_norm_generic(input, gamma, beta, LN_EPS)
+            })
         };
         let grads = (y.clone() * g.clone()).sum().backward();
         (host(y), host(x.grad(&grads).unwrap()))
@@ -317,5 +323,9 @@ fn a_cpu_training_step_runs_every_kernel() {
         after.grouped_ffn - before.grouped_ffn,
         config.n_switch_layers() as u64
     );
-    assert_eq!(after.adam - before.adam, n_tensors.0, "one update per tensor");
+    assert_eq!(
+        after.adam - before.adam,
+        n_tensors.0,
+        "one update per tensor"
+    );
 }

@@ -3,8 +3,8 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
-use switch_transformer::model::attention::KvCache;
 use switch_transformer::infer::generate::{SampleOptions, generate, generate_cached, pick};
+use switch_transformer::model::attention::KvCache;
 use switch_transformer::routing::RoutingRng;
 
 fn config() -> ModelConfig {
@@ -120,9 +120,9 @@ fn sampling_respects_temperature_and_top_k() {
 /// window), for Switch routing variants and dense blocks.
 #[test]
 fn host_decoder_matches_the_burn_path() {
-    use switch_transformer::model::InitScheme;
     use switch_transformer::infer::decode::HostDecoder;
     use switch_transformer::infer::generate::generate_cached_generic;
+    use switch_transformer::model::InitScheme;
 
     let device = Device::flex();
     let variants = [

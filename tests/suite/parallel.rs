@@ -9,14 +9,16 @@ use std::sync::atomic::AtomicBool;
 use rand::{Rng, RngCore, SeedableRng};
 use switch_transformer::RoutingRng;
 use switch_transformer::data::{Batch, TextData};
+use switch_transformer::interop::weights::{
+    Source, StateDict, model_from_state_dict, model_state_dict,
+};
 use switch_transformer::model::loss::Losses;
 use switch_transformer::optim::LabmlAdam;
-use switch_transformer::train::replicas::{GradSync, Placement, Replica, Replicas};
-use switch_transformer::train::step::{StepSettings, step};
 use switch_transformer::routing::RoutePlace;
 use switch_transformer::store::host_f32;
 use switch_transformer::train::Trainer;
-use switch_transformer::interop::weights::{Source, StateDict, model_from_state_dict, model_state_dict};
+use switch_transformer::train::replicas::{GradSync, Placement, Replica, Replicas};
+use switch_transformer::train::step::{StepSettings, step};
 
 fn values(sd: &StateDict) -> Vec<(String, Vec<f64>)> {
     sd.iter().map(|(k, t)| (k.clone(), t.to_f64())).collect()

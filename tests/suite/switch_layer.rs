@@ -7,9 +7,11 @@ use crate::common;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
+use switch_transformer::interop::weights::{
+    Source, StateDict, switch_from_state_dict, switch_state_dict,
+};
 use switch_transformer::routing::{RoutePlan, RoutingOptions, RoutingRng};
 use switch_transformer::store::{HostData, HostTensor};
-use switch_transformer::interop::weights::{Source, StateDict, switch_from_state_dict, switch_state_dict};
 
 struct Case {
     d: usize,

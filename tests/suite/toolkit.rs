@@ -5,12 +5,12 @@ use crate::common;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
-use switch_transformer::model::InitScheme;
-use switch_transformer::routing::{DropPolicy, RoutePlan, RoutingOptions, RoutingRng};
-use switch_transformer::model::switch::{DroppedTokens, SwitchFeedForward};
 use switch_transformer::interop::weights::{
     Source, StateDict, model_from_state_dict, model_state_dict, switch_from_state_dict,
 };
+use switch_transformer::model::InitScheme;
+use switch_transformer::model::switch::{DroppedTokens, SwitchFeedForward};
+use switch_transformer::routing::{DropPolicy, RoutePlan, RoutingOptions, RoutingRng};
 
 const D: usize = 8;
 const F: usize = 12;
@@ -571,7 +571,8 @@ fn selective_precision_keeps_the_router_in_f32() {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(err / scale < 0.05, "bf16 logits differ by {}", err / scale);
     let targets = ids(&device, 2, 8);
-    let losses = switch_transformer::model::loss::Losses::new(b.logits, targets, &b.stats, 0.01, 0.001);
+    let losses =
+        switch_transformer::model::loss::Losses::new(b.logits, targets, &b.stats, 0.01, 0.001);
     assert_eq!(losses.total.dtype(), DType::F32);
     let grads = losses.total.backward();
     let g = model_state_dict(&m16, Source::Grads(&grads));

@@ -5,11 +5,11 @@ use crate::common;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
-use switch_transformer::routing::RoutingRng;
-use switch_transformer::store::TensorFile;
 use switch_transformer::interop::weights::{
     Source, load_model, model_from_state_dict, model_state_dict, save_model,
 };
+use switch_transformer::routing::RoutingRng;
+use switch_transformer::store::TensorFile;
 
 fn tiny() -> ModelConfig {
     ModelConfig {
