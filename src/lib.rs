@@ -19,6 +19,8 @@
 //! A Switch layer for any Burn model: [`model::SwitchFeedForwardConfig`]
 //! (`examples/switch_layer.rs`); the trainer from code: `examples/train_char_lm.rs`.
 
+#![warn(missing_docs)]
+
 pub mod cpu;
 pub mod data;
 pub mod device;

@@ -13,20 +13,27 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 /// The element storage of a [`HostTensor`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostData {
+    /// 32-bit floats.
     F32(Vec<f32>),
+    /// 64-bit floats.
     F64(Vec<f64>),
+    /// 64-bit integers.
     I64(Vec<i64>),
+    /// Bytes (booleans).
     U8(Vec<u8>),
 }
 
 /// A dense row-major tensor in host memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// The values, row-major.
     pub data: HostData,
 }
 
 impl HostTensor {
+    /// An f32 tensor; `data` must have the shape's element count.
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
         assert_eq!(
             shape.iter().product::<usize>(),
@@ -39,6 +46,7 @@ impl HostTensor {
         }
     }
 
+    /// An i64 tensor; `data` must have the shape's element count.
     pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Self {
         assert_eq!(
             shape.iter().product::<usize>(),
@@ -51,6 +59,7 @@ impl HostTensor {
         }
     }
 
+    /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -65,6 +74,7 @@ impl HostTensor {
         }
     }
 
+    /// The values as f64.
     pub fn to_f64(&self) -> Vec<f64> {
         match &self.data {
             HostData::F64(v) => v.clone(),
@@ -72,6 +82,7 @@ impl HostTensor {
         }
     }
 
+    /// The values as i64 (floats truncated).
     pub fn to_i64(&self) -> Vec<i64> {
         match &self.data {
             HostData::I64(v) => v.clone(),
@@ -178,11 +189,14 @@ pub fn host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// Named host tensors with their safetensors metadata, ordered by name.
 #[derive(Debug, Clone, Default)]
 pub struct TensorFile {
+    /// The tensors by name.
     pub tensors: BTreeMap<String, HostTensor>,
+    /// The file's string metadata.
     pub metadata: HashMap<String, String>,
 }
 
 impl TensorFile {
+    /// Reads a safetensors file.
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read safetensors file {}", path.display()))?;
@@ -190,6 +204,7 @@ impl TensorFile {
             .with_context(|| format!("{} is not a valid safetensors file", path.display()))
     }
 
+    /// Parses safetensors bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{e}"))?;
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{e}"))?;
@@ -203,6 +218,7 @@ impl TensorFile {
         })
     }
 
+    /// Serialises to safetensors bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = self
             .tensors
@@ -223,12 +239,14 @@ impl TensorFile {
         crate::util::write_atomic(path, &self.to_bytes()?)
     }
 
+    /// The tensor `name`; an error naming it if absent.
     pub fn get(&self, name: &str) -> Result<&HostTensor> {
         self.tensors
             .get(name)
             .ok_or_else(|| anyhow!("tensor `{name}` is missing"))
     }
 
+    /// Whether there is a tensor `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

@@ -51,13 +51,13 @@ pub fn applies<const D: usize>(t: &Tensor<D>) -> bool {
 /// The kernels of this module, as counted by [`runs`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// [`causal_softmax`].
+    /// The causal attention softmax ([`crate::model::ops::causal_softmax`]).
     CausalSoftmax,
-    /// [`layer_norm`].
+    /// LayerNorm ([`crate::model::ops::layer_norm`]).
     LayerNorm,
-    /// [`grouped_ffn`].
+    /// The experts' FFN over grouped rows ([`crate::model::ops::grouped_ffn`]).
     GroupedFfn,
-    /// The fused Adam update of one parameter tensor ([`adam`]).
+    /// The fused Adam update of one parameter tensor ([`crate::optim::LabmlAdam`]).
     Adam,
 }
 

@@ -6,11 +6,14 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+/// Where Tiny Shakespeare is downloaded from (Karpathy's char-rnn copy, as labml uses).
 pub const TINY_SHAKESPEARE_URL: &str =
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
+/// SHA-256 of the expected file; a download with another hash is refused.
 pub const TINY_SHAKESPEARE_SHA256: &str =
     "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed";
 
+/// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()

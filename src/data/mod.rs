@@ -17,12 +17,14 @@ use serde::{Deserialize, Serialize};
 /// Character vocabulary: id = index in the sorted character list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vocab {
+    /// The characters, sorted; a character's id is its index.
     pub chars: Vec<char>,
     #[serde(skip)]
     index: BTreeMap<char, u32>,
 }
 
 impl Vocab {
+    /// The vocabulary of `text`: its distinct characters, sorted.
     pub fn from_text(text: &str) -> Self {
         let mut chars: Vec<char> = text.chars().collect();
         chars.sort_unstable();
@@ -30,6 +32,7 @@ impl Vocab {
         Self::from_chars(chars)
     }
 
+    /// A vocabulary of `chars` (sorted and deduplicated here).
     pub fn from_chars(chars: Vec<char>) -> Self {
         let index = chars
             .iter()
@@ -39,10 +42,12 @@ impl Vocab {
         Self { chars, index }
     }
 
+    /// Number of characters.
     pub fn len(&self) -> usize {
         self.chars.len()
     }
 
+    /// Whether there are no characters.
     pub fn is_empty(&self) -> bool {
         self.chars.is_empty()
     }
@@ -59,16 +64,19 @@ impl Vocab {
             .collect()
     }
 
+    /// The text of `ids` (an id outside the vocabulary becomes U+FFFD).
     pub fn decode(&self, ids: &[u32]) -> String {
         ids.iter()
             .map(|&i| self.chars.get(i as usize).copied().unwrap_or('\u{fffd}'))
             .collect()
     }
 
+    /// The characters as a JSON array of one-character strings (`vocab.json`).
     pub fn to_json(&self) -> String {
         serde_json::to_string(&self.chars.iter().collect::<String>()).expect("string to JSON")
     }
 
+    /// Reads [`Self::to_json`]'s form; anything else is an error.
     pub fn from_json(s: &str) -> Result<Self> {
         let chars: String =
             serde_json::from_str(s).context("vocabulary file is not a JSON string")?;
@@ -79,8 +87,11 @@ impl Vocab {
 /// A text file split into train and validation token streams.
 #[derive(Debug, Clone)]
 pub struct TextData {
+    /// The character vocabulary of the whole text.
     pub vocab: Vocab,
+    /// The first 90% of the text, encoded.
     pub train: Vec<u32>,
+    /// The last 10%, encoded.
     pub valid: Vec<u32>,
 }
 
@@ -104,6 +115,7 @@ impl TextData {
             .with_context(|| format!("the data file {} cannot be used", path.display()))
     }
 
+    /// Encodes and splits `text`; each split must hold at least `min_len` characters.
     pub fn from_text(text: &str, min_len: usize) -> Result<Self> {
         if text.is_empty() {
             bail!("it is empty");
@@ -131,12 +143,16 @@ impl TextData {
 /// Non-overlapping `seq_len + 1` windows of a token stream after an offset.
 #[derive(Debug, Clone)]
 pub struct Windows {
+    /// Tokens per window (the model's input length).
     pub seq_len: usize,
+    /// Offset of the first window in the text.
     pub offset: usize,
+    /// Number of whole windows.
     pub count: usize,
 }
 
 impl Windows {
+    /// The windows of `seq_len + 1` characters of a text of `len` characters after `offset`.
     pub fn new(len: usize, seq_len: usize, offset: usize) -> Self {
         let count = len.saturating_sub(offset + 1) / seq_len;
         Self {
@@ -159,13 +175,18 @@ impl Windows {
 /// A batch of windows, batch-major: inputs and targets `[batch, seq_len]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
+    /// `[batch * seq_len]` input tokens, batch-major.
     pub inputs: Vec<u32>,
+    /// `[batch * seq_len]` next tokens (the inputs shifted by one).
     pub targets: Vec<u32>,
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Tokens per sequence.
     pub seq_len: usize,
 }
 
 impl Batch {
+    /// The batch of windows `idx` of `data`.
     pub fn from_windows(data: &[u32], windows: &Windows, idx: &[usize]) -> Self {
         let mut inputs = Vec::with_capacity(idx.len() * windows.seq_len);
         let mut targets = Vec::with_capacity(idx.len() * windows.seq_len);
@@ -182,6 +203,7 @@ impl Batch {
         }
     }
 
+    /// Input tokens in the batch.
     pub fn tokens(&self) -> usize {
         self.batch * self.seq_len
     }
@@ -205,6 +227,7 @@ impl Batch {
             .collect()
     }
 
+    /// Inputs and targets as `[batch, seq_len]` int tensors on `device`.
     pub fn tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
         let t = |v: &[u32]| {
             let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
@@ -223,6 +246,7 @@ pub fn sequence_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
 /// Where the training loader is: enough to continue exactly after a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {
+    /// Epochs started (the first is 0).
     pub epoch: u64,
     /// Batches already taken in this epoch.
     pub batch_in_epoch: usize,
@@ -232,14 +256,18 @@ pub struct LoaderState {
 /// epoch by a generator seeded from `(seed, epoch)`, so any position can be resumed.
 #[derive(Debug, Clone)]
 pub struct TrainLoader {
+    /// The windows of the current epoch.
     pub windows: Windows,
+    /// Windows per batch.
     pub batch_size: usize,
     seed: u64,
+    /// Position in the data, saved in checkpoints.
     pub state: LoaderState,
     order: Vec<usize>,
 }
 
 impl TrainLoader {
+    /// A loader over a training split of `train_len` tokens, shuffled from `seed`.
     pub fn new(train_len: usize, seq_len: usize, batch_size: usize, seed: u64) -> Self {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x0ff5e7);
         let offset = rng.random_range(0..seq_len);
@@ -258,6 +286,7 @@ impl TrainLoader {
         loader
     }
 
+    /// Batches per epoch (the last may be smaller).
     pub fn batches_per_epoch(&self) -> usize {
         self.windows.count.div_ceil(self.batch_size)
     }
@@ -276,6 +305,7 @@ impl TrainLoader {
         self.order.shuffle(&mut rng);
     }
 
+    /// The next batch of `data`, starting a new epoch (new offset, new order) when needed.
     pub fn next_batch(&mut self, data: &[u32]) -> Batch {
         if self.state.batch_in_epoch >= self.batches_per_epoch() {
             self.state.epoch += 1;

@@ -276,6 +276,7 @@ impl HostDecoder {
         }
     }
 
+    /// An empty cache for [`Self::step`].
     pub fn new_cache(&self) -> HostCache {
         HostCache {
             k: vec![Vec::new(); self.layers.len()],

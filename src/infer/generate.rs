@@ -11,6 +11,7 @@ use crate::model::attention::KvCache;
 use crate::routing::RoutingRng;
 use crate::store::host_f32;
 
+/// How to pick each generated token.
 #[derive(Debug, Clone)]
 pub struct SampleOptions {
     /// Tokens to generate.

@@ -32,7 +32,9 @@ pub type StateDict = BTreeMap<String, HostTensor>;
 /// Which tensor of each parameter an export reads.
 #[derive(Clone, Copy)]
 pub enum Source<'a> {
+    /// The parameters' values.
     Values,
+    /// The parameters' gradients in these gradients (a missing one is zero).
     Grads(&'a Gradients),
 }
 

@@ -10,12 +10,18 @@ use burn::tensor::{Device, Tensor, TensorData};
 use super::ops::{cast_to, causal_softmax};
 use super::precision::linear;
 
+/// labml's `MultiHeadAttention` with a causal mask.
 #[derive(Module, Debug)]
 pub struct MultiHeadAttention {
+    /// Query projection (PyTorch name `query.linear`).
     pub query: Linear,
+    /// Key projection.
     pub key: Linear,
+    /// Value projection.
     pub value: Linear,
+    /// Output projection over the concatenated heads.
     pub output: Linear,
+    /// Number of heads.
     pub heads: usize,
 }
 
@@ -38,15 +44,19 @@ impl MultiHeadAttention {
 /// Keys and values of the positions seen so far, `[batch, heads, len, d_k]`.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
+    /// Keys, `[batch, heads, len, d_k]`.
     pub k: Option<Tensor<4>>,
+    /// Values, `[batch, heads, len, d_k]`.
     pub v: Option<Tensor<4>>,
 }
 
 impl KvCache {
+    /// Positions cached.
     pub fn len(&self) -> usize {
         self.k.as_ref().map_or(0, |k| k.dims()[2])
     }
 
+    /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -15,11 +15,14 @@ use crate::routing::{RoutingRng, Shard};
 /// labml's `FeedForward`: `relu(x W1 + b1) W2 + b2`.
 #[derive(Module, Debug)]
 pub struct DenseFeedForward {
+    /// `d_model -> d_ff`.
     pub layer1: Linear,
+    /// `d_ff -> d_model`.
     pub layer2: Linear,
 }
 
 impl DenseFeedForward {
+    /// `x` `[tokens, d_model]` -> `[tokens, d_model]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         linear(&self.layer2, relu(linear(&self.layer1, x)))
     }
@@ -29,18 +32,26 @@ impl DenseFeedForward {
 #[derive(Module, Debug)]
 #[allow(clippy::large_enum_variant)] // a handful per model
 pub enum FeedForward {
+    /// A Switch layer.
     Switch(SwitchFeedForward),
+    /// A dense FFN.
     Dense(DenseFeedForward),
 }
 
+/// One pre-LayerNorm block (labml's `SwitchTransformerLayer`).
 #[derive(Module, Debug)]
 pub struct SwitchBlock {
+    /// Self-attention.
     pub attn: MultiHeadAttention,
+    /// LayerNorm before attention.
     pub norm_self_attn: LayerNorm,
+    /// LayerNorm before the feed-forward sub-layer.
     pub norm_ff: LayerNorm,
+    /// The feed-forward sub-layer: Switch or dense.
     pub feed_forward: FeedForward,
     /// Dropout on the two sub-layer outputs, in training.
     pub dropout: f64,
+    /// Training mode (dropout on).
     pub training: bool,
 }
 
@@ -59,6 +70,7 @@ pub struct BlockOutput {
 }
 
 impl SwitchBlock {
+    /// The Switch layer, if this block has one.
     pub fn switch(&self) -> Option<&SwitchFeedForward> {
         match &self.feed_forward {
             FeedForward::Switch(s) => Some(s),
@@ -66,6 +78,7 @@ impl SwitchBlock {
         }
     }
 
+    /// The Switch layer, mutably, if this block has one.
     pub fn switch_mut(&mut self) -> Option<&mut SwitchFeedForward> {
         match &mut self.feed_forward {
             FeedForward::Switch(s) => Some(s),

@@ -70,9 +70,12 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InitScheme {
+    /// PyTorch defaults, experts and layers identical copies (labml's `copy.deepcopy`).
     #[default]
     Labml,
+    /// PyTorch defaults, every tensor drawn separately.
     Independent,
+    /// The paper's truncated normal, sigma = sqrt(init_scale / fan_in).
     TruncatedNormal,
 }
 
@@ -175,6 +178,7 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Width of one attention head.
     pub fn d_k(&self) -> usize {
         self.d_model / self.heads
     }

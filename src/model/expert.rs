@@ -10,6 +10,7 @@ use burn::tensor::activation::relu;
 
 use super::ops::{cast_to, grouped_ffn};
 
+/// The experts of one Switch layer, stacked.
 #[derive(Module, Debug)]
 pub struct Experts {
     /// `[n_experts, d_model, d_ff]`
@@ -23,6 +24,7 @@ pub struct Experts {
 }
 
 impl Experts {
+    /// Number of experts.
     pub fn n_experts(&self) -> usize {
         self.w1.dims()[0]
     }

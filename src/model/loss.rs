@@ -50,8 +50,11 @@ pub fn router_z_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
 
 /// The losses of a training step.
 pub struct Losses {
+    /// Cross-entropy, `[1]`.
     pub ce: Tensor<1>,
+    /// Load-balancing loss summed over layers, `[1]`.
     pub lb: Tensor<1>,
+    /// Router z-loss summed over layers, `[1]`.
     pub z: Tensor<1>,
     /// `ce + lb_coef * lb + z_coef * z`: the one tensor to call `backward` on.
     pub total: Tensor<1>,

@@ -13,13 +13,17 @@ pub use super::ops::cast_to;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
+    /// 32-bit floats (labml).
     #[default]
     F32,
+    /// bfloat16 activations.
     Bf16,
+    /// IEEE half-precision activations.
     F16,
 }
 
 impl Precision {
+    /// Burn's float type for this precision.
     pub fn dtype(self) -> FloatDType {
         match self {
             Self::F32 => FloatDType::F32,

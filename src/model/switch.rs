@@ -67,13 +67,18 @@ pub struct SwitchStats {
 /// [`SwitchStats`] read back to the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostStats {
+    /// Tokens whose first choice is each expert, before dropping.
     pub counts: Vec<f32>,
+    /// Assignments dropped over capacity.
     pub n_dropped: usize,
+    /// Each token's top routing probability.
     pub route_prob_max: Vec<f32>,
+    /// Each token's first-choice expert.
     pub routes: Vec<usize>,
 }
 
 impl SwitchStats {
+    /// Tokens routed in this pass.
     pub fn n_tokens(&self) -> usize {
         self.routes.dims()[0]
     }
@@ -110,18 +115,27 @@ impl SwitchStats {
 pub struct SwitchOutput {
     /// `[tokens, d_model]`
     pub out: Tensor<2>,
+    /// Routing statistics of the pass.
     pub stats: SwitchStats,
 }
 
+/// The Switch layer (labml's `SwitchFeedForward`): a router and `n_experts` FFNs. Build one
+/// with [`crate::model::SwitchFeedForwardConfig`], or from labml weights with
+/// [`crate::interop::weights::switch_from_state_dict`].
 #[derive(Module, Debug)]
 pub struct SwitchFeedForward {
+    /// The router (`softmax(x W_r + b_r)`).
     pub router: Router,
+    /// The experts' stacked weights.
     pub experts: Experts,
+    /// Experts per token, capacity, drop policy, where the decision is made.
     #[module(skip)]
     pub routing: RoutingOptions,
     /// Capacity factor outside training (0 = the training one).
     pub eval_capacity_factor: f64,
+    /// Scale each expert's output by its probability (else by p / stop_gradient(p) = 1).
     pub is_scale_prob: bool,
+    /// What a dropped token contributes.
     #[module(skip)]
     pub dropped_tokens: DroppedTokens,
     /// Multiplicative router-input noise `U(1 - eps, 1 + eps)` in training (0 = off).
@@ -133,6 +147,7 @@ pub struct SwitchFeedForward {
 }
 
 impl SwitchFeedForward {
+    /// Number of experts.
     pub fn n_experts(&self) -> usize {
         self.experts.n_experts()
     }

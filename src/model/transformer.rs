@@ -15,14 +15,18 @@ use super::switch::SwitchStats;
 use crate::routing::{RoutingRng, Shard};
 use crate::store::HostTensor;
 
+/// labml's `AutoregressiveModel` with Switch blocks.
 #[derive(Module, Debug)]
 pub struct SwitchTransformer {
+    /// Token embedding `[n_vocab, d_model]`.
     pub src_embed: Embedding,
     /// Learned positional embedding `[max_seq_len, d_model]`, if configured.
     pub pos_embed: Option<Embedding>,
+    /// The blocks, in order.
     pub layers: Vec<SwitchBlock>,
     /// Final LayerNorm (labml `transformer.norm`).
     pub norm: LayerNorm,
+    /// The output projection to vocabulary logits.
     pub generator: Linear,
     /// Compute type of the activations (the router always runs in f32).
     #[module(skip)]
@@ -42,6 +46,7 @@ pub struct ModelOutput {
 pub type Trace = BTreeMap<String, HostTensor>;
 
 impl SwitchTransformer {
+    /// Number of blocks.
     pub fn n_layers(&self) -> usize {
         self.layers.len()
     }

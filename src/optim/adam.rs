@@ -59,8 +59,11 @@ impl Moments {
 /// labml's Adam (`optimized_update=True`, weight decay 0). State is keyed by the parameter's
 /// module path (`layers.0.attn.query.weight`), stable across runs, for checkpoints.
 pub struct LabmlAdam {
+    /// Decay of the first moment.
     pub beta1: f64,
+    /// Decay of the second moment.
     pub beta2: f64,
+    /// Added to `sqrt(v)`.
     pub eps: f64,
     /// Updates done so far (the next update uses `step + 1`).
     pub step: u64,
@@ -75,6 +78,7 @@ impl Default for LabmlAdam {
 }
 
 impl LabmlAdam {
+    /// Adam with these coefficients and no state yet.
     pub fn new(beta1: f64, beta2: f64, eps: f64) -> Self {
         Self {
             beta1,

@@ -41,6 +41,7 @@ impl ParamGrads {
         c.out
     }
 
+    /// Sets the gradient of parameter `id` (keeping its place if it had one).
     pub fn insert(&mut self, id: ParamId, grad: Tensor<1>) {
         match self.index.get(&id) {
             Some(&i) => self.grads[i] = grad,
@@ -66,14 +67,17 @@ impl ParamGrads {
         ids.into_iter().map(|(_, id)| id).zip(self.grads).collect()
     }
 
+    /// The gradient of parameter `id`.
     pub fn get(&self, id: &ParamId) -> Option<&Tensor<1>> {
         self.index.get(id).map(|&i| &self.grads[i])
     }
 
+    /// Number of gradients.
     pub fn len(&self) -> usize {
         self.grads.len()
     }
 
+    /// Whether there are no gradients.
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }

@@ -19,8 +19,11 @@ pub use grads::{ParamGrads, clip_coefficient};
 /// Noam schedule (labml `Noam.get_lr`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Noam {
+    /// Base learning rate (labml: 1.0).
     pub lr: f64,
+    /// Warm-up steps.
     pub warmup: u64,
+    /// The model width, whose inverse square root scales the rate.
     pub d_model: usize,
 }
 

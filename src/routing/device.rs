@@ -17,7 +17,7 @@ use super::options::{DropPolicy, RoutingOptions, capacity};
 /// kept   = pos_t < capacity;  slot_t = e_t * capacity + pos_t
 /// ```
 /// The permutation is drawn on the host from the run's generator and uploaded with its
-/// inverse, so the decision reproduces from the seed like [`RoutePlan`]'s (with a different
+/// inverse, so the decision reproduces from the seed like [`super::RoutePlan`]'s (with a different
 /// draw: the two places drop different, equally random, subsets).
 pub struct DeviceRoutes {
     /// Slots per expert: the capacity.

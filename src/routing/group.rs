@@ -47,6 +47,7 @@ pub struct GroupRoute {
 }
 
 impl RouteGroup {
+    /// A group of `n` shards.
     pub fn new(n: usize) -> Arc<Self> {
         Arc::new(Self {
             n,

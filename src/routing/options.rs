@@ -36,10 +36,13 @@ pub enum RoutePlace {
 pub struct RoutingOptions {
     /// Experts per token (1 = Switch; 2 = the top-2 MoE the paper compares against).
     pub top_k: usize,
+    /// capacity = floor(capacity_factor * assignments / n_experts).
     pub capacity_factor: f64,
     /// Enforce capacity; off = dropless (capacity grows to the largest load).
     pub drop_tokens: bool,
+    /// Which assignments an over-capacity expert drops.
     pub drop_policy: DropPolicy,
+    /// Where the decision is made.
     pub place: RoutePlace,
 }
 
@@ -55,7 +58,7 @@ impl RoutingOptions {
         }
     }
 
-    /// Whether [`DeviceRoutes`] can make this decision: top-1 with a fixed capacity, dropping
+    /// Whether [`super::DeviceRoutes`] can make this decision: top-1 with a fixed capacity, dropping
     /// at random or by position (dropless needs the largest load, confidence a sort: both
     /// would read back to the host).
     pub fn device_capable(&self) -> bool {

@@ -14,7 +14,9 @@ use super::options::{DropPolicy, RoutingOptions, argmax, capacity, top_k};
 /// no gradient).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutePlan {
+    /// Experts of the layer.
     pub n_experts: usize,
+    /// Choices per token.
     pub top_k: usize,
     /// Expert of each assignment (with `top_k = 1`: each token's argmax expert).
     pub routes: Vec<usize>,
@@ -115,6 +117,7 @@ impl RoutePlan {
         }
     }
 
+    /// Tokens routed.
     pub fn n_tokens(&self) -> usize {
         self.routes.len() / self.top_k
     }

@@ -20,12 +20,19 @@ use crate::train::step::{StepSettings, step};
 /// What to time.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchConfig {
+    /// The model timed.
     pub model: ModelConfig,
+    /// Sequences per batch.
     pub batch_size: usize,
+    /// Tokens per sequence (the context, for generation).
     pub seq_len: usize,
+    /// Untimed steps first.
     pub warmup: usize,
+    /// Timed steps.
     pub steps: usize,
+    /// Worker threads.
     pub threads: usize,
+    /// The device(s), as given.
     pub device: String,
     /// Data-parallel replicas, each on `batch_size / replicas` windows.
     pub replicas: usize,
@@ -36,19 +43,29 @@ pub struct BenchConfig {
 /// Training-step timings.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainBench {
+    /// What was timed.
     pub config: BenchConfig,
+    /// Model parameters.
     pub params: usize,
+    /// Tokens per training step.
     pub tokens_per_step: usize,
+    /// Median step time.
     pub ms_per_step_median: f64,
+    /// Fastest step.
     pub ms_per_step_min: f64,
+    /// Tokens per second at the median step time.
     pub tokens_per_s_median: f64,
+    /// Median forward + loss time (replica 0).
     pub forward_ms_median: f64,
+    /// Median backward time (replica 0).
     pub backward_ms_median: f64,
     /// Gradient sync (with replicas), clip and Adam.
     pub optimizer_ms_median: f64,
+    /// Peak resident memory of the process.
     pub peak_rss_mb: f64,
 }
 
+/// Median of `v` (the mean of the middle two for an even count).
 pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -158,12 +175,19 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
 /// recomputed for every token (labml's sampler).
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerateBench {
+    /// What was timed.
     pub config: BenchConfig,
+    /// Positions the model sees.
     pub context: usize,
+    /// Tokens generated per timing.
     pub tokens: usize,
+    /// With the key/value cache.
     pub cached_tokens_per_s: f64,
+    /// Recomputing the window per token (labml's sampler).
     pub recompute_tokens_per_s: f64,
+    /// `cached / recompute`.
     pub speedup: f64,
+    /// Peak resident memory of the process.
     pub peak_rss_mb: f64,
 }
 
@@ -173,7 +197,7 @@ const GENERATE_REPEATS: usize = 5;
 
 /// Generates `tokens` tokens greedily (after a warm-up) both ways, with the window capped at
 /// `c.seq_len`, from a model with token dropping off: tokens/s of the median of
-/// [`GENERATE_REPEATS`] timings each.
+/// `GENERATE_REPEATS` timings each.
 pub fn bench_generate(c: &BenchConfig, tokens: usize, device: &Device) -> Result<GenerateBench> {
     let mut model = c.model.init(0, device)?;
     model.set_training(false);

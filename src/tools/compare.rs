@@ -20,11 +20,17 @@ use crate::util::write_atomic;
 /// One model of the comparison.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// `dense` or `switch-N`.
     pub label: String,
+    /// Parameters of the model.
     pub params: usize,
+    /// Validation loss at the last step.
     pub final_valid_loss: f64,
+    /// Lowest validation loss.
     pub best_valid_loss: f64,
+    /// Median training throughput.
     pub tokens_per_s: f64,
+    /// (step, validation loss) points.
     pub curve: Vec<(f64, f64)>,
 }
 

@@ -1,4 +1,4 @@
-//! Tools around training: throughput and memory [`bench`]marks, the dense-vs-Switch
+//! Tools around training: throughput and memory benchmarks ([`mod@bench`]), the dense-vs-Switch
 //! [`compare`] experiment, and the HTML [`report`] of runs.
 
 pub mod bench;

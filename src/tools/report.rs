@@ -14,8 +14,11 @@ use serde_json::Value;
 /// One run's metrics.
 #[derive(Debug, Clone)]
 pub struct RunMetrics {
+    /// The run's folder name.
     pub name: String,
+    /// Training lines, in step order.
     pub train: Vec<Value>,
+    /// Validation lines, in step order.
     pub valid: Vec<Value>,
 }
 
@@ -84,16 +87,22 @@ impl RunMetrics {
 /// A named series of (x, y) points.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
+    /// Legend label.
     pub label: String,
+    /// (x, y) points.
     pub points: Vec<(f64, f64)>,
 }
 
 /// A line chart.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LineChart {
+    /// File name stem and HTML id.
     pub id: String,
+    /// Chart title.
     pub title: String,
+    /// Y axis label.
     pub y_label: String,
+    /// The curves.
     pub series: Vec<Series>,
 }
 
@@ -101,9 +110,13 @@ pub struct LineChart {
 /// logged step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Heatmap {
+    /// File name stem and HTML id.
     pub id: String,
+    /// Chart title.
     pub title: String,
+    /// The validation steps (columns).
     pub steps: Vec<u64>,
+    /// One row per expert, one value per step.
     pub cells: Vec<Vec<f64>>,
 }
 
@@ -401,6 +414,7 @@ fn fmt_num(v: f64) -> String {
 /// A routing table for the report: each character with its expert and probability per layer.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
+    /// The text's characters.
     pub text: Vec<char>,
     /// `[layer][char]` (expert, probability)
     pub layers: Vec<Vec<(usize, f32)>>,

@@ -24,6 +24,7 @@ use crate::util::write_atomic;
 pub struct TrainState {
     /// Optimizer steps done.
     pub step: u64,
+    /// Where the data loader stands.
     pub loader: LoaderState,
     /// The token-dropping generator, mid-stream.
     pub routing_rng: RoutingRng,
@@ -80,8 +81,11 @@ pub fn save(
 
 /// A loaded checkpoint.
 pub struct Loaded {
+    /// The model.
     pub model: SwitchTransformer,
+    /// Adam with its moments.
     pub adam: LabmlAdam,
+    /// Step, data position, generator.
     pub state: TrainState,
 }
 

@@ -87,6 +87,7 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks every field; the error names the key and what is allowed.
     pub fn validate(&self) -> Result<()> {
         let at_least_one = [
             ("batch_size", self.batch_size as u64),
@@ -142,7 +143,9 @@ impl TrainConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
+    /// The model (`[model]`).
     pub model: ModelConfig,
+    /// Training (`[train]`).
     pub train: TrainConfig,
 }
 
@@ -282,6 +285,7 @@ pub const KEYS: &[(&str, &str)] = &[
 ];
 
 impl RunConfig {
+    /// Checks both sections and their combination.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         self.train.validate()?;
@@ -302,6 +306,7 @@ impl RunConfig {
         Self::from_toml(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
 
+    /// Parses TOML; an unknown key or a wrong type is an error.
     pub fn from_toml(text: &str) -> Result<Self> {
         toml::from_str(text).map_err(|e| {
             anyhow::anyhow!("{}", e.message().trim()).context(
@@ -312,6 +317,7 @@ impl RunConfig {
         })
     }
 
+    /// The configuration as TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serialises to TOML")
     }

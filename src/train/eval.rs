@@ -16,8 +16,11 @@ use crate::store::host_f32;
 pub struct LayerStats {
     /// Fraction of tokens routed to each expert (before dropping).
     pub expert_frac: Vec<f64>,
+    /// Smallest expert fraction.
     pub min_frac: f64,
+    /// Largest expert fraction.
     pub max_frac: f64,
+    /// Standard deviation of the expert fractions.
     pub std_frac: f64,
     /// Mean of each token's top routing probability (router confidence).
     pub mean_top_prob: f64,
@@ -90,16 +93,20 @@ pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
 pub struct EvalMetrics {
     /// Mean cross-entropy per token (nats).
     pub loss: f64,
+    /// Fraction of next tokens predicted right (argmax).
     pub accuracy: f64,
     /// Load-balancing loss (summed over layers; = n_layers at perfect balance), batch mean.
     pub lb_loss: f64,
     /// Fraction of token-layer routings dropped.
     pub dropped_frac: f64,
+    /// Routing per Switch layer.
     pub layers: Vec<LayerStats>,
+    /// Tokens evaluated.
     pub tokens: usize,
 }
 
 impl EvalMetrics {
+    /// `exp(loss)`.
     pub fn perplexity(&self) -> f64 {
         self.loss.exp()
     }

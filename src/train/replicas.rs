@@ -65,6 +65,7 @@ impl GradSync {
 pub struct Placement {
     /// One device per replica, or one device for all of them.
     pub devices: Vec<Device>,
+    /// How their gradients are combined.
     pub grad_sync: GradSync,
 }
 
@@ -109,7 +110,9 @@ impl Placement {
 
 /// One copy of the model with its optimizer state, on its device.
 pub struct Replica {
+    /// This copy of the model.
     pub model: SwitchTransformer,
+    /// Its optimizer state.
     pub adam: LabmlAdam,
     /// An autodiff device.
     pub device: Device,
@@ -325,7 +328,7 @@ impl Replicas {
     }
 
     /// `f` on a worker of the global thread pool when there is one replica (see
-    /// [`on_worker`]), else on the calling thread.
+    /// the free function `on_worker`), else on the calling thread.
     pub fn on_worker<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         if self.replicas.len() == 1 {
             on_worker(f)

@@ -40,43 +40,65 @@ const SAMPLE_STREAM: u64 = 0x5a3e;
 /// What one optimizer step measured.
 #[derive(Debug, Clone)]
 pub struct StepMetrics {
+    /// Optimizer steps done.
     pub step: u64,
+    /// Epoch of this step's batch.
     pub epoch: u64,
+    /// `ce + lb_coef * lb + z_coef * z`.
     pub loss: f64,
+    /// Cross-entropy.
     pub ce: f64,
+    /// Load-balancing loss, summed over layers.
     pub lb: f64,
     /// Router z-loss, summed over layers.
     pub z: f64,
+    /// Learning rate of the step.
     pub lr: f64,
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Tokens in the batch.
     pub tokens: usize,
+    /// Wall time of the step.
     pub seconds: f64,
+    /// Routing per Switch layer.
     pub layers: Vec<LayerStats>,
 }
 
 /// Progress reported to the caller of [`Trainer::run`].
 pub enum Event<'a> {
+    /// A training step was taken.
     Step(&'a StepMetrics),
+    /// A validation ran.
     Validation {
+        /// Step validated.
         step: u64,
+        /// Its metrics.
         metrics: &'a EvalMetrics,
+        /// A greedy sample from the configured prompt.
         sample: &'a str,
     },
+    /// A checkpoint was written to this directory.
     Checkpoint(&'a Path),
 }
 
 /// How [`Trainer::run`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
+    /// All `train.steps` were taken.
     Completed,
     /// Stopped by the caller's flag (Ctrl-C), after writing a checkpoint.
     Interrupted,
 }
 
+/// A training run: its configuration, data, replicas, schedule and position.
 pub struct Trainer {
+    /// The run's configuration.
     pub config: RunConfig,
+    /// Where the run is written.
     pub run_dir: PathBuf,
+    /// Training and validation text.
     pub data: TextData,
+    /// Optimizer steps done.
     pub step: u64,
     /// The model (replica 0 is validated and checkpointed) with its optimizer state.
     replicas: Replicas,
@@ -211,6 +233,7 @@ impl Trainer {
         &self.replicas.replicas
     }
 
+    /// Epoch of the next batch.
     pub fn epoch(&self) -> u64 {
         self.loader.state.epoch
     }

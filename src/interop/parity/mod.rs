@@ -42,6 +42,7 @@ pub enum FixtureKind {
 }
 
 impl FixtureKind {
+    /// The kind of fixture `f` holds, from its `meta` metadata.
     pub fn detect(f: &TensorFile) -> Result<Self> {
         if f.contains("step1.lr") {
             Ok(Self::Optimizer)
@@ -63,22 +64,31 @@ impl FixtureKind {
 /// One compared tensor, or one checked invariant.
 #[derive(Debug, Clone)]
 pub struct Row {
+    /// The tensor compared.
     pub name: String,
+    /// `max |ours - theirs|`.
     pub max_abs: f64,
+    /// `max_abs` relative to the recorded tensor's largest magnitude.
     pub max_rel: f64,
+    /// The tolerance it is held to.
     pub tol: f64,
+    /// Whether it is within the tolerance.
     pub pass: bool,
     /// For invariants and exact checks: what was checked.
     pub note: String,
 }
 
+/// The comparison of one fixture, one row per tensor.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// What the fixture records.
     pub kind: FixtureKind,
+    /// One row per compared tensor.
     pub rows: Vec<Row>,
 }
 
 impl Report {
+    /// Whether every row passed.
     pub fn passed(&self) -> bool {
         !self.rows.is_empty() && self.rows.iter().all(|r| r.pass)
     }
