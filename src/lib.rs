@@ -5,7 +5,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`util`], [`store`], [`device`] | atomic writes; host tensors and safetensors files; device names |
+//! | `util`, [`store`], [`device`] | atomic writes; host tensors and safetensors files; device names |
 //! | [`cpu`] | the CPU fast paths (kernels with hand-written backward, fused Adam): the one place that decides where they apply |
 //! | [`routing`] | the router, capacity and drop policies, the routing decision (host, device, routing groups) |
 //! | [`model`] | attention, experts, the Switch layer, blocks, the whole model, its losses and configuration |
@@ -32,7 +32,7 @@ pub mod routing;
 pub mod store;
 pub mod tools;
 pub mod train;
-pub mod util;
+pub(crate) mod util;
 
 pub use model::{ModelConfig, SwitchFeedForward, SwitchFeedForwardConfig, SwitchTransformer};
 pub use routing::RoutingRng;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use switch_transformer::train::replicas::Placement;
-use switch_transformer::train::{Event, Finish, RunConfig, Trainer};
+use switch_transformer::train::{Event, Finish, RunConfig, RunDir, Trainer};
 
 use super::{DEFAULT_DATA, ParallelArgs, load_data};
 
@@ -62,10 +62,7 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
                  train.global_routing"
             );
         }
-        let seq_len = RunConfig::from_toml_file(&run_dir.join("config.toml"))
-            .with_context(|| format!("{} is not a run directory", run_dir.display()))?
-            .train
-            .seq_len;
+        let seq_len = RunDir::new(&run_dir).read_config()?.train.seq_len;
         let text = load_data(&data, seq_len)?;
         let t = Trainer::resume(&run_dir, text, placement)?;
         println!("resuming {} at step {}", run_dir.display(), t.step);

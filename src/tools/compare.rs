@@ -9,12 +9,12 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
 use burn::tensor::Device;
-use serde_json::Value;
 
 use crate::data::TextData;
 use crate::tools::report::{LineChart, RunMetrics, Series, line_svg};
 use crate::train::config::RunConfig;
 use crate::train::trainer::{Event, Finish, Trainer};
+use crate::train::{MetricsLine, RunDir};
 use crate::util::write_atomic;
 
 /// One model of the comparison.
@@ -86,13 +86,9 @@ pub fn run(
         let curve: Vec<(f64, f64)> = m
             .valid
             .iter()
-            .filter_map(|v| Some((v["step"].as_f64()?, v["valid_loss"].as_f64()?)))
+            .map(|v| (v.step as f64, v.valid_loss))
             .collect();
-        let speeds: Vec<f64> = m
-            .train
-            .iter()
-            .filter_map(|v| v["tokens_per_s"].as_f64())
-            .collect();
+        let speeds: Vec<f64> = m.train.iter().map(|t| t.tokens_per_s).collect();
         entries.push(Entry {
             label,
             params,
@@ -106,13 +102,14 @@ pub fn run(
     Ok(entries)
 }
 
+/// Whether the run in `run_dir` validated at its last step.
 fn is_complete(run_dir: &Path, steps: u64) -> bool {
-    let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.jsonl")) else {
+    let Ok(lines) = RunDir::new(run_dir).read_metrics() else {
         return false;
     };
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .any(|v| v.get("valid_loss").is_some() && v["step"].as_u64() == Some(steps))
+    lines
+        .iter()
+        .any(|l| matches!(l, MetricsLine::Valid(v) if v.step == steps))
 }
 
 /// The comparison table (Markdown).

@@ -8,8 +8,9 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::train::eval::LayerStats;
+use crate::train::{MetricsLine, RunDir, TrainLine, ValidLine};
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
 
 /// One run's metrics.
 #[derive(Debug, Clone)]
@@ -17,55 +18,24 @@ pub struct RunMetrics {
     /// The run's folder name.
     pub name: String,
     /// Training lines, in step order.
-    pub train: Vec<Value>,
+    pub train: Vec<TrainLine>,
     /// Validation lines, in step order.
-    pub valid: Vec<Value>,
+    pub valid: Vec<ValidLine>,
 }
 
 impl RunMetrics {
-    /// Reads `run_dir/metrics.jsonl`; a line that is not a JSON object is an error naming it.
+    /// Reads `run_dir/metrics.jsonl`; a line that does not parse is an error naming it.
     pub fn read(run_dir: &Path) -> Result<Self> {
-        let path = run_dir.join("metrics.jsonl");
-        if !run_dir.is_dir() {
-            bail!("{} is not a directory", run_dir.display());
-        }
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "{} has no metrics.jsonl: is it a run directory written by `switch train`?",
-                run_dir.display()
-            )
-        })?;
+        let run = RunDir::new(run_dir);
         let (mut train, mut valid) = (Vec::new(), Vec::new());
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(line).map_err(|e| {
-                anyhow::anyhow!(
-                    "{} line {}: not a complete JSON object ({e}); the file is malformed or \
-                     truncated",
-                    path.display(),
-                    i + 1
-                )
-            })?;
-            if v.get("step").and_then(Value::as_u64).is_none() {
-                bail!("{} line {}: no integer \"step\"", path.display(), i + 1);
-            }
-            if v.get("valid_loss").is_some() {
-                valid.push(v);
-            } else if v.get("train_loss").is_some() {
-                train.push(v);
-            } else {
-                bail!(
-                    "{} line {}: neither a training line (\"train_loss\") nor a validation line \
-                     (\"valid_loss\")",
-                    path.display(),
-                    i + 1
-                );
+        for line in run.read_metrics()? {
+            match line {
+                MetricsLine::Train(t) => train.push(t),
+                MetricsLine::Valid(v) => valid.push(v),
             }
         }
         if train.is_empty() && valid.is_empty() {
-            bail!("{} holds no metrics yet", path.display());
+            bail!("{} holds no metrics yet", run.metrics_path().display());
         }
         let name = run_dir
             .file_name()
@@ -75,12 +45,9 @@ impl RunMetrics {
     }
 
     fn layers(&self) -> usize {
-        self.train
-            .iter()
-            .chain(&self.valid)
-            .filter_map(|v| v["layers"].as_array().map(Vec::len))
-            .max()
-            .unwrap_or(0)
+        let train = self.train.iter().map(|t| t.layers.len());
+        let valid = self.valid.iter().map(|v| v.layers.len());
+        train.chain(valid).max().unwrap_or(0)
     }
 }
 
@@ -120,16 +87,22 @@ pub struct Heatmap {
     pub cells: Vec<Vec<f64>>,
 }
 
-fn series(label: String, lines: &[Value], y: impl Fn(&Value) -> Option<f64>) -> Option<Series> {
+/// The points `(step, y(line))` of `lines`, if any.
+fn series<L>(
+    label: String,
+    lines: &[L],
+    step: impl Fn(&L) -> u64,
+    y: impl Fn(&L) -> Option<f64>,
+) -> Option<Series> {
     let points: Vec<(f64, f64)> = lines
         .iter()
-        .filter_map(|v| Some((v["step"].as_f64()?, y(v)?)))
+        .filter_map(|v| Some((step(v) as f64, y(v)?)))
         .collect();
     (!points.is_empty()).then_some(Series { label, points })
 }
 
-fn layer_value(v: &Value, l: usize, key: &str) -> Option<f64> {
-    v["layers"].get(l)?.get(key)?.as_f64()
+fn train_step(t: &TrainLine) -> u64 {
+    t.step
 }
 
 /// Every chart of the report for `runs`.
@@ -145,17 +118,23 @@ pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
     let mut loss = Vec::new();
     let mut lb = Vec::new();
     for r in runs {
-        loss.extend(series(label(r, "train"), &r.train, |v| {
-            v["ce_loss"].as_f64().or(v["train_loss"].as_f64())
+        loss.extend(series(label(r, "train"), &r.train, train_step, |t| {
+            Some(t.ce_loss)
         }));
-        loss.extend(series(label(r, "valid"), &r.valid, |v| {
-            v["valid_loss"].as_f64()
-        }));
-        lb.extend(series(label(r, "load balancing"), &r.train, |v| {
-            v["lb_loss"].as_f64()
-        }));
-        lb.extend(series(label(r, "z-loss"), &r.train, |v| {
-            v["z_loss"].as_f64()
+        loss.extend(series(
+            label(r, "valid"),
+            &r.valid,
+            |v| v.step,
+            |v| Some(v.valid_loss),
+        ));
+        lb.extend(series(
+            label(r, "load balancing"),
+            &r.train,
+            train_step,
+            |t| Some(t.lb_loss),
+        ));
+        lb.extend(series(label(r, "z-loss"), &r.train, train_step, |t| {
+            Some(t.z_loss)
         }));
     }
     let mut lines = vec![
@@ -179,34 +158,32 @@ pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
         } else {
             String::new()
         };
-        let per_layer = |key: &str, lines: &[Value]| -> Vec<Series> {
+        let per_layer = |value: fn(&LayerStats) -> f64| -> Vec<Series> {
             (0..r.layers())
-                .filter_map(|l| series(format!("layer {l}"), lines, |v| layer_value(v, l, key)))
+                .filter_map(|l| {
+                    series(format!("layer {l}"), &r.train, train_step, |t| {
+                        t.layers.get(l).map(value)
+                    })
+                })
                 .collect()
         };
         lines.push(LineChart {
             id: format!("dropped-{ri}"),
             title: format!("Dropped-token fraction per layer (training){suffix}"),
             y_label: "fraction of tokens dropped".into(),
-            series: per_layer("dropped_frac", &r.train),
+            series: per_layer(|l| l.dropped_frac),
         });
         lines.push(LineChart {
             id: format!("confidence-{ri}"),
             title: format!("Router confidence per layer (training){suffix}"),
             y_label: "mean top routing probability".into(),
-            series: per_layer("mean_top_prob", &r.train),
+            series: per_layer(|l| l.mean_top_prob),
         });
         for l in 0..r.layers() {
             let rows: Vec<(u64, Vec<f64>)> = r
                 .train
                 .iter()
-                .filter_map(|v| {
-                    let fr = v["layers"].get(l)?["expert_frac"].as_array()?;
-                    Some((
-                        v["step"].as_u64()?,
-                        fr.iter().filter_map(Value::as_f64).collect(),
-                    ))
-                })
+                .filter_map(|t| Some((t.step, t.layers.get(l)?.expert_frac.clone())))
                 .collect();
             let n_experts = rows.iter().map(|(_, f)| f.len()).max().unwrap_or(0);
             if n_experts == 0 {

@@ -1,13 +1,17 @@
 //! Training: [`step`] (one optimizer step: forward, losses, backward, clip, Adam) on the
 //! [`replicas`] of the model, driven by the [`trainer`] loop with its [`config`], [`eval`]uation
-//! and [`checkpoint`]s.
+//! and [`checkpoint`]s, in a [`run_dir`] whose [`metrics`] are typed lines.
 
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod metrics;
 pub mod replicas;
+pub mod run_dir;
 pub mod step;
 pub mod trainer;
 
 pub use config::{RunConfig, TrainConfig};
+pub use metrics::{MetricsLine, TrainLine, ValidLine};
+pub use run_dir::RunDir;
 pub use trainer::{Event, Finish, StepMetrics, Trainer, load_run_model};

@@ -1,16 +1,8 @@
-//! The training loop, a plain one (nanoGPT style):
-//! batch -> forward -> `ce + lb_coef * lb` -> backward -> clip global norm -> Noam/Adam step,
-//! with periodic metrics, validation, samples and checkpoints in a run directory:
-//!
-//! ```text
-//! runs/NAME/config.toml      the configuration used
-//! runs/NAME/vocab.json       the character vocabulary
-//! runs/NAME/metrics.jsonl    one JSON object per line (training and validation)
-//! runs/NAME/checkpoints/step-NNNNNNN/   the last few checkpoints
-//! runs/NAME/best/            the best-validation checkpoint
-//! ```
+//! The training loop, a plain one (nanoGPT style): the next batch, one [`step`] (forward ->
+//! `ce + lb_coef * lb + z_coef * z` -> backward -> clip global norm -> Adam at the Noam rate),
+//! with periodic metrics, validation, samples and checkpoints in the run's directory
+//! ([`RunDir`]).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -19,7 +11,6 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::Device;
 use rand::SeedableRng;
-use serde_json::json;
 
 use crate::data::{Batch, TextData, TrainLoader, Vocab, valid_batches};
 use crate::infer::generate::{SampleOptions, generate};
@@ -29,9 +20,10 @@ use crate::routing::RoutingRng;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::config::RunConfig;
 use crate::train::eval::{EvalMetrics, LayerStats, evaluate};
+use crate::train::metrics::{MetricsLine, TrainLine, ValidLine};
 use crate::train::replicas::{Placement, Replica, Replicas};
+use crate::train::run_dir::RunDir;
 use crate::train::step::{StepSettings, step};
-use crate::util::write_atomic;
 
 /// Seeds derived from the run seed for streams that must not disturb training's.
 const EVAL_STREAM: u64 = 0xe7a1;
@@ -95,7 +87,7 @@ pub struct Trainer {
     /// The run's configuration.
     pub config: RunConfig,
     /// Where the run is written.
-    pub run_dir: PathBuf,
+    pub run_dir: RunDir,
     /// Training and validation text.
     pub data: TextData,
     /// Optimizer steps done.
@@ -122,16 +114,14 @@ impl Trainer {
         config.validate()?;
         let placement = placement.into();
         let devices = placement.devices_for(config.train.replicas)?;
-        if run_dir.join("config.toml").exists() || run_dir.join("checkpoints").exists() {
+        let run_dir = RunDir::new(run_dir);
+        if run_dir.holds_run() {
             bail!(
-                "{} already holds a run: continue it with --resume {0}, or choose another --name",
-                run_dir.display()
+                "{run_dir} already holds a run: continue it with --resume {run_dir}, or choose \
+                 another --name"
             );
         }
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
-        write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
-        write_atomic(&run_dir.join("vocab.json"), data.vocab.to_json().as_bytes())?;
+        run_dir.create(&config, &data.vocab)?;
         let device = devices[0].clone().autodiff();
         let model = config.model.init(config.train.seed, &device)?;
         let t = &config.train;
@@ -145,26 +135,23 @@ impl Trainer {
         };
         let replicas = run_replicas(first, &config, &devices, &placement)?;
         let trainer = Self::assemble(config, run_dir, data, replicas, loader, rng);
-        trainer.truncate_metrics(0)?;
+        trainer.run_dir.truncate_metrics(0)?;
         Ok(trainer)
     }
 
     /// Continues the run in `run_dir` from its latest checkpoint. `data` must have the run's
     /// vocabulary; `placement` must fit the run's `train.replicas`.
     pub fn resume(run_dir: &Path, data: TextData, placement: impl Into<Placement>) -> Result<Self> {
-        let config = RunConfig::from_toml_file(&run_dir.join("config.toml"))
-            .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
-        let vocab_text = std::fs::read_to_string(run_dir.join("vocab.json"))
-            .with_context(|| format!("{} has no vocab.json", run_dir.display()))?;
-        if Vocab::from_json(&vocab_text)? != data.vocab {
+        let run_dir = RunDir::new(run_dir);
+        let config = run_dir.read_config()?;
+        if run_dir.read_vocab()? != data.vocab {
             bail!(
-                "the data's characters differ from those of the run in {}: resume with the \
-                 same --data",
-                run_dir.display()
+                "the data's characters differ from those of the run in {run_dir}: resume with \
+                 the same --data"
             );
         }
-        let Some((_, dir)) = checkpoint::list(&run_dir.join("checkpoints")).pop() else {
-            bail!("{} has no checkpoint to resume from", run_dir.display());
+        let Some(dir) = run_dir.latest_checkpoint() else {
+            bail!("{run_dir} has no checkpoint to resume from");
         };
         let placement = placement.into();
         let devices = placement.devices_for(config.train.replicas)?;
@@ -190,13 +177,13 @@ impl Trainer {
         );
         trainer.step = loaded.state.step;
         trainer.best_valid_loss = loaded.state.best_valid_loss;
-        trainer.truncate_metrics(trainer.step)?;
+        trainer.run_dir.truncate_metrics(trainer.step)?;
         Ok(trainer)
     }
 
     fn assemble(
         config: RunConfig,
-        run_dir: &Path,
+        run_dir: RunDir,
         data: TextData,
         replicas: Replicas,
         loader: TrainLoader,
@@ -210,7 +197,7 @@ impl Trainer {
             d_model: config.model.d_model,
         };
         Self {
-            run_dir: run_dir.to_path_buf(),
+            run_dir,
             data,
             step: 0,
             replicas,
@@ -312,7 +299,7 @@ impl Trainer {
     /// Writes a checkpoint of the current step and removes the oldest beyond
     /// `keep_checkpoints`.
     pub fn save_checkpoint(&self, valid_loss: Option<f64>) -> Result<PathBuf> {
-        let checkpoints = self.run_dir.join("checkpoints");
+        let checkpoints = self.run_dir.checkpoints();
         let dir = checkpoint::step_dir(&checkpoints, self.step);
         checkpoint::save(
             &dir,
@@ -328,36 +315,6 @@ impl Trainer {
                 .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
         }
         Ok(dir)
-    }
-
-    /// Appends one JSON object to metrics.jsonl.
-    pub fn log(&self, value: &serde_json::Value) -> Result<()> {
-        let path = self.run_dir.join("metrics.jsonl");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        writeln!(f, "{value}").with_context(|| format!("cannot write {}", path.display()))
-    }
-
-    /// Keeps only the metric lines up to `step` (a resumed run rewrites what follows).
-    fn truncate_metrics(&self, step: u64) -> Result<()> {
-        let path = self.run_dir.join("metrics.jsonl");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return Ok(());
-        };
-        let kept: String = text
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s <= step)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        write_atomic(&path, kept.as_bytes())
     }
 
     /// Trains until `train.steps`, or until `stop` is set (then checkpoints and returns).
@@ -378,32 +335,32 @@ impl Trainer {
             if self.step.is_multiple_of(t.log_interval) || last {
                 let dropped = m.layers.iter().map(|l| l.dropped_frac).sum::<f64>()
                     / m.layers.len().max(1) as f64;
-                self.log(&json!({
-                    "step": m.step,
-                    "epoch": m.epoch,
-                    "train_loss": m.loss,
-                    "ce_loss": m.ce,
-                    "lb_loss": m.lb,
-                    "z_loss": m.z,
-                    "lr": m.lr,
-                    "grad_norm": m.grad_norm,
-                    "tokens_per_s": interval_tokens as f64 / interval_seconds.max(1e-9),
-                    "dropped_frac": dropped,
-                    "layers": m.layers,
+                self.run_dir.append_metrics(&MetricsLine::Train(TrainLine {
+                    step: m.step,
+                    epoch: m.epoch,
+                    train_loss: m.loss,
+                    ce_loss: m.ce,
+                    lb_loss: m.lb,
+                    z_loss: m.z,
+                    lr: m.lr,
+                    grad_norm: m.grad_norm,
+                    tokens_per_s: interval_tokens as f64 / interval_seconds.max(1e-9),
+                    dropped_frac: dropped,
+                    layers: m.layers.clone(),
                 }))?;
                 (interval_tokens, interval_seconds) = (0, 0.0);
             }
             let mut valid_loss = None;
             if self.step.is_multiple_of(t.eval_interval) || last {
                 let (metrics, sample) = self.validate()?;
-                self.log(&json!({
-                    "step": self.step,
-                    "valid_loss": metrics.loss,
-                    "valid_accuracy": metrics.accuracy,
-                    "lb_loss": metrics.lb_loss,
-                    "dropped_frac": metrics.dropped_frac,
-                    "layers": metrics.layers,
-                    "sample": sample,
+                self.run_dir.append_metrics(&MetricsLine::Valid(ValidLine {
+                    step: self.step,
+                    valid_loss: metrics.loss,
+                    valid_accuracy: metrics.accuracy,
+                    lb_loss: metrics.lb_loss,
+                    dropped_frac: metrics.dropped_frac,
+                    layers: metrics.layers.clone(),
+                    sample: sample.clone(),
                 }))?;
                 on_event(Event::Validation {
                     step: self.step,
@@ -414,7 +371,7 @@ impl Trainer {
                 if self.best_valid_loss.is_none_or(|b| metrics.loss < b) {
                     self.best_valid_loss = Some(metrics.loss);
                     checkpoint::save(
-                        &self.run_dir.join("best"),
+                        &self.run_dir.best(),
                         &self.replicas.first().model,
                         &self.config.model,
                         &self.replicas.first().adam,
@@ -436,20 +393,10 @@ pub fn load_run_model(
     run_dir: &Path,
     device: &Device,
 ) -> Result<(RunConfig, Vocab, SwitchTransformer)> {
-    let config = RunConfig::from_toml_file(&run_dir.join("config.toml"))
-        .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
-    let vocab = Vocab::from_json(
-        &std::fs::read_to_string(run_dir.join("vocab.json"))
-            .with_context(|| format!("{} has no vocab.json", run_dir.display()))?,
-    )?;
-    let dir = if run_dir.join("best").is_dir() {
-        run_dir.join("best")
-    } else {
-        checkpoint::list(&run_dir.join("checkpoints"))
-            .pop()
-            .map(|(_, d)| d)
-            .with_context(|| format!("{} has no checkpoint", run_dir.display()))?
-    };
+    let run_dir = RunDir::new(run_dir);
+    let config = run_dir.read_config()?;
+    let vocab = run_dir.read_vocab()?;
+    let dir = run_dir.inference_checkpoint()?;
     let mut model =
         crate::interop::weights::load_model(&dir.join("model.safetensors"), &config.model, device)
             .with_context(|| format!("checkpoint {} is unusable", dir.display()))?;

@@ -102,7 +102,7 @@ fn several_runs_are_overlaid_and_labelled() {
 #[test]
 fn bad_metrics_are_clear_errors() {
     let tmp = common::temp_dir("report-bad");
-    let good = r#"{"step":1,"train_loss":4.0,"lb_loss":2.0}"#;
+    let good = r#"{"step":1,"epoch":0,"train_loss":4.0,"ce_loss":3.9,"lb_loss":2.0,"z_loss":0.0,"lr":0.001,"grad_norm":1.0,"tokens_per_s":1000.0,"dropped_frac":0.0,"layers":[]}"#;
     let cases = [
         (
             "truncated",
@@ -116,6 +116,11 @@ fn bad_metrics_are_clear_errors() {
             "line 2",
         ),
         ("empty", String::new(), "no metrics"),
+        (
+            "missing-field",
+            format!("{good}\n{{\"step\":2,\"train_loss\":1.0}}"),
+            "line 2",
+        ),
     ];
     for (name, text, needle) in cases {
         let dir = tmp.join(name);

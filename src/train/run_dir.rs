@@ -1,0 +1,166 @@
+//! A run directory and its files, in one place:
+//!
+//! ```text
+//! runs/NAME/config.toml                 the configuration used
+//! runs/NAME/vocab.json                  the character vocabulary
+//! runs/NAME/metrics.jsonl               one JSON object per line (train::metrics)
+//! runs/NAME/checkpoints/step-NNNNNNN/   the last few checkpoints
+//! runs/NAME/best/                       the checkpoint with the best validation loss
+//! ```
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use super::checkpoint;
+use super::config::RunConfig;
+use super::metrics::MetricsLine;
+use crate::data::Vocab;
+use crate::util::write_atomic;
+
+/// The directory of one training run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDir(PathBuf);
+
+impl RunDir {
+    /// The run in `path` (nothing is read or created).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self(path.into())
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The directory, for printing.
+    pub fn display(&self) -> std::path::Display<'_> {
+        self.0.display()
+    }
+
+    /// `config.toml`.
+    pub fn config_path(&self) -> PathBuf {
+        self.0.join("config.toml")
+    }
+
+    /// `vocab.json`.
+    pub fn vocab_path(&self) -> PathBuf {
+        self.0.join("vocab.json")
+    }
+
+    /// `metrics.jsonl`.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.0.join("metrics.jsonl")
+    }
+
+    /// `checkpoints/`.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.0.join("checkpoints")
+    }
+
+    /// `best/`.
+    pub fn best(&self) -> PathBuf {
+        self.0.join("best")
+    }
+
+    /// Whether a run was started here (a configuration or checkpoints exist).
+    pub fn holds_run(&self) -> bool {
+        self.config_path().exists() || self.checkpoints().exists()
+    }
+
+    /// Creates the directory and writes the run's configuration and vocabulary.
+    pub fn create(&self, config: &RunConfig, vocab: &Vocab) -> Result<()> {
+        std::fs::create_dir_all(&self.0)
+            .with_context(|| format!("cannot create the run directory {self}"))?;
+        write_atomic(&self.config_path(), config.to_toml().as_bytes())?;
+        write_atomic(&self.vocab_path(), vocab.to_json().as_bytes())
+    }
+
+    /// The run's configuration.
+    pub fn read_config(&self) -> Result<RunConfig> {
+        RunConfig::from_toml_file(&self.config_path())
+            .with_context(|| format!("{self} is not a run directory"))
+    }
+
+    /// The run's vocabulary.
+    pub fn read_vocab(&self) -> Result<Vocab> {
+        let text = std::fs::read_to_string(self.vocab_path())
+            .with_context(|| format!("{self} has no vocab.json"))?;
+        Vocab::from_json(&text)
+    }
+
+    /// The complete checkpoints, oldest first, with their steps.
+    pub fn checkpoint_list(&self) -> Vec<(u64, PathBuf)> {
+        checkpoint::list(&self.checkpoints())
+    }
+
+    /// The newest checkpoint.
+    pub fn latest_checkpoint(&self) -> Option<PathBuf> {
+        self.checkpoint_list().pop().map(|(_, dir)| dir)
+    }
+
+    /// The checkpoint to run inference from: `best/` if present, else the newest.
+    pub fn inference_checkpoint(&self) -> Result<PathBuf> {
+        if self.best().is_dir() {
+            return Ok(self.best());
+        }
+        self.latest_checkpoint()
+            .with_context(|| format!("{self} has no checkpoint"))
+    }
+
+    /// Every line of `metrics.jsonl`; a line that does not parse is an error naming it.
+    pub fn read_metrics(&self) -> Result<Vec<MetricsLine>> {
+        if !self.0.is_dir() {
+            bail!("{self} is not a directory");
+        }
+        let path = self.metrics_path();
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("{self} has no metrics.jsonl: is it a run directory written by `switch train`?")
+        })?;
+        let mut lines = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let line = MetricsLine::parse(line)
+                .with_context(|| format!("{} line {}", path.display(), i + 1))?;
+            lines.push(line);
+        }
+        Ok(lines)
+    }
+
+    /// Appends `line` to `metrics.jsonl`.
+    pub fn append_metrics(&self, line: &MetricsLine) -> Result<()> {
+        let path = self.metrics_path();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        writeln!(f, "{}", line.to_json())
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Keeps only the metric lines up to `step` (a resumed run rewrites what follows); lines
+    /// that do not parse go too.
+    pub fn truncate_metrics(&self, step: u64) -> Result<()> {
+        let path = self.metrics_path();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let kept: String = text
+            .lines()
+            .filter(|l| MetricsLine::parse(l).is_ok_and(|m| m.step() <= step))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&path, kept.as_bytes())
+    }
+}
+
+impl fmt::Display for RunDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.display())
+    }
+}
