@@ -18,6 +18,8 @@ use crate::model::{InitScheme, ModelConfig};
 use crate::routing::RoutingRng;
 use crate::store::HostTensor;
 
+use super::names::{self, join};
+
 struct Init<'a> {
     rng: RoutingRng,
     c: &'a ModelConfig,
@@ -57,29 +59,21 @@ impl Init<'_> {
                 (w, vec![0.0; d_out])
             }
         };
-        sd.insert(
-            format!("{name}.weight"),
-            HostTensor::f32(vec![d_out, d_in], w),
-        );
-        sd.insert(format!("{name}.bias"), HostTensor::f32(vec![d_out], b));
+        sd.insert(names::weight(name), HostTensor::f32(vec![d_out, d_in], w));
+        sd.insert(names::bias(name), HostTensor::f32(vec![d_out], b));
     }
 
     fn layer_norm(sd: &mut StateDict, name: &str, d: usize) {
-        sd.insert(
-            format!("{name}.weight"),
-            HostTensor::f32(vec![d], vec![1.0; d]),
-        );
-        sd.insert(
-            format!("{name}.bias"),
-            HostTensor::f32(vec![d], vec![0.0; d]),
-        );
+        sd.insert(names::weight(name), HostTensor::f32(vec![d], vec![1.0; d]));
+        sd.insert(names::bias(name), HostTensor::f32(vec![d], vec![0.0; d]));
     }
 
     /// One expert FFN (labml `FeedForward`), names relative to it.
     fn ffn(&mut self) -> StateDict {
         let mut sd = StateDict::new();
-        self.linear(&mut sd, "layer1", self.c.d_model, self.c.d_ff);
-        self.linear(&mut sd, "layer2", self.c.d_ff, self.c.d_model);
+        let [l1, l2] = names::FFN_LAYERS;
+        self.linear(&mut sd, l1, self.c.d_model, self.c.d_ff);
+        self.linear(&mut sd, l2, self.c.d_ff, self.c.d_model);
         sd
     }
 
@@ -87,14 +81,16 @@ impl Init<'_> {
     fn block(&mut self, switch: bool) -> StateDict {
         let (d, identical) = (self.c.d_model, self.c.init == InitScheme::Labml);
         let mut sd = StateDict::new();
-        for p in ["query", "key", "value"] {
-            self.linear(&mut sd, &format!("attn.{p}.linear"), d, d);
+        for p in names::ATTN_QKV {
+            self.linear(&mut sd, p, d, d);
         }
-        self.linear(&mut sd, "attn.output", d, d);
-        Self::layer_norm(&mut sd, "norm_self_attn", d);
-        Self::layer_norm(&mut sd, "norm_ff", d);
+        self.linear(&mut sd, names::ATTN_OUTPUT, d, d);
+        Self::layer_norm(&mut sd, names::NORM_SELF_ATTN, d);
+        Self::layer_norm(&mut sd, names::NORM_FF, d);
+        let ff = names::FEED_FORWARD;
         if switch {
-            self.linear(&mut sd, "feed_forward.switch", d, self.c.n_experts);
+            self.linear(&mut sd, &join(ff, names::ROUTER), d, self.c.n_experts);
+            let experts = join(ff, names::EXPERTS);
             let first = self.ffn();
             for e in 0..self.c.n_experts {
                 let expert = if identical || e == 0 {
@@ -103,12 +99,12 @@ impl Init<'_> {
                     self.ffn()
                 };
                 for (k, v) in expert {
-                    sd.insert(format!("feed_forward.experts.{e}.{k}"), v);
+                    sd.insert(join(&names::expert(&experts, e), &k), v);
                 }
             }
         } else {
             for (k, v) in self.ffn() {
-                sd.insert(format!("feed_forward.{k}"), v);
+                sd.insert(join(ff, &k), v);
             }
         }
         sd
@@ -124,13 +120,13 @@ pub fn initial_state_dict(c: &ModelConfig, seed: u64) -> StateDict {
     let mut sd = StateDict::new();
     let embed = init.normal(c.n_vocab * c.d_model);
     sd.insert(
-        "src_embed.weight".into(),
+        names::EMBED.into(),
         HostTensor::f32(vec![c.n_vocab, c.d_model], embed),
     );
     if c.pos_embedding {
         let pos = init.normal(c.max_seq_len * c.d_model);
         sd.insert(
-            "pos_embed.weight".into(),
+            names::POS_EMBED.into(),
             HostTensor::f32(vec![c.max_seq_len, c.d_model], pos),
         );
     }
@@ -146,11 +142,11 @@ pub fn initial_state_dict(c: &ModelConfig, seed: u64) -> StateDict {
             init.block(switch)
         };
         for (k, v) in layer {
-            sd.insert(format!("transformer.layers.{l}.{k}"), v);
+            sd.insert(join(&names::block(l), &k), v);
         }
     }
-    Init::layer_norm(&mut sd, "transformer.norm", c.d_model);
-    init.linear(&mut sd, "generator", c.d_model, c.n_vocab);
+    Init::layer_norm(&mut sd, names::FINAL_NORM, c.d_model);
+    init.linear(&mut sd, names::GENERATOR, c.d_model, c.n_vocab);
     sd
 }
 

@@ -1,11 +1,10 @@
-//! PyTorch interop: the model as a labml `state_dict` (names and layouts of
-//! `labml_nn.transformers.switch.experiment.AutoregressiveModel`).
+//! PyTorch interop: the model as a labml `state_dict` (the names of [`super::names`], and
+//! PyTorch's layouts).
 //!
 //! Layout differences handled here and nowhere else:
 //! * `nn.Linear` weight is `[out, in]` in PyTorch, `[in, out]` in Burn;
 //! * LayerNorm `weight`/`bias` are Burn's `gamma`/`beta`;
 //! * experts are separate `experts.{e}.layer{1,2}` Linears in PyTorch, stacked tensors here;
-//! * attention projections live under `attn.{query,key,value}.linear` in labml.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +21,8 @@ use crate::model::expert::Experts;
 use crate::model::switch::SwitchFeedForward;
 use crate::routing::Router;
 use crate::store::HostTensor;
+
+use super::names::{self, join};
 
 /// PyTorch parameter name -> host tensor in PyTorch layout.
 pub type StateDict = BTreeMap<String, HostTensor>;
@@ -59,23 +60,23 @@ impl Exporter<'_> {
 
     fn linear(&mut self, prefix: &str, l: &Linear) {
         if let Some(w) = self.read(&l.weight) {
-            self.out.insert(format!("{prefix}.weight"), w.transposed());
+            self.out.insert(names::weight(prefix), w.transposed());
         }
         if let Some(b) = &l.bias {
-            self.put(format!("{prefix}.bias"), b);
+            self.put(names::bias(prefix), b);
         }
     }
 
     fn layer_norm(&mut self, prefix: &str, n: &LayerNorm) {
-        self.put(format!("{prefix}.weight"), &n.gamma);
+        self.put(names::weight(prefix), &n.gamma);
         if let Some(b) = &n.beta {
-            self.put(format!("{prefix}.bias"), b);
+            self.put(names::bias(prefix), b);
         }
     }
 
     fn experts(&mut self, prefix: &str, ex: &Experts) {
         let n = ex.n_experts();
-        let split = |t: Option<HostTensor>, name: &str, transpose: bool, out: &mut StateDict| {
+        let split = |t: Option<HostTensor>, name: String, transpose: bool, out: &mut StateDict| {
             let Some(t) = t else { return };
             let per = t.numel() / n;
             let inner: Vec<usize> = t.shape[1..].to_vec();
@@ -83,36 +84,39 @@ impl Exporter<'_> {
             for e in 0..n {
                 let m = HostTensor::f32(inner.clone(), v[e * per..(e + 1) * per].to_vec());
                 let m = if transpose { m.transposed() } else { m };
-                out.insert(format!("{prefix}.{e}.{name}"), m);
+                out.insert(join(&names::expert(prefix, e), &name), m);
             }
         };
-        split(self.read(&ex.w1), "layer1.weight", true, &mut self.out);
-        split(self.read(&ex.b1), "layer1.bias", false, &mut self.out);
-        split(self.read(&ex.w2), "layer2.weight", true, &mut self.out);
-        split(self.read(&ex.b2), "layer2.bias", false, &mut self.out);
+        let [l1, l2] = names::FFN_LAYERS;
+        split(self.read(&ex.w1), names::weight(l1), true, &mut self.out);
+        split(self.read(&ex.b1), names::bias(l1), false, &mut self.out);
+        split(self.read(&ex.w2), names::weight(l2), true, &mut self.out);
+        split(self.read(&ex.b2), names::bias(l2), false, &mut self.out);
     }
 
     fn switch(&mut self, prefix: &str, s: &SwitchFeedForward) {
-        self.linear(&format!("{prefix}.switch"), &s.router.switch);
-        self.experts(&format!("{prefix}.experts"), &s.experts);
+        self.linear(&join(prefix, names::ROUTER), &s.router.switch);
+        self.experts(&join(prefix, names::EXPERTS), &s.experts);
     }
 
     fn block(&mut self, prefix: &str, b: &SwitchBlock) {
-        for (name, l) in [
-            ("query", &b.attn.query),
-            ("key", &b.attn.key),
-            ("value", &b.attn.value),
-        ] {
-            self.linear(&format!("{prefix}.attn.{name}.linear"), l);
+        let at = |name: &str| join(prefix, name);
+        for (name, l) in names::ATTN_QKV
+            .iter()
+            .zip([&b.attn.query, &b.attn.key, &b.attn.value])
+        {
+            self.linear(&at(name), l);
         }
-        self.linear(&format!("{prefix}.attn.output"), &b.attn.output);
-        self.layer_norm(&format!("{prefix}.norm_self_attn"), &b.norm_self_attn);
-        self.layer_norm(&format!("{prefix}.norm_ff"), &b.norm_ff);
+        self.linear(&at(names::ATTN_OUTPUT), &b.attn.output);
+        self.layer_norm(&at(names::NORM_SELF_ATTN), &b.norm_self_attn);
+        self.layer_norm(&at(names::NORM_FF), &b.norm_ff);
+        let ff = at(names::FEED_FORWARD);
         match &b.feed_forward {
-            FeedForward::Switch(s) => self.switch(&format!("{prefix}.feed_forward"), s),
+            FeedForward::Switch(s) => self.switch(&ff, s),
             FeedForward::Dense(d) => {
-                self.linear(&format!("{prefix}.feed_forward.layer1"), &d.layer1);
-                self.linear(&format!("{prefix}.feed_forward.layer2"), &d.layer2);
+                let [l1, l2] = names::FFN_LAYERS;
+                self.linear(&join(&ff, l1), &d.layer1);
+                self.linear(&join(&ff, l2), &d.layer2);
             }
         }
     }
@@ -125,7 +129,7 @@ pub fn switch_state_dict(s: &SwitchFeedForward, source: Source<'_>) -> StateDict
         out: StateDict::new(),
     };
     ex.switch("", s);
-    strip_leading_dot(ex.out)
+    ex.out
 }
 
 /// The whole model, as labml's `AutoregressiveModel.state_dict()`.
@@ -134,22 +138,16 @@ pub fn model_state_dict(m: &SwitchTransformer, source: Source<'_>) -> StateDict 
         source,
         out: StateDict::new(),
     };
-    ex.put("src_embed.weight".into(), &m.src_embed.weight);
+    ex.put(names::EMBED.into(), &m.src_embed.weight);
     if let Some(p) = &m.pos_embed {
-        ex.put("pos_embed.weight".into(), &p.weight);
+        ex.put(names::POS_EMBED.into(), &p.weight);
     }
     for (l, b) in m.layers.iter().enumerate() {
-        ex.block(&format!("transformer.layers.{l}"), b);
+        ex.block(&names::block(l), b);
     }
-    ex.layer_norm("transformer.norm", &m.norm);
-    ex.linear("generator", &m.generator);
+    ex.layer_norm(names::FINAL_NORM, &m.norm);
+    ex.linear(names::GENERATOR, &m.generator);
     ex.out
-}
-
-fn strip_leading_dot(sd: StateDict) -> StateDict {
-    sd.into_iter()
-        .map(|(k, v)| (k.trim_start_matches('.').to_string(), v))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -190,10 +188,10 @@ impl Importer<'_> {
     }
 
     fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear> {
-        let w = self.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let w = self.take(&names::weight(prefix), &[d_out, d_in])?;
         Ok(Linear {
             weight: self.param(&w.transposed()),
-            bias: Some(self.take_param(&format!("{prefix}.bias"), &[d_out])?),
+            bias: Some(self.take_param(&names::bias(prefix), &[d_out])?),
         })
     }
 
@@ -201,27 +199,28 @@ impl Importer<'_> {
         let mut n = LayerNormConfig::new(d)
             .with_epsilon(crate::model::ops::LN_EPS)
             .init(self.device);
-        n.gamma = self.take_param(&format!("{prefix}.weight"), &[d])?;
-        n.beta = Some(self.take_param(&format!("{prefix}.bias"), &[d])?);
+        n.gamma = self.take_param(&names::weight(prefix), &[d])?;
+        n.beta = Some(self.take_param(&names::bias(prefix), &[d])?);
         Ok(n)
     }
 
     fn experts(&mut self, prefix: &str, n: usize, d: usize, f: usize) -> Result<Experts> {
-        let mut stack = |name: &str, shape: &[usize], transpose: bool| -> Result<HostTensor> {
+        let mut stack = |name: String, shape: &[usize], transpose: bool| -> Result<HostTensor> {
             let mut data = Vec::new();
             let mut inner = shape.to_vec();
             for e in 0..n {
-                let t = self.take(&format!("{prefix}.{e}.{name}"), shape)?;
+                let t = self.take(&join(&names::expert(prefix, e), &name), shape)?;
                 let t = if transpose { t.transposed() } else { t };
                 inner = t.shape.clone();
                 data.extend(t.to_f32());
             }
             Ok(HostTensor::f32([vec![n], inner].concat(), data))
         };
-        let w1 = stack("layer1.weight", &[f, d], true)?;
-        let b1 = stack("layer1.bias", &[f], false)?;
-        let w2 = stack("layer2.weight", &[d, f], true)?;
-        let b2 = stack("layer2.bias", &[d], false)?;
+        let [l1, l2] = names::FFN_LAYERS;
+        let w1 = stack(names::weight(l1), &[f, d], true)?;
+        let b1 = stack(names::bias(l1), &[f], false)?;
+        let w2 = stack(names::weight(l2), &[d, f], true)?;
+        let b2 = stack(names::bias(l2), &[d], false)?;
         Ok(Experts {
             w1: self.param(&w1),
             b1: self.param(&b1),
@@ -231,13 +230,12 @@ impl Importer<'_> {
     }
 
     fn switch(&mut self, prefix: &str, c: &ModelConfig) -> Result<SwitchFeedForward> {
-        let dot = if prefix.is_empty() { "" } else { "." };
         Ok(SwitchFeedForward {
             router: Router {
-                switch: self.linear(&format!("{prefix}{dot}switch"), c.d_model, c.n_experts)?,
+                switch: self.linear(&join(prefix, names::ROUTER), c.d_model, c.n_experts)?,
             },
             experts: self.experts(
-                &format!("{prefix}{dot}experts"),
+                &join(prefix, names::EXPERTS),
                 c.n_experts,
                 c.d_model,
                 c.d_ff,
@@ -254,24 +252,31 @@ impl Importer<'_> {
 
     fn block(&mut self, prefix: &str, c: &ModelConfig, l: usize) -> Result<SwitchBlock> {
         let d = c.d_model;
-        let mut proj = |name: &str| self.linear(&format!("{prefix}.attn.{name}.linear"), d, d);
-        let (query, key, value) = (proj("query")?, proj("key")?, proj("value")?);
+        let at = |name: &str| join(prefix, name);
+        let [q, k, v] = names::ATTN_QKV.map(at);
+        let (query, key, value) = (
+            self.linear(&q, d, d)?,
+            self.linear(&k, d, d)?,
+            self.linear(&v, d, d)?,
+        );
+        let ff = at(names::FEED_FORWARD);
+        let [l1, l2] = names::FFN_LAYERS;
         Ok(SwitchBlock {
             attn: MultiHeadAttention {
                 query,
                 key,
                 value,
-                output: self.linear(&format!("{prefix}.attn.output"), d, d)?,
+                output: self.linear(&at(names::ATTN_OUTPUT), d, d)?,
                 heads: c.heads,
             },
-            norm_self_attn: self.layer_norm(&format!("{prefix}.norm_self_attn"), d)?,
-            norm_ff: self.layer_norm(&format!("{prefix}.norm_ff"), d)?,
+            norm_self_attn: self.layer_norm(&at(names::NORM_SELF_ATTN), d)?,
+            norm_ff: self.layer_norm(&at(names::NORM_FF), d)?,
             feed_forward: if c.is_switch_layer(l) {
-                FeedForward::Switch(self.switch(&format!("{prefix}.feed_forward"), c)?)
+                FeedForward::Switch(self.switch(&ff, c)?)
             } else {
                 FeedForward::Dense(DenseFeedForward {
-                    layer1: self.linear(&format!("{prefix}.feed_forward.layer1"), d, c.d_ff)?,
-                    layer2: self.linear(&format!("{prefix}.feed_forward.layer2"), c.d_ff, d)?,
+                    layer1: self.linear(&join(&ff, l1), d, c.d_ff)?,
+                    layer2: self.linear(&join(&ff, l2), c.d_ff, d)?,
                 })
             },
             dropout: c.dropout,
@@ -323,20 +328,20 @@ pub fn model_from_state_dict(
         used: Vec::new(),
     };
     let src_embed = Embedding {
-        weight: im.take_param("src_embed.weight", &[c.n_vocab, c.d_model])?,
+        weight: im.take_param(names::EMBED, &[c.n_vocab, c.d_model])?,
     };
     let pos_embed = if c.pos_embedding {
         Some(Embedding {
-            weight: im.take_param("pos_embed.weight", &[c.max_seq_len, c.d_model])?,
+            weight: im.take_param(names::POS_EMBED, &[c.max_seq_len, c.d_model])?,
         })
     } else {
         None
     };
     let layers = (0..c.n_layers)
-        .map(|l| im.block(&format!("transformer.layers.{l}"), c, l))
+        .map(|l| im.block(&names::block(l), c, l))
         .collect::<Result<Vec<_>>>()?;
-    let norm = im.layer_norm("transformer.norm", c.d_model)?;
-    let generator = im.linear("generator", c.d_model, c.n_vocab)?;
+    let norm = im.layer_norm(names::FINAL_NORM, c.d_model)?;
+    let generator = im.linear(names::GENERATOR, c.d_model, c.n_vocab)?;
     im.finish()?;
     Ok(SwitchTransformer {
         src_embed,
