@@ -249,22 +249,46 @@ impl FlexTensor {
         }
     }
 
-    /// A contiguous tensor whose storage is left uninitialised, for outputs that the caller
-    /// overwrites completely before anything reads them (gemm with `read_dst = false`).
+    /// A contiguous tensor of element type `E` whose storage `fill` writes, without zero-filling
+    /// it first (matmul outputs: gemm with `read_dst = false` writes every element). `fill`
+    /// gets the storage as uninitialised elements, so no reference to uninitialised memory is
+    /// ever formed as `&mut [E]`.
     ///
     /// # Safety
-    /// Every element must be written before the tensor is read or handed out.
-    pub(crate) unsafe fn empty_uninit(shape: Shape, dtype: DType) -> Self {
+    /// `fill` writes every element of the slice it is given.
+    pub(crate) unsafe fn written_by<E: Element + bytemuck::Pod>(
+        shape: Shape,
+        fill: impl FnOnce(&mut [core::mem::MaybeUninit<E>]),
+    ) -> Self {
+        use core::mem::{ManuallyDrop, MaybeUninit};
+        let dtype = E::dtype();
         let num_elements = shape.num_elements();
-        let n_bytes = num_elements * dtype_size(dtype);
-        if n_bytes % 16 != 0 {
-            return Self::empty(shape, dtype);
+        let n_bytes = num_elements * core::mem::size_of::<E>();
+        if n_bytes % 16 != 0 || core::mem::align_of::<E>() > 16 {
+            // Not a whole number of u128 words: zero-filled storage, written over.
+            let mut tensor = Self::empty(shape, dtype);
+            let values: &mut [E] = tensor.storage_mut();
+            // SAFETY: an initialised `E` is a valid `MaybeUninit<E>`, same layout.
+            fill(unsafe { &mut *(values as *mut [E] as *mut [MaybeUninit<E>]) });
+            return tensor;
         }
-        let mut elems: Vec<u128> = Vec::with_capacity(n_bytes / 16);
-        // SAFETY: the caller writes every element before any read (see above).
-        unsafe { elems.set_len(n_bytes / 16) };
+        // u128 words (the runtime's MAX_ALIGN), so that `Bytes` keeps the allocation.
+        let words = n_bytes / 16;
+        let mut buf: Vec<MaybeUninit<u128>> = Vec::with_capacity(words);
+        // SAFETY: `MaybeUninit` needs no initialisation.
+        unsafe { buf.set_len(words) };
+        // SAFETY: the buffer holds `n_bytes` bytes aligned to 16 >= align_of::<E>().
+        let elems = unsafe {
+            core::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<MaybeUninit<E>>(), num_elements)
+        };
+        fill(elems);
+        let mut buf = ManuallyDrop::new(buf);
+        // SAFETY: `fill` wrote every element, and `E: Pod` has no padding, so every byte of the
+        // buffer is initialised; `MaybeUninit<u128>` and `u128` share their layout.
+        let buf: Vec<u128> =
+            unsafe { Vec::from_raw_parts(buf.as_mut_ptr().cast::<u128>(), words, buf.capacity()) };
         Self {
-            data: Arc::new(Bytes::from_elems(elems)),
+            data: Arc::new(Bytes::from_elems(buf)),
             layout: Layout::contiguous(shape),
             dtype,
         }
