@@ -13,5 +13,6 @@ mod parity;
 mod report;
 mod switch_layer;
 mod toolkit;
+mod toolkit_model;
 mod train;
 mod weights;
