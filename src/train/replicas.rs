@@ -307,11 +307,7 @@ impl Replicas {
                         .step_scaled(first.model.clone(), g, lr, grad_scale);
                     let _ = first.device.sync();
                 };
-                if n == 1 {
-                    on_worker(|| step(&mut first));
-                } else {
-                    step(&mut first);
-                }
+                step(&mut first);
                 self.replicas.insert(0, first);
                 if n > 1 {
                     broadcast_weights(&mut self.replicas);
@@ -327,13 +323,13 @@ impl Replicas {
         }
     }
 
-    /// `f` on a worker of the global thread pool when there is one replica (see
-    /// the free function `on_worker`), else on the calling thread.
-    pub fn on_worker<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+    /// `f(self)` on a worker of the global thread pool when there is one replica (see the
+    /// free function `on_worker`), else on the calling thread.
+    pub fn on_worker<R: Send>(&mut self, f: impl FnOnce(&mut Self) -> R + Send) -> R {
         if self.replicas.len() == 1 {
-            on_worker(f)
+            on_worker(|| f(self))
         } else {
-            f()
+            f(self)
         }
     }
 }

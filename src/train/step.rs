@@ -78,11 +78,14 @@ pub fn step(
     let layers = layer_stats(&stats);
     // The gradient of the whole batch.
     let grads = replicas.sum_gradients(grads);
-    // Clip it to its global norm.
-    let grad_norm = replicas.on_worker(|| grads.global_norm());
-    let clip = clip_coefficient(grad_norm, s.grad_clip);
-    // Adam; every replica then holds the new weights.
-    replicas.adam_step(&grads, s.lr, clip);
+    let grad_norm = replicas.on_worker(|replicas| {
+        // Clip it to its global norm.
+        let grad_norm = grads.global_norm();
+        let clip = clip_coefficient(grad_norm, s.grad_clip);
+        // Adam; every replica then holds the new weights.
+        replicas.adam_step(&grads, s.lr, clip);
+        grad_norm
+    });
     StepOutput {
         ce,
         lb,
