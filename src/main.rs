@@ -77,6 +77,13 @@ enum Command {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    // Writing to a closed pipe (`switch eval ... | head -1`) ends the process quietly, as it does
+    // for other command-line tools, instead of a panic in println!.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -74,6 +74,15 @@ impl HostTensor {
         }
     }
 
+    /// The first value that is NaN or infinite, if any (integers are always finite).
+    pub fn first_non_finite(&self) -> Option<f64> {
+        match &self.data {
+            HostData::F32(v) => v.iter().find(|x| !x.is_finite()).map(|&x| x as f64),
+            HostData::F64(v) => v.iter().find(|x| !x.is_finite()).copied(),
+            HostData::I64(_) | HostData::U8(_) => None,
+        }
+    }
+
     /// The values as f64.
     pub fn to_f64(&self) -> Vec<f64> {
         match &self.data {

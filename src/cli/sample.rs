@@ -1,5 +1,6 @@
 //! `switch sample`: text from a trained run (cached, or recomputed as labml's sampler).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -7,7 +8,9 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use rand::SeedableRng;
 use switch_transformer::RoutingRng;
-use switch_transformer::infer::generate::{SampleOptions, generate, generate_cached};
+use switch_transformer::infer::generate::{
+    SampleOptions, generate_cached_streaming, generate_streaming,
+};
 use switch_transformer::train::load_run_model;
 
 /// Generate text from a trained run.
@@ -51,11 +54,17 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<ExitCode> {
         recompute,
     } = args;
 
-    let (config, vocab, mut model) = load_run_model(&run, device)?;
-    model.set_drop_tokens(drop_tokens);
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        bail!("--temperature must be a number >= 0 (0 = greedy), got {temperature}");
+    }
+    if top_k == Some(0) {
+        bail!("--top-k must be at least 1 (leave it out to sample from every token)");
+    }
     if prompt.is_empty() {
         bail!("--prompt must not be empty");
     }
+    let (config, vocab, mut model) = load_run_model(&run, device)?;
+    model.set_drop_tokens(drop_tokens);
     let ids = vocab.encode(&prompt).context("--prompt")?;
     let opts = SampleOptions {
         max_tokens,
@@ -64,11 +73,39 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<ExitCode> {
         context: config.train.seq_len,
     };
     let mut rng = RoutingRng::seed_from_u64(seed);
-    let new = if recompute || drop_tokens {
-        generate(&model, &ids, &opts, &mut rng.clone(), &mut rng)
-    } else {
-        generate_cached(&model, &ids, &opts, &mut rng.clone(), &mut rng)
+    // The text appears as it is generated (flushed at each line and every 64 tokens).
+    let mut out = std::io::stdout().lock();
+    write!(out, "{prompt}")?;
+    let mut written = 0usize;
+    let mut on_token = |t: u32| {
+        let text = vocab.decode(&[t]);
+        // A write error (a closed pipe ends the process before: SIGPIPE) stops nothing here.
+        let _ = out.write_all(text.as_bytes());
+        written += 1;
+        if text.contains('\n') || written.is_multiple_of(64) {
+            let _ = out.flush();
+        }
     };
-    println!("{prompt}{}", vocab.decode(&new));
+    if recompute || drop_tokens {
+        generate_streaming(
+            &model,
+            &ids,
+            &opts,
+            &mut rng.clone(),
+            &mut rng,
+            &mut on_token,
+        );
+    } else {
+        generate_cached_streaming(
+            &model,
+            &ids,
+            &opts,
+            &mut rng.clone(),
+            &mut rng,
+            &mut on_token,
+        );
+    }
+    writeln!(out)?;
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -35,7 +35,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
     /// Continue the run in this directory from its latest checkpoint.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "overrides", "seed", "name"])]
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "seed", "name"])]
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub parallel: ParallelArgs,
@@ -64,7 +64,17 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         }
         let seq_len = RunDir::new(&run_dir).read_config()?.train.seq_len;
         let text = load_data(&data, seq_len)?;
-        let t = Trainer::resume(&run_dir, text, placement)?;
+        let t = Trainer::resume_with(&run_dir, text, placement, &overrides)?;
+        if t.step >= t.config.train.steps {
+            println!(
+                "{} is finished: step {} of train.steps = {}; extend it with --resume {0} \
+                 --set train.steps=N",
+                run_dir.display(),
+                t.step,
+                t.config.train.steps
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         println!("resuming {} at step {}", run_dir.display(), t.step);
         t
     } else {
@@ -88,9 +98,22 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         placement.devices_for(c.train.replicas)?;
         let text = load_data(&data, c.train.seq_len)?;
         let name = name.unwrap_or_else(default_run_name);
+        check_run_name(&name)?;
         Trainer::create(c, text, &runs_dir.join(name), placement)?
     };
-    train(&mut trainer)
+    train(&mut trainer, &data)
+}
+
+/// A run name is one plain path component: not empty, not `.` or `..`, no separators.
+fn check_run_name(name: &str) -> Result<()> {
+    let mut parts = std::path::Path::new(name).components();
+    let plain = matches!(parts.next(), Some(std::path::Component::Normal(_)))
+        && parts.next().is_none()
+        && !name.contains(['/', '\\']);
+    if !plain {
+        bail!("--name `{name}` is not a plain run name: use letters, digits, - or _ (no path)");
+    }
+    Ok(())
 }
 
 fn default_run_name() -> String {
@@ -101,13 +124,13 @@ fn default_run_name() -> String {
     )
 }
 
-fn train(trainer: &mut Trainer) -> Result<ExitCode> {
+fn train(trainer: &mut Trainer, data: &std::path::Path) -> Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
         ctrlc::set_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130); // second Ctrl-C: leave now
+                std::process::exit(130); // a second signal: leave now
             }
         })
         .context("cannot install the Ctrl-C handler")?;
@@ -160,13 +183,26 @@ fn train(trainer: &mut Trainer) -> Result<ExitCode> {
             });
         }
         Event::Checkpoint(dir) => bar.suspend(|| println!("checkpoint {}", dir.display())),
+        Event::Skipped(s) => bar.suspend(|| {
+            eprintln!(
+                "warning: step {}: non-finite loss ({}) or gradient norm ({}): step skipped, \
+                 weights unchanged (train.skip_nonfinite)",
+                s.step, s.loss, s.grad_norm
+            )
+        }),
     })?;
     bar.finish();
     Ok(match finish {
         Finish::Completed => ExitCode::SUCCESS,
         Finish::Interrupted => {
+            // The data goes into the hint unless it is the default, so that it works as printed.
+            let data = if data == std::path::Path::new(DEFAULT_DATA) {
+                String::new()
+            } else {
+                format!(" --data {}", data.display())
+            };
             eprintln!(
-                "interrupted: checkpoint written; continue with `switch train --resume {}`",
+                "interrupted: checkpoint written; continue with `switch train --resume {}{data}`",
                 trainer.run_dir.display()
             );
             ExitCode::from(130)

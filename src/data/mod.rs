@@ -111,7 +111,9 @@ impl TextData {
                 e.utf8_error().valid_up_to()
             )
         })?;
-        Self::from_text(&text, min_len)
+        // A UTF-8 byte-order mark is an encoding marker, not a character of the text.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        Self::from_text(text, min_len)
             .with_context(|| format!("the data file {} cannot be used", path.display()))
     }
 

@@ -62,6 +62,18 @@ pub fn generate(
     sample_rng: &mut impl Rng,
     routing_rng: &mut RoutingRng,
 ) -> Vec<u32> {
+    generate_streaming(model, prompt, opts, sample_rng, routing_rng, &mut |_| {})
+}
+
+/// [`generate`], handing each new token to `on_token` as soon as it is picked.
+pub fn generate_streaming(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+    on_token: &mut dyn FnMut(u32),
+) -> Vec<u32> {
     assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
     let device = model.src_embed.weight.device();
     let mut tokens = prompt.to_vec();
@@ -69,7 +81,9 @@ pub fn generate(
         let start = tokens.len().saturating_sub(opts.context);
         let ids = sequence_tensor(&tokens[start..], &device);
         let logits = model.forward(ids, routing_rng).logits;
-        tokens.push(pick(&last_logits(logits), opts, sample_rng));
+        let next = pick(&last_logits(logits), opts, sample_rng);
+        on_token(next);
+        tokens.push(next);
     }
     tokens.split_off(prompt.len())
 }
@@ -88,9 +102,21 @@ pub fn generate_cached(
     sample_rng: &mut impl Rng,
     routing_rng: &mut RoutingRng,
 ) -> Vec<u32> {
+    generate_cached_streaming(model, prompt, opts, sample_rng, routing_rng, &mut |_| {})
+}
+
+/// [`generate_cached`], handing each new token to `on_token` as soon as it is picked.
+pub fn generate_cached_streaming(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+    on_token: &mut dyn FnMut(u32),
+) -> Vec<u32> {
     assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
     let Some(decoder) = HostDecoder::for_model(model) else {
-        return generate_cached_generic(model, prompt, opts, sample_rng, routing_rng);
+        return generic(model, prompt, opts, sample_rng, routing_rng, on_token);
     };
     let mut cache = decoder.new_cache();
     let start = prompt.len().saturating_sub(opts.context);
@@ -101,6 +127,7 @@ pub fn generate_cached(
     let mut new = Vec::with_capacity(opts.max_tokens);
     for i in 0..opts.max_tokens {
         let next = pick(&logits, opts, sample_rng);
+        on_token(next);
         new.push(next);
         if i + 1 < opts.max_tokens {
             logits = decoder.step(next, &mut cache, opts.context);
@@ -117,10 +144,21 @@ pub fn generate_cached_generic(
     sample_rng: &mut impl Rng,
     routing_rng: &mut RoutingRng,
 ) -> Vec<u32> {
+    generic(model, prompt, opts, sample_rng, routing_rng, &mut |_| {})
+}
+
+fn generic(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+    on_token: &mut dyn FnMut(u32),
+) -> Vec<u32> {
     assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
     if model.pos_embed.is_some() {
         // Positions past the embedding's length do not exist: slide the window instead.
-        return generate(model, prompt, opts, sample_rng, routing_rng);
+        return generate_streaming(model, prompt, opts, sample_rng, routing_rng, on_token);
     }
     let mut model = model.clone();
     model.set_drop_tokens(false);
@@ -133,6 +171,7 @@ pub fn generate_cached_generic(
         let ids = sequence_tensor(&feed, &device);
         let logits = model.forward_cached(ids, &mut cache, opts.context, routing_rng);
         let next = pick(&last_logits(logits), opts, sample_rng);
+        on_token(next);
         new.push(next);
         feed = vec![next];
     }

@@ -170,6 +170,9 @@ impl Importer<'_> {
                 t.shape
             );
         }
+        if let Some(v) = t.first_non_finite() {
+            bail!("tensor `{name}` holds a non-finite value ({v}): these weights have diverged");
+        }
         self.used.push(name.to_string());
         Ok(t.clone())
     }

@@ -55,15 +55,22 @@ pub fn save(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    save_model(&tmp.join(MODEL), model, config)?;
-    let mut opt = TensorFile::default();
-    opt.tensors.extend(adam.state_tensors());
-    opt.metadata.insert("step".into(), adam.step.to_string());
-    opt.write(&tmp.join(OPTIMIZER))?;
-    write_atomic(
-        &tmp.join(STATE),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
+    let written = (|| -> Result<()> {
+        save_model(&tmp.join(MODEL), model, config)?;
+        let mut opt = TensorFile::default();
+        opt.tensors.extend(adam.state_tensors());
+        opt.metadata.insert("step".into(), adam.step.to_string());
+        opt.write(&tmp.join(OPTIMIZER))?;
+        write_atomic(
+            &tmp.join(STATE),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )
+    })();
+    if written.is_err() {
+        // A failed write (a full disk, say) leaves nothing behind to keep the disk full.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written?;
     // Swap in: the old directory is removed only after the new one has its final name.
     let old = parent.join(format!(".{}.old", name.to_string_lossy()));
     if dir.exists() {
@@ -75,6 +82,46 @@ pub fn save(
     std::fs::rename(&tmp, dir).with_context(|| format!("cannot write {}", dir.display()))?;
     if old.exists() {
         std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// Removes the checkpoint directory `dir` so that no partly deleted checkpoint ever keeps a
+/// checkpoint's name: renamed out of the way first, then deleted.
+pub fn remove(dir: &Path) -> Result<()> {
+    let parent = dir.parent().context("checkpoint path has no parent")?;
+    let name = dir.file_name().context("checkpoint path has no name")?;
+    let doomed = parent.join(format!(".{}.deleting", name.to_string_lossy()));
+    std::fs::rename(dir, &doomed)
+        .and_then(|()| std::fs::remove_dir_all(&doomed))
+        .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))
+}
+
+/// Finishes or undoes what an interrupted [`save`] or [`remove`] left in `parent`: leftover
+/// `.NAME.partial` and `.NAME.deleting` directories are removed, and a `.NAME.old` whose
+/// `NAME` is missing (a kill between the two renames of a save) takes its name back.
+pub fn tidy(parent: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(hidden) = name.strip_prefix('.') else {
+            continue;
+        };
+        let path = e.path();
+        if hidden.ends_with(".partial") || hidden.ends_with(".deleting") {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove the leftover {}", path.display()))?;
+        } else if let Some(base) = hidden.strip_suffix(".old") {
+            let target = parent.join(base);
+            if target.exists() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::rename(&path, &target)
+            }
+            .with_context(|| format!("cannot restore {}", target.display()))?;
+        }
     }
     Ok(())
 }

@@ -56,6 +56,9 @@ pub struct TrainConfig {
     pub sample_prompt: String,
     /// Characters generated for that sample.
     pub sample_tokens: usize,
+    /// Steps with a non-finite loss or gradient norm to skip (no update) before the run stops
+    /// with an error; 0 = stop at the first.
+    pub skip_nonfinite: u64,
 }
 
 impl Default for TrainConfig {
@@ -82,6 +85,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             sample_prompt: "It is".into(),
             sample_tokens: 25,
+            skip_nonfinite: 0,
         }
     }
 }
@@ -271,6 +275,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("train.checkpoint_interval", "steps between checkpoints"),
     (
+        "train.skip_nonfinite",
+        "steps with a non-finite loss or gradient norm skipped before the run stops (0 = none)",
+    ),
+    (
         "train.keep_checkpoints",
         "most recent checkpoints kept (plus the best)",
     ),
@@ -294,6 +302,14 @@ impl RunConfig {
             bail!(
                 "train.global_routing routes through the host (the replicas exchange their \
                  router probabilities there): set model.route_on = auto or host"
+            );
+        }
+        if self.model.pos_embedding && self.model.max_seq_len < t.seq_len {
+            bail!(
+                "model.max_seq_len ({}) must be at least train.seq_len ({}) with \
+                 model.pos_embedding: the learned positions cover max_seq_len positions",
+                self.model.max_seq_len,
+                t.seq_len
             );
         }
         Ok(())
@@ -359,6 +375,39 @@ impl RunConfig {
                 anyhow::anyhow!("invalid value `{value}` for {key}: {}", e.message().trim())
             })?;
         Ok(())
+    }
+}
+
+/// Keys that a resumed run may change (`--resume R --set key=value`): the length of the run,
+/// what it logs, samples and keeps. Every other key would change the model, the data order or
+/// the optimizer's arithmetic mid-run.
+pub const RESUMABLE_KEYS: &[&str] = &[
+    "train.steps",
+    "train.log_interval",
+    "train.eval_interval",
+    "train.checkpoint_interval",
+    "train.keep_checkpoints",
+    "train.sample_prompt",
+    "train.sample_tokens",
+    "train.skip_nonfinite",
+];
+
+impl RunConfig {
+    /// Applies `--set` overrides to a resumed run's configuration; a key outside
+    /// [`RESUMABLE_KEYS`] is an error naming it.
+    pub fn set_on_resume(&mut self, assignments: &[String]) -> Result<()> {
+        for a in assignments {
+            let key = a.split_once('=').map_or(a.as_str(), |(k, _)| k).trim();
+            if !RESUMABLE_KEYS.contains(&key) {
+                bail!(
+                    "{key} cannot change when a run resumes (it would change the model, the data \
+                     order or the optimizer mid-run); a resumed run may change: {}",
+                    RESUMABLE_KEYS.join(", ")
+                );
+            }
+            self.set(a)?;
+        }
+        self.validate()
     }
 }
 

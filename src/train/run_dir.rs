@@ -84,6 +84,18 @@ impl RunDir {
             .with_context(|| format!("{self} is not a run directory"))
     }
 
+    /// Replaces the run's configuration (atomically).
+    pub fn write_config(&self, config: &RunConfig) -> Result<()> {
+        write_atomic(&self.config_path(), config.to_toml().as_bytes())
+    }
+
+    /// Finishes or undoes what an interrupted checkpoint write or removal left behind (in
+    /// `checkpoints/` and beside `best/`): see [`checkpoint::tidy`].
+    pub fn tidy(&self) -> Result<()> {
+        checkpoint::tidy(&self.checkpoints())?;
+        checkpoint::tidy(&self.0)
+    }
+
     /// The run's vocabulary.
     pub fn read_vocab(&self) -> Result<Vocab> {
         let text = std::fs::read_to_string(self.vocab_path())
@@ -103,6 +115,7 @@ impl RunDir {
 
     /// The checkpoint to run inference from: `best/` if present, else the newest.
     pub fn inference_checkpoint(&self) -> Result<PathBuf> {
+        self.tidy()?;
         if self.best().is_dir() {
             return Ok(self.best());
         }
@@ -120,13 +133,27 @@ impl RunDir {
             format!("{self} has no metrics.jsonl: is it a run directory written by `switch train`?")
         })?;
         let mut lines = Vec::new();
+        let n = text.lines().count();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let line = MetricsLine::parse(line)
-                .with_context(|| format!("{} line {}", path.display(), i + 1))?;
-            lines.push(line);
+            match MetricsLine::parse(line) {
+                Ok(l) => lines.push(l),
+                // A last line without its newline was cut by a kill mid-write: the end.
+                Err(e)
+                    if i + 1 == n
+                        && !text.ends_with('\n')
+                        && serde_json::from_str::<serde_json::Value>(line).is_err() =>
+                {
+                    eprintln!(
+                        "warning: {} line {} is incomplete ({e}); reading up to the line before",
+                        path.display(),
+                        i + 1
+                    );
+                }
+                Err(e) => return Err(e.context(format!("{} line {}", path.display(), i + 1))),
+            }
         }
         Ok(lines)
     }
@@ -139,7 +166,9 @@ impl RunDir {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        writeln!(f, "{}", line.to_json())
+        // One write of the whole line, so that a kill never leaves half a line behind.
+        let text = format!("{}\n", line.to_json());
+        f.write_all(text.as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))
     }
 

@@ -55,6 +55,9 @@ pub struct StepOutput {
     pub backward_s: f64,
     /// Seconds in the rest: gradient sum, clip, Adam.
     pub update_s: f64,
+    /// Whether the weights were updated: not when a loss or the gradient norm is not finite
+    /// (the step is skipped and nothing non-finite reaches the weights).
+    pub updated: bool,
 }
 
 /// One optimizer step on `batch`, drawing routing and dropout from `rng`.
@@ -78,13 +81,16 @@ pub fn step(
     let layers = layer_stats(&stats);
     // The gradient of the whole batch.
     let grads = replicas.sum_gradients(grads);
-    let grad_norm = replicas.on_worker(|replicas| {
+    let (grad_norm, updated) = replicas.on_worker(|replicas| {
         // Clip it to its global norm.
         let grad_norm = grads.global_norm();
+        if !(grad_norm.is_finite() && ce.is_finite() && lb.is_finite() && z.is_finite()) {
+            return (grad_norm, false); // diverged: no update, the caller decides
+        }
         let clip = clip_coefficient(grad_norm, s.grad_clip);
         // Adam; every replica then holds the new weights.
         replicas.adam_step(&grads, s.lr, clip);
-        grad_norm
+        (grad_norm, true)
     });
     StepOutput {
         ce,
@@ -95,6 +101,7 @@ pub fn step(
         forward_s,
         backward_s,
         update_s: t0.elapsed().as_secs_f64(),
+        updated,
     }
 }
 

@@ -54,6 +54,8 @@ pub struct StepMetrics {
     pub seconds: f64,
     /// Routing per Switch layer.
     pub layers: Vec<LayerStats>,
+    /// Whether the weights were updated (not when a loss or the gradient norm was not finite).
+    pub updated: bool,
 }
 
 /// Progress reported to the caller of [`Trainer::run`].
@@ -71,6 +73,8 @@ pub enum Event<'a> {
     },
     /// A checkpoint was written to this directory.
     Checkpoint(&'a Path),
+    /// A step with a non-finite loss or gradient norm was skipped (`train.skip_nonfinite`).
+    Skipped(&'a StepMetrics),
 }
 
 /// How [`Trainer::run`] ended.
@@ -99,6 +103,8 @@ pub struct Trainer {
     rng: RoutingRng,
     best_valid_loss: Option<f64>,
     valid: Vec<Batch>,
+    /// Steps skipped in this process for a non-finite loss or gradient norm.
+    nonfinite_steps: u64,
 }
 
 impl Trainer {
@@ -112,6 +118,7 @@ impl Trainer {
     ) -> Result<Self> {
         config.model.n_vocab = data.vocab.len();
         config.validate()?;
+        check_prompt(&config, &data)?;
         let placement = placement.into();
         let devices = placement.devices_for(config.train.replicas)?;
         let run_dir = RunDir::new(run_dir);
@@ -142,23 +149,62 @@ impl Trainer {
     /// Continues the run in `run_dir` from its latest checkpoint. `data` must have the run's
     /// vocabulary; `placement` must fit the run's `train.replicas`.
     pub fn resume(run_dir: &Path, data: TextData, placement: impl Into<Placement>) -> Result<Self> {
+        Self::resume_with(run_dir, data, placement, &[])
+    }
+
+    /// [`resume`](Self::resume) with `--set` overrides of the keys a resumed run may change
+    /// ([`crate::train::config::RESUMABLE_KEYS`], e.g. `train.steps` to extend it); the changed
+    /// configuration is written to the run's `config.toml`.
+    pub fn resume_with(
+        run_dir: &Path,
+        data: TextData,
+        placement: impl Into<Placement>,
+        overrides: &[String],
+    ) -> Result<Self> {
         let run_dir = RunDir::new(run_dir);
-        let config = run_dir.read_config()?;
+        let mut config = run_dir.read_config()?;
+        if !overrides.is_empty() {
+            config.set_on_resume(overrides)?;
+        }
         if run_dir.read_vocab()? != data.vocab {
             bail!(
                 "the data's characters differ from those of the run in {run_dir}: resume with \
                  the same --data"
             );
         }
-        let Some(dir) = run_dir.latest_checkpoint() else {
+        check_prompt(&config, &data)?;
+        run_dir.tidy()?;
+        let checkpoints = run_dir.checkpoint_list();
+        if checkpoints.is_empty() {
             bail!("{run_dir} has no checkpoint to resume from");
-        };
+        }
         let placement = placement.into();
         let devices = placement.devices_for(config.train.replicas)?;
         let device = devices[0].clone().autodiff();
         let t = &config.train;
-        let adam = LabmlAdam::new(t.beta1, t.beta2, t.eps);
-        let loaded = checkpoint::load(&dir, &config.model, adam, &device)?;
+        // The newest checkpoint that loads; a damaged one is skipped with a message.
+        let mut loaded = None;
+        let mut newest_error = None;
+        for (_, dir) in checkpoints.iter().rev() {
+            let adam = LabmlAdam::new(t.beta1, t.beta2, t.eps);
+            match checkpoint::load(dir, &config.model, adam, &device) {
+                Ok(l) => {
+                    loaded = Some(l);
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("warning: skipping checkpoint {}: {e:#}", dir.display());
+                    newest_error.get_or_insert(e);
+                }
+            }
+        }
+        let Some(loaded) = loaded else {
+            let e = newest_error.expect("a checkpoint failed to load");
+            return Err(e.context(format!("no checkpoint of {run_dir} loads")));
+        };
+        if !overrides.is_empty() {
+            run_dir.write_config(&config)?;
+        }
         let mut loader = TrainLoader::new(data.train.len(), t.seq_len, t.batch_size, t.seed);
         loader.restore(loaded.state.loader);
         let first = Replica {
@@ -206,6 +252,7 @@ impl Trainer {
             rng,
             best_valid_loss: None,
             valid,
+            nonfinite_steps: 0,
             config,
         }
     }
@@ -250,6 +297,7 @@ impl Trainer {
             tokens: batch.tokens(),
             seconds: start.elapsed().as_secs_f64(),
             layers: out.layers,
+            updated: out.updated,
         }
     }
 
@@ -311,8 +359,7 @@ impl Trainer {
         let all = checkpoint::list(&checkpoints);
         let excess = all.len().saturating_sub(self.config.train.keep_checkpoints);
         for (_, old) in &all[..excess] {
-            std::fs::remove_dir_all(old)
-                .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+            checkpoint::remove(old)?;
         }
         Ok(dir)
     }
@@ -328,11 +375,31 @@ impl Trainer {
                 return Ok(Finish::Interrupted);
             }
             let m = self.train_step();
+            if !m.updated {
+                self.nonfinite_steps += 1;
+                if self.nonfinite_steps > t.skip_nonfinite {
+                    bail!(
+                        "step {}: the training loss ({}) or the gradient norm ({}) is not finite: \
+                         the run stopped without updating the weights or writing anything \
+                         non-finite ({}). Lower train.lr (or raise train.warmup) and resume, or \
+                         set train.skip_nonfinite = N to skip up to N such steps",
+                        m.step,
+                        m.loss,
+                        m.grad_norm,
+                        self.run_dir
+                            .latest_checkpoint()
+                            .map_or("no checkpoint yet".into(), |c| {
+                                format!("last checkpoint: {}", c.display())
+                            })
+                    );
+                }
+                on_event(Event::Skipped(&m));
+            }
             interval_tokens += m.tokens;
             interval_seconds += m.seconds;
             on_event(Event::Step(&m));
             let last = self.step == t.steps;
-            if self.step.is_multiple_of(t.log_interval) || last {
+            if m.updated && (self.step.is_multiple_of(t.log_interval) || last) {
                 let dropped = m.layers.iter().map(|l| l.dropped_frac).sum::<f64>()
                     / m.layers.len().max(1) as f64;
                 self.run_dir.append_metrics(&MetricsLine::Train(TrainLine {
@@ -353,6 +420,15 @@ impl Trainer {
             let mut valid_loss = None;
             if self.step.is_multiple_of(t.eval_interval) || last {
                 let (metrics, sample) = self.validate()?;
+                if !metrics.loss.is_finite() {
+                    bail!(
+                        "step {}: the validation loss is not finite ({}): the weights have \
+                         diverged; the run stopped before writing them. Lower train.lr (or \
+                         raise train.warmup) and resume from the last checkpoint",
+                        self.step,
+                        metrics.loss
+                    );
+                }
                 self.run_dir.append_metrics(&MetricsLine::Valid(ValidLine {
                     step: self.step,
                     valid_loss: metrics.loss,
@@ -414,4 +490,13 @@ fn run_replicas(
 ) -> Result<Replicas> {
     let global = config.train.global_routing;
     Replicas::new(first, &config.model, devices, placement.grad_sync, global)
+}
+
+/// The validation sample's prompt must be made of the data's characters: checked before any
+/// training, not at the first validation.
+fn check_prompt(config: &RunConfig, data: &TextData) -> Result<()> {
+    data.vocab
+        .encode(&config.train.sample_prompt)
+        .map(|_| ())
+        .context("train.sample_prompt holds a character the data does not")
 }

@@ -3,6 +3,7 @@
 //! `cargo test --release --test suite -- parity::`.
 
 mod cli;
+mod cli_reliability;
 mod common;
 mod compare;
 mod device_routing;
@@ -10,6 +11,7 @@ mod fused;
 mod generate;
 mod parallel;
 mod parity;
+mod reliability;
 mod report;
 mod switch_layer;
 mod toolkit;

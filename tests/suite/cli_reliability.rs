@@ -1,0 +1,329 @@
+//! The `switch` binary under the conditions a run meets outside a terminal session: signals
+//! from a scheduler, extending and resuming runs, unsafe names, pipes that close, odd input.
+
+use crate::common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn switch(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switch"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run the switch binary")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A tiny model; `steps` training steps.
+fn tiny(steps: u64) -> Vec<String> {
+    [
+        "model.d_model=16",
+        "model.heads=2",
+        "model.d_ff=32",
+        "model.n_layers=1",
+        "train.batch_size=2",
+        "train.seq_len=8",
+        "train.eval_interval=1000000",
+        "train.eval_batches=1",
+        "train.log_interval=1",
+        "train.checkpoint_interval=1000000",
+        "train.sample_tokens=4",
+        "train.sample_prompt=t",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("train.steps={steps}")])
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect()
+}
+
+fn train_args(data: &str, name: &str, steps: u64) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "train",
+        "--data",
+        data,
+        "--name",
+        name,
+        "--runs-dir",
+        "runs",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(tiny(steps));
+    a
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_and_sighup_checkpoint_and_the_printed_hint_resumes() {
+    let tmp = common::temp_dir("cli-signal");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    for (signal, name) in [("TERM", "term"), ("HUP", "hup")] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switch"))
+            .args(strs(&train_args(data, name, 1_000_000)))
+            .current_dir(&tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for training to be under way (a metrics line), then signal.
+        let metrics = tmp.join("runs").join(name).join("metrics.jsonl");
+        let start = Instant::now();
+        while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 3) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "training never started"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let start = Instant::now();
+        let code = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s.code();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "SIG{signal} did not stop it"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(code, Some(130), "SIG{signal}: {err}");
+        // The hint, run as printed (plus a new length for the run), continues it.
+        let hint = err
+            .split('`')
+            .nth(1)
+            .unwrap_or_else(|| panic!("no resume hint: {err}"));
+        let words: Vec<&str> = hint.split_whitespace().collect();
+        assert_eq!(&words[..3], ["switch", "train", "--resume"], "{hint}");
+        assert!(
+            hint.contains("--data"),
+            "the hint must name the data: {hint}"
+        );
+        let mut args: Vec<&str> = words[1..].to_vec();
+        args.extend(["--set", "train.steps=1"]);
+        let out = switch(&args, &tmp);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("is finished"),
+            "a finished run says so: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let ckpts = std::fs::read_dir(tmp.join("runs").join(name).join("checkpoints"))
+            .unwrap()
+            .count();
+        assert_eq!(ckpts, 1, "SIG{signal} wrote one checkpoint");
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn a_run_is_extended_with_set_and_unsafe_keys_are_refused_by_name() {
+    let tmp = common::temp_dir("cli-extend");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    let out = switch(&strs(&train_args(data, "r", 3)), &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Finished: said so, exit 0, nothing trained.
+    let resume = ["train", "--resume", "runs/r", "--data", data];
+    let out = switch(&resume, &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is finished: step 3"));
+    // A key that would change the model: refused, by name.
+    let mut bad = resume.to_vec();
+    bad.extend(["--set", "model.d_model=32"]);
+    let out = switch(&bad, &tmp);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("model.d_model cannot change"),
+        "{}",
+        stderr(&out)
+    );
+    // Extended to 5 steps: trains steps 4 and 5 and records the new length.
+    let mut extend = resume.to_vec();
+    extend.extend(["--set", "train.steps=5"]);
+    let out = switch(&extend, &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = std::fs::read_to_string(tmp.join("runs/r/config.toml")).unwrap();
+    assert!(config.contains("steps = 5"), "{config}");
+    let metrics = std::fs::read_to_string(tmp.join("runs/r/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"step\":5"), "{metrics}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn run_names_must_be_plain() {
+    let tmp = common::temp_dir("cli-names");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    for name in ["", ".", "..", "../x", "a/b", "/abs"] {
+        let out = switch(&strs(&train_args(data, name, 2)), &tmp);
+        assert!(!out.status.success(), "--name {name:?} was accepted");
+        assert!(
+            stderr(&out).contains("not a plain run name"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(!tmp.join("x").exists() && !tmp.join("runs/a").exists());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn bad_sampling_flags_prompts_and_positions_are_refused_up_front() {
+    let tmp = common::temp_dir("cli-upfront");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    for (flag, value, needle) in [
+        ("--temperature", "nan", "--temperature"),
+        ("--temperature=-1", "", "--temperature"),
+        ("--top-k", "0", "--top-k"),
+    ] {
+        let mut args = vec!["sample", "--run", "runs/none", flag];
+        if !value.is_empty() {
+            args.push(value);
+        }
+        let out = switch(&args, &tmp);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains(needle),
+            "{flag} {value}: {}",
+            stderr(&out)
+        );
+    }
+    // A sample prompt the data cannot encode: refused before any training.
+    let mut args = train_args(data, "prompt", 2);
+    args.extend(["--set".into(), "train.sample_prompt=Ω".into()]);
+    let out = switch(&strs(&args), &tmp);
+    assert!(
+        stderr(&out).contains("train.sample_prompt"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!tmp.join("runs/prompt/checkpoints").exists());
+    // Learned positions shorter than the sequences.
+    let mut args = train_args(data, "pos", 2);
+    for s in ["model.pos_embedding=true", "model.max_seq_len=4"] {
+        args.extend(["--set".into(), s.into()]);
+    }
+    let out = switch(&strs(&args), &tmp);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("model.max_seq_len"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_quietly_and_a_bom_is_not_a_character() {
+    let tmp = common::temp_dir("cli-pipe");
+    let text = std::fs::read_to_string(common::training_text(&tmp)).unwrap();
+    let data = tmp.join("bom.txt");
+    std::fs::write(&data, format!("\u{feff}{text}")).unwrap();
+    let data = data.to_str().unwrap();
+    let out = switch(&strs(&train_args(data, "r", 2)), &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let vocab = std::fs::read_to_string(tmp.join("runs/r/vocab.json")).unwrap();
+    assert!(!vocab.contains('\u{feff}'), "{vocab}");
+    // Read one byte of a long sample, then close the pipe.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switch"))
+        .args([
+            "sample",
+            "--run",
+            "runs/r",
+            "--prompt",
+            "t",
+            "--max-tokens",
+            "200000",
+        ])
+        .current_dir(&tmp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut byte = [0u8; 1];
+    child.stdout.take().unwrap().read_exact(&mut byte).unwrap(); // dropped: pipe closed
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn resume_skips_a_damaged_newest_checkpoint_and_tidies_interrupted_writes() {
+    let tmp = common::temp_dir("cli-fallback");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    let mut args = train_args(data, "r", 4);
+    args.extend(["--set".into(), "train.checkpoint_interval=2".into()]);
+    let out = switch(&strs(&args), &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = tmp.join("runs/r");
+    // The newest checkpoint damaged; what a kill mid-save and mid-removal leaves behind.
+    std::fs::write(
+        run.join("checkpoints/step-0000004/model.safetensors"),
+        b"damaged",
+    )
+    .unwrap();
+    std::fs::create_dir_all(run.join("checkpoints/.step-0000006.partial")).unwrap();
+    std::fs::create_dir_all(run.join("checkpoints/.step-0000001.deleting")).unwrap();
+    std::fs::rename(run.join("best"), run.join(".best.old")).unwrap();
+    let out = switch(
+        &[
+            "train",
+            "--resume",
+            "runs/r",
+            "--data",
+            data,
+            "--set",
+            "train.steps=6",
+        ],
+        &tmp,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("skipping checkpoint runs/r/checkpoints/step-0000004"),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("at step 2"),
+        "resumed from the older checkpoint"
+    );
+    assert!(run.join("best").is_dir(), "best/ restored");
+    assert!(!run.join(".best.old").exists());
+    assert!(!run.join("checkpoints/.step-0000006.partial").exists());
+    assert!(!run.join("checkpoints/.step-0000001.deleting").exists());
+    let steps: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(steps.contains(&"step-0000006".to_string()), "{steps:?}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
