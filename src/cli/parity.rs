@@ -23,15 +23,26 @@ pub struct ParityArgs {
 pub fn run(args: ParityArgs, device: &Device) -> Result<ExitCode> {
     let ParityArgs { fixtures } = args;
 
-    let mut all = true;
+    let mut failed = vec![];
     for path in &fixtures {
         println!("== {}", path.display());
         let report = parity::run(&TensorFile::read(path)?, device)?;
         println!("{report}");
-        all &= report.passed();
+        if !report.passed() {
+            failed.push(path.display().to_string());
+        }
     }
-    if fixtures.len() > 1 {
-        println!("parity: {}", if all { "PASS" } else { "FAIL" });
+    let all = failed.is_empty();
+    // One overall line, whatever the number of fixtures.
+    if all {
+        println!("parity: PASS ({} fixtures)", fixtures.len());
+    } else {
+        println!(
+            "parity: FAIL ({} of {} fixtures: {})",
+            failed.len(),
+            fixtures.len(),
+            failed.join(", ")
+        );
     }
     Ok(if all {
         ExitCode::SUCCESS

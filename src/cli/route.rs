@@ -27,32 +27,37 @@ pub fn run(args: RouteArgs, device: &Device) -> Result<ExitCode> {
     }
     let ids = vocab.encode(&text).context("--text")?;
     let layers = route_tokens(&model, &ids, config.train.seq_len);
-    print_routes(&text, &layers, config.model.n_experts);
+    // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    use std::io::IsTerminal;
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    print_routes(&text, &layers, config.model.n_experts, colour);
     Ok(ExitCode::SUCCESS)
 }
 
 /// Prints each layer's routing of `text`: every character on the background colour of its
 /// expert, then a table of expert and probability per character.
-fn print_routes(text: &str, layers: &[Vec<(usize, f32)>], n_experts: usize) {
+fn print_routes(text: &str, layers: &[Vec<(usize, f32)>], n_experts: usize, colour: bool) {
     const BG: [u8; 8] = [41, 42, 43, 44, 45, 46, 47, 100];
     let show = |c: char| match c {
         '\n' => '⏎',
         ' ' => '␣',
         c => c,
     };
-    print!("experts:");
-    for e in 0..n_experts {
-        print!(" \x1b[{};30m {e} \x1b[0m", BG[e % BG.len()]);
-    }
-    println!();
-    for (l, row) in layers.iter().enumerate() {
-        print!("layer {l}: ");
-        for (c, &(e, _)) in text.chars().zip(row) {
-            print!("\x1b[{};30m{}\x1b[0m", BG[e % BG.len()], show(c));
+    if colour {
+        print!("experts:");
+        for e in 0..n_experts {
+            print!(" \x1b[{};30m {e} \x1b[0m", BG[e % BG.len()]);
+        }
+        println!();
+        for (l, row) in layers.iter().enumerate() {
+            print!("layer {l}: ");
+            for (c, &(e, _)) in text.chars().zip(row) {
+                print!("\x1b[{};30m{}\x1b[0m", BG[e % BG.len()], show(c));
+            }
+            println!();
         }
         println!();
     }
-    println!();
     print!("char");
     for l in 0..layers.len() {
         print!("  layer {l:<6}");

@@ -146,6 +146,7 @@ pub fn load(dir: &Path, config: &ModelConfig, adam: LabmlAdam, device: &Device) 
     .with_context(|| format!("{STATE} is corrupt"))
     .with_context(ctx)?;
     let model = load_model(&dir.join(MODEL), config, device).with_context(ctx)?;
+    check_stored_config(&dir.join(MODEL), config).with_context(ctx)?;
     let opt = TensorFile::read(&dir.join(OPTIMIZER)).with_context(ctx)?;
     let step: u64 = opt
         .metadata
@@ -165,6 +166,36 @@ pub fn load(dir: &Path, config: &ModelConfig, adam: LabmlAdam, device: &Device) 
         .and_then(|()| adam.check_matches(&model))
         .with_context(ctx)?;
     Ok(Loaded { model, adam, state })
+}
+
+/// The model configuration stored in `model` (metadata `config`) must be `config`: a run's
+/// `config.toml` edited or cut after the checkpoint was written is an error naming the keys.
+fn check_stored_config(model: &Path, config: &ModelConfig) -> Result<()> {
+    let file = TensorFile::read(model)?;
+    let Some(stored) = file.metadata.get("config") else {
+        return Ok(()); // written without it: nothing to compare
+    };
+    let stored: serde_json::Value = serde_json::from_str(stored).context("stored config")?;
+    let current = serde_json::to_value(config)?;
+    let (Some(stored), Some(current)) = (stored.as_object(), current.as_object()) else {
+        bail!("the stored model configuration is not an object");
+    };
+    let differing: Vec<String> = current
+        .iter()
+        .filter(|(k, v)| stored.get(*k) != Some(*v))
+        .map(|(k, v)| {
+            let was = stored.get(k).map_or("absent".into(), |s| s.to_string());
+            format!("model.{k} = {v} (the checkpoint has {was})")
+        })
+        .collect();
+    if !differing.is_empty() {
+        bail!(
+            "the run's config.toml differs from the configuration the checkpoint was written \
+             with: {}; restore config.toml",
+            differing.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Name of the checkpoint directory for `step`.

@@ -378,6 +378,28 @@ impl RunConfig {
     }
 }
 
+/// Keys added after runs were first written: a run's config.toml may lack them (their
+/// defaults are what those runs ran with).
+pub const KEYS_SINCE_V1: &[&str] = &["train.skip_nonfinite"];
+
+/// The keys of [`KEYS`] that the TOML `text` lacks (besides those of [`KEYS_SINCE_V1`]).
+pub fn missing_keys(text: &str) -> Result<Vec<String>> {
+    let table: toml::Table = toml::from_str(text).context("not TOML")?;
+    Ok(KEYS
+        .iter()
+        .map(|(k, _)| *k)
+        .filter(|k| !KEYS_SINCE_V1.contains(k))
+        .filter(|k| {
+            let (section, field) = k.split_once('.').expect("keys are section.field");
+            table
+                .get(section)
+                .and_then(toml::Value::as_table)
+                .is_none_or(|s| !s.contains_key(field))
+        })
+        .map(str::to_string)
+        .collect())
+}
+
 /// Keys that a resumed run may change (`--resume R --set key=value`): the length of the run,
 /// what it logs, samples and keeps. Every other key would change the model, the data order or
 /// the optimizer's arithmetic mid-run.

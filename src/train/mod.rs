@@ -5,6 +5,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod replicas;
 pub mod run_dir;

@@ -78,10 +78,24 @@ impl RunDir {
         write_atomic(&self.vocab_path(), vocab.to_json().as_bytes())
     }
 
-    /// The run's configuration.
+    /// The run's configuration. Every key must be there (a key missing from a run's
+    /// configuration would silently take its default): a cut or edited file is an error
+    /// naming the missing keys.
     pub fn read_config(&self) -> Result<RunConfig> {
-        RunConfig::from_toml_file(&self.config_path())
-            .with_context(|| format!("{self} is not a run directory"))
+        let path = self.config_path();
+        let config = RunConfig::from_toml_file(&path)
+            .with_context(|| format!("{self} is not a run directory"))?;
+        let text = std::fs::read_to_string(&path)?;
+        let missing = super::config::missing_keys(&text)?;
+        if !missing.is_empty() {
+            bail!(
+                "{} lacks {} (cut short or edited?): a run's configuration must hold every key \
+                 it was made with; restore the file",
+                path.display(),
+                missing.join(", ")
+            );
+        }
+        Ok(config)
     }
 
     /// Replaces the run's configuration (atomically).

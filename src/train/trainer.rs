@@ -20,6 +20,7 @@ use crate::routing::RoutingRng;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::config::RunConfig;
 use crate::train::eval::{EvalMetrics, LayerStats, evaluate};
+use crate::train::lock::RunLock;
 use crate::train::metrics::{MetricsLine, TrainLine, ValidLine};
 use crate::train::replicas::{Placement, Replica, Replicas};
 use crate::train::run_dir::RunDir;
@@ -105,6 +106,8 @@ pub struct Trainer {
     valid: Vec<Batch>,
     /// Steps skipped in this process for a non-finite loss or gradient norm.
     nonfinite_steps: u64,
+    /// This process is the run's one writer while the trainer lives.
+    _lock: RunLock,
 }
 
 impl Trainer {
@@ -119,6 +122,7 @@ impl Trainer {
         config.model.n_vocab = data.vocab.len();
         config.validate()?;
         check_prompt(&config, &data)?;
+        crate::train::memory::check_fits(&config, crate::train::memory::available())?;
         let placement = placement.into();
         let devices = placement.devices_for(config.train.replicas)?;
         let run_dir = RunDir::new(run_dir);
@@ -129,6 +133,7 @@ impl Trainer {
             );
         }
         run_dir.create(&config, &data.vocab)?;
+        let lock = RunLock::acquire(run_dir.path())?;
         let device = devices[0].clone().autodiff();
         let model = config.model.init(config.train.seed, &device)?;
         let t = &config.train;
@@ -141,7 +146,7 @@ impl Trainer {
             device,
         };
         let replicas = run_replicas(first, &config, &devices, &placement)?;
-        let trainer = Self::assemble(config, run_dir, data, replicas, loader, rng);
+        let trainer = Self::assemble(config, run_dir, lock, data, replicas, loader, rng);
         trainer.run_dir.truncate_metrics(0)?;
         Ok(trainer)
     }
@@ -163,6 +168,7 @@ impl Trainer {
     ) -> Result<Self> {
         let run_dir = RunDir::new(run_dir);
         let mut config = run_dir.read_config()?;
+        let lock = RunLock::acquire(run_dir.path())?;
         if !overrides.is_empty() {
             config.set_on_resume(overrides)?;
         }
@@ -216,6 +222,7 @@ impl Trainer {
         let mut trainer = Self::assemble(
             config,
             run_dir,
+            lock,
             data,
             replicas,
             loader,
@@ -230,6 +237,7 @@ impl Trainer {
     fn assemble(
         config: RunConfig,
         run_dir: RunDir,
+        lock: RunLock,
         data: TextData,
         replicas: Replicas,
         loader: TrainLoader,
@@ -253,6 +261,7 @@ impl Trainer {
             best_valid_loss: None,
             valid,
             nonfinite_steps: 0,
+            _lock: lock,
             config,
         }
     }

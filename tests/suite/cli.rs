@@ -232,6 +232,10 @@ fn run_directory_problems_never_lose_checkpoints() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("layer 0"));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains('\x1b'),
+        "no colour codes into a pipe"
+    );
     assert_error(
         &switch(&["report", "runs/none"], &tmp),
         &["runs/none", "not a directory"],
@@ -317,7 +321,8 @@ fn parity_command_reports_and_exits() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("grad.experts.2.layer1.weight"));
-    assert_eq!(stdout.lines().last(), Some("parity: PASS"));
+    assert_eq!(stdout.lines().last(), Some("parity: PASS (1 fixtures)"));
+    assert_eq!(stdout.matches("parity:").count(), 1, "one overall line");
     std::fs::write(tmp.join("junk.safetensors"), b"junk").unwrap();
     assert_error(
         &switch(&["parity", "junk.safetensors"], &tmp),

@@ -327,3 +327,133 @@ fn resume_skips_a_damaged_newest_checkpoint_and_tidies_interrupted_writes() {
     assert!(steps.contains(&"step-0000006".to_string()), "{steps:?}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[cfg(unix)]
+#[test]
+fn one_writer_per_run_and_a_dead_writers_lock_is_taken_over() {
+    let tmp = common::temp_dir("cli-lock");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    let mut args = train_args(data, "r", 1_000_000);
+    args.extend(["--set".into(), "train.checkpoint_interval=2".into()]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switch"))
+        .args(strs(&args))
+        .current_dir(&tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = tmp.join("runs/r");
+    let start = Instant::now();
+    // (Checkpoints come and go: every second step, three kept.)
+    let has_checkpoint =
+        || std::fs::read_dir(run.join("checkpoints")).is_ok_and(|mut d| d.next().is_some());
+    while !has_checkpoint() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no checkpoint came"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lock = std::fs::read_to_string(run.join("lock")).unwrap();
+    assert!(lock.starts_with(&child.id().to_string()), "{lock}");
+    // A second writer: refused, with the holder named.
+    let resume = ["train", "--resume", "runs/r", "--data", data];
+    let out = switch(&resume, &tmp);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("is being trained by process") && err.contains(&child.id().to_string()),
+        "{err}"
+    );
+    // The writer killed without a chance to clean up: its lock is stale and taken over.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(run.join("lock").exists());
+    let mut extend = resume.to_vec();
+    extend.extend(["--set", "train.steps=3"]);
+    let out = switch(&extend, &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no longer runs: taking it over"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!run.join("lock").exists(), "released at the end");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn a_model_that_cannot_fit_is_refused_before_allocating() {
+    let tmp = common::temp_dir("cli-memory");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    for (key, name) in [
+        ("model.d_model=1000000", "wide"),
+        ("model.n_experts=10000000", "many"),
+    ] {
+        let mut args = train_args(data, name, 2);
+        args.extend(["--set".into(), key.into()]);
+        let out = switch(&strs(&args), &tmp);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("needs about"),
+            "{key}: {}",
+            stderr(&out)
+        );
+        assert!(
+            !tmp.join("runs").join(name).exists(),
+            "{key}: nothing written"
+        );
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn a_cut_or_edited_config_is_refused_on_resume() {
+    let tmp = common::temp_dir("cli-config-cut");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    let mut args = train_args(data, "r", 2);
+    args.extend(["--set".into(), "train.checkpoint_interval=2".into()]);
+    let out = switch(&strs(&args), &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let path = tmp.join("runs/r/config.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let resume = [
+        "train",
+        "--resume",
+        "runs/r",
+        "--data",
+        data,
+        "--set",
+        "train.steps=3",
+    ];
+    // Cut after the [model] section: every [train] key would take its default.
+    let cut = &good[..good.find("[train]").unwrap()];
+    std::fs::write(&path, cut).unwrap();
+    let out = switch(&resume, &tmp);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("lacks") && stderr(&out).contains("train.batch_size"),
+        "{}",
+        stderr(&out)
+    );
+    // A model key edited (the weights' shapes still fit): the checkpoint's copy disagrees.
+    std::fs::write(
+        &path,
+        good.replace("capacity_factor = 1.2", "capacity_factor = 2.0"),
+    )
+    .unwrap();
+    let out = switch(&resume, &tmp);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("model.capacity_factor"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(&path, &good).unwrap();
+    let out = switch(&resume, &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

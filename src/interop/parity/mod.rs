@@ -175,7 +175,13 @@ impl fmt::Display for Report {
                 writeln!(f, "{:<64} {:>32}  {status} ({})", r.name, "", r.note)?;
             }
         }
-        write!(f, "parity: {}", if self.passed() { "PASS" } else { "FAIL" })
+        let failed = self.rows.iter().filter(|r| !r.pass).count();
+        let verdict = if self.passed() { "PASS" } else { "FAIL" };
+        write!(
+            f,
+            "fixture: {verdict} ({failed} of {} rows failed)",
+            self.rows.len()
+        )
     }
 }
 
