@@ -136,6 +136,7 @@ pub fn table(base: &RunConfig, entries: &[Entry]) -> String {
 
 fn write_outputs(base: &RunConfig, entries: &[Entry], dir: &Path) -> Result<PathBuf> {
     let chart = LineChart {
+        y_from_zero: false,
         id: "compare".into(),
         title: "Validation loss: dense vs Switch at equal compute per token".into(),
         y_label: "validation cross-entropy".into(),

@@ -21,6 +21,9 @@ pub struct RunMetrics {
     pub train: Vec<TrainLine>,
     /// Validation lines, in step order.
     pub valid: Vec<ValidLine>,
+    /// Whether the router z-loss was part of the loss (`train.z_loss_coef > 0`; assumed so
+    /// when the run's configuration cannot be read). Off, it is logged but not charted.
+    pub z_loss_on: bool,
 }
 
 impl RunMetrics {
@@ -41,7 +44,15 @@ impl RunMetrics {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| run_dir.display().to_string());
-        Ok(Self { name, train, valid })
+        let z_loss_on = run
+            .read_config()
+            .map_or(true, |c| c.train.z_loss_coef > 0.0);
+        Ok(Self {
+            name,
+            train,
+            valid,
+            z_loss_on,
+        })
     }
 
     fn layers(&self) -> usize {
@@ -71,6 +82,8 @@ pub struct LineChart {
     pub y_label: String,
     /// The curves.
     pub series: Vec<Series>,
+    /// The y axis starts at 0 (fractions, probabilities) rather than at the data's minimum.
+    pub y_from_zero: bool,
 }
 
 /// Expert load over training: `cells[expert][column]` = fraction of tokens, one column per
@@ -133,9 +146,11 @@ pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
             train_step,
             |t| Some(t.lb_loss),
         ));
-        lb.extend(series(label(r, "z-loss"), &r.train, train_step, |t| {
-            Some(t.z_loss)
-        }));
+        if r.z_loss_on {
+            lb.extend(series(label(r, "z-loss"), &r.train, train_step, |t| {
+                Some(t.z_loss)
+            }));
+        }
     }
     let mut lines = vec![
         LineChart {
@@ -143,12 +158,14 @@ pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
             title: "Cross-entropy loss".into(),
             y_label: "cross-entropy (nats)".into(),
             series: loss,
+            y_from_zero: false,
         },
         LineChart {
             id: "aux".into(),
             title: "Auxiliary losses (training)".into(),
             y_label: "loss".into(),
             series: lb,
+            y_from_zero: false,
         },
     ];
     let mut heatmaps = Vec::new();
@@ -172,12 +189,14 @@ pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
             title: format!("Dropped-token fraction per layer (training){suffix}"),
             y_label: "fraction of tokens dropped".into(),
             series: per_layer(|l| l.dropped_frac),
+            y_from_zero: true,
         });
         lines.push(LineChart {
             id: format!("confidence-{ri}"),
             title: format!("Router confidence per layer (training){suffix}"),
             y_label: "mean top routing probability".into(),
             series: per_layer(|l| l.mean_top_prob),
+            y_from_zero: true,
         });
         for l in 0..r.layers() {
             let rows: Vec<(u64, Vec<f64>)> = r
@@ -237,11 +256,17 @@ pub fn line_svg(c: &LineChart) -> String {
     if x1 == x0 {
         x1 = x0 + 1.0;
     }
+    if c.y_from_zero {
+        y0 = y0.min(0.0);
+    }
     if y1 == y0 {
         y1 = y0 + 1.0;
     }
-    let pad = (y1 - y0) * 0.05;
-    let (y0, y1) = (y0 - pad, y1 + pad);
+    // Round ticks (1, 2 or 5 x 10^k apart); the axes end on ticks.
+    let xt = nice_ticks(x0, x1);
+    let yt = nice_ticks(y0, y1);
+    let (x0, x1) = (xt[0], xt[xt.len() - 1]);
+    let (y0, y1) = (yt[0], yt[yt.len() - 1]);
     let sx = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
     let sy = |y: f64| top + (y1 - y) / (y1 - y0) * (h - top - bottom);
     let mut s = String::new();
@@ -256,24 +281,24 @@ pub fn line_svg(c: &LineChart) -> String {
         r#"<text x="{left}" y="20" font-size="15" font-weight="bold">{}</text>"#,
         esc(&c.title)
     );
-    for i in 0..=4 {
-        let yv = y0 + (y1 - y0) * i as f64 / 4.0;
-        let xv = x0 + (x1 - x0) * i as f64 / 4.0;
+    for &yv in &yt {
         let _ = write!(
             s,
             r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
             w - right,
             left - 6.0,
             sy(yv) + 4.0,
-            fmt_num(yv),
+            fmt_tick(yv, &yt),
             y = sy(yv)
         );
+    }
+    for &xv in &xt {
         let _ = write!(
             s,
             r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
             sx(xv),
             h - bottom + 16.0,
-            fmt_num(xv)
+            fmt_tick(xv, &xt)
         );
     }
     let _ = write!(
@@ -308,7 +333,7 @@ pub fn line_svg(c: &LineChart) -> String {
             w - right + 28.0,
             w - right + 32.0,
             ly + 4.0,
-            esc(&ser.label)
+            esc(&fit_label(&ser.label))
         );
     }
     s.push_str("</svg>");
@@ -378,13 +403,43 @@ pub fn heatmap_svg(hm: &Heatmap) -> String {
     s
 }
 
-fn fmt_num(v: f64) -> String {
-    if v.abs() >= 1000.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 10.0 {
-        format!("{v:.1}")
+/// Ticks 1, 2 or 5 x 10^k apart covering `[lo, hi]` (`lo < hi`, finite), about five of them,
+/// the first at or below `lo` and the last at or above `hi`.
+pub fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let raw = (hi - lo) / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    let first = (lo / step).floor();
+    let last = (hi / step).ceil();
+    // Multiples of the step, computed from integers so that 0.30000000000000004 never shows.
+    (first as i64..=last as i64)
+        .map(|i| i as f64 * step)
+        .collect()
+}
+
+/// A tick label with as many decimals as the ticks' spacing needs.
+fn fmt_tick(v: f64, ticks: &[f64]) -> String {
+    let step = if ticks.len() > 1 {
+        ticks[1] - ticks[0]
     } else {
-        format!("{v:.3}")
+        1.0
+    };
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    format!("{v:.decimals$}")
+}
+
+/// A legend label cut to fit the legend's width (about 18 characters), with an ellipsis.
+fn fit_label(label: &str) -> String {
+    const MAX: usize = 18;
+    if label.chars().count() <= MAX {
+        label.to_string()
+    } else {
+        let cut: String = label.chars().take(MAX - 1).collect();
+        format!("{cut}…")
     }
 }
 
@@ -460,4 +515,43 @@ pub fn write_report(
     let path = out.join("report.html");
     std::fs::write(&path, html).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        for (lo, hi) in [
+            (1.2, 4.364),
+            (0.0, 82.5),
+            (-0.3, 0.7),
+            (1000.0, 3700.0),
+            (0.0, 1e-3),
+        ] {
+            let t = nice_ticks(lo, hi);
+            assert!(t[0] <= lo && *t.last().unwrap() >= hi, "{lo}..{hi}: {t:?}");
+            assert!((3..=12).contains(&t.len()), "{lo}..{hi}: {t:?}");
+            let step = t[1] - t[0];
+            let mantissa = step / 10f64.powf(step.log10().floor());
+            assert!(
+                [1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 1e-9),
+                "{lo}..{hi}: step {step}"
+            );
+            for v in &t {
+                let label = fmt_tick(*v, &t);
+                assert!(label.len() <= 8, "{label}");
+            }
+        }
+        assert_eq!(
+            nice_ticks(0.0, 82.5),
+            vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
+        );
+        assert_eq!(fmt_tick(0.5, &[0.0, 0.5, 1.0]), "0.5");
+        assert_eq!(
+            fit_label("a very long run name indeed train"),
+            "a very long run n…"
+        );
+    }
 }

@@ -41,13 +41,23 @@ fn report_of_a_real_run_has_every_chart() {
             .collect()
     };
     assert_eq!(shape("loss"), [("train".into(), 8), ("valid".into(), 2)]);
-    assert_eq!(
-        shape("aux"),
-        [("load balancing".into(), 8), ("z-loss".into(), 8)]
-    );
+    // train.z_loss_coef is 0: the z-loss is logged but not charted.
+    assert_eq!(shape("aux"), [("load balancing".into(), 8)]);
     for id in ["dropped-0", "confidence-0"] {
         assert_eq!(shape(id), [("layer 0".into(), 8), ("layer 1".into(), 8)]);
+        assert!(by_id(id).y_from_zero, "fractions start at 0");
+        // The axis starts at 0 and its labels are round.
+        let svg = switch_transformer::tools::report::line_svg(by_id(id));
+        assert!(svg.contains(">0.0<") || svg.contains(">0<"), "{svg}");
+        assert!(!svg.contains(">-"), "a negative label on a fraction axis");
     }
+    let mut with_z = metrics.clone();
+    with_z.z_loss_on = true;
+    let (lines_z, _) = charts(std::slice::from_ref(&with_z));
+    assert_eq!(
+        lines_z.iter().find(|c| c.id == "aux").unwrap().series.len(),
+        2
+    );
     assert_eq!(heatmaps.len(), 2);
     for hm in &heatmaps {
         assert_eq!(hm.cells.len(), 4);
@@ -76,7 +86,7 @@ fn report_of_a_real_run_has_every_chart() {
         );
         assert!(out.join(format!("{id}.svg")).is_file(), "{id}.svg");
     }
-    assert_eq!(html.matches("<polyline").count(), 2 + 2 + 2 + 2);
+    assert_eq!(html.matches("<polyline").count(), 2 + 1 + 2 + 2);
     assert!(
         !html.contains("<script src"),
         "the page must be self-contained"
