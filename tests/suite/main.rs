@@ -8,6 +8,7 @@ mod common;
 mod compare;
 mod device_routing;
 mod fused;
+mod fuzz;
 mod generate;
 mod parallel;
 mod parity;
