@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use switch_transformer::RoutingRng;
 use switch_transformer::data::{TextData, valid_batches};
 use switch_transformer::train::eval::evaluate;
-use switch_transformer::train::load_run_model;
+use switch_transformer::train::{RunDir, load_run_model};
 
 use super::DEFAULT_DATA;
 
@@ -18,9 +18,10 @@ use super::DEFAULT_DATA;
 pub struct EvalArgs {
     #[arg(long)]
     pub run: PathBuf,
-    /// The data the run was trained on.
-    #[arg(long, default_value = DEFAULT_DATA)]
-    pub data: PathBuf,
+    /// The text to evaluate on [default: the text the run recorded, else
+    /// data/tinyshakespeare.txt].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// Drop over-capacity tokens as in training (labml's validation); off by default.
     #[arg(long)]
     pub drop_tokens: bool,
@@ -37,6 +38,9 @@ pub fn run(args: EvalArgs, device: &Device) -> Result<ExitCode> {
         seed,
     } = args;
 
+    let data = RunDir::new(&run)
+        .resolve_data(data.as_deref())?
+        .unwrap_or_else(|| DEFAULT_DATA.into());
     let (config, vocab, mut model) = load_run_model(&run, device)?;
     model.set_drop_tokens(drop_tokens);
     let text = TextData::load(&data, config.train.seq_len + 1)?;

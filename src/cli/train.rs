@@ -9,16 +9,17 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use switch_transformer::train::replicas::Placement;
-use switch_transformer::train::{Event, Finish, RunConfig, RunDir, Trainer};
+use switch_transformer::train::{DataRecord, Event, Finish, RunConfig, RunDir, Trainer};
 
 use super::{DEFAULT_DATA, ParallelArgs, load_data};
 
 /// Train a model (by default labml's Tiny Shakespeare experiment) in runs/NAME/.
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// UTF-8 text file to train on. The default is downloaded when missing.
-    #[arg(long, default_value = DEFAULT_DATA)]
-    pub data: PathBuf,
+    /// UTF-8 text file to train on [default: data/tinyshakespeare.txt, downloaded when
+    /// missing; with --resume, the text the run recorded].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// TOML configuration file with [model] and [train] sections.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -55,14 +56,18 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
     } = args;
 
     let placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
-    let mut trainer = if let Some(run_dir) = resume {
+    let (mut trainer, data) = if let Some(run_dir) = resume {
         if parallel.global_routing {
             bail!(
                 "--global-routing applies to new runs; a resumed run keeps its \
                  train.global_routing"
             );
         }
-        let seq_len = RunDir::new(&run_dir).read_config()?.train.seq_len;
+        let dir = RunDir::new(&run_dir);
+        let seq_len = dir.read_config()?.train.seq_len;
+        let data = dir
+            .resolve_data(data.as_deref())?
+            .unwrap_or_else(|| DEFAULT_DATA.into());
         let text = load_data(&data, seq_len)?;
         let t = Trainer::resume_with(&run_dir, text, placement, &overrides)?;
         if t.step >= t.config.train.steps {
@@ -76,7 +81,7 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         println!("resuming {} at step {}", run_dir.display(), t.step);
-        t
+        (t, data)
     } else {
         let mut c = match config {
             Some(path) => RunConfig::from_toml_file(&path)?,
@@ -96,10 +101,13 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         }
         c.validate()?;
         placement.devices_for(c.train.replicas)?;
+        let data = data.unwrap_or_else(|| DEFAULT_DATA.into());
         let text = load_data(&data, c.train.seq_len)?;
         let name = name.unwrap_or_else(default_run_name);
         check_run_name(&name)?;
-        Trainer::create(c, text, &runs_dir.join(name), placement)?
+        let trainer = Trainer::create(c, text, &runs_dir.join(name), placement)?;
+        trainer.run_dir.write_data_record(&DataRecord::of(&data)?)?;
+        (trainer, data)
     };
     train(&mut trainer, &data)
 }

@@ -15,5 +15,5 @@ pub mod trainer;
 
 pub use config::{RunConfig, TrainConfig};
 pub use metrics::{MetricsLine, TrainLine, ValidLine};
-pub use run_dir::RunDir;
-pub use trainer::{Event, Finish, StepMetrics, Trainer, load_run_model};
+pub use run_dir::{DataRecord, RunDir, load_run_model};
+pub use trainer::{Event, Finish, StepMetrics, Trainer};

@@ -13,12 +13,40 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
 use super::config::RunConfig;
 use super::metrics::MetricsLine;
 use crate::data::Vocab;
+use crate::model::SwitchTransformer;
 use crate::util::write_atomic;
+use burn::tensor::Device;
+
+/// The text a run was trained on (`data.json`): its path, size and SHA-256, so that `eval` and
+/// `--resume` find it without `--data`, and notice when it has changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRecord {
+    /// The file, as an absolute path.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Its SHA-256, lower-case hex.
+    pub sha256: String,
+}
+
+impl DataRecord {
+    /// The record of the file at `path` (read and hashed now).
+    pub fn of(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(Self {
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+            bytes: bytes.len() as u64,
+            sha256: crate::data::download::sha256_hex(&bytes),
+        })
+    }
+}
 
 /// The directory of one training run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +81,70 @@ impl RunDir {
     /// `metrics.jsonl`.
     pub fn metrics_path(&self) -> PathBuf {
         self.0.join("metrics.jsonl")
+    }
+
+    /// `data.json`: the [`DataRecord`] of the run's text.
+    pub fn data_record_path(&self) -> PathBuf {
+        self.0.join("data.json")
+    }
+
+    /// Records the run's text.
+    pub fn write_data_record(&self, record: &DataRecord) -> Result<()> {
+        let json = serde_json::to_string_pretty(record)?;
+        write_atomic(&self.data_record_path(), json.as_bytes())
+    }
+
+    /// The recorded text, if the run has a record (runs of earlier builds do not).
+    pub fn read_data_record(&self) -> Result<Option<DataRecord>> {
+        let path = self.data_record_path();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        let record = serde_json::from_str(&text)
+            .with_context(|| format!("{} is corrupt: remove it and give --data", path.display()))?;
+        Ok(Some(record))
+    }
+
+    /// The text file to use with this run: `given` (`--data`) when named, else the recorded
+    /// one; `None` when neither exists. The recorded file must still hold the same text (its
+    /// SHA-256): a changed or missing file is an error unless `--data` names it explicitly
+    /// (then a differing text gets a note).
+    pub fn resolve_data(&self, given: Option<&Path>) -> Result<Option<PathBuf>> {
+        let record = self.read_data_record()?;
+        match (given, record) {
+            (Some(path), Some(r)) => {
+                if path.is_file() && DataRecord::of(path)?.sha256 != r.sha256 {
+                    eprintln!(
+                        "note: {} is not the text {self} was trained on ({}): using it, as \
+                         --data says",
+                        path.display(),
+                        r.path.display()
+                    );
+                }
+                Ok(Some(path.to_path_buf()))
+            }
+            (Some(path), None) => Ok(Some(path.to_path_buf())),
+            (None, Some(r)) => {
+                if !r.path.is_file() {
+                    bail!(
+                        "{self} was trained on {}, which is gone: give its text with --data",
+                        r.path.display()
+                    );
+                }
+                let now = DataRecord::of(&r.path)?;
+                if now.sha256 != r.sha256 {
+                    bail!(
+                        "{} has changed since {self} was trained on it (SHA-256 {} then, {} \
+                         now): give --data FILE to use a text anyway",
+                        r.path.display(),
+                        &r.sha256[..12],
+                        &now.sha256[..12]
+                    );
+                }
+                Ok(Some(r.path))
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     /// `checkpoints/`.
@@ -206,4 +298,20 @@ impl fmt::Display for RunDir {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0.display())
     }
+}
+
+/// Loads the model of a run for inference: `best/` if present, else the latest checkpoint.
+pub fn load_run_model(
+    run_dir: &Path,
+    device: &Device,
+) -> Result<(RunConfig, Vocab, SwitchTransformer)> {
+    let run_dir = RunDir::new(run_dir);
+    let config = run_dir.read_config()?;
+    let vocab = run_dir.read_vocab()?;
+    let dir = run_dir.inference_checkpoint()?;
+    let mut model =
+        crate::interop::weights::load_model(&dir.join("model.safetensors"), &config.model, device)
+            .with_context(|| format!("checkpoint {} is unusable", dir.display()))?;
+    model.set_training(false);
+    Ok((config, vocab, model))
 }

@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use rand::SeedableRng;
 
-use crate::data::{Batch, TextData, TrainLoader, Vocab, valid_batches};
+use crate::data::{Batch, TextData, TrainLoader, valid_batches};
 use crate::infer::generate::{SampleOptions, generate};
 use crate::model::SwitchTransformer;
 use crate::optim::{LabmlAdam, Noam};
@@ -471,22 +471,6 @@ impl Trainer {
         }
         Ok(Finish::Completed)
     }
-}
-
-/// Loads the model of a run for inference: `best/` if present, else the latest checkpoint.
-pub fn load_run_model(
-    run_dir: &Path,
-    device: &Device,
-) -> Result<(RunConfig, Vocab, SwitchTransformer)> {
-    let run_dir = RunDir::new(run_dir);
-    let config = run_dir.read_config()?;
-    let vocab = run_dir.read_vocab()?;
-    let dir = run_dir.inference_checkpoint()?;
-    let mut model =
-        crate::interop::weights::load_model(&dir.join("model.safetensors"), &config.model, device)
-            .with_context(|| format!("checkpoint {} is unusable", dir.display()))?;
-    model.set_training(false);
-    Ok((config, vocab, model))
 }
 
 /// The run's replicas: `first` and its copies on `devices`, routing as `train.global_routing`

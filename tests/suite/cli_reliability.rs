@@ -457,3 +457,48 @@ fn a_cut_or_edited_config_is_refused_on_resume() {
     assert!(out.status.success(), "{}", stderr(&out));
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn a_run_records_its_text_and_refuses_a_changed_one() {
+    let tmp = common::temp_dir("cli-data-record");
+    let text = std::fs::read_to_string(common::training_text(&tmp)).unwrap();
+    let data = tmp.join("text.txt");
+    std::fs::write(&data, &text).unwrap();
+    let data_s = data.to_str().unwrap();
+    let mut args = train_args(data_s, "r", 2);
+    args.extend(["--set".into(), "train.checkpoint_interval=2".into()]);
+    let out = switch(&strs(&args), &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let record = std::fs::read_to_string(tmp.join("runs/r/data.json")).unwrap();
+    assert!(
+        record.contains("sha256") && record.contains("text.txt"),
+        "{record}"
+    );
+    // eval and --resume find the text without --data.
+    let out = switch(&["eval", "--run", "runs/r"], &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let resume = ["train", "--resume", "runs/r", "--set", "train.steps=3"];
+    let out = switch(&resume, &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The same characters in another order: another text, refused by name...
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.reverse();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    for args in [
+        &["eval", "--run", "runs/r"][..],
+        &["train", "--resume", "runs/r", "--set", "train.steps=4"],
+    ] {
+        let out = switch(args, &tmp);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr(&out).contains("has changed since"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // ...unless --data names it explicitly.
+    let out = switch(&["eval", "--run", "runs/r", "--data", data_s], &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not the text"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
