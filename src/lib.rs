@@ -24,6 +24,7 @@
 pub mod cpu;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod infer;
 pub mod interop;
 pub mod model;

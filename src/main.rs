@@ -85,6 +85,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    cli::logging::init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

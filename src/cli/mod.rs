@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod compare;
 pub mod eval;
+pub mod logging;
 pub mod parity;
 pub mod report;
 pub mod route;
@@ -15,6 +16,50 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use switch_transformer::data::TextData;
 use switch_transformer::data::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download};
+
+/// Training across processes: one process per rank, started by an MPI launcher.
+#[derive(clap::Args)]
+pub struct DistributedArgs {
+    /// This process is one rank of an MPI job (`mpirun -np N switch train --distributed ...`,
+    /// or srun): the ranks split every batch; rank 0 writes the run. Needs the `mpi` feature.
+    #[arg(long)]
+    pub distributed: bool,
+    /// With --distributed: seconds a rank waits for the others in one exchange before it ends
+    /// the job with an error naming the step (a rank that died or hangs).
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub exchange_timeout: u64,
+}
+
+impl DistributedArgs {
+    /// The job's ranks, when --distributed is given.
+    pub fn join(
+        &self,
+    ) -> Result<Option<std::sync::Arc<dyn switch_transformer::distributed::Collective>>> {
+        if !self.distributed {
+            return Ok(None);
+        }
+        if self.exchange_timeout == 0 {
+            anyhow::bail!("--exchange-timeout must be at least 1 second");
+        }
+        #[cfg(feature = "mpi")]
+        {
+            let timeout = std::time::Duration::from_secs(self.exchange_timeout);
+            let world = switch_transformer::distributed::MpiWorld::init(timeout)?;
+            Ok(Some(std::sync::Arc::new(world)))
+        }
+        #[cfg(not(feature = "mpi"))]
+        anyhow::bail!(
+            "--distributed needs the `mpi` feature, which this binary was built without: \
+             install OpenMPI (Debian: libopenmpi-dev openmpi-bin clang) and build with `cargo \
+             build --release --features mpi`"
+        )
+    }
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set (<https://no-color.org>).
+pub fn colour_allowed(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
 
 /// The training text's default path (downloaded when missing).
 pub const DEFAULT_DATA: &str = "data/tinyshakespeare.txt";
@@ -41,7 +86,7 @@ pub struct ParallelArgs {
 /// Reads the training text, downloading Tiny Shakespeare when the default path is missing.
 pub fn load_data(path: &Path, seq_len: usize) -> Result<TextData> {
     if !path.exists() && path == Path::new(DEFAULT_DATA) {
-        eprintln!("{DEFAULT_DATA} not found: downloading Tiny Shakespeare");
+        tracing::info!("{DEFAULT_DATA} not found: downloading Tiny Shakespeare");
         let bar = ProgressBar::new(0).with_style(
             ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
                 .expect("valid template"),

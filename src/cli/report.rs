@@ -45,12 +45,12 @@ pub fn run(args: ReportArgs, device: &Device) -> Result<ExitCode> {
                 layers: route_tokens(&model, &ids, config.train.seq_len),
             }),
             Err(e) => {
-                eprintln!("note: no routing table: --route-text: {e}");
+                tracing::info!("no routing table: --route-text: {e}");
                 None
             }
         },
         Err(e) => {
-            eprintln!("note: no routing table: {e:#}");
+            tracing::info!("no routing table: {e:#}");
             None
         }
     };

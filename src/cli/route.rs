@@ -27,9 +27,7 @@ pub fn run(args: RouteArgs, device: &Device) -> Result<ExitCode> {
     }
     let ids = vocab.encode(&text).context("--text")?;
     let layers = route_tokens(&model, &ids, config.train.seq_len);
-    // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org).
-    use std::io::IsTerminal;
-    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let colour = super::colour_allowed(&std::io::stdout());
     print_routes(&text, &layers, config.model.n_experts, colour);
     Ok(ExitCode::SUCCESS)
 }

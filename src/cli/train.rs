@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use switch_transformer::train::replicas::Placement;
 use switch_transformer::train::{DataRecord, Event, Finish, RunConfig, RunDir, Trainer};
 
-use super::{DEFAULT_DATA, ParallelArgs, load_data};
+use super::{DEFAULT_DATA, DistributedArgs, ParallelArgs, load_data};
 
 /// Train a model (by default labml's Tiny Shakespeare experiment) in runs/NAME/.
 #[derive(clap::Args)]
@@ -40,6 +40,8 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub parallel: ParallelArgs,
+    #[command(flatten)]
+    pub distributed: DistributedArgs,
 }
 
 /// Runs the command.
@@ -53,9 +55,15 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         runs_dir,
         resume,
         parallel,
+        distributed,
     } = args;
 
-    let placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
+    let mut placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
+    if distributed.distributed && !parallel.devices.is_empty() {
+        bail!("--distributed runs one replica per rank: leave out --devices (use --device)");
+    }
+    placement.world = distributed.join()?;
+    let world = placement.world.clone();
     let (mut trainer, data) = if let Some(run_dir) = resume {
         if parallel.global_routing {
             bail!(
@@ -71,6 +79,9 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         let text = load_data(&data, seq_len)?;
         let t = Trainer::resume_with(&run_dir, text, placement, &overrides)?;
         if t.step >= t.config.train.steps {
+            if !t.is_writer() {
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "{} is finished: step {} of train.steps = {}; extend it with --resume {0} \
                  --set train.steps=N",
@@ -80,7 +91,9 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
             );
             return Ok(ExitCode::SUCCESS);
         }
-        println!("resuming {} at step {}", run_dir.display(), t.step);
+        if t.is_writer() {
+            println!("resuming {} at step {}", run_dir.display(), t.step);
+        }
         (t, data)
     } else {
         let mut c = match config {
@@ -96,6 +109,9 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         if parallel.devices.len() > 1 && c.train.replicas == 1 {
             c.train.replicas = parallel.devices.len();
         }
+        if let Some(w) = &world {
+            c.train.replicas = w.size();
+        }
         if parallel.global_routing {
             c.train.global_routing = true;
         }
@@ -103,10 +119,18 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         placement.devices_for(c.train.replicas)?;
         let data = data.unwrap_or_else(|| DEFAULT_DATA.into());
         let text = load_data(&data, c.train.seq_len)?;
-        let name = name.unwrap_or_else(default_run_name);
+        let mut name = name.unwrap_or_else(default_run_name);
+        if let Some(w) = &world {
+            // Rank 0's name (the default one is a timestamp, which differs between ranks).
+            let mut bytes = name.into_bytes();
+            w.broadcast("the run name", 0, &mut bytes)?;
+            name = String::from_utf8(bytes).context("the run name from rank 0")?;
+        }
         check_run_name(&name)?;
         let trainer = Trainer::create(c, text, &runs_dir.join(name), placement)?;
-        trainer.run_dir.write_data_record(&DataRecord::of(&data)?)?;
+        if trainer.is_writer() {
+            trainer.run_dir.write_data_record(&DataRecord::of(&data)?)?;
+        }
         (trainer, data)
     };
     train(&mut trainer, &data)
@@ -145,18 +169,27 @@ fn train(trainer: &mut Trainer, data: &std::path::Path) -> Result<ExitCode> {
     }
     let t = trainer.config.train.clone();
     let m = &trainer.config.model;
-    println!(
-        "run {}: {} parameters, {} layers x {} experts, d_model {}, {} steps of {}x{} tokens",
-        trainer.run_dir.display(),
-        m.num_params(),
-        m.n_layers,
-        m.n_experts,
-        m.d_model,
-        t.steps,
-        t.batch_size,
-        t.seq_len
-    );
-    let bar = ProgressBar::new(t.steps).with_style(
+    // Ranks > 0 of a distributed job train silently: rank 0 reports.
+    let writer = trainer.is_writer();
+    if writer {
+        println!(
+            "run {}: {} parameters, {} layers x {} experts, d_model {}, {} steps of {}x{} tokens",
+            trainer.run_dir.display(),
+            m.num_params(),
+            m.n_layers,
+            m.n_experts,
+            m.d_model,
+            t.steps,
+            t.batch_size,
+            t.seq_len
+        );
+    }
+    let bar = if writer {
+        ProgressBar::new(t.steps)
+    } else {
+        ProgressBar::hidden()
+    };
+    let bar = bar.with_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
         )
@@ -192,16 +225,19 @@ fn train(trainer: &mut Trainer, data: &std::path::Path) -> Result<ExitCode> {
         }
         Event::Checkpoint(dir) => bar.suspend(|| println!("checkpoint {}", dir.display())),
         Event::Skipped(s) => bar.suspend(|| {
-            eprintln!(
-                "warning: step {}: non-finite loss ({}) or gradient norm ({}): step skipped, \
+            tracing::warn!(
+                "step {}: non-finite loss ({}) or gradient norm ({}): step skipped, \
                  weights unchanged (train.skip_nonfinite)",
-                s.step, s.loss, s.grad_norm
+                s.step,
+                s.loss,
+                s.grad_norm
             )
         }),
     })?;
     bar.finish();
     Ok(match finish {
         Finish::Completed => ExitCode::SUCCESS,
+        Finish::Interrupted if !writer => ExitCode::from(130),
         Finish::Interrupted => {
             // The data goes into the hint unless it is the default, so that it works as printed.
             let data = if data == std::path::Path::new(DEFAULT_DATA) {

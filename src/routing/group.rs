@@ -10,12 +10,15 @@
 //!           the plan's counts over all T tokens
 //! ```
 //! One rendezvous per Switch layer per forward pass. A shard's forward pass takes its seat
-//! ([`Shard`], from [`RouteGroup::run_as`]) as an argument; a forward pass without one
-//! (evaluation, generation) routes on its own.
+//! ([`Shard`], from [`RouteGroup::run_as`], or [`Shard::rank`] for the ranks of a
+//! multi-process job, which exchange the probabilities and the plan through a
+//! [`Collective`]) as an argument; a forward pass without one (evaluation, generation) routes
+//! on its own.
 
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::RoutePlan;
+use crate::distributed::Collective;
 
 /// The rendezvous of `n` shards.
 pub struct RouteGroup {
@@ -85,20 +88,7 @@ impl RouteGroup {
         }
         let plan = Arc::clone(s.plan.as_ref().expect("decided"));
         drop(s);
-        let k = plan.top_k;
-        let per_shard = plan.n_tokens() / self.n;
-        let range = shard * per_shard * k..(shard + 1) * per_shard * k;
-        GroupRoute {
-            plan: RoutePlan::from_decisions(
-                plan.routes[range.clone()].to_vec(),
-                plan.dropped[range].to_vec(),
-                plan.n_experts,
-                k,
-                plan.capacity,
-            ),
-            group_counts: plan.counts.clone(),
-            group_tokens: plan.n_tokens(),
-        }
+        part(&plan, shard, self.n)
     }
 
     fn wait<'a>(
@@ -121,23 +111,103 @@ impl RouteGroup {
     }
 }
 
-/// One shard's seat in a [`RouteGroup`], handed to its forward pass.
+/// Shard `shard` of `n`'s part of the whole batch's `plan`.
+fn part(plan: &RoutePlan, shard: usize, n: usize) -> GroupRoute {
+    let k = plan.top_k;
+    let per_shard = plan.n_tokens() / n;
+    let range = shard * per_shard * k..(shard + 1) * per_shard * k;
+    GroupRoute {
+        plan: RoutePlan::from_decisions(
+            plan.routes[range.clone()].to_vec(),
+            plan.dropped[range].to_vec(),
+            plan.n_experts,
+            k,
+            plan.capacity,
+        ),
+        group_counts: plan.counts.clone(),
+        group_tokens: plan.n_tokens(),
+    }
+}
+
+/// One shard's seat in a routing group, handed to its forward pass.
 #[derive(Clone, Copy)]
 pub struct Shard<'a> {
-    group: &'a RouteGroup,
+    group: Seat<'a>,
     index: usize,
 }
 
-impl Shard<'_> {
+#[derive(Clone, Copy)]
+enum Seat<'a> {
+    /// Threads of this process.
+    Threads(&'a RouteGroup),
+    /// The ranks of a multi-process job.
+    Ranks(&'a dyn Collective),
+}
+
+impl<'a> Shard<'a> {
+    /// This process's seat among the ranks of `world`: every rank's forward pass routes its
+    /// tokens with the others', rank 0 deciding.
+    pub fn rank(world: &'a dyn Collective) -> Self {
+        Self {
+            group: Seat::Ranks(world),
+            index: world.rank(),
+        }
+    }
+
     /// This shard's index in its group.
     pub fn index(&self) -> usize {
         self.index
     }
 
-    /// This shard's routing for one layer: [`RouteGroup::route`] in its seat.
+    /// This shard's routing for one layer: the group's decision over every shard's `probs`
+    /// (`[tokens, n_experts]`, equal token counts), made by shard 0 with `decide`.
+    ///
+    /// # Panics
+    /// Among ranks, when the exchange fails (a rank failed or timed out): the forward pass
+    /// cannot go on.
     pub fn route(&self, probs: Vec<f32>, decide: impl FnOnce(&[f32]) -> RoutePlan) -> GroupRoute {
-        self.group.route(self.index, probs, decide)
+        match self.group {
+            Seat::Threads(g) => g.route(self.index, probs, decide),
+            Seat::Ranks(world) => {
+                route_among_ranks(world, probs, decide).expect("the routing exchange failed")
+            }
+        }
     }
+}
+
+/// Every rank's probabilities to every rank; rank 0 decides; its decisions (routes, drops,
+/// capacity) to every rank, which takes its part.
+fn route_among_ranks(
+    world: &dyn Collective,
+    probs: Vec<f32>,
+    decide: impl FnOnce(&[f32]) -> RoutePlan,
+) -> anyhow::Result<GroupRoute> {
+    let all = world.all_gather("routing probabilities", &probs)?;
+    let mut bytes = vec![];
+    if world.rank() == 0 {
+        let plan = decide(&all);
+        bytes.extend((plan.n_experts as u64).to_le_bytes());
+        bytes.extend((plan.top_k as u64).to_le_bytes());
+        bytes.extend((plan.capacity as u64).to_le_bytes());
+        for (&r, &d) in plan.routes.iter().zip(&plan.dropped) {
+            bytes.extend((r as u32).to_le_bytes());
+            bytes.push(d as u8);
+        }
+    }
+    world.broadcast("routing plan", 0, &mut bytes)?;
+    let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap()) as usize;
+    let (n_experts, top_k, capacity) = (word(0), word(1), word(2));
+    let (routes, dropped) = bytes[24..]
+        .chunks_exact(5)
+        .map(|c| {
+            (
+                u32::from_le_bytes(c[..4].try_into().unwrap()) as usize,
+                c[4] != 0,
+            )
+        })
+        .unzip();
+    let plan = RoutePlan::from_decisions(routes, dropped, n_experts, top_k, capacity);
+    Ok(part(&plan, world.rank(), world.size()))
 }
 
 impl RouteGroup {
@@ -153,7 +223,10 @@ impl RouteGroup {
             }
         }
         let _release = Release(self);
-        f(Shard { group: self, index })
+        f(Shard {
+            group: Seat::Threads(self),
+            index,
+        })
     }
 }
 
@@ -200,6 +273,41 @@ mod tests {
             assert_eq!(part.plan.capacity, whole.capacity);
             assert_eq!(part.group_counts, whole.counts);
             assert_eq!(part.group_tokens, shards * per_shard);
+        }
+    }
+
+    #[test]
+    fn ranks_route_as_the_threads_do() {
+        let (ranks, per_rank, experts) = (3, 20, 4);
+        let opts = RoutingOptions::labml(0.7, true);
+        let all = probs(ranks * per_rank, experts, 2);
+        let whole = RoutePlan::new(&all, experts, &opts, &mut RoutingRng::seed_from_u64(5));
+        assert!(whole.n_dropped() > 0);
+        let world = crate::distributed::Threads::group(ranks, std::time::Duration::from_secs(30));
+        let parts: Vec<GroupRoute> = std::thread::scope(|scope| {
+            let handles: Vec<_> = world
+                .iter()
+                .map(|w| {
+                    let all = &all;
+                    let opts = &opts;
+                    scope.spawn(move || {
+                        let seat = Shard::rank(w);
+                        let i = seat.index();
+                        let mine = all[i * per_rank * experts..][..per_rank * experts].to_vec();
+                        // Only rank 0 decides: the others' generators would decide otherwise.
+                        let mut rng = RoutingRng::seed_from_u64(if i == 0 { 5 } else { 99 });
+                        seat.route(mine, |p| RoutePlan::new(p, experts, opts, &mut rng))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, part) in parts.iter().enumerate() {
+            let range = i * per_rank..(i + 1) * per_rank;
+            assert_eq!(part.plan.routes, whole.routes[range.clone()]);
+            assert_eq!(part.plan.dropped, whole.dropped[range]);
+            assert_eq!(part.group_counts, whole.counts);
+            assert_eq!(part.group_tokens, ranks * per_rank);
         }
     }
 

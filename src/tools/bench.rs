@@ -146,7 +146,7 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
             lr: noam.lr(i as u64 + 1),
         };
         let t0 = Instant::now();
-        let out = step(&mut replicas, &batch, &mut rng, settings);
+        let out = step(&mut replicas, &batch, &mut rng, settings)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if i >= c.warmup {
             fwd.push(out.forward_s * 1e3);

@@ -83,6 +83,7 @@ pub fn save(
     if old.exists() {
         std::fs::remove_dir_all(&old)?;
     }
+    tracing::debug!("checkpoint written: {}", dir.display());
     Ok(())
 }
 
@@ -111,6 +112,7 @@ pub fn tidy(parent: &Path) -> Result<()> {
         };
         let path = e.path();
         if hidden.ends_with(".partial") || hidden.ends_with(".deleting") {
+            tracing::debug!("removing the leftover {}", path.display());
             std::fs::remove_dir_all(&path)
                 .with_context(|| format!("cannot remove the leftover {}", path.display()))?;
         } else if let Some(base) = hidden.strip_suffix(".old") {

@@ -29,22 +29,12 @@ pub struct LayerStats {
 }
 
 impl LayerStats {
-    /// One layer's statistics from the [`SwitchStats::summary`] values of several forward
-    /// passes, each with its number of tokens.
-    fn from_summaries(passes: &[(&[f32], usize)]) -> Self {
-        let (mut counts, mut top, mut dropped, mut tokens) = (Vec::<f64>::new(), 0.0, 0.0, 0usize);
-        for &(summary, n) in passes {
-            let e = summary.len() - 2;
-            counts.resize(e, 0.0);
-            for (c, &v) in counts.iter_mut().zip(&summary[..e]) {
-                *c += v as f64;
-            }
-            dropped += summary[e] as f64;
-            top += summary[e + 1] as f64;
-            tokens += n;
-        }
+    /// One layer's statistics from its [`SwitchStats::summary`] values summed over forward
+    /// passes (expert counts, dropped, the sum of top probabilities) and their tokens.
+    pub fn from_sum(sum: &[f64], tokens: usize) -> Self {
+        let e = sum.len() - 2;
         let t = tokens.max(1) as f64;
-        let expert_frac: Vec<f64> = counts.iter().map(|c| c / t).collect();
+        let expert_frac: Vec<f64> = sum[..e].iter().map(|c| c / t).collect();
         let n = expert_frac.len().max(1) as f64;
         let mean = expert_frac.iter().sum::<f64>() / n;
         let var = expert_frac.iter().map(|f| (f - mean).powi(2)).sum::<f64>() / n;
@@ -53,8 +43,8 @@ impl LayerStats {
             max_frac: expert_frac.iter().cloned().fold(0.0, f64::max),
             std_frac: var.sqrt(),
             expert_frac,
-            mean_top_prob: top / t,
-            dropped_frac: dropped / t,
+            mean_top_prob: sum[e + 1] / t,
+            dropped_frac: sum[e] / t,
         }
     }
 }
@@ -62,6 +52,15 @@ impl LayerStats {
 /// Per-layer statistics over several forward passes (`passes[i][l]`: Switch layer `l` of pass
 /// `i`, all layers of a pass on one device): one read-back per pass.
 pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
+    layer_sums(passes)
+        .iter()
+        .map(|(sum, tokens)| LayerStats::from_sum(sum, *tokens))
+        .collect()
+}
+
+/// Each Switch layer's [`SwitchStats::summary`] summed over `passes` (in f64, pass order),
+/// with the layer's tokens: what [`LayerStats::from_sum`] takes, and what ranks add up.
+pub fn layer_sums(passes: &[Vec<SwitchStats>]) -> Vec<(Vec<f64>, usize)> {
     let n_layers = passes.first().map_or(0, Vec::len);
     let read: Vec<Vec<f32>> = passes
         .iter()
@@ -74,16 +73,18 @@ pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
         .collect();
     (0..n_layers)
         .map(|l| {
-            let rows: Vec<(&[f32], usize)> = passes
-                .iter()
-                .zip(&read)
-                .map(|(p, values)| {
-                    let start: usize = p[..l].iter().map(|s| s.counts.dims()[0] + 2).sum();
-                    let len = p[l].counts.dims()[0] + 2;
-                    (&values[start..start + len], p[l].n_tokens())
-                })
-                .collect();
-            LayerStats::from_summaries(&rows)
+            let mut sum = Vec::<f64>::new();
+            let mut tokens = 0;
+            for (p, values) in passes.iter().zip(&read) {
+                let start: usize = p[..l].iter().map(|s| s.counts.dims()[0] + 2).sum();
+                let len = p[l].counts.dims()[0] + 2;
+                sum.resize(len, 0.0);
+                for (s, &v) in sum.iter_mut().zip(&values[start..start + len]) {
+                    *s += v as f64;
+                }
+                tokens += p[l].n_tokens();
+            }
+            (sum, tokens)
         })
         .collect()
 }

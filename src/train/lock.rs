@@ -53,8 +53,8 @@ impl RunLock {
                     let holder_host = words.next().unwrap_or("");
                     match pid {
                         Some(pid) if holder_host == host() && !alive(pid) => {
-                            eprintln!(
-                                "note: {} was left by process {pid}, which no longer runs: \
+                            tracing::info!(
+                                "{} was left by process {pid}, which no longer runs: \
                                  taking it over",
                                 path.display()
                             );

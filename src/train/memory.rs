@@ -45,6 +45,13 @@ pub fn check_fits(c: &RunConfig, available: Option<u64>) -> Result<()> {
     let (state, activations) = estimate(c);
     let need = state + activations;
     let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
+    tracing::debug!(
+        "memory estimate: {:.2} GiB of weights, gradients and moments, {:.2} GiB of activations; \
+         {:?} bytes available",
+        gib(state),
+        gib(activations),
+        available
+    );
     if let Some(avail) = available
         && need > avail
     {

@@ -12,6 +12,11 @@
 //! which takes the Adam step and hands its weights to the others (shared, not copied, when
 //! they are on the same device); or Burn's collective all-reduce, after which every replica
 //! takes the same step. With one replica there are no threads.
+//!
+//! Across processes ([`Replicas::across`], `switch train --distributed`): each process holds
+//! one replica, the ranks of the job are the replicas, and the exchanges go through a
+//! [`Collective`] (MPI): gradients, losses and statistics summed with an all-reduce, the
+//! routing group's probabilities and plan exchanged between the ranks.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,10 +28,12 @@ use burn::tensor::{Device, Tensor};
 use rand::{RngCore, SeedableRng};
 
 use crate::data::Batch;
+use crate::distributed::Collective;
 use crate::interop::weights::{Source, model_from_state_dict, model_state_dict};
 use crate::model::{ModelConfig, SwitchTransformer};
 use crate::optim::{LabmlAdam, ParamGrads};
 use crate::routing::{RouteGroup, RoutingRng, Shard};
+use crate::store::host_f32;
 
 /// How replicas combine their gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +74,9 @@ pub struct Placement {
     pub devices: Vec<Device>,
     /// How their gradients are combined.
     pub grad_sync: GradSync,
+    /// The ranks of the multi-process job this process is one of (`--distributed`): then this
+    /// process holds one replica, on `devices[0]`, and the ranks are the run's replicas.
+    pub world: Option<Arc<dyn Collective>>,
 }
 
 impl From<&Device> for Placement {
@@ -74,6 +84,7 @@ impl From<&Device> for Placement {
         Self {
             devices: vec![device.clone()],
             grad_sync: GradSync::Broadcast,
+            world: None,
         }
     }
 }
@@ -92,11 +103,22 @@ impl Placement {
         Ok(Self {
             devices,
             grad_sync: GradSync::parse(grad_sync, specs)?,
+            world: None,
         })
     }
 
-    /// The device of each of `replicas` replicas.
+    /// The device of each of `replicas` replicas (in this process).
     pub fn devices_for(&self, replicas: usize) -> Result<Vec<Device>> {
+        if let Some(world) = &self.world {
+            if replicas != world.size() {
+                bail!(
+                    "train.replicas = {replicas} but the job has {} ranks: a distributed run has \
+                     one replica per rank",
+                    world.size()
+                );
+            }
+            return Ok(vec![self.devices[0].clone()]);
+        }
         match self.devices.len() {
             1 => Ok(vec![self.devices[0].clone(); replicas]),
             n if n == replicas => Ok(self.devices.clone()),
@@ -150,6 +172,9 @@ pub struct Replicas {
     pools: Vec<rayon::ThreadPool>,
     /// The replicas' routing group, if they route the batch together.
     group: Option<Arc<RouteGroup>>,
+    global_routing: bool,
+    /// The ranks of the multi-process job this process's one replica belongs to.
+    world: Option<Arc<dyn Collective>>,
     _context: Option<DistributedContext>,
 }
 
@@ -208,11 +233,44 @@ impl Replicas {
         };
         Ok(Self {
             group: (global_routing && n > 1).then(|| RouteGroup::new(n)),
+            global_routing,
             replicas,
             grad_sync,
             pools,
+            world: None,
             _context: context,
         })
+    }
+
+    /// This process's one replica as one rank of `world`'s: every step runs on this rank's
+    /// share of the batch and exchanges with the other ranks.
+    pub fn across(mut self, world: Arc<dyn Collective>) -> Result<Self> {
+        if self.replicas.len() != 1 {
+            bail!(
+                "a process of a distributed job holds one replica, not {}: the ranks are the \
+                 replicas (leave out --devices)",
+                self.replicas.len()
+            );
+        }
+        self.world = Some(world);
+        Ok(self)
+    }
+
+    /// The job's ranks, if this process is one of several.
+    pub fn world(&self) -> Option<&dyn Collective> {
+        self.world.as_deref()
+    }
+
+    /// A handle on the job's ranks, if this process is one of several.
+    pub fn world_handle(&self) -> Option<Arc<dyn Collective>> {
+        self.world.clone()
+    }
+
+    /// Replicas over all processes: this process's, or the job's ranks.
+    pub fn total(&self) -> usize {
+        self.world
+            .as_ref()
+            .map_or(self.replicas.len(), |w| w.size())
     }
 
     /// Replica 0.
@@ -242,6 +300,9 @@ impl Replicas {
         pass: impl Fn(&Replica, &Batch, &mut RoutingRng, Option<Shard<'_>>, Option<&[Device]>) -> R
         + Sync,
     ) -> Vec<R> {
+        if let Some(world) = self.world.as_deref() {
+            return vec![self.on_rank(world, batch, rng, pass)];
+        }
         let n = self.replicas.len();
         if n == 1 {
             let r = &self.replicas[0];
@@ -278,17 +339,52 @@ impl Replicas {
         outs
     }
 
+    /// [`on_shards`](Self::on_shards) for this process's rank: its shard of `batch`, its
+    /// generator drawn as replica `rank` of the threads would draw it; with global routing,
+    /// rank 0's generator continues the run on every rank afterwards.
+    fn on_rank<R: Send>(
+        &self,
+        world: &dyn Collective,
+        batch: &Batch,
+        rng: &mut RoutingRng,
+        pass: impl Fn(&Replica, &Batch, &mut RoutingRng, Option<Shard<'_>>, Option<&[Device]>) -> R
+        + Sync,
+    ) -> R {
+        let (n, rank) = (world.size(), world.rank());
+        let shard = &batch.split(n)[rank];
+        let r = &self.replicas[0];
+        if !self.global_routing {
+            let seeds: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+            let mut mine = RoutingRng::seed_from_u64(seeds[rank]);
+            return on_worker(|| pass(r, shard, &mut mine, None, None));
+        }
+        let mut mine = rng.clone();
+        mine.set_stream(mine.get_stream().wrapping_add(rank as u64));
+        let out = on_worker(|| pass(r, shard, &mut mine, Some(Shard::rank(world)), None));
+        let mut state = serde_json::to_vec(&mine).expect("a generator serialises");
+        world
+            .broadcast("the routing generator", 0, &mut state)
+            .expect("the generator exchange failed");
+        *rng = serde_json::from_slice(&state).expect("rank 0 sent a generator");
+        out
+    }
+
     /// The gradient of the whole batch from each replica's gradient of its shard: with one
     /// replica its own; else the sum on the first replica's device (replica order), or, after
     /// the collective all-reduce, every replica's.
-    pub fn sum_gradients(&self, mut grads: Vec<ParamGrads>) -> BatchGradients {
-        if grads.len() == 1 {
+    pub fn sum_gradients(&self, mut grads: Vec<ParamGrads>) -> Result<BatchGradients> {
+        if let Some(world) = self.world.as_deref() {
+            let model = &self.replicas[0].model;
+            let grads = sum_across(world, model, grads.remove(0), &self.replicas[0].device)?;
+            return Ok(BatchGradients::OnFirst(grads));
+        }
+        Ok(if grads.len() == 1 {
             BatchGradients::OnFirst(grads.remove(0))
         } else if self.grad_sync == GradSync::Broadcast {
             BatchGradients::OnFirst(sum_on_first(&self.replicas, grads))
         } else {
             BatchGradients::OnEach(grads)
-        }
+        })
     }
 
     /// Adam on `grad_scale * grads` (`grad_scale`: the clip factor), after which every replica
@@ -405,6 +501,85 @@ fn sum_on_first(replicas: &[Replica], grads: Vec<ParamGrads>) -> ParamGrads {
         }
     }
     out
+}
+
+/// Each trainable parameter's id and number of values, in module order.
+fn param_sizes(model: &SwitchTransformer) -> Vec<(ParamId, usize)> {
+    struct Sizes(Vec<(ParamId, usize)>);
+    impl ModuleVisitor for Sizes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.is_require_grad() {
+                self.0.push((param.id, param.shape().num_elements()));
+            }
+        }
+    }
+    let mut sizes = Sizes(vec![]);
+    model.visit(&mut sizes);
+    sizes.0
+}
+
+/// The sum over the ranks of their gradients `grads` (one all-reduce of every gradient,
+/// flattened in module order, followed by one flag per parameter: whether a rank has its
+/// gradient). A parameter no rank has a gradient for stays without one, as in one process.
+fn sum_across(
+    world: &dyn Collective,
+    model: &SwitchTransformer,
+    grads: ParamGrads,
+    device: &Device,
+) -> Result<ParamGrads> {
+    let params = param_sizes(model);
+    let total: usize = params.iter().map(|(_, n)| n).sum();
+    let mut grads: HashMap<ParamId, Tensor<1>> = grads.into_parts().into_iter().collect();
+    let mut flat = Vec::with_capacity(total + params.len());
+    let mut present = Vec::with_capacity(params.len());
+    for (id, n) in &params {
+        match grads.remove(id) {
+            Some(g) => {
+                flat.extend(host_f32(g));
+                present.push(1.0);
+            }
+            None => {
+                flat.resize(flat.len() + n, 0.0);
+                present.push(0.0);
+            }
+        }
+    }
+    flat.extend(present);
+    world.all_reduce_sum("gradients", &mut flat)?;
+    let device = device.clone().inner();
+    let mut out = ParamGrads::default();
+    let mut at = 0;
+    for (i, (id, n)) in params.into_iter().enumerate() {
+        if flat[total + i] > 0.0 {
+            let values = flat[at..at + n].to_vec();
+            out.insert(
+                id,
+                Tensor::from_data(burn::tensor::TensorData::new(values, [n]), &device),
+            );
+        }
+        at += n;
+    }
+    Ok(out)
+}
+
+/// A checksum of the trainable parameters (sum of every value times a weight that depends on
+/// its place), equal on two ranks exactly when their weights almost surely are.
+pub fn checksum(model: &SwitchTransformer) -> f64 {
+    struct Sum(f64, u64);
+    impl ModuleVisitor for Sum {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.is_require_grad() {
+                let n = param.shape().num_elements();
+                for v in host_f32(param.val().inner().reshape([n])) {
+                    self.1 += 1;
+                    self.0 += v as f64 * (1.0 + (self.1 % 7) as f64);
+                }
+            }
+        }
+    }
+    let mut sum = Sum(0.0, 0);
+    model.visit(&mut sum);
+    sum.0
 }
 
 /// Gives every replica the first replica's weights, as fresh autodiff leaves of its own (on

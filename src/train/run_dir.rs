@@ -114,8 +114,8 @@ impl RunDir {
         match (given, record) {
             (Some(path), Some(r)) => {
                 if path.is_file() && DataRecord::of(path)?.sha256 != r.sha256 {
-                    eprintln!(
-                        "note: {} is not the text {self} was trained on ({}): using it, as \
+                    tracing::info!(
+                        "{} is not the text {self} was trained on ({}): using it, as \
                          --data says",
                         path.display(),
                         r.path.display()
@@ -252,8 +252,8 @@ impl RunDir {
                         && !text.ends_with('\n')
                         && serde_json::from_str::<serde_json::Value>(line).is_err() =>
                 {
-                    eprintln!(
-                        "warning: {} line {} is incomplete ({e}); reading up to the line before",
+                    tracing::warn!(
+                        "{} line {} is incomplete ({e}); reading up to the line before",
                         path.display(),
                         i + 1
                     );

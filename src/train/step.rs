@@ -7,6 +7,8 @@
 //! clip g to its global norm                        PyTorch's clip_grad_norm_
 //! Adam (labml's) with the Noam learning rate       the same new weights on every replica
 //! ```
+//! Across processes (`--distributed`) the replicas are the job's ranks: the sums are
+//! all-reduces ([`crate::distributed`]), the rest is the same.
 
 use std::time::Instant;
 
@@ -14,7 +16,9 @@ use burn::tensor::Tensor;
 use burn::tensor::distributed::ReduceOperation;
 use burn::tensor::{Device, Int};
 
-use super::eval::{LayerStats, layer_stats};
+use anyhow::Result;
+
+use super::eval::{LayerStats, layer_stats, layer_sums};
 use super::replicas::{Replica, Replicas};
 use crate::data::Batch;
 use crate::model::SwitchStats;
@@ -60,27 +64,50 @@ pub struct StepOutput {
     pub updated: bool,
 }
 
-/// One optimizer step on `batch`, drawing routing and dropout from `rng`.
+/// One optimizer step on `batch`, drawing routing and dropout from `rng`. Fails only when an
+/// exchange between the ranks of a distributed job fails.
 pub fn step(
     replicas: &mut Replicas,
     batch: &Batch,
     rng: &mut RoutingRng,
     s: StepSettings,
-) -> StepOutput {
-    let share = 1.0 / replicas.replicas.len() as f64;
+) -> Result<StepOutput> {
+    let share = 1.0 / replicas.total() as f64;
     // Forward, losses and backward: each replica on its shard of the batch.
     let passes = replicas.on_shards(batch, rng, |r, shard, rng, seat, all_reduce| {
         forward_backward(r, shard, rng, seat, s, share, all_reduce)
     });
     let t0 = Instant::now();
     let sum = |f: fn(&Pass) -> f64| passes.iter().map(f).sum::<f64>();
-    let (ce, lb, z) = (sum(|p| p.ce), sum(|p| p.lb), sum(|p| p.z));
+    let (mut ce, mut lb, mut z) = (sum(|p| p.ce), sum(|p| p.lb), sum(|p| p.z));
     let (forward_s, backward_s) = (passes[0].forward_s, passes[0].backward_s);
     let (stats, grads): (Vec<Vec<SwitchStats>>, Vec<ParamGrads>) =
         passes.into_iter().map(|p| (p.stats, p.grads)).unzip();
-    let layers = layer_stats(&stats);
+    let layers = match replicas.world() {
+        None => layer_stats(&stats),
+        Some(world) => {
+            // Every rank's losses and routing statistics, summed: one exchange.
+            let sums = layer_sums(&stats);
+            let mut flat = vec![ce, lb, z];
+            for (sum, tokens) in &sums {
+                flat.extend(sum);
+                flat.push(*tokens as f64);
+            }
+            world.all_reduce_sum_f64("losses and routing statistics", &mut flat)?;
+            [ce, lb, z] = [flat[0], flat[1], flat[2]];
+            let mut at = 3;
+            sums.iter()
+                .map(|(sum, _)| {
+                    let n = sum.len();
+                    let layer = LayerStats::from_sum(&flat[at..at + n], flat[at + n] as usize);
+                    at += sum.len() + 1;
+                    layer
+                })
+                .collect()
+        }
+    };
     // The gradient of the whole batch.
-    let grads = replicas.sum_gradients(grads);
+    let grads = replicas.sum_gradients(grads)?;
     let (grad_norm, updated) = replicas.on_worker(|replicas| {
         // Clip it to its global norm.
         let grad_norm = grads.global_norm();
@@ -92,7 +119,7 @@ pub fn step(
         replicas.adam_step(&grads, s.lr, clip);
         (grad_norm, true)
     });
-    StepOutput {
+    Ok(StepOutput {
         ce,
         lb,
         z,
@@ -102,7 +129,7 @@ pub fn step(
         backward_s,
         update_s: t0.elapsed().as_secs_f64(),
         updated,
-    }
+    })
 }
 
 /// One replica's forward and backward; the losses are its share of the step's.

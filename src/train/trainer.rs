@@ -4,6 +4,7 @@
 //! ([`RunDir`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use burn::tensor::Device;
 use rand::SeedableRng;
 
 use crate::data::{Batch, TextData, TrainLoader, valid_batches};
+use crate::distributed::{Collective, check_same};
 use crate::infer::generate::{SampleOptions, generate};
 use crate::model::SwitchTransformer;
 use crate::optim::{LabmlAdam, Noam};
@@ -22,13 +24,17 @@ use crate::train::config::RunConfig;
 use crate::train::eval::{EvalMetrics, LayerStats, evaluate};
 use crate::train::lock::RunLock;
 use crate::train::metrics::{MetricsLine, TrainLine, ValidLine};
-use crate::train::replicas::{Placement, Replica, Replicas};
+use crate::train::replicas::{Placement, Replica, Replicas, checksum};
 use crate::train::run_dir::RunDir;
 use crate::train::step::{StepSettings, step};
 
 /// Seeds derived from the run seed for streams that must not disturb training's.
 const EVAL_STREAM: u64 = 0xe7a1;
 const SAMPLE_STREAM: u64 = 0x5a3e;
+
+/// Steps between the comparisons of the ranks' parameters in a distributed run (also at its
+/// first and last step).
+pub const CHECKSUM_INTERVAL: u64 = 50;
 
 /// What one optimizer step measured.
 #[derive(Debug, Clone)]
@@ -106,8 +112,10 @@ pub struct Trainer {
     valid: Vec<Batch>,
     /// Steps skipped in this process for a non-finite loss or gradient norm.
     nonfinite_steps: u64,
-    /// This process is the run's one writer while the trainer lives.
-    _lock: RunLock,
+    /// The ranks of the distributed job this process is one of; rank 0 alone writes.
+    world: Option<Arc<dyn Collective>>,
+    /// This process is the run's one writer while the trainer lives (none on ranks > 0).
+    _lock: Option<RunLock>,
 }
 
 impl Trainer {
@@ -126,14 +134,19 @@ impl Trainer {
         let placement = placement.into();
         let devices = placement.devices_for(config.train.replicas)?;
         let run_dir = RunDir::new(run_dir);
-        if run_dir.holds_run() {
+        let writer = is_writer(&placement);
+        if writer && run_dir.holds_run() {
             bail!(
                 "{run_dir} already holds a run: continue it with --resume {run_dir}, or choose \
                  another --name"
             );
         }
-        run_dir.create(&config, &data.vocab)?;
-        let lock = RunLock::acquire(run_dir.path())?;
+        let lock = if writer {
+            run_dir.create(&config, &data.vocab)?;
+            Some(RunLock::acquire(run_dir.path())?)
+        } else {
+            None
+        };
         let device = devices[0].clone().autodiff();
         let model = config.model.init(config.train.seed, &device)?;
         let t = &config.train;
@@ -147,7 +160,9 @@ impl Trainer {
         };
         let replicas = run_replicas(first, &config, &devices, &placement)?;
         let trainer = Self::assemble(config, run_dir, lock, data, replicas, loader, rng);
-        trainer.run_dir.truncate_metrics(0)?;
+        if writer {
+            trainer.run_dir.truncate_metrics(0)?;
+        }
         Ok(trainer)
     }
 
@@ -167,10 +182,21 @@ impl Trainer {
         overrides: &[String],
     ) -> Result<Self> {
         let run_dir = RunDir::new(run_dir);
+        let placement = placement.into();
+        let writer = is_writer(&placement);
         let mut config = run_dir.read_config()?;
-        let lock = RunLock::acquire(run_dir.path())?;
+        let lock = writer
+            .then(|| RunLock::acquire(run_dir.path()))
+            .transpose()?;
         if !overrides.is_empty() {
             config.set_on_resume(overrides)?;
+        }
+        // A run resumes on any number of ranks: the batch is the same, split differently.
+        let ranks = placement.world.as_ref().map(|w| w.size());
+        let rescaled = ranks.is_some_and(|n| n != config.train.replicas);
+        if let Some(n) = ranks {
+            config.train.replicas = n;
+            config.validate()?;
         }
         if run_dir.read_vocab()? != data.vocab {
             bail!(
@@ -179,12 +205,17 @@ impl Trainer {
             );
         }
         check_prompt(&config, &data)?;
-        run_dir.tidy()?;
+        if writer {
+            run_dir.tidy()?;
+        }
+        if let Some(world) = &placement.world {
+            // The others read the checkpoints once rank 0 has tidied them.
+            world.all_reduce_sum_f64("waiting for rank 0 to tidy the run", &mut [0.0])?;
+        }
         let checkpoints = run_dir.checkpoint_list();
         if checkpoints.is_empty() {
             bail!("{run_dir} has no checkpoint to resume from");
         }
-        let placement = placement.into();
         let devices = placement.devices_for(config.train.replicas)?;
         let device = devices[0].clone().autodiff();
         let t = &config.train;
@@ -199,7 +230,7 @@ impl Trainer {
                     break;
                 }
                 Err(e) => {
-                    eprintln!("warning: skipping checkpoint {}: {e:#}", dir.display());
+                    tracing::warn!("skipping checkpoint {}: {e:#}", dir.display());
                     newest_error.get_or_insert(e);
                 }
             }
@@ -208,7 +239,7 @@ impl Trainer {
             let e = newest_error.expect("a checkpoint failed to load");
             return Err(e.context(format!("no checkpoint of {run_dir} loads")));
         };
-        if !overrides.is_empty() {
+        if writer && (!overrides.is_empty() || rescaled) {
             run_dir.write_config(&config)?;
         }
         let mut loader = TrainLoader::new(data.train.len(), t.seq_len, t.batch_size, t.seed);
@@ -230,20 +261,23 @@ impl Trainer {
         );
         trainer.step = loaded.state.step;
         trainer.best_valid_loss = loaded.state.best_valid_loss;
-        trainer.run_dir.truncate_metrics(trainer.step)?;
+        if writer {
+            trainer.run_dir.truncate_metrics(trainer.step)?;
+        }
         Ok(trainer)
     }
 
     fn assemble(
         config: RunConfig,
         run_dir: RunDir,
-        lock: RunLock,
+        lock: Option<RunLock>,
         data: TextData,
         replicas: Replicas,
         loader: TrainLoader,
         rng: RoutingRng,
     ) -> Self {
         let t = &config.train;
+        let world = replicas.world_handle();
         let valid = valid_batches(&data.valid, t.seq_len, t.batch_size, Some(t.eval_batches));
         let noam = Noam {
             lr: t.lr,
@@ -261,6 +295,7 @@ impl Trainer {
             best_valid_loss: None,
             valid,
             nonfinite_steps: 0,
+            world,
             _lock: lock,
             config,
         }
@@ -281,8 +316,14 @@ impl Trainer {
         self.loader.state.epoch
     }
 
-    /// One optimizer step on the next training batch.
-    pub fn train_step(&mut self) -> StepMetrics {
+    /// Whether this process writes the run (not ranks > 0 of a distributed job).
+    pub fn is_writer(&self) -> bool {
+        self.world.as_ref().is_none_or(|w| w.rank() == 0)
+    }
+
+    /// One optimizer step on the next training batch (fails only when an exchange between
+    /// the ranks of a distributed job fails).
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
         let batch = self.loader.next_batch(&self.data.train);
         let t = &self.config.train;
@@ -292,9 +333,12 @@ impl Trainer {
             grad_clip: t.grad_clip,
             lr: self.noam.lr(self.step + 1),
         };
-        let out = step(&mut self.replicas, &batch, &mut self.rng, settings);
+        if let Some(w) = &self.world {
+            w.set_step(self.step + 1);
+        }
+        let out = step(&mut self.replicas, &batch, &mut self.rng, settings)?;
         self.step += 1;
-        StepMetrics {
+        Ok(StepMetrics {
             step: self.step,
             epoch: self.loader.state.epoch,
             loss: out.ce + t.lb_coef * out.lb + t.z_loss_coef * out.z,
@@ -307,6 +351,28 @@ impl Trainer {
             seconds: start.elapsed().as_secs_f64(),
             layers: out.layers,
             updated: out.updated,
+        })
+    }
+
+    /// Whether any rank was asked to stop (every rank gets the same answer, so that all stop
+    /// at the same step); in one process, `stop` itself.
+    fn agree_to_stop(&self, stop: &AtomicBool) -> Result<bool> {
+        let mine = stop.load(Ordering::SeqCst);
+        match &self.world {
+            None => Ok(mine),
+            Some(w) => {
+                let mut flag = [mine as u8 as f64];
+                w.all_reduce_sum_f64("the stop flag", &mut flag)?;
+                Ok(flag[0] > 0.0)
+            }
+        }
+    }
+
+    /// In a distributed run: an error naming the step when the ranks' parameters differ.
+    fn check_ranks_agree(&self) -> Result<()> {
+        match &self.world {
+            None => Ok(()),
+            Some(w) => check_same(w.as_ref(), self.step, checksum(self.model())),
         }
     }
 
@@ -376,14 +442,18 @@ impl Trainer {
     /// Trains until `train.steps`, or until `stop` is set (then checkpoints and returns).
     pub fn run(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(Event)) -> Result<Finish> {
         let t = self.config.train.clone();
+        let writer = self.is_writer();
         let (mut interval_tokens, mut interval_seconds) = (0usize, 0.0f64);
+        self.check_ranks_agree()?;
         while self.step < t.steps {
-            if stop.load(Ordering::SeqCst) {
-                let dir = self.save_checkpoint(None)?;
-                on_event(Event::Checkpoint(&dir));
+            if self.agree_to_stop(stop)? {
+                if writer {
+                    let dir = self.save_checkpoint(None)?;
+                    on_event(Event::Checkpoint(&dir));
+                }
                 return Ok(Finish::Interrupted);
             }
-            let m = self.train_step();
+            let m = self.train_step()?;
             if !m.updated {
                 self.nonfinite_steps += 1;
                 if self.nonfinite_steps > t.skip_nonfinite {
@@ -408,6 +478,12 @@ impl Trainer {
             interval_seconds += m.seconds;
             on_event(Event::Step(&m));
             let last = self.step == t.steps;
+            if last || self.step.is_multiple_of(CHECKSUM_INTERVAL) {
+                self.check_ranks_agree()?;
+            }
+            if !writer {
+                continue; // rank 0 logs, validates and checkpoints
+            }
             if m.updated && (self.step.is_multiple_of(t.log_interval) || last) {
                 let dropped = m.layers.iter().map(|l| l.dropped_frac).sum::<f64>()
                     / m.layers.len().max(1) as f64;
@@ -474,7 +550,7 @@ impl Trainer {
 }
 
 /// The run's replicas: `first` and its copies on `devices`, routing as `train.global_routing`
-/// says.
+/// says; one replica per rank in a distributed job.
 fn run_replicas(
     first: Replica,
     config: &RunConfig,
@@ -482,7 +558,16 @@ fn run_replicas(
     placement: &Placement,
 ) -> Result<Replicas> {
     let global = config.train.global_routing;
-    Replicas::new(first, &config.model, devices, placement.grad_sync, global)
+    let replicas = Replicas::new(first, &config.model, devices, placement.grad_sync, global)?;
+    match &placement.world {
+        Some(world) => replicas.across(Arc::clone(world)),
+        None => Ok(replicas),
+    }
+}
+
+/// Whether this process writes the run: the only process, or rank 0.
+fn is_writer(placement: &Placement) -> bool {
+    placement.world.as_ref().is_none_or(|w| w.rank() == 0)
 }
 
 /// The validation sample's prompt must be made of the data's characters: checked before any

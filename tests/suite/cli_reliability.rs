@@ -9,11 +9,17 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn switch(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switch"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run the switch binary")
+    switch_with_log(args, cwd, None)
+}
+
+/// `switch` with `RUST_LOG` set to `log`, or unset.
+fn switch_with_log(args: &[&str], cwd: &Path, log: Option<&str>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switch"));
+    command.args(args).current_dir(cwd).env_remove("RUST_LOG");
+    if let Some(log) = log {
+        command.env("RUST_LOG", log);
+    }
+    command.output().expect("run the switch binary")
 }
 
 fn stderr(out: &Output) -> String {
@@ -500,5 +506,58 @@ fn a_run_records_its_text_and_refuses_a_changed_one() {
     let out = switch(&["eval", "--run", "runs/r", "--data", data_s], &tmp);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("is not the text"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn diagnostics_go_through_tracing_and_follow_rust_log() {
+    let tmp = common::temp_dir("cli-logging");
+    let run = tmp.join("torn");
+    std::fs::create_dir_all(&run).unwrap();
+    // A metrics file whose last line was cut mid-write (a warning from the library) and no model
+    // to route with (a note from the CLI).
+    let good = r#"{"step":1,"epoch":0,"train_loss":4.0,"ce_loss":3.9,"lb_loss":2.0,"z_loss":0.0,"lr":0.001,"grad_norm":1.0,"tokens_per_s":1000.0,"dropped_frac":0.0,"layers":[]}"#;
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        format!("{good}\n{{\"step\":2,\"train_lo"),
+    )
+    .unwrap();
+    let report = ["report", "torn", "--out", "out"];
+    // Default: short lines, no time or module.
+    let out = switch_with_log(&report, &tmp, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("warning: ") && l.contains("line 2 is incomplete")),
+        "{err}"
+    );
+    assert!(
+        err.lines().any(|l| l.starts_with("note: no routing table")),
+        "{err}"
+    );
+    // RUST_LOG picks levels and modules, in tracing's full format.
+    let out = switch_with_log(&report, &tmp, Some("switch_transformer=warn"));
+    let err = stderr(&out);
+    assert!(
+        err.contains("WARN") && err.contains("switch_transformer::train::run_dir"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("no routing table"),
+        "info is below warn: {err}"
+    );
+    let out = switch_with_log(&report, &tmp, Some("off"));
+    assert!(out.status.success());
+    assert_eq!(stderr(&out), "");
+    // A filter that does not parse: the default, with a warning naming it.
+    let out = switch_with_log(&report, &tmp, Some("[="));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("RUST_LOG=\"[=\" is not a valid filter")
+            && err.contains("line 2 is incomplete"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }

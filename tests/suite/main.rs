@@ -7,6 +7,7 @@ mod cli_reliability;
 mod common;
 mod compare;
 mod device_routing;
+mod distributed;
 mod fused;
 mod fuzz;
 mod generate;

@@ -70,7 +70,7 @@ fn replica_step_is_the_mean_of_shard_gradients_clipped_then_adam() {
     let (batch, s) = (random_batch(4, 16, 20), settings());
     let mut rng = RoutingRng::seed_from_u64(5);
     let mut seeds = rng.clone();
-    let out = step(&mut replicas, &batch, &mut rng, s);
+    let out = step(&mut replicas, &batch, &mut rng, s).unwrap();
 
     // By hand: each shard on a fresh copy of the starting weights with the seed the step drew.
     let mut mean: Vec<(String, Vec<f64>)> = vec![];
@@ -156,13 +156,13 @@ fn replicas_routing_together_take_the_step_of_one_model() {
     let (batch, s) = (random_batch(8, 16, 20), settings());
     let mut one_rng = RoutingRng::seed_from_u64(5);
     let mut one = replicas(1);
-    let want = step(&mut one, &batch, &mut one_rng, s);
+    let want = step(&mut one, &batch, &mut one_rng, s).unwrap();
     let want_weights = values(&model_state_dict(&one.first().model, Source::Values));
     assert!(want.layers.iter().all(|l| l.dropped_frac > 0.0));
     for n in [2, 4] {
         let mut rng = RoutingRng::seed_from_u64(5);
         let mut group = replicas(n);
-        let got = step(&mut group, &batch, &mut rng, s);
+        let got = step(&mut group, &batch, &mut rng, s).unwrap();
         // The same routing decisions, from the same draws of the run's generator.
         for (g, w) in got.layers.iter().zip(&want.layers) {
             assert_eq!(
@@ -300,6 +300,7 @@ fn bad_placements_are_clear_errors() {
     let three = Placement {
         devices: vec![device.clone(); 3],
         grad_sync: GradSync::Broadcast,
+        world: None,
     };
     let e = three.devices_for(2).unwrap_err().to_string();
     assert!(e.contains("3 devices") && e.contains("replicas = 2"), "{e}");

@@ -1,0 +1,67 @@
+//! Training across processes (`switch train --distributed` under `mpirun` or `srun`): one
+//! process per rank, each running one replica of the model on its share of every batch.
+//!
+//! ```text
+//! rank r:   windows r*B/N .. (r+1)*B/N of every batch -> forward -> loss_r / N -> backward
+//! all:      g = Allreduce_sum(g_r)                    every rank the same gradient
+//!           losses, routing statistics: Allreduce_sum of each rank's share
+//!           clip g to its global norm; the same Adam step on every rank
+//! global routing: rank 0 gathers every rank's router probabilities, decides the whole batch's
+//!           plan (capacity, drops, f_i over all tokens), broadcasts it: one model's step
+//! every K steps: parameter checksums compared; a mismatch names the step
+//! ```
+//! The exchanges go through [`Collective`]: MPI between processes (`mpi.rs`, cargo feature
+//! `mpi`) or threads of one process ([`Threads`], which the tests use to run several ranks
+//! without an MPI launcher). Rank 0 alone writes the run directory.
+
+mod threads;
+#[cfg(feature = "mpi")]
+mod world;
+
+use anyhow::Result;
+
+pub use threads::Threads;
+#[cfg(feature = "mpi")]
+pub use world::MpiWorld;
+
+/// The exchanges between the ranks of a job. Every rank calls the same operations in the same
+/// order; each call returns when every rank has made it (or fails: a rank that waited longer
+/// than the job's time-out, or a rank that failed, ends the exchange with an error).
+pub trait Collective: Send + Sync {
+    /// This process's rank, `0..size`.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn size(&self) -> usize;
+    /// Element-wise sum over the ranks, in place; afterwards every rank holds the same values.
+    /// `what` names the exchange in errors.
+    fn all_reduce_sum(&self, what: &str, values: &mut [f32]) -> Result<()>;
+    /// The same for f64 values (losses, statistics, checksums).
+    fn all_reduce_sum_f64(&self, what: &str, values: &mut [f64]) -> Result<()>;
+    /// Every rank's `mine` (the same length on every rank), in rank order.
+    fn all_gather(&self, what: &str, mine: &[f32]) -> Result<Vec<f32>>;
+    /// `root`'s bytes on every rank (`bytes` is replaced on the others; its length may differ).
+    fn broadcast(&self, what: &str, root: usize, bytes: &mut Vec<u8>) -> Result<()>;
+    /// Tells the time-out messages which training step the exchanges belong to.
+    fn set_step(&self, step: u64);
+}
+
+/// Whether the parameters of every rank are the same: compares each rank's `checksum`
+/// (bit for bit) and names the step and the ranks that differ.
+pub fn check_same(world: &dyn Collective, step: u64, checksum: f64) -> Result<()> {
+    let n = world.size();
+    let mut all = vec![0.0; n];
+    all[world.rank()] = checksum;
+    world.all_reduce_sum_f64("parameter checksum", &mut all)?;
+    if let Some((r, c)) = all
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.to_bits() != all[0].to_bits())
+    {
+        anyhow::bail!(
+            "step {step}: the ranks' parameters differ (checksum of rank 0: {:e}, of rank {r}: \
+             {c:e}): the ranks no longer compute the same model; resume from the last checkpoint",
+            all[0]
+        );
+    }
+    Ok(())
+}

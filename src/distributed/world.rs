@@ -1,0 +1,171 @@
+//! [`Collective`] over MPI (rsmpi on the system's MPI library): the ranks of `mpirun -np N` or
+//! `srun`. Sums are MPI_Allreduce (MPI_SUM), whose reduction order is fixed for a given number
+//! of ranks and message size, so every rank gets the same bits (the trainer's parameter
+//! checksums confirm it).
+//!
+//! MPI collectives have no time-out: a watchdog thread ends this process when one exchange has
+//! waited longer than the job's limit (a rank hangs), with an error naming the step and the
+//! exchange; the launcher then ends the other ranks. A rank that dies ends the job the same way.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use mpi::collective::SystemOperation;
+use mpi::environment::Universe;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+
+use super::Collective;
+
+/// The environment variables by which MPI launchers tell a process its rank (OpenMPI, MPICH
+/// and Slurm's PMI, PMIx).
+const LAUNCHER_VARS: [&str; 4] = [
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_RANK",
+    "SLURM_NTASKS",
+];
+
+/// Whether this process was started by an MPI launcher.
+pub fn launched_by_mpi() -> bool {
+    LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// This process's place in an MPI job.
+pub struct MpiWorld {
+    world: Mutex<SimpleCommunicator>,
+    rank: usize,
+    size: usize,
+    step: Arc<AtomicU64>,
+    /// The exchange in progress and when it started, for the watchdog.
+    waiting: Arc<Mutex<Option<(String, Instant)>>>,
+    // Dropped last: finalizes MPI.
+    _universe: Universe,
+}
+
+// SAFETY: MPI is initialised with at least MPI_THREAD_SERIALIZED (checked in `init`), and every
+// call on the communicator goes through the `world` mutex, so no two threads call MPI at once.
+unsafe impl Send for MpiWorld {}
+// SAFETY: as above.
+unsafe impl Sync for MpiWorld {}
+
+impl MpiWorld {
+    /// Initialises MPI; an exchange that waits longer than `timeout` ends the job.
+    pub fn init(timeout: Duration) -> Result<Self> {
+        if !launched_by_mpi() {
+            bail!(
+                "--distributed needs an MPI launcher: start the ranks with `mpirun -np N switch \
+                 train --distributed ...` (or srun under Slurm)"
+            );
+        }
+        let Some((universe, threading)) = mpi::initialize_with_threading(mpi::Threading::Multiple)
+        else {
+            bail!("MPI was already initialised in this process");
+        };
+        if threading < mpi::Threading::Serialized {
+            bail!(
+                "the MPI library offers thread support {threading:?}; switch needs at least \
+                 Serialized (calls from the compute threads, one at a time)"
+            );
+        }
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        let step = Arc::new(AtomicU64::new(0));
+        let waiting: Arc<Mutex<Option<(String, Instant)>>> = Arc::new(Mutex::new(None));
+        {
+            let (step, waiting) = (Arc::clone(&step), Arc::clone(&waiting));
+            std::thread::Builder::new()
+                .name("exchange watchdog".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_millis(200));
+                        let late = waiting
+                            .lock()
+                            .ok()
+                            .and_then(|w| w.as_ref().map(|(what, t)| (what.clone(), t.elapsed())))
+                            .filter(|(_, waited)| *waited > timeout);
+                        if let Some((what, waited)) = late {
+                            eprintln!(
+                                "error: rank {rank}: step {}: {what} has waited {:.0} s for the \
+                                 other ranks (train.exchange_timeout_s = {}): a rank died or \
+                                 hangs; ending the job (continue with --resume)",
+                                step.load(Ordering::Relaxed),
+                                waited.as_secs_f64(),
+                                timeout.as_secs()
+                            );
+                            // Ends this process at once (the thread in MPI never returns); the
+                            // launcher ends the others.
+                            // SAFETY: _exit has no preconditions.
+                            unsafe { libc::_exit(3) };
+                        }
+                    }
+                })?;
+        }
+        Ok(Self {
+            world: Mutex::new(world),
+            rank,
+            size,
+            step,
+            waiting,
+            _universe: universe,
+        })
+    }
+
+    /// `f` on the communicator, watched by the watchdog as exchange `what`.
+    fn exchange<R>(&self, what: &str, f: impl FnOnce(&SimpleCommunicator) -> R) -> Result<R> {
+        let world = self
+            .world
+            .lock()
+            .map_err(|_| anyhow::anyhow!("{what}: an earlier exchange failed"))?;
+        *self.waiting.lock().expect("watchdog lock") = Some((what.to_string(), Instant::now()));
+        let out = f(&world);
+        *self.waiting.lock().expect("watchdog lock") = None;
+        Ok(out)
+    }
+}
+
+impl Collective for MpiWorld {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, what: &str, values: &mut [f32]) -> Result<()> {
+        let send = values.to_vec();
+        self.exchange(what, |w| {
+            w.all_reduce_into(&send[..], values, SystemOperation::sum())
+        })
+    }
+
+    fn all_reduce_sum_f64(&self, what: &str, values: &mut [f64]) -> Result<()> {
+        let send = values.to_vec();
+        self.exchange(what, |w| {
+            w.all_reduce_into(&send[..], values, SystemOperation::sum())
+        })
+    }
+
+    fn all_gather(&self, what: &str, mine: &[f32]) -> Result<Vec<f32>> {
+        let mut all = vec![0f32; mine.len() * self.size];
+        self.exchange(what, |w| w.all_gather_into(mine, &mut all[..]))?;
+        Ok(all)
+    }
+
+    fn broadcast(&self, what: &str, root: usize, bytes: &mut Vec<u8>) -> Result<()> {
+        self.exchange(what, |w| {
+            let root = w.process_at_rank(root as i32);
+            let mut len = bytes.len() as u64;
+            root.broadcast_into(&mut len);
+            bytes.resize(len as usize, 0);
+            root.broadcast_into(&mut bytes[..]);
+        })
+    }
+
+    fn set_step(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+}

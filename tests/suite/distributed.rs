@@ -1,0 +1,419 @@
+//! Training across ranks: the trainer's distributed path with ranks as threads of this process
+//! (`distributed::Threads`), and, with the `mpi` feature, real `mpirun -np 2` jobs of the
+//! `switch` binary.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use switch_transformer::data::TextData;
+use switch_transformer::distributed::{Collective, Threads};
+use switch_transformer::train::replicas::{GradSync, Placement};
+use switch_transformer::train::{Event, Finish, RunConfig, Trainer};
+
+/// A tiny configuration whose ranks route the whole batch together. Its learning rate warms up
+/// over 100 steps: with the tiny configuration's 4 steps, rounding differences between one
+/// batch and two halves (1e-9 at the first step) grow to 2e-5 by step 9.
+fn config(steps: u64) -> RunConfig {
+    let mut c = common::tiny_run_config();
+    c.set(&format!("train.steps={steps}")).unwrap();
+    c.set("train.warmup=100").unwrap();
+    c.set("train.checkpoint_interval=1000").unwrap();
+    c.set("train.eval_interval=1000").unwrap();
+    c.train.global_routing = true;
+    c
+}
+
+fn placement(world: Option<Arc<dyn Collective>>) -> Placement {
+    Placement {
+        devices: vec![common::test_device()],
+        grad_sync: GradSync::Broadcast,
+        world,
+    }
+}
+
+/// The training losses of `run`'s metrics, in step order.
+fn losses(run: &Path) -> Vec<f64> {
+    switch_transformer::train::RunDir::new(run)
+        .read_metrics()
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            switch_transformer::train::MetricsLine::Train(t) => Some(t.train_loss),
+            _ => None,
+        })
+        .collect()
+}
+
+fn assert_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "{what}: step {}: {x} vs {y}",
+            i + 1
+        );
+    }
+}
+
+/// `f(rank's world)` on `n` ranks, each a thread; the results in rank order.
+fn on_ranks<R: Send>(n: usize, f: impl Fn(Arc<dyn Collective>) -> R + Sync) -> Vec<R> {
+    let worlds = Threads::group(n, Duration::from_secs(120));
+    std::thread::scope(|scope| {
+        let f = &f;
+        let running: Vec<_> = worlds
+            .into_iter()
+            .map(|w| scope.spawn(move || f(Arc::new(w))))
+            .collect();
+        running.into_iter().map(|r| r.join().unwrap()).collect()
+    })
+}
+
+/// A new run of `c` in `run` on `n` ranks (1: one process, no ranks), stopped after
+/// `stop_after` steps if given.
+fn train_on_ranks(n: usize, c: &RunConfig, text: &Path, run: &Path, stop_after: Option<u64>) {
+    let data = || TextData::load(text, c.train.seq_len + 1).unwrap();
+    let go = |trainer: &mut Trainer| {
+        let stop = AtomicBool::new(false);
+        trainer
+            .run(&stop, &mut |e| {
+                if let Event::Step(s) = e
+                    && Some(s.step) == stop_after
+                {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            })
+            .unwrap()
+    };
+    if n == 1 {
+        go(&mut Trainer::create(c.clone(), data(), run, placement(None)).unwrap());
+        return;
+    }
+    on_ranks(n, |world| {
+        let mut c = c.clone();
+        c.train.replicas = n;
+        let mut t = Trainer::create(c, data(), run, placement(Some(world))).unwrap();
+        go(&mut t)
+    });
+}
+
+/// Resumes `run` on `n` ranks (1: one process) to its end.
+fn resume_on_ranks(n: usize, text: &Path, run: &Path) -> Vec<Finish> {
+    let seq = switch_transformer::train::RunDir::new(run)
+        .read_config()
+        .unwrap()
+        .train
+        .seq_len;
+    let data = || TextData::load(text, seq + 1).unwrap();
+    let go = |placement: Placement| {
+        Trainer::resume(run, data(), placement)
+            .unwrap()
+            .run(&AtomicBool::new(false), &mut |_| {})
+            .unwrap()
+    };
+    if n == 1 {
+        return vec![go(placement(None))];
+    }
+    on_ranks(n, |world| go(placement(Some(world))))
+}
+
+fn setup(name: &str) -> (PathBuf, PathBuf) {
+    let tmp = common::temp_dir(name);
+    let text = common::training_text(&tmp);
+    (tmp, text)
+}
+
+#[test]
+fn two_ranks_take_the_steps_of_one_process() {
+    let (tmp, text) = setup("dist-same");
+    let c = config(20);
+    train_on_ranks(1, &c, &text, &tmp.join("one"), None);
+    train_on_ranks(2, &c, &text, &tmp.join("two"), None);
+    let (one, two) = (losses(&tmp.join("one")), losses(&tmp.join("two")));
+    assert_eq!(one.len(), 20);
+    assert_close(&one, &two, "2 ranks vs one process");
+    // Rank 0 alone wrote the run: one set of metrics lines, one checkpoint at the end.
+    let steps: Vec<u64> =
+        switch_transformer::train::checkpoint::list(&tmp.join("two").join("checkpoints"))
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+    assert_eq!(steps, [20]);
+    let saved = RunConfig::from_toml_file(&tmp.join("two").join("config.toml")).unwrap();
+    assert_eq!(saved.train.replicas, 2);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn checkpoints_resume_on_another_number_of_ranks() {
+    let (tmp, text) = setup("dist-resume");
+    let c = config(10);
+    train_on_ranks(1, &c, &text, &tmp.join("straight"), None);
+    let straight = losses(&tmp.join("straight"));
+    // Started on 2 ranks, stopped after step 4 (every rank stops there, rank 0 checkpoints),
+    // resumed in one process.
+    let a = tmp.join("two-then-one");
+    train_on_ranks(2, &c, &text, &a, Some(4));
+    assert_eq!(losses(&a).len(), 4);
+    assert_eq!(resume_on_ranks(1, &text, &a), [Finish::Completed]);
+    assert_close(&straight, &losses(&a), "2 ranks, then one process");
+    // Started in one process, resumed on 2 ranks.
+    let b = tmp.join("one-then-two");
+    train_on_ranks(1, &c, &text, &b, Some(4));
+    assert_eq!(
+        resume_on_ranks(2, &text, &b),
+        [Finish::Completed, Finish::Completed]
+    );
+    assert_close(&straight, &losses(&b), "one process, then 2 ranks");
+    let saved = RunConfig::from_toml_file(&b.join("config.toml")).unwrap();
+    assert_eq!(saved.train.replicas, 2, "the resumed run records its ranks");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn ranks_whose_weights_differ_are_stopped_naming_the_step() {
+    let (tmp, text) = setup("dist-differ");
+    let run = tmp.join("run");
+    let errors = on_ranks(2, |world| {
+        let mut c = config(4);
+        c.train.replicas = 2;
+        // Rank 1 initialises from another seed: not the same model.
+        c.train.seed += world.rank() as u64;
+        let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
+        let mut t = Trainer::create(c, data, &run, placement(Some(world))).unwrap();
+        t.run(&AtomicBool::new(false), &mut |_| {})
+            .unwrap_err()
+            .to_string()
+    });
+    for e in errors {
+        assert!(
+            e.contains("step 0") && e.contains("parameters differ"),
+            "{e}"
+        );
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn a_distributed_run_needs_an_mpi_launcher() {
+    let tmp = common::temp_dir("dist-cli");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switch"))
+        .args(["train", "--distributed", "--set", "train.steps=1"])
+        .current_dir(&tmp)
+        .env_remove("OMPI_COMM_WORLD_SIZE")
+        .env_remove("PMI_SIZE")
+        .env_remove("PMIX_RANK")
+        .env_remove("SLURM_NTASKS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "mpi") {
+        assert!(err.contains("needs an MPI launcher"), "{err}");
+    } else {
+        assert!(err.contains("needs the `mpi` feature"), "{err}");
+    }
+    assert!(!tmp.join("runs").exists(), "nothing written");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// Real MPI jobs: `mpirun -np 2` of the `switch` binary (built with `--features mpi`).
+#[cfg(feature = "mpi")]
+mod mpi_jobs {
+    use super::*;
+    use std::process::{Child, Command, Output, Stdio};
+    use std::time::Instant;
+
+    /// The tiny run of these tests, `steps` steps, as `--set` arguments.
+    fn tiny(steps: u64, checkpoint_interval: u64) -> Vec<String> {
+        [
+            "model.d_model=32",
+            "model.heads=2",
+            "model.d_ff=64",
+            "model.n_layers=2",
+            "model.n_experts=4",
+            "train.batch_size=4",
+            "train.seq_len=16",
+            "train.warmup=100",
+            "train.log_interval=1",
+            "train.eval_interval=1000000",
+            "train.eval_batches=1",
+            "train.sample_tokens=4",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            format!("train.steps={steps}"),
+            format!("train.checkpoint_interval={checkpoint_interval}"),
+        ])
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+    }
+
+    fn switch_args(data: &Path, name: &str, steps: u64, every: u64) -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--global-routing", "--name", name, "--data"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.push(data.display().to_string());
+        a.extend(tiny(steps, every));
+        a
+    }
+
+    /// `mpirun -np n switch ARGS --distributed` in `cwd`.
+    fn mpirun(n: usize, args: &[String], cwd: &Path) -> Command {
+        let mut c = Command::new("mpirun");
+        c.args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &n.to_string(),
+        ])
+        .arg(env!("CARGO_BIN_EXE_switch"))
+        .args(args)
+        .arg("--distributed")
+        .current_dir(cwd)
+        .env_remove("RUST_LOG");
+        c
+    }
+
+    fn ok(out: Output, what: &str) -> Output {
+        assert!(
+            out.status.success(),
+            "{what}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !ready() {
+            assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Rank 0's pid, from the run's lock file.
+    fn rank0_pid(run: &Path) -> i32 {
+        let lock = std::fs::read_to_string(run.join("lock")).unwrap();
+        lock.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    fn exits_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the job still runs after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn mpirun_two_processes_take_the_steps_of_one() {
+        let (tmp, text) = setup("mpi-same");
+        ok(
+            Command::new(env!("CARGO_BIN_EXE_switch"))
+                .args(switch_args(&text, "one", 20, 1000))
+                .current_dir(&tmp)
+                .output()
+                .unwrap(),
+            "one process",
+        );
+        let out = ok(
+            mpirun(2, &switch_args(&text, "two", 20, 1000), &tmp)
+                .output()
+                .unwrap(),
+            "mpirun -np 2",
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.matches("run runs/two").count(),
+            1,
+            "rank 0 reports: {stdout}"
+        );
+        let (one, two) = (losses(&tmp.join("runs/one")), losses(&tmp.join("runs/two")));
+        assert_eq!(one.len(), 20);
+        assert_close(&one, &two, "mpirun -np 2 vs one process");
+        // The checkpoint of 2 ranks is an ordinary run: eval reads it.
+        ok(
+            Command::new(env!("CARGO_BIN_EXE_switch"))
+                .args(["eval", "--run", "runs/two"])
+                .current_dir(&tmp)
+                .output()
+                .unwrap(),
+            "eval of the 2-rank run",
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn a_killed_rank_ends_the_job_and_resume_continues() {
+        let (tmp, text) = setup("mpi-kill");
+        let run = tmp.join("runs/r");
+        let mut job = mpirun(2, &switch_args(&text, "r", 100_000, 5), &tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("a checkpoint", Duration::from_secs(120), || {
+            !switch_transformer::train::checkpoint::list(&run.join("checkpoints")).is_empty()
+        });
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(rank0_pid(&run), libc::SIGKILL) };
+        let status = exits_within(&mut job, Duration::from_secs(60));
+        assert!(!status.success());
+        let last = switch_transformer::train::checkpoint::list(&run.join("checkpoints"))
+            .last()
+            .unwrap()
+            .0;
+        // Resume on 2 ranks for 3 more steps (rank 0's stale lock is taken over).
+        let mut resume: Vec<String> = ["train", "--resume", "runs/r", "--set"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        resume.push(format!("train.steps={}", last + 3));
+        ok(mpirun(2, &resume, &tmp).output().unwrap(), "resume");
+        let steps = losses(&run).len() as u64;
+        assert_eq!(steps, last + 3);
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn a_hung_rank_is_a_time_out_naming_the_step() {
+        let (tmp, text) = setup("mpi-hang");
+        let run = tmp.join("runs/r");
+        let mut args = switch_args(&text, "r", 100_000, 5);
+        args.extend(["--exchange-timeout".to_string(), "3".to_string()]);
+        let mut job = mpirun(2, &args, &tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("a checkpoint", Duration::from_secs(120), || {
+            !switch_transformer::train::checkpoint::list(&run.join("checkpoints")).is_empty()
+        });
+        // Rank 0 stops answering (SIGSTOP): rank 1 gives up after 3 s and ends the job.
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(rank0_pid(&run), libc::SIGSTOP) };
+        let status = exits_within(&mut job, Duration::from_secs(60));
+        assert!(!status.success());
+        let mut err = String::new();
+        use std::io::Read;
+        job.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(
+            err.contains("rank 1: step") && err.contains("has waited"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
