@@ -9,7 +9,7 @@ use switch_transformer::model::precision::Precision;
 use switch_transformer::tools::bench::{BenchConfig, bench_generate, bench_train};
 use switch_transformer::train::replicas::Placement;
 
-use super::ParallelArgs;
+use super::{DistributedArgs, ParallelArgs};
 
 /// Time training steps (default: the reference configuration) or generation.
 #[derive(clap::Args)]
@@ -57,6 +57,8 @@ pub struct BenchArgs {
     pub replicas: Option<usize>,
     #[command(flatten)]
     pub parallel: ParallelArgs,
+    #[command(flatten)]
+    pub distributed: DistributedArgs,
 }
 
 /// Runs the command.
@@ -79,10 +81,18 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         precision,
         replicas,
         parallel,
+        distributed,
     } = args;
 
-    let placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
-    let replicas = replicas.unwrap_or(parallel.devices.len().max(1));
+    let mut placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
+    if distributed.distributed && (generate || !parallel.devices.is_empty()) {
+        bail!(
+            "--distributed times training steps with one replica per rank: leave out --generate and --devices"
+        );
+    }
+    placement.world = distributed.join()?;
+    let ranks = placement.world.as_ref().map(|w| w.size());
+    let replicas = ranks.unwrap_or(replicas.unwrap_or(parallel.devices.len().max(1)));
     let precision: Precision = serde_json::from_value(serde_json::Value::String(precision.clone()))
         .map_err(|_| anyhow::anyhow!("--precision must be f32, bf16 or f16 (got `{precision}`)"))?;
     if threads > 0 {
@@ -142,8 +152,11 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
             println!("  speed-up            : {:>10.1}x", r.speedup);
         }
     } else {
+        let writer = placement.world.as_ref().is_none_or(|w| w.rank() == 0);
         let r = bench_train(&c, placement)?;
-        if json {
+        if !writer {
+            // rank 0 prints for the job
+        } else if json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
@@ -174,7 +187,21 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
                 "  forward+loss {:.1} ms, backward {:.1} ms, gradient sync+clip+Adam {:.1} ms",
                 r.forward_ms_median, r.backward_ms_median, r.optimizer_ms_median
             );
-            println!("  peak RSS {:.0} MB", r.peak_rss_mb);
+            if r.ranks > 1 {
+                println!(
+                    "  {} ranks: exchanges {:.1} ms/step ({:.0}% of the step); peak RSS per rank {} MB",
+                    r.ranks,
+                    r.exchange_ms_median,
+                    100.0 * r.exchange_ms_median / r.ms_per_step_median,
+                    r.peak_rss_mb_ranks
+                        .iter()
+                        .map(|m| format!("{m:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                );
+            } else {
+                println!("  peak RSS {:.0} MB", r.peak_rss_mb);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

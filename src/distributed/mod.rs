@@ -43,6 +43,8 @@ pub trait Collective: Send + Sync {
     fn broadcast(&self, what: &str, root: usize, bytes: &mut Vec<u8>) -> Result<()>;
     /// Tells the time-out messages which training step the exchanges belong to.
     fn set_step(&self, step: u64);
+    /// Seconds this rank has spent in exchanges so far (waiting for the others included).
+    fn exchange_seconds(&self) -> f64;
 }
 
 /// Whether the parameters of every rank are the same: compares each rank's `checksum`

@@ -15,6 +15,8 @@ pub struct Threads {
     rank: usize,
     shared: Arc<Shared>,
     step: AtomicU64,
+    /// Nanoseconds spent in exchanges.
+    spent: AtomicU64,
 }
 
 struct Shared {
@@ -52,12 +54,21 @@ impl Threads {
                 rank,
                 shared: Arc::clone(&shared),
                 step: AtomicU64::new(0),
+                spent: AtomicU64::new(0),
             })
             .collect()
     }
 
     /// Every rank's `mine`, in rank order.
     fn exchange(&self, what: &str, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
+        let start = Instant::now();
+        let out = self.exchange_untimed(what, mine);
+        let nanos = start.elapsed().as_nanos() as u64;
+        self.spent.fetch_add(nanos, Ordering::Relaxed);
+        out
+    }
+
+    fn exchange_untimed(&self, what: &str, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
         let s = &self.shared;
         let mut round = s.state.lock().expect("exchange lock");
         let number = round.number;
@@ -181,6 +192,10 @@ impl Collective for Threads {
 
     fn set_step(&self, step: u64) {
         self.step.store(step, Ordering::Relaxed);
+    }
+
+    fn exchange_seconds(&self) -> f64 {
+        self.spent.load(Ordering::Relaxed) as f64 * 1e-9
     }
 }
 

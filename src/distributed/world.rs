@@ -39,6 +39,8 @@ pub struct MpiWorld {
     rank: usize,
     size: usize,
     step: Arc<AtomicU64>,
+    /// Nanoseconds spent in exchanges.
+    spent: AtomicU64,
     /// The exchange in progress and when it started, for the watchdog.
     waiting: Arc<Mutex<Option<(String, Instant)>>>,
     // Dropped last: finalizes MPI.
@@ -108,6 +110,7 @@ impl MpiWorld {
             rank,
             size,
             step,
+            spent: AtomicU64::new(0),
             waiting,
             _universe: universe,
         })
@@ -119,9 +122,12 @@ impl MpiWorld {
             .world
             .lock()
             .map_err(|_| anyhow::anyhow!("{what}: an earlier exchange failed"))?;
-        *self.waiting.lock().expect("watchdog lock") = Some((what.to_string(), Instant::now()));
+        let start = Instant::now();
+        *self.waiting.lock().expect("watchdog lock") = Some((what.to_string(), start));
         let out = f(&world);
         *self.waiting.lock().expect("watchdog lock") = None;
+        let nanos = start.elapsed().as_nanos() as u64;
+        self.spent.fetch_add(nanos, Ordering::Relaxed);
         Ok(out)
     }
 }
@@ -167,5 +173,9 @@ impl Collective for MpiWorld {
 
     fn set_step(&self, step: u64) {
         self.step.store(step, Ordering::Relaxed);
+    }
+
+    fn exchange_seconds(&self) -> f64 {
+        self.spent.load(Ordering::Relaxed) as f64 * 1e-9
     }
 }

@@ -63,6 +63,13 @@ pub struct TrainBench {
     pub optimizer_ms_median: f64,
     /// Peak resident memory of the process.
     pub peak_rss_mb: f64,
+    /// Processes of the job (1 unless `--distributed`).
+    pub ranks: usize,
+    /// Median time per step in exchanges between the ranks (all-reduces, routing exchanges;
+    /// waiting for the slowest rank included); 0 in one process.
+    pub exchange_ms_median: f64,
+    /// Each rank's peak resident memory.
+    pub peak_rss_mb_ranks: Vec<f64>,
 }
 
 /// Median of `v` (the mean of the middle two for an even count).
@@ -130,6 +137,11 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
         placement.grad_sync,
         c.global_routing,
     )?;
+    if let Some(world) = &placement.world {
+        replicas = replicas.across(std::sync::Arc::clone(world))?;
+    }
+    let exchanged = |r: &Replicas| r.world().map_or(0.0, |w| w.exchange_seconds());
+    let mut exchange = vec![];
     let noam = Noam {
         lr: 1.0,
         warmup: 2000,
@@ -146,9 +158,11 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
             lr: noam.lr(i as u64 + 1),
         };
         let t0 = Instant::now();
+        let before = exchanged(&replicas);
         let out = step(&mut replicas, &batch, &mut rng, settings)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if i >= c.warmup {
+            exchange.push((exchanged(&replicas) - before) * 1e3);
             fwd.push(out.forward_s * 1e3);
             bwd.push(out.backward_s * 1e3);
             opt.push(out.update_s * 1e3);
@@ -157,6 +171,15 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
     }
     let tokens = c.batch_size * c.seq_len;
     let med = median(&total);
+    let rss = peak_rss_mb();
+    let peak_rss_mb_ranks = match replicas.world() {
+        None => vec![rss],
+        Some(w) => w
+            .all_gather("peak RSS", &[rss as f32])?
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+    };
     Ok(TrainBench {
         config: c.clone(),
         params: c.model.num_params(),
@@ -167,7 +190,10 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
         forward_ms_median: median(&fwd),
         backward_ms_median: median(&bwd),
         optimizer_ms_median: median(&opt),
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: rss,
+        ranks: replicas.world().map_or(1, |w| w.size()),
+        exchange_ms_median: median(&exchange),
+        peak_rss_mb_ranks,
     })
 }
 

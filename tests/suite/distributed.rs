@@ -198,6 +198,32 @@ fn ranks_whose_weights_differ_are_stopped_naming_the_step() {
 }
 
 #[test]
+fn the_bench_times_the_exchanges_and_every_rank_s_memory() {
+    use switch_transformer::tools::bench::{BenchConfig, bench_train};
+    let c = common::tiny_run_config();
+    let bench = BenchConfig {
+        model: c.model.clone(),
+        batch_size: 4,
+        seq_len: 16,
+        warmup: 1,
+        steps: 3,
+        threads: 1,
+        device: "cpu".into(),
+        replicas: 2,
+        global_routing: true,
+    };
+    let results = on_ranks(2, |world| {
+        bench_train(&bench, placement(Some(world))).unwrap()
+    });
+    for r in results {
+        assert_eq!(r.ranks, 2);
+        assert!(r.exchange_ms_median > 0.0, "{}", r.exchange_ms_median);
+        assert!(r.exchange_ms_median < r.ms_per_step_median);
+        assert_eq!(r.peak_rss_mb_ranks.len(), 2);
+    }
+}
+
+#[test]
 fn a_distributed_run_needs_an_mpi_launcher() {
     let tmp = common::temp_dir("dist-cli");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switch"))
@@ -353,6 +379,44 @@ mod mpi_jobs {
                 .unwrap(),
             "eval of the 2-rank run",
         );
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn mpirun_bench_reports_once_for_the_job() {
+        let tmp = common::temp_dir("mpi-bench");
+        let args: Vec<String> = [
+            "bench",
+            "--json",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--layers",
+            "1",
+            "--d-model",
+            "32",
+            "--heads",
+            "2",
+            "--d-ff",
+            "64",
+            "--batch",
+            "4",
+            "--seq-len",
+            "16",
+            "--global-routing",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = ok(mpirun(2, &args, &tmp).output().unwrap(), "mpirun bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(r["ranks"], 2);
+        assert_eq!(r["peak_rss_mb_ranks"].as_array().unwrap().len(), 2);
+        assert!(r["exchange_ms_median"].as_f64().unwrap() > 0.0);
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 
