@@ -8,9 +8,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use rand::SeedableRng;
 use switch_transformer::RoutingRng;
-use switch_transformer::infer::generate::{
-    SampleOptions, generate_cached_streaming, generate_streaming,
-};
+use switch_transformer::infer::generate::{Decoding, SampleOptions, generate_with};
 use switch_transformer::train::load_run_model;
 
 /// Generate text from a trained run.
@@ -86,25 +84,21 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<ExitCode> {
             let _ = out.flush();
         }
     };
-    if recompute || drop_tokens {
-        generate_streaming(
-            &model,
-            &ids,
-            &opts,
-            &mut rng.clone(),
-            &mut rng,
-            &mut on_token,
-        );
+    let decoding = if recompute || drop_tokens {
+        Decoding::Recompute
     } else {
-        generate_cached_streaming(
-            &model,
-            &ids,
-            &opts,
-            &mut rng.clone(),
-            &mut rng,
-            &mut on_token,
-        );
-    }
+        Decoding::Cached
+    };
+    let sample_rng = &mut rng.clone();
+    generate_with(
+        &model,
+        &ids,
+        &opts,
+        decoding,
+        sample_rng,
+        &mut rng,
+        &mut on_token,
+    );
     writeln!(out)?;
     out.flush()?;
     Ok(ExitCode::SUCCESS)

@@ -53,8 +53,47 @@ fn last_logits(logits: Tensor<3>) -> Vec<f32> {
     host_f32(logits.slice([0..1, n - 1..n, 0..v]))
 }
 
-/// Generates `opts.max_tokens` tokens after `prompt` (non-empty), recomputing the whole
-/// window for each new token. Returns only the new tokens.
+/// How each new token's logits are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoding {
+    /// The whole window (the last `opts.context` tokens) recomputed for every token: labml's
+    /// sampler, and the only way with token dropping on.
+    Recompute,
+    /// One position per token, keys and values of earlier positions cached. Identical to
+    /// `Recompute` while the text fits in `opts.context` (up to rounding); beyond it, each
+    /// position attends to the `context` most recent ones (a sliding window). Token dropping is
+    /// off (one token at a time would have capacity 0). On the CPU backend an f32 model decodes
+    /// with plain loops ([`HostDecoder`]), elsewhere through Burn; a model with learned
+    /// positional embeddings recomputes the window.
+    Cached,
+    /// `Cached` always through Burn's tensor ops (any backend and precision): what the CPU
+    /// decoder is tested against.
+    CachedGeneric,
+}
+
+/// Generates `opts.max_tokens` tokens after `prompt` (non-empty) the `decoding` way, handing
+/// each to `on_token` as soon as it is picked. Returns only the new tokens.
+pub fn generate_with(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    decoding: Decoding,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+    on_token: &mut dyn FnMut(u32),
+) -> Vec<u32> {
+    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
+    match decoding {
+        Decoding::Recompute => recompute(model, prompt, opts, sample_rng, routing_rng, on_token),
+        Decoding::Cached => match HostDecoder::for_model(model) {
+            Some(decoder) => host(&decoder, prompt, opts, sample_rng, on_token),
+            None => generic(model, prompt, opts, sample_rng, routing_rng, on_token),
+        },
+        Decoding::CachedGeneric => generic(model, prompt, opts, sample_rng, routing_rng, on_token),
+    }
+}
+
+/// [`generate_with`] [`Decoding::Recompute`], without a token callback.
 pub fn generate(
     model: &SwitchTransformer,
     prompt: &[u32],
@@ -62,11 +101,39 @@ pub fn generate(
     sample_rng: &mut impl Rng,
     routing_rng: &mut RoutingRng,
 ) -> Vec<u32> {
-    generate_streaming(model, prompt, opts, sample_rng, routing_rng, &mut |_| {})
+    let decoding = Decoding::Recompute;
+    generate_with(
+        model,
+        prompt,
+        opts,
+        decoding,
+        sample_rng,
+        routing_rng,
+        &mut |_| {},
+    )
 }
 
-/// [`generate`], handing each new token to `on_token` as soon as it is picked.
-pub fn generate_streaming(
+/// [`generate_with`] [`Decoding::Cached`], without a token callback.
+pub fn generate_cached(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+) -> Vec<u32> {
+    let decoding = Decoding::Cached;
+    generate_with(
+        model,
+        prompt,
+        opts,
+        decoding,
+        sample_rng,
+        routing_rng,
+        &mut |_| {},
+    )
+}
+
+fn recompute(
     model: &SwitchTransformer,
     prompt: &[u32],
     opts: &SampleOptions,
@@ -74,7 +141,6 @@ pub fn generate_streaming(
     routing_rng: &mut RoutingRng,
     on_token: &mut dyn FnMut(u32),
 ) -> Vec<u32> {
-    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
     let device = model.src_embed.weight.device();
     let mut tokens = prompt.to_vec();
     for _ in 0..opts.max_tokens {
@@ -88,36 +154,13 @@ pub fn generate_streaming(
     tokens.split_off(prompt.len())
 }
 
-/// Like [`generate`], but each new token costs one position: keys and values of earlier
-/// positions are cached. Identical to [`generate`] while the text fits in `opts.context` (up to
-/// rounding); beyond it, each position attends to the `context` most recent ones (a sliding
-/// window) instead of the window being recomputed. Token dropping is off (one token at a time
-/// would have capacity 0). On the CPU backend an f32 model decodes with plain loops
-/// ([`HostDecoder`]); elsewhere through Burn ([`generate_cached_generic`]). A model with
-/// learned positional embeddings recomputes the window.
-pub fn generate_cached(
-    model: &SwitchTransformer,
+fn host(
+    decoder: &HostDecoder,
     prompt: &[u32],
     opts: &SampleOptions,
     sample_rng: &mut impl Rng,
-    routing_rng: &mut RoutingRng,
-) -> Vec<u32> {
-    generate_cached_streaming(model, prompt, opts, sample_rng, routing_rng, &mut |_| {})
-}
-
-/// [`generate_cached`], handing each new token to `on_token` as soon as it is picked.
-pub fn generate_cached_streaming(
-    model: &SwitchTransformer,
-    prompt: &[u32],
-    opts: &SampleOptions,
-    sample_rng: &mut impl Rng,
-    routing_rng: &mut RoutingRng,
     on_token: &mut dyn FnMut(u32),
 ) -> Vec<u32> {
-    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
-    let Some(decoder) = HostDecoder::for_model(model) else {
-        return generic(model, prompt, opts, sample_rng, routing_rng, on_token);
-    };
     let mut cache = decoder.new_cache();
     let start = prompt.len().saturating_sub(opts.context);
     let mut logits = vec![];
@@ -136,17 +179,6 @@ pub fn generate_cached_streaming(
     new
 }
 
-/// [`generate_cached`] through Burn's tensor ops: any backend and precision.
-pub fn generate_cached_generic(
-    model: &SwitchTransformer,
-    prompt: &[u32],
-    opts: &SampleOptions,
-    sample_rng: &mut impl Rng,
-    routing_rng: &mut RoutingRng,
-) -> Vec<u32> {
-    generic(model, prompt, opts, sample_rng, routing_rng, &mut |_| {})
-}
-
 fn generic(
     model: &SwitchTransformer,
     prompt: &[u32],
@@ -155,10 +187,9 @@ fn generic(
     routing_rng: &mut RoutingRng,
     on_token: &mut dyn FnMut(u32),
 ) -> Vec<u32> {
-    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
     if model.pos_embed.is_some() {
         // Positions past the embedding's length do not exist: slide the window instead.
-        return generate_streaming(model, prompt, opts, sample_rng, routing_rng, on_token);
+        return recompute(model, prompt, opts, sample_rng, routing_rng, on_token);
     }
     let mut model = model.clone();
     model.set_drop_tokens(false);

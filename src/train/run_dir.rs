@@ -175,9 +175,12 @@ impl RunDir {
     /// naming the missing keys.
     pub fn read_config(&self) -> Result<RunConfig> {
         let path = self.config_path();
-        let config = RunConfig::from_toml_file(&path)
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config file {}", path.display()))
             .with_context(|| format!("{self} is not a run directory"))?;
-        let text = std::fs::read_to_string(&path)?;
+        let config = RunConfig::from_toml(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))
+            .with_context(|| format!("{self} is not a run directory"))?;
         let missing = super::config::missing_keys(&text)?;
         if !missing.is_empty() {
             bail!(

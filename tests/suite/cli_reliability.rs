@@ -6,7 +6,7 @@ use crate::common;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn switch(args: &[&str], cwd: &Path) -> Output {
     switch_with_log(args, cwd, None)
@@ -86,30 +86,16 @@ fn sigterm_and_sighup_checkpoint_and_the_printed_hint_resumes() {
             .unwrap();
         // Wait for training to be under way (a metrics line), then signal.
         let metrics = tmp.join("runs").join(name).join("metrics.jsonl");
-        let start = Instant::now();
-        while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 3) {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "training never started"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_for("training to start", Duration::from_secs(60), || {
+            std::fs::read_to_string(&metrics).is_ok_and(|t| t.lines().count() >= 3)
+        });
         let status = Command::new("kill")
             .args([&format!("-{signal}"), &child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
-        let start = Instant::now();
-        let code = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s.code();
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "SIG{signal} did not stop it"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let stop = format!("SIG{signal} to stop it");
+        let code = common::exits_within(&mut child, Duration::from_secs(60), &stop).code();
         let mut err = String::new();
         child
             .stderr
@@ -350,17 +336,10 @@ fn one_writer_per_run_and_a_dead_writers_lock_is_taken_over() {
         .spawn()
         .unwrap();
     let run = tmp.join("runs/r");
-    let start = Instant::now();
     // (Checkpoints come and go: every second step, three kept.)
-    let has_checkpoint =
-        || std::fs::read_dir(run.join("checkpoints")).is_ok_and(|mut d| d.next().is_some());
-    while !has_checkpoint() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no checkpoint came"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for("a checkpoint", Duration::from_secs(60), || {
+        std::fs::read_dir(run.join("checkpoints")).is_ok_and(|mut d| d.next().is_some())
+    });
     let lock = std::fs::read_to_string(run.join("lock")).unwrap();
     assert!(lock.starts_with(&child.id().to_string()), "{lock}");
     // A second writer: refused, with the holder named.

@@ -191,3 +191,26 @@ pub fn run_until_step(
         })
         .unwrap()
 }
+
+/// Waits until `ready()` (polling every 50 ms); fails the test naming `what` after `limit`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut ready: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The exit status of `child`, which must end within `limit` (`what` names the cause).
+pub fn exits_within(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_for(what, limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}

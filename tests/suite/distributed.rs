@@ -250,8 +250,7 @@ fn a_distributed_run_needs_an_mpi_launcher() {
 #[cfg(feature = "mpi")]
 mod mpi_jobs {
     use super::*;
-    use std::process::{Child, Command, Output, Stdio};
-    use std::time::Instant;
+    use std::process::{Command, Output, Stdio};
 
     /// The tiny run of these tests, `steps` steps, as `--set` arguments.
     fn tiny(steps: u64, checkpoint_interval: u64) -> Vec<String> {
@@ -316,32 +315,10 @@ mod mpi_jobs {
         out
     }
 
-    fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !ready() {
-            assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
     /// Rank 0's pid, from the run's lock file.
     fn rank0_pid(run: &Path) -> i32 {
         let lock = std::fs::read_to_string(run.join("lock")).unwrap();
         lock.split_whitespace().next().unwrap().parse().unwrap()
-    }
-
-    fn exits_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "the job still runs after {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 
     #[test]
@@ -429,12 +406,12 @@ mod mpi_jobs {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        wait_for("a checkpoint", Duration::from_secs(120), || {
+        common::wait_for("a checkpoint", Duration::from_secs(120), || {
             !switch_transformer::train::checkpoint::list(&run.join("checkpoints")).is_empty()
         });
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(rank0_pid(&run), libc::SIGKILL) };
-        let status = exits_within(&mut job, Duration::from_secs(60));
+        let status = common::exits_within(&mut job, Duration::from_secs(60), "the job to end");
         assert!(!status.success());
         let last = switch_transformer::train::checkpoint::list(&run.join("checkpoints"))
             .last()
@@ -463,13 +440,13 @@ mod mpi_jobs {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        wait_for("a checkpoint", Duration::from_secs(120), || {
+        common::wait_for("a checkpoint", Duration::from_secs(120), || {
             !switch_transformer::train::checkpoint::list(&run.join("checkpoints")).is_empty()
         });
         // Rank 0 stops answering (SIGSTOP): rank 1 gives up after 3 s and ends the job.
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(rank0_pid(&run), libc::SIGSTOP) };
-        let status = exits_within(&mut job, Duration::from_secs(60));
+        let status = common::exits_within(&mut job, Duration::from_secs(60), "the job to end");
         assert!(!status.success());
         let mut err = String::new();
         use std::io::Read;

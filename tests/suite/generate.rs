@@ -121,7 +121,7 @@ fn sampling_respects_temperature_and_top_k() {
 #[test]
 fn host_decoder_matches_the_burn_path() {
     use switch_transformer::infer::decode::HostDecoder;
-    use switch_transformer::infer::generate::generate_cached_generic;
+    use switch_transformer::infer::generate::{Decoding, generate_with};
     use switch_transformer::model::InitScheme;
 
     let device = Device::flex();
@@ -173,7 +173,15 @@ fn host_decoder_matches_the_burn_path() {
         let prompt = [1u32, 5, 9];
         assert_eq!(
             generate_cached(&model, &prompt, &opts, &mut r.clone(), &mut r.clone()),
-            generate_cached_generic(&model, &prompt, &opts, &mut r.clone(), &mut r),
+            generate_with(
+                &model,
+                &prompt,
+                &opts,
+                Decoding::CachedGeneric,
+                &mut r.clone(),
+                &mut r,
+                &mut |_| {}
+            ),
             "variant {i}"
         );
     }
