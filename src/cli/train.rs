@@ -110,6 +110,7 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
             c.train.replicas = parallel.devices.len();
         }
         if let Some(w) = &world {
+            switch_transformer::distributed::check_batch(c.train.batch_size, w.size())?;
             c.train.replicas = w.size();
         }
         if parallel.global_routing {

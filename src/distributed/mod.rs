@@ -47,6 +47,18 @@ pub trait Collective: Send + Sync {
     fn exchange_seconds(&self) -> f64;
 }
 
+/// An error unless a batch of `batch_size` windows splits evenly over `ranks` ranks.
+pub fn check_batch(batch_size: usize, ranks: usize) -> Result<()> {
+    if ranks == 0 || !batch_size.is_multiple_of(ranks) {
+        anyhow::bail!(
+            "train.batch_size = {batch_size} cannot be split over {ranks} ranks: every rank takes \
+             batch_size / ranks windows; use a batch size that is a multiple of {ranks}, or a \
+             number of ranks that divides {batch_size}"
+        );
+    }
+    Ok(())
+}
+
 /// Whether the parameters of every rank are the same: compares each rank's `checksum`
 /// (bit for bit) and names the step and the ranks that differ.
 pub fn check_same(world: &dyn Collective, step: u64, checksum: f64) -> Result<()> {

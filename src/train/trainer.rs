@@ -195,6 +195,7 @@ impl Trainer {
         let ranks = placement.world.as_ref().map(|w| w.size());
         let rescaled = ranks.is_some_and(|n| n != config.train.replicas);
         if let Some(n) = ranks {
+            crate::distributed::check_batch(config.train.batch_size, n)?;
             config.train.replicas = n;
             config.validate()?;
         }

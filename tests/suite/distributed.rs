@@ -398,6 +398,20 @@ mod mpi_jobs {
     }
 
     #[test]
+    fn a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work() {
+        let (tmp, text) = setup("mpi-split");
+        // batch_size 4 over 3 ranks.
+        let out = mpirun(3, &switch_args(&text, "r", 2, 1000), &tmp)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot be split over 3 ranks"), "{err}");
+        assert!(!tmp.join("runs/r").exists(), "nothing written");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
     fn a_killed_rank_ends_the_job_and_resume_continues() {
         let (tmp, text) = setup("mpi-kill");
         let run = tmp.join("runs/r");
