@@ -250,42 +250,36 @@ fn a_distributed_run_needs_an_mpi_launcher() {
 #[cfg(feature = "mpi")]
 mod mpi_jobs {
     use super::*;
-    use std::process::{Command, Output, Stdio};
+    use std::process::{Child, Command, Output, Stdio};
 
-    /// The tiny run of these tests, `steps` steps, as `--set` arguments.
-    fn tiny(steps: u64, checkpoint_interval: u64) -> Vec<String> {
-        [
-            "model.d_model=32",
-            "model.heads=2",
-            "model.d_ff=64",
-            "model.n_layers=2",
-            "model.n_experts=4",
-            "train.batch_size=4",
-            "train.seq_len=16",
-            "train.warmup=100",
-            "train.log_interval=1",
-            "train.eval_interval=1000000",
-            "train.eval_batches=1",
-            "train.sample_tokens=4",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([
-            format!("train.steps={steps}"),
-            format!("train.checkpoint_interval={checkpoint_interval}"),
-        ])
-        .flat_map(|s| ["--set".to_string(), s])
-        .collect()
-    }
-
-    fn switch_args(data: &Path, name: &str, steps: u64, every: u64) -> Vec<String> {
-        let mut a: Vec<String> = ["train", "--global-routing", "--name", name, "--data"]
+    /// `switch train` arguments for a run NAME of [`config`]`(steps)` (the thread-rank tests'
+    /// configuration) checkpointing every `every` steps, written to `dir/NAME.toml`.
+    fn switch_args(data: &Path, dir: &Path, name: &str, steps: u64, every: u64) -> Vec<String> {
+        let mut c = config(steps);
+        c.train.checkpoint_interval = every;
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, c.to_toml()).unwrap();
+        ["train", "--name", name, "--config"]
             .iter()
             .map(|s| s.to_string())
-            .collect();
-        a.push(data.display().to_string());
-        a.extend(tiny(steps, every));
-        a
+            .chain([file.display().to_string(), "--data".into()])
+            .chain([data.display().to_string()])
+            .collect()
+    }
+
+    /// Starts `mpirun -np 2 switch ARGS --distributed` (a run `runs/r` in `tmp`) and returns it
+    /// once the run has a checkpoint, with the run's directory.
+    fn start_until_checkpoint(args: &[String], tmp: &Path, stderr: Stdio) -> (Child, PathBuf) {
+        let run = tmp.join("runs/r");
+        let job = mpirun(2, args, tmp)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        common::wait_for("a checkpoint", Duration::from_secs(120), || {
+            !switch_transformer::train::checkpoint::list(&run.join("checkpoints")).is_empty()
+        });
+        (job, run)
     }
 
     /// `mpirun -np n switch ARGS --distributed` in `cwd`.
@@ -326,14 +320,14 @@ mod mpi_jobs {
         let (tmp, text) = setup("mpi-same");
         ok(
             Command::new(env!("CARGO_BIN_EXE_switch"))
-                .args(switch_args(&text, "one", 20, 1000))
+                .args(switch_args(&text, &tmp, "one", 20, 1000))
                 .current_dir(&tmp)
                 .output()
                 .unwrap(),
             "one process",
         );
         let out = ok(
-            mpirun(2, &switch_args(&text, "two", 20, 1000), &tmp)
+            mpirun(2, &switch_args(&text, &tmp, "two", 20, 1000), &tmp)
                 .output()
                 .unwrap(),
             "mpirun -np 2",
@@ -401,7 +395,7 @@ mod mpi_jobs {
     fn a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work() {
         let (tmp, text) = setup("mpi-split");
         // batch_size 4 over 3 ranks.
-        let out = mpirun(3, &switch_args(&text, "r", 2, 1000), &tmp)
+        let out = mpirun(3, &switch_args(&text, &tmp, "r", 2, 1000), &tmp)
             .output()
             .unwrap();
         assert!(!out.status.success());
@@ -414,15 +408,8 @@ mod mpi_jobs {
     #[test]
     fn a_killed_rank_ends_the_job_and_resume_continues() {
         let (tmp, text) = setup("mpi-kill");
-        let run = tmp.join("runs/r");
-        let mut job = mpirun(2, &switch_args(&text, "r", 100_000, 5), &tmp)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        common::wait_for("a checkpoint", Duration::from_secs(120), || {
-            !switch_transformer::train::checkpoint::list(&run.join("checkpoints")).is_empty()
-        });
+        let args = switch_args(&text, &tmp, "r", 100_000, 5);
+        let (mut job, run) = start_until_checkpoint(&args, &tmp, Stdio::null());
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(rank0_pid(&run), libc::SIGKILL) };
         let status = common::exits_within(&mut job, Duration::from_secs(60), "the job to end");
@@ -446,17 +433,9 @@ mod mpi_jobs {
     #[test]
     fn a_hung_rank_is_a_time_out_naming_the_step() {
         let (tmp, text) = setup("mpi-hang");
-        let run = tmp.join("runs/r");
-        let mut args = switch_args(&text, "r", 100_000, 5);
+        let mut args = switch_args(&text, &tmp, "r", 100_000, 5);
         args.extend(["--exchange-timeout".to_string(), "3".to_string()]);
-        let mut job = mpirun(2, &args, &tmp)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        common::wait_for("a checkpoint", Duration::from_secs(120), || {
-            !switch_transformer::train::checkpoint::list(&run.join("checkpoints")).is_empty()
-        });
+        let (mut job, run) = start_until_checkpoint(&args, &tmp, Stdio::piped());
         // Rank 0 stops answering (SIGSTOP): rank 1 gives up after 3 s and ends the job.
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(rank0_pid(&run), libc::SIGSTOP) };
