@@ -127,6 +127,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         },
         replicas,
         global_routing: parallel.global_routing,
+        expert_parallel: distributed.expert_parallel,
     };
     c.model.validate()?;
     if batch == 0 || seq_len == 0 || steps == 0 {
@@ -160,7 +161,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
-                "training: {} params, {} experts x {} layers, d_model {}, d_ff {}, batch {}x{}, {} threads, {} replica(s){} on {}, {} steps after {} warm-up",
+                "training: {} params, {} experts x {} layers, d_model {}, d_ff {}, batch {}x{}, {} threads, {} replica(s){}{} on {}, {} steps after {} warm-up",
                 r.params,
                 experts,
                 layers,
@@ -172,6 +173,11 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
                 c.replicas,
                 if c.global_routing && c.replicas > 1 {
                     " routing together"
+                } else {
+                    ""
+                },
+                if c.expert_parallel {
+                    ", experts sharded over the ranks"
                 } else {
                     ""
                 },

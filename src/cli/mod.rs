@@ -28,6 +28,10 @@ pub struct DistributedArgs {
     /// the job with an error naming the step (a rank that died or hangs).
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     pub exchange_timeout: u64,
+    /// With --distributed: each rank holds n_experts / ranks experts of every Switch layer and
+    /// tokens travel to their expert's rank and back (sets train.expert_parallel).
+    #[arg(long)]
+    pub expert_parallel: bool,
 }
 
 impl DistributedArgs {
@@ -36,6 +40,12 @@ impl DistributedArgs {
         &self,
     ) -> Result<Option<std::sync::Arc<dyn switch_transformer::distributed::Collective>>> {
         if !self.distributed {
+            if self.expert_parallel {
+                anyhow::bail!(
+                    "--expert-parallel shards the experts over the ranks of an MPI job: add \
+                     --distributed and run under mpirun or srun"
+                );
+            }
             return Ok(None);
         }
         if self.exchange_timeout == 0 {

@@ -64,6 +64,10 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
     }
     placement.world = distributed.join()?;
     let world = placement.world.clone();
+    let mut overrides = overrides;
+    if distributed.expert_parallel {
+        overrides.push("train.expert_parallel=true".into());
+    }
     let (mut trainer, data) = if let Some(run_dir) = resume {
         if parallel.global_routing {
             bail!(

@@ -15,6 +15,7 @@
 //! to 126 ms/step.
 
 pub(crate) mod adam;
+mod exchange;
 mod gemm;
 mod grouped_ffn;
 mod layer_norm;
@@ -30,6 +31,7 @@ use burn::backend::autodiff::ops::{Backward, NodeGuard, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
 
+pub(crate) use exchange::{from_experts, to_experts};
 pub(crate) use grouped_ffn::grouped_ffn;
 pub(crate) use layer_norm::layer_norm;
 pub use simd::exp_nonpositive;
@@ -59,6 +61,9 @@ pub enum Kernel {
     GroupedFfn,
     /// The fused Adam update of one parameter tensor ([`crate::optim::LabmlAdam`]).
     Adam,
+    /// An exchange of tokens between the ranks of an expert-parallel job, either direction
+    /// ([`crate::distributed::ExpertExchange`]).
+    ExpertExchange,
 }
 
 /// How many times each kernel has run (forward, or one Adam update) on this thread.
@@ -72,11 +77,19 @@ pub struct KernelRuns {
     pub grouped_ffn: u64,
     /// Fused Adam updates (one per parameter tensor).
     pub adam: u64,
+    /// Expert exchanges between ranks (forward).
+    pub expert_exchange: u64,
 }
 
 thread_local! {
     static RUNS: Cell<KernelRuns> = const {
-        Cell::new(KernelRuns { causal_softmax: 0, layer_norm: 0, grouped_ffn: 0, adam: 0 })
+        Cell::new(KernelRuns {
+            causal_softmax: 0,
+            layer_norm: 0,
+            grouped_ffn: 0,
+            adam: 0,
+            expert_exchange: 0,
+        })
     };
 }
 
@@ -93,6 +106,7 @@ pub(crate) fn count(kernel: Kernel) {
             Kernel::LayerNorm => v.layer_norm += 1,
             Kernel::GroupedFfn => v.grouped_ffn += 1,
             Kernel::Adam => v.adam += 1,
+            Kernel::ExpertExchange => v.expert_exchange += 1,
         }
         r.set(v)
     });

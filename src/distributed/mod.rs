@@ -14,12 +14,14 @@
 //! `mpi`) or threads of one process ([`Threads`], which the tests use to run several ranks
 //! without an MPI launcher). Rank 0 alone writes the run directory.
 
+mod expert_exchange;
 mod threads;
 #[cfg(feature = "mpi")]
 mod world;
 
 use anyhow::Result;
 
+pub use expert_exchange::ExpertExchange;
 pub use threads::Threads;
 #[cfg(feature = "mpi")]
 pub use world::MpiWorld;
@@ -41,10 +43,29 @@ pub trait Collective: Send + Sync {
     fn all_gather(&self, what: &str, mine: &[f32]) -> Result<Vec<f32>>;
     /// `root`'s bytes on every rank (`bytes` is replaced on the others; its length may differ).
     fn broadcast(&self, what: &str, root: usize, bytes: &mut Vec<u8>) -> Result<()>;
+    /// Every rank's `mine` (the same length on every rank) at `root`, in rank order; `None` on
+    /// the other ranks.
+    fn gather(&self, what: &str, root: usize, mine: &[f32]) -> Result<Option<Vec<f32>>>;
+    /// All-to-all with counts per rank (MPI_Alltoallv): `send` holds `send_counts[q]` values
+    /// for each rank `q`, in rank order; the result holds `recv_counts[p]` values from each
+    /// rank `p`, in rank order. What rank `p` sends to rank `q` must be what `q` expects from
+    /// `p` (the counts are not exchanged).
+    fn all_to_all_v(
+        &self,
+        what: &str,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f32>>;
     /// Tells the time-out messages which training step the exchanges belong to.
     fn set_step(&self, step: u64);
     /// Seconds this rank has spent in exchanges so far (waiting for the others included).
     fn exchange_seconds(&self) -> f64;
+    /// Whether the ranks are threads of this process: then a rank must not wait for the
+    /// others on a worker of the shared thread pool, which the others may need to get there.
+    fn in_process(&self) -> bool {
+        false
+    }
 }
 
 /// An error unless a batch of `batch_size` windows splits evenly over `ranks` ranks.

@@ -133,6 +133,18 @@ impl Drop for Threads {
     }
 }
 
+/// An error unless `counts` has one entry per rank and they add up to `len` values.
+pub(super) fn check_counts(what: &str, len: usize, counts: &[usize], ranks: usize) -> Result<()> {
+    if counts.len() != ranks || counts.iter().sum::<usize>() != len {
+        bail!(
+            "{what}: {} counts adding up to {} for {ranks} ranks and {len} values",
+            counts.len(),
+            counts.iter().sum::<usize>()
+        );
+    }
+    Ok(())
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -190,12 +202,57 @@ impl Collective for Threads {
         Ok(())
     }
 
+    fn gather(&self, what: &str, root: usize, mine: &[f32]) -> Result<Option<Vec<f32>>> {
+        let all = self.exchange(what, f32_bytes(mine))?;
+        Ok((self.rank == root).then(|| all.iter().flat_map(|b| f32_values(b)).collect()))
+    }
+
+    fn all_to_all_v(
+        &self,
+        what: &str,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f32>> {
+        check_counts(what, send.len(), send_counts, self.shared.n)?;
+        // Each rank deposits its counts (u64) followed by its values; each takes its part.
+        let mut mine: Vec<u8> = send_counts
+            .iter()
+            .flat_map(|&c| (c as u64).to_le_bytes())
+            .collect();
+        mine.extend(f32_bytes(send));
+        let all = self.exchange(what, mine)?;
+        let n = self.shared.n;
+        let mut out = Vec::with_capacity(recv_counts.iter().sum());
+        for (p, bytes) in all.iter().enumerate() {
+            let (counts, values) = bytes.split_at(8 * n);
+            let count = |q: usize| {
+                u64::from_le_bytes(counts[8 * q..8 * q + 8].try_into().expect("8 bytes")) as usize
+            };
+            let start: usize = (0..self.rank).map(count).sum();
+            let len = count(self.rank);
+            if len != recv_counts[p] {
+                bail!(
+                    "{what}: rank {p} sends {len} values to rank {}, which expects {}",
+                    self.rank,
+                    recv_counts[p]
+                );
+            }
+            out.extend(f32_values(&values[4 * start..4 * (start + len)]));
+        }
+        Ok(out)
+    }
+
     fn set_step(&self, step: u64) {
         self.step.store(step, Ordering::Relaxed);
     }
 
     fn exchange_seconds(&self) -> f64 {
         self.spent.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    fn in_process(&self) -> bool {
+        true
     }
 }
 

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
+use mpi::Count;
 use mpi::collective::SystemOperation;
+use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
@@ -169,6 +171,55 @@ impl Collective for MpiWorld {
             bytes.resize(len as usize, 0);
             root.broadcast_into(&mut bytes[..]);
         })
+    }
+
+    fn gather(&self, what: &str, root: usize, mine: &[f32]) -> Result<Option<Vec<f32>>> {
+        if self.rank == root {
+            let mut all = vec![0f32; mine.len() * self.size];
+            self.exchange(what, |w| {
+                w.process_at_rank(root as i32)
+                    .gather_into_root(mine, &mut all[..])
+            })?;
+            Ok(Some(all))
+        } else {
+            self.exchange(what, |w| w.process_at_rank(root as i32).gather_into(mine))?;
+            Ok(None)
+        }
+    }
+
+    fn all_to_all_v(
+        &self,
+        what: &str,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f32>> {
+        super::threads::check_counts(what, send.len(), send_counts, self.size)?;
+        let counts = |c: &[usize]| -> Result<(Vec<Count>, Vec<Count>)> {
+            let mut displs = Vec::with_capacity(c.len());
+            let mut at: usize = 0;
+            for &n in c {
+                displs.push(Count::try_from(at)?);
+                at += n;
+            }
+            Count::try_from(at)?; // the whole buffer's offsets fit MPI's int
+            let c = c
+                .iter()
+                .map(|&n| Count::try_from(n))
+                .collect::<Result<_, _>>()?;
+            Ok((c, displs))
+        };
+        let (sc, sd) = counts(send_counts)
+            .map_err(|e| anyhow::anyhow!("{what}: more values than MPI counts: {e}"))?;
+        let (rc, rd) = counts(recv_counts)
+            .map_err(|e| anyhow::anyhow!("{what}: more values than MPI counts: {e}"))?;
+        let mut recv = vec![0f32; recv_counts.iter().sum()];
+        self.exchange(what, |w| {
+            let s = Partition::new(send, &sc[..], &sd[..]);
+            let mut r = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+            w.all_to_all_varcount_into(&s, &mut r);
+        })?;
+        Ok(recv)
     }
 
     fn set_step(&self, step: u64) {

@@ -11,7 +11,10 @@
 use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 
+use std::sync::Arc;
+
 use crate::cpu;
+use crate::distributed::ExpertExchange;
 
 /// Epsilon of every LayerNorm of the model (Burn's and PyTorch's default).
 pub const LN_EPS: f64 = 1e-5;
@@ -111,4 +114,24 @@ pub fn grouped_ffn_generic(
         })
         .collect();
     Tensor::cat(parts, 0)
+}
+
+/// Expert parallelism's first exchange: this rank's kept rows `x` (grouped by expert) to the
+/// ranks of their experts; returns this rank's experts' input. CPU only: Burn has no
+/// all-to-all to compose a generic form from, and `train.expert_parallel` checks the device
+/// before any work.
+///
+/// # Panics
+/// Off the CPU backend or not in f32.
+pub fn to_experts(x: Tensor<2>, ex: &Arc<ExpertExchange>) -> Tensor<2> {
+    cpu::to_experts(&x, ex).expect("expert parallelism runs on the CPU backend in f32")
+}
+
+/// The second exchange: this rank's experts' output back to the tokens' ranks (the transpose
+/// of [`to_experts`]).
+///
+/// # Panics
+/// Off the CPU backend or not in f32.
+pub fn from_experts(y: Tensor<2>, ex: &Arc<ExpertExchange>) -> Tensor<2> {
+    cpu::from_experts(&y, ex).expect("expert parallelism runs on the CPU backend in f32")
 }

@@ -17,12 +17,15 @@
 //! On the CPU kernels ([`crate::cpu`]) the tokens are packed without padding, `[kept, d]`
 //! grouped by expert, and each expert multiplies exactly its rows.
 
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::expert::Experts;
+use crate::distributed::ExpertExchange;
 use crate::routing::{
     DeviceRoutes, RoutePlan, Router, RoutingOptions, RoutingRng, Shard, index_tensor,
 };
@@ -147,8 +150,15 @@ pub struct SwitchFeedForward {
 }
 
 impl SwitchFeedForward {
-    /// Number of experts.
+    /// Number of experts (the router's choices; with expert parallelism this rank holds
+    /// [`local_experts`](Self::local_experts) of them).
     pub fn n_experts(&self) -> usize {
+        self.router.switch.weight.dims()[1]
+    }
+
+    /// Number of experts this layer holds: all of them, or with expert parallelism this rank's
+    /// share (experts `rank * local .. (rank + 1) * local`).
+    pub fn local_experts(&self) -> usize {
         self.experts.n_experts()
     }
 
@@ -197,10 +207,23 @@ impl SwitchFeedForward {
             let n_experts = self.n_experts();
             let probs = host_f32(route_prob.clone());
             let r = shard.route(probs, |all| RoutePlan::new(all, n_experts, &opts, rng));
-            let mut out = self.dispatch(x, route_prob, &r.plan, rng);
+            let exchange = (self.local_experts() < n_experts).then(|| {
+                let world = shard.world().expect(
+                    "a layer that holds a share of the experts runs among the ranks of its job",
+                );
+                Arc::new(ExpertExchange::new(Arc::clone(world), &r.kept))
+            });
+            let mut out = self.dispatch_with(x, route_prob, &r.plan, rng, exchange);
             out.stats.group_counts = count_tensor(&r.group_counts, &out.out.device());
             out.stats.group_tokens = r.group_tokens;
             out
+        } else if self.local_experts() < self.n_experts() {
+            panic!(
+                "this Switch layer holds {} of its {} experts: it runs among the ranks of its \
+                 job (gather the experts to run it alone)",
+                self.local_experts(),
+                self.n_experts()
+            );
         } else if opts.on_device(&x.device()) {
             let routes = DeviceRoutes::new(route_prob.clone(), &opts, rng);
             let packing = Packing::Padded {
@@ -244,15 +267,33 @@ impl SwitchFeedForward {
         plan: &RoutePlan,
         rng: &mut RoutingRng,
     ) -> SwitchOutput {
+        self.dispatch_with(x, route_prob, plan, rng, None)
+    }
+
+    /// [`dispatch`](Self::dispatch); with `exchange`, the kept rows travel to the ranks that
+    /// hold their experts and back (expert parallelism: grouped rows on the CPU).
+    fn dispatch_with(
+        &self,
+        x: Tensor<2>,
+        route_prob: Tensor<2>,
+        plan: &RoutePlan,
+        rng: &mut RoutingRng,
+        exchange: Option<Arc<ExpertExchange>>,
+    ) -> SwitchOutput {
         let device = x.device();
         let [n_tokens, _] = x.dims();
         let k = plan.top_k;
         // The grouped rows go to the CPU kernels, which have no expert dropout.
-        let grouped = !self.expert_dropout_on() && crate::cpu::applies(&x);
+        let grouped = exchange.is_some() || (!self.expert_dropout_on() && crate::cpu::applies(&x));
         let (packing, token_source) = if grouped {
             let (offsets, row_token, token_source) = grouped_rows(plan);
             let row_token = index_tensor(&row_token, &device);
-            (Packing::Grouped { offsets, row_token }, token_source)
+            let packing = Packing::Grouped {
+                offsets,
+                row_token,
+                exchange,
+            };
+            (packing, token_source)
         } else {
             let slot_token = index_tensor(&plan.slot_token, &device);
             let packing = Packing::Padded {
@@ -317,10 +358,25 @@ impl SwitchFeedForward {
                     .forward(packed, dropout)
                     .reshape([n_experts * slots, d_model])
             }),
-            Packing::Grouped { offsets, row_token } => (offsets[n_experts] > 0).then(|| {
+            Packing::Grouped {
+                offsets,
+                row_token,
+                exchange: None,
+            } => (offsets[n_experts] > 0).then(|| {
                 let packed = x.clone().select(0, row_token);
                 self.experts.forward_grouped(packed, &offsets)
             }),
+            Packing::Grouped {
+                row_token,
+                exchange: Some(ex),
+                ..
+            } => {
+                // Every rank exchanges, even with no rows: the others wait for its part.
+                let packed = x.clone().select(0, row_token);
+                let input = super::ops::to_experts(packed, &ex);
+                let output = self.experts.forward_grouped(input, ex.offsets());
+                Some(super::ops::from_experts(output, &ex))
+            }
         };
         // Rows the assignments read: expert outputs, then the dropped-token fallback.
         let fallback = match self.dropped_tokens {
@@ -390,6 +446,8 @@ enum Packing {
     Grouped {
         offsets: Vec<usize>,
         row_token: Tensor<1, Int>,
+        /// With expert parallelism: the rows' trip to their experts' ranks.
+        exchange: Option<Arc<ExpertExchange>>,
     },
 }
 

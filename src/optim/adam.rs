@@ -156,6 +156,26 @@ impl LabmlAdam {
         Ok(())
     }
 
+    /// The module paths of the parameters that have moments (updated at least once), sorted.
+    pub fn paths(&self) -> Vec<String> {
+        let mut paths: Vec<String> = self.state.keys().cloned().collect();
+        paths.sort();
+        paths
+    }
+
+    /// A host copy of the moments `(m, v)` of parameter `path`, if it has them.
+    pub fn moments(&self, path: &str) -> Option<(Vec<f32>, Vec<f32>)> {
+        self.state.get(path).map(|s| match s {
+            Moments::Host { m, v } => (m.clone(), v.clone()),
+            Moments::Device { m, v } => (host_f32(m.clone()), host_f32(v.clone())),
+        })
+    }
+
+    /// Sets the moments of parameter `path` (flattened, in host memory).
+    pub fn set_moments(&mut self, path: &str, m: Vec<f32>, v: Vec<f32>) {
+        self.state.insert(path.to_string(), Moments::Host { m, v });
+    }
+
     /// The moments as host tensors named `m.<path>` / `v.<path>`, for checkpoints.
     pub fn state_tensors(&self) -> Vec<(String, HostTensor)> {
         let mut out = Vec::new();

@@ -47,6 +47,9 @@ pub struct GroupRoute {
     pub group_counts: Vec<usize>,
     /// Tokens of the whole group.
     pub group_tokens: usize,
+    /// Assignments each shard keeps for each expert (`[shards][n_experts]`): what expert
+    /// parallelism's exchange sends where.
+    pub kept: Vec<Vec<usize>>,
 }
 
 impl RouteGroup {
@@ -115,17 +118,27 @@ impl RouteGroup {
 fn part(plan: &RoutePlan, shard: usize, n: usize) -> GroupRoute {
     let k = plan.top_k;
     let per_shard = plan.n_tokens() / n;
-    let range = shard * per_shard * k..(shard + 1) * per_shard * k;
+    let range = |s: usize| s * per_shard * k..(s + 1) * per_shard * k;
+    let kept = (0..n)
+        .map(|s| {
+            let mut kept = vec![0; plan.n_experts];
+            for a in range(s).filter(|&a| !plan.dropped[a]) {
+                kept[plan.routes[a]] += 1;
+            }
+            kept
+        })
+        .collect();
     GroupRoute {
         plan: RoutePlan::from_decisions(
-            plan.routes[range.clone()].to_vec(),
-            plan.dropped[range].to_vec(),
+            plan.routes[range(shard)].to_vec(),
+            plan.dropped[range(shard)].to_vec(),
             plan.n_experts,
             k,
             plan.capacity,
         ),
         group_counts: plan.counts.clone(),
         group_tokens: plan.n_tokens(),
+        kept,
     }
 }
 
@@ -140,16 +153,37 @@ pub struct Shard<'a> {
 enum Seat<'a> {
     /// Threads of this process.
     Threads(&'a RouteGroup),
-    /// The ranks of a multi-process job.
-    Ranks(&'a dyn Collective),
+    /// The ranks of a multi-process job; `together`: they route the whole batch together,
+    /// else each its own tokens (and they share only what each keeps for each expert, which
+    /// expert parallelism needs).
+    Ranks {
+        world: &'a Arc<dyn Collective>,
+        together: bool,
+    },
 }
 
 impl<'a> Shard<'a> {
     /// This process's seat among the ranks of `world`: every rank's forward pass routes its
     /// tokens with the others', rank 0 deciding.
-    pub fn rank(world: &'a dyn Collective) -> Self {
+    pub fn rank(world: &'a Arc<dyn Collective>) -> Self {
         Self {
-            group: Seat::Ranks(world),
+            group: Seat::Ranks {
+                world,
+                together: true,
+            },
+            index: world.rank(),
+        }
+    }
+
+    /// This process's seat among the ranks of `world` when each rank routes its own tokens
+    /// (capacity and load balance per rank, as each core in the paper): the ranks exchange
+    /// only the assignments each keeps for each expert.
+    pub fn rank_alone(world: &'a Arc<dyn Collective>) -> Self {
+        Self {
+            group: Seat::Ranks {
+                world,
+                together: false,
+            },
             index: world.rank(),
         }
     }
@@ -157,6 +191,14 @@ impl<'a> Shard<'a> {
     /// This shard's index in its group.
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// The ranks of the job, when the shards are ranks (not threads of this process).
+    pub fn world(&self) -> Option<&'a Arc<dyn Collective>> {
+        match self.group {
+            Seat::Ranks { world, .. } => Some(world),
+            Seat::Threads(_) => None,
+        }
     }
 
     /// This shard's routing for one layer: the group's decision over every shard's `probs`
@@ -168,9 +210,12 @@ impl<'a> Shard<'a> {
     pub fn route(&self, probs: Vec<f32>, decide: impl FnOnce(&[f32]) -> RoutePlan) -> GroupRoute {
         match self.group {
             Seat::Threads(g) => g.route(self.index, probs, decide),
-            Seat::Ranks(world) => {
-                route_among_ranks(world, probs, decide).expect("the routing exchange failed")
+            Seat::Ranks { world, together } => if together {
+                route_among_ranks(world.as_ref(), probs, decide)
+            } else {
+                route_alone(world.as_ref(), &probs, decide)
             }
+            .expect("the routing exchange failed"),
         }
     }
 }
@@ -208,6 +253,28 @@ fn route_among_ranks(
         .unzip();
     let plan = RoutePlan::from_decisions(routes, dropped, n_experts, top_k, capacity);
     Ok(part(&plan, world.rank(), world.size()))
+}
+
+/// This rank's own decision over its `probs`; every rank's kept assignments per expert
+/// gathered.
+fn route_alone(
+    world: &dyn Collective,
+    probs: &[f32],
+    decide: impl FnOnce(&[f32]) -> RoutePlan,
+) -> anyhow::Result<GroupRoute> {
+    let plan = decide(probs);
+    let mine: Vec<f32> = plan.kept_counts().iter().map(|&k| k as f32).collect();
+    let all = world.all_gather("kept assignments per expert", &mine)?;
+    let kept = all
+        .chunks(plan.n_experts)
+        .map(|c| c.iter().map(|&k| k as usize).collect())
+        .collect();
+    Ok(GroupRoute {
+        group_counts: plan.counts.clone(),
+        group_tokens: plan.n_tokens(),
+        kept,
+        plan,
+    })
 }
 
 impl RouteGroup {
@@ -283,7 +350,11 @@ mod tests {
         let all = probs(ranks * per_rank, experts, 2);
         let whole = RoutePlan::new(&all, experts, &opts, &mut RoutingRng::seed_from_u64(5));
         assert!(whole.n_dropped() > 0);
-        let world = crate::distributed::Threads::group(ranks, std::time::Duration::from_secs(30));
+        let world: Vec<Arc<dyn Collective>> =
+            crate::distributed::Threads::group(ranks, std::time::Duration::from_secs(30))
+                .into_iter()
+                .map(|w| Arc::new(w) as Arc<dyn Collective>)
+                .collect();
         let parts: Vec<GroupRoute> = std::thread::scope(|scope| {
             let handles: Vec<_> = world
                 .iter()

@@ -38,6 +38,8 @@ pub struct BenchConfig {
     pub replicas: usize,
     /// The replicas route each batch together, as one model.
     pub global_routing: bool,
+    /// Each rank of a distributed job holds its share of the experts.
+    pub expert_parallel: bool,
 }
 
 /// Training-step timings.
@@ -124,6 +126,10 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
             c.replicas
         );
     }
+    if c.expert_parallel {
+        let ranks = placement.world.as_ref().map(|w| w.size());
+        crate::train::expert_parallel::check(&c.model, ranks, &devices[0])?;
+    }
     let device = devices[0].clone().autodiff();
     let first = Replica {
         model: c.model.init(0, &device)?,
@@ -138,7 +144,7 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
         c.global_routing,
     )?;
     if let Some(world) = &placement.world {
-        replicas = replicas.across(std::sync::Arc::clone(world))?;
+        replicas = replicas.across(std::sync::Arc::clone(world), c.expert_parallel)?;
     }
     let exchanged = |r: &Replicas| r.world().map_or(0.0, |w| w.exchange_seconds());
     let mut exchange = vec![];

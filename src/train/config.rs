@@ -42,6 +42,9 @@ pub struct TrainConfig {
     /// tokens: the step of one model, in `replicas` threads) instead of each its own windows
     /// (as each core in the paper).
     pub global_routing: bool,
+    /// Expert parallelism (with `--distributed`): each rank holds `n_experts / ranks` experts
+    /// of every Switch layer and tokens travel to their expert's rank and back.
+    pub expert_parallel: bool,
     /// Steps between training-metric lines in metrics.jsonl.
     pub log_interval: u64,
     /// Steps between validations (and at the last step).
@@ -78,6 +81,7 @@ impl Default for TrainConfig {
             z_loss_coef: 0.0,
             replicas: 1,
             global_routing: false,
+            expert_parallel: false,
             log_interval: 10,
             eval_interval: 250,
             eval_batches: 20,
@@ -265,6 +269,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "replicas route the whole batch together, as one model (else each its own windows)",
     ),
     (
+        "train.expert_parallel",
+        "shard the experts over the ranks of a --distributed job (tokens travel to them)",
+    ),
+    (
         "train.log_interval",
         "steps between training lines in metrics.jsonl",
     ),
@@ -380,7 +388,7 @@ impl RunConfig {
 
 /// Keys added after runs were first written: a run's config.toml may lack them (their
 /// defaults are what those runs ran with).
-pub const KEYS_SINCE_V1: &[&str] = &["train.skip_nonfinite"];
+pub const KEYS_SINCE_V1: &[&str] = &["train.skip_nonfinite", "train.expert_parallel"];
 
 /// The keys of [`KEYS`] that the TOML `text` lacks (besides those of [`KEYS_SINCE_V1`]).
 pub fn missing_keys(text: &str) -> Result<Vec<String>> {
@@ -412,6 +420,7 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "train.sample_prompt",
     "train.sample_tokens",
     "train.skip_nonfinite",
+    "train.expert_parallel",
 ];
 
 impl RunConfig {

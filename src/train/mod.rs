@@ -1,10 +1,12 @@
 //! Training: [`step`] (one optimizer step: forward, losses, backward, clip, Adam) on the
 //! [`replicas`] of the model, driven by the [`trainer`] loop with its [`config`], [`eval`]uation
-//! and [`checkpoint`]s, in a [`run_dir`] whose [`metrics`] are typed lines.
+//! and [`checkpoint`]s, in a [`run_dir`] whose [`metrics`] are typed lines; across the ranks
+//! of a job the experts may be sharded ([`expert_parallel`]).
 
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod expert_parallel;
 pub mod lock;
 pub mod memory;
 pub mod metrics;

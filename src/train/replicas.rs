@@ -18,7 +18,7 @@
 //! [`Collective`] (MPI): gradients, losses and statistics summed with an all-reduce, the
 //! routing group's probabilities and plan exchanged between the ranks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -34,6 +34,8 @@ use crate::model::{ModelConfig, SwitchTransformer};
 use crate::optim::{LabmlAdam, ParamGrads};
 use crate::routing::{RouteGroup, RoutingRng, Shard};
 use crate::store::host_f32;
+
+use super::expert_parallel::{expert_ids, keep_own_experts, split_grads};
 
 /// How replicas combine their gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +177,9 @@ pub struct Replicas {
     global_routing: bool,
     /// The ranks of the multi-process job this process's one replica belongs to.
     world: Option<Arc<dyn Collective>>,
+    /// With expert parallelism: the ids of the expert parameters, of which this rank holds
+    /// its share (their gradients are its own, never summed across ranks).
+    expert_ids: Option<HashSet<ParamId>>,
     _context: Option<DistributedContext>,
 }
 
@@ -184,6 +189,14 @@ pub enum BatchGradients {
     OnFirst(ParamGrads),
     /// On every replica, all-reduced (the same values everywhere).
     OnEach(Vec<ParamGrads>),
+    /// With expert parallelism: the replicated parameters' gradients (all-reduced) and this
+    /// rank's experts' own, and the global norm over every rank's.
+    Sharded {
+        /// Both kinds, keyed by this rank's parameters.
+        grads: ParamGrads,
+        /// Global L2 norm over the replicated gradients and every rank's expert gradients.
+        norm: f64,
+    },
 }
 
 impl BatchGradients {
@@ -192,6 +205,7 @@ impl BatchGradients {
         match self {
             Self::OnFirst(g) => g.global_norm(),
             Self::OnEach(g) => g[0].global_norm(),
+            Self::Sharded { norm, .. } => *norm,
         }
     }
 }
@@ -238,13 +252,15 @@ impl Replicas {
             grad_sync,
             pools,
             world: None,
+            expert_ids: None,
             _context: context,
         })
     }
 
     /// This process's one replica as one rank of `world`'s: every step runs on this rank's
-    /// share of the batch and exchanges with the other ranks.
-    pub fn across(mut self, world: Arc<dyn Collective>) -> Result<Self> {
+    /// share of the batch and exchanges with the other ranks. With `expert_parallel` the
+    /// replica keeps only its rank's share of the experts (see [`super::expert_parallel`]).
+    pub fn across(mut self, world: Arc<dyn Collective>, expert_parallel: bool) -> Result<Self> {
         if self.replicas.len() != 1 {
             bail!(
                 "a process of a distributed job holds one replica, not {}: the ranks are the \
@@ -252,8 +268,24 @@ impl Replicas {
                 self.replicas.len()
             );
         }
+        if expert_parallel {
+            let r = &mut self.replicas[0];
+            r.model = keep_own_experts(r.model.clone(), &mut r.adam, world.rank(), world.size());
+            self.expert_ids = Some(expert_ids(&r.model));
+        }
         self.world = Some(world);
         Ok(self)
+    }
+
+    /// Whether this rank holds only its share of the experts.
+    pub fn expert_parallel(&self) -> bool {
+        self.expert_ids.is_some()
+    }
+
+    /// A checksum of the parameters every rank holds the same (all of them, or all but the
+    /// experts with expert parallelism).
+    pub fn replicated_checksum(&self) -> f64 {
+        checksum_except(&self.replicas[0].model, self.expert_ids.as_ref())
     }
 
     /// The job's ranks, if this process is one of several.
@@ -300,7 +332,7 @@ impl Replicas {
         pass: impl Fn(&Replica, &Batch, &mut RoutingRng, Option<Shard<'_>>, Option<&[Device]>) -> R
         + Sync,
     ) -> Vec<R> {
-        if let Some(world) = self.world.as_deref() {
+        if let Some(world) = &self.world {
             return vec![self.on_rank(world, batch, rng, pass)];
         }
         let n = self.replicas.len();
@@ -344,7 +376,7 @@ impl Replicas {
     /// rank 0's generator continues the run on every rank afterwards.
     fn on_rank<R: Send>(
         &self,
-        world: &dyn Collective,
+        world: &Arc<dyn Collective>,
         batch: &Batch,
         rng: &mut RoutingRng,
         pass: impl Fn(&Replica, &Batch, &mut RoutingRng, Option<Shard<'_>>, Option<&[Device]>) -> R
@@ -353,14 +385,25 @@ impl Replicas {
         let (n, rank) = (world.size(), world.rank());
         let shard = &batch.split(n)[rank];
         let r = &self.replicas[0];
+        // A rank waits for the others in the pass: on a pool worker only when the others are
+        // other processes (thread ranks would take every worker and wait for each other).
+        let on_worker = |f: &mut (dyn FnMut() -> R + Send)| {
+            if world.in_process() {
+                f()
+            } else {
+                on_worker(f)
+            }
+        };
         if !self.global_routing {
             let seeds: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
             let mut mine = RoutingRng::seed_from_u64(seeds[rank]);
-            return on_worker(|| pass(r, shard, &mut mine, None, None));
+            // Each rank routes its own tokens; with sharded experts they still travel.
+            let seat = self.expert_parallel().then(|| Shard::rank_alone(world));
+            return on_worker(&mut || pass(r, shard, &mut mine, seat, None));
         }
         let mut mine = rng.clone();
         mine.set_stream(mine.get_stream().wrapping_add(rank as u64));
-        let out = on_worker(|| pass(r, shard, &mut mine, Some(Shard::rank(world)), None));
+        let out = on_worker(&mut || pass(r, shard, &mut mine, Some(Shard::rank(world)), None));
         let mut state = serde_json::to_vec(&mine).expect("a generator serialises");
         world
             .broadcast("the routing generator", 0, &mut state)
@@ -374,9 +417,20 @@ impl Replicas {
     /// the collective all-reduce, every replica's.
     pub fn sum_gradients(&self, mut grads: Vec<ParamGrads>) -> Result<BatchGradients> {
         if let Some(world) = self.world.as_deref() {
-            let model = &self.replicas[0].model;
-            let grads = sum_across(world, model, grads.remove(0), &self.replicas[0].device)?;
-            return Ok(BatchGradients::OnFirst(grads));
+            let (model, device) = (&self.replicas[0].model, &self.replicas[0].device);
+            let Some(ids) = &self.expert_ids else {
+                let grads = sum_across(world, model, grads.remove(0), device, None)?;
+                return Ok(BatchGradients::OnFirst(grads));
+            };
+            let (replicated, experts) = split_grads(grads.remove(0), ids);
+            let mut grads = sum_across(world, model, replicated, device, Some(ids))?;
+            let mut squares = [experts.global_norm().powi(2)];
+            world.all_reduce_sum_f64("expert gradient norms", &mut squares)?;
+            let norm = (grads.global_norm().powi(2) + squares[0]).sqrt();
+            for (id, g) in experts.into_parts() {
+                grads.insert(id, g);
+            }
+            return Ok(BatchGradients::Sharded { grads, norm });
         }
         Ok(if grads.len() == 1 {
             BatchGradients::OnFirst(grads.remove(0))
@@ -392,7 +446,7 @@ impl Replicas {
     /// the others, or each takes it on its own all-reduced gradients.
     pub fn adam_step(&mut self, grads: &BatchGradients, lr: f64, grad_scale: f64) {
         match grads {
-            BatchGradients::OnFirst(g) => {
+            BatchGradients::OnFirst(g) | BatchGradients::Sharded { grads: g, .. } => {
                 let n = self.replicas.len();
                 // The first replica gives up its model to the step, so that weights no other
                 // replica shares are updated in place on the CPU.
@@ -503,17 +557,21 @@ fn sum_on_first(replicas: &[Replica], grads: Vec<ParamGrads>) -> ParamGrads {
     out
 }
 
-/// Each trainable parameter's id and number of values, in module order.
-fn param_sizes(model: &SwitchTransformer) -> Vec<(ParamId, usize)> {
-    struct Sizes(Vec<(ParamId, usize)>);
-    impl ModuleVisitor for Sizes {
+/// Each trainable parameter's id and number of values, in module order, but for those in
+/// `except`.
+fn param_sizes(
+    model: &SwitchTransformer,
+    except: Option<&HashSet<ParamId>>,
+) -> Vec<(ParamId, usize)> {
+    struct Sizes<'a>(Vec<(ParamId, usize)>, Option<&'a HashSet<ParamId>>);
+    impl ModuleVisitor for Sizes<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if param.is_require_grad() {
+            if param.is_require_grad() && !self.1.is_some_and(|x| x.contains(&param.id)) {
                 self.0.push((param.id, param.shape().num_elements()));
             }
         }
     }
-    let mut sizes = Sizes(vec![]);
+    let mut sizes = Sizes(vec![], except);
     model.visit(&mut sizes);
     sizes.0
 }
@@ -521,13 +579,15 @@ fn param_sizes(model: &SwitchTransformer) -> Vec<(ParamId, usize)> {
 /// The sum over the ranks of their gradients `grads` (one all-reduce of every gradient,
 /// flattened in module order, followed by one flag per parameter: whether a rank has its
 /// gradient). A parameter no rank has a gradient for stays without one, as in one process.
+/// The parameters in `except` (each rank's own experts) are left out.
 fn sum_across(
     world: &dyn Collective,
     model: &SwitchTransformer,
     grads: ParamGrads,
     device: &Device,
+    except: Option<&HashSet<ParamId>>,
 ) -> Result<ParamGrads> {
-    let params = param_sizes(model);
+    let params = param_sizes(model, except);
     let total: usize = params.iter().map(|(_, n)| n).sum();
     let mut grads: HashMap<ParamId, Tensor<1>> = grads.into_parts().into_iter().collect();
     let mut flat = Vec::with_capacity(total + params.len());
@@ -565,10 +625,15 @@ fn sum_across(
 /// A checksum of the trainable parameters (sum of every value times a weight that depends on
 /// its place), equal on two ranks exactly when their weights almost surely are.
 pub fn checksum(model: &SwitchTransformer) -> f64 {
-    struct Sum(f64, u64);
-    impl ModuleVisitor for Sum {
+    checksum_except(model, None)
+}
+
+/// [`checksum`] of the parameters not in `except`.
+fn checksum_except(model: &SwitchTransformer, except: Option<&HashSet<ParamId>>) -> f64 {
+    struct Sum<'a>(f64, u64, Option<&'a HashSet<ParamId>>);
+    impl ModuleVisitor for Sum<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if param.is_require_grad() {
+            if param.is_require_grad() && !self.2.is_some_and(|x| x.contains(&param.id)) {
                 let n = param.shape().num_elements();
                 for v in host_f32(param.val().inner().reshape([n])) {
                     self.1 += 1;
@@ -577,7 +642,7 @@ pub fn checksum(model: &SwitchTransformer) -> f64 {
             }
         }
     }
-    let mut sum = Sum(0.0, 0);
+    let mut sum = Sum(0.0, 0, except);
     model.visit(&mut sum);
     sum.0
 }

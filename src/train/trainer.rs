@@ -16,15 +16,16 @@ use rand::SeedableRng;
 use crate::data::{Batch, TextData, TrainLoader, valid_batches};
 use crate::distributed::{Collective, check_same};
 use crate::infer::generate::{SampleOptions, generate};
-use crate::model::SwitchTransformer;
+use crate::model::{ModelConfig, SwitchTransformer};
 use crate::optim::{LabmlAdam, Noam};
 use crate::routing::RoutingRng;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::config::RunConfig;
 use crate::train::eval::{EvalMetrics, LayerStats, evaluate};
+use crate::train::expert_parallel::{self, gather_to_first};
 use crate::train::lock::RunLock;
 use crate::train::metrics::{MetricsLine, TrainLine, ValidLine};
-use crate::train::replicas::{Placement, Replica, Replicas, checksum};
+use crate::train::replicas::{Placement, Replica, Replicas};
 use crate::train::run_dir::RunDir;
 use crate::train::step::{StepSettings, step};
 
@@ -133,6 +134,10 @@ impl Trainer {
         crate::train::memory::check_fits(&config, crate::train::memory::available())?;
         let placement = placement.into();
         let devices = placement.devices_for(config.train.replicas)?;
+        if config.train.expert_parallel {
+            let ranks = placement.world.as_ref().map(|w| w.size());
+            expert_parallel::check(&config.model, ranks, &devices[0])?;
+        }
         let run_dir = RunDir::new(run_dir);
         let writer = is_writer(&placement);
         if writer && run_dir.holds_run() {
@@ -199,6 +204,15 @@ impl Trainer {
             config.train.replicas = n;
             config.validate()?;
         }
+        let mut rescaled = rescaled;
+        if config.train.expert_parallel && ranks.is_none() {
+            // The checkpoint holds every expert: one process runs them all.
+            if writer {
+                tracing::info!("train.expert_parallel is off: one process holds every expert");
+            }
+            config.train.expert_parallel = false;
+            rescaled = true;
+        }
         if run_dir.read_vocab()? != data.vocab {
             bail!(
                 "the data's characters differ from those of the run in {run_dir}: resume with \
@@ -218,6 +232,9 @@ impl Trainer {
             bail!("{run_dir} has no checkpoint to resume from");
         }
         let devices = placement.devices_for(config.train.replicas)?;
+        if config.train.expert_parallel {
+            expert_parallel::check(&config.model, ranks, &devices[0])?;
+        }
         let device = devices[0].clone().autodiff();
         let t = &config.train;
         // The newest checkpoint that loads; a damaged one is skipped with a message.
@@ -373,14 +390,20 @@ impl Trainer {
     fn check_ranks_agree(&self) -> Result<()> {
         match &self.world {
             None => Ok(()),
-            Some(w) => check_same(w.as_ref(), self.step, checksum(self.model())),
+            Some(w) => check_same(w.as_ref(), self.step, self.replicas.replicated_checksum()),
         }
     }
 
     /// Validation on the fixed batches with the training routing (labml's protocol), and a
     /// greedy sample from the configured prompt.
     pub fn validate(&self) -> Result<(EvalMetrics, String)> {
-        let mut model = self.model().valid();
+        self.validate_model(self.model())
+    }
+
+    /// [`validate`](Self::validate) of `model` (the whole model, gathered with expert
+    /// parallelism).
+    fn validate_model(&self, model: &SwitchTransformer) -> Result<(EvalMetrics, String)> {
+        let mut model = model.valid();
         model.set_training(false);
         let seed = self.config.train.seed;
         let metrics = evaluate(
@@ -421,15 +444,22 @@ impl Trainer {
     }
 
     /// Writes a checkpoint of the current step and removes the oldest beyond
-    /// `keep_checkpoints`.
-    pub fn save_checkpoint(&self, valid_loss: Option<f64>) -> Result<PathBuf> {
+    /// `keep_checkpoints`. Every rank calls it; the writer writes (`None` elsewhere).
+    pub fn save_checkpoint(&self, valid_loss: Option<f64>) -> Result<Option<PathBuf>> {
+        match whole(&self.replicas, &self.config.model, self.is_writer())? {
+            Some(whole) => self.write_checkpoint(&whole, valid_loss).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn write_checkpoint(&self, whole: &Whole<'_>, valid_loss: Option<f64>) -> Result<PathBuf> {
         let checkpoints = self.run_dir.checkpoints();
         let dir = checkpoint::step_dir(&checkpoints, self.step);
         checkpoint::save(
             &dir,
-            &self.replicas.first().model,
+            &whole.model,
             &self.config.model,
-            &self.replicas.first().adam,
+            whole.adam(),
             &self.state(valid_loss),
         )?;
         let all = checkpoint::list(&checkpoints);
@@ -448,8 +478,7 @@ impl Trainer {
         self.check_ranks_agree()?;
         while self.step < t.steps {
             if self.agree_to_stop(stop)? {
-                if writer {
-                    let dir = self.save_checkpoint(None)?;
+                if let Some(dir) = self.save_checkpoint(None)? {
                     on_event(Event::Checkpoint(&dir));
                 }
                 return Ok(Finish::Interrupted);
@@ -482,6 +511,15 @@ impl Trainer {
             if last || self.step.is_multiple_of(CHECKSUM_INTERVAL) {
                 self.check_ranks_agree()?;
             }
+            let validate_now = self.step.is_multiple_of(t.eval_interval) || last;
+            let checkpoint_now = self.step.is_multiple_of(t.checkpoint_interval) || last;
+            // The whole model where the writer needs it (gathered from every rank with expert
+            // parallelism).
+            let whole = if validate_now || checkpoint_now {
+                whole(&self.replicas, &self.config.model, writer)?
+            } else {
+                None
+            };
             if !writer {
                 continue; // rank 0 logs, validates and checkpoints
             }
@@ -504,8 +542,9 @@ impl Trainer {
                 (interval_tokens, interval_seconds) = (0, 0.0);
             }
             let mut valid_loss = None;
-            if self.step.is_multiple_of(t.eval_interval) || last {
-                let (metrics, sample) = self.validate()?;
+            if validate_now {
+                let whole = whole.as_ref().expect("gathered for validation");
+                let (metrics, sample) = self.validate_model(&whole.model)?;
                 if !metrics.loss.is_finite() {
                     bail!(
                         "step {}: the validation loss is not finite ({}): the weights have \
@@ -534,15 +573,16 @@ impl Trainer {
                     self.best_valid_loss = Some(metrics.loss);
                     checkpoint::save(
                         &self.run_dir.best(),
-                        &self.replicas.first().model,
+                        &whole.model,
                         &self.config.model,
-                        &self.replicas.first().adam,
+                        whole.adam(),
                         &self.state(valid_loss),
                     )?;
                 }
             }
-            if self.step.is_multiple_of(t.checkpoint_interval) || last {
-                let dir = self.save_checkpoint(valid_loss)?;
+            if checkpoint_now {
+                let whole = whole.as_ref().expect("gathered for the checkpoint");
+                let dir = self.write_checkpoint(whole, valid_loss)?;
                 on_event(Event::Checkpoint(&dir));
             }
         }
@@ -561,8 +601,51 @@ fn run_replicas(
     let global = config.train.global_routing;
     let replicas = Replicas::new(first, &config.model, devices, placement.grad_sync, global)?;
     match &placement.world {
-        Some(world) => replicas.across(Arc::clone(world)),
+        Some(world) => replicas.across(Arc::clone(world), config.train.expert_parallel),
         None => Ok(replicas),
+    }
+}
+
+/// The whole model and optimizer state, at the process that writes the run (`None` on the
+/// other ranks); with expert parallelism every rank's experts are gathered to rank 0, and
+/// every rank must call this.
+fn whole<'a>(
+    replicas: &'a Replicas,
+    config: &ModelConfig,
+    writer: bool,
+) -> Result<Option<Whole<'a>>> {
+    let first = replicas.first();
+    let Some(world) = replicas.world().filter(|_| replicas.expert_parallel()) else {
+        return Ok(writer.then(|| Whole {
+            model: first.model.clone(),
+            adam: AdamOf::Borrowed(&first.adam),
+        }));
+    };
+    let whole = gather_to_first(world, &first.model, &first.adam, config)?;
+    Ok(whole.map(|(model, adam)| Whole {
+        model,
+        adam: AdamOf::Owned(adam),
+    }))
+}
+
+/// The whole model and optimizer state at the writer: replica 0's, or gathered from the
+/// ranks' shards of the experts.
+struct Whole<'a> {
+    model: SwitchTransformer,
+    adam: AdamOf<'a>,
+}
+
+enum AdamOf<'a> {
+    Borrowed(&'a LabmlAdam),
+    Owned(LabmlAdam),
+}
+
+impl Whole<'_> {
+    fn adam(&self) -> &LabmlAdam {
+        match &self.adam {
+            AdamOf::Borrowed(a) => a,
+            AdamOf::Owned(a) => a,
+        }
     }
 }
 

@@ -211,6 +211,7 @@ fn the_bench_times_the_exchanges_and_every_rank_s_memory() {
         device: "cpu".into(),
         replicas: 2,
         global_routing: true,
+        expert_parallel: false,
     };
     let results = on_ranks(2, |world| {
         bench_train(&bench, placement(Some(world))).unwrap()
@@ -221,6 +222,176 @@ fn the_bench_times_the_exchanges_and_every_rank_s_memory() {
         assert!(r.exchange_ms_median < r.ms_per_step_median);
         assert_eq!(r.peak_rss_mb_ranks.len(), 2);
     }
+}
+
+/// [`config`] with the experts sharded over the ranks.
+fn expert_parallel(steps: u64) -> RunConfig {
+    let mut c = config(steps);
+    c.train.expert_parallel = true;
+    c
+}
+
+/// The validation losses of `run`'s metrics, in step order.
+fn valid_losses(run: &Path) -> Vec<f64> {
+    switch_transformer::train::RunDir::new(run)
+        .read_metrics()
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            switch_transformer::train::MetricsLine::Valid(v) => Some(v.valid_loss),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn expert_parallel_ranks_take_the_steps_of_one_process() {
+    let (tmp, text) = setup("ep-same");
+    let c = expert_parallel(20);
+    let mut one = c.clone();
+    one.train.expert_parallel = false;
+    train_on_ranks(1, &one, &text, &tmp.join("one"), None);
+    let run = tmp.join("two");
+    let held = on_ranks(2, |world| {
+        let mut c = c.clone();
+        c.train.replicas = 2;
+        let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
+        let mut t = Trainer::create(c, data, &run, placement(Some(world))).unwrap();
+        t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+        // What this rank holds of each Switch layer: its share of the experts.
+        let s = t.replicas()[0].model.layers[0].switch().unwrap();
+        (s.local_experts(), s.n_experts())
+    });
+    assert_eq!(held, [(2, 4), (2, 4)], "each rank holds 2 of the 4 experts");
+    let (a, b) = (losses(&tmp.join("one")), losses(&run));
+    assert_eq!(a.len(), 20);
+    assert_close(&a, &b, "2 expert-parallel ranks vs one process");
+    // Validation (on the experts gathered to rank 0) and the checkpoint: the whole model.
+    assert_close(
+        &valid_losses(&tmp.join("one")),
+        &valid_losses(&run),
+        "validation",
+    );
+    let dir = &switch_transformer::train::checkpoint::list(&run.join("checkpoints"))[0].1;
+    let loaded = switch_transformer::train::checkpoint::load(
+        dir,
+        &RunConfig::from_toml_file(&run.join("config.toml"))
+            .unwrap()
+            .model,
+        Default::default(),
+        &common::test_device().autodiff(),
+    )
+    .unwrap();
+    assert_eq!(loaded.model.layers[1].switch().unwrap().local_experts(), 4);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn expert_parallel_checkpoints_resume_on_one_process_and_back() {
+    let (tmp, text) = setup("ep-resume");
+    let c = expert_parallel(10);
+    let mut plain = c.clone();
+    plain.train.expert_parallel = false;
+    train_on_ranks(1, &plain, &text, &tmp.join("straight"), None);
+    let straight = losses(&tmp.join("straight"));
+    // 2 expert-parallel ranks stop after step 4 (the experts gathered into the checkpoint);
+    // one process resumes with every expert.
+    let a = tmp.join("two-then-one");
+    train_on_ranks(2, &c, &text, &a, Some(4));
+    assert_eq!(losses(&a).len(), 4);
+    assert_eq!(resume_on_ranks(1, &text, &a), [Finish::Completed]);
+    assert_close(
+        &straight,
+        &losses(&a),
+        "2 expert-parallel ranks, then one process",
+    );
+    // One process stops after step 4; 2 ranks resume and shard the experts.
+    let b = tmp.join("one-then-two");
+    train_on_ranks(1, &plain, &text, &b, Some(4));
+    let finishes = on_ranks(2, |world| {
+        let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
+        let sharded = ["train.expert_parallel=true".to_string()];
+        let mut t = Trainer::resume_with(&b, data, placement(Some(world)), &sharded).unwrap();
+        assert_eq!(
+            t.replicas()[0].model.layers[0]
+                .switch()
+                .unwrap()
+                .local_experts(),
+            2
+        );
+        t.run(&AtomicBool::new(false), &mut |_| {}).unwrap()
+    });
+    assert_eq!(finishes, [Finish::Completed, Finish::Completed]);
+    assert_close(
+        &straight,
+        &losses(&b),
+        "one process, then 2 expert-parallel ranks",
+    );
+    let saved = RunConfig::from_toml_file(&b.join("config.toml")).unwrap();
+    assert!(saved.train.expert_parallel, "the resumed run records it");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn per_rank_routing_with_sharded_experts_is_per_rank_data_parallelism() {
+    // Each rank routes its own tokens (capacity per rank, as in the paper): sharding the
+    // experts moves the tokens, not the arithmetic.
+    let (tmp, text) = setup("ep-alone");
+    let mut dp = config(10);
+    dp.train.global_routing = false;
+    let mut ep = dp.clone();
+    ep.train.expert_parallel = true;
+    train_on_ranks(2, &dp, &text, &tmp.join("dp"), None);
+    train_on_ranks(2, &ep, &text, &tmp.join("ep"), None);
+    let (a, b) = (losses(&tmp.join("dp")), losses(&tmp.join("ep")));
+    assert_eq!(a.len(), 10);
+    assert_close(&a, &b, "per-rank routing: data- vs expert-parallel");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn expert_parallelism_is_refused_where_it_cannot_run() {
+    let (tmp, text) = setup("ep-refused");
+    let data = || TextData::load(&text, 17).unwrap();
+    // One process: no ranks to shard over.
+    let run = tmp.join("one");
+    let e = Trainer::create(expert_parallel(2), data(), &run, placement(None))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--distributed"), "{e}");
+    assert!(!run.exists(), "nothing written");
+    // 4 experts over 3 ranks; expert dropout (the grouped kernel has none).
+    let mut c = expert_parallel(2);
+    c.train.batch_size = 6;
+    c.train.replicas = 3;
+    let errors = on_ranks(3, |world| {
+        let run = tmp.join(format!("three-{}", world.rank()));
+        Trainer::create(c.clone(), data(), &run, placement(Some(world)))
+            .err()
+            .unwrap()
+            .to_string()
+    });
+    for e in errors {
+        assert!(
+            e.contains("n_experts = 4 cannot be split over 3 ranks"),
+            "{e}"
+        );
+    }
+    let mut c = expert_parallel(2);
+    c.train.replicas = 2;
+    c.model.expert_dropout = 0.1;
+    let errors = on_ranks(2, |world| {
+        let run = tmp.join(format!("dropout-{}", world.rank()));
+        Trainer::create(c.clone(), data(), &run, placement(Some(world)))
+            .err()
+            .unwrap()
+            .to_string()
+    });
+    for e in errors {
+        assert!(e.contains("expert_dropout"), "{e}");
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
 }
 
 #[test]
@@ -341,6 +512,17 @@ mod mpi_jobs {
         let (one, two) = (losses(&tmp.join("runs/one")), losses(&tmp.join("runs/two")));
         assert_eq!(one.len(), 20);
         assert_close(&one, &two, "mpirun -np 2 vs one process");
+        // Expert-parallel: each process holds 2 of the 4 experts; tokens travel by Alltoallv.
+        let mut args = switch_args(&text, &tmp, "ep", 20, 1000);
+        args.push("--expert-parallel".into());
+        ok(
+            mpirun(2, &args, &tmp).output().unwrap(),
+            "mpirun -np 2 --expert-parallel",
+        );
+        let ep = losses(&tmp.join("runs/ep"));
+        assert_close(&one, &ep, "mpirun -np 2 --expert-parallel vs one process");
+        let saved = RunConfig::from_toml_file(&tmp.join("runs/ep/config.toml")).unwrap();
+        assert!(saved.train.expert_parallel);
         // The checkpoint of 2 ranks is an ordinary run: eval reads it.
         ok(
             Command::new(env!("CARGO_BIN_EXE_switch"))

@@ -1,0 +1,241 @@
+//! Expert parallelism (`train.expert_parallel`, with `--distributed`): rank `r` of `N` holds
+//! experts `r*E/N .. (r+1)*E/N` of every Switch layer, their gradients and their Adam moments;
+//! everything else (embedding, attention, norms, routers) is data-parallel.
+//!
+//! ```text
+//! start / resume: the whole model (init or checkpoint) on every rank -> each keeps its experts
+//! each step:      tokens to their experts' ranks and back (crate::distributed::ExpertExchange)
+//!                 replicated gradients all-reduced; expert gradients stay on their rank
+//!                 |g|^2 = |g_replicated|^2 + sum over ranks |g_experts,r|^2
+//! checkpoint / validation: the experts gathered to rank 0 (one labml state dict, any N)
+//! ```
+//! A rank's memory for the experts (weights, gradients, Adam moments) is `1/N` of one
+//! process's.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Result, bail};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::distributed::Collective;
+use crate::model::{ModelConfig, SwitchTransformer};
+use crate::optim::{LabmlAdam, ParamGrads};
+use crate::store::host_f32;
+
+/// An error unless `config` can run expert-parallel on `ranks` ranks on `device`: experts
+/// divisible by ranks, the CPU backend in f32 (the exchange is a CPU kernel; Burn has no
+/// all-to-all), no expert dropout (the grouped expert kernel has none).
+pub fn check(
+    config: &ModelConfig,
+    ranks: Option<usize>,
+    device: &burn::tensor::Device,
+) -> Result<()> {
+    let Some(ranks) = ranks else {
+        bail!(
+            "train.expert_parallel shards the experts over the ranks of a distributed job: run \
+             under mpirun or srun with --distributed, or set train.expert_parallel=false"
+        );
+    };
+    if !config.n_experts.is_multiple_of(ranks) {
+        bail!(
+            "train.expert_parallel: model.n_experts = {} cannot be split over {ranks} ranks: use a \
+             number of ranks that divides {}",
+            config.n_experts,
+            config.n_experts
+        );
+    }
+    if !crate::cpu::is_cpu(device) || config.precision != crate::model::precision::Precision::F32 {
+        bail!(
+            "train.expert_parallel runs on the CPU backend in f32 (its token exchange is a CPU \
+             kernel): use --device cpu and model.precision=f32"
+        );
+    }
+    if config.expert_dropout > 0.0 {
+        bail!(
+            "train.expert_parallel runs the experts with the grouped CPU kernel, which has no \
+             expert dropout: set model.expert_dropout=0"
+        );
+    }
+    Ok(())
+}
+
+/// The ids of the experts' parameters (`w1`, `b1`, `w2`, `b2` of every Switch layer).
+pub fn expert_ids(model: &SwitchTransformer) -> HashSet<ParamId> {
+    model
+        .layers
+        .iter()
+        .filter_map(|b| b.switch())
+        .flat_map(|s| {
+            let e = &s.experts;
+            [e.w1.id, e.b1.id, e.w2.id, e.b2.id]
+        })
+        .collect()
+}
+
+/// Each expert parameter's module path (the key of its Adam moments) and id, in module order.
+fn expert_paths(model: &SwitchTransformer) -> Vec<(String, ParamId)> {
+    struct Paths {
+        ids: HashSet<ParamId>,
+        path: Vec<String>,
+        out: Vec<(String, ParamId)>,
+    }
+    impl ModuleVisitor for Paths {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.ids.contains(&param.id) {
+                self.out.push((self.path.join("."), param.id));
+            }
+        }
+    }
+    let mut v = Paths {
+        ids: expert_ids(model),
+        path: vec![],
+        out: vec![],
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// Replaces the expert parameters of `model` by `f(id, values)` (flattened; the new value's
+/// first dimension is `values.len()` over the old one's inner size), as fresh leaves.
+fn map_experts(
+    model: SwitchTransformer,
+    mut f: impl FnMut(ParamId, Vec<f32>) -> Vec<f32>,
+) -> SwitchTransformer {
+    struct Map<'a> {
+        ids: HashSet<ParamId>,
+        f: &'a mut dyn FnMut(ParamId, Vec<f32>) -> Vec<f32>,
+    }
+    impl ModuleMapper for Map<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !self.ids.contains(&param.id) {
+                return param;
+            }
+            let (id, tensor, mapper) = param.consume();
+            let device = tensor.device();
+            let mut dims = tensor.dims();
+            let inner: usize = dims[1..].iter().product();
+            let n = tensor.shape().num_elements();
+            let values = (self.f)(id, host_f32(tensor.inner().reshape([n])));
+            dims[0] = values.len() / inner;
+            // New storage: the whole tensor is freed, not kept alive under a view.
+            let value =
+                Tensor::<D>::from_data(TensorData::new(values, dims), &device.clone().inner());
+            let value = if device.is_autodiff() {
+                value.autodiff()
+            } else {
+                value
+            };
+            Param::from_mapped_value(id, value.require_grad(), mapper)
+        }
+    }
+    let mut map = Map {
+        ids: expert_ids(&model),
+        f: &mut f,
+    };
+    model.map(&mut map)
+}
+
+/// Rank `rank` of `ranks`' part of the whole `model` and its optimizer state: its experts of
+/// every Switch layer (a contiguous block), and their moments.
+pub fn keep_own_experts(
+    model: SwitchTransformer,
+    adam: &mut LabmlAdam,
+    rank: usize,
+    ranks: usize,
+) -> SwitchTransformer {
+    let part = |v: Vec<f32>| {
+        let per = v.len() / ranks;
+        v[rank * per..(rank + 1) * per].to_vec()
+    };
+    for (path, _) in expert_paths(&model) {
+        if let Some((m, v)) = adam.moments(&path) {
+            adam.set_moments(&path, part(m), part(v));
+        }
+    }
+    map_experts(model, |_, v| part(v))
+}
+
+/// The whole model and optimizer state at rank 0 (every rank's experts gathered, in rank
+/// order); `None` on the other ranks. Every rank must call it.
+pub fn gather_to_first(
+    world: &dyn Collective,
+    model: &SwitchTransformer,
+    adam: &LabmlAdam,
+    config: &ModelConfig,
+) -> Result<Option<(SwitchTransformer, LabmlAdam)>> {
+    let root = world.rank() == 0;
+    let paths = expert_paths(model);
+    let mut gathered: HashMap<ParamId, Vec<f32>> = HashMap::new();
+    struct Values<'a>(&'a HashSet<ParamId>, Vec<(ParamId, Vec<f32>)>);
+    impl ModuleVisitor for Values<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.0.contains(&param.id) {
+                let n = param.shape().num_elements();
+                self.1
+                    .push((param.id, host_f32(param.val().inner().reshape([n]))));
+            }
+        }
+    }
+    let ids: HashSet<ParamId> = paths.iter().map(|(_, id)| *id).collect();
+    let mut values = Values(&ids, vec![]);
+    model.visit(&mut values);
+    for (id, mine) in values.1 {
+        if let Some(all) = world.gather("experts to rank 0", 0, &mine)? {
+            gathered.insert(id, all);
+        }
+    }
+    let mut full_adam = LabmlAdam::new(adam.beta1, adam.beta2, adam.eps);
+    full_adam.step = adam.step;
+    let expert_path: HashSet<&str> = paths.iter().map(|(p, _)| p.as_str()).collect();
+    for path in adam.paths() {
+        let (m, v) = adam.moments(&path).expect("listed");
+        if !expert_path.contains(path.as_str()) {
+            full_adam.set_moments(&path, m, v);
+            continue;
+        }
+        let m = world.gather("expert moments to rank 0", 0, &m)?;
+        let v = world.gather("expert moments to rank 0", 0, &v)?;
+        if let (Some(m), Some(v)) = (m, v) {
+            full_adam.set_moments(&path, m, v);
+        }
+    }
+    if !root {
+        return Ok(None);
+    }
+    let full = map_experts(model.clone(), |id, _| {
+        gathered.remove(&id).expect("gathered")
+    });
+    full_adam.check_matches(&full)?;
+    let experts = full
+        .layers
+        .iter()
+        .find_map(|b| b.switch())
+        .map(|s| s.experts.n_experts());
+    if experts.is_some_and(|e| e != config.n_experts) {
+        bail!(
+            "the gathered model has {experts:?} experts per layer, not {}",
+            config.n_experts
+        );
+    }
+    Ok(Some((full, full_adam)))
+}
+
+/// `grads` split into the replicated parameters' and the experts' (`ids`).
+pub fn split_grads(grads: ParamGrads, ids: &HashSet<ParamId>) -> (ParamGrads, ParamGrads) {
+    let (mut replicated, mut experts) = (ParamGrads::default(), ParamGrads::default());
+    for (id, g) in grads.into_parts() {
+        if ids.contains(&id) {
+            experts.insert(id, g);
+        } else {
+            replicated.insert(id, g);
+        }
+    }
+    (replicated, experts)
+}
