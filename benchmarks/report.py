@@ -1,5 +1,6 @@
 """Turns the JSON lines of benchmarks/run.sh into BENCHMARKS.md."""
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -115,3 +116,6 @@ print("```sh\nbash benchmarks/run.sh\n# one side alone:\ntarget/release/switch b
       "target/release/switch bench --threads 2 --experts 4 --replicas 2\n"
       "benchmarks/.venv/bin/python benchmarks/labml_bench.py --threads 2 --experts 4\n"
       "target/release/switch bench --generate --threads 2\n```")
+# The MPI section (benchmarks/mpi.sh) stays at the end when this report is rewritten.
+if os.path.exists("benchmarks/mpi.md"):
+    print("\n" + open("benchmarks/mpi.md").read().rstrip("\n"))

@@ -205,6 +205,12 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
                         .collect::<Vec<_>>()
                         .join(" / ")
                 );
+                for (name, e) in &r.exchanges {
+                    println!(
+                        "    {name:<40} {:>8.2} ms/step {:>10.0} bytes sent/step",
+                        e.ms_median, e.bytes_median
+                    );
+                }
             } else {
                 println!("  peak RSS {:.0} MB", r.peak_rss_mb);
             }

@@ -142,6 +142,9 @@ mod tests {
     use crate::distributed::Threads;
     use std::time::Duration;
 
+    /// What a rank got: its experts' input, their offsets, the round trip, the rows it sent.
+    type Got = (Vec<f32>, Vec<usize>, Vec<f32>, Vec<f32>);
+
     /// Three ranks, six experts: each row tagged (rank, expert, index) reaches the rank of its
     /// expert grouped by expert, and comes back to its place.
     #[test]
@@ -153,7 +156,7 @@ mod tests {
         ];
         let d = 2;
         let worlds = Threads::group(3, Duration::from_secs(30));
-        let results: Vec<(Vec<f32>, Vec<usize>, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        let results: Vec<Got> = std::thread::scope(|s| {
             let kept = &kept;
             let handles: Vec<_> = worlds
                 .into_iter()

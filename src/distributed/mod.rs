@@ -19,6 +19,10 @@ mod threads;
 #[cfg(feature = "mpi")]
 mod world;
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
 use anyhow::Result;
 
 pub use expert_exchange::ExpertExchange;
@@ -60,11 +64,51 @@ pub trait Collective: Send + Sync {
     /// Tells the time-out messages which training step the exchanges belong to.
     fn set_step(&self, step: u64);
     /// Seconds this rank has spent in exchanges so far (waiting for the others included).
-    fn exchange_seconds(&self) -> f64;
+    fn exchange_seconds(&self) -> f64 {
+        self.exchange_tally().values().map(|t| t.seconds).sum()
+    }
+    /// Time and bytes per exchange name (`what`: "gradients", "tokens to their experts", ...)
+    /// so far.
+    fn exchange_tally(&self) -> BTreeMap<String, Tally>;
     /// Whether the ranks are threads of this process: then a rank must not wait for the
     /// others on a worker of the shared thread pool, which the others may need to get there.
     fn in_process(&self) -> bool {
         false
+    }
+}
+
+/// What one kind of exchange has cost a rank.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tally {
+    /// Seconds in the exchange calls (waiting for the other ranks included).
+    pub seconds: f64,
+    /// Bytes this rank handed over for other ranks: its whole buffer for reductions and
+    /// gathers, the values addressed to other ranks in an all-to-all, the root's bytes in a
+    /// broadcast.
+    pub bytes: u64,
+}
+
+/// Time and bytes of exchanges, per exchange name.
+#[derive(Default)]
+pub(crate) struct ExchangeClock(Mutex<BTreeMap<String, Tally>>);
+
+impl ExchangeClock {
+    /// `f()`, its time and `bytes` added to exchange `what`'s.
+    pub(crate) fn time<R>(&self, what: &str, bytes: usize, f: impl FnOnce() -> R) -> R {
+        let start = Instant::now();
+        let out = f();
+        let seconds = start.elapsed().as_secs_f64();
+        if let Ok(mut m) = self.0.lock() {
+            let t = m.entry(what.to_string()).or_default();
+            t.seconds += seconds;
+            t.bytes += bytes as u64;
+        }
+        out
+    }
+
+    /// The tally per exchange name so far.
+    pub(crate) fn tally(&self) -> BTreeMap<String, Tally> {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
     }
 }
 

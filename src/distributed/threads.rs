@@ -2,21 +2,22 @@
 //! rank's bytes, from which each rank computes the result in rank order (so every rank gets
 //! the same bits). The tests run several ranks this way without an MPI launcher.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use super::Collective;
+use super::{Collective, ExchangeClock, Tally};
 
 /// One rank's handle on a group of threads.
 pub struct Threads {
     rank: usize,
     shared: Arc<Shared>,
     step: AtomicU64,
-    /// Nanoseconds spent in exchanges.
-    spent: AtomicU64,
+    /// Time spent in exchanges.
+    clock: ExchangeClock,
 }
 
 struct Shared {
@@ -54,18 +55,16 @@ impl Threads {
                 rank,
                 shared: Arc::clone(&shared),
                 step: AtomicU64::new(0),
-                spent: AtomicU64::new(0),
+                clock: ExchangeClock::default(),
             })
             .collect()
     }
 
     /// Every rank's `mine`, in rank order.
-    fn exchange(&self, what: &str, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
-        let start = Instant::now();
-        let out = self.exchange_untimed(what, mine);
-        let nanos = start.elapsed().as_nanos() as u64;
-        self.spent.fetch_add(nanos, Ordering::Relaxed);
-        out
+    /// Every rank's `mine`, in rank order; `bytes`: what this rank's part counts as sent.
+    fn exchange(&self, what: &str, bytes: usize, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
+        self.clock
+            .time(what, bytes, || self.exchange_untimed(what, mine))
     }
 
     fn exchange_untimed(&self, what: &str, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
@@ -164,7 +163,7 @@ impl Collective for Threads {
     }
 
     fn all_reduce_sum(&self, what: &str, values: &mut [f32]) -> Result<()> {
-        let all = self.exchange(what, f32_bytes(values))?;
+        let all = self.exchange(what, 4 * values.len(), f32_bytes(values))?;
         values.fill(0.0);
         for bytes in all.iter() {
             for (v, x) in values.iter_mut().zip(f32_values(bytes)) {
@@ -176,7 +175,7 @@ impl Collective for Threads {
 
     fn all_reduce_sum_f64(&self, what: &str, values: &mut [f64]) -> Result<()> {
         let mine = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let all = self.exchange(what, mine)?;
+        let all = self.exchange(what, 8 * values.len(), mine)?;
         values.fill(0.0);
         for bytes in all.iter() {
             for (v, c) in values.iter_mut().zip(bytes.chunks_exact(8)) {
@@ -187,7 +186,7 @@ impl Collective for Threads {
     }
 
     fn all_gather(&self, what: &str, mine: &[f32]) -> Result<Vec<f32>> {
-        let all = self.exchange(what, f32_bytes(mine))?;
+        let all = self.exchange(what, 4 * mine.len(), f32_bytes(mine))?;
         Ok(all.iter().flat_map(|b| f32_values(b)).collect())
     }
 
@@ -197,13 +196,14 @@ impl Collective for Threads {
         } else {
             vec![]
         };
-        let all = self.exchange(what, mine)?;
+        let all = self.exchange(what, mine.len(), mine)?;
         *bytes = all[root].clone();
         Ok(())
     }
 
     fn gather(&self, what: &str, root: usize, mine: &[f32]) -> Result<Option<Vec<f32>>> {
-        let all = self.exchange(what, f32_bytes(mine))?;
+        let sent = if self.rank == root { 0 } else { 4 * mine.len() };
+        let all = self.exchange(what, sent, f32_bytes(mine))?;
         Ok((self.rank == root).then(|| all.iter().flat_map(|b| f32_values(b)).collect()))
     }
 
@@ -221,7 +221,8 @@ impl Collective for Threads {
             .flat_map(|&c| (c as u64).to_le_bytes())
             .collect();
         mine.extend(f32_bytes(send));
-        let all = self.exchange(what, mine)?;
+        let sent = 4 * (send.len() - send_counts[self.rank]);
+        let all = self.exchange(what, sent, mine)?;
         let n = self.shared.n;
         let mut out = Vec::with_capacity(recv_counts.iter().sum());
         for (p, bytes) in all.iter().enumerate() {
@@ -247,8 +248,8 @@ impl Collective for Threads {
         self.step.store(step, Ordering::Relaxed);
     }
 
-    fn exchange_seconds(&self) -> f64 {
-        self.spent.load(Ordering::Relaxed) as f64 * 1e-9
+    fn exchange_tally(&self) -> BTreeMap<String, Tally> {
+        self.clock.tally()
     }
 
     fn in_process(&self) -> bool {

@@ -7,6 +7,7 @@
 //! waited longer than the job's limit (a rank hangs), with an error naming the step and the
 //! exchange; the launcher then ends the other ranks. A rank that dies ends the job the same way.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
-use super::Collective;
+use super::{Collective, ExchangeClock, Tally};
 
 /// The environment variables by which MPI launchers tell a process its rank (OpenMPI, MPICH
 /// and Slurm's PMI, PMIx).
@@ -41,8 +42,8 @@ pub struct MpiWorld {
     rank: usize,
     size: usize,
     step: Arc<AtomicU64>,
-    /// Nanoseconds spent in exchanges.
-    spent: AtomicU64,
+    /// Time spent in exchanges.
+    clock: ExchangeClock,
     /// The exchange in progress and when it started, for the watchdog.
     waiting: Arc<Mutex<Option<(String, Instant)>>>,
     // Dropped last: finalizes MPI.
@@ -112,24 +113,30 @@ impl MpiWorld {
             rank,
             size,
             step,
-            spent: AtomicU64::new(0),
+            clock: ExchangeClock::default(),
             waiting,
             _universe: universe,
         })
     }
 
     /// `f` on the communicator, watched by the watchdog as exchange `what`.
-    fn exchange<R>(&self, what: &str, f: impl FnOnce(&SimpleCommunicator) -> R) -> Result<R> {
+    /// `bytes`: what this rank's part counts as sent (see [`Tally`]).
+    fn exchange<R>(
+        &self,
+        what: &str,
+        bytes: usize,
+        f: impl FnOnce(&SimpleCommunicator) -> R,
+    ) -> Result<R> {
         let world = self
             .world
             .lock()
             .map_err(|_| anyhow::anyhow!("{what}: an earlier exchange failed"))?;
-        let start = Instant::now();
-        *self.waiting.lock().expect("watchdog lock") = Some((what.to_string(), start));
-        let out = f(&world);
-        *self.waiting.lock().expect("watchdog lock") = None;
-        let nanos = start.elapsed().as_nanos() as u64;
-        self.spent.fetch_add(nanos, Ordering::Relaxed);
+        let out = self.clock.time(what, bytes, || {
+            *self.waiting.lock().expect("watchdog lock") = Some((what.to_string(), Instant::now()));
+            let out = f(&world);
+            *self.waiting.lock().expect("watchdog lock") = None;
+            out
+        });
         Ok(out)
     }
 }
@@ -145,26 +152,29 @@ impl Collective for MpiWorld {
 
     fn all_reduce_sum(&self, what: &str, values: &mut [f32]) -> Result<()> {
         let send = values.to_vec();
-        self.exchange(what, |w| {
+        self.exchange(what, 4 * send.len(), |w| {
             w.all_reduce_into(&send[..], values, SystemOperation::sum())
         })
     }
 
     fn all_reduce_sum_f64(&self, what: &str, values: &mut [f64]) -> Result<()> {
         let send = values.to_vec();
-        self.exchange(what, |w| {
+        self.exchange(what, 8 * send.len(), |w| {
             w.all_reduce_into(&send[..], values, SystemOperation::sum())
         })
     }
 
     fn all_gather(&self, what: &str, mine: &[f32]) -> Result<Vec<f32>> {
         let mut all = vec![0f32; mine.len() * self.size];
-        self.exchange(what, |w| w.all_gather_into(mine, &mut all[..]))?;
+        self.exchange(what, 4 * mine.len(), |w| {
+            w.all_gather_into(mine, &mut all[..])
+        })?;
         Ok(all)
     }
 
     fn broadcast(&self, what: &str, root: usize, bytes: &mut Vec<u8>) -> Result<()> {
-        self.exchange(what, |w| {
+        let sent = if self.rank == root { bytes.len() } else { 0 };
+        self.exchange(what, sent, |w| {
             let root = w.process_at_rank(root as i32);
             let mut len = bytes.len() as u64;
             root.broadcast_into(&mut len);
@@ -176,13 +186,15 @@ impl Collective for MpiWorld {
     fn gather(&self, what: &str, root: usize, mine: &[f32]) -> Result<Option<Vec<f32>>> {
         if self.rank == root {
             let mut all = vec![0f32; mine.len() * self.size];
-            self.exchange(what, |w| {
+            self.exchange(what, 0, |w| {
                 w.process_at_rank(root as i32)
                     .gather_into_root(mine, &mut all[..])
             })?;
             Ok(Some(all))
         } else {
-            self.exchange(what, |w| w.process_at_rank(root as i32).gather_into(mine))?;
+            self.exchange(what, 4 * mine.len(), |w| {
+                w.process_at_rank(root as i32).gather_into(mine)
+            })?;
             Ok(None)
         }
     }
@@ -214,7 +226,8 @@ impl Collective for MpiWorld {
         let (rc, rd) = counts(recv_counts)
             .map_err(|e| anyhow::anyhow!("{what}: more values than MPI counts: {e}"))?;
         let mut recv = vec![0f32; recv_counts.iter().sum()];
-        self.exchange(what, |w| {
+        let sent = 4 * (send.len() - send_counts[self.rank]);
+        self.exchange(what, sent, |w| {
             let s = Partition::new(send, &sc[..], &sd[..]);
             let mut r = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
             w.all_to_all_varcount_into(&s, &mut r);
@@ -226,7 +239,7 @@ impl Collective for MpiWorld {
         self.step.store(step, Ordering::Relaxed);
     }
 
-    fn exchange_seconds(&self) -> f64 {
-        self.spent.load(Ordering::Relaxed) as f64 * 1e-9
+    fn exchange_tally(&self) -> BTreeMap<String, Tally> {
+        self.clock.tally()
     }
 }

@@ -2,6 +2,7 @@
 //! generation speed. Timings are medians over steps after warm-up; every result carries the
 //! configuration that produced it.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -72,6 +73,19 @@ pub struct TrainBench {
     pub exchange_ms_median: f64,
     /// Each rank's peak resident memory.
     pub peak_rss_mb_ranks: Vec<f64>,
+    /// Per kind of exchange (rank 0's): "gradients" (all-reduce), "tokens to their experts"
+    /// and "expert outputs back to their tokens" (the all-to-alls, forward and backward),
+    /// "routing probabilities", ...: median ms per step and bytes sent per step.
+    pub exchanges: BTreeMap<String, ExchangeBench>,
+}
+
+/// One kind of exchange in a step.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExchangeBench {
+    /// Median time per step (waiting for the other ranks included).
+    pub ms_median: f64,
+    /// Median bytes this rank sent per step (see [`crate::distributed::Tally`]).
+    pub bytes_median: f64,
 }
 
 /// Median of `v` (the mean of the middle two for an even count).
@@ -146,8 +160,9 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
     if let Some(world) = &placement.world {
         replicas = replicas.across(std::sync::Arc::clone(world), c.expert_parallel)?;
     }
-    let exchanged = |r: &Replicas| r.world().map_or(0.0, |w| w.exchange_seconds());
+    let exchanged = |r: &Replicas| r.world().map_or_else(BTreeMap::new, |w| w.exchange_tally());
     let mut exchange = vec![];
+    let mut by_name: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let noam = Noam {
         lr: 1.0,
         warmup: 2000,
@@ -168,7 +183,16 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
         let out = step(&mut replicas, &batch, &mut rng, settings)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if i >= c.warmup {
-            exchange.push((exchanged(&replicas) - before) * 1e3);
+            let after = exchanged(&replicas);
+            let mut step_ms = 0.0;
+            for (name, t) in after {
+                let b = before.get(&name).copied().unwrap_or_default();
+                let ms = (t.seconds - b.seconds) * 1e3;
+                step_ms += ms;
+                let bytes = (t.bytes - b.bytes) as f64;
+                by_name.entry(name).or_default().push((ms, bytes));
+            }
+            exchange.push(step_ms);
             fwd.push(out.forward_s * 1e3);
             bwd.push(out.backward_s * 1e3);
             opt.push(out.update_s * 1e3);
@@ -198,8 +222,23 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
         optimizer_ms_median: median(&opt),
         peak_rss_mb: rss,
         ranks: replicas.world().map_or(1, |w| w.size()),
-        exchange_ms_median: median(&exchange),
+        exchange_ms_median: if exchange.iter().all(|&ms| ms == 0.0) {
+            0.0
+        } else {
+            median(&exchange)
+        },
         peak_rss_mb_ranks,
+        exchanges: by_name
+            .into_iter()
+            .map(|(name, v)| {
+                let (ms, bytes): (Vec<f64>, Vec<f64>) = v.into_iter().unzip();
+                let e = ExchangeBench {
+                    ms_median: median(&ms),
+                    bytes_median: median(&bytes),
+                };
+                (name, e)
+            })
+            .collect(),
     })
 }
 

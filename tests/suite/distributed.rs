@@ -216,11 +216,36 @@ fn the_bench_times_the_exchanges_and_every_rank_s_memory() {
     let results = on_ranks(2, |world| {
         bench_train(&bench, placement(Some(world))).unwrap()
     });
-    for r in results {
+    for r in &results {
         assert_eq!(r.ranks, 2);
         assert!(r.exchange_ms_median > 0.0, "{}", r.exchange_ms_median);
         assert!(r.exchange_ms_median < r.ms_per_step_median);
         assert_eq!(r.peak_rss_mb_ranks.len(), 2);
+        assert!(!r.exchanges.contains_key("tokens to their experts"));
+    }
+    // Expert-parallel: the tokens travel, the experts' gradients do not.
+    let sharded = BenchConfig {
+        expert_parallel: true,
+        ..bench.clone()
+    };
+    let sharded = on_ranks(2, |world| {
+        bench_train(&sharded, placement(Some(world))).unwrap()
+    });
+    let bytes = |r: &switch_transformer::tools::bench::TrainBench, name: &str| {
+        r.exchanges.get(name).map_or(0.0, |e| e.bytes_median)
+    };
+    for (dp, ep) in results.iter().zip(&sharded) {
+        assert!(
+            bytes(ep, "tokens to their experts") > 0.0,
+            "{:?}",
+            ep.exchanges
+        );
+        assert!(bytes(ep, "expert outputs back to their tokens") > 0.0);
+        // The all-reduce leaves out every expert's gradient (4 experts x 4,192 values in each
+        // of the 2 layers, f32) and their 8 presence flags.
+        let (d, e) = (bytes(dp, "gradients"), bytes(ep, "gradients"));
+        let expert_bytes = (4 * (4 * (32 * 64 + 64 + 64 * 32 + 32) * 2 + 8)) as f64;
+        assert_eq!(d - e, expert_bytes, "{d} vs {e}");
     }
 }
 
