@@ -615,7 +615,9 @@ mod mpi_jobs {
     #[test]
     fn a_killed_rank_ends_the_job_and_resume_continues() {
         let (tmp, text) = setup("mpi-kill");
-        let args = switch_args(&text, &tmp, "r", 100_000, 5);
+        // Expert-parallel: the checkpoints gather every rank's experts, the resume shards them.
+        let mut args = switch_args(&text, &tmp, "r", 100_000, 5);
+        args.push("--expert-parallel".into());
         let (mut job, run) = start_until_checkpoint(&args, &tmp, Stdio::null());
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(rank0_pid(&run), libc::SIGKILL) };
@@ -634,6 +636,11 @@ mod mpi_jobs {
         ok(mpirun(2, &resume, &tmp).output().unwrap(), "resume");
         let steps = losses(&run).len() as u64;
         assert_eq!(steps, last + 3);
+        let c = RunConfig::from_toml_file(&run.join("config.toml")).unwrap();
+        assert!(
+            c.train.expert_parallel,
+            "the resumed job shards the experts again"
+        );
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 
