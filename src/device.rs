@@ -40,9 +40,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             return missing("rocm");
         }
         "wgpu" => {
-            #[cfg(feature = "wgpu")]
+            #[cfg(any(feature = "wgpu", feature = "wgpu-unfused"))]
             return Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
-            #[cfg(not(feature = "wgpu"))]
+            #[cfg(not(any(feature = "wgpu", feature = "wgpu-unfused")))]
             return missing("wgpu");
         }
         "vulkan" => {

@@ -5,7 +5,8 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | `util`, [`store`], [`device`] | atomic writes; host tensors and safetensors files; device names |
+//! | `util`, [`store`], [`device`], [`launches`] | atomic writes; host tensors and safetensors files; device names; kernel launches and host syncs counted |
+//! | [`distributed`] | the exchanges between the ranks of a job (MPI, or threads in tests) |
 //! | [`cpu`] | the CPU fast paths (kernels with hand-written backward, fused Adam): the one place that decides where they apply |
 //! | [`routing`] | the router, capacity and drop policies, the routing decision (host, device, routing groups) |
 //! | [`model`] | attention, experts, the Switch layer, blocks, the whole model, its losses and configuration |
@@ -27,6 +28,7 @@ pub mod device;
 pub mod distributed;
 pub mod infer;
 pub mod interop;
+pub mod launches;
 pub mod model;
 pub mod optim;
 pub mod routing;

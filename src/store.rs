@@ -189,10 +189,20 @@ impl HostTensor {
 
 /// Reads a float tensor (of any float dtype) back to the host as f32 values, row-major.
 pub fn host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    crate::launches::note_read(&t.device());
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("float tensor data")
+}
+
+/// Reads an integer tensor back to the host as i64 values, row-major.
+pub fn host_i64<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
+    crate::launches::note_read(&t.device());
+    t.into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .expect("integer tensor data")
 }
 
 /// Named host tensors with their safetensors metadata, ordered by name.

@@ -153,7 +153,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
             println!("  speed-up            : {:>10.1}x", r.speedup);
         }
     } else {
-        let writer = placement.world.as_ref().is_none_or(|w| w.rank() == 0);
+        let writer = placement.writes();
         let r = bench_train(&c, placement)?;
         if !writer {
             // rank 0 prints for the job
@@ -214,6 +214,17 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
             } else {
                 println!("  peak RSS {:.0} MB", r.peak_rss_mb);
             }
+            let (l, y) = (r.launches_per_step, r.syncs_per_step);
+            if l.total > 0.0 {
+                println!(
+                    "  kernel launches per step {:.0} (forward {:.0}, backward {:.0}, optimizer {:.0})",
+                    l.total, l.forward, l.backward, l.optimizer
+                );
+            }
+            println!(
+                "  host syncs per step {:.0} (forward {:.0}, backward {:.0}, optimizer {:.0})",
+                y.total, y.forward, y.backward, y.optimizer
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -101,9 +101,7 @@ impl SwitchStats {
 
     /// Reads everything back (four reads).
     pub fn host(&self) -> HostStats {
-        let routes: Vec<i64> = (self.routes.clone().into_data().convert::<i64>())
-            .try_into_vec::<i64>()
-            .expect("converted to i64");
+        let routes = crate::store::host_i64(self.routes.clone());
         HostStats {
             counts: host_f32(self.counts.clone()),
             n_dropped: host_f32(self.n_dropped.clone())[0].round() as usize,

@@ -85,8 +85,18 @@ impl ParamGrads {
     /// L2 norm over all gradients together (one read back to the host; on the CPU backend a
     /// pass over the gradients' storage, accumulated in f64).
     pub fn global_norm(&self) -> f64 {
+        match self.sum_of_squares() {
+            SumOfSquares::Host(total) => total.sqrt(),
+            SumOfSquares::Device(t) => (crate::store::host_f32(t)[0] as f64).sqrt(),
+        }
+    }
+
+    /// The sum of the squares of all gradients: computed on the host where the gradients are
+    /// host memory (the CPU backend), else a `[1]` tensor on their device, for the caller to
+    /// read with other values in one synchronisation.
+    pub fn sum_of_squares(&self) -> SumOfSquares {
         if let Some(total) = crate::cpu::adam::sum_of_squares(&self.grads) {
-            return total.sqrt();
+            return SumOfSquares::Host(total);
         }
         let squares: Vec<Tensor<1>> = self
             .grads
@@ -94,10 +104,9 @@ impl ParamGrads {
             .map(|g| g.clone().square().sum())
             .collect();
         if squares.is_empty() {
-            return 0.0;
+            return SumOfSquares::Host(0.0);
         }
-        let total: f32 = Tensor::cat(squares, 0).sum().into_scalar();
-        (total as f64).sqrt()
+        SumOfSquares::Device(Tensor::cat(squares, 0).sum())
     }
 
     /// PyTorch `clip_grad_norm_(max_norm)`: scales all gradients by
@@ -112,6 +121,14 @@ impl ParamGrads {
         }
         norm
     }
+}
+
+/// [`ParamGrads::sum_of_squares`]: a value, or a tensor not read yet.
+pub enum SumOfSquares {
+    /// Computed on the host.
+    Host(f64),
+    /// A `[1]` tensor on the gradients' device.
+    Device(Tensor<1>),
 }
 
 /// PyTorch `clip_grad_norm_`'s factor for gradients of global norm `norm`:

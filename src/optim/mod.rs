@@ -14,7 +14,7 @@ mod grads;
 use serde::{Deserialize, Serialize};
 
 pub use adam::LabmlAdam;
-pub use grads::{ParamGrads, clip_coefficient};
+pub use grads::{ParamGrads, SumOfSquares, clip_coefficient};
 
 /// Noam schedule (labml `Noam.get_lr`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

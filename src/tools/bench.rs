@@ -73,10 +73,42 @@ pub struct TrainBench {
     pub exchange_ms_median: f64,
     /// Each rank's peak resident memory.
     pub peak_rss_mb_ranks: Vec<f64>,
+    /// Kernel launches per step (median per phase) on a cubecl device (GPU backends); all 0 on
+    /// the CPU backend or where launches are not counted.
+    pub launches_per_step: PhaseCounts,
+    /// Host-device synchronisations per step (median per phase): reads to the host and device
+    /// syncs, counted the same way on every backend.
+    pub syncs_per_step: PhaseCounts,
     /// Per kind of exchange (rank 0's): "gradients" (all-reduce), "tokens to their experts"
     /// and "expert outputs back to their tokens" (the all-to-alls, forward and backward),
     /// "routing probabilities", ...: median ms per step and bytes sent per step.
     pub exchanges: BTreeMap<String, ExchangeBench>,
+}
+
+/// A count per phase of a training step (medians over the timed steps).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PhaseCounts {
+    /// Forward pass and losses.
+    pub forward: f64,
+    /// Backward pass.
+    pub backward: f64,
+    /// Gradient sum, clip, Adam (and the step's one read).
+    pub optimizer: f64,
+    /// The whole step.
+    pub total: f64,
+}
+
+impl PhaseCounts {
+    fn of(steps: &[[u64; 3]]) -> Self {
+        let med = |i: usize| median(&steps.iter().map(|s| s[i] as f64).collect::<Vec<_>>());
+        let total: Vec<f64> = steps.iter().map(|s| s.iter().sum::<u64>() as f64).collect();
+        Self {
+            forward: med(0),
+            backward: med(1),
+            optimizer: med(2),
+            total: median(&total),
+        }
+    }
 }
 
 /// One kind of exchange in a step.
@@ -170,6 +202,8 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
     };
     let mut rng = RoutingRng::seed_from_u64(0);
     let (mut fwd, mut bwd, mut opt, mut total) = (vec![], vec![], vec![], vec![]);
+    let (mut launches, mut syncs) = (vec![], vec![]);
+    crate::launches::count_launches();
     for i in 0..c.warmup + c.steps {
         let batch = random_batch(&mut rng, c.model.n_vocab, c.batch_size, c.seq_len);
         let settings = StepSettings {
@@ -193,6 +227,8 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
                 by_name.entry(name).or_default().push((ms, bytes));
             }
             exchange.push(step_ms);
+            launches.push(out.counts.map(|c| c.launches));
+            syncs.push(out.counts.map(|c| c.syncs));
             fwd.push(out.forward_s * 1e3);
             bwd.push(out.backward_s * 1e3);
             opt.push(out.update_s * 1e3);
@@ -228,6 +264,8 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
             median(&exchange)
         },
         peak_rss_mb_ranks,
+        launches_per_step: PhaseCounts::of(&launches),
+        syncs_per_step: PhaseCounts::of(&syncs),
         exchanges: by_name
             .into_iter()
             .map(|(name, v)| {

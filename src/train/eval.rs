@@ -61,21 +61,27 @@ pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
 /// Each Switch layer's [`SwitchStats::summary`] summed over `passes` (in f64, pass order),
 /// with the layer's tokens: what [`LayerStats::from_sum`] takes, and what ranks add up.
 pub fn layer_sums(passes: &[Vec<SwitchStats>]) -> Vec<(Vec<f64>, usize)> {
-    let n_layers = passes.first().map_or(0, Vec::len);
     let read: Vec<Vec<f32>> = passes
         .iter()
-        .map(|p| {
-            if p.is_empty() {
-                return vec![];
-            }
-            host_f32(Tensor::cat(p.iter().map(SwitchStats::summary).collect(), 0))
-        })
+        .map(|p| summaries(p).map_or_else(Vec::new, host_f32))
         .collect();
+    layer_sums_of(passes, &read)
+}
+
+/// Every layer's [`SwitchStats::summary`] of one pass, concatenated (`None` without Switch
+/// layers): what [`layer_sums_of`] reads.
+pub fn summaries(pass: &[SwitchStats]) -> Option<Tensor<1>> {
+    (!pass.is_empty()).then(|| Tensor::cat(pass.iter().map(SwitchStats::summary).collect(), 0))
+}
+
+/// [`layer_sums`] from each pass's [`summaries`] already read (`read[i]`: pass i's values).
+pub fn layer_sums_of(passes: &[Vec<SwitchStats>], read: &[Vec<f32>]) -> Vec<(Vec<f64>, usize)> {
+    let n_layers = passes.first().map_or(0, Vec::len);
     (0..n_layers)
         .map(|l| {
             let mut sum = Vec::<f64>::new();
             let mut tokens = 0;
-            for (p, values) in passes.iter().zip(&read) {
+            for (p, values) in passes.iter().zip(read) {
                 let start: usize = p[..l].iter().map(|s| s.counts.dims()[0] + 2).sum();
                 let len = p[l].counts.dims()[0] + 2;
                 sum.resize(len, 0.0);
@@ -129,7 +135,7 @@ pub fn evaluate(model: &SwitchTransformer, batches: &[Batch], rng: &mut RoutingR
         let ce: f32 = host_f32(cross_entropy(logits.clone(), y.clone()))[0];
         loss += ce as f64 * n as f64;
         let hits: Tensor<1, Int> = logits.argmax(1).reshape([n]).equal(y).int().sum();
-        correct += hits.into_scalar::<i64>();
+        correct += crate::store::host_i64(hits)[0];
         lb += host_f32(load_balancing_loss(&out.stats, &device))[0] as f64;
         tokens += n;
         passes.push(out.stats);

@@ -109,6 +109,11 @@ impl Placement {
         })
     }
 
+    /// Whether this process writes the run: the only process, or rank 0 of a job.
+    pub fn writes(&self) -> bool {
+        self.world.as_ref().is_none_or(|w| w.rank() == 0)
+    }
+
     /// The device of each of `replicas` replicas (in this process).
     pub fn devices_for(&self, replicas: usize) -> Result<Vec<Device>> {
         if let Some(world) = &self.world {
@@ -455,7 +460,6 @@ impl Replicas {
                     first.model = first
                         .adam
                         .step_scaled(first.model.clone(), g, lr, grad_scale);
-                    let _ = first.device.sync();
                 };
                 step(&mut first);
                 self.replicas.insert(0, first);
@@ -467,7 +471,6 @@ impl Replicas {
                 let work = self.replicas.iter_mut().zip(g.iter());
                 on_each(&self.pools, work, |(r, g)| {
                     r.model = r.adam.step_scaled(r.model.clone(), g, lr, grad_scale);
-                    let _ = r.device.sync();
                 });
             }
         }

@@ -9,21 +9,28 @@
 //! ```
 //! Across processes (`--distributed`) the replicas are the job's ranks: the sums are
 //! all-reduces ([`crate::distributed`]), the rest is the same.
+//!
+//! One model reads the device once per step: the losses, the routing statistics and the
+//! squared gradient norm in one read, before the clip and the Adam step (which need the norm,
+//! and which a non-finite loss must stop). No other host sync: on a GPU the phase times are
+//! the host's time to issue each phase.
 
 use std::time::Instant;
 
 use burn::tensor::Tensor;
 use burn::tensor::distributed::ReduceOperation;
-use burn::tensor::{Device, Int};
+use burn::tensor::{DType, Device, Int};
 
 use anyhow::Result;
 
-use super::eval::{LayerStats, layer_stats, layer_sums};
-use super::replicas::{Replica, Replicas};
+use super::eval::{LayerStats, layer_stats, layer_sums, layer_sums_of, summaries};
+use super::replicas::{BatchGradients, Replica, Replicas};
 use crate::data::Batch;
+use crate::launches::Counts;
 use crate::model::SwitchStats;
 use crate::model::loss::Losses;
-use crate::optim::{ParamGrads, clip_coefficient};
+use crate::model::ops::cast_to;
+use crate::optim::{ParamGrads, SumOfSquares, clip_coefficient};
 use crate::routing::{RoutingRng, Shard};
 use crate::store::host_f32;
 
@@ -62,6 +69,10 @@ pub struct StepOutput {
     /// Whether the weights were updated: not when a loss or the gradient norm is not finite
     /// (the step is skipped and nothing non-finite reaches the weights).
     pub updated: bool,
+    /// Kernel launches and host syncs of the process in forward + loss, backward, and the
+    /// rest ([`crate::launches`]). Under Burn's fusion a kernel launches when its queue is
+    /// flushed, so launches may fall in a later phase than the op that queued them.
+    pub counts: [Counts; 3],
 }
 
 /// One optimizer step on `batch`, drawing routing and dropout from `rng`. Fails only when an
@@ -74,50 +85,80 @@ pub fn step(
 ) -> Result<StepOutput> {
     let share = 1.0 / replicas.total() as f64;
     // Forward, losses and backward: each replica on its shard of the batch.
-    let passes = replicas.on_shards(batch, rng, |r, shard, rng, seat, all_reduce| {
+    let mut passes = replicas.on_shards(batch, rng, |r, shard, rng, seat, all_reduce| {
         forward_backward(r, shard, rng, seat, s, share, all_reduce)
     });
     let t0 = Instant::now();
-    let sum = |f: fn(&Pass) -> f64| passes.iter().map(f).sum::<f64>();
-    let (mut ce, mut lb, mut z) = (sum(|p| p.ce), sum(|p| p.lb), sum(|p| p.z));
+    let counts0 = Counts::now();
     let (forward_s, backward_s) = (passes[0].forward_s, passes[0].backward_s);
-    let (stats, grads): (Vec<Vec<SwitchStats>>, Vec<ParamGrads>) =
-        passes.into_iter().map(|p| (p.stats, p.grads)).unzip();
-    let layers = match replicas.world() {
-        None => layer_stats(&stats),
-        Some(world) => {
-            // Every rank's losses and routing statistics, summed: one exchange.
-            let sums = layer_sums(&stats);
-            let mut flat = vec![ce, lb, z];
-            for (sum, tokens) in &sums {
-                flat.extend(sum);
-                flat.push(*tokens as f64);
+    let pass_counts = [passes[0].counts[0], passes[0].counts[1]];
+    let one_model = passes.len() == 1 && replicas.world().is_none();
+    let (ce, lb, z, layers, grads, grad_norm) = if one_model {
+        // One read: losses, routing statistics, and the squared gradient norm.
+        let p = passes.remove(0);
+        let squares = p.grads.sum_of_squares();
+        let summary = summaries(&p.stats);
+        let n_summary = summary.as_ref().map_or(0, |t| t.dims()[0]);
+        let mut parts = vec![p.losses];
+        parts.extend(summary);
+        if let SumOfSquares::Device(t) = &squares {
+            parts.push(t.clone());
+        }
+        let parts = parts.into_iter().map(|t| cast_to(t, DType::F32)).collect();
+        let read = host_f32(Tensor::cat(parts, 0));
+        let [ce, lb, z] = [0, 1, 2].map(|i| read[i] as f64);
+        let sums = layer_sums_of(&[p.stats], &[read[3..3 + n_summary].to_vec()]);
+        let layers = sums
+            .iter()
+            .map(|(sum, tokens)| LayerStats::from_sum(sum, *tokens))
+            .collect();
+        let norm = match squares {
+            SumOfSquares::Host(total) => total.sqrt(),
+            SumOfSquares::Device(_) => (read[3 + n_summary] as f64).sqrt(),
+        };
+        (ce, lb, z, layers, BatchGradients::OnFirst(p.grads), norm)
+    } else {
+        let read: Vec<Vec<f32>> = passes.iter().map(|p| host_f32(p.losses.clone())).collect();
+        let sum = |i: usize| read.iter().map(|r| r[i] as f64 * share).sum::<f64>();
+        let (mut ce, mut lb, mut z) = (sum(0), sum(1), sum(2));
+        let (stats, grads): (Vec<Vec<SwitchStats>>, Vec<ParamGrads>) =
+            passes.into_iter().map(|p| (p.stats, p.grads)).unzip();
+        let layers = match replicas.world() {
+            None => layer_stats(&stats),
+            Some(world) => {
+                // Every rank's losses and routing statistics, summed: one exchange.
+                let sums = layer_sums(&stats);
+                let mut flat = vec![ce, lb, z];
+                for (sum, tokens) in &sums {
+                    flat.extend(sum);
+                    flat.push(*tokens as f64);
+                }
+                world.all_reduce_sum_f64("losses and routing statistics", &mut flat)?;
+                [ce, lb, z] = [flat[0], flat[1], flat[2]];
+                let mut at = 3;
+                sums.iter()
+                    .map(|(sum, _)| {
+                        let n = sum.len();
+                        let layer = LayerStats::from_sum(&flat[at..at + n], flat[at + n] as usize);
+                        at += sum.len() + 1;
+                        layer
+                    })
+                    .collect()
             }
-            world.all_reduce_sum_f64("losses and routing statistics", &mut flat)?;
-            [ce, lb, z] = [flat[0], flat[1], flat[2]];
-            let mut at = 3;
-            sums.iter()
-                .map(|(sum, _)| {
-                    let n = sum.len();
-                    let layer = LayerStats::from_sum(&flat[at..at + n], flat[at + n] as usize);
-                    at += sum.len() + 1;
-                    layer
-                })
-                .collect()
-        }
+        };
+        // The gradient of the whole batch.
+        let grads = replicas.sum_gradients(grads)?;
+        let norm = grads.global_norm();
+        (ce, lb, z, layers, grads, norm)
     };
-    // The gradient of the whole batch.
-    let grads = replicas.sum_gradients(grads)?;
-    let (grad_norm, updated) = replicas.on_worker(|replicas| {
-        // Clip it to its global norm.
-        let grad_norm = grads.global_norm();
+    let updated = replicas.on_worker(|replicas| {
         if !(grad_norm.is_finite() && ce.is_finite() && lb.is_finite() && z.is_finite()) {
-            return (grad_norm, false); // diverged: no update, the caller decides
+            return false; // diverged: no update, the caller decides
         }
+        // Clip to the global norm; Adam; every replica then holds the new weights.
         let clip = clip_coefficient(grad_norm, s.grad_clip);
-        // Adam; every replica then holds the new weights.
         replicas.adam_step(&grads, s.lr, clip);
-        (grad_norm, true)
+        true
     });
     Ok(StepOutput {
         ce,
@@ -129,18 +170,20 @@ pub fn step(
         backward_s,
         update_s: t0.elapsed().as_secs_f64(),
         updated,
+        counts: [pass_counts[0], pass_counts[1], Counts::now().since(counts0)],
     })
 }
 
 /// One replica's forward and backward; the losses are its share of the step's.
 struct Pass {
-    ce: f64,
-    lb: f64,
-    z: f64,
+    /// `[3]`: cross-entropy, load-balancing and z-loss, not scaled by the share (not read).
+    losses: Tensor<1>,
     stats: Vec<SwitchStats>,
     grads: ParamGrads,
     forward_s: f64,
     backward_s: f64,
+    /// Launches and syncs in the forward pass and in the backward pass.
+    counts: [Counts; 2],
 }
 
 /// Forward, losses and backward of replica `r` on `batch` (its shard), its loss scaled by
@@ -155,16 +198,16 @@ fn forward_backward(
     all_reduce: Option<&[Device]>,
 ) -> Pass {
     let t0 = Instant::now();
+    let c0 = Counts::now();
     let (x, y): (Tensor<2, Int>, Tensor<2, Int>) = batch.tensors(&r.device);
     let out = match seat {
         Some(seat) => r.model.forward_in_group(x, rng, seat),
         None => r.model.forward(x, rng),
     };
     let losses = Losses::new(out.logits, y, &out.stats, s.lb_coef, s.z_coef);
-    // One read for the three.
-    let read = host_f32(Tensor::cat(vec![losses.ce, losses.lb, losses.z], 0));
-    let [ce, lb, z] = [0, 1, 2].map(|i| read[i] as f64 * share);
+    let read = Tensor::cat(vec![losses.ce, losses.lb, losses.z], 0).detach();
     let t1 = Instant::now();
+    let c1 = Counts::now();
     let total = if share == 1.0 {
         losses.total
     } else {
@@ -177,14 +220,12 @@ fn forward_backward(
                 .resolve()
         });
     }
-    let _ = r.device.sync();
     Pass {
-        ce,
-        lb,
-        z,
+        losses: read,
         stats: out.stats,
         grads,
         forward_s: (t1 - t0).as_secs_f64(),
         backward_s: t1.elapsed().as_secs_f64(),
+        counts: [c1.since(c0), Counts::now().since(c1)],
     }
 }

@@ -139,7 +139,7 @@ impl Trainer {
             expert_parallel::check(&config.model, ranks, &devices[0])?;
         }
         let run_dir = RunDir::new(run_dir);
-        let writer = is_writer(&placement);
+        let writer = placement.writes();
         if writer && run_dir.holds_run() {
             bail!(
                 "{run_dir} already holds a run: continue it with --resume {run_dir}, or choose \
@@ -188,7 +188,7 @@ impl Trainer {
     ) -> Result<Self> {
         let run_dir = RunDir::new(run_dir);
         let placement = placement.into();
-        let writer = is_writer(&placement);
+        let writer = placement.writes();
         let mut config = run_dir.read_config()?;
         let lock = writer
             .then(|| RunLock::acquire(run_dir.path()))
@@ -647,11 +647,6 @@ impl Whole<'_> {
             AdamOf::Owned(a) => a,
         }
     }
-}
-
-/// Whether this process writes the run: the only process, or rank 0.
-fn is_writer(placement: &Placement) -> bool {
-    placement.world.as_ref().is_none_or(|w| w.rank() == 0)
 }
 
 /// The validation sample's prompt must be made of the data's characters: checked before any

@@ -151,3 +151,45 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// One model's training step on a GPU backend reads the device once (losses, routing
+/// statistics and the gradient norm together) and syncs nowhere else, and its kernel launches
+/// are counted; on the CPU backend nothing waits. Measured by `switch bench` in a process of
+/// its own (the counters are the process's).
+#[test]
+fn one_model_step_syncs_with_the_host_once() {
+    let device = std::env::var("SWITCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switch"))
+        .args([
+            "bench", "--json", "--device", &device, "--steps", "3", "--warmup", "1",
+        ])
+        .args([
+            "--layers",
+            "2",
+            "--d-model",
+            "32",
+            "--heads",
+            "2",
+            "--d-ff",
+            "64",
+        ])
+        .args(["--batch", "4", "--seq-len", "16", "--experts", "4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (syncs, launches) = (&r["syncs_per_step"], &r["launches_per_step"]);
+    if device == "cpu" {
+        // Host memory: nothing to wait for, no cubecl kernels.
+        assert_eq!(syncs["total"], 0.0, "{syncs}");
+        assert_eq!(launches["total"], 0.0, "{launches}");
+    } else {
+        assert_eq!(syncs["total"], 1.0, "{syncs}");
+        assert_eq!(syncs["optimizer"], 1.0, "the read before the clip: {syncs}");
+        assert!(launches["total"].as_f64().unwrap() > 0.0, "{launches}");
+    }
+}

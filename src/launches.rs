@@ -1,0 +1,132 @@
+//! What a step costs a GPU besides arithmetic: kernel launches (each a round trip through the
+//! driver; Burn's fusion merges element-wise chains into one) and host-device synchronisations
+//! (the host waits for every queued kernel: the pipeline drains).
+//!
+//! ```text
+//! launches: cubecl's launch observer, every kernel issued on a cubecl device (GPU builds)
+//! syncs:    counted here, at each read of a tensor back to the host and each explicit device
+//!           sync this crate makes on a GPU backend (the same count on lavapipe and on a real
+//!           GPU; none on the CPU backend, whose tensors are host memory)
+//! ```
+//! [`Counts::now`] reads both; the difference of two readings is what happened in between (on
+//! every thread of the process).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::tensor::Device;
+
+static SYNCS: AtomicU64 = AtomicU64::new(0);
+
+/// Launches and syncs of this process so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    /// Kernels issued on cubecl devices (0 without a GPU feature, or before
+    /// [`count_launches`] is called).
+    pub launches: u64,
+    /// Host-device synchronisations: tensor reads to the host and explicit syncs, off the CPU
+    /// backend.
+    pub syncs: u64,
+}
+
+impl Counts {
+    /// The counts so far.
+    pub fn now() -> Self {
+        Self {
+            launches: gpu::launches(),
+            syncs: SYNCS.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What happened since `earlier`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            launches: self.launches - earlier.launches,
+            syncs: self.syncs - earlier.syncs,
+        }
+    }
+}
+
+/// Starts counting kernel launches (once per process; a no-op without a GPU feature).
+/// Counting costs one atomic add per launch.
+pub fn count_launches() {
+    gpu::install();
+}
+
+/// Whether launches are counted (a GPU feature is built in and [`count_launches`] was called).
+pub fn launches_counted() -> bool {
+    gpu::installed()
+}
+
+/// Notes a read of a tensor on `device` to the host: a synchronisation, except on the CPU
+/// backend (eager: its tensors are host memory, a read waits for nothing).
+pub(crate) fn note_read(device: &Device) {
+    if !on_cpu(device) {
+        SYNCS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits for `device` to finish its queued work, counted as a synchronisation off the CPU.
+pub fn sync(device: &Device) {
+    note_read(device);
+    let _ = device.sync();
+}
+
+fn on_cpu(device: &Device) -> bool {
+    // Burn compares devices by hardware: an autodiff device equals its inner device.
+    *device == Device::flex()
+}
+
+#[cfg(feature = "gpu-counts")]
+mod gpu {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, OnceLock};
+
+    use cubecl_runtime::logging::{LaunchObservation, LaunchObserver};
+
+    static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+    static OBSERVATION: OnceLock<LaunchObservation> = OnceLock::new();
+
+    struct Count;
+
+    impl LaunchObserver for Count {
+        fn launched(&self, _kernel: &'static str) {
+            LAUNCHES.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn install() {
+        OBSERVATION.get_or_init(|| LaunchObservation::new(Arc::new(Count)));
+    }
+
+    pub fn installed() -> bool {
+        OBSERVATION.get().is_some()
+    }
+
+    pub fn launches() -> u64 {
+        LAUNCHES.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(not(feature = "gpu-counts"))]
+mod gpu {
+    pub fn install() {}
+
+    pub fn installed() -> bool {
+        false
+    }
+
+    pub fn launches() -> u64 {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_backend_never_waits() {
+        assert!(on_cpu(&Device::flex()));
+        assert!(on_cpu(&Device::flex().autodiff()));
+    }
+}
