@@ -116,6 +116,9 @@ print("```sh\nbash benchmarks/run.sh\n# one side alone:\ntarget/release/switch b
       "target/release/switch bench --threads 2 --experts 4 --replicas 2\n"
       "benchmarks/.venv/bin/python benchmarks/labml_bench.py --threads 2 --experts 4\n"
       "target/release/switch bench --generate --threads 2\n```")
-# The MPI section (benchmarks/mpi.sh) stays at the end when this report is rewritten.
-if os.path.exists("benchmarks/mpi.md"):
-    print("\n" + open("benchmarks/mpi.md").read().rstrip("\n"))
+# The sections other scripts write stay at the end when this report is rewritten: kernel
+# launches on lavapipe (benchmarks/lavapipe.md), the GPU (benchmarks/gpu.sh), MPI
+# (benchmarks/mpi.sh).
+for section in ("benchmarks/lavapipe.md", "benchmarks/gpu.md", "benchmarks/mpi.md"):
+    if os.path.exists(section):
+        print("\n" + open(section).read().rstrip("\n"))

@@ -124,6 +124,7 @@ impl ParamGrads {
 }
 
 /// [`ParamGrads::sum_of_squares`]: a value, or a tensor not read yet.
+#[allow(clippy::large_enum_variant)] // one per step
 pub enum SumOfSquares {
     /// Computed on the host.
     Host(f64),
