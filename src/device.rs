@@ -7,6 +7,12 @@ use burn::tensor::Device;
 /// Device names accepted by `--device`.
 pub const DEVICE_HELP: &str = "cpu | cuda[:N] | rocm[:N] | wgpu | vulkan | metal (GPU backends need the cargo feature of the same name)";
 
+/// Whether `device` is the CPU backend (`flex`), with or without autodiff.
+pub fn is_cpu(device: &Device) -> bool {
+    // Burn compares devices by hardware: an autodiff device equals its inner device.
+    *device == Device::flex()
+}
+
 /// Parses `cpu`, `cuda`, `cuda:1`, `wgpu`, ... into a device.
 pub fn parse_device(spec: &str) -> Result<Device> {
     let (name, index) = match spec.split_once(':') {

@@ -29,7 +29,7 @@ use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::ops::{Backward, NodeGuard, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor};
-use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Shape, Tensor, TensorData};
 
 pub(crate) use exchange::{from_experts, to_experts};
 pub(crate) use grouped_ffn::grouped_ffn;
@@ -39,11 +39,7 @@ pub(crate) use softmax::causal_softmax;
 
 type Ad = Autodiff<Flex, NoCheckpointing>;
 
-/// Whether `device` is the CPU backend (`flex`), with or without autodiff.
-pub fn is_cpu(device: &Device) -> bool {
-    // Burn compares devices by hardware: an autodiff device equals its inner device.
-    *device == Device::flex()
-}
+pub use crate::device::is_cpu;
 
 /// Whether the CPU fast paths apply to `t`: an f32 tensor on the CPU backend.
 pub fn applies<const D: usize>(t: &Tensor<D>) -> bool {

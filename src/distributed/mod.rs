@@ -112,6 +112,25 @@ impl ExchangeClock {
     }
 }
 
+/// The bytes an all-to-all of `len` values sends from rank `rank` to the other ranks; an
+/// error unless `counts` has one entry per rank (of `ranks`) and they add up to `len`.
+fn check_counts(
+    what: &str,
+    len: usize,
+    counts: &[usize],
+    rank: usize,
+    ranks: usize,
+) -> Result<usize> {
+    if counts.len() != ranks || counts.iter().sum::<usize>() != len {
+        anyhow::bail!(
+            "{what}: {} counts adding up to {} for {ranks} ranks and {len} values",
+            counts.len(),
+            counts.iter().sum::<usize>()
+        );
+    }
+    Ok(4 * (len - counts[rank]))
+}
+
 /// An error unless a batch of `batch_size` windows splits evenly over `ranks` ranks.
 pub fn check_batch(batch_size: usize, ranks: usize) -> Result<()> {
     if ranks == 0 || !batch_size.is_multiple_of(ranks) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use super::{Collective, ExchangeClock, Tally};
+use super::{Collective, ExchangeClock, Tally, check_counts};
 
 /// One rank's handle on a group of threads.
 pub struct Threads {
@@ -132,18 +132,6 @@ impl Drop for Threads {
     }
 }
 
-/// An error unless `counts` has one entry per rank and they add up to `len` values.
-pub(super) fn check_counts(what: &str, len: usize, counts: &[usize], ranks: usize) -> Result<()> {
-    if counts.len() != ranks || counts.iter().sum::<usize>() != len {
-        bail!(
-            "{what}: {} counts adding up to {} for {ranks} ranks and {len} values",
-            counts.len(),
-            counts.iter().sum::<usize>()
-        );
-    }
-    Ok(())
-}
-
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -214,14 +202,13 @@ impl Collective for Threads {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> Result<Vec<f32>> {
-        check_counts(what, send.len(), send_counts, self.shared.n)?;
+        let sent = check_counts(what, send.len(), send_counts, self.rank, self.shared.n)?;
         // Each rank deposits its counts (u64) followed by its values; each takes its part.
         let mut mine: Vec<u8> = send_counts
             .iter()
             .flat_map(|&c| (c as u64).to_le_bytes())
             .collect();
         mine.extend(f32_bytes(send));
-        let sent = 4 * (send.len() - send_counts[self.rank]);
         let all = self.exchange(what, sent, mine)?;
         let n = self.shared.n;
         let mut out = Vec::with_capacity(recv_counts.iter().sum());

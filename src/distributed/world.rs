@@ -20,7 +20,7 @@ use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
-use super::{Collective, ExchangeClock, Tally};
+use super::{Collective, ExchangeClock, Tally, check_counts};
 
 /// The environment variables by which MPI launchers tell a process its rank (OpenMPI, MPICH
 /// and Slurm's PMI, PMIx).
@@ -206,7 +206,7 @@ impl Collective for MpiWorld {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> Result<Vec<f32>> {
-        super::threads::check_counts(what, send.len(), send_counts, self.size)?;
+        let sent = check_counts(what, send.len(), send_counts, self.rank, self.size)?;
         let counts = |c: &[usize]| -> Result<(Vec<Count>, Vec<Count>)> {
             let mut displs = Vec::with_capacity(c.len());
             let mut at: usize = 0;
@@ -226,7 +226,6 @@ impl Collective for MpiWorld {
         let (rc, rd) = counts(recv_counts)
             .map_err(|e| anyhow::anyhow!("{what}: more values than MPI counts: {e}"))?;
         let mut recv = vec![0f32; recv_counts.iter().sum()];
-        let sent = 4 * (send.len() - send_counts[self.rank]);
         self.exchange(what, sent, |w| {
             let s = Partition::new(send, &sc[..], &sd[..]);
             let mut r = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);

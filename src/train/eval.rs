@@ -29,6 +29,13 @@ pub struct LayerStats {
 }
 
 impl LayerStats {
+    /// Every layer's statistics from [`layer_sums`] (or [`layer_sums_of`]).
+    pub fn from_sums(sums: &[(Vec<f64>, usize)]) -> Vec<Self> {
+        sums.iter()
+            .map(|(sum, tokens)| Self::from_sum(sum, *tokens))
+            .collect()
+    }
+
     /// One layer's statistics from its [`SwitchStats::summary`] values summed over forward
     /// passes (expert counts, dropped, the sum of top probabilities) and their tokens.
     pub fn from_sum(sum: &[f64], tokens: usize) -> Self {
@@ -52,10 +59,7 @@ impl LayerStats {
 /// Per-layer statistics over several forward passes (`passes[i][l]`: Switch layer `l` of pass
 /// `i`, all layers of a pass on one device): one read-back per pass.
 pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
-    layer_sums(passes)
-        .iter()
-        .map(|(sum, tokens)| LayerStats::from_sum(sum, *tokens))
-        .collect()
+    LayerStats::from_sums(&layer_sums(passes))
 }
 
 /// Each Switch layer's [`SwitchStats::summary`] summed over `passes` (in f64, pass order),

@@ -102,15 +102,16 @@ fn expert_paths(model: &SwitchTransformer) -> Vec<(String, ParamId)> {
     v.out
 }
 
-/// Replaces the expert parameters of `model` by `f(id, values)` (flattened; the new value's
-/// first dimension is `values.len()` over the old one's inner size), as fresh leaves.
+/// Replaces the expert parameters of `model` by `f(id, value)` (`value` flattened, not read
+/// unless `f` reads it; the new value's first dimension is its length over the old one's
+/// inner size), as fresh leaves.
 fn map_experts(
     model: SwitchTransformer,
-    mut f: impl FnMut(ParamId, Vec<f32>) -> Vec<f32>,
+    mut f: impl FnMut(ParamId, Tensor<1>) -> Vec<f32>,
 ) -> SwitchTransformer {
     struct Map<'a> {
         ids: HashSet<ParamId>,
-        f: &'a mut dyn FnMut(ParamId, Vec<f32>) -> Vec<f32>,
+        f: &'a mut dyn FnMut(ParamId, Tensor<1>) -> Vec<f32>,
     }
     impl ModuleMapper for Map<'_> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -122,7 +123,7 @@ fn map_experts(
             let mut dims = tensor.dims();
             let inner: usize = dims[1..].iter().product();
             let n = tensor.shape().num_elements();
-            let values = (self.f)(id, host_f32(tensor.inner().reshape([n])));
+            let values = (self.f)(id, tensor.inner().reshape([n]));
             dims[0] = values.len() / inner;
             // New storage: the whole tensor is freed, not kept alive under a view.
             let value =
@@ -159,7 +160,7 @@ pub fn keep_own_experts(
             adam.set_moments(&path, part(m), part(v));
         }
     }
-    map_experts(model, |_, v| part(v))
+    map_experts(model, |_, v| part(host_f32(v)))
 }
 
 /// The whole model and optimizer state at rank 0 (every rank's experts gathered, in rank
@@ -195,11 +196,15 @@ pub fn gather_to_first(
     full_adam.step = adam.step;
     let expert_path: HashSet<&str> = paths.iter().map(|(p, _)| p.as_str()).collect();
     for path in adam.paths() {
-        let (m, v) = adam.moments(&path).expect("listed");
         if !expert_path.contains(path.as_str()) {
-            full_adam.set_moments(&path, m, v);
+            // Replicated: rank 0's own moments.
+            if root {
+                let (m, v) = adam.moments(&path).expect("listed");
+                full_adam.set_moments(&path, m, v);
+            }
             continue;
         }
+        let (m, v) = adam.moments(&path).expect("listed");
         let m = world.gather("expert moments to rank 0", 0, &m)?;
         let v = world.gather("expert moments to rank 0", 0, &v)?;
         if let (Some(m), Some(v)) = (m, v) {

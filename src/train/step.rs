@@ -108,10 +108,7 @@ pub fn step(
         let read = host_f32(Tensor::cat(parts, 0));
         let [ce, lb, z] = [0, 1, 2].map(|i| read[i] as f64);
         let sums = layer_sums_of(&[p.stats], &[read[3..3 + n_summary].to_vec()]);
-        let layers = sums
-            .iter()
-            .map(|(sum, tokens)| LayerStats::from_sum(sum, *tokens))
-            .collect();
+        let layers = LayerStats::from_sums(&sums);
         let norm = match squares {
             SumOfSquares::Host(total) => total.sqrt(),
             SumOfSquares::Device(_) => (read[3 + n_summary] as f64).sqrt(),

@@ -198,13 +198,12 @@ impl Trainer {
         }
         // A run resumes on any number of ranks: the batch is the same, split differently.
         let ranks = placement.world.as_ref().map(|w| w.size());
-        let rescaled = ranks.is_some_and(|n| n != config.train.replicas);
+        let mut rescaled = ranks.is_some_and(|n| n != config.train.replicas);
         if let Some(n) = ranks {
             crate::distributed::check_batch(config.train.batch_size, n)?;
             config.train.replicas = n;
             config.validate()?;
         }
-        let mut rescaled = rescaled;
         if config.train.expert_parallel && ranks.is_none() {
             // The checkpoint holds every expert: one process runs them all.
             if writer {

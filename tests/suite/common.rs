@@ -146,6 +146,23 @@ pub fn tiny_run_config() -> switch_transformer::train::RunConfig {
     c
 }
 
+/// `switch bench` arguments for a model and batch as small as the tests' (layers, steps and
+/// experts left to the caller).
+pub const TINY_BENCH_ARGS: [&str; 12] = [
+    "--d-model",
+    "32",
+    "--heads",
+    "2",
+    "--d-ff",
+    "64",
+    "--batch",
+    "4",
+    "--seq-len",
+    "16",
+    "--warmup",
+    "1",
+];
+
 /// The device tests run on: `$SWITCH_TEST_DEVICE` (`cpu`, `wgpu`, ...; the binary must be
 /// built with that backend's feature), else the CPU.
 pub fn test_device() -> burn::tensor::Device {

@@ -37,14 +37,30 @@ fn placement(world: Option<Arc<dyn Collective>>) -> Placement {
 
 /// The training losses of `run`'s metrics, in step order.
 fn losses(run: &Path) -> Vec<f64> {
+    metric(run, |m| match m {
+        switch_transformer::train::MetricsLine::Train(t) => Some(t.train_loss),
+        _ => None,
+    })
+}
+
+/// The validation losses of `run`'s metrics, in step order.
+fn valid_losses(run: &Path) -> Vec<f64> {
+    metric(run, |m| match m {
+        switch_transformer::train::MetricsLine::Valid(v) => Some(v.valid_loss),
+        _ => None,
+    })
+}
+
+/// `pick` of each line of `run`'s metrics that has it, in order.
+fn metric(
+    run: &Path,
+    pick: impl Fn(switch_transformer::train::MetricsLine) -> Option<f64>,
+) -> Vec<f64> {
     switch_transformer::train::RunDir::new(run)
         .read_metrics()
         .unwrap()
         .into_iter()
-        .filter_map(|m| match m {
-            switch_transformer::train::MetricsLine::Train(t) => Some(t.train_loss),
-            _ => None,
-        })
+        .filter_map(pick)
         .collect()
 }
 
@@ -256,19 +272,6 @@ fn expert_parallel(steps: u64) -> RunConfig {
     c
 }
 
-/// The validation losses of `run`'s metrics, in step order.
-fn valid_losses(run: &Path) -> Vec<f64> {
-    switch_transformer::train::RunDir::new(run)
-        .read_metrics()
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| match m {
-            switch_transformer::train::MetricsLine::Valid(v) => Some(v.valid_loss),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn expert_parallel_ranks_take_the_steps_of_one_process() {
     let (tmp, text) = setup("ep-same");
@@ -386,18 +389,21 @@ fn expert_parallelism_is_refused_where_it_cannot_run() {
         .to_string();
     assert!(e.contains("--distributed"), "{e}");
     assert!(!run.exists(), "nothing written");
+    // Each rank's error when `c` starts on its `replicas` ranks.
+    let refused = |c: RunConfig, name: &str| {
+        on_ranks(c.train.replicas, |world| {
+            let run = tmp.join(format!("{name}-{}", world.rank()));
+            Trainer::create(c.clone(), data(), &run, placement(Some(world)))
+                .err()
+                .unwrap()
+                .to_string()
+        })
+    };
     // 4 experts over 3 ranks; expert dropout (the grouped kernel has none).
     let mut c = expert_parallel(2);
     c.train.batch_size = 6;
     c.train.replicas = 3;
-    let errors = on_ranks(3, |world| {
-        let run = tmp.join(format!("three-{}", world.rank()));
-        Trainer::create(c.clone(), data(), &run, placement(Some(world)))
-            .err()
-            .unwrap()
-            .to_string()
-    });
-    for e in errors {
+    for e in refused(c, "three") {
         assert!(
             e.contains("n_experts = 4 cannot be split over 3 ranks"),
             "{e}"
@@ -406,14 +412,7 @@ fn expert_parallelism_is_refused_where_it_cannot_run() {
     let mut c = expert_parallel(2);
     c.train.replicas = 2;
     c.model.expert_dropout = 0.1;
-    let errors = on_ranks(2, |world| {
-        let run = tmp.join(format!("dropout-{}", world.rank()));
-        Trainer::create(c.clone(), data(), &run, placement(Some(world)))
-            .err()
-            .unwrap()
-            .to_string()
-    });
-    for e in errors {
+    for e in refused(c, "dropout") {
         assert!(e.contains("expert_dropout"), "{e}");
     }
     std::fs::remove_dir_all(&tmp).unwrap();
@@ -568,23 +567,12 @@ mod mpi_jobs {
             "--json",
             "--steps",
             "2",
-            "--warmup",
-            "1",
             "--layers",
             "1",
-            "--d-model",
-            "32",
-            "--heads",
-            "2",
-            "--d-ff",
-            "64",
-            "--batch",
-            "4",
-            "--seq-len",
-            "16",
             "--global-routing",
         ]
         .iter()
+        .chain(&common::TINY_BENCH_ARGS)
         .map(|s| s.to_string())
         .collect();
         let out = ok(mpirun(2, &args, &tmp).output().unwrap(), "mpirun bench");

@@ -160,20 +160,9 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
 fn one_model_step_syncs_with_the_host_once() {
     let device = std::env::var("SWITCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switch"))
-        .args([
-            "bench", "--json", "--device", &device, "--steps", "3", "--warmup", "1",
-        ])
-        .args([
-            "--layers",
-            "2",
-            "--d-model",
-            "32",
-            "--heads",
-            "2",
-            "--d-ff",
-            "64",
-        ])
-        .args(["--batch", "4", "--seq-len", "16", "--experts", "4"])
+        .args(["bench", "--json", "--device", &device, "--steps", "3"])
+        .args(["--layers", "2", "--experts", "4"])
+        .args(common::TINY_BENCH_ARGS)
         .output()
         .unwrap();
     assert!(
