@@ -14,6 +14,7 @@
 //! | [`interop`] | the model as a PyTorch state dict, labml's initialisation, parity with PyTorch |
 //! | [`data`] | character-level text, windows and batches |
 //! | [`infer`] | generation with a key/value cache, the CPU decoder |
+//! | [`hf`] | Hugging Face Switch Transformers checkpoints (T5-style encoder-decoder), as transformers computes them |
 //! | [`train`] | one step, data-parallel replicas, the trainer loop, checkpoints, evaluation |
 //! | [`tools`] | benchmarks, the dense-vs-Switch comparison, reports |
 //!
@@ -26,6 +27,7 @@ pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod distributed;
+pub mod hf;
 pub mod infer;
 pub mod interop;
 pub mod launches;

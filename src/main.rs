@@ -66,8 +66,14 @@ enum Command {
     Compare(cli::compare::CompareArgs),
     /// Write an HTML report (plus SVG charts) of one or more training runs.
     Report(cli::report::ReportArgs),
-    /// Show which expert each character of a text goes to, in every layer.
+    /// Show which expert each token of a text goes to, in every layer (a run, or a Hugging
+    /// Face Switch Transformers checkpoint).
     Route(cli::route::RouteArgs),
+    /// Fill in text with a Hugging Face Switch Transformers checkpoint (`google/switch-base-8`
+    /// and up): greedy or sampled decoding with a key/value cache.
+    Seq2seq(cli::seq2seq::Seq2seqArgs),
+    /// Load a Hugging Face Switch Transformers checkpoint and save it again (f32, bf16, f16).
+    Convert(cli::seq2seq::ConvertArgs),
     /// Replay fixtures recorded from labml's PyTorch code and compare every tensor.
     ///
     /// Prints one row per tensor (max abs error, max error relative to the tensor's largest
@@ -106,5 +112,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Report(args) => cli::report::run(args, &device),
         Command::Route(args) => cli::route::run(args, &device),
         Command::Parity(args) => cli::parity::run(args, &device),
+        Command::Seq2seq(args) => cli::seq2seq::run(args, &device),
+        Command::Convert(args) => cli::seq2seq::convert(args, &device),
     }
 }

@@ -8,6 +8,7 @@ pub mod parity;
 pub mod report;
 pub mod route;
 pub mod sample;
+pub mod seq2seq;
 pub mod train;
 
 use std::path::Path;

@@ -1,4 +1,5 @@
-//! `switch parity`: replays fixtures recorded from labml's PyTorch code.
+//! `switch parity`: replays fixtures recorded from labml's PyTorch code, and Hugging Face
+//! fixture directories recorded with transformers.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +15,8 @@ use switch_transformer::store::TensorFile;
 /// magnitude) and ends with `parity: PASS` or `parity: FAIL`; exits 0 only on PASS.
 #[derive(clap::Args)]
 pub struct ParityArgs {
-    /// Fixture files (safetensors with a `meta` JSON metadata key).
+    /// Fixture files (safetensors with a `meta` JSON metadata key), or Hugging Face fixture
+    /// directories (a checkpoint with `expected.safetensors`, made by tools/hf_fixtures.py).
     #[arg(required = true)]
     pub fixtures: Vec<PathBuf>,
 }
@@ -26,7 +28,18 @@ pub fn run(args: ParityArgs, device: &Device) -> Result<ExitCode> {
     let mut failed = vec![];
     for path in &fixtures {
         println!("== {}", path.display());
-        let report = parity::run(&TensorFile::read(path)?, device)?;
+        let report = if path.is_dir() {
+            if !switch_transformer::hf::parity::is_fixture(path) {
+                anyhow::bail!(
+                    "{} is a directory without expected.safetensors: not a Hugging Face \
+                     fixture (make them with tools/hf_fixtures.py)",
+                    path.display()
+                );
+            }
+            switch_transformer::hf::parity::run(path, device)?
+        } else {
+            parity::run(&TensorFile::read(path)?, device)?
+        };
         println!("{report}");
         if !report.passed() {
             failed.push(path.display().to_string());

@@ -39,6 +39,9 @@ pub enum FixtureKind {
     Model,
     /// Noam + labml Adam + global-norm clipping over several steps.
     Optimizer,
+    /// A Hugging Face Switch Transformers checkpoint directory with transformers' outputs
+    /// (replayed by the `hf` module's parity).
+    HuggingFace,
 }
 
 impl FixtureKind {
@@ -101,7 +104,7 @@ impl Report {
             .max_by(|a, b| a.max_rel.total_cmp(&b.max_rel))
     }
 
-    fn compare(&mut self, name: &str, ours: &[f32], theirs: &HostTensor, tol: f64) {
+    pub(crate) fn compare(&mut self, name: &str, ours: &[f32], theirs: &HostTensor, tol: f64) {
         let expected = theirs.to_f64();
         if ours.len() != expected.len() {
             self.check(
@@ -127,7 +130,7 @@ impl Report {
         });
     }
 
-    fn exact(&mut self, name: &str, ours: &[i64], theirs: &[i64]) {
+    pub(crate) fn exact(&mut self, name: &str, ours: &[i64], theirs: &[i64]) {
         let mismatches = if ours.len() == theirs.len() {
             ours.iter().zip(theirs).filter(|(a, b)| a != b).count()
         } else {
@@ -198,6 +201,9 @@ pub fn run(file: &TensorFile, device: &Device) -> Result<Report> {
         FixtureKind::SwitchFeedForwardDrop => switch::switch_drop(file, &device, &mut report)?,
         FixtureKind::Model => model::model(file, &device, &mut report)?,
         FixtureKind::Optimizer => optimizer::optimizer(file, &device, &mut report)?,
+        FixtureKind::HuggingFace => {
+            bail!("a Hugging Face fixture is a directory, not one file")
+        }
     }
     Ok(report)
 }

@@ -1,0 +1,138 @@
+//! `switch seq2seq` and `switch convert`: a Hugging Face Switch Transformers checkpoint
+//! (`google/switch-base-8` and up, downloaded by the user) run and re-saved.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use rand::SeedableRng;
+use switch_transformer::RoutingRng;
+use switch_transformer::hf::HfSwitchTransformer;
+use switch_transformer::hf::checkpoint::SaveDtype;
+use switch_transformer::hf::generate::generate;
+use switch_transformer::hf::tokenize::HfTokenizer;
+use switch_transformer::infer::generate::SampleOptions;
+
+/// Fill in text with a Hugging Face Switch Transformers checkpoint (span corruption:
+/// `<extra_id_N>` marks the spans to fill).
+#[derive(clap::Args)]
+pub struct Seq2seqArgs {
+    /// Model directory: config.json, model.safetensors (or shards), tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Input text (repeat for a batch).
+    #[arg(long)]
+    pub input: Vec<String>,
+    /// A file of inputs, one per line (added to --input).
+    #[arg(long)]
+    pub input_file: Option<PathBuf>,
+    /// Tokens to generate per input.
+    #[arg(long, default_value_t = 20)]
+    pub max_tokens: usize,
+    /// 0 = greedy; otherwise sample from softmax(logits / temperature).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Recompute the whole output for every token instead of caching keys and values (the
+    /// same tokens, slower).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Also print the token ids.
+    #[arg(long)]
+    pub ids: bool,
+}
+
+/// Runs the command.
+pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
+    let mut inputs = args.input.clone();
+    if let Some(f) = &args.input_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read --input-file {}", f.display()))?;
+        inputs.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+    }
+    if inputs.is_empty() {
+        bail!("no input: give --input TEXT (repeatable) or --input-file FILE");
+    }
+    let t0 = Instant::now();
+    let model = HfSwitchTransformer::load(&args.model, device)?;
+    let c = &model.config;
+    let tok = HfTokenizer::load(&args.model, c.pad_token_id.unwrap_or(0))?;
+    let batch = tok.encode(&inputs)?;
+    eprintln!(
+        "loaded {} in {:.1} s",
+        args.model.display(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let t1 = Instant::now();
+    let enc = model.encode(&batch.ids, &batch.mask, batch.batch, batch.len)?;
+    let opts = SampleOptions {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        context: usize::MAX,
+    };
+    let stop = match (args.ignore_eos, c.eos_token_id) {
+        (false, Some(eos)) => Some((eos, c.pad_token_id.unwrap_or(0))),
+        _ => None,
+    };
+    let mut rng = RoutingRng::seed_from_u64(args.seed);
+    let out = generate(&model, &enc, &opts, !args.no_cache, stop, &mut rng)?;
+    let new: usize = out.iter().map(|r| r.len() - 1).sum();
+    for (input, row) in inputs.iter().zip(&out) {
+        println!("input:  {input}");
+        println!("output: {}", tok.decode(&row[1..], true)?);
+        if args.ids {
+            println!("ids:    {row:?}");
+        }
+    }
+    let s = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "{new} tokens for {} inputs in {s:.2} s ({:.1} tokens/s, {})",
+        inputs.len(),
+        new as f64 / s,
+        if args.no_cache { "no cache" } else { "cached" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Load a Hugging Face Switch Transformers checkpoint and save it again (another precision,
+/// one file instead of shards); the result loads in transformers and here.
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// Model directory to read.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// New directory to write (config.json, model.safetensors, tokenizer.json if present).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Precision of the saved weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: SaveDtype,
+}
+
+/// Runs `switch convert`.
+pub fn convert(args: ConvertArgs, device: &Device) -> Result<ExitCode> {
+    let model = HfSwitchTransformer::load(&args.model, device)?;
+    model.save(&args.out, args.dtype)?;
+    let tok = args.model.join("tokenizer.json");
+    if tok.exists() {
+        std::fs::copy(&tok, args.out.join("tokenizer.json"))
+            .with_context(|| format!("cannot copy {}", tok.display()))?;
+    }
+    println!("saved {} ({:?})", args.out.display(), args.dtype);
+    Ok(ExitCode::SUCCESS)
+}

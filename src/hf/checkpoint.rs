@@ -1,0 +1,309 @@
+//! A Hugging Face checkpoint's tensors: `model.safetensors`, or the shards named by
+//! `model.safetensors.index.json` (`weight_map`: tensor name -> file), in f32, bf16 or f16
+//! (widened to f32 exactly). Tensor names are transformers' own
+//! (`encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight`); [`Checkpoint::take`] names the
+//! missing or mis-shaped tensor when a checkpoint does not match its config.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::store::HostTensor;
+
+/// Where one tensor's bytes are: read only when [`Checkpoint::take`] asks for it, so loading
+/// holds the model and one tensor, never the whole file besides.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: PathBuf,
+    dtype: String,
+    shape: Vec<usize>,
+    /// Byte range in the file.
+    range: (u64, u64),
+}
+
+/// The tensors of a checkpoint, by name (read from disk one at a time, widened to f32).
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    entries: BTreeMap<String, Entry>,
+    /// Tensors given in memory ([`Checkpoint::from_tensors`]).
+    memory: BTreeMap<String, HostTensor>,
+    /// The files read, for messages.
+    pub files: Vec<String>,
+}
+
+/// The tensor index of one safetensors file: `u64` header length, JSON header
+/// (`name: {dtype, shape, data_offsets}`), data.
+fn index_file(path: &Path, out: &mut BTreeMap<String, Entry>) -> Result<()> {
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .with_context(|| format!("{} is not a safetensors file (too short)", path.display()))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100 << 20 {
+        bail!(
+            "{} is not a safetensors file (header length {n})",
+            path.display()
+        );
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: the safetensors header is not JSON", path.display()))?;
+    let data = 8 + n;
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = || {
+            anyhow!(
+                "{}: tensor `{name}` has a malformed header entry",
+                path.display()
+            )
+        };
+        let dtype = v["dtype"].as_str().ok_or_else(bad)?.to_string();
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(bad))
+            .collect::<Result<_>>()?;
+        let o = v["data_offsets"].as_array().ok_or_else(bad)?;
+        let (s, e) = match (
+            o.first().and_then(|x| x.as_u64()),
+            o.get(1).and_then(|x| x.as_u64()),
+        ) {
+            (Some(s), Some(e)) if s <= e && data + e <= len => (data + s, data + e),
+            _ => return Err(bad()),
+        };
+        let width = match dtype.as_str() {
+            "F32" => 4,
+            "BF16" | "F16" => 2,
+            other => bail!(
+                "{}: tensor `{name}` is {other}; weights must be F32, BF16 or F16",
+                path.display()
+            ),
+        };
+        if shape.iter().product::<usize>() * width != (e - s) as usize {
+            return Err(bad());
+        }
+        out.insert(
+            name,
+            Entry {
+                file: path.to_path_buf(),
+                dtype,
+                shape,
+                range: (s, e),
+            },
+        );
+    }
+    Ok(())
+}
+
+impl Checkpoint {
+    /// Indexes the weights of the model directory `dir` (reads no tensor yet).
+    pub fn read(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<String> = if single.exists() {
+            vec!["model.safetensors".into()]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("cannot read {}", index.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", index.display()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| anyhow!("{} has no `weight_map` object", index.display()))?;
+            let files: BTreeSet<String> = map
+                .values()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        anyhow!("{}: a weight_map entry is not a file name", index.display())
+                    })
+                })
+                .collect::<Result<_>>()?;
+            files.into_iter().collect()
+        } else if dir.join("pytorch_model.bin").exists() {
+            bail!(
+                "{} has pytorch_model.bin only: convert it to safetensors first (in Python: \
+                 `SwitchTransformersForConditionalGeneration.from_pretrained(dir).save_pretrained(dir)`)",
+                dir.display()
+            );
+        } else {
+            bail!(
+                "{} has neither model.safetensors nor model.safetensors.index.json",
+                dir.display()
+            );
+        };
+        let mut entries = BTreeMap::new();
+        for f in &files {
+            index_file(&dir.join(f), &mut entries)?;
+        }
+        Ok(Self {
+            entries,
+            memory: BTreeMap::new(),
+            files,
+        })
+    }
+
+    /// From tensors in memory (tests, conversions).
+    pub fn from_tensors(tensors: BTreeMap<String, HostTensor>) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            memory: tensors,
+            files: vec![],
+        }
+    }
+
+    /// Whether the checkpoint has `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name) || self.memory.contains_key(name)
+    }
+
+    /// The shape of `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        match self.memory.get(name) {
+            Some(t) => Some(&t.shape),
+            None => self.entries.get(name).map(|e| e.shape.as_slice()),
+        }
+    }
+
+    /// Removes and returns tensor `name` (as f32), which must have `shape`.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let found = self.shape(name).map(<[usize]>::to_vec).ok_or_else(|| {
+            anyhow!(
+                "the checkpoint has no tensor `{name}` (shape {shape:?}), which config.json \
+                 implies: is config.json the one saved with these weights?"
+            )
+        })?;
+        if found != shape {
+            bail!(
+                "tensor `{name}` has shape {found:?}, config.json implies {shape:?}: is \
+                 config.json the one saved with these weights?"
+            );
+        }
+        if let Some(t) = self.memory.remove(name) {
+            return Ok(t);
+        }
+        let e = self.entries.remove(name).expect("present");
+        let mut f = File::open(&e.file)?;
+        f.seek(SeekFrom::Start(e.range.0))?;
+        let mut bytes = vec![0u8; (e.range.1 - e.range.0) as usize];
+        f.read_exact(&mut bytes)
+            .with_context(|| format!("{}: cannot read tensor `{name}`", e.file.display()))?;
+        let values: Vec<f32> = match e.dtype.as_str() {
+            "F32" => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            "BF16" => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        };
+        Ok(HostTensor::f32(e.shape, values))
+    }
+
+    /// The first of `names` present, removed, with `shape`.
+    pub fn take_first(&mut self, names: &[&str], shape: &[usize]) -> Result<HostTensor> {
+        for n in names {
+            if self.contains(n) {
+                return self.take(n, shape);
+            }
+        }
+        self.take(names[0], shape)
+    }
+
+    /// Drops `name` if present (tied copies of the embedding).
+    pub fn discard(&mut self, name: &str) {
+        self.entries.remove(name);
+        self.memory.remove(name);
+    }
+
+    /// Names not taken yet.
+    pub fn remaining(&self) -> Vec<&str> {
+        self.entries
+            .keys()
+            .chain(self.memory.keys())
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+/// The precision weights are saved in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaveDtype {
+    /// 32-bit floats (exact).
+    F32,
+    /// bfloat16 (rounded to nearest even; Google's checkpoints are trained in it).
+    Bf16,
+    /// IEEE half precision (rounded to nearest even).
+    F16,
+}
+
+/// Writes `tensors` as `dir/model.safetensors` in `dtype` and `config_json` as
+/// `dir/config.json`: the layout `from_pretrained` reads. Refuses to overwrite a directory
+/// that already holds a model.
+pub fn save(
+    dir: &Path,
+    config_json: &str,
+    tensors: BTreeMap<String, HostTensor>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    for f in [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+    ] {
+        if dir.join(f).exists() {
+            bail!(
+                "{} already exists: choose a new directory (a saved model is never overwritten)",
+                dir.join(f).display()
+            );
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    type Encode = fn(&[f32]) -> Vec<u8>;
+    let (st_dtype, bytes): (Dtype, Encode) = match dtype {
+        SaveDtype::F32 => (Dtype::F32, |v| {
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }),
+        SaveDtype::Bf16 => (Dtype::BF16, |v| {
+            v.iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect()
+        }),
+        SaveDtype::F16 => (Dtype::F16, |v| {
+            v.iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect()
+        }),
+    };
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let b = bytes(&t.to_f32());
+            (k, t.shape, b)
+        })
+        .collect();
+    let views = owned
+        .iter()
+        .map(|(k, s, b)| Ok((k.as_str(), TensorView::new(st_dtype, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let data = safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("{e}"))?;
+    crate::util::write_atomic(&dir.join("model.safetensors"), &data)?;
+    crate::util::write_atomic(&dir.join("config.json"), config_json.as_bytes())
+}

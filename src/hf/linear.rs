@@ -1,0 +1,25 @@
+//! Linear layers without bias, as these checkpoints have them: PyTorch stores `[out, in]`,
+//! we keep `[in, out]` so that a layer is `x @ w`.
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::store::{HostTensor, host_f32};
+
+/// `t` (`[out, in]`, PyTorch's linear layout) as a `[in, out]` tensor on `device`.
+pub fn linear_weight(t: &HostTensor, device: &Device) -> Tensor<2> {
+    let [o, i] = [t.shape[0], t.shape[1]];
+    Tensor::from_data(TensorData::new(t.transposed().to_f32(), [i, o]), device)
+}
+
+/// `x @ w` for `x` `[b, s, i]` and `w` `[i, o]`.
+pub fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
+    let [b, s, i] = x.dims();
+    let o = w.dims()[1];
+    x.reshape([b * s, i]).matmul(w.clone()).reshape([b, s, o])
+}
+
+/// `w` `[in, out]` back to PyTorch's `[out, in]`.
+pub fn host_linear(w: &Tensor<2>) -> HostTensor {
+    let [i, o] = w.dims();
+    HostTensor::f32(vec![i, o], host_f32(w.clone())).transposed()
+}

@@ -1,0 +1,734 @@
+//! Hugging Face's `SwitchTransformersForConditionalGeneration` (transformers 5.24.0), top-down:
+//!
+//! ```text
+//! encoder: x = shared[ids]; per block: x += SelfAttn(RMS(x)); x += FF(RMS(x)); RMS(x)
+//! decoder: y = shared[dec]; per block: y += CausalSelfAttn(RMS(y)); y += CrossAttn(RMS(y), enc);
+//!          y += FF(RMS(y)); RMS(y)
+//! logits  = (tied ? y * d_model^-0.5 : y) @ lm_head^T
+//! RMS(x)  = w * x / sqrt(mean(x^2) + eps)                (no mean subtracted, no bias)
+//! Attn    = softmax(q k^T + bias + mask) v               (no 1/sqrt(d_kv): T5 folds it into q)
+//! bias    = table[bucket(key_pos - query_pos)]           (first block of each stack; shared)
+//! FF      = relu(x wi) wo, or in sparse blocks a Switch FFN ([`super::sparse`])
+//! ```
+//! Weights are stored transposed (`[in, out]`), so a linear layer is `x @ w`.
+
+use burn::tensor::activation::{relu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use anyhow::Result;
+
+use std::collections::BTreeMap;
+
+use super::checkpoint::{Checkpoint, SaveDtype};
+use super::config::HfConfig;
+use super::linear::{host_linear, linear_weight, matmul3};
+use super::sparse::{Grouping, Routes, SparseMlp};
+use crate::store::{HostTensor, host_f32};
+
+fn vector(t: &HostTensor, device: &Device) -> Tensor<1> {
+    Tensor::from_data(TensorData::new(t.to_f32(), [t.numel()]), device)
+}
+
+/// Root-mean-square layer norm with a scale and no bias.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// `[d_model]`.
+    pub weight: Tensor<1>,
+    /// Added to the mean square.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    fn load(ck: &mut Checkpoint, name: &str, c: &HfConfig, device: &Device) -> Result<Self> {
+        Ok(Self {
+            weight: vector(&ck.take(name, &[c.d_model])?, device),
+            eps: c.layer_norm_epsilon,
+        })
+    }
+
+    /// `x` `[b, s, d]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let d = x.dims()[2];
+        let variance = x.clone().powi_scalar(2).mean_dim(2);
+        let x = x * (variance + self.eps).sqrt().recip();
+        x * self.weight.clone().reshape([1, 1, d])
+    }
+}
+
+/// T5's relative-position bucket of `key - query` (Mesh TensorFlow's, as transformers
+/// computes it: half the buckets exact, the rest logarithmic up to `max_distance`; in the
+/// encoder half of them for keys after the query).
+pub fn relative_bucket(
+    relative: i64,
+    bidirectional: bool,
+    buckets: usize,
+    max_distance: usize,
+) -> usize {
+    let mut n = buckets as i64;
+    let mut bucket = 0i64;
+    let mut rel = relative;
+    if bidirectional {
+        n /= 2;
+        if rel > 0 {
+            bucket += n;
+        }
+        rel = rel.abs();
+    } else {
+        rel = -rel.min(0);
+    }
+    let max_exact = n / 2;
+    if rel < max_exact {
+        bucket += rel;
+    } else {
+        // transformers computes this in f32: log(rel / max_exact) / log(max_distance / max_exact)
+        // * (n - max_exact), truncated.
+        let ratio = (rel as f32 / max_exact as f32).ln();
+        let scale = ((max_distance as f64 / max_exact as f64).ln()) as f32;
+        let large = max_exact + (ratio / scale * (n - max_exact) as f32) as i64;
+        bucket += large.min(n - 1);
+    }
+    bucket as usize
+}
+
+/// Multi-head attention without biases; the first block's self-attention owns the
+/// relative-position table.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q: Tensor<2>,
+    k: Tensor<2>,
+    v: Tensor<2>,
+    o: Tensor<2>,
+    /// `[buckets, heads]`, in the first block of a stack only.
+    pub relative_bias: Option<Tensor<2>>,
+    heads: usize,
+    d_kv: usize,
+}
+
+/// Keys and values `[b, heads, len, d_kv]` of one attention layer.
+#[derive(Debug, Clone)]
+pub struct KeyValues {
+    /// Keys.
+    pub k: Tensor<4>,
+    /// Values.
+    pub v: Tensor<4>,
+}
+
+impl Attention {
+    fn load(
+        ck: &mut Checkpoint,
+        prefix: &str,
+        relative: bool,
+        c: &HfConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let (d, inner) = (c.d_model, c.inner_dim());
+        let mut w = |n: &str, shape: [usize; 2]| -> Result<Tensor<2>> {
+            Ok(linear_weight(
+                &ck.take(&format!("{prefix}.{n}.weight"), &shape)?,
+                device,
+            ))
+        };
+        let (q, k, v, o) = (
+            w("q", [inner, d])?,
+            w("k", [inner, d])?,
+            w("v", [inner, d])?,
+            w("o", [d, inner])?,
+        );
+        let relative_bias = if relative {
+            let name = format!("{prefix}.relative_attention_bias.weight");
+            let t = ck.take(&name, &[c.relative_attention_num_buckets, c.num_heads])?;
+            Some(Tensor::from_data(
+                TensorData::new(t.to_f32(), t.shape.clone()),
+                device,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            q,
+            k,
+            v,
+            o,
+            relative_bias,
+            heads: c.num_heads,
+            d_kv: c.d_kv,
+        })
+    }
+
+    fn split(&self, x: Tensor<3>) -> Tensor<4> {
+        let [b, s, _] = x.dims();
+        x.reshape([b, s, self.heads, self.d_kv]).swap_dims(1, 2)
+    }
+
+    /// The keys and values of `x` `[b, s, d]`.
+    pub fn key_values(&self, x: Tensor<3>) -> KeyValues {
+        KeyValues {
+            k: self.split(matmul3(x.clone(), &self.k)),
+            v: self.split(matmul3(x, &self.v)),
+        }
+    }
+
+    /// `[1, heads, q, k]`: the relative-position bias for queries at `past..past+q`.
+    pub fn position_bias(
+        &self,
+        q: usize,
+        k: usize,
+        past: usize,
+        bidirectional: bool,
+        c: &HfConfig,
+    ) -> Tensor<4> {
+        let table = self.relative_bias.as_ref().expect("relative bias table");
+        let mut ids = Vec::with_capacity(q * k);
+        for i in 0..q {
+            for j in 0..k {
+                let rel = j as i64 - (i + past) as i64;
+                ids.push(relative_bucket(
+                    rel,
+                    bidirectional,
+                    c.relative_attention_num_buckets,
+                    c.relative_attention_max_distance,
+                ) as i64);
+            }
+        }
+        let device = table.device();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [q * k]), &device);
+        table
+            .clone()
+            .select(0, ids)
+            .reshape([q, k, self.heads])
+            .permute([2, 0, 1])
+            .unsqueeze_dim(0)
+    }
+
+    /// Attention of `x` `[b, q, d]` over `kv`, with `bias` (position bias plus mask,
+    /// broadcastable to `[b, heads, q, k]`).
+    pub fn attend(&self, x: Tensor<3>, kv: &KeyValues, bias: Tensor<4>) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let q = self.split(matmul3(x, &self.q));
+        let scores = q.matmul(kv.k.clone().swap_dims(2, 3)) + bias;
+        let out = softmax(scores, 3).matmul(kv.v.clone());
+        let out = out.swap_dims(1, 2).reshape([b, s, self.heads * self.d_kv]);
+        matmul3(out, &self.o)
+    }
+}
+
+/// A block's feed-forward network: dense, or a Switch FFN.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per block
+pub enum FeedForward {
+    /// `relu(x wi) wo`.
+    Dense {
+        /// `[d_model, d_ff]`.
+        wi: Tensor<2>,
+        /// `[d_ff, d_model]`.
+        wo: Tensor<2>,
+    },
+    /// Top-1 routing to experts with a per-sequence capacity.
+    Sparse(SparseMlp),
+}
+
+/// One encoder or decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    self_norm: RmsNorm,
+    /// Self-attention.
+    pub self_attn: Attention,
+    cross: Option<(RmsNorm, Attention)>,
+    ff_norm: RmsNorm,
+    /// Dense or sparse feed-forward.
+    pub ff: FeedForward,
+}
+
+impl Block {
+    fn load(
+        ck: &mut Checkpoint,
+        stack: &str,
+        i: usize,
+        c: &HfConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let decoder = stack == "decoder";
+        let p = format!("{stack}.block.{i}.layer");
+        let self_norm = RmsNorm::load(ck, &format!("{p}.0.layer_norm.weight"), c, device)?;
+        let self_attn = Attention::load(ck, &format!("{p}.0.SelfAttention"), i == 0, c, device)?;
+        let cross = if decoder {
+            Some((
+                RmsNorm::load(ck, &format!("{p}.1.layer_norm.weight"), c, device)?,
+                Attention::load(ck, &format!("{p}.1.EncDecAttention"), false, c, device)?,
+            ))
+        } else {
+            None
+        };
+        let f = if decoder { 2 } else { 1 };
+        let ff_norm = RmsNorm::load(ck, &format!("{p}.{f}.layer_norm.weight"), c, device)?;
+        let mlp = format!("{p}.{f}.mlp");
+        let ff = if c.is_sparse(decoder, i) {
+            FeedForward::Sparse(SparseMlp::load(ck, &mlp, c, device)?)
+        } else {
+            FeedForward::Dense {
+                wi: linear_weight(
+                    &ck.take(&format!("{mlp}.wi.weight"), &[c.d_ff, c.d_model])?,
+                    device,
+                ),
+                wo: linear_weight(
+                    &ck.take(&format!("{mlp}.wo.weight"), &[c.d_model, c.d_ff])?,
+                    device,
+                ),
+            }
+        };
+        Ok(Self {
+            self_norm,
+            self_attn,
+            cross,
+            ff_norm,
+            ff,
+        })
+    }
+
+    fn feed_forward(
+        &self,
+        x: Tensor<3>,
+        grouping: Grouping,
+        routes: &mut Vec<Routes>,
+    ) -> Tensor<3> {
+        let h = self.ff_norm.forward(x.clone());
+        let y = match &self.ff {
+            FeedForward::Dense { wi, wo } => matmul3(relu(matmul3(h, wi)), wo),
+            FeedForward::Sparse(mlp) => {
+                let (y, r) = mlp.forward(h, grouping);
+                routes.push(r);
+                y
+            }
+        };
+        x + y
+    }
+}
+
+/// An encoder or a decoder: its token embedding, blocks and the final norm.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// `[vocab, d_model]`: the shared embedding, or with untied embeddings the stack's own
+    /// `embed_tokens` (transformers 5.24.0 ties them to `shared` only with
+    /// `tie_word_embeddings`).
+    pub embed: Tensor<2>,
+    /// The blocks.
+    pub blocks: Vec<Block>,
+    final_norm: RmsNorm,
+}
+
+impl Stack {
+    fn load(
+        ck: &mut Checkpoint,
+        stack: &str,
+        embed: Tensor<2>,
+        c: &HfConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let n = if stack == "decoder" {
+            c.decoder_layers()
+        } else {
+            c.num_layers
+        };
+        let blocks = (0..n)
+            .map(|i| Block::load(ck, stack, i, c, device))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = RmsNorm::load(ck, &format!("{stack}.final_layer_norm.weight"), c, device)?;
+        Ok(Self {
+            embed,
+            blocks,
+            final_norm,
+        })
+    }
+}
+
+/// Additive mask `[b, 1, 1, len]`: 0 where `mask` is 1, the most negative f32 where it is 0
+/// (as transformers builds it).
+pub fn key_mask(mask: &[i64], b: usize, len: usize, device: &Device) -> Tensor<4> {
+    let v: Vec<f32> = mask
+        .iter()
+        .map(|&m| if m != 0 { 0.0 } else { f32::MIN })
+        .collect();
+    Tensor::from_data(TensorData::new(v, [b, 1, 1, len]), device)
+}
+
+/// `[1, 1, q, past + q]`: 0 where key `j <= past + i`, else the most negative f32.
+fn causal_mask(q: usize, past: usize, device: &Device) -> Tensor<4> {
+    let k = past + q;
+    let mut v = vec![0f32; q * k];
+    for i in 0..q {
+        for j in (past + i + 1)..k {
+            v[i * k + j] = f32::MIN;
+        }
+    }
+    Tensor::from_data(TensorData::new(v, [1, 1, q, k]), device)
+}
+
+/// The encoder's output and mask, as the decoder uses them.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// `[b, src, d_model]`, after the final norm.
+    pub hidden: Tensor<3>,
+    /// The encoder attention mask, `[b, src]`, row-major.
+    pub mask: Vec<i64>,
+    /// Routing of every sparse encoder layer.
+    pub routes: Vec<Routes>,
+}
+
+/// Per decoder block: the self-attention keys/values so far and the cross-attention
+/// keys/values (computed once from the encoder output).
+#[derive(Debug, Clone, Default)]
+pub struct DecoderCache {
+    /// Self-attention keys/values per block (`None` before the first step).
+    pub self_kv: Vec<Option<KeyValues>>,
+    /// Cross-attention keys/values per block.
+    pub cross_kv: Vec<KeyValues>,
+}
+
+impl DecoderCache {
+    /// Positions decoded so far.
+    pub fn len(&self) -> usize {
+        self.self_kv
+            .first()
+            .and_then(|kv| kv.as_ref())
+            .map_or(0, |kv| kv.k.dims()[2])
+    }
+
+    /// Whether nothing has been decoded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The whole model.
+#[derive(Debug, Clone)]
+pub struct HfSwitchTransformer {
+    /// Its configuration.
+    pub config: HfConfig,
+    /// `[vocab, d_model]`: transformers' `shared` embedding.
+    pub shared: Tensor<2>,
+    /// The encoder.
+    pub encoder: Stack,
+    /// The decoder.
+    pub decoder: Stack,
+    /// `[d_model, vocab]`: the output layer (the shared embedding, transposed, when tied).
+    lm_head: Tensor<2>,
+    device: Device,
+}
+
+impl HfSwitchTransformer {
+    /// Builds the model of `config` from the checkpoint's tensors; fails naming a missing or
+    /// mis-shaped tensor, or tensors the config does not account for.
+    pub fn from_checkpoint(config: HfConfig, mut ck: Checkpoint, device: &Device) -> Result<Self> {
+        let c = &config;
+        let shape = [c.vocab_size, c.d_model];
+        let embedding = |ck: &mut Checkpoint, names: &[&str]| -> Result<Tensor<2>> {
+            let t = ck.take_first(names, &shape)?;
+            Ok(Tensor::from_data(
+                TensorData::new(t.to_f32(), shape),
+                device,
+            ))
+        };
+        let (shared, enc_embed, dec_embed) = if c.tie_word_embeddings {
+            // One matrix for both stacks and the output; copies of it may be saved too.
+            let shared = embedding(
+                &mut ck,
+                &[
+                    "shared.weight",
+                    "encoder.embed_tokens.weight",
+                    "decoder.embed_tokens.weight",
+                ],
+            )?;
+            for tied in [
+                "encoder.embed_tokens.weight",
+                "decoder.embed_tokens.weight",
+                "lm_head.weight",
+            ] {
+                ck.discard(tied);
+            }
+            (shared.clone(), shared.clone(), shared)
+        } else {
+            let shared = embedding(&mut ck, &["shared.weight"])?;
+            let enc = if ck.contains("encoder.embed_tokens.weight") {
+                embedding(&mut ck, &["encoder.embed_tokens.weight"])?
+            } else {
+                shared.clone()
+            };
+            let dec = if ck.contains("decoder.embed_tokens.weight") {
+                embedding(&mut ck, &["decoder.embed_tokens.weight"])?
+            } else {
+                shared.clone()
+            };
+            (shared, enc, dec)
+        };
+        let encoder = Stack::load(&mut ck, "encoder", enc_embed, c, device)?;
+        let decoder = Stack::load(&mut ck, "decoder", dec_embed, c, device)?;
+        let lm_head = if c.tie_word_embeddings {
+            shared.clone().transpose()
+        } else {
+            linear_weight(&ck.take("lm_head.weight", &shape)?, device)
+        };
+        let left = ck.remaining();
+        if !left.is_empty() {
+            anyhow::bail!(
+                "the checkpoint has {} tensors config.json does not account for (first: `{}`): \
+                 is config.json the one saved with these weights?",
+                left.len(),
+                left[0]
+            );
+        }
+        Ok(Self {
+            config,
+            shared,
+            encoder,
+            decoder,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// Reads `dir` (config.json and the safetensors weights) onto `device`.
+    pub fn load(dir: &std::path::Path, device: &Device) -> Result<Self> {
+        let config = HfConfig::read(dir)?;
+        let ck = Checkpoint::read(dir)?;
+        Self::from_checkpoint(config, ck, device)
+            .map_err(|e| e.context(format!("loading {}", dir.display())))
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn embed(&self, table: &Tensor<2>, ids: &[i64], b: usize, s: usize) -> Result<Tensor<3>> {
+        let vocab = self.config.vocab_size as i64;
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
+            anyhow::bail!("token id {bad} is outside the vocabulary (0..{vocab})");
+        }
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids.to_vec(), [b * s]), &self.device);
+        Ok(table
+            .clone()
+            .select(0, ids)
+            .reshape([b, s, self.config.d_model]))
+    }
+
+    /// The encoder on `ids` `[b, s]` (row-major) with `mask` (1 = token, 0 = padding).
+    pub fn encode(&self, ids: &[i64], mask: &[i64], b: usize, s: usize) -> Result<Encoded> {
+        check_shape("input ids", ids.len(), b, s)?;
+        check_shape("attention mask", mask.len(), b, s)?;
+        let c = &self.config;
+        let mut x = self.embed(&self.encoder.embed, ids, b, s)?;
+        let mut bias = None;
+        let mut routes = Vec::new();
+        for block in &self.encoder.blocks {
+            if bias.is_none() {
+                let pos = block.self_attn.position_bias(s, s, 0, true, c);
+                bias = Some(pos + key_mask(mask, b, s, &self.device));
+            }
+            let h = block.self_norm.forward(x.clone());
+            let kv = block.self_attn.key_values(h.clone());
+            x = x + block.self_attn.attend(h, &kv, bias.clone().unwrap());
+            x = block.feed_forward(x, Grouping::PerSequence, &mut routes);
+        }
+        Ok(Encoded {
+            hidden: self.encoder.final_norm.forward(x),
+            mask: mask.to_vec(),
+            routes,
+        })
+    }
+
+    /// An empty decoder cache for `enc` (cross-attention keys/values computed here, once).
+    pub fn decoder_cache(&self, enc: &Encoded) -> DecoderCache {
+        DecoderCache {
+            self_kv: vec![None; self.decoder.blocks.len()],
+            cross_kv: self
+                .decoder
+                .blocks
+                .iter()
+                .map(|b| b.cross.as_ref().unwrap().1.key_values(enc.hidden.clone()))
+                .collect(),
+        }
+    }
+
+    /// The decoder on `ids` `[b, t]` following the positions in `cache` (extended with
+    /// them), or, without a cache, on positions `0..t`; returns logits `[b, t, vocab]` and the
+    /// routing of every sparse decoder layer. `grouping` decides the capacity groups of the
+    /// sparse layers ([`Grouping`]).
+    pub fn decode(
+        &self,
+        ids: &[i64],
+        b: usize,
+        t: usize,
+        enc: &Encoded,
+        cache: Option<&mut DecoderCache>,
+        grouping: Grouping,
+    ) -> Result<(Tensor<3>, Vec<Routes>)> {
+        check_shape("decoder input ids", ids.len(), b, t)?;
+        let c = &self.config;
+        let src = enc.hidden.dims()[1];
+        let mut local;
+        let cache = match cache {
+            Some(cache) => cache,
+            None => {
+                local = self.decoder_cache(enc);
+                &mut local
+            }
+        };
+        let past = cache.len();
+        let cross_bias = key_mask(&enc.mask, b, src, &self.device);
+        let mut y = self.embed(&self.decoder.embed, ids, b, t)?;
+        let mut bias = None;
+        let mut routes = Vec::new();
+        for (i, block) in self.decoder.blocks.iter().enumerate() {
+            if bias.is_none() {
+                let pos = block.self_attn.position_bias(t, past + t, past, false, c);
+                bias = Some(pos + causal_mask(t, past, &self.device));
+            }
+            let h = block.self_norm.forward(y.clone());
+            let new = block.self_attn.key_values(h.clone());
+            let kv = match cache.self_kv[i].take() {
+                Some(old) => KeyValues {
+                    k: Tensor::cat(vec![old.k, new.k], 2),
+                    v: Tensor::cat(vec![old.v, new.v], 2),
+                },
+                None => new,
+            };
+            y = y + block.self_attn.attend(h, &kv, bias.clone().unwrap());
+            cache.self_kv[i] = Some(kv);
+            let (norm, cross) = block.cross.as_ref().unwrap();
+            let h = norm.forward(y.clone());
+            y = y + cross.attend(h, &cache.cross_kv[i], cross_bias.clone());
+            y = block.feed_forward(y, grouping, &mut routes);
+        }
+        let mut y = self.decoder.final_norm.forward(y);
+        if c.tie_word_embeddings {
+            y = y * (c.d_model as f64).powf(-0.5);
+        }
+        Ok((matmul3(y, &self.lm_head), routes))
+    }
+}
+
+fn host<const D: usize>(t: &Tensor<D>) -> HostTensor {
+    HostTensor::f32(t.dims().to_vec(), host_f32(t.clone()))
+}
+
+impl Attention {
+    fn tensors(&self, prefix: &str, out: &mut BTreeMap<String, HostTensor>) {
+        for (n, w) in [
+            ("q", &self.q),
+            ("k", &self.k),
+            ("v", &self.v),
+            ("o", &self.o),
+        ] {
+            out.insert(format!("{prefix}.{n}.weight"), host_linear(w));
+        }
+        if let Some(t) = &self.relative_bias {
+            out.insert(format!("{prefix}.relative_attention_bias.weight"), host(t));
+        }
+    }
+}
+
+impl Stack {
+    fn tensors(&self, stack: &str, out: &mut BTreeMap<String, HostTensor>) {
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("{stack}.block.{i}.layer");
+            out.insert(
+                format!("{p}.0.layer_norm.weight"),
+                host(&b.self_norm.weight),
+            );
+            b.self_attn.tensors(&format!("{p}.0.SelfAttention"), out);
+            let f = match &b.cross {
+                Some((norm, attn)) => {
+                    out.insert(format!("{p}.1.layer_norm.weight"), host(&norm.weight));
+                    attn.tensors(&format!("{p}.1.EncDecAttention"), out);
+                    2
+                }
+                None => 1,
+            };
+            out.insert(
+                format!("{p}.{f}.layer_norm.weight"),
+                host(&b.ff_norm.weight),
+            );
+            match &b.ff {
+                FeedForward::Dense { wi, wo } => {
+                    out.insert(format!("{p}.{f}.mlp.wi.weight"), host_linear(wi));
+                    out.insert(format!("{p}.{f}.mlp.wo.weight"), host_linear(wo));
+                }
+                FeedForward::Sparse(mlp) => mlp.tensors(&format!("{p}.{f}.mlp"), out),
+            }
+        }
+        out.insert(
+            format!("{stack}.final_layer_norm.weight"),
+            host(&self.final_norm.weight),
+        );
+    }
+}
+
+impl HfSwitchTransformer {
+    /// The weights by transformers' names, as `save_pretrained` writes them (with tied
+    /// embeddings `shared.weight` only; untied, the stacks' embeddings and `lm_head` too).
+    pub fn tensors(&self) -> BTreeMap<String, HostTensor> {
+        let mut out = BTreeMap::new();
+        out.insert("shared.weight".to_string(), host(&self.shared));
+        if !self.config.tie_word_embeddings {
+            out.insert(
+                "encoder.embed_tokens.weight".into(),
+                host(&self.encoder.embed),
+            );
+            out.insert(
+                "decoder.embed_tokens.weight".into(),
+                host(&self.decoder.embed),
+            );
+            out.insert("lm_head.weight".into(), host_linear(&self.lm_head));
+        }
+        self.encoder.tensors("encoder", &mut out);
+        self.decoder.tensors("decoder", &mut out);
+        out
+    }
+
+    /// Writes `dir/config.json` (as read) and `dir/model.safetensors` in `dtype`, a directory
+    /// transformers' `from_pretrained` (and [`Self::load`]) reads. Refuses a directory that
+    /// already holds a model.
+    pub fn save(&self, dir: &std::path::Path, dtype: SaveDtype) -> Result<()> {
+        let json = serde_json::to_string_pretty(&self.config.raw)?;
+        super::checkpoint::save(dir, &json, self.tensors(), dtype)
+    }
+}
+
+fn check_shape(what: &str, len: usize, b: usize, s: usize) -> Result<()> {
+    if len != b * s || b == 0 || s == 0 {
+        anyhow::bail!(
+            "{what}: {len} values for shape [{b}, {s}] (need {} > 0)",
+            b * s
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// transformers' buckets for 32 buckets, max distance 128 (T5's defaults), computed with
+    /// `SwitchTransformersAttention._relative_position_bucket`.
+    #[test]
+    fn buckets_match_transformers() {
+        let rel = [
+            -200i64, -128, -60, -20, -9, -8, -7, -1, 0, 1, 7, 8, 9, 20, 60, 128, 200,
+        ];
+        let bi: Vec<usize> = rel
+            .iter()
+            .map(|&r| relative_bucket(r, true, 32, 128))
+            .collect();
+        let uni: Vec<usize> = rel
+            .iter()
+            .map(|&r| relative_bucket(r, false, 32, 128))
+            .collect();
+        assert_eq!(
+            bi,
+            [
+                15, 15, 13, 10, 8, 8, 7, 1, 0, 17, 23, 24, 24, 26, 29, 31, 31
+            ]
+        );
+        assert_eq!(uni, [31, 31, 26, 17, 9, 8, 7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+}
