@@ -49,10 +49,35 @@ pub struct Seq2seqArgs {
     /// Also print the token ids.
     #[arg(long)]
     pub ids: bool,
+    /// Benchmark instead (benchmarks/hf.sh): random inputs of --batch x --src-len tokens, the
+    /// encoder and --max-tokens greedy tokens timed (best of --repeat); prints one JSON line.
+    #[arg(long)]
+    pub bench: bool,
+    /// With --bench: sequences.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// With --bench: input tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    pub src_len: usize,
+    /// With --bench: timed repetitions.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
 }
 
 /// Runs the command.
 pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
+    if args.bench {
+        let model = HfSwitchTransformer::load(&args.model, device)?;
+        let r = switch_transformer::tools::hf_bench::run(
+            &model,
+            args.batch,
+            args.src_len,
+            args.max_tokens,
+            args.repeat,
+        )?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut inputs = args.input.clone();
     if let Some(f) = &args.input_file {
         let text = std::fs::read_to_string(f)

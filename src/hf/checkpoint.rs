@@ -16,12 +16,67 @@ use crate::store::HostTensor;
 /// Where one tensor's bytes are: read only when [`Checkpoint::take`] asks for it, so loading
 /// holds the model and one tensor, never the whole file besides.
 #[derive(Debug, Clone)]
-struct Entry {
+pub struct Entry {
     file: PathBuf,
     dtype: String,
     shape: Vec<usize>,
     /// Byte range in the file.
     range: (u64, u64),
+    /// The file's length and modification time when indexed: a tensor read later (an expert
+    /// on first use) is refused if the file changed since.
+    stamp: (u64, Option<std::time::SystemTime>),
+}
+
+/// One tensor not read yet: in a file, or already in memory.
+#[derive(Debug, Clone)]
+pub enum TensorSource {
+    /// Bytes in a safetensors file.
+    File {
+        /// The tensor's name, for messages.
+        name: String,
+        /// Where it is.
+        entry: Entry,
+    },
+    /// In memory.
+    Memory(HostTensor),
+}
+
+impl TensorSource {
+    /// The tensor, widened to f32 (a read of the file each call).
+    pub fn read(&self) -> Result<HostTensor> {
+        let (name, e) = match self {
+            Self::Memory(t) => return Ok(t.clone()),
+            Self::File { name, entry } => (name, entry),
+        };
+        let mut f = File::open(&e.file)
+            .with_context(|| format!("cannot reopen {} to read `{name}`", e.file.display()))?;
+        let meta = f.metadata()?;
+        if (meta.len(), meta.modified().ok()) != e.stamp {
+            bail!(
+                "{} changed since the model was loaded: load it again (reading `{name}`)",
+                e.file.display()
+            );
+        }
+        f.seek(SeekFrom::Start(e.range.0))?;
+        let mut bytes = vec![0u8; (e.range.1 - e.range.0) as usize];
+        f.read_exact(&mut bytes)
+            .with_context(|| format!("{}: cannot read tensor `{name}`", e.file.display()))?;
+        let values: Vec<f32> = match e.dtype.as_str() {
+            "F32" => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            "BF16" => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        };
+        Ok(HostTensor::f32(e.shape.clone(), values))
+    }
 }
 
 /// The tensors of a checkpoint, by name (read from disk one at a time, widened to f32).
@@ -38,7 +93,9 @@ pub struct Checkpoint {
 /// (`name: {dtype, shape, data_offsets}`), data.
 fn index_file(path: &Path, out: &mut BTreeMap<String, Entry>) -> Result<()> {
     let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let len = f.metadata()?.len();
+    let meta = f.metadata()?;
+    let len = meta.len();
+    let stamp = (len, meta.modified().ok());
     let mut n = [0u8; 8];
     f.read_exact(&mut n)
         .with_context(|| format!("{} is not a safetensors file (too short)", path.display()))?;
@@ -97,6 +154,7 @@ fn index_file(path: &Path, out: &mut BTreeMap<String, Entry>) -> Result<()> {
                 dtype,
                 shape,
                 range: (s, e),
+                stamp,
             },
         );
     }
@@ -175,6 +233,12 @@ impl Checkpoint {
 
     /// Removes and returns tensor `name` (as f32), which must have `shape`.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        self.take_source(name, shape)?.read()
+    }
+
+    /// Removes tensor `name`, which must have `shape`, without reading it: where to read it
+    /// from later ([`TensorSource::read`]).
+    pub fn take_source(&mut self, name: &str, shape: &[usize]) -> Result<TensorSource> {
         let found = self.shape(name).map(<[usize]>::to_vec).ok_or_else(|| {
             anyhow!(
                 "the checkpoint has no tensor `{name}` (shape {shape:?}), which config.json \
@@ -188,29 +252,13 @@ impl Checkpoint {
             );
         }
         if let Some(t) = self.memory.remove(name) {
-            return Ok(t);
+            return Ok(TensorSource::Memory(t));
         }
         let e = self.entries.remove(name).expect("present");
-        let mut f = File::open(&e.file)?;
-        f.seek(SeekFrom::Start(e.range.0))?;
-        let mut bytes = vec![0u8; (e.range.1 - e.range.0) as usize];
-        f.read_exact(&mut bytes)
-            .with_context(|| format!("{}: cannot read tensor `{name}`", e.file.display()))?;
-        let values: Vec<f32> = match e.dtype.as_str() {
-            "F32" => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            "BF16" => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        };
-        Ok(HostTensor::f32(e.shape, values))
+        Ok(TensorSource::File {
+            name: name.to_string(),
+            entry: e,
+        })
     }
 
     /// The first of `names` present, removed, with `shape`.

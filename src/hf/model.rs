@@ -290,17 +290,17 @@ impl Block {
         x: Tensor<3>,
         grouping: Grouping,
         routes: &mut Vec<Routes>,
-    ) -> Tensor<3> {
+    ) -> Result<Tensor<3>> {
         let h = self.ff_norm.forward(x.clone());
         let y = match &self.ff {
             FeedForward::Dense { wi, wo } => matmul3(relu(matmul3(h, wi)), wo),
             FeedForward::Sparse(mlp) => {
-                let (y, r) = mlp.forward(h, grouping);
+                let (y, r) = mlp.forward(h, grouping)?;
                 routes.push(r);
                 y
             }
         };
-        x + y
+        Ok(x + y)
     }
 }
 
@@ -527,7 +527,7 @@ impl HfSwitchTransformer {
             let h = block.self_norm.forward(x.clone());
             let kv = block.self_attn.key_values(h.clone());
             x = x + block.self_attn.attend(h, &kv, bias.clone().unwrap());
-            x = block.feed_forward(x, Grouping::PerSequence, &mut routes);
+            x = block.feed_forward(x, Grouping::PerSequence, &mut routes)?;
         }
         Ok(Encoded {
             hidden: self.encoder.final_norm.forward(x),
@@ -597,7 +597,7 @@ impl HfSwitchTransformer {
             let (norm, cross) = block.cross.as_ref().unwrap();
             let h = norm.forward(y.clone());
             y = y + cross.attend(h, &cache.cross_kv[i], cross_bias.clone());
-            y = block.feed_forward(y, grouping, &mut routes);
+            y = block.feed_forward(y, grouping, &mut routes)?;
         }
         let mut y = self.decoder.final_norm.forward(y);
         if c.tie_word_embeddings {
@@ -628,7 +628,7 @@ impl Attention {
 }
 
 impl Stack {
-    fn tensors(&self, stack: &str, out: &mut BTreeMap<String, HostTensor>) {
+    fn tensors(&self, stack: &str, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("{stack}.block.{i}.layer");
             out.insert(
@@ -653,20 +653,22 @@ impl Stack {
                     out.insert(format!("{p}.{f}.mlp.wi.weight"), host_linear(wi));
                     out.insert(format!("{p}.{f}.mlp.wo.weight"), host_linear(wo));
                 }
-                FeedForward::Sparse(mlp) => mlp.tensors(&format!("{p}.{f}.mlp"), out),
+                FeedForward::Sparse(mlp) => mlp.tensors(&format!("{p}.{f}.mlp"), out)?,
             }
         }
         out.insert(
             format!("{stack}.final_layer_norm.weight"),
             host(&self.final_norm.weight),
         );
+        Ok(())
     }
 }
 
 impl HfSwitchTransformer {
     /// The weights by transformers' names, as `save_pretrained` writes them (with tied
     /// embeddings `shared.weight` only; untied, the stacks' embeddings and `lm_head` too).
-    pub fn tensors(&self) -> BTreeMap<String, HostTensor> {
+    /// Reads the experts not loaded yet.
+    pub fn tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
         let mut out = BTreeMap::new();
         out.insert("shared.weight".to_string(), host(&self.shared));
         if !self.config.tie_word_embeddings {
@@ -680,9 +682,9 @@ impl HfSwitchTransformer {
             );
             out.insert("lm_head.weight".into(), host_linear(&self.lm_head));
         }
-        self.encoder.tensors("encoder", &mut out);
-        self.decoder.tensors("decoder", &mut out);
-        out
+        self.encoder.tensors("encoder", &mut out)?;
+        self.decoder.tensors("decoder", &mut out)?;
+        Ok(out)
     }
 
     /// Writes `dir/config.json` (as read) and `dir/model.safetensors` in `dtype`, a directory
@@ -690,7 +692,7 @@ impl HfSwitchTransformer {
     /// already holds a model.
     pub fn save(&self, dir: &std::path::Path, dtype: SaveDtype) -> Result<()> {
         let json = serde_json::to_string_pretty(&self.config.raw)?;
-        super::checkpoint::save(dir, &json, self.tensors(), dtype)
+        super::checkpoint::save(dir, &json, self.tensors()?, dtype)
     }
 }
 

@@ -7,20 +7,22 @@
 //! kept   = the first `expert_capacity` tokens of each expert in each sequence, by position
 //! y(t)   = p(t)[e(t)] * relu(x(t) wi_e) wo_e          if kept, else 0 (the residual carries it)
 //! ```
-//! The decision is a [`RoutePlan`] (the project's), and the experts run through the project's
-//! grouped expert kernel ([`crate::model::ops::grouped_ffn`]) with zero biases.
+//! The decision is a [`RoutePlan`] (the project's). An expert's weights are read from the
+//! checkpoint the first time a token is routed to it: experts no token reaches never take
+//! memory (as under transformers' memory-mapped loading, where their pages are never read).
 
-use burn::tensor::activation::softmax;
+use std::sync::{Arc, OnceLock};
+
+use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use std::collections::BTreeMap;
 
 use anyhow::Result;
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, TensorSource};
 use super::config::HfConfig;
 use super::linear::{host_linear, linear_weight, matmul3};
-use crate::model::ops::grouped_ffn;
 use crate::routing::RoutePlan;
 use crate::routing::options::argmax;
 use crate::store::{HostTensor, host_f32};
@@ -47,15 +49,41 @@ pub struct Routes {
     pub seq: usize,
 }
 
+/// One expert's weights `wi` `[d_model, d_ff]` and `wo` `[d_ff, d_model]`, read on first use.
+#[derive(Debug, Clone)]
+pub struct Expert {
+    wi: TensorSource,
+    wo: TensorSource,
+    loaded: Arc<OnceLock<(Tensor<2>, Tensor<2>)>>,
+    device: Device,
+}
+
+impl Expert {
+    /// The weights (read from the checkpoint at the first call).
+    pub fn weights(&self) -> Result<&(Tensor<2>, Tensor<2>)> {
+        if let Some(w) = self.loaded.get() {
+            return Ok(w);
+        }
+        let w = (
+            linear_weight(&self.wi.read()?, &self.device),
+            linear_weight(&self.wo.read()?, &self.device),
+        );
+        Ok(self.loaded.get_or_init(|| w))
+    }
+
+    /// Whether the weights are in memory.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.get().is_some()
+    }
+}
+
 /// Router and experts of one sparse block.
 #[derive(Debug, Clone)]
 pub struct SparseMlp {
     router: Tensor<2>,
     router_bias: Option<Tensor<1>>,
-    /// `[E, d_model, d_ff]`.
-    wi: Tensor<3>,
-    /// `[E, d_ff, d_model]`.
-    wo: Tensor<3>,
+    /// The experts.
+    pub experts: Vec<Expert>,
     capacity: usize,
 }
 
@@ -77,25 +105,27 @@ impl SparseMlp {
         } else {
             None
         };
-        let mut wi = Vec::with_capacity(n * d * f);
-        let mut wo = Vec::with_capacity(n * d * f);
-        for e in 0..n {
-            let x = ck.take(&format!("{p}.experts.expert_{e}.wi.weight"), &[f, d])?;
-            wi.extend(x.transposed().to_f32());
-            let x = ck.take(&format!("{p}.experts.expert_{e}.wo.weight"), &[d, f])?;
-            wo.extend(x.transposed().to_f32());
-        }
+        let experts = (0..n)
+            .map(|e| {
+                Ok(Expert {
+                    wi: ck.take_source(&format!("{p}.experts.expert_{e}.wi.weight"), &[f, d])?,
+                    wo: ck.take_source(&format!("{p}.experts.expert_{e}.wo.weight"), &[d, f])?,
+                    loaded: Arc::new(OnceLock::new()),
+                    device: device.clone(),
+                })
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             router,
             router_bias,
-            wi: Tensor::from_data(TensorData::new(wi, [n, d, f]), device),
-            wo: Tensor::from_data(TensorData::new(wo, [n, f, d]), device),
+            experts,
             capacity: c.expert_capacity,
         })
     }
 
-    /// The weights by transformers' names under `p` (`...layer.1.mlp`).
-    pub(super) fn tensors(&self, p: &str, out: &mut BTreeMap<String, HostTensor>) {
+    /// The weights by transformers' names under `p` (`...layer.1.mlp`); reads the experts not
+    /// loaded yet.
+    pub(super) fn tensors(&self, p: &str, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
         out.insert(
             format!("{p}.router.classifier.weight"),
             host_linear(&self.router),
@@ -107,36 +137,21 @@ impl SparseMlp {
                 HostTensor::f32(vec![n], host_f32(b.clone())),
             );
         }
-        let [n, d, f] = self.wi.dims();
-        for e in 0..n {
-            let wi = self
-                .wi
-                .clone()
-                .slice([e..e + 1, 0..d, 0..f])
-                .reshape([d, f]);
-            let wo = self
-                .wo
-                .clone()
-                .slice([e..e + 1, 0..f, 0..d])
-                .reshape([f, d]);
-            out.insert(
-                format!("{p}.experts.expert_{e}.wi.weight"),
-                host_linear(&wi),
-            );
-            out.insert(
-                format!("{p}.experts.expert_{e}.wo.weight"),
-                host_linear(&wo),
-            );
+        for (e, x) in self.experts.iter().enumerate() {
+            let (wi, wo) = x.weights()?;
+            out.insert(format!("{p}.experts.expert_{e}.wi.weight"), host_linear(wi));
+            out.insert(format!("{p}.experts.expert_{e}.wo.weight"), host_linear(wo));
         }
+        Ok(())
     }
 
     /// Experts.
     pub fn n_experts(&self) -> usize {
-        self.wi.dims()[0]
+        self.experts.len()
     }
 
     /// `x` `[b, s, d]` (normed) -> the layer's output `[b, s, d]` and its routing.
-    pub fn forward(&self, x: Tensor<3>, grouping: Grouping) -> (Tensor<3>, Routes) {
+    pub fn forward(&self, x: Tensor<3>, grouping: Grouping) -> Result<(Tensor<3>, Routes)> {
         let [b, s, d] = x.dims();
         let n = self.n_experts();
         let device = x.device();
@@ -166,37 +181,35 @@ impl SparseMlp {
         }
         let plan = RoutePlan::from_decisions(routes, dropped, n, 1, self.capacity);
 
-        // Kept tokens grouped by expert, in position order within each.
-        let mut rows: Vec<i64> = Vec::new();
-        let mut offsets = vec![0usize];
-        for e in 0..n {
-            for (t, &r) in plan.routes.iter().enumerate() {
-                if r == e && !plan.dropped[t] {
-                    rows.push(t as i64);
-                }
-            }
-            offsets.push(rows.len());
-        }
+        // Each expert on its kept tokens (in position order), scaled by the router
+        // probability; dropped tokens stay 0.
         let flat = x.reshape([b * s, d]);
+        let mut rows: Vec<i64> = Vec::new();
+        let mut parts = Vec::new();
+        for (e, expert) in self.experts.iter().enumerate() {
+            let mine: Vec<i64> = (0..plan.routes.len())
+                .filter(|&t| plan.routes[t] == e && !plan.dropped[t])
+                .map(|t| t as i64)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let m = mine.len();
+            let (wi, wo) = expert.weights()?;
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(mine.clone(), [m]), &device);
+            let h = relu(flat.clone().select(0, idx).matmul(wi.clone())).matmul(wo.clone());
+            let scale: Vec<f32> = mine.iter().map(|&t| prob[t as usize]).collect();
+            parts.push(h * Tensor::<2>::from_data(TensorData::new(scale, [m, 1]), &device));
+            rows.extend(mine);
+        }
         let out = Tensor::<2>::zeros([b * s, d], &device);
         let out = if rows.is_empty() {
             out
         } else {
             let m = rows.len();
-            let scale: Vec<f32> = rows.iter().map(|&t| prob[t as usize]).collect();
             let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [m]), &device);
-            let f = self.wi.dims()[2];
-            let y = grouped_ffn(
-                flat.select(0, idx.clone()),
-                &offsets,
-                self.wi.clone(),
-                Tensor::zeros([n, f], &device),
-                self.wo.clone(),
-                Tensor::zeros([n, d], &device),
-            );
-            let y = y * Tensor::<2>::from_data(TensorData::new(scale, [m, 1]), &device);
-            out.select_assign(0, idx, y, IndexingUpdateOp::Add)
+            out.select_assign(0, idx, Tensor::cat(parts, 0), IndexingUpdateOp::Add)
         };
-        (out.reshape([b, s, d]), Routes { plan, prob, seq: s })
+        Ok((out.reshape([b, s, d]), Routes { plan, prob, seq: s }))
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod bench;
 pub mod compare;
+pub mod hf_bench;
 pub mod report;
 pub mod svg;

@@ -254,16 +254,16 @@ fn saving_round_trips_and_never_overwrites() {
         let again = HfSwitchTransformer::load(&out, &device).unwrap();
         // The weights are bf16 values: both precisions hold them exactly.
         assert_eq!(logits_of(&again, &src), want, "{name}");
-        let names: BTreeMap<String, HostTensor> = again.tensors();
+        let names: BTreeMap<String, HostTensor> = again.tensors().unwrap();
         assert_eq!(
             names.keys().collect::<Vec<_>>(),
-            model.tensors().keys().collect::<Vec<_>>()
+            model.tensors().unwrap().keys().collect::<Vec<_>>()
         );
         let err = model.save(&out, dtype).unwrap_err().to_string();
         assert!(err.contains("already exists"), "{err}");
     }
     // The untied model saves every embedding transformers saves.
-    let keys = model.tensors();
+    let keys = model.tensors().unwrap();
     for k in [
         "shared.weight",
         "encoder.embed_tokens.weight",
@@ -464,4 +464,35 @@ fn the_commands_run_hugging_face_checkpoints() {
     let out = switch(&["seq2seq", "--model", tiny]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no input"));
+}
+
+/// An expert is read the first time a token is routed to it, and a checkpoint changed since
+/// loading is refused then, not read.
+#[test]
+fn experts_are_read_on_first_use() {
+    use switch_transformer::hf::model::FeedForward;
+    let experts_loaded = |m: &HfSwitchTransformer| -> Vec<usize> {
+        m.encoder
+            .blocks
+            .iter()
+            .chain(&m.decoder.blocks)
+            .filter_map(|b| match &b.ff {
+                FeedForward::Sparse(s) => Some(s.experts.iter().filter(|e| e.is_loaded()).count()),
+                FeedForward::Dense { .. } => None,
+            })
+            .collect()
+    };
+    let dir = copy_fixture("tiny", "lazy-experts");
+    let model = HfSwitchTransformer::load(&dir, &burn::tensor::Device::default()).unwrap();
+    assert_eq!(experts_loaded(&model), [0, 0, 0, 0, 0]);
+    // One token: one expert per encoder sparse layer.
+    model.encode(&[5], &[1], 1, 1).unwrap();
+    assert_eq!(experts_loaded(&model), [1, 1, 0, 0, 0]);
+
+    let again = HfSwitchTransformer::load(&dir, &burn::tensor::Device::default()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes).unwrap(); // rewritten: new mtime
+    let err = format!("{:#}", again.encode(&[5], &[1], 1, 1).unwrap_err());
+    assert!(err.contains("changed since the model was loaded"), "{err}");
 }
