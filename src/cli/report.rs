@@ -5,16 +5,24 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use burn::tensor::Device;
-use switch_transformer::tools::report::{RouteTable, RunMetrics, write_report};
+use switch_transformer::tools::report::{RouteTable, RunMetrics, write_hf_routes, write_report};
 use switch_transformer::train::eval::route_tokens;
 use switch_transformer::train::load_run_model;
 
-/// Write an HTML report (plus SVG charts) of one or more training runs.
+/// Write an HTML report (plus SVG charts) of one or more training runs, or the routing table of
+/// a Hugging Face Switch Transformers checkpoint (--model).
 #[derive(clap::Args)]
 pub struct ReportArgs {
     /// Run directories (several are overlaid).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "model", conflicts_with = "model")]
     pub runs: Vec<PathBuf>,
+    /// A Hugging Face checkpoint directory: an HTML table of its routing of --route-text
+    /// (written to --out, default DIR/report).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// With --model: output tokens generated and routed through the decoder.
+    #[arg(long, default_value_t = 8)]
+    pub max_tokens: usize,
     /// Output directory (default: RUN_DIR/report of the first run).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -30,9 +38,24 @@ pub struct ReportArgs {
 pub fn run(args: ReportArgs, device: &Device) -> Result<ExitCode> {
     let ReportArgs {
         runs,
+        model,
+        max_tokens,
         out,
         route_text,
     } = args;
+    if let Some(dir) = model {
+        use switch_transformer::hf::HfSwitchTransformer;
+        use switch_transformer::hf::routes::route_text as route_hf;
+        use switch_transformer::hf::tokenize::HfTokenizer;
+        let m = HfSwitchTransformer::load(&dir, device)?;
+        let tok = HfTokenizer::load(&dir, m.config.pad_token_id.unwrap_or(0))?;
+        let (layers, output) = route_hf(&m, &tok, &route_text, max_tokens)?;
+        let out = out.unwrap_or_else(|| dir.join("report"));
+        let name = dir.display().to_string();
+        let html = write_hf_routes(&name, &route_text, &output, &layers, &out)?;
+        println!("wrote {}", html.display());
+        return Ok(ExitCode::SUCCESS);
+    }
 
     let metrics = runs
         .iter()

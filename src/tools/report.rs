@@ -262,3 +262,66 @@ pub fn write_report(
     std::fs::write(&path, html).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
+
+/// A self-contained HTML page of a Hugging Face model's routing of one text
+/// ([`crate::hf::routes::route_text`]): per sparse layer, each token's expert (its colour;
+/// the router probability on hover; a dropped token struck through), then each expert's load
+/// and drops. Written to `out/routes.html`; returns its path.
+pub fn write_hf_routes(
+    model: &str,
+    input: &str,
+    output: &str,
+    layers: &[crate::hf::routes::LayerRoutes],
+    out: &Path,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut html = String::from(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Switch Transformers routing</title>\
+         <style>body{font-family:sans-serif;margin:24px;max-width:1500px}\
+         table{border-collapse:collapse;font-family:monospace;margin-bottom:12px}td,th{border:1px solid #ccc;padding:2px 4px;text-align:center}\
+         td.drop{text-decoration:line-through;opacity:0.6}</style>\
+         </head><body><h1>Routing of a text</h1>",
+    );
+    let _ = write!(
+        html,
+        "<p>Model: {}</p><p>Input: {}</p><p>Output (greedy, routed through the decoder): {}</p>\
+         <p>Each cell: the token's expert, coloured by expert; hover for the router probability; \
+         struck through: dropped (over the expert's capacity, the token continues on the \
+         residual).</p>",
+        esc(model),
+        esc(input),
+        esc(output)
+    );
+    for l in layers {
+        let _ = write!(html, "<h2>{}</h2><table><tr><th>token</th>", esc(&l.name));
+        for (w, ..) in &l.tokens {
+            let _ = write!(html, "<th>{}</th>", esc(w));
+        }
+        html.push_str("</tr><tr><td>expert</td>");
+        for (_, e, p, dropped) in &l.tokens {
+            let class = if *dropped { " class=\"drop\"" } else { "" };
+            let _ = write!(
+                html,
+                r#"<td{class} style="background:{}55" title="p = {p:.3}">{e}</td>"#,
+                PALETTE[e % PALETTE.len()]
+            );
+        }
+        html.push_str("</tr></table><table><tr><th>expert</th>");
+        for e in 0..l.load.len() {
+            let _ = write!(html, "<th>{e}</th>");
+        }
+        html.push_str("</tr><tr><td>tokens</td>");
+        for n in &l.load {
+            let _ = write!(html, "<td>{n}</td>");
+        }
+        html.push_str("</tr><tr><td>dropped</td>");
+        for n in &l.dropped {
+            let _ = write!(html, "<td>{n}</td>");
+        }
+        html.push_str("</tr></table>");
+    }
+    html.push_str("</body></html>");
+    let path = out.join("routes.html");
+    std::fs::write(&path, html).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}

@@ -432,6 +432,29 @@ fn the_commands_run_hugging_face_checkpoints() {
     assert!(stdout.contains("encoder.block.1 (capacity 2") && stdout.contains("decoder.block.2"));
     assert!(stdout.contains("load/dropped"), "{stdout}");
 
+    let rep = common::temp_dir("hf-report");
+    let out = switch(&[
+        "report",
+        "--model",
+        tiny,
+        "--route-text",
+        "Each expert takes at most its capacity.",
+        "--out",
+        rep.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let html = std::fs::read_to_string(rep.join("routes.html")).unwrap();
+    assert_eq!(
+        html.matches("<h2>").count(),
+        5,
+        "one table per sparse layer"
+    );
+    assert!(html.contains("class=\"drop\"") && html.contains("<td>dropped</td>"));
+
     let dst = common::temp_dir("hf-convert").join("m16");
     let out = switch(&[
         "convert",
