@@ -9,7 +9,7 @@
 //! | [`checkpoint`] | the safetensors weights (f32, bf16, f16, sharded) by transformers' names |
 //! | [`linear`] | bias-free linear layers: `[in, out]` weights from PyTorch's `[out, in]` |
 //! | [`sparse`] | the router (per-sequence capacity, first come first served) and the experts |
-//! | [`model`] | RMS norm, relative position bias, attention, blocks, encoder and decoder |
+//! | [`model`] | RMS norm, relative position bias, attention (keys and values in the project's `KvCache`), blocks, encoder and decoder |
 //! | [`generate`] | greedy decoding with a key/value cache, or without |
 //! | [`tokenize`] | text to ids and back with the checkpoint's tokenizer.json |
 //! | [`routes`] | which expert every token goes to, per sparse layer, with load and drops |

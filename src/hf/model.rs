@@ -23,6 +23,7 @@ use super::checkpoint::{Checkpoint, SaveDtype};
 use super::config::HfConfig;
 use super::linear::{host_linear, linear_weight, matmul3};
 use super::sparse::{Grouping, Routes, SparseMlp};
+use crate::model::attention::KvCache;
 use crate::store::{HostTensor, host_f32};
 
 fn vector(t: &HostTensor, device: &Device) -> Tensor<1> {
@@ -104,15 +105,6 @@ pub struct Attention {
     d_kv: usize,
 }
 
-/// Keys and values `[b, heads, len, d_kv]` of one attention layer.
-#[derive(Debug, Clone)]
-pub struct KeyValues {
-    /// Keys.
-    pub k: Tensor<4>,
-    /// Values.
-    pub v: Tensor<4>,
-}
-
 impl Attention {
     fn load(
         ck: &mut Checkpoint,
@@ -160,12 +152,23 @@ impl Attention {
         x.reshape([b, s, self.heads, self.d_kv]).swap_dims(1, 2)
     }
 
-    /// The keys and values of `x` `[b, s, d]`.
-    pub fn key_values(&self, x: Tensor<3>) -> KeyValues {
-        KeyValues {
-            k: self.split(matmul3(x.clone(), &self.k)),
-            v: self.split(matmul3(x, &self.v)),
-        }
+    /// The keys and values of `x` `[b, s, d]`, `[b, heads, s, d_kv]` each.
+    pub fn key_values(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>) {
+        (
+            self.split(matmul3(x.clone(), &self.k)),
+            self.split(matmul3(x, &self.v)),
+        )
+    }
+
+    /// Appends the keys and values of `x` to `cache` (the project's key/value cache).
+    pub fn extend(&self, x: Tensor<3>, cache: &mut KvCache) {
+        let (k, v) = self.key_values(x);
+        let append = |old: Option<Tensor<4>>, new| match old {
+            Some(old) => Tensor::cat(vec![old, new], 2),
+            None => new,
+        };
+        cache.k = Some(append(cache.k.take(), k));
+        cache.v = Some(append(cache.v.take(), v));
     }
 
     /// `[1, heads, q, k]`: the relative-position bias for queries at `past..past+q`.
@@ -200,13 +203,14 @@ impl Attention {
             .unsqueeze_dim(0)
     }
 
-    /// Attention of `x` `[b, q, d]` over `kv`, with `bias` (position bias plus mask,
-    /// broadcastable to `[b, heads, q, k]`).
-    pub fn attend(&self, x: Tensor<3>, kv: &KeyValues, bias: Tensor<4>) -> Tensor<3> {
+    /// Attention of `x` `[b, q, d]` over the keys and values in `kv` (not empty), with
+    /// `bias` (position bias plus mask, broadcastable to `[b, heads, q, k]`).
+    pub fn attend(&self, x: Tensor<3>, kv: &KvCache, bias: Tensor<4>) -> Tensor<3> {
         let [b, s, _] = x.dims();
+        let (k, v) = (kv.k.clone().expect("keys"), kv.v.clone().expect("values"));
         let q = self.split(matmul3(x, &self.q));
-        let scores = q.matmul(kv.k.clone().swap_dims(2, 3)) + bias;
-        let out = softmax(scores, 3).matmul(kv.v.clone());
+        let scores = q.matmul(k.swap_dims(2, 3)) + bias;
+        let out = softmax(scores, 3).matmul(v);
         let out = out.swap_dims(1, 2).reshape([b, s, self.heads * self.d_kv]);
         matmul3(out, &self.o)
     }
@@ -375,22 +379,19 @@ pub struct Encoded {
 }
 
 /// Per decoder block: the self-attention keys/values so far and the cross-attention
-/// keys/values (computed once from the encoder output).
+/// keys/values (computed once from the encoder output), in the project's [`KvCache`].
 #[derive(Debug, Clone, Default)]
 pub struct DecoderCache {
-    /// Self-attention keys/values per block (`None` before the first step).
-    pub self_kv: Vec<Option<KeyValues>>,
+    /// Self-attention keys/values per block (empty before the first step).
+    pub self_kv: Vec<KvCache>,
     /// Cross-attention keys/values per block.
-    pub cross_kv: Vec<KeyValues>,
+    pub cross_kv: Vec<KvCache>,
 }
 
 impl DecoderCache {
     /// Positions decoded so far.
     pub fn len(&self) -> usize {
-        self.self_kv
-            .first()
-            .and_then(|kv| kv.as_ref())
-            .map_or(0, |kv| kv.k.dims()[2])
+        self.self_kv.first().map_or(0, KvCache::len)
     }
 
     /// Whether nothing has been decoded yet.
@@ -525,7 +526,8 @@ impl HfSwitchTransformer {
                 bias = Some(pos + key_mask(mask, b, s, &self.device));
             }
             let h = block.self_norm.forward(x.clone());
-            let kv = block.self_attn.key_values(h.clone());
+            let mut kv = KvCache::default();
+            block.self_attn.extend(h.clone(), &mut kv);
             x = x + block.self_attn.attend(h, &kv, bias.clone().unwrap());
             x = block.feed_forward(x, Grouping::PerSequence, &mut routes)?;
         }
@@ -539,12 +541,20 @@ impl HfSwitchTransformer {
     /// An empty decoder cache for `enc` (cross-attention keys/values computed here, once).
     pub fn decoder_cache(&self, enc: &Encoded) -> DecoderCache {
         DecoderCache {
-            self_kv: vec![None; self.decoder.blocks.len()],
+            self_kv: vec![KvCache::default(); self.decoder.blocks.len()],
             cross_kv: self
                 .decoder
                 .blocks
                 .iter()
-                .map(|b| b.cross.as_ref().unwrap().1.key_values(enc.hidden.clone()))
+                .map(|b| {
+                    let mut kv = KvCache::default();
+                    b.cross
+                        .as_ref()
+                        .unwrap()
+                        .1
+                        .extend(enc.hidden.clone(), &mut kv);
+                    kv
+                })
                 .collect(),
         }
     }
@@ -584,16 +594,10 @@ impl HfSwitchTransformer {
                 bias = Some(pos + causal_mask(t, past, &self.device));
             }
             let h = block.self_norm.forward(y.clone());
-            let new = block.self_attn.key_values(h.clone());
-            let kv = match cache.self_kv[i].take() {
-                Some(old) => KeyValues {
-                    k: Tensor::cat(vec![old.k, new.k], 2),
-                    v: Tensor::cat(vec![old.v, new.v], 2),
-                },
-                None => new,
-            };
-            y = y + block.self_attn.attend(h, &kv, bias.clone().unwrap());
-            cache.self_kv[i] = Some(kv);
+            block.self_attn.extend(h.clone(), &mut cache.self_kv[i]);
+            y = y + block
+                .self_attn
+                .attend(h, &cache.self_kv[i], bias.clone().unwrap());
             let (norm, cross) = block.cross.as_ref().unwrap();
             let h = norm.forward(y.clone());
             y = y + cross.attend(h, &cache.cross_kv[i], cross_bias.clone());
