@@ -83,9 +83,19 @@ mod gpu {
 
     struct Count;
 
+    /// `SWITCH_LAUNCH_NAMES=1`: every kernel's name to standard error as it launches
+    /// (`LAUNCH <name>`), to see which ops a step's launches come from.
+    fn print_names() -> bool {
+        static PRINT: OnceLock<bool> = OnceLock::new();
+        *PRINT.get_or_init(|| std::env::var_os("SWITCH_LAUNCH_NAMES").is_some())
+    }
+
     impl LaunchObserver for Count {
-        fn launched(&self, _kernel: &'static str) {
+        fn launched(&self, kernel: &'static str) {
             LAUNCHES.fetch_add(1, Ordering::Relaxed);
+            if print_names() {
+                eprintln!("LAUNCH {kernel}");
+            }
         }
     }
 
@@ -115,14 +125,13 @@ mod gpu {
     }
 }
 
-#[cfg(test)]
+// Without a GPU feature every tensor of a test process is on the CPU backend.
+#[cfg(all(test, not(feature = "gpu-counts")))]
 mod tests {
     use super::*;
 
-    /// Without a GPU feature every tensor of this test process is on the CPU backend, so no
-    /// thread adds to the count.
+    /// No thread adds to the count: every tensor is on the CPU backend.
     #[test]
-    #[cfg(not(feature = "gpu-counts"))]
     fn the_cpu_backend_never_waits() {
         let before = Counts::now();
         for d in [Device::flex(), Device::flex().autodiff()] {
