@@ -161,7 +161,9 @@ impl HostTensor {
         }
     }
 
-    fn from_view(name: &str, view: &TensorView<'_>) -> Result<Self> {
+    /// The tensor `name` of a safetensors view; half precisions (BF16, F16) widen to f32
+    /// exactly.
+    pub(crate) fn from_view(name: &str, view: &TensorView<'_>) -> Result<Self> {
         let shape = view.shape().to_vec();
         let b = view.data();
         let data = match view.dtype() {
@@ -180,8 +182,20 @@ impl HostTensor {
                     .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
                     .collect(),
             ),
+            Dtype::BF16 => HostData::F32(
+                b.chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            Dtype::F16 => HostData::F32(
+                b.chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
             Dtype::U8 | Dtype::BOOL => HostData::U8(b.to_vec()),
-            other => bail!("tensor `{name}` has dtype {other:?}; only F32, F64, I64, U8 are read"),
+            other => bail!(
+                "tensor `{name}` has dtype {other:?}; only F32, F64, BF16, F16, I64, U8 are read"
+            ),
         };
         Ok(Self { shape, data })
     }

@@ -48,7 +48,7 @@ pub fn run(args: ReportArgs, device: &Device) -> Result<ExitCode> {
         use switch_transformer::hf::routes::route_text as route_hf;
         use switch_transformer::hf::tokenize::HfTokenizer;
         let m = HfSwitchTransformer::load(&dir, device)?;
-        let tok = HfTokenizer::load(&dir, m.config.pad_token_id.unwrap_or(0))?;
+        let tok = HfTokenizer::load(&dir, m.config.pad())?;
         let (layers, output) = route_hf(&m, &tok, &route_text, max_tokens)?;
         let out = out.unwrap_or_else(|| dir.join("report"));
         let name = dir.display().to_string();

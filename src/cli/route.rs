@@ -105,7 +105,7 @@ fn route_hf(
         bail!("--text must not be empty");
     }
     let model = HfSwitchTransformer::load(dir, device)?;
-    let tok = HfTokenizer::load(dir, model.config.pad_token_id.unwrap_or(0))?;
+    let tok = HfTokenizer::load(dir, model.config.pad())?;
     let (layers, output) = route_text(&model, &tok, text, max_tokens)?;
     println!("input:  {text}");
     println!("output: {output}");

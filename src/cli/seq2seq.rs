@@ -94,7 +94,7 @@ pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
     let t0 = Instant::now();
     let model = HfSwitchTransformer::load(&args.model, device)?;
     let c = &model.config;
-    let tok = HfTokenizer::load(&args.model, c.pad_token_id.unwrap_or(0))?;
+    let tok = HfTokenizer::load(&args.model, c.pad())?;
     let batch = tok.encode(&inputs)?;
     eprintln!(
         "loaded {} in {:.1} s",
@@ -111,7 +111,7 @@ pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
         context: usize::MAX,
     };
     let stop = match (args.ignore_eos, c.eos_token_id) {
-        (false, Some(eos)) => Some((eos, c.pad_token_id.unwrap_or(0))),
+        (false, Some(eos)) => Some((eos, c.pad())),
         _ => None,
     };
     let mut rng = RoutingRng::seed_from_u64(args.seed);

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use safetensors::tensor::{Dtype, Metadata, TensorView};
+
 use crate::store::HostTensor;
 
 /// Where one tensor's bytes are: read only when [`Checkpoint::take`] asks for it, so loading
@@ -18,7 +20,7 @@ use crate::store::HostTensor;
 #[derive(Debug, Clone)]
 pub struct Entry {
     file: PathBuf,
-    dtype: String,
+    dtype: Dtype,
     shape: Vec<usize>,
     /// Byte range in the file.
     range: (u64, u64),
@@ -61,21 +63,9 @@ impl TensorSource {
         let mut bytes = vec![0u8; (e.range.1 - e.range.0) as usize];
         f.read_exact(&mut bytes)
             .with_context(|| format!("{}: cannot read tensor `{name}`", e.file.display()))?;
-        let values: Vec<f32> = match e.dtype.as_str() {
-            "F32" => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            "BF16" => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        };
-        Ok(HostTensor::f32(e.shape.clone(), values))
+        let view = TensorView::new(e.dtype, e.shape.clone(), &bytes)
+            .map_err(|err| anyhow!("{}: tensor `{name}`: {err}", e.file.display()))?;
+        HostTensor::from_view(name, &view)
     }
 }
 
@@ -89,8 +79,8 @@ pub struct Checkpoint {
     pub files: Vec<String>,
 }
 
-/// The tensor index of one safetensors file: `u64` header length, JSON header
-/// (`name: {dtype, shape, data_offsets}`), data.
+/// The tensor index of one safetensors file: `u64` header length, JSON header (parsed and
+/// checked by the safetensors crate's `Metadata`), data. Only the header is read.
 fn index_file(path: &Path, out: &mut BTreeMap<String, Entry>) -> Result<()> {
     let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let meta = f.metadata()?;
@@ -108,52 +98,31 @@ fn index_file(path: &Path, out: &mut BTreeMap<String, Entry>) -> Result<()> {
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .with_context(|| format!("{}: the safetensors header is not JSON", path.display()))?;
+    let header: Metadata = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: not a valid safetensors header", path.display()))?;
     let data = 8 + n;
-    for (name, v) in header {
-        if name == "__metadata__" {
-            continue;
+    if data + header.data_len() as u64 > len {
+        bail!(
+            "{} is truncated: its header describes more data than it holds",
+            path.display()
+        );
+    }
+    for (name, info) in header.tensors() {
+        if !matches!(info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            bail!(
+                "{}: tensor `{name}` is {:?}; weights must be F32, BF16 or F16",
+                path.display(),
+                info.dtype
+            );
         }
-        let bad = || {
-            anyhow!(
-                "{}: tensor `{name}` has a malformed header entry",
-                path.display()
-            )
-        };
-        let dtype = v["dtype"].as_str().ok_or_else(bad)?.to_string();
-        let shape: Vec<usize> = v["shape"]
-            .as_array()
-            .ok_or_else(bad)?
-            .iter()
-            .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(bad))
-            .collect::<Result<_>>()?;
-        let o = v["data_offsets"].as_array().ok_or_else(bad)?;
-        let (s, e) = match (
-            o.first().and_then(|x| x.as_u64()),
-            o.get(1).and_then(|x| x.as_u64()),
-        ) {
-            (Some(s), Some(e)) if s <= e && data + e <= len => (data + s, data + e),
-            _ => return Err(bad()),
-        };
-        let width = match dtype.as_str() {
-            "F32" => 4,
-            "BF16" | "F16" => 2,
-            other => bail!(
-                "{}: tensor `{name}` is {other}; weights must be F32, BF16 or F16",
-                path.display()
-            ),
-        };
-        if shape.iter().product::<usize>() * width != (e - s) as usize {
-            return Err(bad());
-        }
+        let (s, e) = info.data_offsets;
         out.insert(
             name,
             Entry {
                 file: path.to_path_buf(),
-                dtype,
-                shape,
-                range: (s, e),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                range: (data + s as u64, data + e as u64),
                 stamp,
             },
         );
@@ -307,7 +276,6 @@ pub fn save(
     tensors: BTreeMap<String, HostTensor>,
     dtype: SaveDtype,
 ) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
     for f in [
         "model.safetensors",
         "model.safetensors.index.json",

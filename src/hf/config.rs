@@ -161,11 +161,14 @@ impl HfConfig {
         step > 0 && (i % step == 1 || step == 1)
     }
 
+    /// The padding token (T5's 0 when the config names none).
+    pub fn pad(&self) -> i64 {
+        self.pad_token_id.unwrap_or(0)
+    }
+
     /// The decoder's first input token.
     pub fn decoder_start(&self) -> i64 {
-        self.decoder_start_token_id
-            .or(self.pad_token_id)
-            .unwrap_or(0)
+        self.decoder_start_token_id.unwrap_or(self.pad())
     }
 
     /// Width of all heads together.

@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::store::{HostTensor, host_f32};
+use crate::store::HostTensor;
 
 /// `t` (`[out, in]`, PyTorch's linear layout) as a `[in, out]` tensor on `device`.
 pub fn linear_weight(t: &HostTensor, device: &Device) -> Tensor<2> {
@@ -20,6 +20,5 @@ pub fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
 
 /// `w` `[in, out]` back to PyTorch's `[out, in]`.
 pub fn host_linear(w: &Tensor<2>) -> HostTensor {
-    let [i, o] = w.dims();
-    HostTensor::f32(vec![i, o], host_f32(w.clone())).transposed()
+    HostTensor::from_tensor(w.clone()).transposed()
 }

@@ -24,11 +24,7 @@ use super::config::HfConfig;
 use super::linear::{host_linear, linear_weight, matmul3};
 use super::sparse::{Grouping, Routes, SparseMlp};
 use crate::model::attention::KvCache;
-use crate::store::{HostTensor, host_f32};
-
-fn vector(t: &HostTensor, device: &Device) -> Tensor<1> {
-    Tensor::from_data(TensorData::new(t.to_f32(), [t.numel()]), device)
-}
+use crate::store::HostTensor;
 
 /// Root-mean-square layer norm with a scale and no bias.
 #[derive(Debug, Clone)]
@@ -42,7 +38,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     fn load(ck: &mut Checkpoint, name: &str, c: &HfConfig, device: &Device) -> Result<Self> {
         Ok(Self {
-            weight: vector(&ck.take(name, &[c.d_model])?, device),
+            weight: ck.take(name, &[c.d_model])?.to_tensor(device)?,
             eps: c.layer_norm_epsilon,
         })
     }
@@ -129,10 +125,7 @@ impl Attention {
         let relative_bias = if relative {
             let name = format!("{prefix}.relative_attention_bias.weight");
             let t = ck.take(&name, &[c.relative_attention_num_buckets, c.num_heads])?;
-            Some(Tensor::from_data(
-                TensorData::new(t.to_f32(), t.shape.clone()),
-                device,
-            ))
+            Some(t.to_tensor(device)?)
         } else {
             None
         };
@@ -423,11 +416,7 @@ impl HfSwitchTransformer {
         let c = &config;
         let shape = [c.vocab_size, c.d_model];
         let embedding = |ck: &mut Checkpoint, names: &[&str]| -> Result<Tensor<2>> {
-            let t = ck.take_first(names, &shape)?;
-            Ok(Tensor::from_data(
-                TensorData::new(t.to_f32(), shape),
-                device,
-            ))
+            ck.take_first(names, &shape)?.to_tensor(device)
         };
         let (shared, enc_embed, dec_embed) = if c.tie_word_embeddings {
             // One matrix for both stacks and the output; copies of it may be saved too.
@@ -612,7 +601,7 @@ impl HfSwitchTransformer {
 }
 
 fn host<const D: usize>(t: &Tensor<D>) -> HostTensor {
-    HostTensor::f32(t.dims().to_vec(), host_f32(t.clone()))
+    HostTensor::from_tensor(t.clone())
 }
 
 impl Attention {

@@ -11,14 +11,12 @@
 //! checkpoint the first time a token is routed to it: experts no token reaches never take
 //! memory (as under transformers' memory-mapped loading, where their pages are never read).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
+use anyhow::Result;
 use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
-
-use std::collections::BTreeMap;
-
-use anyhow::Result;
 
 use super::checkpoint::{Checkpoint, TensorSource};
 use super::config::HfConfig;
@@ -45,8 +43,6 @@ pub struct Routes {
     pub plan: RoutePlan,
     /// The router probability of each token's expert.
     pub prob: Vec<f32>,
-    /// Tokens per sequence (the plan covers `batch * seq` tokens).
-    pub seq: usize,
 }
 
 /// One expert's weights `wi` `[d_model, d_ff]` and `wo` `[d_ff, d_model]`, read on first use.
@@ -181,19 +177,17 @@ impl SparseMlp {
         }
         let plan = RoutePlan::from_decisions(routes, dropped, n, 1, self.capacity);
 
-        // Each expert on its kept tokens (in position order), scaled by the router
-        // probability; dropped tokens stay 0.
+        // Each expert on its kept tokens (the plan's slots: in position order), scaled by the
+        // router probability; dropped tokens stay 0.
         let flat = x.reshape([b * s, d]);
         let mut rows: Vec<i64> = Vec::new();
         let mut parts = Vec::new();
-        for (e, expert) in self.experts.iter().enumerate() {
-            let mine: Vec<i64> = (0..plan.routes.len())
-                .filter(|&t| plan.routes[t] == e && !plan.dropped[t])
-                .map(|t| t as i64)
-                .collect();
-            if mine.is_empty() {
+        for ((e, expert), kept) in self.experts.iter().enumerate().zip(plan.kept_counts()) {
+            if kept == 0 {
                 continue;
             }
+            let slots = &plan.slot_token[e * plan.slots..e * plan.slots + kept];
+            let mine: Vec<i64> = slots.iter().map(|&t| t as i64).collect();
             let m = mine.len();
             let (wi, wo) = expert.weights()?;
             let idx = Tensor::<1, Int>::from_data(TensorData::new(mine.clone(), [m]), &device);
@@ -210,6 +204,6 @@ impl SparseMlp {
             let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [m]), &device);
             out.select_assign(0, idx, Tensor::cat(parts, 0), IndexingUpdateOp::Add)
         };
-        Ok((out.reshape([b, s, d]), Routes { plan, prob, seq: s }))
+        Ok((out.reshape([b, s, d]), Routes { plan, prob }))
     }
 }

@@ -50,6 +50,18 @@ fn switch(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `switch args`, which must succeed; its standard output.
+fn switch_ok(args: &[&str]) -> String {
+    let out = switch(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "switch {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn every_hugging_face_fixture_passes() {
     let dirs = fixtures();
@@ -373,9 +385,7 @@ fn the_commands_run_hugging_face_checkpoints() {
     let tiny = hf_dir("tiny");
     let tiny = tiny.to_str().unwrap();
     let labml = common::fixture("model_tiny.safetensors");
-    let out = switch(&["parity", tiny, labml.to_str().unwrap()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = switch_ok(&["parity", tiny, labml.to_str().unwrap()]);
     assert!(stdout.contains("parity: PASS (2 fixtures)"), "{stdout}");
 
     let not_fixture = common::temp_dir("hf-not-fixture");
@@ -395,13 +405,7 @@ fn the_commands_run_hugging_face_checkpoints() {
             "--ids",
         ];
         args.extend(extra);
-        let out = switch(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        switch_ok(&args)
     };
     let cached = decode(&["--max-tokens", "6"]);
     assert_eq!(cached.matches("output: ").count(), 2, "{cached}");
@@ -414,7 +418,7 @@ fn the_commands_run_hugging_face_checkpoints() {
     let first_ids = out.lines().find(|l| l.starts_with("ids:")).unwrap();
     assert_eq!(first_ids, format!("ids:    {want:?}"));
 
-    let out = switch(&[
+    let stdout = switch_ok(&[
         "route",
         "--model",
         tiny,
@@ -423,17 +427,11 @@ fn the_commands_run_hugging_face_checkpoints() {
         "--max-tokens",
         "3",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(stdout.contains("encoder.block.1 (capacity 2") && stdout.contains("decoder.block.2"));
     assert!(stdout.contains("load/dropped"), "{stdout}");
 
     let rep = common::temp_dir("hf-report");
-    let out = switch(&[
+    switch_ok(&[
         "report",
         "--model",
         tiny,
@@ -442,11 +440,6 @@ fn the_commands_run_hugging_face_checkpoints() {
         "--out",
         rep.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let html = std::fs::read_to_string(rep.join("routes.html")).unwrap();
     assert_eq!(
         html.matches("<h2>").count(),
@@ -456,7 +449,7 @@ fn the_commands_run_hugging_face_checkpoints() {
     assert!(html.contains("class=\"drop\"") && html.contains("<td>dropped</td>"));
 
     let dst = common::temp_dir("hf-convert").join("m16");
-    let out = switch(&[
+    switch_ok(&[
         "convert",
         "--model",
         tiny,
@@ -465,24 +458,14 @@ fn the_commands_run_hugging_face_checkpoints() {
         "--dtype",
         "bf16",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(dst.join("tokenizer.json").exists());
-    let out = switch(&[
+    switch_ok(&[
         "seq2seq",
         "--model",
         dst.to_str().unwrap(),
         "--input",
         "A dog.",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
     let out = switch(&["seq2seq", "--model", tiny]);
     assert!(!out.status.success());
