@@ -13,8 +13,54 @@ pub fn is_cpu(device: &Device) -> bool {
     *device == Device::flex()
 }
 
+/// Burn's fusion planner as this project sets it on GPU backends (`burn.toml` syntax): the
+/// beam search looks at one block of operations at a time. With Burn 0.22.1's default of 5
+/// blocks, the planner splits a training step into interleaved blocks whose composition it
+/// then often cannot order, and runs such whole segments unfused (the LayerNorm backward, the
+/// routing decision): 1,430 kernel launches per step at the reference configuration, against
+/// 1,199 with one block (BENCHMARKS.md, lavapipe; 1,231 with 2 blocks, 1,461 with 8).
+pub const FUSION_SETTINGS: &str = "[fusion.beam_search]\nmax_blocks = 1\n";
+
+/// A `burn.toml` (or `Burn.toml`) in the working directory or one of its parents: Burn reads
+/// it for its settings, and then the project leaves them to it.
+pub fn burn_config_file() -> Option<std::path::PathBuf> {
+    let mut dir = std::env::current_dir().ok()?;
+    loop {
+        for name in ["burn.toml", "Burn.toml"] {
+            if dir.join(name).is_file() {
+                return Some(dir.join(name));
+            }
+        }
+        if !dir.pop() {
+            return None;
+        }
+    }
+}
+
+/// Applies [`FUSION_SETTINGS`] to Burn (with its `BURN_FUSION_*` environment overrides on top)
+/// before the first GPU operation, unless a `burn.toml` is found ([`burn_config_file`]) or
+/// Burn's settings were already read. Returns whether they were applied. Burn reads its
+/// settings once per process, so this runs when a GPU device is parsed.
+#[cfg(feature = "gpu")]
+pub fn configure_fusion() -> bool {
+    use burn_std::config::RuntimeConfig;
+    static APPLIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *APPLIED.get_or_init(|| {
+        if burn_config_file().is_some() {
+            return false;
+        }
+        let config: burn::BurnConfig =
+            toml::from_str(FUSION_SETTINGS).expect("FUSION_SETTINGS is valid burn.toml");
+        burn::BurnConfig::try_set(config.override_from_env())
+    })
+}
+
 /// Parses `cpu`, `cuda`, `cuda:1`, `wgpu`, ... into a device.
 pub fn parse_device(spec: &str) -> Result<Device> {
+    #[cfg(feature = "gpu")]
+    if !matches!(spec, "cpu" | "flex") {
+        configure_fusion();
+    }
     let (name, index) = match spec.split_once(':') {
         Some((n, i)) => {
             let Ok(i) = i.parse::<usize>() else {

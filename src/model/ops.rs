@@ -64,14 +64,23 @@ pub fn layer_norm<const D: usize>(
         .unwrap_or_else(|| layer_norm_generic(x, gamma, beta, eps))
 }
 
-/// [`layer_norm`] composed from Burn ops.
+/// [`layer_norm`] composed from Burn ops: the same ops as Burn's own `layer_norm`, but with
+/// `gamma` and `beta` reshaped for broadcasting *before* the statistics, so that under Burn's
+/// fusion on GPU backends nothing stands between the mean and the rest: the whole norm runs as
+/// one fused reduce-and-broadcast kernel instead of a reduction and then the rest.
 pub fn layer_norm_generic<const D: usize>(
     x: Tensor<D>,
     gamma: Tensor<1>,
     beta: Tensor<1>,
     eps: f64,
 ) -> Tensor<D> {
-    burn::tensor::module::layer_norm(x, gamma, Some(beta), eps)
+    let d = x.dims()[D - 1];
+    let mut shape = [1; D];
+    shape[D - 1] = d;
+    let (gamma, beta) = (gamma.reshape(shape), beta.reshape(shape));
+    let centered = x.clone() - x.mean_dim(D - 1);
+    let var = (centered.clone() * centered.clone()).mean_dim(D - 1);
+    centered / (var + eps).sqrt() * gamma + beta
 }
 
 /// The experts' FFN `relu(x W1_e + b1_e) W2_e + b2_e` on rows grouped by expert: rows

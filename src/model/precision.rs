@@ -38,17 +38,41 @@ pub fn f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     cast_to(t, DType::F32)
 }
 
-/// `l.forward(x)` computed in `x`'s dtype.
+/// `l.forward(x)` computed in `x`'s dtype. On the CPU: Burn's `linear` (one native op there);
+/// elsewhere [`linear_rows`].
 pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
-    if l.weight.val().dtype() == dtype {
-        return l.forward(x);
+    let weight = cast_to(l.weight.val(), dtype);
+    let bias = l.bias.as_ref().map(|b| cast_to(b.val(), dtype));
+    if crate::device::is_cpu(&x.device()) {
+        return burn::tensor::module::linear(x, weight, bias);
     }
-    burn::tensor::module::linear(
-        x,
-        cast_to(l.weight.val(), dtype),
-        l.bias.as_ref().map(|b| cast_to(b.val(), dtype)),
-    )
+    linear_rows(x, weight, bias)
+}
+
+/// `x W + b` with `x`'s leading dimensions folded into rows: `[rows, d_in] x [d_in, d_out]`,
+/// then `+ b` broadcast from `[1, d_out]`, then the leading dimensions back. What it is for,
+/// on GPU backends under Burn's fusion: the bias is reshaped *before* the matmul is issued, so
+/// the add directly follows the matmul and fuses into its output (Burn's own `linear` reshapes
+/// the bias in between, which leaves the add a kernel of its own); and the weight gradient is
+/// one `[d_in, rows] x [rows, d_out]` matmul instead of a batched one summed over the batch.
+pub fn linear_rows<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    let dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let bias = bias.map(|b| b.reshape([1, d_out]));
+    let y = x.reshape([rows, d_in]).matmul(weight);
+    let y = match bias {
+        Some(b) => y + b,
+        None => y,
+    };
+    let mut out = dims;
+    out[D - 1] = d_out;
+    y.reshape(out)
 }
 
 /// LayerNorm computed in f32 (its statistics need the range), returned in `x`'s dtype.

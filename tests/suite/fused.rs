@@ -329,3 +329,71 @@ fn a_cpu_training_step_runs_every_kernel() {
         "one update per tensor"
     );
 }
+
+/// The compositions the GPU backends run, written for Burn's fusion (`linear_rows`: rows
+/// folded, bias reshaped before the matmul; `layer_norm_generic`: gamma and beta reshaped
+/// first), against Burn's own `linear` and `layer_norm`: outputs and every gradient, on the
+/// CPU backend (the same ops in another order, so within f32 rounding).
+#[test]
+fn gpu_compositions_match_burns_linear_and_layer_norm() {
+    use switch_transformer::model::precision::linear_rows;
+    let device = Device::default().autodiff();
+    let (x0, w0, b0) = (
+        random([3, 5, 8], &device),
+        random([8, 6], &device),
+        random([6], &device),
+    );
+    let g = random([3, 5, 6], &device);
+    let run = |ours: bool| {
+        let (x, w, b) = (
+            x0.clone().detach().require_grad(),
+            w0.clone().detach().require_grad(),
+            b0.clone().detach().require_grad(),
+        );
+        let y = if ours {
+            linear_rows(x.clone(), w.clone(), Some(b.clone()))
+        } else {
+            burn::tensor::module::linear(x.clone(), w.clone(), Some(b.clone()))
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        let grad = |t: &Tensor<3>| host(t.grad(&grads).unwrap());
+        (
+            host(y),
+            grad(&x),
+            host(w.grad(&grads).unwrap()),
+            host(b.grad(&grads).unwrap()),
+        )
+    };
+    let (f, r) = (run(true), run(false));
+    assert_close(f.0, r.0, "linear_rows: output");
+    assert_close(f.1, r.1, "linear_rows: x gradient");
+    assert_close(f.2, r.2, "linear_rows: weight gradient");
+    assert_close(f.3, r.3, "linear_rows: bias gradient");
+
+    let (gamma0, beta0) = (random([8], &device), random([8], &device));
+    let g = random([3, 5, 8], &device);
+    let run = |ours: bool| {
+        let (x, gamma, beta) = (
+            x0.clone().detach().require_grad(),
+            gamma0.clone().detach().require_grad(),
+            beta0.clone().detach().require_grad(),
+        );
+        let y = if ours {
+            layer_norm_generic(x.clone(), gamma.clone(), beta.clone(), LN_EPS)
+        } else {
+            burn::tensor::module::layer_norm(x.clone(), gamma.clone(), Some(beta.clone()), LN_EPS)
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        (
+            host(y),
+            host(x.grad(&grads).unwrap()),
+            host(gamma.grad(&grads).unwrap()),
+            host(beta.grad(&grads).unwrap()),
+        )
+    };
+    let (f, r) = (run(true), run(false));
+    assert_close(f.0, r.0, "layer_norm_generic: output");
+    assert_close(f.1, r.1, "layer_norm_generic: x gradient");
+    assert_close(f.2, r.2, "layer_norm_generic: gamma gradient");
+    assert_close(f.3, r.3, "layer_norm_generic: beta gradient");
+}

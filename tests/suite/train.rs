@@ -152,15 +152,11 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
-/// One model's training step on a GPU backend reads the device once (losses, routing
-/// statistics and the gradient norm together) and syncs nowhere else, and its kernel launches
-/// are counted; on the CPU backend nothing waits. Measured by `switch bench` in a process of
-/// its own (the counters are the process's).
-#[test]
-fn one_model_step_syncs_with_the_host_once() {
-    let device = std::env::var("SWITCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+/// `switch bench --json` of a 2-layer model on `device`, run in `dir`.
+fn bench_in(dir: &std::path::Path, device: &str) -> serde_json::Value {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switch"))
-        .args(["bench", "--json", "--device", &device, "--steps", "3"])
+        .current_dir(dir)
+        .args(["bench", "--json", "--device", device, "--steps", "3"])
         .args(["--layers", "2", "--experts", "4"])
         .args(common::TINY_BENCH_ARGS)
         .output()
@@ -170,7 +166,19 @@ fn one_model_step_syncs_with_the_host_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One model's training step on a GPU backend reads the device once (losses, routing
+/// statistics and the gradient norm together) and syncs nowhere else, and its kernel launches
+/// are counted; on the CPU backend nothing waits. Measured by `switch bench` in a process of
+/// its own (the counters are the process's). On a GPU, the project's fusion planner setting
+/// (`device::FUSION_SETTINGS`) is in effect: a run in a directory whose `burn.toml` asks for
+/// Burn's default planner (which the project then leaves alone) launches more kernels.
+#[test]
+fn one_model_step_syncs_with_the_host_once() {
+    let device = std::env::var("SWITCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let r = bench_in(std::path::Path::new(env!("CARGO_MANIFEST_DIR")), &device);
     let (syncs, launches) = (&r["syncs_per_step"], &r["launches_per_step"]);
     if device == "cpu" {
         // Host memory: nothing to wait for, no cubecl kernels.
@@ -179,6 +187,21 @@ fn one_model_step_syncs_with_the_host_once() {
     } else {
         assert_eq!(syncs["total"], 1.0, "{syncs}");
         assert_eq!(syncs["optimizer"], 1.0, "the read before the clip: {syncs}");
-        assert!(launches["total"].as_f64().unwrap() > 0.0, "{launches}");
+        let ours = launches["total"].as_f64().unwrap();
+        assert!(ours > 0.0, "{launches}");
+        let dir = common::temp_dir("burn-toml");
+        std::fs::write(
+            dir.join("burn.toml"),
+            "[fusion.beam_search]\nmax_blocks = 5\n",
+        )
+        .unwrap();
+        let theirs = bench_in(&dir, &device)["launches_per_step"]["total"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            ours < theirs,
+            "launches per step: {ours} with the project's fusion settings, {theirs} with Burn's"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
