@@ -64,7 +64,9 @@ impl DeviceRoutes {
             None => routes.clone(),
         };
         // [n, e] one-hot of the experts (without `one_hot`, which checks its input on the host).
-        let experts = Tensor::<1, Int>::arange(0..e as i64, &device).reshape([1, e]);
+        // The index ranges are uploaded (no kernel) rather than made by `arange` (a fill and a
+        // cumulative sum on the device, 2-3 kernels each).
+        let experts = index_tensor(&(0..e).collect::<Vec<_>>(), &device).reshape([1, e]);
         let hot: Tensor<2, Int> = ordered
             .clone()
             .reshape([n, 1])
@@ -77,21 +79,23 @@ impl DeviceRoutes {
             None => before.reshape([n]),
         };
         let kept: Tensor<1, Bool> = pos.clone().lower_elem(cap as i64);
-        let tokens = Tensor::<1, Int>::arange(0..n as i64, &device);
+        let tokens = index_tensor(&(0..n).collect::<Vec<_>>(), &device);
         let dropped_row = tokens.clone() + (e * cap) as i64;
         let slot = routes.clone() * cap as i64 + pos;
-        let token_source = dropped_row.mask_where(kept.clone(), slot);
+        let token_source = dropped_row.mask_where(kept, slot);
         let slot_token = Tensor::<1, Int>::zeros([e * cap + n], &device)
             .scatter(0, token_source.clone(), tokens, IndexingUpdateOp::Assign)
             .slice(0..e * cap);
-        let n_kept = kept.int().sum().float();
+        // Each expert keeps its first `cap` tokens: drops = sum_e max(count_e - cap, 0).
+        let counts = hot.sum_dim(0).reshape([e]).float();
+        let n_dropped = (counts.clone() - cap as f64).clamp_min(0.0).sum();
         Self {
             slots: cap,
             routes,
             slot_token,
             token_source,
-            counts: hot.sum_dim(0).reshape([e]).float(),
-            n_dropped: n_kept.neg() + n as f64,
+            counts,
+            n_dropped,
         }
     }
 }
