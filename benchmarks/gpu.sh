@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one go (a few minutes on a data-centre GPU): parity on every
-# fixture; training throughput at 4, 16 and 64 experts, batch 32x64 (the reference) and 512x64,
-# f32 and f16, with kernel launches and host syncs per step; 400 training steps in f32 and in
-# f16 compared by validation loss. Writes benchmarks/gpu.jsonl and benchmarks/gpu.md and puts
-# gpu.md into BENCHMARKS.md (section "GPU").
+# fixture (labml's and the Hugging Face ones); training throughput at 4, 16 and 64 experts,
+# batch 32x64 (the reference) and 512x64, f32 and f16, with kernel launches and host syncs per
+# step; 400 training steps in f32 and in f16 compared by validation loss. Writes
+# benchmarks/gpu.jsonl and benchmarks/gpu.md and puts gpu.md into BENCHMARKS.md (section "GPU").
+# Dry run on lavapipe, sizes cut down (11 minutes on 2 CPU cores):
+#   BIN=target-wgpu/ci-gpu/switch STEPS=2 TRAIN_STEPS=4 EXPERTS=4 BATCHES=4 \
+#     CUBECL_AUTOTUNE_LEVEL=minimal bash benchmarks/gpu.sh
 #
 #   bash benchmarks/gpu.sh                            # builds --features wgpu, runs on wgpu
 #   FEATURE=vulkan bash benchmarks/gpu.sh
@@ -30,7 +33,7 @@ start=$(date +%s)
 OUT=benchmarks/gpu.jsonl
 : >"$OUT"
 echo "parity on every fixture ($DEVICE)" >&2
-parity=$("$BIN" parity --device "$DEVICE" tests/data/fixtures/*.safetensors | tail -1)
+parity=$("$BIN" parity --device "$DEVICE" tests/data/fixtures/*.safetensors tests/data/hf/*/ | tail -1)
 echo "{\"parity\": \"$parity\"}" >>"$OUT"
 for precision in f32 f16; do
     for batch in $BATCHES; do
