@@ -1,38 +1,50 @@
 #!/usr/bin/env bash
-# vendor/burn-flex is burn-flex 0.22.1 from crates.io with vendor/burn-flex.patch applied, and
-# nothing else. This script proves it: it fetches the published crate (cargo, from crates.io),
-# applies the patch to a copy, and compares the result with vendor/burn-flex.
+# Each vendored crate (vendor/NAME) is the published crate from crates.io with vendor/NAME.patch
+# applied, and nothing else. This script proves it: it fetches the published crates (cargo,
+# from crates.io), applies each patch to a copy, and compares the result with vendor/NAME.
 #   bash vendor/check.sh           check (exit 1 on any difference)
-#   bash vendor/check.sh --write   rebuild vendor/burn-flex from the crate and the patch
+#   bash vendor/check.sh --write   rebuild every vendor/NAME from its crate and its patch
 # Cargo's [patch] needs a whole crate at a path, and a fresh clone must build offline with the
-# README's command, so the patched copy itself stays in the repository.
+# README's command, so the patched copies themselves stay in the repository.
 set -euo pipefail
 cd "$(dirname "$0")"
-version=0.22.1
+# name version files-kept (the crates' tests, benchmarks and examples are left out)
+crates=(
+    "burn-flex 0.22.1 src Cargo.toml README.md"
+    "cubecl-cuda 0.11.3 src Cargo.toml build.rs README.md LICENSE-MIT LICENSE-APACHE"
+)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/fetch/src"
-cat > "$work/fetch/Cargo.toml" <<TOML
-[package]
-name = "fetch-burn-flex"
-version = "0.0.0"
-edition = "2021"
-[dependencies]
-burn-flex = "=$version"
-TOML
-: > "$work/fetch/src/lib.rs"
+{
+    echo '[package]'
+    echo 'name = "fetch-vendored"'
+    echo 'version = "0.0.0"'
+    echo 'edition = "2021"'
+    echo '[dependencies]'
+    for c in "${crates[@]}"; do
+        read -r name version _ <<<"$c"
+        echo "$name = { version = \"=$version\", default-features = false }"
+    done
+} >"$work/fetch/Cargo.toml"
+: >"$work/fetch/src/lib.rs"
 (cd "$work/fetch" && cargo fetch --quiet)
-upstream=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/burn-flex-$version | head -1)
-mkdir -p "$work/patched"
-cp -r "$upstream/src" "$upstream/Cargo.toml" "$upstream/README.md" "$work/patched/"
-(cd "$work/patched" && patch --quiet -p1 < "$OLDPWD/burn-flex.patch")
-if [ "${1:-}" = --write ]; then
-    rm -rf burn-flex
-    cp -r "$work/patched" burn-flex
-    echo "vendor/burn-flex rebuilt from burn-flex $version + burn-flex.patch"
-elif diff -r "$work/patched" burn-flex; then
-    echo "vendor/burn-flex = burn-flex $version from crates.io + burn-flex.patch ($(grep -c '^[-+][^-+]' burn-flex.patch) changed lines)"
-else
-    echo "vendor/burn-flex differs from burn-flex $version + burn-flex.patch" >&2
-    exit 1
-fi
+status=0
+for c in "${crates[@]}"; do
+    read -r name version files <<<"$c"
+    upstream=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"$name-$version" | head -1)
+    mkdir -p "$work/$name"
+    for f in $files; do cp -r "$upstream/$f" "$work/$name/"; done
+    (cd "$work/$name" && patch --quiet -p1 <"$OLDPWD/$name.patch")
+    if [ "${1:-}" = --write ]; then
+        rm -rf "$name"
+        cp -r "$work/$name" "$name"
+        echo "vendor/$name rebuilt from $name $version + $name.patch"
+    elif diff -r "$work/$name" "$name"; then
+        echo "vendor/$name = $name $version from crates.io + $name.patch ($(grep -c '^[-+][^-+]' "$name.patch") changed lines)"
+    else
+        echo "vendor/$name differs from $name $version + $name.patch" >&2
+        status=1
+    fi
+done
+exit $status
