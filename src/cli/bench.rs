@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use switch_transformer::ModelConfig;
 use switch_transformer::model::precision::Precision;
-use switch_transformer::tools::bench::{BenchConfig, bench_generate, bench_train};
+use switch_transformer::tools::bench::{BenchConfig, bench_generate, bench_routing, bench_train};
 use switch_transformer::train::replicas::Placement;
 
 use super::{DistributedArgs, ParallelArgs};
@@ -45,6 +45,14 @@ pub struct BenchArgs {
     /// Tokens generated per timing with --generate.
     #[arg(long, default_value_t = 200)]
     pub tokens: usize,
+    /// Time the device routing decision alone at these token counts (comma-separated, e.g.
+    /// 2048,32768,131072), with its prefix sum against Burn's `cumsum`, instead of training.
+    #[arg(long, value_delimiter = ',')]
+    pub routing: Vec<usize>,
+    /// With --routing: time Burn's `cumsum` only up to this many tokens (it is quadratic on
+    /// GPU backends).
+    #[arg(long, default_value_t = 32768)]
+    pub routing_burn_max: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -77,6 +85,8 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         warmup,
         generate,
         tokens,
+        routing,
+        routing_burn_max,
         json,
         precision,
         replicas,
@@ -84,6 +94,37 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         distributed,
     } = args;
 
+    if !routing.is_empty() {
+        let rows = bench_routing(
+            &routing,
+            experts,
+            device_name,
+            device,
+            steps,
+            routing_burn_max,
+        )?;
+        for r in &rows {
+            if json {
+                println!("{}", serde_json::to_string(r)?);
+            } else {
+                println!(
+                    "routing decision, {} tokens x {} experts on {}: {:.3} ms median = {:.1} ns/token; \
+                     prefix sum {:.3} ms blocked, {}",
+                    r.tokens,
+                    r.experts,
+                    r.device,
+                    r.decision_ms_median,
+                    r.decision_ns_per_token,
+                    r.scan_ms_median,
+                    r.burn_cumsum_ms_median
+                        .map_or("Burn's cumsum skipped".to_string(), |m| {
+                            format!("{m:.3} ms with Burn's cumsum")
+                        })
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
     if distributed.distributed && (generate || !parallel.devices.is_empty()) {
         bail!(
@@ -219,6 +260,10 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
                 println!(
                     "  kernel launches per step {:.0} (forward {:.0}, backward {:.0}, optimizer {:.0})",
                     l.total, l.forward, l.backward, l.optimizer
+                );
+                println!(
+                    "  host issuing {:.1} ms/step ({:.1} us per launch), waiting for the device in the read {:.1} ms",
+                    r.host_ms_median, r.host_us_per_launch, r.read_ms_median
                 );
             }
             println!(

@@ -7,13 +7,15 @@ use rand::seq::SliceRandom;
 
 use super::index_tensor;
 use super::options::{DropPolicy, RoutingOptions, capacity};
+use super::scan::cumsum_rows;
 
 /// A top-1 routing decision with capacity, made and held on the device (no read-back):
 ///
 /// ```text
 /// e_t    = argmax p_t
 /// order  = a random permutation of the tokens (policy random) or their positions (position)
-/// pos_t  = number of tokens routed to e_t before t in that order   (a cumulative sum)
+/// pos_t  = number of tokens routed to e_t before t in that order   (a blocked prefix sum:
+///          O(tokens x experts), see [`super::scan`])
 /// kept   = pos_t < capacity;  slot_t = e_t * capacity + pos_t
 /// ```
 /// The permutation is drawn on the host from the run's generator and uploaded with its
@@ -73,7 +75,7 @@ impl DeviceRoutes {
             .expand([n, e])
             .equal(experts.expand([n, e]))
             .int();
-        let before = hot.clone().cumsum(0).gather(1, ordered.reshape([n, 1])) - 1;
+        let before = cumsum_rows(hot.clone()).gather(1, ordered.reshape([n, 1])) - 1;
         let pos = match order {
             Some((_, inverse)) => before.reshape([n]).select(0, inverse),
             None => before.reshape([n]),

@@ -8,14 +8,16 @@
 //! and one select use. Gradients reach the router through the probabilities only.
 //!
 //! Files: [`router`] (the layer), [`options`] (capacity, drop policy, where to decide),
-//! [`plan`] (the host decision), [`device`] (the device decision), [`group`] (shards of one
-//! batch, in threads of their own, deciding together as one model would).
+//! [`plan`] (the host decision), [`device`] (the device decision), [`scan`] (its prefix sum,
+//! linear in the tokens), [`group`] (shards of one batch, in threads of their own, deciding
+//! together as one model would).
 
 pub mod device;
 pub mod group;
 pub mod options;
 pub mod plan;
 pub mod router;
+pub mod scan;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 

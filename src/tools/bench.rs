@@ -64,6 +64,14 @@ pub struct TrainBench {
     pub backward_ms_median: f64,
     /// Gradient sync (with replicas), clip and Adam.
     pub optimizer_ms_median: f64,
+    /// Median time the host waited in the step's read of the device (in the optimizer phase):
+    /// device work its issuing did not hide (~0 on the CPU backend).
+    pub read_ms_median: f64,
+    /// Median time the host spent issuing work: the step less its wait in the read.
+    pub host_ms_median: f64,
+    /// `host_ms_median` per kernel launch, in microseconds (GPU backends; 0 where launches are
+    /// not counted): what a launch costs the host, fusion planning and allocation included.
+    pub host_us_per_launch: f64,
     /// Peak resident memory of the process.
     pub peak_rss_mb: f64,
     /// Processes of the job (1 unless `--distributed`).
@@ -202,6 +210,7 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
     };
     let mut rng = RoutingRng::seed_from_u64(0);
     let (mut fwd, mut bwd, mut opt, mut total) = (vec![], vec![], vec![], vec![]);
+    let (mut read, mut host) = (vec![], vec![]);
     let (mut launches, mut syncs) = (vec![], vec![]);
     crate::launches::count_launches();
     for i in 0..c.warmup + c.steps {
@@ -232,6 +241,8 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
             fwd.push(out.forward_s * 1e3);
             bwd.push(out.backward_s * 1e3);
             opt.push(out.update_s * 1e3);
+            read.push(out.read_s * 1e3);
+            host.push(ms - out.read_s * 1e3);
             total.push(ms);
         }
     }
@@ -256,6 +267,16 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
         forward_ms_median: median(&fwd),
         backward_ms_median: median(&bwd),
         optimizer_ms_median: median(&opt),
+        read_ms_median: median(&read),
+        host_ms_median: median(&host),
+        host_us_per_launch: {
+            let launches = PhaseCounts::of(&launches).total;
+            if launches > 0.0 {
+                median(&host) * 1e3 / launches
+            } else {
+                0.0
+            }
+        },
         peak_rss_mb: rss,
         ranks: replicas.world().map_or(1, |w| w.size()),
         exchange_ms_median: if exchange.iter().all(|&ms| ms == 0.0) {
@@ -353,4 +374,104 @@ pub fn bench_generate(c: &BenchConfig, tokens: usize, device: &Device) -> Result
         speedup: cached / recompute,
         peak_rss_mb: peak_rss_mb(),
     })
+}
+
+/// One routing-decision timing ([`bench_routing`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutingBench {
+    /// Tokens routed together.
+    pub tokens: usize,
+    /// Experts.
+    pub experts: usize,
+    /// The device, as given.
+    pub device: String,
+    /// Median time of the whole device decision ([`crate::routing::DeviceRoutes`]), read back.
+    pub decision_ms_median: f64,
+    /// The same per token, in nanoseconds: flat as the tokens grow when the work is linear.
+    pub decision_ns_per_token: f64,
+    /// Median time of the prefix sum alone, blocked ([`crate::routing::scan::cumsum_rows`]).
+    pub scan_ms_median: f64,
+    /// Median time of Burn's own `cumsum` on the same one-hot matrix (quadratic on GPU
+    /// backends); `None` where it was skipped as too slow (`--routing-burn-max`).
+    pub burn_cumsum_ms_median: Option<f64>,
+}
+
+/// Times the device routing decision alone (top-1, capacity factor 1.2, random drop order) on
+/// random probabilities `[tokens, experts]`, and its prefix sum against Burn's `cumsum`, each
+/// timing ending in one read of a scalar (the device's queue drained). Burn's `cumsum` is timed
+/// only up to `burn_max` tokens.
+pub fn bench_routing(
+    tokens: &[usize],
+    experts: usize,
+    device_name: &str,
+    device: &Device,
+    reps: usize,
+    burn_max: usize,
+) -> Result<Vec<RoutingBench>> {
+    use crate::routing::{DeviceRoutes, RoutingOptions, scan::cumsum_rows};
+    use burn::tensor::{Distribution, Int, Tensor};
+    if experts == 0 || reps == 0 {
+        bail!("--experts and --steps must be at least 1");
+    }
+    let opts = RoutingOptions::labml(1.2, true);
+    let mut rng = RoutingRng::seed_from_u64(0);
+    let read = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().map(|v| v[0]);
+    let read_int = |t: Tensor<2, Int>| {
+        t.sum()
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .map(|v| v[0])
+    };
+    let mut out = Vec::new();
+    for &n in tokens {
+        if n == 0 {
+            bail!("--routing: token counts must be at least 1");
+        }
+        let probs = Tensor::<2>::random([n, experts], Distribution::Uniform(0.0, 1.0), device);
+        let hot = probs.clone().argmax(1).reshape([n]).one_hot::<2>(experts);
+        let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            // Two untimed runs: kernels compiled and autotuned, buffers allocated.
+            for _ in 0..2 {
+                f()?;
+            }
+            let mut ms = Vec::new();
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                f()?;
+                ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(median(&ms))
+        };
+        let decision = time(&mut || {
+            let r = DeviceRoutes::new(probs.clone(), &opts, &mut rng);
+            read(r.n_dropped)
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+        })?;
+        let scan = time(&mut || {
+            read_int(cumsum_rows(hot.clone()))
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+        })?;
+        let burn_cumsum = if n <= burn_max {
+            Some(time(&mut || {
+                read_int(hot.clone().cumsum(0))
+                    .map(|_| ())
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))
+            })?)
+        } else {
+            None
+        };
+        out.push(RoutingBench {
+            tokens: n,
+            experts,
+            device: device_name.to_string(),
+            decision_ms_median: decision,
+            decision_ns_per_token: decision * 1e6 / n as f64,
+            scan_ms_median: scan,
+            burn_cumsum_ms_median: burn_cumsum,
+        });
+    }
+    Ok(out)
 }

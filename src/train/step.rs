@@ -66,6 +66,10 @@ pub struct StepOutput {
     pub backward_s: f64,
     /// Seconds in the rest: gradient sum, clip, Adam.
     pub update_s: f64,
+    /// Seconds the host waited in the step's read of the device (one model: the losses,
+    /// statistics and gradient norm), part of `update_s`: device work that the host's issuing
+    /// did not hide. On the CPU backend the work is done as it is issued, and this is ~0.
+    pub read_s: f64,
     /// Whether the weights were updated: not when a loss or the gradient norm is not finite
     /// (the step is skipped and nothing non-finite reaches the weights).
     pub updated: bool,
@@ -93,6 +97,7 @@ pub fn step(
     let (forward_s, backward_s) = (passes[0].forward_s, passes[0].backward_s);
     let pass_counts = [passes[0].counts[0], passes[0].counts[1]];
     let one_model = passes.len() == 1 && replicas.world().is_none();
+    let read_s;
     let (ce, lb, z, layers, grads, grad_norm) = if one_model {
         // One read: losses, routing statistics, and the squared gradient norm.
         let p = passes.remove(0);
@@ -105,7 +110,10 @@ pub fn step(
             parts.push(t.clone());
         }
         let parts = parts.into_iter().map(|t| cast_to(t, DType::F32)).collect();
-        let read = host_f32(Tensor::cat(parts, 0));
+        let parts = Tensor::cat(parts, 0);
+        let t_read = Instant::now();
+        let read = host_f32(parts);
+        read_s = t_read.elapsed().as_secs_f64();
         let [ce, lb, z] = [0, 1, 2].map(|i| read[i] as f64);
         let sums = layer_sums_of(&[p.stats], &[read[3..3 + n_summary].to_vec()]);
         let layers = LayerStats::from_sums(&sums);
@@ -115,7 +123,9 @@ pub fn step(
         };
         (ce, lb, z, layers, BatchGradients::OnFirst(p.grads), norm)
     } else {
+        let t_read = Instant::now();
         let read: Vec<Vec<f32>> = passes.iter().map(|p| host_f32(p.losses.clone())).collect();
+        read_s = t_read.elapsed().as_secs_f64();
         let sum = |i: usize| read.iter().map(|r| r[i] as f64 * share).sum::<f64>();
         let (mut ce, mut lb, mut z) = (sum(0), sum(1), sum(2));
         let (stats, grads): (Vec<Vec<SwitchStats>>, Vec<ParamGrads>) =
@@ -166,6 +176,7 @@ pub fn step(
         forward_s,
         backward_s,
         update_s: t0.elapsed().as_secs_f64(),
+        read_s,
         updated,
         counts: [pass_counts[0], pass_counts[1], Counts::now().since(counts0)],
     })

@@ -453,5 +453,49 @@ fn bench_prints_timings_as_json() {
     for key in ["cached_tokens_per_s", "recompute_tokens_per_s", "speedup"] {
         positive(&v, key);
     }
+    // Host issuing and the wait in the read are part of the step.
+    let v = json(&[]);
+    let (host, read) = (v["host_ms_median"].as_f64(), v["read_ms_median"].as_f64());
+    assert!(
+        host.is_some_and(|h| h > 0.0) && read.is_some_and(|r| r >= 0.0),
+        "{v}"
+    );
+    // The routing decision alone: one JSON line per token count, Burn's cumsum timed only up
+    // to --routing-burn-max.
+    let out = switch(
+        &[
+            "bench",
+            "--json",
+            "--routing",
+            "300,1000",
+            "--routing-burn-max",
+            "500",
+            "--steps",
+            "2",
+        ],
+        &tmp,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["tokens"], 300);
+    assert_eq!(rows[1]["tokens"], 1000);
+    for r in &rows {
+        positive(r, "decision_ms_median");
+        positive(r, "decision_ns_per_token");
+        positive(r, "scan_ms_median");
+    }
+    positive(&rows[0], "burn_cumsum_ms_median");
+    assert!(rows[1]["burn_cumsum_ms_median"].is_null(), "{}", rows[1]);
+    let out = switch(&["bench", "--routing", "0"], &tmp);
+    assert!(!out.status.success());
     std::fs::remove_dir_all(&tmp).unwrap();
 }

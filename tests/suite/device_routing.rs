@@ -115,6 +115,30 @@ fn position_policy_decides_exactly_as_on_the_host() {
 }
 
 #[test]
+fn many_tokens_decide_exactly_as_on_the_host() {
+    // 2k tokens (two levels of the blocked prefix sum, routing::scan) and 20,000 (three levels,
+    // the last block partly padded): the decision is the host's, token for token.
+    let device = common::test_device();
+    let mut rng = RoutingRng::seed_from_u64(5);
+    for (n, e) in [(2048, 4), (20_000, 3)] {
+        let p = probs(&mut rng, n, e);
+        let opts = RoutingOptions {
+            drop_policy: DropPolicy::Position,
+            ..RoutingOptions::labml(1.0, true)
+        };
+        let host = host_decision(&RoutePlan::new(&p, e, &opts, &mut rng));
+        let dev = device_decision(routes_on_device(&p, e, &opts, 0, &device), e);
+        assert!(
+            host.n_dropped > 0,
+            "{n} tokens: the test should drop tokens"
+        );
+        assert_eq!(dev.counts, host.counts, "{n} tokens");
+        assert_eq!(dev.n_dropped, host.n_dropped, "{n} tokens");
+        assert_eq!(dev.kept, host.kept, "{n} tokens");
+    }
+}
+
+#[test]
 fn random_policy_keeps_a_random_subset_within_capacity() {
     let device = common::test_device();
     let mut rng = RoutingRng::seed_from_u64(2);
