@@ -24,12 +24,15 @@ pub const FUSION_SETTINGS: &str = "[fusion.beam_search]\nmax_blocks = 1\n";
 /// A `burn.toml` (or `Burn.toml`) in the working directory or one of its parents: Burn reads
 /// it for its settings, and then the project leaves them to it.
 pub fn burn_config_file() -> Option<std::path::PathBuf> {
+    file_above(&["burn.toml", "Burn.toml"])
+}
+
+/// The first of `names` found in the working directory or one of its parents.
+fn file_above(names: &[&str]) -> Option<std::path::PathBuf> {
     let mut dir = std::env::current_dir().ok()?;
     loop {
-        for name in ["burn.toml", "Burn.toml"] {
-            if dir.join(name).is_file() {
-                return Some(dir.join(name));
-            }
+        if let Some(file) = names.iter().map(|n| dir.join(n)).find(|f| f.is_file()) {
+            return Some(file);
         }
         if !dir.pop() {
             return None;
@@ -55,11 +58,71 @@ pub fn configure_fusion() -> bool {
     })
 }
 
+/// Where GPU backends keep compiled kernels and autotune results between processes:
+/// `$SWITCH_CACHE_DIR`, else `$XDG_CACHE_HOME/switch-transformer`, else
+/// `~/.cache/switch-transformer`, else the temporary directory's `switch-transformer`.
+/// (cubecl's own default is `target/environment` under the outermost `Cargo.toml` above the
+/// working directory, or the user cache outside a Cargo project: a different place, and so a
+/// cold cache, for every checkout and working directory.)
+pub fn kernel_cache_dir() -> std::path::PathBuf {
+    cache_dir_from(|name| std::env::var_os(name))
+}
+
+/// [`kernel_cache_dir`] from the environment variables `var` gives (empty ones ignored).
+fn cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let var = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = var("SWITCH_CACHE_DIR") {
+        return dir;
+    }
+    var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("switch-transformer")
+}
+
+/// Points cubecl's persistent caches (autotune results, compiled kernels) at
+/// [`kernel_cache_dir`], with cubecl's `CUBECL_*` environment overrides on top, unless a
+/// `cubecl.toml` or `burn.toml` in the working directory or above configures cubecl, or its
+/// settings were already read. Says once, on standard error, that kernels are tuned on first
+/// use when the cache is empty (a first process on a GPU spends tens of seconds there).
+/// Returns the directory when it was applied.
+#[cfg(feature = "gpu-counts")]
+pub fn configure_kernel_cache() -> Option<std::path::PathBuf> {
+    use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
+    static APPLIED: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    APPLIED
+        .get_or_init(|| {
+            if burn_config_file().is_some() || file_above(&["cubecl.toml", "CubeCL.toml"]).is_some()
+            {
+                return None;
+            }
+            let dir = kernel_cache_dir();
+            let cold = std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none());
+            let mut config = CubeClRuntimeConfig::default();
+            config.environment.path = CacheConfig::Directory(dir.clone());
+            if !CubeClRuntimeConfig::try_set(config.override_from_env()) {
+                return None;
+            }
+            if cold {
+                tracing::info!(
+                    "GPU kernels are compiled and autotuned on first use; the results are kept \
+                     in {} (set SWITCH_CACHE_DIR to move them), so this first process on the \
+                     device spends a while tuning and later ones start in seconds",
+                    dir.display()
+                );
+            }
+            Some(dir)
+        })
+        .clone()
+}
+
 /// Parses `cpu`, `cuda`, `cuda:1`, `wgpu`, ... into a device.
 pub fn parse_device(spec: &str) -> Result<Device> {
     #[cfg(feature = "gpu")]
     if !matches!(spec, "cpu" | "flex") {
         configure_fusion();
+        configure_kernel_cache();
     }
     let (name, index) = match spec.split_once(':') {
         Some((n, i)) => {
@@ -116,6 +179,38 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_cache_dir_follows_the_environment() {
+        use std::path::Path;
+        let from = |pairs: &[(&str, &str)]| {
+            cache_dir_from(|name| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            })
+        };
+        let all = [
+            ("SWITCH_CACHE_DIR", "/s"),
+            ("XDG_CACHE_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        assert_eq!(from(&all), Path::new("/s"));
+        assert_eq!(
+            from(&[
+                ("SWITCH_CACHE_DIR", ""),
+                ("XDG_CACHE_HOME", "/x"),
+                ("HOME", "/h")
+            ]),
+            Path::new("/x/switch-transformer")
+        );
+        assert_eq!(
+            from(&[("HOME", "/h")]),
+            Path::new("/h/.cache/switch-transformer")
+        );
+        assert_eq!(from(&[]), std::env::temp_dir().join("switch-transformer"));
+    }
 
     #[test]
     fn cpu_and_errors() {

@@ -11,6 +11,7 @@ mod distributed;
 mod fused;
 mod fuzz;
 mod generate;
+mod gpu;
 mod hf;
 mod parallel;
 mod parity;
