@@ -1,63 +1,37 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one go (a few minutes on a data-centre GPU): parity on every
-# fixture (labml's and the Hugging Face ones); training throughput at 4, 16 and 64 experts,
-# batch 32x64 (the reference) and 512x64, f32 and f16, with kernel launches and host syncs per
-# step; 400 training steps in f32 and in f16 compared by validation loss. Writes
-# benchmarks/gpu.jsonl and benchmarks/gpu.md and puts gpu.md into BENCHMARKS.md (section "GPU").
-# Dry run on lavapipe, sizes cut down (11 minutes on 2 CPU cores):
-#   BIN=target-wgpu/ci-gpu/switch STEPS=2 TRAIN_STEPS=4 EXPERTS=4 BATCHES=4 \
-#     CUBECL_AUTOTUNE_LEVEL=minimal bash benchmarks/gpu.sh
+# The whole GPU measurement in one go (at most about 8 minutes on a data-centre GPU), ours and
+# labml's PyTorch side by side on the same GPU: parity on every fixture (labml's and the Hugging
+# Face ones) on each backend; training throughput at batch 32x64 and 512x64, 4 and 64 experts,
+# f32 and f16, with kernel launches and host syncs per step, each next to labml's PyTorch
+# (`labml_gpu_bench.py`, f32) at the same configuration; the device routing decision alone at
+# 2k, 32k and 128k tokens; a second process's start with the kernel cache warm; 400 training
+# steps in f32 and in f16 compared by validation loss. benchmarks/gpu.py runs the steps, each
+# under its own time limit (a step that fails or times out is recorded, and the rest go on).
 #
-#   bash benchmarks/gpu.sh                            # builds --features wgpu, runs on wgpu
-#   FEATURE=vulkan bash benchmarks/gpu.sh
-#   FEATURE=cuda bash benchmarks/gpu.sh               # building cubecl-cuda needs internet (LLVM)
-#   DATA=path/to/tinyshakespeare.txt STEPS=20 TRAIN_STEPS=400 bash benchmarks/gpu.sh
+#   bash benchmarks/gpu.sh                  # builds --features cuda,vulkan if BIN is missing
+#   bash benchmarks/gpu.sh --report FILE    # BENCHMARKS.md's GPU section from a recorded run
+#
+# On a bare NVIDIA machine without Rust (../shared/device/README.md: pack.sh, env.sh), with the
+# packed binary, writing the record where the machine hands files back:
+#   source .device-pack/env.sh && P=.device-pack BIN=$P/switch LABML=$P/labml_gpu_bench.py \
+#     DATA=$P/tinyshakespeare.txt FIXTURES=$P/testdata JSONL=$OUT/gpu.jsonl bash benchmarks/gpu.sh
+# and then, in the repository: bash benchmarks/gpu.sh --report gpu.jsonl
+#
+# Settings (environment): BACKENDS ("cuda vulkan"; the first one also runs the routing, restart
+# and training steps), CONFIGS (batch:experts:precision[:backend+backend], default
+# "32:4:f32 512:4:f32 32:64:f32 512:64:f32 512:4:f16"), STEPS (20 timed steps per bench),
+# TRAIN_STEPS (400), DEADLINE (420 s: no step starts later), JSONL (benchmarks/gpu.jsonl),
+# WARM (seconds each backend may first spend compiling and tuning kernels, untimed; default 0),
+# CACHE_OUT (a .tgz to write the kernel cache to at the end).
+#
+# A cold start compiles and tunes every kernel (minutes on an H200: BENCHMARKS.md, "GPU"), and a
+# lent machine starts bare. Keep the kernel cache between calls: CACHE_OUT=$OUT/kernels.tgz in one
+# call, then unpack it into SWITCH_CACHE_DIR (the cache directory `switch` uses) in the next.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FEATURE=${FEATURE:-wgpu}
-DEVICE=${DEVICE:-$FEATURE}
-STEPS=${STEPS:-20}
-TRAIN_STEPS=${TRAIN_STEPS:-400}
-EXPERTS=${EXPERTS:-4 16 64}
-BATCHES=${BATCHES:-32 512}
-BIN=${BIN:-target/release/switch}
-DATA=${DATA:-../shared/data/tinyshakespeare.txt}
-if [ ! -x "$BIN" ]; then
-    cargo build --release --features "$FEATURE"
-fi
-if [ ! -f "$DATA" ]; then
-    echo "error: no training text at $DATA: set DATA=path/to/tinyshakespeare.txt" >&2
-    exit 1
-fi
-start=$(date +%s)
-OUT=benchmarks/gpu.jsonl
-: >"$OUT"
-echo "parity on every fixture ($DEVICE)" >&2
-parity=$("$BIN" parity --device "$DEVICE" tests/data/fixtures/*.safetensors tests/data/hf/*/ | tail -1)
-echo "{\"parity\": \"$parity\"}" >>"$OUT"
-for precision in f32 f16; do
-    for batch in $BATCHES; do
-        for e in $EXPERTS; do
-            echo "bench: $precision, batch ${batch}x64, $e experts" >&2
-            echo "{\"bench\": $("$BIN" bench --json --device "$DEVICE" --precision "$precision" \
-                --batch "$batch" --experts "$e" --steps "$STEPS" --warmup 5)}" >>"$OUT"
-        done
-    done
-done
-runs=$(mktemp -d)
-for precision in f32 f16; do
-    echo "training: $TRAIN_STEPS steps in $precision" >&2
-    "$BIN" train --device "$DEVICE" --data "$DATA" --name "gpu-$precision" \
-        --set "train.steps=$TRAIN_STEPS" --set "train.eval_interval=$TRAIN_STEPS" \
-        --set "train.checkpoint_interval=$TRAIN_STEPS" --set "model.precision=$precision" \
-        >/dev/null 2>&1 </dev/null || { echo "training in $precision failed" >&2; exit 1; }
-    mv "runs/gpu-$precision" "$runs/"
-    echo "{\"train\": \"$precision\", \"metrics\": \"$runs/gpu-$precision/metrics.jsonl\"}" >>"$OUT"
-done
-gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 || true)
-echo "{\"device\": \"${gpu:-unknown (no nvidia-smi)}\", \"backend\": \"$FEATURE\", \"seconds\": $(($(date +%s) - start))}" >>"$OUT"
-python3 benchmarks/gpu_report.py "$OUT" >benchmarks/gpu.md
-python3 - <<'PY'
+report() {
+    python3 benchmarks/gpu_report.py "$1" >benchmarks/gpu.md
+    python3 - <<'PY'
 import re
 text = open("BENCHMARKS.md").read()
 gpu = open("benchmarks/gpu.md").read().rstrip("\n")
@@ -69,4 +43,31 @@ else:
     text = text.rstrip("\n") + "\n\n" + gpu + "\n"
 open("BENCHMARKS.md", "w").write(text)
 PY
-cat benchmarks/gpu.md
+    cat benchmarks/gpu.md
+}
+if [ "${1:-}" = --report ]; then
+    report "${2:?usage: gpu.sh --report FILE}"
+    exit 0
+fi
+export BIN=${BIN:-target-gpu/release/switch}
+if [ ! -x "$BIN" ]; then
+    # cubecl-cuda is patched (vendor/cubecl-cuda) to compile kernels with NVRTC only: the build
+    # needs neither internet nor CUDA; the machine that runs it needs the NVIDIA driver and NVRTC.
+    cargo build --release --features cuda,vulkan --target-dir target-gpu
+fi
+JSONL=${JSONL:-benchmarks/gpu.jsonl}
+: >"$JSONL"
+# NVRTC (libnvrtc) from the CUDA toolkit or from PyTorch's pip packages, wherever it is.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    $(python3 -c 'import nvidia, os; b = list(nvidia.__path__)[0]; print(" ".join(os.path.join(b, d, "lib") for d in os.listdir(b)))' 2>/dev/null); do
+    [ -d "$d" ] && LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+done
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
+python3 benchmarks/gpu.py "$JSONL"
+if [ -n "${CACHE_OUT:-}" ]; then
+    cache=${SWITCH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/switch-transformer}
+    tar -C "$cache" -czf "$CACHE_OUT" . && echo "kernel cache ($(du -sh "$cache" | cut -f1)) -> $CACHE_OUT"
+fi
+if [ -w BENCHMARKS.md ] && [ "$JSONL" = benchmarks/gpu.jsonl ]; then
+    report "$JSONL"
+fi
