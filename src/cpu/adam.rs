@@ -48,6 +48,7 @@ pub(crate) fn update(
     let g = flex(g.clone());
     let mut th = flex(theta);
     if th.is_unique() && th.storage::<f32>().len() == n {
+        count(Kernel::AdamInPlace);
         fused_update(
             Theta::InPlace(th.storage_mut()),
             contiguous_f32(&g),

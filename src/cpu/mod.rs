@@ -57,6 +57,9 @@ pub enum Kernel {
     GroupedFfn,
     /// The fused Adam update of one parameter tensor ([`crate::optim::LabmlAdam`]).
     Adam,
+    /// The same update done in the parameter's own storage (no other tensor shared it), on
+    /// top of [`Kernel::Adam`].
+    AdamInPlace,
     /// An exchange of tokens between the ranks of an expert-parallel job, either direction
     /// ([`crate::distributed::ExpertExchange`]).
     ExpertExchange,
@@ -73,6 +76,8 @@ pub struct KernelRuns {
     pub grouped_ffn: u64,
     /// Fused Adam updates (one per parameter tensor).
     pub adam: u64,
+    /// Of those, the updates written into the parameter's own storage (no copy).
+    pub adam_in_place: u64,
     /// Expert exchanges between ranks (forward).
     pub expert_exchange: u64,
 }
@@ -84,6 +89,7 @@ thread_local! {
             layer_norm: 0,
             grouped_ffn: 0,
             adam: 0,
+            adam_in_place: 0,
             expert_exchange: 0,
         })
     };
@@ -102,6 +108,7 @@ pub(crate) fn count(kernel: Kernel) {
             Kernel::LayerNorm => v.layer_norm += 1,
             Kernel::GroupedFfn => v.grouped_ffn += 1,
             Kernel::Adam => v.adam += 1,
+            Kernel::AdamInPlace => v.adam_in_place += 1,
             Kernel::ExpertExchange => v.expert_exchange += 1,
         }
         r.set(v)

@@ -148,6 +148,24 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// One Adam step on this replica's weights with `grad_scale * g`. The model is handed to
+    /// the step, not a clone of it, so that on the CPU weights no other tensor shares are
+    /// updated in their own storage (`cpu::adam`; a clone kept here made every step copy every
+    /// parameter).
+    fn adam_step(self, g: &ParamGrads, lr: f64, grad_scale: f64) -> Self {
+        let Replica {
+            model,
+            mut adam,
+            device,
+        } = self;
+        let model = adam.step_scaled(model, g, lr, grad_scale);
+        Replica {
+            model,
+            adam,
+            device,
+        }
+    }
+
     /// A copy of `self` on `device`, with tensors of its own: the weights, and the optimizer
     /// moments if `with_moments` (only replicas that take their own Adam steps need them).
     fn copy_to(&self, config: &ModelConfig, device: &Device, with_moments: bool) -> Result<Self> {
@@ -453,25 +471,15 @@ impl Replicas {
         match grads {
             BatchGradients::OnFirst(g) | BatchGradients::Sharded { grads: g, .. } => {
                 let n = self.replicas.len();
-                // The first replica gives up its model to the step, so that weights no other
-                // replica shares are updated in place on the CPU.
-                let mut first = self.replicas.remove(0);
-                let step = |first: &mut Replica| {
-                    first.model = first
-                        .adam
-                        .step_scaled(first.model.clone(), g, lr, grad_scale);
-                };
-                step(&mut first);
+                let first = self.replicas.remove(0).adam_step(g, lr, grad_scale);
                 self.replicas.insert(0, first);
                 if n > 1 {
                     broadcast_weights(&mut self.replicas);
                 }
             }
             BatchGradients::OnEach(g) => {
-                let work = self.replicas.iter_mut().zip(g.iter());
-                on_each(&self.pools, work, |(r, g)| {
-                    r.model = r.adam.step_scaled(r.model.clone(), g, lr, grad_scale);
-                });
+                let work = std::mem::take(&mut self.replicas).into_iter().zip(g.iter());
+                self.replicas = on_each(&self.pools, work, |(r, g)| r.adam_step(g, lr, grad_scale));
             }
         }
     }

@@ -328,6 +328,62 @@ fn a_cpu_training_step_runs_every_kernel() {
         n_tensors.0,
         "one update per tensor"
     );
+    assert_eq!(
+        after.adam_in_place - before.adam_in_place,
+        n_tensors.0,
+        "a model handed to the step alone is updated in place"
+    );
+}
+
+/// The Adam step as training takes it (`Replicas::adam_step` on one model, after a forward and
+/// backward): every parameter is updated in its own storage, without a copy of the weights.
+#[test]
+fn training_updates_the_weights_in_place() {
+    use burn::tensor::{Int, TensorData};
+    use rand::SeedableRng;
+    use switch_transformer::model::loss::Losses;
+    use switch_transformer::optim::{LabmlAdam, ParamGrads};
+    use switch_transformer::routing::RoutingRng;
+    use switch_transformer::train::replicas::{BatchGradients, GradSync, Replica, Replicas};
+
+    let device = Device::default();
+    let config = common::tiny_run_config().model;
+    let first = Replica {
+        model: config.init(0, &device.clone().autodiff()).unwrap(),
+        adam: LabmlAdam::default(),
+        device: device.clone().autodiff(),
+    };
+    let mut replicas = Replicas::new(
+        first,
+        &config,
+        &[device.clone()],
+        GradSync::Broadcast,
+        false,
+    )
+    .unwrap();
+    let ad = device.autodiff();
+    let ids = |offset: usize| {
+        let v: Vec<i64> = (0..64)
+            .map(|i| ((i + offset) * 7 % config.n_vocab) as i64)
+            .collect();
+        Tensor::<2, Int>::from_data(TensorData::new(v, [4, 16]), &ad)
+    };
+    for step in 0..2 {
+        let model = &replicas.first().model;
+        let out = model.forward(ids(step), &mut RoutingRng::seed_from_u64(0));
+        let losses = Losses::new(out.logits, ids(step + 1), &out.stats, 0.01, 0.0);
+        let grads = ParamGrads::from_gradients(model, losses.total.backward());
+        let before = cpu::runs();
+        replicas.adam_step(&BatchGradients::OnFirst(grads), 1e-3, 0.5);
+        let after = cpu::runs();
+        let updates = after.adam - before.adam;
+        assert!(updates > 0);
+        assert_eq!(
+            after.adam_in_place - before.adam_in_place,
+            updates,
+            "step {step}: weights copied instead of updated in place"
+        );
+    }
 }
 
 /// The compositions the GPU backends run, written for Burn's fusion (`linear_rows`: rows
