@@ -129,19 +129,6 @@ impl ParamGrads {
             None => SumOfSquares::Host(0.0),
         }
     }
-
-    /// PyTorch `clip_grad_norm_(max_norm)`: scales all gradients by
-    /// `min(1, max_norm / (norm + 1e-6))`; returns the norm before clipping.
-    pub fn clip_global_norm(&mut self, max_norm: f64) -> f64 {
-        let norm = self.global_norm();
-        let coef = clip_coefficient(norm, max_norm);
-        if coef < 1.0 {
-            for g in &mut self.grads {
-                *g = g.clone() * coef;
-            }
-        }
-        norm
-    }
 }
 
 /// Consecutive gradients, by index, grouped for [`ParamGrads::sum_of_squares`] on a GPU: at

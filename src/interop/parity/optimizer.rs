@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde_json::Value;
 
 use super::*;
-use crate::optim::{LabmlAdam, Noam, ParamGrads};
+use crate::optim::{LabmlAdam, Noam, ParamGrads, clip_coefficient};
 use crate::store::{TensorFile, host_f32};
 
 /// Parameters of the optimizer fixture, flattened (Adam is elementwise).
@@ -59,7 +59,10 @@ pub(super) fn optimizer(file: &TensorFile, device: &Device, report: &mut Report)
                 Tensor::from_data(TensorData::new(g.to_f32(), [g.numel()]), device),
             );
         }
-        let norm = grads.clip_global_norm(max_norm);
+        // Exactly what training composes (train::step): the norm, the clip coefficient, and
+        // Adam on the unscaled gradients with that coefficient applied in its pass.
+        let norm = grads.global_norm();
+        let coef = clip_coefficient(norm, max_norm);
         report.compare(
             &format!("step{step}.total_norm"),
             &[norm as f32],
@@ -68,7 +71,7 @@ pub(super) fn optimizer(file: &TensorFile, device: &Device, report: &mut Report)
         );
         for (n, p) in names.iter().zip(&module.params) {
             let key = format!("step{step}.clipped_grad.{n}");
-            let g = host_f32(grads.get(&p.id).expect("inserted above").clone());
+            let g = host_f32(grads.get(&p.id).expect("inserted above").clone() * coef);
             report.compare(&key, &g, file.get(&key)?, FORWARD_TOL);
         }
         let lr = noam.lr(step as u64);
@@ -82,7 +85,7 @@ pub(super) fn optimizer(file: &TensorFile, device: &Device, report: &mut Report)
             pass: lr_err / expected_lr.abs() <= 1e-12,
             note: String::new(),
         });
-        module = adam.step(module, &grads, lr);
+        module = adam.step_scaled(module, &grads, lr, coef);
         for (n, p) in names.iter().zip(&module.params) {
             let key = format!("step{step}.{n}");
             report.compare(&key, &host_f32(p.val()), file.get(&key)?, FORWARD_TOL);
