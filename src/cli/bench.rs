@@ -174,6 +174,18 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
     if batch == 0 || seq_len == 0 || steps == 0 {
         bail!("--batch, --seq-len and --steps must be at least 1");
     }
+    // The memory check `train` makes, before anything is allocated (`--experts 100000000`
+    // would otherwise grow until the kernel kills the process).
+    let mut run = switch_transformer::train::config::RunConfig {
+        model: c.model.clone(),
+        ..Default::default()
+    };
+    run.train.batch_size = batch;
+    run.train.seq_len = seq_len;
+    switch_transformer::train::memory::check_fits(
+        &run,
+        switch_transformer::train::memory::available(),
+    )?;
     if generate {
         let r = bench_generate(&c, tokens, device)?;
         if json {

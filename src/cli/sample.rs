@@ -52,12 +52,13 @@ pub fn run(args: SampleArgs, device: &Device) -> Result<ExitCode> {
         recompute,
     } = args;
 
-    if !(temperature.is_finite() && temperature >= 0.0) {
-        bail!("--temperature must be a number >= 0 (0 = greedy), got {temperature}");
+    SampleOptions {
+        max_tokens,
+        temperature,
+        top_k,
+        context: 1,
     }
-    if top_k == Some(0) {
-        bail!("--top-k must be at least 1 (leave it out to sample from every token)");
-    }
+    .check()?;
     if prompt.is_empty() {
         bail!("--prompt must not be empty");
     }

@@ -67,6 +67,9 @@ pub struct Seq2seqArgs {
 /// Runs the command.
 pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
     if args.bench {
+        if args.batch == 0 || args.src_len == 0 || args.repeat == 0 || args.max_tokens == 0 {
+            bail!("--batch, --src-len, --repeat and --max-tokens must be at least 1 with --bench");
+        }
         let model = HfSwitchTransformer::load(&args.model, device)?;
         let r = switch_transformer::tools::hf_bench::run(
             &model,
@@ -78,6 +81,13 @@ pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let opts = SampleOptions {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        context: usize::MAX,
+    };
+    opts.check()?;
     let mut inputs = args.input.clone();
     if let Some(f) = &args.input_file {
         let text = std::fs::read_to_string(f)
@@ -96,6 +106,24 @@ pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
     let c = &model.config;
     let tok = HfTokenizer::load(&args.model, c.pad())?;
     let batch = tok.encode(&inputs)?;
+    // What the input will take, refused before anything is allocated when it cannot fit
+    // (attention is quadratic in the input's length).
+    let need = c.run_bytes(batch.batch, batch.len, args.max_tokens);
+    if let Some(avail) = switch_transformer::train::memory::available()
+        && need > avail as u128
+    {
+        let gib = |x: u128| x as f64 / (1u64 << 30) as f64;
+        bail!(
+            "{} input(s) of up to {} tokens with --max-tokens {} need about {:.1} GiB (attention \
+             grows with the square of the input's length) but {:.1} GiB is available: split the \
+             input into shorter pieces",
+            batch.batch,
+            batch.len,
+            args.max_tokens,
+            gib(need),
+            gib(avail as u128)
+        );
+    }
     eprintln!(
         "loaded {} in {:.1} s",
         args.model.display(),
@@ -104,12 +132,6 @@ pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
 
     let t1 = Instant::now();
     let enc = model.encode(&batch.ids, &batch.mask, batch.batch, batch.len)?;
-    let opts = SampleOptions {
-        max_tokens: args.max_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        context: usize::MAX,
-    };
     let stop = match (args.ignore_eos, c.eos_token_id) {
         (false, Some(eos)) => Some((eos, c.pad())),
         _ => None,
@@ -150,14 +172,42 @@ pub struct ConvertArgs {
 }
 
 /// Runs `switch convert`.
+///
+/// The new directory appears whole or not at all: everything is written into a sibling
+/// directory first (`.NAME.partial-PID`), which is renamed into place at the end and removed if
+/// anything fails (a full disk, a file that cannot be read), so a retry starts clean.
 pub fn convert(args: ConvertArgs, device: &Device) -> Result<ExitCode> {
-    let model = HfSwitchTransformer::load(&args.model, device)?;
-    model.save(&args.out, args.dtype)?;
-    let tok = args.model.join("tokenizer.json");
-    if tok.exists() {
-        std::fs::copy(&tok, args.out.join("tokenizer.json"))
-            .with_context(|| format!("cannot copy {}", tok.display()))?;
+    let out = &args.out;
+    let taken = std::fs::read_dir(out).map_or(out.exists(), |mut d| d.next().is_some());
+    if taken {
+        bail!(
+            "{} already exists: choose a new directory (a saved model is never overwritten)",
+            out.display()
+        );
     }
-    println!("saved {} ({:?})", args.out.display(), args.dtype);
+    let model = HfSwitchTransformer::load(&args.model, device)?;
+    let name = out
+        .file_name()
+        .with_context(|| format!("--out {} has no directory name", out.display()))?;
+    let partial = out.with_file_name(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| -> Result<()> {
+        model.save(&partial, args.dtype)?;
+        let tok = args.model.join("tokenizer.json");
+        if tok.exists() {
+            std::fs::copy(&tok, partial.join("tokenizer.json"))
+                .with_context(|| format!("cannot copy {}", tok.display()))?;
+        }
+        std::fs::rename(&partial, out)
+            .with_context(|| format!("cannot move {} to {}", partial.display(), out.display()))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e.context(format!("nothing was written to {}", out.display())));
+    }
+    println!("saved {} ({:?})", out.display(), args.dtype);
     Ok(ExitCode::SUCCESS)
 }

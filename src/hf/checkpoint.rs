@@ -65,7 +65,17 @@ impl TensorSource {
             .with_context(|| format!("{}: cannot read tensor `{name}`", e.file.display()))?;
         let view = TensorView::new(e.dtype, e.shape.clone(), &bytes)
             .map_err(|err| anyhow!("{}: tensor `{name}`: {err}", e.file.display()))?;
-        HostTensor::from_view(name, &view)
+        let t = HostTensor::from_view(name, &view)?;
+        // A NaN or infinite weight makes every output NaN (decoded as padding): refused here,
+        // where the tensor is named, for the weights read at load and the experts read later.
+        if let Some(v) = t.first_non_finite() {
+            bail!(
+                "{}: tensor `{name}` holds a non-finite value ({v}): the checkpoint is damaged; \
+                 download or convert it again",
+                e.file.display()
+            );
+        }
+        Ok(t)
     }
 }
 

@@ -137,12 +137,37 @@ impl HfConfig {
                 bail!("{what} is 0");
             }
         }
+        if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
+            bail!(
+                "layer_norm_epsilon must be a number > 0 (transformers' default is 1e-6), got {}",
+                self.layer_norm_epsilon
+            );
+        }
         if self.num_sparse_encoder_layers + self.num_sparse_decoder_layers > 0
             && self.num_experts == 0
         {
             bail!("sparse layers need num_experts > 0");
         }
         Ok(())
+    }
+
+    /// Bytes that running `batch` inputs of `len` tokens through the encoder and decoding
+    /// `new_tokens` tokens needs besides the weights, f32: per attention layer the scores,
+    /// position bias and softmax (`3 B H L^2`), the hidden states and projections
+    /// (`12 B L d_model` per block), and the decoder's key/value caches (self and cross,
+    /// `4 B (L + N) H d_kv` per block). An estimate, to refuse inputs that cannot fit before
+    /// anything is allocated.
+    pub fn run_bytes(&self, batch: usize, len: usize, new_tokens: usize) -> u128 {
+        let (b, l, n) = (batch as u128, len as u128, new_tokens as u128);
+        let (h, d, dkv) = (
+            self.num_heads as u128,
+            self.d_model as u128,
+            self.d_kv as u128,
+        );
+        let attention = 3 * b * h * l * l;
+        let states = 12 * b * l * d * self.num_layers as u128;
+        let caches = 4 * b * (l + n) * h * dkv * self.decoder_layers() as u128;
+        4 * (attention + states + caches)
     }
 
     /// Decoder blocks.
@@ -216,5 +241,11 @@ mod tests {
         let mut c = config(2, 1);
         c.dense_act_fn = "gated-gelu".into();
         assert!(c.check().unwrap_err().to_string().contains("gated-gelu"));
+        for eps in [-1.0, 0.0, f64::NAN, f64::INFINITY] {
+            let mut c = config(2, 1);
+            c.layer_norm_epsilon = eps;
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.contains("layer_norm_epsilon"), "{e}");
+        }
     }
 }

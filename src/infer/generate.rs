@@ -24,6 +24,24 @@ pub struct SampleOptions {
     pub context: usize,
 }
 
+impl SampleOptions {
+    /// Checks the sampling settings as the command line gives them (`switch sample` and
+    /// `switch seq2seq` alike): a temperature that is a finite number >= 0, a top-k of at
+    /// least 1.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            anyhow::bail!(
+                "--temperature must be a number >= 0 (0 = greedy), got {}",
+                self.temperature
+            );
+        }
+        if self.top_k == Some(0) {
+            anyhow::bail!("--top-k must be at least 1 (leave it out to sample from every token)");
+        }
+        Ok(())
+    }
+}
+
 /// Picks the next token from `logits` `[n_vocab]`.
 pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut impl Rng) -> u32 {
     if opts.temperature <= 0.0 {

@@ -497,5 +497,8 @@ fn bench_prints_timings_as_json() {
     assert!(rows[1]["burn_cumsum_ms_median"].is_null(), "{}", rows[1]);
     let out = switch(&["bench", "--routing", "0"], &tmp);
     assert!(!out.status.success());
+    // A model that cannot fit is refused with an estimate before anything is allocated.
+    let out = switch(&["bench", "--experts", "100000000"], &tmp);
+    assert_error(&out, &["needs about", "GiB"]);
     std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -228,6 +228,142 @@ fn a_checkpoint_that_does_not_match_its_config_is_named() {
     assert!(load_err(&empty).contains("neither model.safetensors"));
 }
 
+/// NaN or infinite weights (a damaged download) are refused where they are read, by name, and a
+/// `layer_norm_epsilon` that is not a positive number by its key: not turned into `<pad>`s.
+#[test]
+fn weights_that_are_not_finite_are_refused_by_name() {
+    use switch_transformer::store::HostData;
+    for (tag, name, value) in [
+        ("nan-embedding", "shared.weight", f32::NAN),
+        (
+            "inf-router",
+            "encoder.block.1.layer.1.mlp.router.classifier.weight",
+            f32::INFINITY,
+        ),
+    ] {
+        let dir = copy_fixture("tiny", tag);
+        let mut f = TensorFile::read(&path_of(&dir)).unwrap();
+        match &mut f.tensors.get_mut(name).expect("in the fixture").data {
+            HostData::F32(v) => v[3] = value,
+            _ => panic!("{name} is f32 in the fixture"),
+        }
+        f.write(&path_of(&dir)).unwrap();
+        let err = load_err(&dir);
+        assert!(err.contains("non-finite") && err.contains(name), "{err}");
+        let out = switch(&["seq2seq", "--model", dir.to_str().unwrap(), "--input", "A."]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(name));
+    }
+    let dir = copy_fixture("tiny", "negative-epsilon");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["layer_norm_epsilon"] = serde_json::json!(-1.0);
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    assert!(load_err(&dir).contains("layer_norm_epsilon"));
+}
+
+/// An input that cannot fit is refused before anything is allocated, with what it needs, instead
+/// of a process the kernel kills; so is a `--max-tokens` no memory holds the caches of.
+#[test]
+fn seq2seq_refuses_what_cannot_fit() {
+    let tiny = hf_dir("tiny");
+    let tiny = tiny.to_str().unwrap();
+    // 800,000 characters on one line (a file: one argument holds at most 128 kB on Linux).
+    let file = common::temp_dir("hf-long").join("long.txt");
+    std::fs::write(&file, "a b ".repeat(200_000)).unwrap();
+    let t0 = std::time::Instant::now();
+    let out = switch(&[
+        "seq2seq",
+        "--model",
+        tiny,
+        "--input-file",
+        file.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("GiB") && stderr.contains("split the input"),
+        "{stderr}"
+    );
+    assert!(t0.elapsed().as_secs() < 30, "refused before the work");
+    let out = switch(&[
+        "seq2seq",
+        "--model",
+        tiny,
+        "--input",
+        "A.",
+        "--max-tokens",
+        "18446744073709551615",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GiB"));
+    // --bench with an empty batch: a clear error, not a shape message.
+    let out = switch(&["seq2seq", "--model", tiny, "--bench", "--batch", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch"));
+}
+
+/// `convert` writes the new directory whole or not at all: a failure part-way (here the
+/// tokenizer cannot be copied, after the weights were written) leaves nothing behind, and the
+/// retry succeeds.
+#[test]
+fn convert_leaves_nothing_half_written() {
+    let src = copy_fixture("tiny", "convert-broken-tokenizer");
+    let tok = src.join("tokenizer.json");
+    let good = std::fs::read(&tok).unwrap();
+    std::fs::remove_file(&tok).unwrap();
+    std::fs::create_dir(&tok).unwrap(); // a directory where a file is expected: copy fails
+    let parent = common::temp_dir("hf-convert-atomic");
+    let dst = parent.join("out");
+    let args = [
+        "convert",
+        "--model",
+        src.to_str().unwrap(),
+        "--out",
+        dst.to_str().unwrap(),
+    ];
+    let out = switch(&args);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing was written"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dst.exists(), "no half-written model");
+    let left: Vec<_> = std::fs::read_dir(&parent).unwrap().collect();
+    assert!(left.is_empty(), "no partial directory left: {left:?}");
+    std::fs::remove_dir(&tok).unwrap();
+    std::fs::write(&tok, good).unwrap();
+    switch_ok(&args);
+    assert!(dst.join("tokenizer.json").is_file() && dst.join("model.safetensors").is_file());
+    // And never over a model already there.
+    let out = switch(&args);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+}
+
+/// `seq2seq` checks its sampling flags as `sample` does (one definition: `SampleOptions::check`).
+#[test]
+fn seq2seq_refuses_sampling_flags_that_sample_refuses() {
+    let tiny = hf_dir("tiny");
+    let tiny = tiny.to_str().unwrap();
+    for (flag, value, needle) in [
+        ("--temperature", "NaN", "--temperature"),
+        ("--temperature=-1", "", "--temperature"),
+        ("--temperature", "inf", "--temperature"),
+        ("--top-k", "0", "--top-k"),
+    ] {
+        let mut args = vec!["seq2seq", "--model", tiny, "--input", "A.", flag];
+        if !value.is_empty() {
+            args.push(value);
+        }
+        let out = switch(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+    }
+}
+
 fn path_of(dir: &Path) -> PathBuf {
     dir.join("model.safetensors")
 }
