@@ -177,12 +177,18 @@ fn train(trainer: &mut Trainer, data: &std::path::Path) -> Result<ExitCode> {
     // Ranks > 0 of a distributed job train silently: rank 0 reports.
     let writer = trainer.is_writer();
     if writer {
+        let layers = match m.n_switch_layers() {
+            0 => format!("{} dense layers (no Switch layer)", m.n_layers),
+            k if k == m.n_layers => format!("{} layers x {} experts", m.n_layers, m.n_experts),
+            k => format!(
+                "{} layers ({k} Switch layers x {} experts)",
+                m.n_layers, m.n_experts
+            ),
+        };
         println!(
-            "run {}: {} parameters, {} layers x {} experts, d_model {}, {} steps of {}x{} tokens",
+            "run {}: {} parameters, {layers}, d_model {}, {} steps of {}x{} tokens",
             trainer.run_dir.display(),
             m.num_params(),
-            m.n_layers,
-            m.n_experts,
             m.d_model,
             t.steps,
             t.batch_size,

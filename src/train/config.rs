@@ -135,6 +135,13 @@ impl TrainConfig {
                 bail!("train.{name} must be in [0, 1) (got {v})");
             }
         }
+        if self.sample_tokens > MAX_SAMPLE_TOKENS {
+            bail!(
+                "train.sample_tokens must be at most {MAX_SAMPLE_TOKENS} (got {}): the sample is \
+                 generated at every validation, and a stop signal waits for it",
+                self.sample_tokens
+            );
+        }
         if !self.batch_size.is_multiple_of(self.replicas) {
             bail!(
                 "train.batch_size ({}) must be a multiple of train.replicas ({}): every replica \
@@ -146,6 +153,10 @@ impl TrainConfig {
         Ok(())
     }
 }
+
+/// The longest validation sample (`train.sample_tokens`): generated at every validation, a
+/// few seconds at most on a CPU, so a stop signal is answered promptly.
+pub const MAX_SAMPLE_TOKENS: usize = 10_000;
 
 /// Everything a training run is configured by: the TOML file of a run (`[model]`, `[train]`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -413,6 +424,9 @@ pub fn missing_keys(text: &str) -> Result<Vec<String>> {
 /// the optimizer's arithmetic mid-run.
 pub const RESUMABLE_KEYS: &[&str] = &[
     "train.steps",
+    // The Noam schedule is a function of the step: a new rate or warm-up continues from it.
+    "train.lr",
+    "train.warmup",
     "train.log_interval",
     "train.eval_interval",
     "train.checkpoint_interval",
@@ -429,6 +443,8 @@ impl RunConfig {
     pub fn set_on_resume(&mut self, assignments: &[String]) -> Result<()> {
         for a in assignments {
             let key = a.split_once('=').map_or(a.as_str(), |(k, _)| k).trim();
+            // An unknown key or a bad value is named as such first (by `set`'s own check).
+            self.clone().set(a)?;
             if !RESUMABLE_KEYS.contains(&key) {
                 bail!(
                     "{key} cannot change when a run resumes (it would change the model, the data \
@@ -478,6 +494,14 @@ mod tests {
         c.set("train.steps=12").unwrap();
         c.set("model.drop_tokens=false").unwrap();
         c.set("model.capacity_factor=2").unwrap();
+        let mut long = RunConfig::default();
+        long.set("train.sample_tokens=100000000").unwrap();
+        assert!(
+            long.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("train.sample_tokens must be at most")
+        );
         c.set("train.sample_prompt=ROMEO:").unwrap();
         assert_eq!(c.train.steps, 12);
         assert!(!c.model.drop_tokens);

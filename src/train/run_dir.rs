@@ -238,8 +238,17 @@ impl RunDir {
             bail!("{self} is not a directory");
         }
         let path = self.metrics_path();
-        let text = std::fs::read_to_string(&path).with_context(|| {
+        let bytes = std::fs::read(&path).with_context(|| {
             format!("{self} has no metrics.jsonl: is it a run directory written by `switch train`?")
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+            anyhow::anyhow!(
+                "{} is damaged: line {line} is not UTF-8 text (byte {at}); `switch train` \
+                 writes JSON lines: restore it from a copy or remove that line",
+                path.display()
+            )
         })?;
         let mut lines = Vec::new();
         let n = text.lines().count();

@@ -226,9 +226,23 @@ impl Trainer {
             // The others read the checkpoints once rank 0 has tidied them.
             world.all_reduce_sum_f64("waiting for rank 0 to tidy the run", &mut [0.0])?;
         }
-        let checkpoints = run_dir.checkpoint_list();
+        let mut checkpoints = run_dir.checkpoint_list();
+        if checkpoints.is_empty() && run_dir.best().join("state.json").is_file() {
+            // No regular checkpoint left (an interrupted run, a removed folder), but the best
+            // one is whole: resume from it rather than refuse.
+            if writer {
+                tracing::warn!(
+                    "{run_dir} has no checkpoint in checkpoints/: resuming from best/ (the \
+                     best validation loss so far)"
+                );
+            }
+            checkpoints.push((0, run_dir.best()));
+        }
         if checkpoints.is_empty() {
-            bail!("{run_dir} has no checkpoint to resume from");
+            bail!(
+                "{run_dir} has no checkpoint to resume from: remove it and start again \
+                 (`switch train` with the same --name), or choose another --name"
+            );
         }
         let devices = placement.devices_for(config.train.replicas)?;
         if config.train.expert_parallel {
@@ -256,7 +270,19 @@ impl Trainer {
             let e = newest_error.expect("a checkpoint failed to load");
             return Err(e.context(format!("no checkpoint of {run_dir} loads")));
         };
-        if writer && (!overrides.is_empty() || rescaled) {
+        // A train.steps below the step reached changes nothing (the run is finished either
+        // way), so it is not recorded: a later resume still reads the run's own length.
+        let below = config.train.steps < loaded.state.step;
+        if writer && below {
+            tracing::info!(
+                "train.steps = {} is below the step reached ({}): nothing to run, and {}'s \
+                 config.toml is left as it was",
+                config.train.steps,
+                loaded.state.step,
+                run_dir
+            );
+        }
+        if writer && !below && (!overrides.is_empty() || rescaled) {
             run_dir.write_config(&config)?;
         }
         let mut loader = TrainLoader::new(data.train.len(), t.seq_len, t.batch_size, t.seed);
@@ -282,6 +308,34 @@ impl Trainer {
             trainer.run_dir.truncate_metrics(trainer.step)?;
         }
         Ok(trainer)
+    }
+
+    /// What to do after a divergence, as a command that works: resume from the last
+    /// checkpoint at half the learning rate (`train.lr` and `train.warmup` may change on
+    /// resume), or, with no checkpoint yet, start again.
+    fn lower_lr_hint(&self) -> String {
+        let half = self.config.train.lr / 2.0;
+        // Short either way: 0.5, 0.0001, 5e29.
+        let lr = if (1e-4..1e6).contains(&half) {
+            format!("{half}")
+        } else {
+            format!("{half:e}")
+        };
+        match self.run_dir.latest_checkpoint() {
+            Some(c) => format!(
+                "Resume from the last checkpoint ({}) at a lower learning rate: `switch train \
+                 --resume {} --set train.lr={lr}` (or raise train.warmup), or set \
+                 train.skip_nonfinite = N to skip up to N such steps",
+                c.display(),
+                self.run_dir
+            ),
+            None => format!(
+                "There is no checkpoint yet: remove {} and start again with a lower \
+                 learning rate (--set train.lr={lr}) or a longer warm-up (train.warmup), or \
+                 with train.skip_nonfinite = N to skip up to N such steps",
+                self.run_dir
+            ),
+        }
     }
 
     fn assemble(
@@ -489,16 +543,11 @@ impl Trainer {
                     bail!(
                         "step {}: the training loss ({}) or the gradient norm ({}) is not finite: \
                          the run stopped without updating the weights or writing anything \
-                         non-finite ({}). Lower train.lr (or raise train.warmup) and resume, or \
-                         set train.skip_nonfinite = N to skip up to N such steps",
+                         non-finite. {}",
                         m.step,
                         m.loss,
                         m.grad_norm,
-                        self.run_dir
-                            .latest_checkpoint()
-                            .map_or("no checkpoint yet".into(), |c| {
-                                format!("last checkpoint: {}", c.display())
-                            })
+                        self.lower_lr_hint()
                     );
                 }
                 on_event(Event::Skipped(&m));
@@ -547,10 +596,10 @@ impl Trainer {
                 if !metrics.loss.is_finite() {
                     bail!(
                         "step {}: the validation loss is not finite ({}): the weights have \
-                         diverged; the run stopped before writing them. Lower train.lr (or \
-                         raise train.warmup) and resume from the last checkpoint",
+                         diverged; the run stopped before writing them. {}",
                         self.step,
-                        metrics.loss
+                        metrics.loss,
+                        self.lower_lr_hint()
                     );
                 }
                 self.run_dir.append_metrics(&MetricsLine::Valid(ValidLine {

@@ -124,6 +124,10 @@ fn sigterm_and_sighup_checkpoint_and_the_printed_hint_resumes() {
             "a finished run says so: {}",
             String::from_utf8_lossy(&out.stdout)
         );
+        // That no-op length was not recorded: the run keeps its own.
+        let config =
+            std::fs::read_to_string(tmp.join("runs").join(name).join("config.toml")).unwrap();
+        assert!(!config.lines().any(|l| l.trim() == "steps = 1"), "{config}");
         let ckpts = std::fs::read_dir(tmp.join("runs").join(name).join("checkpoints"))
             .unwrap()
             .count();
@@ -144,6 +148,16 @@ fn a_run_is_extended_with_set_and_unsafe_keys_are_refused_by_name() {
     let out = switch(&resume, &tmp);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("is finished: step 3"));
+    // An unknown key is named as unknown, not as one that cannot change.
+    let mut unknown = resume.to_vec();
+    unknown.extend(["--set", "train.bogus=1"]);
+    let out = switch(&unknown, &tmp);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("train.bogus") && !stderr(&out).contains("cannot change"),
+        "{}",
+        stderr(&out)
+    );
     // A key that would change the model: refused, by name.
     let mut bad = resume.to_vec();
     bad.extend(["--set", "model.d_model=32"]);
@@ -538,5 +552,105 @@ fn diagnostics_go_through_tracing_and_follow_rust_log() {
             && err.contains("line 2 is incomplete"),
         "{err}"
     );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// A model without a Switch layer (`model.switch_every` beyond the layers) is described as
+/// dense, not as "N layers x E experts".
+#[test]
+fn a_dense_model_is_described_as_dense() {
+    let tmp = common::temp_dir("cli-dense");
+    let data = common::training_text(&tmp);
+    let mut args = train_args(data.to_str().unwrap(), "d", 1);
+    args.extend(["--set".to_string(), "model.switch_every=100".to_string()]);
+    let out = switch(&strs(&args), &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("dense layers (no Switch layer)") && !stdout.contains("experts,"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// After a divergence the advice is a command that works as printed: the learning rate and its
+/// warm-up may change on resume, and the printed resume continues from the last checkpoint.
+#[test]
+fn the_advice_after_a_divergence_works_as_printed() {
+    let tmp = common::temp_dir("cli-diverge-advice");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    let out = switch(&strs(&train_args(data, "div", 2)), &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let resume = |extra: &[&str]| {
+        let mut a = vec!["train", "--resume", "runs/div", "--data", data];
+        a.extend(extra);
+        switch(&a, &tmp)
+    };
+    let out = resume(&[
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.warmup=1",
+    ]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("not finite"), "{err}");
+    let hint = err
+        .split('`')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no command in the advice: {err}"));
+    let words: Vec<&str> = hint.split_whitespace().collect();
+    assert_eq!(&words[..3], ["switch", "train", "--resume"], "{hint}");
+    assert!(hint.contains("--set train.lr=5e29"), "{hint}");
+    // As printed: accepted, resumed from the checkpoint (and, at 5e29, diverging again).
+    let out = switch(&words[1..], &tmp);
+    let err = stderr(&out);
+    assert!(!err.contains("cannot change"), "{err}");
+    assert!(err.contains("not finite"), "{err}");
+    // With a sane rate, the same command finishes the run.
+    let sane: Vec<&str> = words[1..]
+        .iter()
+        .map(|w| {
+            if w.starts_with("train.lr=") {
+                "train.lr=0.01"
+            } else {
+                w
+            }
+        })
+        .collect();
+    let out = switch(&sane, &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// `--resume` falls back to a complete `best/` when no checkpoint is left in `checkpoints/`.
+#[test]
+fn resume_falls_back_to_the_best_checkpoint() {
+    let tmp = common::temp_dir("cli-resume-best");
+    let data = common::training_text(&tmp);
+    let data = data.to_str().unwrap();
+    let out = switch(&strs(&train_args(data, "b", 2)), &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = tmp.join("runs/b");
+    assert!(run.join("best/state.json").is_file());
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    let out = switch(
+        &[
+            "train",
+            "--resume",
+            "runs/b",
+            "--data",
+            data,
+            "--set",
+            "train.steps=3",
+        ],
+        &tmp,
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming from best/"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("at step 2"));
     std::fs::remove_dir_all(&tmp).unwrap();
 }

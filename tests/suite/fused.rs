@@ -356,7 +356,7 @@ fn training_updates_the_weights_in_place() {
     let mut replicas = Replicas::new(
         first,
         &config,
-        &[device.clone()],
+        std::slice::from_ref(&device),
         GradSync::Broadcast,
         false,
     )

@@ -137,6 +137,17 @@ fn bad_metrics_are_clear_errors() {
             "{name}: {err}"
         );
     }
+    // Bytes that are not UTF-8 on line 2: named as damage there, not as a missing file.
+    let dir = tmp.join("not-utf8");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut bytes = format!("{good}\n").into_bytes();
+    bytes.extend([0xff, 0xfe, b'\n']);
+    std::fs::write(dir.join("metrics.jsonl"), bytes).unwrap();
+    let err = format!("{:#}", RunMetrics::read(&dir).unwrap_err());
+    assert!(
+        err.contains("line 2 is not UTF-8") && !err.contains("has no metrics"),
+        "{err}"
+    );
     // A last line cut by a kill mid-write is the end of the file (with a warning).
     let torn = tmp.join("torn");
     std::fs::create_dir_all(&torn).unwrap();
