@@ -75,12 +75,16 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
                  train.global_routing"
             );
         }
-        let dir = RunDir::new(&run_dir);
-        let seq_len = dir.read_config()?.train.seq_len;
-        let data = dir
-            .resolve_data(data.as_deref())?
-            .unwrap_or_else(|| DEFAULT_DATA.into());
-        let text = load_data(&data, seq_len)?;
+        let read = (|| {
+            let dir = RunDir::new(&run_dir);
+            let seq_len = dir.read_config()?.train.seq_len;
+            let data = dir
+                .resolve_data(data.as_deref())?
+                .unwrap_or_else(|| DEFAULT_DATA.into());
+            let text = load_data(&data, seq_len)?;
+            Ok((data, text))
+        })();
+        let (data, text) = agree(&world, "reading the run and its data", read)?;
         let t = Trainer::resume_with(&run_dir, text, placement, &overrides)?;
         if t.step >= t.config.train.steps {
             if !t.is_writer() {
@@ -100,30 +104,34 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         }
         (t, data)
     } else {
-        let mut c = match config {
-            Some(path) => RunConfig::from_toml_file(&path)?,
-            None => RunConfig::default(),
-        };
-        for o in &overrides {
-            c.set(o)?;
-        }
-        if let Some(s) = seed {
-            c.train.seed = s;
-        }
-        if parallel.devices.len() > 1 && c.train.replicas == 1 {
-            c.train.replicas = parallel.devices.len();
-        }
-        if let Some(w) = &world {
-            switch_transformer::distributed::check_batch(c.train.batch_size, w.size())?;
-            c.train.replicas = w.size();
-        }
-        if parallel.global_routing {
-            c.train.global_routing = true;
-        }
-        c.validate()?;
-        placement.devices_for(c.train.replicas)?;
-        let data = data.unwrap_or_else(|| DEFAULT_DATA.into());
-        let text = load_data(&data, c.train.seq_len)?;
+        let prepared = (|| {
+            let mut c = match config {
+                Some(path) => RunConfig::from_toml_file(&path)?,
+                None => RunConfig::default(),
+            };
+            for o in &overrides {
+                c.set(o)?;
+            }
+            if let Some(s) = seed {
+                c.train.seed = s;
+            }
+            if parallel.devices.len() > 1 && c.train.replicas == 1 {
+                c.train.replicas = parallel.devices.len();
+            }
+            if let Some(w) = &world {
+                switch_transformer::distributed::check_batch(c.train.batch_size, w.size())?;
+                c.train.replicas = w.size();
+            }
+            if parallel.global_routing {
+                c.train.global_routing = true;
+            }
+            c.validate()?;
+            placement.devices_for(c.train.replicas)?;
+            let data = data.unwrap_or_else(|| DEFAULT_DATA.into());
+            let text = load_data(&data, c.train.seq_len)?;
+            Ok((c, data, text))
+        })();
+        let (c, data, text) = agree(&world, "reading the configuration and the data", prepared)?;
         let mut name = name.unwrap_or_else(default_run_name);
         if let Some(w) = &world {
             // Rank 0's name (the default one is a timestamp, which differs between ranks).
@@ -139,6 +147,19 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         (trainer, data)
     };
     train(&mut trainer, &data)
+}
+
+/// `r` as every rank of a distributed job agrees on it (`distributed::agree`: one rank's
+/// failure ends them all at once, with its message); `r` itself in one process.
+fn agree<T>(
+    world: &Option<Arc<dyn switch_transformer::distributed::Collective>>,
+    what: &str,
+    r: Result<T>,
+) -> Result<T> {
+    match world {
+        Some(w) => switch_transformer::distributed::agree(w.as_ref(), what, r),
+        None => r,
+    }
 }
 
 /// A run name is one plain path component: not empty, not `.` or `..`, no separators.

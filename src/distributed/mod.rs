@@ -131,6 +131,31 @@ fn check_counts(
     Ok(4 * (len - counts[rank]))
 }
 
+/// An agreed start: every rank hands in how its own start-up went, and all of them continue
+/// only if every one succeeded. Otherwise every rank returns an error carrying the first failed
+/// rank's message (that rank returns its own error), so a job whose rank 0 refuses to start
+/// (`--name` of an existing run, a run another process holds) ends within one exchange with the
+/// reason instead of ranks waiting in their first collective until the time-out. Call it on
+/// every rank at the same points, before the collectives that the failure would skip.
+pub fn agree<T>(world: &dyn Collective, what: &str, mine: Result<T>) -> Result<T> {
+    let failed = world.all_gather(what, &[if mine.is_err() { 1.0 } else { 0.0 }])?;
+    let Some(first) = failed.iter().position(|&f| f != 0.0) else {
+        return mine;
+    };
+    let mut message = match &mine {
+        Err(e) if world.rank() == first => format!("{e:#}").into_bytes(),
+        _ => Vec::new(),
+    };
+    world.broadcast(what, first, &mut message)?;
+    match mine {
+        Err(e) if world.rank() == first => Err(e),
+        _ => Err(anyhow::anyhow!(
+            "rank {first} of the job could not start ({what}): {}",
+            String::from_utf8_lossy(&message)
+        )),
+    }
+}
+
 /// An error unless a batch of `batch_size` windows splits evenly over `ranks` ranks.
 pub fn check_batch(batch_size: usize, ranks: usize) -> Result<()> {
     if ranks == 0 || !batch_size.is_multiple_of(ranks) {

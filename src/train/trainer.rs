@@ -123,35 +123,41 @@ impl Trainer {
     /// Starts a new run in `run_dir`, which must not hold a run already, on one device or on
     /// `train.replicas` data-parallel replicas.
     pub fn create(
-        mut config: RunConfig,
+        config: RunConfig,
         data: TextData,
         run_dir: &Path,
         placement: impl Into<Placement>,
     ) -> Result<Self> {
-        config.model.n_vocab = data.vocab.len();
-        config.validate()?;
-        check_prompt(&config, &data)?;
-        crate::train::memory::check_fits(&config, crate::train::memory::available())?;
         let placement = placement.into();
-        let devices = placement.devices_for(config.train.replicas)?;
-        if config.train.expert_parallel {
-            let ranks = placement.world.as_ref().map(|w| w.size());
-            expert_parallel::check(&config.model, ranks, &devices[0])?;
-        }
-        let run_dir = RunDir::new(run_dir);
         let writer = placement.writes();
-        if writer && run_dir.holds_run() {
-            bail!(
-                "{run_dir} already holds a run: continue it with --resume {run_dir}, or choose \
-                 another --name"
-            );
-        }
-        let lock = if writer {
-            run_dir.create(&config, &data.vocab)?;
-            Some(RunLock::acquire(run_dir.path())?)
-        } else {
-            None
-        };
+        let started = (|| {
+            let mut config = config;
+            config.model.n_vocab = data.vocab.len();
+            config.validate()?;
+            check_prompt(&config, &data)?;
+            crate::train::memory::check_fits(&config, crate::train::memory::available())?;
+            let devices = placement.devices_for(config.train.replicas)?;
+            if config.train.expert_parallel {
+                let ranks = placement.world.as_ref().map(|w| w.size());
+                expert_parallel::check(&config.model, ranks, &devices[0])?;
+            }
+            let run_dir = RunDir::new(run_dir);
+            if writer && run_dir.holds_run() {
+                bail!(
+                    "{run_dir} already holds a run: continue it with --resume {run_dir}, or \
+                     choose another --name"
+                );
+            }
+            let lock = if writer {
+                run_dir.create(&config, &data.vocab)?;
+                Some(RunLock::acquire(run_dir.path())?)
+            } else {
+                None
+            };
+            Ok((config, run_dir, lock, devices))
+        })();
+        // Every rank starts, or none does (rank 0's refusal reaches the others at once).
+        let (config, run_dir, lock, devices) = agree(&placement, "starting the run", started)?;
         let device = devices[0].clone().autodiff();
         let model = config.model.init(config.train.seed, &device)?;
         let t = &config.train;
@@ -189,87 +195,95 @@ impl Trainer {
         let run_dir = RunDir::new(run_dir);
         let placement = placement.into();
         let writer = placement.writes();
-        let mut config = run_dir.read_config()?;
-        let lock = writer
-            .then(|| RunLock::acquire(run_dir.path()))
-            .transpose()?;
-        if !overrides.is_empty() {
-            config.set_on_resume(overrides)?;
-        }
-        // A run resumes on any number of ranks: the batch is the same, split differently.
+        // Every rank starts, or none does: a rank's refusal (a run another process holds, a
+        // different text) reaches the others at once instead of leaving them waiting.
         let ranks = placement.world.as_ref().map(|w| w.size());
-        let mut rescaled = ranks.is_some_and(|n| n != config.train.replicas);
-        if let Some(n) = ranks {
-            crate::distributed::check_batch(config.train.batch_size, n)?;
-            config.train.replicas = n;
-            config.validate()?;
-        }
-        if config.train.expert_parallel && ranks.is_none() {
-            // The checkpoint holds every expert: one process runs them all.
-            if writer {
-                tracing::info!("train.expert_parallel is off: one process holds every expert");
+        let started = (|| {
+            let mut config = run_dir.read_config()?;
+            let lock = writer
+                .then(|| RunLock::acquire(run_dir.path()))
+                .transpose()?;
+            if !overrides.is_empty() {
+                config.set_on_resume(overrides)?;
             }
-            config.train.expert_parallel = false;
-            rescaled = true;
-        }
-        if run_dir.read_vocab()? != data.vocab {
-            bail!(
-                "the data's characters differ from those of the run in {run_dir}: resume with \
-                 the same --data"
-            );
-        }
-        check_prompt(&config, &data)?;
-        if writer {
-            run_dir.tidy()?;
-        }
-        if let Some(world) = &placement.world {
-            // The others read the checkpoints once rank 0 has tidied them.
-            world.all_reduce_sum_f64("waiting for rank 0 to tidy the run", &mut [0.0])?;
-        }
-        let mut checkpoints = run_dir.checkpoint_list();
-        if checkpoints.is_empty() && run_dir.best().join("state.json").is_file() {
-            // No regular checkpoint left (an interrupted run, a removed folder), but the best
-            // one is whole: resume from it rather than refuse.
-            if writer {
-                tracing::warn!(
-                    "{run_dir} has no checkpoint in checkpoints/: resuming from best/ (the \
-                     best validation loss so far)"
+            // A run resumes on any number of ranks: the batch is the same, split differently.
+            let mut rescaled = ranks.is_some_and(|n| n != config.train.replicas);
+            if let Some(n) = ranks {
+                crate::distributed::check_batch(config.train.batch_size, n)?;
+                config.train.replicas = n;
+                config.validate()?;
+            }
+            if config.train.expert_parallel && ranks.is_none() {
+                // The checkpoint holds every expert: one process runs them all.
+                if writer {
+                    tracing::info!("train.expert_parallel is off: one process holds every expert");
+                }
+                config.train.expert_parallel = false;
+                rescaled = true;
+            }
+            if run_dir.read_vocab()? != data.vocab {
+                bail!(
+                    "the data's characters differ from those of the run in {run_dir}: resume \
+                     with the same --data"
                 );
             }
-            checkpoints.push((0, run_dir.best()));
-        }
-        if checkpoints.is_empty() {
-            bail!(
-                "{run_dir} has no checkpoint to resume from: remove it and start again \
-                 (`switch train` with the same --name), or choose another --name"
-            );
-        }
-        let devices = placement.devices_for(config.train.replicas)?;
-        if config.train.expert_parallel {
-            expert_parallel::check(&config.model, ranks, &devices[0])?;
-        }
-        let device = devices[0].clone().autodiff();
-        let t = &config.train;
-        // The newest checkpoint that loads; a damaged one is skipped with a message.
-        let mut loaded = None;
-        let mut newest_error = None;
-        for (_, dir) in checkpoints.iter().rev() {
-            let adam = LabmlAdam::new(t.beta1, t.beta2, t.eps);
-            match checkpoint::load(dir, &config.model, adam, &device) {
-                Ok(l) => {
-                    loaded = Some(l);
-                    break;
+            check_prompt(&config, &data)?;
+            if writer {
+                run_dir.tidy()?;
+            }
+            Ok((config, lock, rescaled))
+        })();
+        // Also the barrier after which the others read the checkpoints rank 0 has tidied.
+        let (config, lock, rescaled) = agree(&placement, "resuming the run", started)?;
+        let found = (|| {
+            let mut checkpoints = run_dir.checkpoint_list();
+            if checkpoints.is_empty() && run_dir.best().join("state.json").is_file() {
+                // No regular checkpoint left (an interrupted run, a removed folder), but the best
+                // one is whole: resume from it rather than refuse.
+                if writer {
+                    tracing::warn!(
+                        "{run_dir} has no checkpoint in checkpoints/: resuming from best/ (the \
+                         best validation loss so far)"
+                    );
                 }
-                Err(e) => {
-                    tracing::warn!("skipping checkpoint {}: {e:#}", dir.display());
-                    newest_error.get_or_insert(e);
+                checkpoints.push((0, run_dir.best()));
+            }
+            if checkpoints.is_empty() {
+                bail!(
+                    "{run_dir} has no checkpoint to resume from: remove it and start again \
+                     (`switch train` with the same --name), or choose another --name"
+                );
+            }
+            let devices = placement.devices_for(config.train.replicas)?;
+            if config.train.expert_parallel {
+                expert_parallel::check(&config.model, ranks, &devices[0])?;
+            }
+            let device = devices[0].clone().autodiff();
+            let t = &config.train;
+            // The newest checkpoint that loads; a damaged one is skipped with a message.
+            let mut loaded = None;
+            let mut newest_error = None;
+            for (_, dir) in checkpoints.iter().rev() {
+                let adam = LabmlAdam::new(t.beta1, t.beta2, t.eps);
+                match checkpoint::load(dir, &config.model, adam, &device) {
+                    Ok(l) => {
+                        loaded = Some(l);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("skipping checkpoint {}: {e:#}", dir.display());
+                        newest_error.get_or_insert(e);
+                    }
                 }
             }
-        }
-        let Some(loaded) = loaded else {
-            let e = newest_error.expect("a checkpoint failed to load");
-            return Err(e.context(format!("no checkpoint of {run_dir} loads")));
-        };
+            let Some(loaded) = loaded else {
+                let e = newest_error.expect("a checkpoint failed to load");
+                return Err(e.context(format!("no checkpoint of {run_dir} loads")));
+            };
+            Ok((devices, device, loaded))
+        })();
+        let (devices, device, loaded) = agree(&placement, "loading the checkpoint", found)?;
+        let t = &config.train;
         // A train.steps below the step reached changes nothing (the run is finished either
         // way), so it is not recorded: a later resume still reads the run's own length.
         let below = config.train.steps < loaded.state.step;
@@ -640,6 +654,15 @@ impl Trainer {
 
 /// The run's replicas: `first` and its copies on `devices`, routing as `train.global_routing`
 /// says; one replica per rank in a distributed job.
+/// `r` as every rank of the job agrees on it ([`crate::distributed::agree`]); `r` itself in
+/// one process.
+fn agree<T>(placement: &Placement, what: &str, r: Result<T>) -> Result<T> {
+    match &placement.world {
+        Some(world) => crate::distributed::agree(world.as_ref(), what, r),
+        None => r,
+    }
+}
+
 fn run_replicas(
     first: Replica,
     config: &RunConfig,

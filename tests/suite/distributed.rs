@@ -142,6 +142,31 @@ fn setup(name: &str) -> (PathBuf, PathBuf) {
     (tmp, text)
 }
 
+/// An agreed start: one rank's failure reaches every rank with its message, in one exchange;
+/// when every rank succeeds each keeps its own value.
+#[test]
+fn one_rank_s_failure_to_start_reaches_every_rank() {
+    use switch_transformer::distributed::agree;
+    let results = on_ranks(3, |w| {
+        let mine = if w.rank() == 1 {
+            Err(anyhow::anyhow!("no data on rank 1"))
+        } else {
+            Ok(w.rank())
+        };
+        agree(w.as_ref(), "starting", mine).map_err(|e| format!("{e:#}"))
+    });
+    assert_eq!(results[1], Err("no data on rank 1".to_string()));
+    for r in [0, 2] {
+        let e = results[r].clone().unwrap_err();
+        assert!(
+            e.contains("rank 1") && e.contains("no data on rank 1"),
+            "{e}"
+        );
+    }
+    let results = on_ranks(2, |w| agree(w.as_ref(), "starting", Ok(w.rank())).unwrap());
+    assert_eq!(results, [0, 1]);
+}
+
 #[test]
 fn two_ranks_take_the_steps_of_one_process() {
     let (tmp, text) = setup("dist-same");
@@ -583,6 +608,49 @@ mod mpi_jobs {
         assert_eq!(r["ranks"], 2);
         assert_eq!(r["peak_rss_mb_ranks"].as_array().unwrap().len(), 2);
         assert!(r["exchange_ms_median"].as_f64().unwrap() > 0.0);
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    /// A rank that cannot start ends the whole job within seconds with its reason (an agreed
+    /// start, `distributed::agree`), instead of the others waiting in their first exchange until
+    /// the time-out: rank 0 refusing the name of an existing run, and a run another live
+    /// process holds.
+    #[test]
+    fn a_rank_that_cannot_start_ends_the_job_with_its_reason() {
+        let (tmp, text) = setup("mpi-refused-start");
+        let args = switch_args(&text, &tmp, "r", 2, 1000);
+        ok(
+            Command::new(env!("CARGO_BIN_EXE_switch"))
+                .args(&args)
+                .current_dir(&tmp)
+                .output()
+                .unwrap(),
+            "the first run",
+        );
+        let within = |args: &[String], needle: &str| {
+            let t0 = std::time::Instant::now();
+            let out = mpirun(2, args, &tmp).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{err}");
+            assert!(err.contains(needle), "{err}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "took {:?}: {err}",
+                t0.elapsed()
+            );
+        };
+        within(&args, "already holds a run");
+        // A live process (this test's) holds the run's lock: --resume is refused on rank 0.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        let lock = tmp.join("runs/r/lock");
+        std::fs::write(&lock, format!("{} {}\n", std::process::id(), host.trim())).unwrap();
+        let resume: Vec<String> = ["train", "--resume", "runs/r", "--data"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([text.display().to_string()])
+            .collect();
+        within(&resume, "lock");
+        std::fs::remove_file(&lock).unwrap();
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 
