@@ -85,6 +85,11 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
             Ok((data, text))
         })();
         let (data, text) = agree(&world, "reading the run and its data", read)?;
+        if let Some(w) = &world {
+            let mut fields = vec![("data".to_string(), DataRecord::of(&data)?.sha256)];
+            fields.extend(overrides.iter().map(|o| ("--set".to_string(), o.clone())));
+            switch_transformer::distributed::check_same_start(w.as_ref(), &fields)?;
+        }
         let t = Trainer::resume_with(&run_dir, text, placement, &overrides)?;
         if t.step >= t.config.train.steps {
             if !t.is_writer() {
@@ -132,6 +137,11 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
             Ok((c, data, text))
         })();
         let (c, data, text) = agree(&world, "reading the configuration and the data", prepared)?;
+        if let Some(w) = &world {
+            let mut fields = vec![("data".to_string(), DataRecord::of(&data)?.sha256)];
+            fields.extend(c.fields());
+            switch_transformer::distributed::check_same_start(w.as_ref(), &fields)?;
+        }
         let mut name = name.unwrap_or_else(default_run_name);
         if let Some(w) = &world {
             // Rank 0's name (the default one is a timestamp, which differs between ranks).

@@ -156,6 +156,42 @@ pub fn agree<T>(world: &dyn Collective, what: &str, mine: Result<T>) -> Result<T
     }
 }
 
+/// Checks that every rank starts the same job: each rank's `fields` (name, value: the
+/// configuration's keys, the data's SHA-256, ...) against rank 0's, which rank 0 broadcasts.
+/// Any difference is an error on every rank ([`agree`]) naming each field that differs, its
+/// value on the differing rank and on rank 0: ranks that would drift apart (another `train.lr`,
+/// another text with the same characters) are stopped before the first step.
+pub fn check_same_start(world: &dyn Collective, fields: &[(String, String)]) -> Result<()> {
+    let what = "checking that every rank starts the same job";
+    let mut bytes = serde_json::to_vec(fields)?;
+    world.broadcast(what, 0, &mut bytes)?;
+    let rank0: Vec<(String, String)> = serde_json::from_slice(&bytes)?;
+    let mut differ: Vec<String> = fields
+        .iter()
+        .zip(&rank0)
+        .filter(|(mine, theirs)| mine != theirs)
+        .map(|((name, mine), (_, theirs))| format!("{name} = {mine} here, {theirs} on rank 0"))
+        .collect();
+    if fields.len() != rank0.len() {
+        differ.push(format!(
+            "{} fields here, {} on rank 0",
+            fields.len(),
+            rank0.len()
+        ));
+    }
+    let mine = if differ.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "rank {} does not start the job rank 0 starts: {}; give every rank the same \
+             configuration and --data",
+            world.rank(),
+            differ.join("; ")
+        ))
+    };
+    agree(world, what, mine)
+}
+
 /// An error unless a batch of `batch_size` windows splits evenly over `ranks` ranks.
 pub fn check_batch(batch_size: usize, ranks: usize) -> Result<()> {
     if ranks == 0 || !batch_size.is_multiple_of(ranks) {

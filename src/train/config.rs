@@ -352,6 +352,17 @@ impl RunConfig {
         })
     }
 
+    /// Every key with its value as TOML writes it (`("train.lr", "1.0")`), in `KEYS` order.
+    pub fn fields(&self) -> Vec<(String, String)> {
+        let table = toml::Table::try_from(self).expect("config is a table");
+        KEYS.iter()
+            .map(|(key, _)| {
+                let (section, field) = key.split_once('.').expect("keys are section.field");
+                (key.to_string(), table[section][field].to_string())
+            })
+            .collect()
+    }
+
     /// The configuration as TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serialises to TOML")

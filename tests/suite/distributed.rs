@@ -654,6 +654,55 @@ mod mpi_jobs {
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 
+    /// Ranks given different jobs (another text with the same characters, another
+    /// `train.lr`) are stopped before the first step, naming what differs, and nothing is
+    /// trained (MPMD: `mpirun -np 1 A : -np 1 B`).
+    #[test]
+    fn ranks_that_start_different_jobs_are_stopped_naming_the_difference() {
+        let (tmp, text) = setup("mpi-disagree");
+        // The same characters, another order: another SHA-256.
+        let other = tmp.join("other.txt");
+        let mut chars: Vec<char> = std::fs::read_to_string(&text).unwrap().chars().collect();
+        chars.reverse();
+        std::fs::write(&other, chars.into_iter().collect::<String>()).unwrap();
+        let rank_args = |data: &Path, extra: &[&str]| -> Vec<String> {
+            let mut a = vec![env!("CARGO_BIN_EXE_switch").to_string()];
+            a.extend(switch_args(data, &tmp, "r", 2, 1000));
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a.push("--distributed".into());
+            a
+        };
+        for (second, needle) in [
+            (rank_args(&other, &[]), "data = "),
+            (
+                rank_args(&text, &["--set", "train.lr=0.5"]),
+                "train.lr = 0.5 here",
+            ),
+        ] {
+            let t0 = std::time::Instant::now();
+            let out = Command::new("mpirun")
+                .args(["--allow-run-as-root", "--oversubscribe", "-np", "1"])
+                .args(rank_args(&text, &[]))
+                .args([":", "-np", "1"])
+                .args(&second)
+                .current_dir(&tmp)
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{err}");
+            assert!(err.contains(needle) && err.contains("rank 1"), "{err}");
+            assert!(t0.elapsed() < Duration::from_secs(10), "{err}");
+            assert!(
+                switch_transformer::train::checkpoint::list(&tmp.join("runs/r/checkpoints"))
+                    .is_empty(),
+                "nothing trained"
+            );
+            let _ = std::fs::remove_dir_all(tmp.join("runs"));
+        }
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
     #[test]
     fn a_batch_that_does_not_split_over_the_ranks_is_refused_before_any_work() {
         let (tmp, text) = setup("mpi-split");
