@@ -196,9 +196,22 @@ fn train(trainer: &mut Trainer, data: &std::path::Path) -> Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
+        // The writer's lock, released by a second signal, which leaves at once.
+        let lock = trainer
+            .is_writer()
+            .then(|| trainer.run_dir.path().join("lock"));
+        let run = trainer.run_dir.to_string();
         ctrlc::set_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130); // a second signal: leave now
+                if let Some(lock) = &lock {
+                    let _ = std::fs::remove_file(lock);
+                    eprintln!(
+                        "second signal: stopped at once, without a checkpoint of this step; \
+                         the lock of {run} is released: resume from its last checkpoint with \
+                         `switch train --resume {run}`"
+                    );
+                }
+                std::process::exit(130);
             }
         })
         .context("cannot install the Ctrl-C handler")?;

@@ -654,3 +654,60 @@ fn resume_falls_back_to_the_best_checkpoint() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("at step 2"));
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// A second signal ends the run at once (while a long validation sample is generated) but
+/// releases the run's lock and says so, with the command that resumes it.
+#[test]
+fn a_second_signal_leaves_at_once_and_releases_the_lock() {
+    let tmp = common::temp_dir("cli-second-signal");
+    let data = common::training_text(&tmp);
+    let mut args = train_args(data.to_str().unwrap(), "s", 1_000_000);
+    for set in [
+        "train.eval_interval=1",
+        "train.sample_tokens=10000",
+        "train.checkpoint_interval=1",
+    ] {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switch"))
+        .args(strs(&args))
+        .current_dir(&tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = tmp.join("runs/s");
+    common::wait_for("a checkpoint", Duration::from_secs(60), || {
+        !switch_transformer::train::checkpoint::list(&run.join("checkpoints")).is_empty()
+    });
+    assert!(run.join("lock").exists());
+    for _ in 0..2 {
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let code = common::exits_within(&mut child, Duration::from_secs(5), "two SIGTERMs").code();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains("second signal") && err.contains("lock"),
+        "{err}"
+    );
+    assert!(!run.join("lock").exists(), "the lock is released");
+    // The printed command resumes the run.
+    let hint = err.split('`').nth(1).unwrap_or_else(|| panic!("{err}"));
+    let mut resume: Vec<&str> = hint.split_whitespace().skip(1).collect();
+    resume.extend(["--set", "train.steps=1"]);
+    let out = switch(&resume, &tmp);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
