@@ -2,25 +2,14 @@
 
 use std::io::Write;
 use std::mem::MaybeUninit;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename.
 /// A crash leaves either the old file or the new one, never a torn file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = temp_beside(path, "tmp")?;
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -31,6 +20,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `.NAME.TAGPID` beside `path` (`NAME` its last component, `PID` this process's id): where a
+/// file or directory is written before it is renamed into place, so that a crash never leaves a
+/// half-written `path` and two processes never share a temporary.
+pub fn temp_beside(path: &Path, tag: &str) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} does not end in a file name", path.display()))?;
+    Ok(path.with_file_name(format!(
+        ".{}.{tag}{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
 }
 
 /// A vector of `len` values, each written by `fill` (given the unwritten buffer) before use:

@@ -186,28 +186,15 @@ pub fn convert(args: ConvertArgs, device: &Device) -> Result<ExitCode> {
         );
     }
     let model = HfSwitchTransformer::load(&args.model, device)?;
-    let name = out
-        .file_name()
-        .with_context(|| format!("--out {} has no directory name", out.display()))?;
-    let partial = out.with_file_name(format!(
-        ".{}.partial-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = (|| -> Result<()> {
-        model.save(&partial, args.dtype)?;
+    switch_transformer::hf::checkpoint::write_dir_whole(out, |partial| {
+        model.save(partial, args.dtype)?;
         let tok = args.model.join("tokenizer.json");
         if tok.exists() {
             std::fs::copy(&tok, partial.join("tokenizer.json"))
                 .with_context(|| format!("cannot copy {}", tok.display()))?;
         }
-        std::fs::rename(&partial, out)
-            .with_context(|| format!("cannot move {} to {}", partial.display(), out.display()))
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&partial);
-        return Err(e.context(format!("nothing was written to {}", out.display())));
-    }
+        Ok(())
+    })?;
     println!("saved {} ({:?})", out.display(), args.dtype);
     Ok(ExitCode::SUCCESS)
 }

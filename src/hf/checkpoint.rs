@@ -277,6 +277,23 @@ pub enum SaveDtype {
     F16,
 }
 
+/// Creates the directory `dir` whole or not at all: `write` fills a temporary directory beside
+/// it (`.NAME.partial-PID`), which is renamed to `dir` at the end and removed if anything fails
+/// (a full disk, a file that cannot be read), so that a retry starts clean. `dir` must not exist
+/// yet (or be empty).
+pub fn write_dir_whole(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let partial = crate::util::temp_beside(dir, "partial-")?;
+    let written = write(&partial).and_then(|()| {
+        std::fs::rename(&partial, dir)
+            .with_context(|| format!("cannot move {} to {}", partial.display(), dir.display()))
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e.context(format!("nothing was written to {}", dir.display())));
+    }
+    Ok(())
+}
+
 /// Writes `tensors` as `dir/model.safetensors` in `dtype` and `config_json` as
 /// `dir/config.json`: the layout `from_pretrained` reads. Refuses to overwrite a directory
 /// that already holds a model.
