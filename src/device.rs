@@ -86,41 +86,38 @@ fn cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> std::path
 /// `cubecl.toml` or `burn.toml` in the working directory or above configures cubecl, or its
 /// settings were already read. Says once, on standard error, that kernels are tuned on first
 /// use when the cache is empty (a first process on a GPU spends tens of seconds there).
-/// Returns the directory when it was applied.
 #[cfg(feature = "gpu-counts")]
-pub fn configure_kernel_cache() -> Option<std::path::PathBuf> {
+pub fn configure_kernel_cache() {
     use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
-    static APPLIED: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-    APPLIED
-        .get_or_init(|| {
-            if burn_config_file().is_some() || file_above(&["cubecl.toml", "CubeCL.toml"]).is_some()
-            {
-                return None;
-            }
-            let dir = kernel_cache_dir();
-            let cold = std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none());
-            let mut config = CubeClRuntimeConfig::default();
-            config.environment.path = CacheConfig::Directory(dir.clone());
-            if !CubeClRuntimeConfig::try_set(config.override_from_env()) {
-                return None;
-            }
-            if cold {
-                tracing::info!(
-                    "GPU kernels are compiled and autotuned on first use; the results are kept \
-                     in {} (set SWITCH_CACHE_DIR to move them), so this first process on the \
-                     device spends a while tuning and later ones start in seconds",
-                    dir.display()
-                );
-            }
-            Some(dir)
-        })
-        .clone()
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if burn_config_file().is_some() || file_above(&["cubecl.toml", "CubeCL.toml"]).is_some() {
+            return;
+        }
+        let dir = kernel_cache_dir();
+        let cold = std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none());
+        let mut config = CubeClRuntimeConfig::default();
+        config.environment.path = CacheConfig::Directory(dir.clone());
+        if CubeClRuntimeConfig::try_set(config.override_from_env()) && cold {
+            tracing::info!(
+                "GPU kernels are compiled and autotuned on first use; the results are kept in {} \
+                 (set SWITCH_CACHE_DIR to move them), so this first process on the device spends \
+                 a while tuning and later ones start in seconds",
+                dir.display()
+            );
+        }
+    });
+}
+
+/// Whether the `--device` value `spec` names a GPU backend (anything but the CPU's names).
+pub fn names_gpu(spec: &str) -> bool {
+    !matches!(spec, "cpu" | "flex")
 }
 
 /// Parses `cpu`, `cuda`, `cuda:1`, `wgpu`, ... into a device.
 pub fn parse_device(spec: &str) -> Result<Device> {
     #[cfg(feature = "gpu")]
-    if !matches!(spec, "cpu" | "flex") {
+    if names_gpu(spec) {
         configure_fusion();
         configure_kernel_cache();
     }

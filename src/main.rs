@@ -92,7 +92,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     cli::logging::init();
-    let gpu = !matches!(cli.device.as_str(), "cpu" | "flex");
+    let gpu = switch_transformer::device::names_gpu(&cli.device);
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {

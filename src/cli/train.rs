@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
+use switch_transformer::distributed::{Collective, agree, check_same_start};
 use switch_transformer::train::replicas::Placement;
 use switch_transformer::train::{DataRecord, Event, Finish, RunConfig, RunDir, Trainer};
 
@@ -82,13 +83,14 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
                 .resolve_data(data.as_deref())?
                 .unwrap_or_else(|| DEFAULT_DATA.into());
             let text = load_data(&data, seq_len)?;
-            Ok((data, text))
+            // Hashed only to compare the ranks' texts.
+            let record = world.is_some().then(|| DataRecord::of(&data)).transpose()?;
+            Ok((data, text, record))
         })();
-        let (data, text) = agree(&world, "reading the run and its data", read)?;
-        if let Some(w) = &world {
-            let mut fields = vec![("data".to_string(), DataRecord::of(&data)?.sha256)];
-            fields.extend(overrides.iter().map(|o| ("--set".to_string(), o.clone())));
-            switch_transformer::distributed::check_same_start(w.as_ref(), &fields)?;
+        let (data, text, record) = agree(world.as_deref(), "reading the run and its data", read)?;
+        if let (Some(w), Some(record)) = (&world, &record) {
+            let overrides = overrides.iter().map(|o| ("--set".to_string(), o.clone()));
+            check_same_job(w.as_ref(), record, overrides)?;
         }
         let t = Trainer::resume_with(&run_dir, text, placement, &overrides)?;
         if t.step >= t.config.train.steps {
@@ -134,13 +136,13 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
             placement.devices_for(c.train.replicas)?;
             let data = data.unwrap_or_else(|| DEFAULT_DATA.into());
             let text = load_data(&data, c.train.seq_len)?;
-            Ok((c, data, text))
+            let record = DataRecord::of(&data)?;
+            Ok((c, data, text, record))
         })();
-        let (c, data, text) = agree(&world, "reading the configuration and the data", prepared)?;
+        let what = "reading the configuration and the data";
+        let (c, data, text, record) = agree(world.as_deref(), what, prepared)?;
         if let Some(w) = &world {
-            let mut fields = vec![("data".to_string(), DataRecord::of(&data)?.sha256)];
-            fields.extend(c.fields());
-            switch_transformer::distributed::check_same_start(w.as_ref(), &fields)?;
+            check_same_job(w.as_ref(), &record, c.fields())?;
         }
         let mut name = name.unwrap_or_else(default_run_name);
         if let Some(w) = &world {
@@ -152,24 +154,23 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         check_run_name(&name)?;
         let trainer = Trainer::create(c, text, &runs_dir.join(name), placement)?;
         if trainer.is_writer() {
-            trainer.run_dir.write_data_record(&DataRecord::of(&data)?)?;
+            trainer.run_dir.write_data_record(&record)?;
         }
         (trainer, data)
     };
     train(&mut trainer, &data)
 }
 
-/// `r` as every rank of a distributed job agrees on it (`distributed::agree`: one rank's
-/// failure ends them all at once, with its message); `r` itself in one process.
-fn agree<T>(
-    world: &Option<Arc<dyn switch_transformer::distributed::Collective>>,
-    what: &str,
-    r: Result<T>,
-) -> Result<T> {
-    match world {
-        Some(w) => switch_transformer::distributed::agree(w.as_ref(), what, r),
-        None => r,
-    }
+/// Every rank of a distributed job starts from rank 0's text (its SHA-256) and `fields`
+/// (`distributed::check_same_start`).
+fn check_same_job(
+    world: &dyn Collective,
+    data: &DataRecord,
+    fields: impl IntoIterator<Item = (String, String)>,
+) -> Result<()> {
+    let mut all = vec![("data".to_string(), data.sha256.clone())];
+    all.extend(fields);
+    check_same_start(world, &all)
 }
 
 /// A run name is one plain path component: not empty, not `.` or `..`, no separators.

@@ -136,8 +136,12 @@ fn check_counts(
 /// rank's message (that rank returns its own error), so a job whose rank 0 refuses to start
 /// (`--name` of an existing run, a run another process holds) ends within one exchange with the
 /// reason instead of ranks waiting in their first collective until the time-out. Call it on
-/// every rank at the same points, before the collectives that the failure would skip.
-pub fn agree<T>(world: &dyn Collective, what: &str, mine: Result<T>) -> Result<T> {
+/// every rank at the same points, before the collectives that the failure would skip. Without
+/// a `world` (one process) `mine` is the answer.
+pub fn agree<T>(world: Option<&dyn Collective>, what: &str, mine: Result<T>) -> Result<T> {
+    let Some(world) = world else {
+        return mine;
+    };
     let failed = world.all_gather(what, &[if mine.is_err() { 1.0 } else { 0.0 }])?;
     let Some(first) = failed.iter().position(|&f| f != 0.0) else {
         return mine;
@@ -189,7 +193,7 @@ pub fn check_same_start(world: &dyn Collective, fields: &[(String, String)]) -> 
             differ.join("; ")
         ))
     };
-    agree(world, what, mine)
+    agree(Some(world), what, mine)
 }
 
 /// An error unless a batch of `batch_size` windows splits evenly over `ranks` ranks.

@@ -409,20 +409,13 @@ pub fn bench_routing(
     burn_max: usize,
 ) -> Result<Vec<RoutingBench>> {
     use crate::routing::{DeviceRoutes, RoutingOptions, scan::cumsum_rows};
-    use burn::tensor::{Distribution, Int, Tensor};
+    use crate::store::{host_f32, host_i64};
+    use burn::tensor::{Distribution, Tensor};
     if experts == 0 || reps == 0 {
         bail!("--experts and --steps must be at least 1");
     }
     let opts = RoutingOptions::labml(1.2, true);
     let mut rng = RoutingRng::seed_from_u64(0);
-    let read = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().map(|v| v[0]);
-    let read_int = |t: Tensor<2, Int>| {
-        t.sum()
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec::<i64>()
-            .map(|v| v[0])
-    };
     let mut out = Vec::new();
     for &n in tokens {
         if n == 0 {
@@ -430,39 +423,32 @@ pub fn bench_routing(
         }
         let probs = Tensor::<2>::random([n, experts], Distribution::Uniform(0.0, 1.0), device);
         let hot = probs.clone().argmax(1).reshape([n]).one_hot::<2>(experts);
-        let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        // Each timing ends in one read of a scalar: the device's queue drained.
+        let time = |f: &mut dyn FnMut()| -> f64 {
             // Two untimed runs: kernels compiled and autotuned, buffers allocated.
             for _ in 0..2 {
-                f()?;
+                f();
             }
-            let mut ms = Vec::new();
-            for _ in 0..reps {
-                let t0 = Instant::now();
-                f()?;
-                ms.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok(median(&ms))
+            let ms: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    f();
+                    t0.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            median(&ms)
         };
         let decision = time(&mut || {
-            let r = DeviceRoutes::new(probs.clone(), &opts, &mut rng);
-            read(r.n_dropped)
-                .map(|_| ())
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
-        })?;
+            host_f32(DeviceRoutes::new(probs.clone(), &opts, &mut rng).n_dropped);
+        });
         let scan = time(&mut || {
-            read_int(cumsum_rows(hot.clone()))
-                .map(|_| ())
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
-        })?;
-        let burn_cumsum = if n <= burn_max {
-            Some(time(&mut || {
-                read_int(hot.clone().cumsum(0))
-                    .map(|_| ())
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))
-            })?)
-        } else {
-            None
-        };
+            host_i64(cumsum_rows(hot.clone()).sum());
+        });
+        let burn_cumsum = (n <= burn_max).then(|| {
+            time(&mut || {
+                host_i64(hot.clone().cumsum(0).sum());
+            })
+        });
         out.push(RoutingBench {
             tokens: n,
             experts,

@@ -14,7 +14,7 @@ use burn::tensor::Device;
 use rand::SeedableRng;
 
 use crate::data::{Batch, TextData, TrainLoader, valid_batches};
-use crate::distributed::{Collective, check_same};
+use crate::distributed::{Collective, agree, check_same};
 use crate::infer::generate::{SampleOptions, generate};
 use crate::model::{ModelConfig, SwitchTransformer};
 use crate::optim::{LabmlAdam, Noam};
@@ -157,7 +157,8 @@ impl Trainer {
             Ok((config, run_dir, lock, devices))
         })();
         // Every rank starts, or none does (rank 0's refusal reaches the others at once).
-        let (config, run_dir, lock, devices) = agree(&placement, "starting the run", started)?;
+        let (config, run_dir, lock, devices) =
+            agree(placement.world.as_deref(), "starting the run", started)?;
         let device = devices[0].clone().autodiff();
         let model = config.model.init(config.train.seed, &device)?;
         let t = &config.train;
@@ -234,7 +235,8 @@ impl Trainer {
             Ok((config, lock, rescaled))
         })();
         // Also the barrier after which the others read the checkpoints rank 0 has tidied.
-        let (config, lock, rescaled) = agree(&placement, "resuming the run", started)?;
+        let (config, lock, rescaled) =
+            agree(placement.world.as_deref(), "resuming the run", started)?;
         let found = (|| {
             let mut checkpoints = run_dir.checkpoint_list();
             if checkpoints.is_empty() && run_dir.best().join("state.json").is_file() {
@@ -282,7 +284,8 @@ impl Trainer {
             };
             Ok((devices, device, loaded))
         })();
-        let (devices, device, loaded) = agree(&placement, "loading the checkpoint", found)?;
+        let (devices, device, loaded) =
+            agree(placement.world.as_deref(), "loading the checkpoint", found)?;
         let t = &config.train;
         // A train.steps below the step reached changes nothing (the run is finished either
         // way), so it is not recorded: a later resume still reads the run's own length.
@@ -654,15 +657,6 @@ impl Trainer {
 
 /// The run's replicas: `first` and its copies on `devices`, routing as `train.global_routing`
 /// says; one replica per rank in a distributed job.
-/// `r` as every rank of the job agrees on it ([`crate::distributed::agree`]); `r` itself in
-/// one process.
-fn agree<T>(placement: &Placement, what: &str, r: Result<T>) -> Result<T> {
-    match &placement.world {
-        Some(world) => crate::distributed::agree(world.as_ref(), what, r),
-        None => r,
-    }
-}
-
 fn run_replicas(
     first: Replica,
     config: &RunConfig,

@@ -153,7 +153,7 @@ fn one_rank_s_failure_to_start_reaches_every_rank() {
         } else {
             Ok(w.rank())
         };
-        agree(w.as_ref(), "starting", mine).map_err(|e| format!("{e:#}"))
+        agree(Some(w.as_ref()), "starting", mine).map_err(|e| format!("{e:#}"))
     });
     assert_eq!(results[1], Err("no data on rank 1".to_string()));
     for r in [0, 2] {
@@ -163,7 +163,9 @@ fn one_rank_s_failure_to_start_reaches_every_rank() {
             "{e}"
         );
     }
-    let results = on_ranks(2, |w| agree(w.as_ref(), "starting", Ok(w.rank())).unwrap());
+    let results = on_ranks(2, |w| {
+        agree(Some(w.as_ref()), "starting", Ok(w.rank())).unwrap()
+    });
     assert_eq!(results, [0, 1]);
 }
 
