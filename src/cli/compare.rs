@@ -53,7 +53,7 @@ pub fn run(args: CompareArgs, device: &Device) -> Result<ExitCode> {
     if experts.contains(&0) {
         bail!("--experts: each count must be at least 1");
     }
-    let text = load_data(&data, base.train.seq_len)?;
+    let (text, _) = load_data(&data, base.train.seq_len)?;
     let dir = runs_dir.join(name);
     let entries = compare::run(&base, &experts, &text, &dir, device, &mut |label, e| {
         if let Event::Validation { step, metrics, .. } = e {

@@ -15,8 +15,9 @@ use std::path::Path;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use switch_transformer::data::TextData;
 use switch_transformer::data::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download};
+use switch_transformer::data::{TextData, read_data_file};
+use switch_transformer::train::DataRecord;
 
 /// Training across processes: one process per rank, started by an MPI launcher.
 #[derive(clap::Args)]
@@ -94,8 +95,9 @@ pub struct ParallelArgs {
     pub global_routing: bool,
 }
 
-/// Reads the training text, downloading Tiny Shakespeare when the default path is missing.
-pub fn load_data(path: &Path, seq_len: usize) -> Result<TextData> {
+/// Reads the training text once (a stream could not be read twice), downloading Tiny
+/// Shakespeare when the default path is missing: the text and the file's record (SHA-256).
+pub fn load_data(path: &Path, seq_len: usize) -> Result<(TextData, DataRecord)> {
     if !path.exists() && path == Path::new(DEFAULT_DATA) {
         tracing::info!("{DEFAULT_DATA} not found: downloading Tiny Shakespeare");
         let bar = ProgressBar::new(0).with_style(
@@ -115,5 +117,7 @@ pub fn load_data(path: &Path, seq_len: usize) -> Result<TextData> {
         )?;
         bar.finish();
     }
-    TextData::load(path, seq_len + 1)
+    let bytes = read_data_file(path)?;
+    let record = DataRecord::of_bytes(path, &bytes);
+    Ok((TextData::from_file_bytes(path, bytes, seq_len + 1)?, record))
 }

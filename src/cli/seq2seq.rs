@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use switch_transformer::RoutingRng;
 use switch_transformer::hf::HfSwitchTransformer;
 use switch_transformer::hf::checkpoint::SaveDtype;
-use switch_transformer::hf::generate::generate;
+use switch_transformer::hf::generate::generate_with;
 use switch_transformer::hf::tokenize::HfTokenizer;
 use switch_transformer::infer::generate::SampleOptions;
 
@@ -137,7 +138,24 @@ pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
         _ => None,
     };
     let mut rng = RoutingRng::seed_from_u64(args.seed);
-    let out = generate(&model, &enc, &opts, !args.no_cache, stop, &mut rng)?;
+    // On a terminal, a progress bar (standard error) while the tokens are generated: they are
+    // printed only when every sequence is done.
+    let bar = ProgressBar::new(args.max_tokens as u64).with_style(
+        ProgressStyle::with_template("generating {pos}/{len} tokens {per_sec} (up to {eta})")
+            .expect("valid template"),
+    );
+    let mut on_step = |n: usize| bar.set_position(n as u64);
+    let out = generate_with(
+        &model,
+        &enc,
+        &opts,
+        !args.no_cache,
+        stop,
+        &mut rng,
+        &mut on_step,
+    );
+    bar.finish_and_clear();
+    let out = out?;
     let new: usize = out.iter().map(|r| r.len() - 1).sum();
     for (input, row) in inputs.iter().zip(&out) {
         println!("input:  {input}");

@@ -39,6 +39,11 @@ pub struct TrainArgs {
     /// Continue the run in this directory from its latest checkpoint.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "seed", "name"])]
     pub resume: Option<PathBuf>,
+    /// Start the run in this directory again from step 0, with its configuration (and any
+    /// --set) and its text: for a run with no checkpoint yet (stopped or diverged before its
+    /// first one). Refused when it has a checkpoint (continue it with --resume).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "name", "resume", "runs_dir"])]
+    pub restart: Option<PathBuf>,
     #[command(flatten)]
     pub parallel: ParallelArgs,
     #[command(flatten)]
@@ -55,6 +60,7 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         name,
         runs_dir,
         resume,
+        restart,
         parallel,
         distributed,
     } = args;
@@ -82,15 +88,13 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
             let data = dir
                 .resolve_data(data.as_deref())?
                 .unwrap_or_else(|| DEFAULT_DATA.into());
-            let text = load_data(&data, seq_len)?;
-            // Hashed only to compare the ranks' texts.
-            let record = world.is_some().then(|| DataRecord::of(&data)).transpose()?;
+            let (text, record) = load_data(&data, seq_len)?;
             Ok((data, text, record))
         })();
         let (data, text, record) = agree(world.as_deref(), "reading the run and its data", read)?;
-        if let (Some(w), Some(record)) = (&world, &record) {
+        if let Some(w) = &world {
             let overrides = overrides.iter().map(|o| ("--set".to_string(), o.clone()));
-            check_same_job(w.as_ref(), record, overrides)?;
+            check_same_job(w.as_ref(), &record, overrides)?;
         }
         let t = Trainer::resume_with(&run_dir, text, placement, &overrides)?;
         if t.step >= t.config.train.steps {
@@ -111,10 +115,25 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         }
         (t, data)
     } else {
+        // --restart: the run's folder, configuration and text, under its own name.
+        let restart = match &restart {
+            Some(dir) => Some(restart_of(&RunDir::new(dir), data.as_deref())?),
+            None => None,
+        };
+        let (runs_dir, name, data) = match &restart {
+            Some(r) => (
+                r.runs_dir.clone(),
+                Some(r.name.clone()),
+                Some(r.data.clone()),
+            ),
+            None => (runs_dir, name, data),
+        };
+        let writer = world.as_ref().is_none_or(|w| w.rank() == 0);
         let prepared = (|| {
-            let mut c = match config {
-                Some(path) => RunConfig::from_toml_file(&path)?,
-                None => RunConfig::default(),
+            let mut c = match (config, &restart) {
+                (_, Some(r)) => r.config.clone(),
+                (Some(path), None) => RunConfig::from_toml_file(&path)?,
+                (None, None) => RunConfig::default(),
             };
             for o in &overrides {
                 c.set(o)?;
@@ -135,8 +154,11 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
             c.validate()?;
             placement.devices_for(c.train.replicas)?;
             let data = data.unwrap_or_else(|| DEFAULT_DATA.into());
-            let text = load_data(&data, c.train.seq_len)?;
-            let record = DataRecord::of(&data)?;
+            let (text, record) = load_data(&data, c.train.seq_len)?;
+            if let (Some(r), true) = (&restart, writer) {
+                r.dir.clear_for_restart()?;
+                println!("restarting {} from step 0", r.dir.display());
+            }
             Ok((c, data, text, record))
         })();
         let what = "reading the configuration and the data";
@@ -159,6 +181,38 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         (trainer, data)
     };
     train(&mut trainer, &data)
+}
+
+/// What `--restart` starts again: the run's folder, its configuration and its text.
+struct Restart {
+    dir: RunDir,
+    runs_dir: PathBuf,
+    name: String,
+    config: RunConfig,
+    data: PathBuf,
+}
+
+/// The run in `dir`, read for `--restart` (`data` overrides its recorded text).
+fn restart_of(dir: &RunDir, data: Option<&std::path::Path>) -> Result<Restart> {
+    let config = dir.read_config()?;
+    let data = dir
+        .resolve_data(data)?
+        .unwrap_or_else(|| DEFAULT_DATA.into());
+    // As given (runs/NAME), or absolute where that has no name (`.`).
+    let mut path = dir.path().to_path_buf();
+    if path.file_name().is_none() {
+        path = std::path::absolute(&path).unwrap_or(path);
+    }
+    let (Some(name), Some(runs_dir)) = (path.file_name(), path.parent()) else {
+        bail!("--restart {dir}: give the run's folder, e.g. runs/NAME");
+    };
+    Ok(Restart {
+        dir: dir.clone(),
+        runs_dir: runs_dir.to_path_buf(),
+        name: name.to_string_lossy().into_owned(),
+        config,
+        data,
+    })
 }
 
 /// Every rank of a distributed job starts from rank 0's text (its SHA-256) and `fields`

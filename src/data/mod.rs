@@ -84,6 +84,31 @@ impl Vocab {
     }
 }
 
+/// The bytes of the data file at `path`, which must be a regular file (or a link to one): a
+/// run reads its data again to resume, evaluate and check it, and a FIFO or a device would
+/// block there or give another text.
+pub fn read_data_file(path: &Path) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).with_context(|| {
+        format!(
+            "cannot read the data file {}: give an existing text file with --data",
+            path.display()
+        )
+    })?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a FIFO, socket or device)"
+        };
+        bail!(
+            "the data file {} is {kind}: a run reads its data again when it resumes or is \
+             evaluated, so give a regular text file with --data (save a stream to a file first)",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("cannot read the data file {}", path.display()))
+}
+
 /// A text file split into train and validation token streams.
 #[derive(Debug, Clone)]
 pub struct TextData {
@@ -98,12 +123,11 @@ pub struct TextData {
 impl TextData {
     /// Reads a UTF-8 text file; `min_len` is the shortest split allowed (seq_len + 1).
     pub fn load(path: &Path, min_len: usize) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| {
-            format!(
-                "cannot read the data file {}: give an existing text file with --data",
-                path.display()
-            )
-        })?;
+        Self::from_file_bytes(path, read_data_file(path)?, min_len)
+    }
+
+    /// The data of `bytes`, the contents of the file at `path` (named in errors).
+    pub fn from_file_bytes(path: &Path, bytes: Vec<u8>, min_len: usize) -> Result<Self> {
         let text = String::from_utf8(bytes).map_err(|e| {
             anyhow::anyhow!(
                 "the data file {} is not valid UTF-8 (invalid byte at offset {}): give a UTF-8 text file",

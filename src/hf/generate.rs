@@ -32,12 +32,26 @@ pub fn generate(
     stop: Option<(i64, i64)>,
     rng: &mut impl Rng,
 ) -> Result<Vec<Vec<i64>>> {
+    generate_with(model, enc, opts, cached, stop, rng, &mut |_| {})
+}
+
+/// [`generate`], calling `on_step(n)` after the `n`-th token of every sequence (a progress
+/// bar's hook).
+pub fn generate_with(
+    model: &HfSwitchTransformer,
+    enc: &Encoded,
+    opts: &SampleOptions,
+    cached: bool,
+    stop: Option<(i64, i64)>,
+    rng: &mut impl Rng,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Vec<Vec<i64>>> {
     let b = enc.hidden.dims()[0];
     let start = model.config.decoder_start();
     let mut out: Vec<Vec<i64>> = vec![vec![start]; b];
     let mut done = vec![false; b];
     let mut cache = cached.then(|| model.decoder_cache(enc));
-    for _ in 0..opts.max_tokens {
+    for step in 1..=opts.max_tokens {
         let (ids, t): (Vec<i64>, usize) = match cache {
             Some(_) => (out.iter().map(|r| *r.last().unwrap()).collect(), 1),
             None => (out.concat(), out[0].len()),
@@ -53,6 +67,7 @@ pub fn generate(
             }
             out[r].push(tok);
         }
+        on_step(step);
         if stop.is_some() && done.iter().all(|&d| d) {
             break;
         }

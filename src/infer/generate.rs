@@ -1,6 +1,8 @@
 //! Autoregressive generation: feed the last `context` tokens, take the next-token logits,
 //! pick greedily (temperature 0) or sample with temperature and top-k.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::tensor::Tensor;
 use rand::Rng;
 
@@ -151,6 +153,30 @@ pub fn generate_cached(
     )
 }
 
+/// [`generate`] that gives up as soon as `stop` is set (checked before each token): `None`
+/// then. The training loop's validation sample, so that a stop signal is answered within one
+/// token's time rather than after `train.sample_tokens` of them.
+pub fn generate_until(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+    stop: &AtomicBool,
+) -> Option<Vec<u32>> {
+    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
+    let new = recompute_until(
+        model,
+        prompt,
+        opts,
+        sample_rng,
+        routing_rng,
+        &mut |_| {},
+        stop,
+    );
+    (!stop.load(Ordering::SeqCst)).then_some(new)
+}
+
 fn recompute(
     model: &SwitchTransformer,
     prompt: &[u32],
@@ -159,9 +185,34 @@ fn recompute(
     routing_rng: &mut RoutingRng,
     on_token: &mut dyn FnMut(u32),
 ) -> Vec<u32> {
+    let never = AtomicBool::new(false);
+    recompute_until(
+        model,
+        prompt,
+        opts,
+        sample_rng,
+        routing_rng,
+        on_token,
+        &never,
+    )
+}
+
+/// The tokens generated before `stop` was set (all of `opts.max_tokens` if it never is).
+fn recompute_until(
+    model: &SwitchTransformer,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    sample_rng: &mut impl Rng,
+    routing_rng: &mut RoutingRng,
+    on_token: &mut dyn FnMut(u32),
+    stop: &AtomicBool,
+) -> Vec<u32> {
     let device = model.src_embed.weight.device();
     let mut tokens = prompt.to_vec();
     for _ in 0..opts.max_tokens {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         let start = tokens.len().saturating_sub(opts.context);
         let ids = sequence_tensor(&tokens[start..], &device);
         let logits = model.forward(ids, routing_rng).logits;

@@ -138,7 +138,7 @@ impl TrainConfig {
         if self.sample_tokens > MAX_SAMPLE_TOKENS {
             bail!(
                 "train.sample_tokens must be at most {MAX_SAMPLE_TOKENS} (got {}): the sample is \
-                 generated at every validation, and a stop signal waits for it",
+                 written into metrics.jsonl at every validation",
                 self.sample_tokens
             );
         }
@@ -154,8 +154,8 @@ impl TrainConfig {
     }
 }
 
-/// The longest validation sample (`train.sample_tokens`): generated at every validation, a
-/// few seconds at most on a CPU, so a stop signal is answered promptly.
+/// The longest validation sample (`train.sample_tokens`): generated at every validation and
+/// written into each validation line of metrics.jsonl (a stop signal cuts it short).
 pub const MAX_SAMPLE_TOKENS: usize = 10_000;
 
 /// Everything a training run is configured by: the TOML file of a run (`[model]`, `[train]`).

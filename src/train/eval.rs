@@ -1,6 +1,8 @@
 //! Evaluation over a set of batches: cross-entropy, accuracy, load balance and routing
 //! statistics per layer. Runs without autodiff.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -126,10 +128,25 @@ impl EvalMetrics {
 /// Evaluates `model` (use a non-autodiff copy: `model.valid()`) on `batches`. Token dropping
 /// follows the model's configuration; `rng` decides which tokens drop.
 pub fn evaluate(model: &SwitchTransformer, batches: &[Batch], rng: &mut RoutingRng) -> EvalMetrics {
+    evaluate_until(model, batches, rng, &AtomicBool::new(false)).expect("never stopped")
+}
+
+/// [`evaluate`] that gives up as soon as `stop` is set (checked before each batch): `None`
+/// then. The training loop's validation, so that a stop signal does not wait for
+/// `train.eval_batches` forward passes.
+pub fn evaluate_until(
+    model: &SwitchTransformer,
+    batches: &[Batch],
+    rng: &mut RoutingRng,
+    stop: &AtomicBool,
+) -> Option<EvalMetrics> {
     let device = model.src_embed.weight.device();
     let (mut loss, mut correct, mut lb, mut tokens) = (0.0, 0i64, 0.0, 0usize);
     let mut passes: Vec<Vec<SwitchStats>> = Vec::new();
     for batch in batches {
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
         let (x, y) = batch.tensors(&device);
         let out = model.forward(x, rng);
         let [b, s, v] = out.logits.dims();
@@ -148,14 +165,14 @@ pub fn evaluate(model: &SwitchTransformer, batches: &[Batch], rng: &mut RoutingR
     let dropped_frac =
         layers.iter().map(|l| l.dropped_frac).sum::<f64>() / layers.len().max(1) as f64;
     let t = tokens.max(1) as f64;
-    EvalMetrics {
+    Some(EvalMetrics {
         loss: loss / t,
         accuracy: correct as f64 / t,
         lb_loss: lb / batches.len().max(1) as f64,
         dropped_frac,
         layers,
         tokens,
-    }
+    })
 }
 
 /// For each character of `ids` (in windows of `context`), the expert it goes to in each Switch

@@ -38,13 +38,16 @@ pub struct DataRecord {
 impl DataRecord {
     /// The record of the file at `path` (read and hashed now).
     pub fn of(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        Ok(Self {
+        Ok(Self::of_bytes(path, &crate::data::read_data_file(path)?))
+    }
+
+    /// The record of the file at `path` whose contents are `bytes` (already read).
+    pub fn of_bytes(path: &Path, bytes: &[u8]) -> Self {
+        Self {
             path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
             bytes: bytes.len() as u64,
-            sha256: crate::data::download::sha256_hex(&bytes),
-        })
+            sha256: crate::data::download::sha256_hex(bytes),
+        }
     }
 }
 
@@ -160,6 +163,50 @@ impl RunDir {
     /// Whether a run was started here (a configuration or checkpoints exist).
     pub fn holds_run(&self) -> bool {
         self.config_path().exists() || self.checkpoints().exists()
+    }
+
+    /// Empties a run that has no checkpoint (neither in checkpoints/ nor in best/) so that it
+    /// can start again from step 0 under the same name (`switch train --restart`): its
+    /// configuration, vocabulary, data record and metrics are removed, other files are left.
+    /// Refused while another process trains it (its lock) and when it has a checkpoint, which is
+    /// never removed: that run is continued with `--resume`.
+    pub fn clear_for_restart(&self) -> Result<()> {
+        if !self.holds_run() {
+            bail!("{self} holds no run to restart: start one with `switch train --name NAME`");
+        }
+        let lock = super::lock::RunLock::acquire(&self.0)?;
+        self.tidy()?;
+        if let Some(c) = self.latest_checkpoint().or_else(|| {
+            let best = self.best();
+            best.exists().then_some(best)
+        }) {
+            bail!(
+                "{self} has a checkpoint ({}), which --restart never removes: continue the run \
+                 with `switch train --resume {self}` (train.lr and train.warmup may change), or \
+                 start another with --name",
+                c.display()
+            );
+        }
+        for file in [
+            self.config_path(),
+            self.vocab_path(),
+            self.metrics_path(),
+            self.data_record_path(),
+        ] {
+            match std::fs::remove_file(&file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("cannot remove {}", file.display()));
+                }
+                _ => {}
+            }
+        }
+        // Only unfinished checkpoint writes can be left in checkpoints/ (no checkpoint loads).
+        if self.checkpoints().exists() {
+            std::fs::remove_dir_all(self.checkpoints())
+                .with_context(|| format!("cannot remove {}", self.checkpoints().display()))?;
+        }
+        drop(lock);
+        Ok(())
     }
 
     /// Creates the directory and writes the run's configuration and vocabulary.

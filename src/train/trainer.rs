@@ -15,13 +15,13 @@ use rand::SeedableRng;
 
 use crate::data::{Batch, TextData, TrainLoader, valid_batches};
 use crate::distributed::{Collective, agree, check_same};
-use crate::infer::generate::{SampleOptions, generate};
+use crate::infer::generate::{SampleOptions, generate_until};
 use crate::model::{ModelConfig, SwitchTransformer};
 use crate::optim::{LabmlAdam, Noam};
 use crate::routing::RoutingRng;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::config::RunConfig;
-use crate::train::eval::{EvalMetrics, LayerStats, evaluate};
+use crate::train::eval::{EvalMetrics, LayerStats, evaluate_until};
 use crate::train::expert_parallel::{self, gather_to_first};
 use crate::train::lock::RunLock;
 use crate::train::metrics::{MetricsLine, TrainLine, ValidLine};
@@ -252,8 +252,8 @@ impl Trainer {
             }
             if checkpoints.is_empty() {
                 bail!(
-                    "{run_dir} has no checkpoint to resume from: remove it and start again \
-                     (`switch train` with the same --name), or choose another --name"
+                    "{run_dir} has no checkpoint to resume from: start it again from step 0 \
+                     with `switch train --restart {run_dir}`"
                 );
             }
             let devices = placement.devices_for(config.train.replicas)?;
@@ -347,9 +347,9 @@ impl Trainer {
                 self.run_dir
             ),
             None => format!(
-                "There is no checkpoint yet: remove {} and start again with a lower \
-                 learning rate (--set train.lr={lr}) or a longer warm-up (train.warmup), or \
-                 with train.skip_nonfinite = N to skip up to N such steps",
+                "There is no checkpoint yet: start again at a lower learning rate with \
+                 `switch train --restart {} --set train.lr={lr}` (or raise train.warmup), or \
+                 set train.skip_nonfinite = N to skip up to N such steps",
                 self.run_dir
             ),
         }
@@ -467,20 +467,27 @@ impl Trainer {
     /// Validation on the fixed batches with the training routing (labml's protocol), and a
     /// greedy sample from the configured prompt.
     pub fn validate(&self) -> Result<(EvalMetrics, String)> {
-        self.validate_model(self.model())
+        let never = AtomicBool::new(false);
+        Ok(self
+            .validate_model(self.model(), &never)?
+            .expect("never stopped"))
     }
 
     /// [`validate`](Self::validate) of `model` (the whole model, gathered with expert
-    /// parallelism).
-    fn validate_model(&self, model: &SwitchTransformer) -> Result<(EvalMetrics, String)> {
+    /// parallelism); `None` when `stop` was set before it was done (a stop signal is answered
+    /// within one batch's or one sampled token's time).
+    fn validate_model(
+        &self,
+        model: &SwitchTransformer,
+        stop: &AtomicBool,
+    ) -> Result<Option<(EvalMetrics, String)>> {
         let mut model = model.valid();
         model.set_training(false);
         let seed = self.config.train.seed;
-        let metrics = evaluate(
-            &model,
-            &self.valid,
-            &mut RoutingRng::seed_from_u64(seed ^ EVAL_STREAM),
-        );
+        let mut rng = RoutingRng::seed_from_u64(seed ^ EVAL_STREAM);
+        let Some(metrics) = evaluate_until(&model, &self.valid, &mut rng, stop) else {
+            return Ok(None);
+        };
         let t = &self.config.train;
         let prompt = self
             .data
@@ -497,10 +504,14 @@ impl Trainer {
                 context: t.seq_len,
             };
             let mut rng = RoutingRng::seed_from_u64(seed ^ SAMPLE_STREAM);
-            let new = generate(&model, &prompt, &opts, &mut rng.clone(), &mut rng);
+            let Some(new) =
+                generate_until(&model, &prompt, &opts, &mut rng.clone(), &mut rng, stop)
+            else {
+                return Ok(None);
+            };
             format!("{}{}", t.sample_prompt, self.data.vocab.decode(&new))
         };
-        Ok((metrics, sample))
+        Ok(Some((metrics, sample)))
     }
 
     fn state(&self, valid_loss: Option<f64>) -> TrainState {
@@ -607,9 +618,27 @@ impl Trainer {
                 (interval_tokens, interval_seconds) = (0, 0.0);
             }
             let mut valid_loss = None;
-            if validate_now {
+            let validated = match validate_now {
+                true => {
+                    let whole = whole.as_ref().expect("gathered for validation");
+                    self.validate_model(&whole.model, stop)?
+                }
+                false => None,
+            };
+            if validate_now && validated.is_none() {
+                // A stop signal during validation: no validation line; the checkpoint of this
+                // step is written where every rank stops together (the loop's top), or here
+                // after the last step, when no rank comes back to it.
+                if last {
+                    let whole = whole.as_ref().expect("gathered for the checkpoint");
+                    let dir = self.write_checkpoint(whole, None)?;
+                    on_event(Event::Checkpoint(&dir));
+                    return Ok(Finish::Interrupted);
+                }
+                continue;
+            }
+            if let Some((metrics, sample)) = validated {
                 let whole = whole.as_ref().expect("gathered for validation");
-                let (metrics, sample) = self.validate_model(&whole.model)?;
                 if !metrics.loss.is_finite() {
                     bail!(
                         "step {}: the validation loss is not finite ({}): the weights have \

@@ -502,6 +502,58 @@ fn a_run_records_its_text_and_refuses_a_changed_one() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// A FIFO (or another file that is not a regular one) as --data is refused at once, before a
+/// run folder exists: before, the text was read twice (to load, then to hash), so the second
+/// open waited for a writer that was gone, and the run folder was left half made.
+#[cfg(unix)]
+#[test]
+fn a_fifo_or_directory_as_data_is_refused_before_a_run_folder_is_made() {
+    let tmp = common::temp_dir("cli-fifo");
+    let fifo = tmp.join("data.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    // A writer that writes a whole text once, as `cat text > data.fifo` does; opening the FIFO
+    // blocks until a reader comes, so it runs on a thread of its own.
+    let text = std::fs::read(common::training_text(&tmp)).unwrap();
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().write(true).open(&fifo)?;
+            f.write_all(&text)
+        })
+    };
+    for data in [fifo.to_str().unwrap(), tmp.to_str().unwrap()] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switch"))
+            .args(strs(&train_args(data, "f", 2)))
+            .current_dir(&tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            panic!("--data {data}: still running after 30 s");
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "--data {data} was accepted");
+        let err = stderr(&out);
+        assert!(err.contains("give a regular text file"), "{err}");
+        assert!(
+            !tmp.join("runs/f").exists(),
+            "--data {data} left a run folder"
+        );
+    }
+    // The writer is still waiting for a reader: open the FIFO to let it finish.
+    drop(std::fs::File::open(&fifo).unwrap());
+    let _ = writer.join().unwrap();
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 #[test]
 fn diagnostics_go_through_tracing_and_follow_rust_log() {
     let tmp = common::temp_dir("cli-logging");
@@ -625,6 +677,83 @@ fn the_advice_after_a_divergence_works_as_printed() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// A run that diverges before its first checkpoint is no dead end: `--resume` and the advice
+/// both print `switch train --restart RUN`, which starts it again in place from step 0 with its
+/// configuration and text (and the printed lower rate); a run with a checkpoint, or one that
+/// another process trains, is never restarted.
+#[test]
+fn a_run_without_a_checkpoint_restarts_in_place_as_printed() {
+    let tmp = common::temp_dir("cli-restart");
+    let data = common::training_text(&tmp);
+    let mut args = train_args(data.to_str().unwrap(), "r", 4);
+    args.extend(["train.lr=1e30", "train.warmup=1"].map(|s| format!("--set={s}")));
+    let out = switch(&strs(&args), &tmp);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("not finite"), "{err}");
+    let command = |err: &str| -> Vec<String> {
+        let hint = err.split('`').nth(1).unwrap_or_else(|| panic!("{err}"));
+        hint.split_whitespace().skip(1).map(String::from).collect()
+    };
+    let advice = command(&err);
+    assert_eq!(advice[..3], ["train", "--restart", "runs/r"], "{err}");
+    // --resume has nothing to resume and says how to restart.
+    let out = switch(&["train", "--resume", "runs/r"], &tmp);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(command(&err), ["train", "--restart", "runs/r"], "{err}");
+    // The advice as printed (at 5e29 it diverges again, from step 0 of a fresh run)...
+    let out = switch(&strs(&advice), &tmp);
+    assert!(stderr(&out).contains("not finite"), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("restarting runs/r from step 0"), "{stdout}");
+    // ...and with a sane rate, to the end: the run's settings and text, the new rate.
+    let out = switch(
+        &["train", "--restart", "runs/r", "--set", "train.lr=0.01"],
+        &tmp,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = std::fs::read_to_string(tmp.join("runs/r/config.toml")).unwrap();
+    assert!(
+        config.contains("lr = 0.01") && config.contains("steps = 4"),
+        "{config}"
+    );
+    let metrics = std::fs::read_to_string(tmp.join("runs/r/metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .collect();
+    assert_eq!(
+        steps.first(),
+        Some(&1),
+        "the old metrics were kept: {metrics}"
+    );
+    assert!(tmp.join("runs/r/data.json").is_file());
+    // Now it has a checkpoint: never restarted.
+    let out = switch(&["train", "--restart", "runs/r"], &tmp);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("never removes"),
+        "{err}"
+    );
+    assert!(tmp.join("runs/r/best/state.json").is_file());
+    // A run without a checkpoint that a live process holds (its lock names this test's
+    // process on this host) is not touched either.
+    args[4] = "q".into();
+    let out = switch(&strs(&args), &tmp);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let lock = format!("{} {}\n", std::process::id(), host.trim());
+    std::fs::write(tmp.join("runs/q/lock"), lock).unwrap();
+    let out = switch(&["train", "--restart", "runs/q"], &tmp);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("is being trained by"),
+        "{err}"
+    );
+    assert!(tmp.join("runs/q/config.toml").is_file() && tmp.join("runs/q/lock").is_file());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 /// `--resume` falls back to a complete `best/` when no checkpoint is left in `checkpoints/`.
 #[test]
 fn resume_falls_back_to_the_best_checkpoint() {
@@ -655,16 +784,22 @@ fn resume_falls_back_to_the_best_checkpoint() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
-/// A second signal ends the run at once (while a long validation sample is generated) but
-/// releases the run's lock and says so, with the command that resumes it.
+/// A second signal ends the run at once (during a long training step, where the first one
+/// waits for the step to end) but releases the run's lock and says so, with the command that
+/// resumes it.
 #[test]
 fn a_second_signal_leaves_at_once_and_releases_the_lock() {
     let tmp = common::temp_dir("cli-second-signal");
     let data = common::training_text(&tmp);
     let mut args = train_args(data.to_str().unwrap(), "s", 1_000_000);
+    // Steps of 16k tokens through a 128-wide model: about a second each here, so that both
+    // signals (30 ms apart, sent just after step 1's checkpoint) come during step 2.
     for set in [
-        "train.eval_interval=1",
-        "train.sample_tokens=10000",
+        "model.d_model=128",
+        "model.heads=4",
+        "model.d_ff=512",
+        "train.batch_size=256",
+        "train.seq_len=64",
         "train.checkpoint_interval=1",
     ] {
         args.extend(["--set".to_string(), set.to_string()]);
@@ -709,5 +844,73 @@ fn a_second_signal_leaves_at_once_and_releases_the_lock() {
     resume.extend(["--set", "train.steps=1"]);
     let out = switch(&resume, &tmp);
     assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// One stop signal during validation is answered within the time of one validation batch or
+/// one sampled token, not after the whole sample (here 10,000 tokens of a 6-layer model with
+/// a 64-token window: about 25 s on a CPU): the run ends with the usual checkpoint of its
+/// step, and no validation line for the validation it cut short.
+#[cfg(unix)]
+#[test]
+fn a_stop_signal_during_validation_is_answered_at_once() {
+    let tmp = common::temp_dir("cli-signal-validation");
+    let data = common::training_text(&tmp);
+    let mut args = train_args(data.to_str().unwrap(), "v", 1_000_000);
+    for set in [
+        "model.d_model=128",
+        "model.heads=4",
+        "model.d_ff=512",
+        "model.n_layers=6",
+        "train.seq_len=64",
+        "train.eval_interval=1",
+        "train.sample_tokens=10000",
+    ] {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switch"))
+        .args(strs(&args))
+        .current_dir(&tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = tmp.join("runs/v");
+    // Step 1's training line is written just before its validation starts.
+    common::wait_for("step 1's metrics", Duration::from_secs(60), || {
+        std::fs::read_to_string(run.join("metrics.jsonl")).is_ok_and(|m| m.contains("train_loss"))
+    });
+    let sent = std::time::Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = common::exits_within(
+        &mut child,
+        Duration::from_secs(60),
+        "a SIGTERM in validation",
+    );
+    let took = sent.elapsed();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(code.code(), Some(130), "{err}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the signal waited {took:?} for validation to end: {err}"
+    );
+    let steps: Vec<u64> = switch_transformer::train::checkpoint::list(&run.join("checkpoints"))
+        .into_iter()
+        .map(|(step, _)| step)
+        .collect();
+    assert_eq!(steps, [1], "{err}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(!metrics.contains("valid_loss"), "{metrics}");
+    assert!(!run.join("lock").exists(), "the lock is released");
     std::fs::remove_dir_all(&tmp).unwrap();
 }

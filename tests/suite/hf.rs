@@ -638,3 +638,46 @@ fn experts_are_read_on_first_use() {
     let err = format!("{:#}", again.encode(&[5], &[1], 1, 1).unwrap_err());
     assert!(err.contains("changed since the model was loaded"), "{err}");
 }
+
+/// Long generation shows its progress on a terminal (here a pseudo-terminal made by `script`,
+/// as a user's shell has) and nothing of it where standard error is a pipe or a file.
+#[cfg(unix)]
+#[test]
+fn seq2seq_shows_progress_on_a_terminal_only() {
+    let tiny = hf_dir("tiny");
+    let args = [
+        "seq2seq",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--input",
+        "A.",
+        "--ignore-eos",
+        "--max-tokens",
+        "300",
+    ];
+    let piped = switch(&args);
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success(), "{err}");
+    assert!(!err.contains("generating"), "{err}");
+    let Ok(found) = Command::new("script").arg("--version").output() else {
+        eprintln!("`script` (util-linux) not found: the terminal half is not checked");
+        return;
+    };
+    assert!(found.status.success());
+    let line = std::iter::once(env!("CARGO_BIN_EXE_switch"))
+        .chain(args)
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let tty = Command::new("script")
+        .args(["-qefc", &line, "/dev/null"])
+        .output()
+        .unwrap();
+    let seen = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{seen}");
+    assert!(
+        seen.contains("generating") && seen.contains("/300 tokens"),
+        "{seen}"
+    );
+    assert!(seen.contains("output: "), "{seen}");
+}
