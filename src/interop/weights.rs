@@ -233,24 +233,16 @@ impl Importer<'_> {
     }
 
     fn switch(&mut self, prefix: &str, c: &ModelConfig) -> Result<SwitchFeedForward> {
-        Ok(SwitchFeedForward {
-            router: Router {
-                switch: self.linear(&join(prefix, names::ROUTER), c.d_model, c.n_experts)?,
-            },
-            experts: self.experts(
-                &join(prefix, names::EXPERTS),
-                c.n_experts,
-                c.d_model,
-                c.d_ff,
-            )?,
-            routing: c.routing(),
-            eval_capacity_factor: c.eval_capacity_factor,
-            is_scale_prob: c.is_scale_prob,
-            dropped_tokens: c.dropped_tokens,
-            jitter: c.router_jitter,
-            expert_dropout: c.expert_dropout,
-            training: true,
-        })
+        let router = Router {
+            switch: self.linear(&join(prefix, names::ROUTER), c.d_model, c.n_experts)?,
+        };
+        let experts = self.experts(
+            &join(prefix, names::EXPERTS),
+            c.n_experts,
+            c.d_model,
+            c.d_ff,
+        )?;
+        Ok(c.switch_config().assemble(router, experts))
     }
 
     fn block(&mut self, prefix: &str, c: &ModelConfig, l: usize) -> Result<SwitchBlock> {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::precision::Precision;
 use super::switch::DroppedTokens;
+use super::switch_config::SwitchFeedForwardConfig;
 use crate::routing::{DropPolicy, RoutePlace, RoutingOptions};
 
 /// Shape and routing of a Switch Transformer.
@@ -80,24 +81,28 @@ pub enum InitScheme {
 }
 
 impl Default for ModelConfig {
+    /// labml's experiment; the Switch layer's settings are [`SwitchFeedForwardConfig`]'s
+    /// defaults (defined there only).
     fn default() -> Self {
+        let (d_model, d_ff, n_experts) = (128, 256, 4);
+        let switch = SwitchFeedForwardConfig::new(d_model, d_ff, n_experts);
         Self {
             n_vocab: 65,
-            d_model: 128,
+            d_model,
             heads: 4,
-            d_ff: 256,
+            d_ff,
             n_layers: 6,
-            n_experts: 4,
-            capacity_factor: 1.2,
-            drop_tokens: true,
-            is_scale_prob: true,
-            top_k: 1,
-            drop_policy: DropPolicy::Random,
-            route_on: RoutePlace::Auto,
-            dropped_tokens: DroppedTokens::PassThrough,
-            eval_capacity_factor: 0.0,
-            router_jitter: 0.0,
-            expert_dropout: 0.0,
+            n_experts,
+            capacity_factor: switch.capacity_factor,
+            drop_tokens: switch.drop_tokens,
+            is_scale_prob: switch.is_scale_prob,
+            top_k: switch.top_k,
+            drop_policy: switch.drop_policy,
+            route_on: switch.route_on,
+            dropped_tokens: switch.dropped_tokens,
+            eval_capacity_factor: switch.eval_capacity_factor,
+            router_jitter: switch.router_jitter,
+            expert_dropout: switch.expert_dropout,
             dropout: 0.0,
             switch_every: 1,
             pos_embedding: false,
@@ -196,15 +201,28 @@ impl ModelConfig {
             .count()
     }
 
+    /// The settings of this model's Switch layers (every one alike).
+    pub fn switch_config(&self) -> SwitchFeedForwardConfig {
+        SwitchFeedForwardConfig {
+            d_model: self.d_model,
+            d_ff: self.d_ff,
+            n_experts: self.n_experts,
+            capacity_factor: self.capacity_factor,
+            eval_capacity_factor: self.eval_capacity_factor,
+            drop_tokens: self.drop_tokens,
+            top_k: self.top_k,
+            drop_policy: self.drop_policy,
+            route_on: self.route_on,
+            dropped_tokens: self.dropped_tokens,
+            is_scale_prob: self.is_scale_prob,
+            router_jitter: self.router_jitter,
+            expert_dropout: self.expert_dropout,
+        }
+    }
+
     /// Routing of the Switch layers.
     pub fn routing(&self) -> RoutingOptions {
-        RoutingOptions {
-            top_k: self.top_k,
-            capacity_factor: self.capacity_factor,
-            drop_tokens: self.drop_tokens,
-            drop_policy: self.drop_policy,
-            place: self.route_on,
-        }
+        self.switch_config().routing()
     }
 
     /// Parameter count, as PyTorch's `sum(p.numel())` would report it.

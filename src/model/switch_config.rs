@@ -6,6 +6,11 @@
 //!
 //! Initialisation is PyTorch's `nn.Linear` default for the router and for every expert's two
 //! layers: `W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, each expert drawn independently.
+//!
+//! This is the one definition of the layer's settings and their defaults (labml's experiment):
+//! a model's configuration ([`crate::model::ModelConfig`]) takes its defaults from here and
+//! builds its layers through `SwitchFeedForwardConfig::assemble`, so a layer built from code
+//! routes exactly as one built from a config file.
 
 use burn::config::Config;
 use burn::module::Param;
@@ -26,7 +31,7 @@ pub struct SwitchFeedForwardConfig {
     /// Number of experts.
     pub n_experts: usize,
     /// capacity = floor(capacity_factor * tokens / n_experts) tokens per expert.
-    #[config(default = 1.0)]
+    #[config(default = 1.2)]
     pub capacity_factor: f64,
     /// Capacity factor outside training (0 = the training one).
     #[config(default = 0.0)]
@@ -40,8 +45,11 @@ pub struct SwitchFeedForwardConfig {
     /// Which tokens an over-capacity expert drops.
     #[config(default = "DropPolicy::Random")]
     pub drop_policy: DropPolicy,
+    /// Where routing is decided: auto (host on the CPU, device on GPUs), host or device.
+    #[config(default = "RoutePlace::Auto")]
+    pub route_on: RoutePlace,
     /// What a dropped token contributes: its input scaled by p (labml) or nothing (paper).
-    #[config(default = "DroppedTokens::Zero")]
+    #[config(default = "DroppedTokens::PassThrough")]
     pub dropped_tokens: DroppedTokens,
     /// Scale each expert's output by its router probability (what trains the router).
     #[config(default = true)]
@@ -68,23 +76,36 @@ impl SwitchFeedForwardConfig {
             |shape: [usize; 3], fan_in: usize| -> Param<_> { uniform(fan_in).init(shape, device) };
         let init2 =
             |shape: [usize; 2], fan_in: usize| -> Param<_> { uniform(fan_in).init(shape, device) };
+        let router = Router {
+            switch: LinearConfig::new(d, e).init(device),
+        };
+        let experts = Experts {
+            w1: init3([e, d, f], d),
+            b1: init2([e, f], d),
+            w2: init3([e, f, d], f),
+            b2: init2([e, d], f),
+        };
+        self.assemble(router, experts)
+    }
+
+    /// How this layer assigns tokens to experts.
+    pub fn routing(&self) -> RoutingOptions {
+        RoutingOptions {
+            top_k: self.top_k,
+            capacity_factor: self.capacity_factor,
+            drop_tokens: self.drop_tokens,
+            drop_policy: self.drop_policy,
+            place: self.route_on,
+        }
+    }
+
+    /// The layer of these settings around `router` and `experts` (freshly drawn, or loaded),
+    /// in training mode.
+    pub(crate) fn assemble(&self, router: Router, experts: Experts) -> SwitchFeedForward {
         SwitchFeedForward {
-            router: Router {
-                switch: LinearConfig::new(d, e).init(device),
-            },
-            experts: Experts {
-                w1: init3([e, d, f], d),
-                b1: init2([e, f], d),
-                w2: init3([e, f, d], f),
-                b2: init2([e, d], f),
-            },
-            routing: RoutingOptions {
-                top_k: self.top_k,
-                capacity_factor: self.capacity_factor,
-                drop_tokens: self.drop_tokens,
-                drop_policy: self.drop_policy,
-                place: RoutePlace::Auto,
-            },
+            router,
+            experts,
+            routing: self.routing(),
             eval_capacity_factor: self.eval_capacity_factor,
             is_scale_prob: self.is_scale_prob,
             dropped_tokens: self.dropped_tokens,

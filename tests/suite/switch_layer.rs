@@ -240,3 +240,77 @@ fn one_expert_and_zero_capacity() {
         );
     }
 }
+
+/// The settings a Switch layer routes by, as one comparable value.
+fn settings(
+    s: &switch_transformer::SwitchFeedForward,
+) -> (
+    RoutingOptions,
+    f64,
+    bool,
+    switch_transformer::model::switch::DroppedTokens,
+    f64,
+    f64,
+) {
+    (
+        s.routing,
+        s.eval_capacity_factor,
+        s.is_scale_prob,
+        s.dropped_tokens,
+        s.jitter,
+        s.expert_dropout,
+    )
+}
+
+/// A layer built from code (`SwitchFeedForwardConfig::new(d, f, e).init`) routes exactly as the
+/// layers of a model built from a configuration file, by default and with every routing key
+/// set (before, the two defaults differed: dropped tokens zeroed in one, passed through in the
+/// other; capacity factor 1.0 against 1.2).
+#[test]
+fn a_layer_from_code_routes_as_one_from_a_config_file() {
+    use switch_transformer::SwitchFeedForwardConfig;
+    let device = common::test_device();
+    let from_file = |c: &ModelConfig| {
+        let model = c.init(0, &device).unwrap();
+        settings(model.layers[0].switch().expect("a Switch layer"))
+    };
+    let mut c = ModelConfig::default();
+    let code = SwitchFeedForwardConfig::new(c.d_model, c.d_ff, c.n_experts).init(&device);
+    assert_eq!(settings(&code), from_file(&c), "defaults");
+
+    let mut run = switch_transformer::train::config::RunConfig::default();
+    for set in [
+        "model.capacity_factor=1.7",
+        "model.eval_capacity_factor=2.0",
+        "model.drop_tokens=false",
+        "model.top_k=2",
+        "model.drop_policy=confidence",
+        "model.route_on=host",
+        "model.dropped_tokens=zero",
+        "model.is_scale_prob=false",
+        "model.router_jitter=0.01",
+        "model.expert_dropout=0.3",
+    ] {
+        run.set(set).unwrap();
+    }
+    c = run.model;
+    let code = c.switch_config().init(&device);
+    assert_eq!(settings(&code), from_file(&c), "every key set");
+    let built = SwitchFeedForwardConfig::new(c.d_model, c.d_ff, c.n_experts)
+        .with_capacity_factor(1.7)
+        .with_eval_capacity_factor(2.0)
+        .with_drop_tokens(false)
+        .with_top_k(2)
+        .with_drop_policy(switch_transformer::routing::DropPolicy::Confidence)
+        .with_route_on(switch_transformer::routing::RoutePlace::Host)
+        .with_dropped_tokens(switch_transformer::model::switch::DroppedTokens::Zero)
+        .with_is_scale_prob(false)
+        .with_router_jitter(0.01)
+        .with_expert_dropout(0.3)
+        .init(&device);
+    assert_eq!(
+        settings(&built),
+        from_file(&c),
+        "the same keys through the builder"
+    );
+}
