@@ -93,7 +93,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::logging::init();
     let gpu = switch_transformer::device::names_gpu(&cli.device);
-    let code = match run(cli) {
+    let code = match switch_transformer::cpu::check_env().and_then(|()| run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

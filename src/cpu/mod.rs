@@ -18,9 +18,11 @@ pub(crate) mod adam;
 mod exchange;
 mod gemm;
 mod grouped_ffn;
+mod isa;
 mod layer_norm;
 mod simd;
 mod softmax;
+mod thin_matmul;
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -33,6 +35,7 @@ use burn::tensor::{DType, Shape, Tensor, TensorData};
 
 pub(crate) use exchange::{from_experts, to_experts};
 pub(crate) use grouped_ffn::grouped_ffn;
+pub use isa::{Isa, check_env};
 pub(crate) use layer_norm::layer_norm;
 pub use simd::exp_nonpositive;
 pub(crate) use softmax::causal_softmax;
@@ -63,6 +66,8 @@ pub enum Kernel {
     /// An exchange of tokens between the ranks of an expert-parallel job, either direction
     /// ([`crate::distributed::ExpertExchange`]).
     ExpertExchange,
+    /// A product with few rows that streams the weights ([`thin_matmul`]), on this level.
+    ThinMatmul(Isa),
 }
 
 /// How many times each kernel has run (forward, or one Adam update) on this thread.
@@ -80,6 +85,10 @@ pub struct KernelRuns {
     pub adam_in_place: u64,
     /// Expert exchanges between ranks (forward).
     pub expert_exchange: u64,
+    /// Few-row products ([`thin_matmul`]).
+    pub thin_matmul: u64,
+    /// The instruction set of the last of them.
+    pub thin_matmul_isa: Option<Isa>,
 }
 
 thread_local! {
@@ -91,6 +100,8 @@ thread_local! {
             adam: 0,
             adam_in_place: 0,
             expert_exchange: 0,
+            thin_matmul: 0,
+            thin_matmul_isa: None,
         })
     };
 }
@@ -110,6 +121,10 @@ pub(crate) fn count(kernel: Kernel) {
             Kernel::Adam => v.adam += 1,
             Kernel::AdamInPlace => v.adam_in_place += 1,
             Kernel::ExpertExchange => v.expert_exchange += 1,
+            Kernel::ThinMatmul(isa) => {
+                v.thin_matmul += 1;
+                v.thin_matmul_isa = Some(isa);
+            }
         }
         r.set(v)
     });
@@ -166,6 +181,45 @@ where
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
     Some(Tensor::from_primitive::<Ad>(y))
+}
+
+/// Rows up to which [`thin_matmul`] takes a product (above, packing `W` pays for itself).
+pub const THIN_MAX_ROWS: usize = 64;
+
+/// `x W` for `x` `[m, k]` with at most [`THIN_MAX_ROWS`] rows and `W` `[k, n]` (f32 or bf16,
+/// contiguous), both on the CPU backend without autodiff (inference), streaming `W`
+/// ([`thin_matmul`](self) module); `None` where it does not apply, and the caller runs Burn's
+/// matmul.
+pub fn thin_matmul(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
+    use half::slice::HalfFloatSliceExt;
+
+    let ([m, k], [k_w, n]) = (x.dims(), w.dims());
+    if m == 0 || m > THIN_MAX_ROWS || k != k_w || x.is_autodiff() || w.is_autodiff() {
+        return None;
+    }
+    if !applies(x) || !is_cpu(&w.device()) {
+        return None;
+    }
+    let xf = x.clone().try_into_primitive::<Flex>().ok()?;
+    let wf = w.clone().try_into_primitive::<Flex>().ok()?;
+    if !wf.is_contiguous() {
+        return None;
+    }
+    let start = wf.layout().start_offset();
+    let weights = match w.dtype() {
+        DType::F32 => thin_matmul::Weights::F32(&wf.storage::<f32>()[start..start + k * n]),
+        DType::BF16 => thin_matmul::Weights::Bf16(
+            wf.storage::<half::bf16>()[start..start + k * n].reinterpret_cast(),
+        ),
+        _ => return None,
+    };
+    let isa = Isa::selected();
+    count(Kernel::ThinMatmul(isa));
+    let y = thin_matmul::thin_matmul_host(isa, &values(&xf), m, k, weights, n);
+    Some(Tensor::from_primitive::<Flex>(new_tensor(
+        y,
+        Shape::new([m, n]),
+    )))
 }
 
 /// The `n` f32 values of `t`, contiguous (copied only when `t` is strided).

@@ -15,7 +15,13 @@ pub fn linear_weight(t: &HostTensor, device: &Device) -> Tensor<2> {
 pub fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
     let [b, s, i] = x.dims();
     let o = w.dims()[1];
-    x.reshape([b * s, i]).matmul(w.clone()).reshape([b, s, o])
+    matmul2(x.reshape([b * s, i]), w).reshape([b, s, o])
+}
+
+/// `x @ w` for `x` `[m, i]` and `w` `[i, o]`: on the CPU with few rows (decoding), the kernel
+/// that streams `w` ([`crate::cpu::thin_matmul`]); otherwise Burn's matmul.
+pub fn matmul2(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
+    crate::cpu::thin_matmul(&x, w).unwrap_or_else(|| x.matmul(w.clone()))
 }
 
 /// `w` `[in, out]` back to PyTorch's `[out, in]`.

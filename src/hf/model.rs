@@ -202,8 +202,16 @@ impl Attention {
         let [b, s, _] = x.dims();
         let (k, v) = (kv.k.clone().expect("keys"), kv.v.clone().expect("values"));
         let q = self.split(matmul3(x, &self.q));
-        let scores = q.matmul(k.swap_dims(2, 3)) + bias;
-        let out = softmax(scores, 3).matmul(v);
+        let out = if s == 1 {
+            // One query (a decoding step): the products as multiply-and-sum over the keys'
+            // layout, two ops each instead of a batched matmul of one row per head (a
+            // general matmul call per head on the CPU).
+            let scores = (q * k).sum_dim(3).swap_dims(2, 3) + bias;
+            (softmax(scores, 3).swap_dims(2, 3) * v).sum_dim(2)
+        } else {
+            let scores = q.matmul(k.swap_dims(2, 3)) + bias;
+            softmax(scores, 3).matmul(v)
+        };
         let out = out.swap_dims(1, 2).reshape([b, s, self.heads * self.d_kv]);
         matmul3(out, &self.o)
     }
@@ -452,7 +460,13 @@ impl HfSwitchTransformer {
         };
         let encoder = Stack::load(&mut ck, "encoder", enc_embed, c, device)?;
         let decoder = Stack::load(&mut ck, "decoder", dec_embed, c, device)?;
-        let lm_head = if c.tie_word_embeddings {
+        let lm_head = if c.tie_word_embeddings && crate::device::is_cpu(device) {
+            // Its own row-major copy on the CPU, so that decoding streams it
+            // (`cpu::thin_matmul` takes contiguous weights: a transposed view would go through
+            // a general matmul that packs all of it every step).
+            let t = shared.clone().transpose();
+            Tensor::from_data(t.into_data(), device)
+        } else if c.tie_word_embeddings {
             shared.clone().transpose()
         } else {
             linear_weight(&ck.take("lm_head.weight", &shape)?, device)

@@ -20,7 +20,7 @@ use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::checkpoint::{Checkpoint, TensorSource};
 use super::config::HfConfig;
-use super::linear::{host_linear, linear_weight, matmul3};
+use super::linear::{host_linear, linear_weight, matmul2, matmul3};
 use crate::routing::RoutePlan;
 use crate::routing::options::argmax;
 use crate::store::{HostTensor, host_f32};
@@ -191,7 +191,7 @@ impl SparseMlp {
             let m = mine.len();
             let (wi, wo) = expert.weights()?;
             let idx = Tensor::<1, Int>::from_data(TensorData::new(mine.clone(), [m]), &device);
-            let h = relu(flat.clone().select(0, idx).matmul(wi.clone())).matmul(wo.clone());
+            let h = matmul2(relu(matmul2(flat.clone().select(0, idx), wi)), wo);
             let scale: Vec<f32> = mine.iter().map(|&t| prob[t as usize]).collect();
             parts.push(h * Tensor::<2>::from_data(TensorData::new(scale, [m, 1]), &device));
             rows.extend(mine);

@@ -69,9 +69,24 @@ fn every_hugging_face_fixture_passes() {
         dirs.len() >= 3,
         "expected the 3 committed fixtures, found {dirs:?}"
     );
+    let device = common::test_device();
     for dir in dirs {
-        let report = parity::run(&dir, &common::test_device())
-            .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+        let before = switch_transformer::cpu::runs();
+        let report =
+            parity::run(&dir, &device).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+        // On the CPU the few-row products (every decoding step) took the streaming kernel, on
+        // the instruction set chosen for this machine.
+        if switch_transformer::cpu::is_cpu(&device) {
+            let after = switch_transformer::cpu::runs();
+            assert!(
+                after.thin_matmul > before.thin_matmul,
+                "thin_matmul never ran"
+            );
+            assert_eq!(
+                after.thin_matmul_isa,
+                Some(switch_transformer::cpu::Isa::selected())
+            );
+        }
         println!("== {}\n{report}", dir.display());
         assert!(report.passed(), "{} failed:\n{report}", dir.display());
         let names: Vec<&str> = report.rows.iter().map(|r| r.name.as_str()).collect();
@@ -680,4 +695,35 @@ fn seq2seq_shows_progress_on_a_terminal_only() {
         "{seen}"
     );
     assert!(seen.contains("output: "), "{seen}");
+}
+
+/// `SWITCH_SIMD` forces a lower instruction set for the CPU kernels (every level this machine
+/// has gives the same greedy tokens) and a level it cannot honour is refused before any work.
+#[test]
+fn the_simd_level_can_be_forced_and_a_bad_one_is_refused() {
+    let dir = hf_dir("tiny");
+    let dir = dir.to_str().unwrap();
+    let run = |level: &str| {
+        Command::new(env!("CARGO_BIN_EXE_switch"))
+            .env("SWITCH_SIMD", level)
+            .args(["seq2seq", "--model", dir, "--input", "The park is green."])
+            .output()
+            .unwrap()
+    };
+    let mut outputs = Vec::new();
+    for isa in switch_transformer::cpu::Isa::available() {
+        let out = run(isa.name());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(String::from_utf8_lossy(&out.stdout).to_string());
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]), "{outputs:?}");
+    let bad = run("avx9");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("SWITCH_SIMD=\"avx9\" is not one of"), "{err}");
+    assert!(bad.stdout.is_empty());
 }

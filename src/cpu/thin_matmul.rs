@@ -1,0 +1,500 @@
+//! `y = x W` for a few rows of `x` (decoding one or a few tokens a step; an expert's share of a
+//! short batch), reading `W` once, in place, at the speed of memory.
+//!
+//! With `m` rows a matmul does `2 m k n` flops on `k n` weights: at small `m` it is bound by
+//! reading `W`. A general GEMM (the `gemm` crate under Burn's flex backend) first packs panels
+//! of `W` into a buffer, reading and writing every weight once more; at one to a few rows that
+//! copy is most of the cost (perf: 75% of a batch-1 decode step of switch-base-8 in gemm's
+//! packing). Here `W` is read row by row where it lies, in blocks of [`KB`] rows (as many
+//! sequential streams as the prefetchers follow); an `R x C`-vector tile of `y` stays in
+//! registers while a block passes; threads take disjoint column ranges, so the sum over `k`
+//! runs in the same order whatever their number.
+//!
+//! Weights are f32 or bf16 (widened to f32 in registers: a bf16 is the top half of an f32), so
+//! a bf16 model reads half the bytes and computes `x * w` exactly for its rounded weights.
+//! Vector code comes from one body per instruction set ([`Isa`]): 16 lanes with a 4 x 4 tile
+//! (AVX-512), 8 lanes with 4 x 2 (AVX2, 16 registers), and a portable loop that also takes the
+//! columns past the last full vector.
+
+use rayon::prelude::*;
+
+use super::isa::Isa;
+
+/// Rows of `W` per block: the number of streams read side by side.
+const KB: usize = 16;
+
+/// Rows of `y` per register tile (`x` is padded with zero rows to a multiple of it).
+const R: usize = 4;
+
+/// Multiply-adds below which one thread does the whole product.
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// Fewest columns in a piece of the product split over threads (16 KiB of f32 per row).
+const MIN_COLUMNS: usize = 4096;
+
+/// Pieces of the product when its columns do not split.
+const K_PARTS: usize = 8;
+
+/// The weights `W` `[k, n]`, row-major.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Weights<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bf16 values as their bits.
+    Bf16(&'a [u16]),
+}
+
+impl Weights<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// `x W` for `x` `[m, k]` and `W` `[k, n]`, row-major, on `isa` (at most what the CPU has:
+/// anything higher panics, so callers pass [`Isa::selected`] or one of [`Isa::available`]).
+pub(crate) fn thin_matmul_host(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights,
+    n: usize,
+) -> Vec<f32> {
+    assert!(isa <= Isa::detected(), "{isa:?} asked of a CPU without it");
+    assert_eq!(x.len(), m * k, "x is not [m, k]");
+    assert_eq!(w.len(), k * n, "W is not [k, n]");
+    let rows = m.div_ceil(R) * R;
+    let mut xp = x.to_vec();
+    xp.resize(rows * k, 0.0);
+    // The portable loop takes 16-column pieces too, so that it is split over threads alike.
+    let (lanes, tile) = match isa {
+        Isa::Avx512 => (16, 4),
+        Isa::Avx2 => (8, 2),
+        Isa::Portable => (16, 1),
+    };
+    let parts = split(m, k, n, lanes, tile);
+    let block = |&Part { k0, k1, j0, width }: &Part| {
+        let mut out = vec![0.0f32; rows * width];
+        let vector = width % lanes == 0 && isa != Isa::Portable;
+        // SAFETY: `isa` is at most what the CPU has (asserted above); every kernel reads
+        // `W[k0..k1, j0..j0 + width]` (inside `w`: `k1 <= k`, `j0 + width <= n`), `x`
+        // `[rows, k]` and writes `out` `[rows, width]`, `rows % R == 0`, `width % lanes == 0`.
+        unsafe {
+            match (isa, w) {
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx512, Weights::F32(w)) if vector => {
+                    x86::avx512_f32(&xp, k, w.as_ptr(), n, k0, k1, j0, width, &mut out)
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx512, Weights::Bf16(w)) if vector => {
+                    x86::avx512_bf16(&xp, k, w.as_ptr(), n, k0, k1, j0, width, &mut out)
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, Weights::F32(w)) if vector => {
+                    x86::avx2_f32(&xp, k, w.as_ptr(), n, k0, k1, j0, width, &mut out)
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, Weights::Bf16(w)) if vector => {
+                    x86::avx2_bf16(&xp, k, w.as_ptr(), n, k0, k1, j0, width, &mut out)
+                }
+                (_, Weights::F32(w)) => portable(&xp, k, w, |v| v, n, k0..k1, j0, width, &mut out),
+                (_, Weights::Bf16(w)) => {
+                    portable(&xp, k, w, bf16_to_f32, n, k0..k1, j0, width, &mut out)
+                }
+            }
+        }
+        out
+    };
+    let blocks: Vec<Vec<f32>> = if parts.len() > 1 {
+        parts.par_iter().map(block).collect()
+    } else {
+        parts.iter().map(block).collect()
+    };
+    // Partial sums over `k` added in the order of their rows: the same for any thread count.
+    let mut y = vec![0.0f32; m * n];
+    for (p, out) in parts.iter().zip(&blocks) {
+        for r in 0..m {
+            let dst = &mut y[r * n + p.j0..r * n + p.j0 + p.width];
+            let src = &out[r * p.width..(r + 1) * p.width];
+            if p.k0 == 0 {
+                dst.copy_from_slice(src);
+            } else {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            }
+        }
+    }
+    y
+}
+
+/// One piece of the product: rows `k0..k1` of `W` and its columns `j0..j0 + width`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Part {
+    k0: usize,
+    k1: usize,
+    j0: usize,
+    width: usize,
+}
+
+/// The pieces of a product, decided by its shape alone (never by the thread count, so that
+/// results do not depend on it), in the order their partial sums are added: columns in
+/// ranges of at least [`MIN_COLUMNS`] (each row of a piece is one stretch of memory that the
+/// prefetchers follow), and with few columns rows in up to [`K_PARTS`] blocks (each a
+/// contiguous region of `W`) so that every thread has work. Columns past the last full
+/// vector come last, as a piece of their own (the portable loop takes it).
+fn split(m: usize, k: usize, n: usize, lanes: usize, tile: usize) -> Vec<Part> {
+    let vectors = n / lanes;
+    let mut parts = Vec::new();
+    let small = m * k * n < PARALLEL_MIN;
+    let col_parts = if small {
+        1
+    } else {
+        (vectors * lanes / MIN_COLUMNS).max(1)
+    };
+    let k_parts = if small {
+        1
+    } else {
+        (K_PARTS / col_parts).clamp(1, K_PARTS).min(k.div_ceil(KB))
+    };
+    let k_per = k.div_ceil(k_parts).next_multiple_of(KB);
+    let v_per = vectors.div_ceil(col_parts).next_multiple_of(tile).max(tile);
+    let mut k0 = 0;
+    while k0 < k {
+        let k1 = (k0 + k_per).min(k);
+        let mut v = 0;
+        while v < vectors {
+            let width = v_per.min(vectors - v) * lanes;
+            parts.push(Part {
+                k0,
+                k1,
+                j0: v * lanes,
+                width,
+            });
+            v += v_per;
+        }
+        if vectors * lanes < n {
+            parts.push(Part {
+                k0,
+                k1,
+                j0: vectors * lanes,
+                width: n - vectors * lanes,
+            });
+        }
+        k0 = k1;
+    }
+    parts
+}
+
+/// A bf16's bits widened to the f32 it stands for.
+#[inline(always)]
+pub(crate) fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// The same product in plain loops: rows `ks` of `W`, columns `j0..j0 + width`, into `out`
+/// `[rows, width]`.
+#[allow(clippy::too_many_arguments)]
+fn portable<T: Copy>(
+    x: &[f32],
+    k: usize,
+    w: &[T],
+    widen: impl Fn(T) -> f32,
+    n: usize,
+    ks: std::ops::Range<usize>,
+    j0: usize,
+    width: usize,
+    out: &mut [f32],
+) {
+    let rows = out.len() / width.max(1);
+    let mut row = vec![0.0f32; width];
+    for kk in ks {
+        for (o, &v) in row.iter_mut().zip(&w[kk * n + j0..kk * n + j0 + width]) {
+            *o = widen(v);
+        }
+        for r in 0..rows {
+            let xv = x[r * k + kk];
+            for (o, &v) in out[r * width..(r + 1) * width].iter_mut().zip(&row) {
+                *o += xv * v;
+            }
+        }
+    }
+}
+
+/// One vector kernel: `$name(x, k, w, n, k_lo, k_hi, j0, width, out)` over rows `k_lo..k_hi`
+/// of `W` and its columns `j0..j0 + width` with
+/// `$lanes`-wide vectors, tiles of `R` rows x `$tile` vectors and a one-vector tile for the
+/// rest; `$load` reads one vector of weights (f32 or bf16) from a pointer.
+#[cfg(target_arch = "x86_64")]
+macro_rules! kernel {
+    ($name:ident, $feature:literal, $wt:ty, $lanes:literal, $tile:literal,
+     $zero:path, $loadw:path, $loadx:path, $store:path, $fma:path, $splat:path) => {
+        #[target_feature(enable = $feature)]
+        #[allow(clippy::too_many_arguments)]
+        pub(super) unsafe fn $name(
+            x: &[f32],
+            k: usize,
+            w: *const $wt,
+            n: usize,
+            k_lo: usize,
+            k_hi: usize,
+            j0: usize,
+            width: usize,
+            out: &mut [f32],
+        ) {
+            let rows = out.len() / width;
+            let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+            let mut k0 = k_lo;
+            while k0 < k_hi {
+                let k1 = (k0 + KB).min(k_hi);
+                let mut j = 0;
+                while j < width {
+                    if width - j >= $tile * $lanes {
+                        kernel!(@tile $tile, $lanes, $zero, $loadw, $loadx, $store, $fma, $splat,
+                                xp, op, w, k, n, j0, j, width, rows, k0, k1);
+                        j += $tile * $lanes;
+                    } else {
+                        kernel!(@tile 1, $lanes, $zero, $loadw, $loadx, $store, $fma, $splat,
+                                xp, op, w, k, n, j0, j, width, rows, k0, k1);
+                        j += $lanes;
+                    }
+                }
+                k0 = k1;
+            }
+        }
+    };
+    (@tile $c:literal, $lanes:literal, $zero:path, $loadw:path, $loadx:path, $store:path,
+     $fma:path, $splat:path, $xp:ident, $op:ident, $w:ident, $k:ident, $n:ident, $j0:ident,
+     $j:ident, $width:ident, $rows:ident, $k0:ident, $k1:ident) => {{
+        let mut r0 = 0;
+        while r0 < $rows {
+            // SAFETY (for the block): the caller's bounds (see `thin_matmul_host`).
+            unsafe {
+                let mut acc = [[$zero(); $c]; R];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    for (c, v) in a.iter_mut().enumerate() {
+                        *v = $loadx($op.add((r0 + r) * $width + $j + c * $lanes));
+                    }
+                }
+                for kk in $k0..$k1 {
+                    let mut wv = [$zero(); $c];
+                    for (c, v) in wv.iter_mut().enumerate() {
+                        let at = kk * $n + $j0 + $j + c * $lanes;
+                        *v = $loadw($w.add(at));
+                        if r0 == 0 {
+                            // The same columns one block further down: the next block reads
+                            // them (a wrapping address past `W` is only a hint, never read).
+                            _mm_prefetch::<_MM_HINT_T0>($w.wrapping_add(at + KB * $n) as *const i8);
+                        }
+                    }
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xb = $splat(*$xp.add((r0 + r) * $k + kk));
+                        for (c, v) in a.iter_mut().enumerate() {
+                            *v = $fma(xb, wv[c], *v);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    for (c, v) in a.iter().enumerate() {
+                        $store($op.add((r0 + r) * $width + $j + c * $lanes), *v);
+                    }
+                }
+            }
+            r0 += R;
+        }
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{KB, R};
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16_bf16(p: *const u16) -> __m512 {
+        // SAFETY: the caller's pointer covers 16 values.
+        let bits = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8_bf16(p: *const u16) -> __m256 {
+        // SAFETY: the caller's pointer covers 8 values.
+        let bits = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+    }
+
+    kernel!(
+        avx512_f32,
+        "avx512f",
+        f32,
+        16,
+        4,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_fmadd_ps,
+        _mm512_set1_ps
+    );
+    kernel!(
+        avx512_bf16,
+        "avx512f",
+        u16,
+        16,
+        4,
+        _mm512_setzero_ps,
+        load16_bf16,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_fmadd_ps,
+        _mm512_set1_ps
+    );
+    kernel!(
+        avx2_f32,
+        "avx2,fma",
+        f32,
+        8,
+        2,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps,
+        _mm256_set1_ps
+    );
+    kernel!(
+        avx2_bf16,
+        "avx2,fma",
+        u16,
+        8,
+        2,
+        _mm256_setzero_ps,
+        load8_bf16,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps,
+        _mm256_set1_ps
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `x W` in f64, the obvious way.
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
+        let mut y = vec![0.0f64; m * n];
+        for r in 0..m {
+            for kk in 0..k {
+                for j in 0..n {
+                    y[r * n + j] += x[r * k + kk] as f64 * w[kk * n + j] as f64;
+                }
+            }
+        }
+        y
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every instruction set this CPU has, every shape class (rows below and above a tile,
+    /// columns with and without a partial tile and a portable tail, `k` across blocks),
+    /// f32 and bf16 weights, one and several threads' worth of work: within 1e-5 of f64
+    /// (relative to the sum of |terms|).
+    #[test]
+    fn every_path_computes_x_times_w() {
+        let shapes = [
+            (1, 1, 1),
+            (1, 7, 5),
+            (1, 33, 16),
+            (3, 40, 24),
+            (4, 64, 64),
+            (5, 17, 100),
+            (9, 200, 72),
+            (16, 96, 1030),
+            (2, 768, 776),
+        ];
+        for isa in Isa::available() {
+            for (s, &(m, k, n)) in shapes.iter().enumerate() {
+                let x = values(m * k, s as u32);
+                let w = values(k * n, 100 + s as u32);
+                let bits: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+                let widened: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+                let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+                for (weights, wf) in [(Weights::F32(&w), &w), (Weights::Bf16(&bits), &widened)] {
+                    let got = thin_matmul_host(isa, &x, m, k, weights, n);
+                    let want = reference(&x, m, k, wf, n);
+                    let abs_w: Vec<f32> = wf.iter().map(|v| v.abs()).collect();
+                    let scale = reference(&abs_x, m, k, &abs_w, n);
+                    for i in 0..m * n {
+                        let err = (got[i] as f64 - want[i]).abs();
+                        assert!(
+                            err <= 1e-5 * scale[i].max(1.0),
+                            "{isa:?} {m}x{k}x{n} {weights:?}: y[{i}] = {} against {}",
+                            got[i],
+                            want[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The vector paths add the terms of each output in the same order as the portable one:
+    /// with products exact in f32 (small integers) every path gives the same bits.
+    #[test]
+    fn the_paths_agree_exactly_on_exact_products() {
+        let (m, k, n) = (6, 300, 90);
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
+        let want = thin_matmul_host(Isa::Portable, &x, m, k, Weights::F32(&w), n);
+        for isa in Isa::available() {
+            assert_eq!(
+                thin_matmul_host(isa, &x, m, k, Weights::F32(&w), n),
+                want,
+                "{isa:?}"
+            );
+        }
+    }
+
+    /// The pieces cover every weight once, in row blocks whose partial sums are added in
+    /// order; whole-vector pieces first in each block.
+    #[test]
+    fn pieces_cover_the_weights_once() {
+        for &(m, k, n) in &[
+            (1, 768, 768),
+            (4, 768, 32128),
+            (1, 3072, 768),
+            (2, 5, 7),
+            (64, 768, 3000),
+        ] {
+            for (lanes, tile) in [(16, 4), (8, 2)] {
+                let parts = split(m, k, n, lanes, tile);
+                let mut seen = vec![0u8; k * n];
+                for p in &parts {
+                    for kk in p.k0..p.k1 {
+                        for j in p.j0..p.j0 + p.width {
+                            seen[kk * n + j] += 1;
+                        }
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{m}x{k}x{n}: {parts:?}");
+                assert!(parts.windows(2).all(|w| w[0].k0 <= w[1].k0));
+            }
+        }
+    }
+}
