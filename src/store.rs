@@ -21,6 +21,9 @@ pub enum HostData {
     I64(Vec<i64>),
     /// Bytes (booleans).
     U8(Vec<u8>),
+    /// bfloat16 values as their bits, as a checkpoint stored them (widened to f32 exactly by
+    /// [`HostTensor::to_f32`]).
+    Bf16(Vec<u16>),
 }
 
 /// A dense row-major tensor in host memory.
@@ -71,7 +74,16 @@ impl HostTensor {
             HostData::F64(v) => v.iter().map(|&x| x as f32).collect(),
             HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
             HostData::U8(v) => v.iter().map(|&x| x as f32).collect(),
+            HostData::Bf16(v) => v
+                .iter()
+                .map(|&b| f32::from_bits((b as u32) << 16))
+                .collect(),
         }
+    }
+
+    /// Whether the values are bfloat16 as stored.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.data, HostData::Bf16(_))
     }
 
     /// The first value that is NaN or infinite, if any (integers are always finite).
@@ -79,6 +91,11 @@ impl HostTensor {
         match &self.data {
             HostData::F32(v) => v.iter().find(|x| !x.is_finite()).map(|&x| x as f64),
             HostData::F64(v) => v.iter().find(|x| !x.is_finite()).copied(),
+            HostData::Bf16(v) => v
+                .iter()
+                .map(|&b| f32::from_bits((b as u32) << 16))
+                .find(|x| !x.is_finite())
+                .map(|x| x as f64),
             HostData::I64(_) | HostData::U8(_) => None,
         }
     }
@@ -98,6 +115,7 @@ impl HostTensor {
             HostData::U8(v) => v.iter().map(|&x| x as i64).collect(),
             HostData::F32(v) => v.iter().map(|&x| x as i64).collect(),
             HostData::F64(v) => v.iter().map(|&x| x as i64).collect(),
+            HostData::Bf16(_) => self.to_f32().into_iter().map(|x| x as i64).collect(),
         }
     }
 
@@ -129,18 +147,26 @@ impl HostTensor {
         ))
     }
 
-    /// Matrix transpose of a rank-2 f32 tensor.
+    /// Matrix transpose of a rank-2 float tensor (bf16 stays bf16; others become f32).
     pub fn transposed(&self) -> Self {
         assert_eq!(self.shape.len(), 2, "transpose needs a matrix");
         let (r, c) = (self.shape[0], self.shape[1]);
-        let v = self.to_f32();
-        let mut out = vec![0.0; r * c];
-        for i in 0..r {
-            for j in 0..c {
-                out[j * r + i] = v[i * c + j];
+        fn flip<T: Copy + Default>(v: &[T], r: usize, c: usize) -> Vec<T> {
+            let mut out = vec![T::default(); r * c];
+            for i in 0..r {
+                for j in 0..c {
+                    out[j * r + i] = v[i * c + j];
+                }
             }
+            out
         }
-        Self::f32(vec![c, r], out)
+        match &self.data {
+            HostData::Bf16(v) => Self {
+                shape: vec![c, r],
+                data: HostData::Bf16(flip(v, r, c)),
+            },
+            _ => Self::f32(vec![c, r], flip(&self.to_f32(), r, c)),
+        }
     }
 
     fn dtype(&self) -> Dtype {
@@ -149,6 +175,7 @@ impl HostTensor {
             HostData::F64(_) => Dtype::F64,
             HostData::I64(_) => Dtype::I64,
             HostData::U8(_) => Dtype::U8,
+            HostData::Bf16(_) => Dtype::BF16,
         }
     }
 
@@ -158,11 +185,12 @@ impl HostTensor {
             HostData::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             HostData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             HostData::U8(v) => v.clone(),
+            HostData::Bf16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         }
     }
 
-    /// The tensor `name` of a safetensors view; half precisions (BF16, F16) widen to f32
-    /// exactly.
+    /// The tensor `name` of a safetensors view; F16 widens to f32 exactly, BF16 is kept as
+    /// stored ([`HostData::Bf16`]).
     pub(crate) fn from_view(name: &str, view: &TensorView<'_>) -> Result<Self> {
         let shape = view.shape().to_vec();
         let b = view.data();
@@ -182,9 +210,9 @@ impl HostTensor {
                     .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
                     .collect(),
             ),
-            Dtype::BF16 => HostData::F32(
+            Dtype::BF16 => HostData::Bf16(
                 b.chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
                     .collect(),
             ),
             Dtype::F16 => HostData::F32(

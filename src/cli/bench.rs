@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// GPU backends).
     #[arg(long, default_value_t = 32768)]
     pub routing_burn_max: usize,
+    /// Measure the memory read bandwidth instead (a 1 GiB buffer summed by every thread, best
+    /// of 5): what bounds decoding at batch 1.
+    #[arg(long)]
+    pub bandwidth: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -87,6 +91,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         tokens,
         routing,
         routing_burn_max,
+        bandwidth,
         json,
         precision,
         replicas,
@@ -94,6 +99,26 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         distributed,
     } = args;
 
+    if bandwidth {
+        if threads > 0 {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build_global()
+                .context("cannot size the thread pool")?;
+        }
+        let b = switch_transformer::tools::bandwidth::measure(1024, 5);
+        if json {
+            println!("{}", serde_json::to_string(&b)?);
+        } else {
+            println!(
+                "memory read bandwidth: {:.1} GB/s ({} threads, {} MiB, best of 5)",
+                b.read_gb_per_s,
+                b.threads,
+                b.bytes >> 20
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if !routing.is_empty() {
         let rows = bench_routing(
             &routing,

@@ -23,7 +23,8 @@ use super::isa::Isa;
 /// Rows of `W` per block: the number of streams read side by side.
 const KB: usize = 16;
 
-/// Rows of `y` per register tile (`x` is padded with zero rows to a multiple of it).
+/// Rows of `y` per register tile (`x` is padded with zero rows to a multiple of it; below it,
+/// tiles of one row).
 const R: usize = 4;
 
 /// Multiply-adds below which one thread does the whole product.
@@ -66,7 +67,9 @@ pub(crate) fn thin_matmul_host(
     assert!(isa <= Isa::detected(), "{isa:?} asked of a CPU without it");
     assert_eq!(x.len(), m * k, "x is not [m, k]");
     assert_eq!(w.len(), k * n, "W is not [k, n]");
-    let rows = m.div_ceil(R) * R;
+    // Fewer rows than a tile: one-row tiles (each reads the block of `W` from L1 again), so
+    // that a single row does not pay for four.
+    let rows = if m < R { m } else { m.div_ceil(R) * R };
     let mut xp = x.to_vec();
     xp.resize(rows * k, 0.0);
     // The portable loop takes 16-column pieces too, so that it is split over threads alike.
@@ -224,8 +227,9 @@ fn portable<T: Copy>(
 
 /// One vector kernel: `$name(x, k, w, n, k_lo, k_hi, j0, width, out)` over rows `k_lo..k_hi`
 /// of `W` and its columns `j0..j0 + width` with
-/// `$lanes`-wide vectors, tiles of `R` rows x `$tile` vectors and a one-vector tile for the
-/// rest; `$load` reads one vector of weights (f32 or bf16) from a pointer.
+/// `$lanes`-wide vectors, tiles of `R` rows (or one row, when the rows are not a multiple of
+/// `R`) x `$tile` vectors and a one-vector tile for the rest; `$loadw` reads one vector of
+/// weights (f32 or bf16) from a pointer.
 #[cfg(target_arch = "x86_64")]
 macro_rules! kernel {
     ($name:ident, $feature:literal, $wt:ty, $lanes:literal, $tile:literal,
@@ -250,28 +254,31 @@ macro_rules! kernel {
                 let k1 = (k0 + KB).min(k_hi);
                 let mut j = 0;
                 while j < width {
-                    if width - j >= $tile * $lanes {
-                        kernel!(@tile $tile, $lanes, $zero, $loadw, $loadx, $store, $fma, $splat,
-                                xp, op, w, k, n, j0, j, width, rows, k0, k1);
-                        j += $tile * $lanes;
-                    } else {
-                        kernel!(@tile 1, $lanes, $zero, $loadw, $loadx, $store, $fma, $splat,
-                                xp, op, w, k, n, j0, j, width, rows, k0, k1);
-                        j += $lanes;
+                    let whole = width - j >= $tile * $lanes;
+                    match (rows % R == 0, whole) {
+                        (true, true) => kernel!(@tile 4, $tile, $lanes, $zero, $loadw, $loadx,
+                            $store, $fma, $splat, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                        (true, false) => kernel!(@tile 4, 1, $lanes, $zero, $loadw, $loadx,
+                            $store, $fma, $splat, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                        (false, true) => kernel!(@tile 1, $tile, $lanes, $zero, $loadw, $loadx,
+                            $store, $fma, $splat, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                        (false, false) => kernel!(@tile 1, 1, $lanes, $zero, $loadw, $loadx,
+                            $store, $fma, $splat, xp, op, w, k, n, j0, j, width, rows, k0, k1),
                     }
+                    j += if whole { $tile * $lanes } else { $lanes };
                 }
                 k0 = k1;
             }
         }
     };
-    (@tile $c:literal, $lanes:literal, $zero:path, $loadw:path, $loadx:path, $store:path,
+    (@tile $r:literal, $c:literal, $lanes:literal, $zero:path, $loadw:path, $loadx:path, $store:path,
      $fma:path, $splat:path, $xp:ident, $op:ident, $w:ident, $k:ident, $n:ident, $j0:ident,
      $j:ident, $width:ident, $rows:ident, $k0:ident, $k1:ident) => {{
         let mut r0 = 0;
         while r0 < $rows {
             // SAFETY (for the block): the caller's bounds (see `thin_matmul_host`).
             unsafe {
-                let mut acc = [[$zero(); $c]; R];
+                let mut acc = [[$zero(); $c]; $r];
                 for (r, a) in acc.iter_mut().enumerate() {
                     for (c, v) in a.iter_mut().enumerate() {
                         *v = $loadx($op.add((r0 + r) * $width + $j + c * $lanes));
@@ -301,7 +308,7 @@ macro_rules! kernel {
                     }
                 }
             }
-            r0 += R;
+            r0 += $r;
         }
     }};
 }

@@ -1,12 +1,32 @@
 //! Linear layers without bias, as these checkpoints have them: PyTorch stores `[out, in]`,
 //! we keep `[in, out]` so that a layer is `x @ w`.
+//!
+//! Weights a checkpoint stores in bf16 stay bf16 on the CPU (half the bytes that decoding
+//! reads per token, half the memory): [`crate::cpu::thin_matmul`] widens them in registers,
+//! so `x @ w` is the f32 product of the same values. Other backends get them widened to f32.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::store::HostTensor;
 
-/// `t` (`[out, in]`, PyTorch's linear layout) as a `[in, out]` tensor on `device`.
+/// `t` (`[out, in]`, PyTorch's linear layout) as a `[in, out]` tensor on `device`: bf16 as
+/// stored on the CPU, else f32.
 pub fn linear_weight(t: &HostTensor, device: &Device) -> Tensor<2> {
+    let [o, i] = [t.shape[0], t.shape[1]];
+    let t = t.transposed();
+    if t.is_bf16() && crate::cpu::is_cpu(device) {
+        let crate::store::HostData::Bf16(bits) = t.data else {
+            unreachable!("checked bf16")
+        };
+        let values: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
+        return Tensor::from_data(TensorData::new(values, [i, o]), (device, DType::BF16));
+    }
+    Tensor::from_data(TensorData::new(t.to_f32(), [i, o]), device)
+}
+
+/// `t` (`[out, in]`) as an f32 `[in, out]` tensor on `device`, whatever it was stored in (the
+/// router: transformers computes it in f32).
+pub fn linear_weight_f32(t: &HostTensor, device: &Device) -> Tensor<2> {
     let [o, i] = [t.shape[0], t.shape[1]];
     Tensor::from_data(TensorData::new(t.transposed().to_f32(), [i, o]), device)
 }
@@ -21,7 +41,14 @@ pub fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
 /// `x @ w` for `x` `[m, i]` and `w` `[i, o]`: on the CPU with few rows (decoding), the kernel
 /// that streams `w` ([`crate::cpu::thin_matmul`]); otherwise Burn's matmul.
 pub fn matmul2(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-    crate::cpu::thin_matmul(&x, w).unwrap_or_else(|| x.matmul(w.clone()))
+    crate::cpu::thin_matmul(&x, w).unwrap_or_else(|| {
+        let dtype = x.dtype();
+        if w.dtype() == dtype {
+            x.matmul(w.clone())
+        } else {
+            x.matmul(w.clone().cast(dtype))
+        }
+    })
 }
 
 /// `w` `[in, out]` back to PyTorch's `[out, in]`.

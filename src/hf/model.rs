@@ -13,7 +13,7 @@
 //! Weights are stored transposed (`[in, out]`), so a linear layer is `x @ w`.
 
 use burn::tensor::activation::{relu, softmax};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use anyhow::Result;
 
@@ -423,8 +423,11 @@ impl HfSwitchTransformer {
     pub fn from_checkpoint(config: HfConfig, mut ck: Checkpoint, device: &Device) -> Result<Self> {
         let c = &config;
         let shape = [c.vocab_size, c.d_model];
-        let embedding = |ck: &mut Checkpoint, names: &[&str]| -> Result<Tensor<2>> {
-            ck.take_first(names, &shape)?.to_tensor(device)
+        let mut stored_bf16 = false;
+        let mut embedding = |ck: &mut Checkpoint, names: &[&str]| -> Result<Tensor<2>> {
+            let t = ck.take_first(names, &shape)?;
+            stored_bf16 |= t.is_bf16();
+            t.to_tensor(device)
         };
         let (shared, enc_embed, dec_embed) = if c.tie_word_embeddings {
             // One matrix for both stacks and the output; copies of it may be saved too.
@@ -464,8 +467,10 @@ impl HfSwitchTransformer {
             // Its own row-major copy on the CPU, so that decoding streams it
             // (`cpu::thin_matmul` takes contiguous weights: a transposed view would go through
             // a general matmul that packs all of it every step).
+            // bf16 where the checkpoint stored it so (exact: the values came from bf16).
             let t = shared.clone().transpose();
-            Tensor::from_data(t.into_data(), device)
+            let dtype = if stored_bf16 { DType::BF16 } else { DType::F32 };
+            Tensor::from_data(t.into_data(), (device, dtype))
         } else if c.tie_word_embeddings {
             shared.clone().transpose()
         } else {
@@ -488,6 +493,12 @@ impl HfSwitchTransformer {
             lm_head,
             device: device.clone(),
         })
+    }
+
+    /// The dtype the output layer (and with it every linear layer but the routers) is held
+    /// in: bf16 where the checkpoint stores bf16 and the device is the CPU, else f32.
+    pub fn weights_dtype(&self) -> DType {
+        self.lm_head.dtype()
     }
 
     /// Reads `dir` (config.json and the safetensors weights) onto `device`.

@@ -20,7 +20,7 @@ use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::checkpoint::{Checkpoint, TensorSource};
 use super::config::HfConfig;
-use super::linear::{host_linear, linear_weight, matmul2, matmul3};
+use super::linear::{host_linear, linear_weight, linear_weight_f32, matmul2, matmul3};
 use crate::routing::RoutePlan;
 use crate::routing::options::argmax;
 use crate::store::{HostTensor, host_f32};
@@ -91,7 +91,7 @@ impl SparseMlp {
         device: &Device,
     ) -> Result<Self> {
         let (d, f, n) = (c.d_model, c.d_ff, c.num_experts);
-        let router = linear_weight(
+        let router = linear_weight_f32(
             &ck.take(&format!("{p}.router.classifier.weight"), &[n, d])?,
             device,
         );

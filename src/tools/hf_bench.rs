@@ -36,6 +36,35 @@ pub struct HfBench {
     pub generate_s: f64,
     /// Peak resident memory of the process, MB.
     pub peak_rss_mb: f64,
+    /// The dtype the linear layers are held in (`F32`, or `BF16` from a bf16 checkpoint on the
+    /// CPU).
+    pub weights: String,
+    /// The instruction set of the CPU kernels (`SWITCH_SIMD` caps it).
+    pub simd: String,
+    /// Bytes of weights one decoding step reads at batch 1 (attention, cross-attention's
+    /// query and output, one expert or the dense FFN, the routers, the output layer).
+    pub decode_weight_bytes: f64,
+}
+
+/// Bytes of weights a decoding step of one sequence reads: the bound on its speed is the
+/// memory bandwidth over this.
+pub fn decode_weight_bytes(model: &HfSwitchTransformer) -> f64 {
+    let c = &model.config;
+    let per = if model.weights_dtype() == burn::tensor::DType::BF16 {
+        2.0
+    } else {
+        4.0
+    };
+    let (d, inner, ff) = (c.d_model as f64, c.inner_dim() as f64, c.d_ff as f64);
+    let mut elements = d * c.vocab_size as f64;
+    let mut router = 0.0;
+    for i in 0..c.decoder_layers() {
+        elements += 6.0 * d * inner + 2.0 * d * ff;
+        if c.is_sparse(true, i) {
+            router += d * c.num_experts as f64;
+        }
+    }
+    elements * per + router * 4.0
 }
 
 fn best(repeat: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -85,5 +114,8 @@ pub fn run(
         encoder_s,
         generate_s,
         peak_rss_mb: super::bench::peak_rss_mb(),
+        weights: format!("{:?}", model.weights_dtype()),
+        simd: crate::cpu::Isa::selected().name().to_string(),
+        decode_weight_bytes: decode_weight_bytes(model),
     })
 }

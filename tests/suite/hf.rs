@@ -727,3 +727,24 @@ fn the_simd_level_can_be_forced_and_a_bad_one_is_refused() {
     assert!(err.contains("SWITCH_SIMD=\"avx9\" is not one of"), "{err}");
     assert!(bad.stdout.is_empty());
 }
+
+/// A checkpoint stored in bf16 stays bf16 on the CPU (its products widen the weights in
+/// registers and match transformers: `every_hugging_face_fixture_passes` covers
+/// `tiny-bf16-sharded`); an f32 one stays f32; other backends get f32.
+#[test]
+fn bf16_weights_stay_bf16_on_the_cpu() {
+    use burn::tensor::DType;
+    let device = common::test_device();
+    let bf16 = HfSwitchTransformer::load(&hf_dir("tiny-bf16-sharded"), &device).unwrap();
+    let f32 = HfSwitchTransformer::load(&hf_dir("tiny"), &device).unwrap();
+    assert_eq!(f32.weights_dtype(), DType::F32);
+    if switch_transformer::cpu::is_cpu(&device) {
+        assert_eq!(bf16.weights_dtype(), DType::BF16);
+        let before = switch_transformer::cpu::runs().thin_matmul;
+        let dir = hf_dir("tiny-bf16-sharded");
+        let _ = logits_of(&bf16, &dir);
+        assert!(switch_transformer::cpu::runs().thin_matmul > before);
+    } else {
+        assert_eq!(bf16.weights_dtype(), DType::F32);
+    }
+}
