@@ -28,7 +28,10 @@ const KB: usize = 16;
 const R: usize = 4;
 
 /// Multiply-adds below which one thread does the whole product.
-const PARALLEL_MIN: usize = 1 << 16;
+const PARALLEL_MIN: usize = 1 << 18;
+
+/// Bytes of weights above which the kernels prefetch the next block's rows.
+const PREFETCH_MIN_BYTES: usize = 1 << 20;
 
 /// Fewest columns in a piece of the product split over threads (16 KiB of f32 per row).
 const MIN_COLUMNS: usize = 4096;
@@ -70,17 +73,20 @@ pub(crate) fn thin_matmul_host(
     // Fewer rows than a tile: one-row tiles (each reads the block of `W` from L1 again), so
     // that a single row does not pay for four.
     let rows = if m < R { m } else { m.div_ceil(R) * R };
-    let mut xp = x.to_vec();
-    xp.resize(rows * k, 0.0);
+    let xp: std::borrow::Cow<[f32]> = if rows == m {
+        x.into()
+    } else {
+        let mut xp = x.to_vec();
+        xp.resize(rows * k, 0.0);
+        xp.into()
+    };
     // The portable loop takes 16-column pieces too, so that it is split over threads alike.
     let (lanes, tile) = match isa {
         Isa::Avx512 => (16, 4),
         Isa::Avx2 => (8, 2),
         Isa::Portable => (16, 1),
     };
-    let parts = split(m, k, n, lanes, tile);
-    let block = |&Part { k0, k1, j0, width }: &Part| {
-        let mut out = vec![0.0f32; rows * width];
+    let run = |&Part { k0, k1, j0, width }: &Part, out: &mut [f32]| {
         let vector = width % lanes == 0 && isa != Isa::Portable;
         // SAFETY: `isa` is at most what the CPU has (asserted above); every kernel reads
         // `W[k0..k1, j0..j0 + width]` (inside `w`: `k1 <= k`, `j0 + width <= n`), `x`
@@ -89,29 +95,56 @@ pub(crate) fn thin_matmul_host(
             match (isa, w) {
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx512, Weights::F32(w)) if vector => {
-                    x86::avx512_f32(&xp, k, w.as_ptr(), n, k0, k1, j0, width, &mut out)
+                    x86::avx512_f32(&xp, k, w.as_ptr(), n, k0, k1, j0, width, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx512, Weights::Bf16(w)) if vector => {
-                    x86::avx512_bf16(&xp, k, w.as_ptr(), n, k0, k1, j0, width, &mut out)
+                    x86::avx512_bf16(&xp, k, w.as_ptr(), n, k0, k1, j0, width, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx2, Weights::F32(w)) if vector => {
-                    x86::avx2_f32(&xp, k, w.as_ptr(), n, k0, k1, j0, width, &mut out)
+                    x86::avx2_f32(&xp, k, w.as_ptr(), n, k0, k1, j0, width, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx2, Weights::Bf16(w)) if vector => {
-                    x86::avx2_bf16(&xp, k, w.as_ptr(), n, k0, k1, j0, width, &mut out)
+                    x86::avx2_bf16(&xp, k, w.as_ptr(), n, k0, k1, j0, width, out)
                 }
-                (_, Weights::F32(w)) => portable(&xp, k, w, |v| v, n, k0..k1, j0, width, &mut out),
+                (_, Weights::F32(w)) => portable(&xp, k, w, |v| v, n, k0..k1, j0, width, out),
                 (_, Weights::Bf16(w)) => {
-                    portable(&xp, k, w, bf16_to_f32, n, k0..k1, j0, width, &mut out)
+                    portable(&xp, k, w, bf16_to_f32, n, k0..k1, j0, width, out)
                 }
             }
         }
+    };
+    // A small product in whole vectors is one piece (as `split` would say, without its
+    // allocation: decoding a small model comes here some 40 times a token).
+    let parts = if m * k * n < PARALLEL_MIN && n % lanes == 0 {
+        vec![]
+    } else {
+        split(m, k, n, lanes, tile)
+    };
+    if parts.len() <= 1 {
+        // One piece: straight into the result.
+        let whole = Part {
+            k0: 0,
+            k1: k,
+            j0: 0,
+            width: n,
+        };
+        debug_assert!(parts.is_empty() || parts[0] == whole);
+        let mut y = vec![0.0f32; rows * n];
+        if n > 0 {
+            run(&whole, &mut y);
+        }
+        y.truncate(m * n);
+        return y;
+    }
+    let block = |p: &Part| {
+        let mut out = vec![0.0f32; rows * p.width];
+        run(p, &mut out);
         out
     };
-    let blocks: Vec<Vec<f32>> = if parts.len() > 1 {
+    let blocks: Vec<Vec<f32>> = if m * k * n >= PARALLEL_MIN {
         parts.par_iter().map(block).collect()
     } else {
         parts.iter().map(block).collect()
@@ -249,6 +282,9 @@ macro_rules! kernel {
         ) {
             let rows = out.len() / width;
             let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+            // Weights that fit in L2 are likely there already (a small model's every step):
+            // prefetching them would only take load slots.
+            let prefetch = k * n * std::mem::size_of::<$wt>() > PREFETCH_MIN_BYTES;
             let mut k0 = k_lo;
             while k0 < k_hi {
                 let k1 = (k0 + KB).min(k_hi);
@@ -257,13 +293,13 @@ macro_rules! kernel {
                     let whole = width - j >= $tile * $lanes;
                     match (rows % R == 0, whole) {
                         (true, true) => kernel!(@tile 4, $tile, $lanes, $zero, $loadw, $loadx,
-                            $store, $fma, $splat, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                            $store, $fma, $splat, prefetch, xp, op, w, k, n, j0, j, width, rows, k0, k1),
                         (true, false) => kernel!(@tile 4, 1, $lanes, $zero, $loadw, $loadx,
-                            $store, $fma, $splat, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                            $store, $fma, $splat, prefetch, xp, op, w, k, n, j0, j, width, rows, k0, k1),
                         (false, true) => kernel!(@tile 1, $tile, $lanes, $zero, $loadw, $loadx,
-                            $store, $fma, $splat, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                            $store, $fma, $splat, prefetch, xp, op, w, k, n, j0, j, width, rows, k0, k1),
                         (false, false) => kernel!(@tile 1, 1, $lanes, $zero, $loadw, $loadx,
-                            $store, $fma, $splat, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                            $store, $fma, $splat, prefetch, xp, op, w, k, n, j0, j, width, rows, k0, k1),
                     }
                     j += if whole { $tile * $lanes } else { $lanes };
                 }
@@ -272,7 +308,7 @@ macro_rules! kernel {
         }
     };
     (@tile $r:literal, $c:literal, $lanes:literal, $zero:path, $loadw:path, $loadx:path, $store:path,
-     $fma:path, $splat:path, $xp:ident, $op:ident, $w:ident, $k:ident, $n:ident, $j0:ident,
+     $fma:path, $splat:path, $prefetch:ident, $xp:ident, $op:ident, $w:ident, $k:ident, $n:ident, $j0:ident,
      $j:ident, $width:ident, $rows:ident, $k0:ident, $k1:ident) => {{
         let mut r0 = 0;
         while r0 < $rows {
@@ -289,7 +325,7 @@ macro_rules! kernel {
                     for (c, v) in wv.iter_mut().enumerate() {
                         let at = kk * $n + $j0 + $j + c * $lanes;
                         *v = $loadw($w.add(at));
-                        if r0 == 0 {
+                        if $prefetch && r0 == 0 {
                             // The same columns one block further down: the next block reads
                             // them (a wrapping address past `W` is only a hint, never read).
                             _mm_prefetch::<_MM_HINT_T0>($w.wrapping_add(at + KB * $n) as *const i8);
@@ -317,7 +353,7 @@ macro_rules! kernel {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{KB, R};
+    use super::{KB, PREFETCH_MIN_BYTES, R};
 
     #[inline]
     #[target_feature(enable = "avx512f")]
