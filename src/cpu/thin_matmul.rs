@@ -118,7 +118,7 @@ pub(crate) fn thin_matmul_host(
     };
     // A small product in whole vectors is one piece (as `split` would say, without its
     // allocation: decoding a small model comes here some 40 times a token).
-    let parts = if m * k * n < PARALLEL_MIN && n % lanes == 0 {
+    let parts = if m * k * n < PARALLEL_MIN && n.is_multiple_of(lanes) {
         vec![]
     } else {
         split(m, k, n, lanes, tile)
