@@ -4,8 +4,10 @@ google/switch-base-8's exact configuration, or time transformers on it.
 
     hf_bench.py make DIR                 write DIR (config.json, model.safetensors; ~2.5 GB f32)
     hf_bench.py time DIR --threads N --batch B --src-len S --new-tokens T --repeat R
+                     [--dtype float32|bfloat16]
                                          print one JSON line: encoder tokens/s, greedy
-                                         generation tokens/s (with transformers' cache), peak RSS
+                                         generation tokens/s (with transformers' cache), peak RSS;
+                                         the model computed in --dtype (default float32)
 """
 
 import argparse
@@ -54,7 +56,8 @@ def timed(f, repeat):
 
 def time_it(a):
     torch.set_num_threads(a.threads)
-    model = SwitchTransformersForConditionalGeneration.from_pretrained(a.dir, dtype=torch.float32).eval()
+    dtype = getattr(torch, a.dtype)
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(a.dir, dtype=dtype).eval()
     ids, mask = inputs(a.batch, a.src_len, model.config.vocab_size)
     enc = model.get_encoder()
     with torch.inference_mode():
@@ -69,7 +72,7 @@ def time_it(a):
         gen_s = timed(gen, a.repeat)
     print(json.dumps({
         "impl": f"transformers {transformers.__version__} (torch {torch.__version__})",
-        "threads": a.threads, "batch": a.batch, "src_len": a.src_len, "new_tokens": a.new_tokens,
+        "threads": a.threads, "compute": a.dtype, "batch": a.batch, "src_len": a.src_len, "new_tokens": a.new_tokens,
         "encoder_tokens_per_s": a.batch * a.src_len / enc_s,
         "generate_tokens_per_s": a.batch * a.new_tokens / gen_s,
         "encoder_s": enc_s, "generate_s": gen_s,
@@ -89,6 +92,7 @@ def main():
     t.add_argument("--src-len", type=int, default=64)
     t.add_argument("--new-tokens", type=int, default=32)
     t.add_argument("--repeat", type=int, default=3)
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     a = p.parse_args()
     if a.cmd == "make":
         make(a.dir)

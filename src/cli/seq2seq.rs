@@ -65,8 +65,13 @@ pub struct Seq2seqArgs {
     pub repeat: usize,
 }
 
-/// Runs the command.
+/// Runs the command, on a worker of the thread pool (so that the CPU's parallel ops do not
+/// each wake the pool while this thread sleeps).
 pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
+    switch_transformer::cpu::on_worker(|| run_here(args, device))
+}
+
+fn run_here(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
     if args.bench {
         if args.batch == 0 || args.src_len == 0 || args.repeat == 0 || args.max_tokens == 0 {
             bail!("--batch, --src-len, --repeat and --max-tokens must be at least 1 with --bench");

@@ -44,6 +44,15 @@ type Ad = Autodiff<Flex, NoCheckpointing>;
 
 pub use crate::device::is_cpu;
 
+/// `f` on a worker thread of the global thread pool. Called from another thread, each parallel
+/// op inside `f` would be handed to the pool while the caller sleeps until it is done: a
+/// wake-up on the critical path per op. One model at the reference configuration: 42,000 ->
+/// 10,000 context switches in 33 steps, 98-102 -> 90-92 ms/step; decoding switch-base-8 in
+/// bf16 with one thread, about 200 ops a token: 35.6 -> 52 tokens/s.
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Whether the CPU fast paths apply to `t`: an f32 tensor on the CPU backend.
 pub fn applies<const D: usize>(t: &Tensor<D>) -> bool {
     t.dtype() == DType::F32 && is_cpu(&t.device())

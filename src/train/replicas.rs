@@ -361,7 +361,7 @@ impl Replicas {
         let n = self.replicas.len();
         if n == 1 {
             let r = &self.replicas[0];
-            return vec![on_worker(|| pass(r, batch, rng, None, None))];
+            return vec![crate::cpu::on_worker(|| pass(r, batch, rng, None, None))];
         }
         let shards = batch.split(n);
         let rngs: Vec<RoutingRng> = match &self.group {
@@ -414,7 +414,7 @@ impl Replicas {
             if world.in_process() {
                 f()
             } else {
-                on_worker(f)
+                crate::cpu::on_worker(f)
             }
         };
         if !self.global_routing {
@@ -488,19 +488,11 @@ impl Replicas {
     /// free function `on_worker`), else on the calling thread.
     pub fn on_worker<R: Send>(&mut self, f: impl FnOnce(&mut Self) -> R + Send) -> R {
         if self.replicas.len() == 1 {
-            on_worker(|| f(self))
+            crate::cpu::on_worker(|| f(self))
         } else {
             f(self)
         }
     }
-}
-
-/// `f` on a worker thread of the global thread pool. Called from another thread, each parallel
-/// op inside `f` would be handed to the pool while the caller sleeps until it is done: a
-/// wake-up on the critical path per op. One model at the reference configuration: 42,000 ->
-/// 10,000 context switches in 33 steps, 98-102 -> 90-92 ms/step.
-fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
 }
 
 /// `f` on each item at once, item `i` in a thread of its own inside `pools[i]`; the results

@@ -1,0 +1,24 @@
+"""The machine a benchmark ran on, as the reports name it: the CPU's model and its SIMD flags."""
+
+import platform
+import subprocess
+
+
+def cpu_name():
+    try:
+        return next(
+            l.split(":", 1)[1].strip()
+            for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if l.startswith("Model name")
+        )
+    except Exception:
+        return platform.processor() or "unknown CPU"
+
+
+def simd_flags():
+    try:
+        have = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()
+    except Exception:
+        return "unknown"
+    keep = [f for f in have if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")]
+    return ", ".join(sorted(set(keep))) or "no AVX2"
