@@ -2,13 +2,14 @@
 //! short batch), reading `W` once, in place, at the speed of memory.
 //!
 //! With `m` rows a matmul does `2 m k n` flops on `k n` weights: at small `m` it is bound by
-//! reading `W`. A general GEMM (the `gemm` crate under Burn's flex backend) first packs panels
-//! of `W` into a buffer, reading and writing every weight once more; at one to a few rows that
-//! copy is most of the cost (perf: 75% of a batch-1 decode step of switch-base-8 in gemm's
-//! packing). Here `W` is read row by row where it lies, in blocks of [`KB`] rows (as many
-//! sequential streams as the prefetchers follow); an `R x C`-vector tile of `y` stays in
-//! registers while a block passes; threads take disjoint column ranges, so the sum over `k`
-//! runs in the same order whatever their number.
+//! reading `W`. A general GEMM (the `gemm` crate under Burn's flex backend) packs panels of `W`
+//! into a buffer before its microkernel; at one to a few rows that costs more than the
+//! arithmetic (perf: 75% of a batch-1 decode step of switch-base-8 was inside `gemm`; this
+//! kernel runs those products 2-2.5x faster). Here `W` is read where it lies, in blocks of
+//! [`KB`] rows (as many sequential streams as the prefetchers follow); an `R x C`-vector tile
+//! of `y` stays in registers while a block passes. The product is cut into pieces by row
+//! blocks of `W` or wide column ranges, decided by the shape alone ([`split`]), and the
+//! partial sums are added in a fixed order: results do not depend on the thread count.
 //!
 //! Weights are f32 or bf16 (widened to f32 in registers: a bf16 is the top half of an f32), so
 //! a bf16 model reads half the bytes and computes `x * w` exactly for its rounded weights.
