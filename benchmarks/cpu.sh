@@ -21,10 +21,10 @@ ROUNDS=${ROUNDS:-3}
 STEPS=${STEPS:-20}
 cargo build --release -q
 grep -m1 "model name" /proc/cpuinfo >&2 || true
-target/release/switch bench --bandwidth --threads "$THREADS" >&2
 OUT=benchmarks/cpu.jsonl
-: >"$OUT"
-echo "{\"bandwidth\": $(target/release/switch bench --bandwidth --threads "$THREADS" --json)}" >>"$OUT"
+BANDWIDTH=$(target/release/switch bench --bandwidth --threads "$THREADS" --json)
+echo "memory read: $BANDWIDTH" >&2
+echo "{\"bandwidth\": $BANDWIDTH}" >"$OUT"
 for round in $(seq "$ROUNDS"); do
     for e in 4 64; do
         echo "round $round, $e experts" >&2

@@ -76,7 +76,7 @@ impl HostTensor {
             HostData::U8(v) => v.iter().map(|&x| x as f32).collect(),
             HostData::Bf16(v) => v
                 .iter()
-                .map(|&b| f32::from_bits((b as u32) << 16))
+                .map(|&b| half::bf16::from_bits(b).to_f32())
                 .collect(),
         }
     }
@@ -93,7 +93,7 @@ impl HostTensor {
             HostData::F64(v) => v.iter().find(|x| !x.is_finite()).copied(),
             HostData::Bf16(v) => v
                 .iter()
-                .map(|&b| f32::from_bits((b as u32) << 16))
+                .map(|&b| half::bf16::from_bits(b).to_f32())
                 .find(|x| !x.is_finite())
                 .map(|x| x as f64),
             HostData::I64(_) | HostData::U8(_) => None,

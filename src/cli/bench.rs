@@ -73,6 +73,17 @@ pub struct BenchArgs {
     pub distributed: DistributedArgs,
 }
 
+/// `threads` workers in the global pool (0: rayon's default, one per core).
+fn size_thread_pool(threads: usize) -> Result<()> {
+    if threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("cannot size the thread pool")?;
+    }
+    Ok(())
+}
+
 /// Runs the command.
 pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCode> {
     let BenchArgs {
@@ -100,12 +111,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
     } = args;
 
     if bandwidth {
-        if threads > 0 {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build_global()
-                .context("cannot size the thread pool")?;
-        }
+        size_thread_pool(threads)?;
         let b = switch_transformer::tools::bandwidth::measure(1024, 5);
         if json {
             println!("{}", serde_json::to_string(&b)?);
@@ -161,12 +167,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
     let replicas = ranks.unwrap_or(replicas.unwrap_or(parallel.devices.len().max(1)));
     let precision: Precision = serde_json::from_value(serde_json::Value::String(precision.clone()))
         .map_err(|_| anyhow::anyhow!("--precision must be f32, bf16 or f16 (got `{precision}`)"))?;
-    if threads > 0 {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()
-            .context("cannot size the thread pool")?;
-    }
+    size_thread_pool(threads)?;
     let c = BenchConfig {
         model: ModelConfig {
             n_vocab: 65,

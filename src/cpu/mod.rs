@@ -38,6 +38,7 @@ pub(crate) use grouped_ffn::grouped_ffn;
 pub use isa::{Isa, check_env};
 pub(crate) use layer_norm::layer_norm;
 pub use simd::exp_nonpositive;
+pub(crate) use simd::sum_lanes;
 pub(crate) use softmax::causal_softmax;
 
 type Ad = Autodiff<Flex, NoCheckpointing>;
@@ -197,7 +198,7 @@ pub const THIN_MAX_ROWS: usize = 64;
 
 /// `x W` for `x` `[m, k]` with at most [`THIN_MAX_ROWS`] rows and `W` `[k, n]` (f32 or bf16,
 /// contiguous), both on the CPU backend without autodiff (inference), streaming `W`
-/// ([`thin_matmul`](self) module); `None` where it does not apply, and the caller runs Burn's
+/// (`src/cpu/thin_matmul.rs`); `None` where it does not apply, and the caller runs Burn's
 /// matmul.
 pub fn thin_matmul(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     use half::slice::HalfFloatSliceExt;

@@ -31,7 +31,7 @@ where
 /// compiler vectorises (one running sum is a chain of dependent adds). Pass any slice for an
 /// argument `f` ignores.
 #[inline(always)]
-pub(super) fn sum_lanes(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+pub(crate) fn sum_lanes(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
     let n = a.len();
     let (b, c) = (&b[..n], &c[..n]);
     let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));

@@ -111,34 +111,22 @@ pub(crate) fn thin_matmul_host(
                     x86::avx2_bf16(&xp, k, w.as_ptr(), n, k0, k1, j0, width, out)
                 }
                 (_, Weights::F32(w)) => portable(&xp, k, w, |v| v, n, k0..k1, j0, width, out),
-                (_, Weights::Bf16(w)) => {
-                    portable(&xp, k, w, bf16_to_f32, n, k0..k1, j0, width, out)
-                }
+                (_, Weights::Bf16(w)) => portable(&xp, k, w, widen_bf16, n, k0..k1, j0, width, out),
             }
         }
     };
-    // A small product in whole vectors is one piece (as `split` would say, without its
-    // allocation: decoding a small model comes here some 40 times a token).
-    let parts = if m * k * n < PARALLEL_MIN && n.is_multiple_of(lanes) {
-        vec![]
-    } else {
-        split(m, k, n, lanes, tile)
-    };
-    if parts.len() <= 1 {
-        // One piece: straight into the result.
-        let whole = Part {
-            k0: 0,
-            k1: k,
-            j0: 0,
-            width: n,
-        };
-        debug_assert!(parts.is_empty() || parts[0] == whole);
-        let mut y = vec![0.0f32; rows * n];
-        if n > 0 {
+    let parts = split(m, k, n, lanes, tile);
+    match parts[..] {
+        // Nothing to add up (`k` or `n` is 0).
+        [] => return vec![0.0f32; m * n],
+        // One piece (a small product in whole vectors): straight into the result.
+        [whole] => {
+            let mut y = vec![0.0f32; rows * n];
             run(&whole, &mut y);
+            y.truncate(m * n);
+            return y;
         }
-        y.truncate(m * n);
-        return y;
+        _ => {}
     }
     let block = |p: &Part| {
         let mut out = vec![0.0f32; rows * p.width];
@@ -225,9 +213,8 @@ fn split(m: usize, k: usize, n: usize, lanes: usize, tile: usize) -> Vec<Part> {
 }
 
 /// A bf16's bits widened to the f32 it stands for.
-#[inline(always)]
-pub(crate) fn bf16_to_f32(bits: u16) -> f32 {
-    f32::from_bits((bits as u32) << 16)
+fn widen_bf16(bits: u16) -> f32 {
+    half::bf16::from_bits(bits).to_f32()
 }
 
 /// The same product in plain loops: rows `ks` of `W`, columns `j0..j0 + width`, into `out`
@@ -477,7 +464,7 @@ mod tests {
                 let x = values(m * k, s as u32);
                 let w = values(k * n, 100 + s as u32);
                 let bits: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-                let widened: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+                let widened: Vec<f32> = bits.iter().map(|&b| widen_bf16(b)).collect();
                 let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
                 for (weights, wf) in [(Weights::F32(&w), &w), (Weights::Bf16(&bits), &widened)] {
                     let got = thin_matmul_host(isa, &x, m, k, weights, n);

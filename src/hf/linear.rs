@@ -7,21 +7,20 @@
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use crate::store::HostTensor;
+use crate::store::{HostData, HostTensor};
 
 /// `t` (`[out, in]`, PyTorch's linear layout) as a `[in, out]` tensor on `device`: bf16 as
 /// stored on the CPU, else f32.
 pub fn linear_weight(t: &HostTensor, device: &Device) -> Tensor<2> {
-    let [o, i] = [t.shape[0], t.shape[1]];
-    let t = t.transposed();
-    if t.is_bf16() && crate::cpu::is_cpu(device) {
-        let crate::store::HostData::Bf16(bits) = t.data else {
-            unreachable!("checked bf16")
-        };
-        let values: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
-        return Tensor::from_data(TensorData::new(values, [i, o]), (device, DType::BF16));
+    if !(t.is_bf16() && crate::cpu::is_cpu(device)) {
+        return linear_weight_f32(t, device);
     }
-    Tensor::from_data(TensorData::new(t.to_f32(), [i, o]), device)
+    let [o, i] = [t.shape[0], t.shape[1]];
+    let HostData::Bf16(bits) = t.transposed().data else {
+        unreachable!("a bf16 matrix transposes to bf16")
+    };
+    let values: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
+    Tensor::from_data(TensorData::new(values, [i, o]), (device, DType::BF16))
 }
 
 /// `t` (`[out, in]`) as an f32 `[in, out]` tensor on `device`, whatever it was stored in (the

@@ -28,18 +28,7 @@ pub fn measure(mib: usize, passes: usize) -> Bandwidth {
         let t = Instant::now();
         total += data
             .par_chunks(1 << 18)
-            .map(|c| {
-                // 16 running sums: one would be a chain of dependent adds.
-                let mut acc = [0.0f32; 16];
-                let chunks = c.chunks_exact(16);
-                let tail: f32 = chunks.remainder().iter().sum();
-                for v in chunks {
-                    for (a, x) in acc.iter_mut().zip(v) {
-                        *a += x;
-                    }
-                }
-                acc.iter().sum::<f32>() + tail
-            })
+            .map(|c| crate::cpu::sum_lanes(c, c, c, |a, _, _| a))
             .sum::<f32>();
         best = best.min(t.elapsed().as_secs_f64());
     }
