@@ -7,7 +7,6 @@ use burn::tensor::Device;
 use switch_transformer::ModelConfig;
 use switch_transformer::model::precision::Precision;
 use switch_transformer::tools::bench::{BenchConfig, bench_generate, bench_routing, bench_train};
-use switch_transformer::train::replicas::Placement;
 
 use super::{DistributedArgs, ParallelArgs};
 
@@ -156,7 +155,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
+    let mut placement = parallel.placement(device)?;
     if distributed.distributed && (generate || !parallel.devices.is_empty()) {
         bail!(
             "--distributed times training steps with one replica per rank: leave out --generate and --devices"

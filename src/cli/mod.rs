@@ -13,11 +13,14 @@ pub mod train;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
+use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use switch_transformer::data::download::{TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, download};
 use switch_transformer::data::{TextData, read_data_file};
+use switch_transformer::device::parse_device;
 use switch_transformer::train::DataRecord;
+use switch_transformer::train::placement::{GradSync, Placement};
 
 /// Training across processes: one process per rank, started by an MPI launcher.
 #[derive(clap::Args)]
@@ -95,6 +98,44 @@ pub struct ParallelArgs {
     pub global_routing: bool,
 }
 
+impl ParallelArgs {
+    /// The replicas' placement: one per `--devices` entry (none: every replica on `default`),
+    /// combining gradients as `--grad-sync` says (`collective` needs CUDA devices).
+    pub fn placement(&self, default: &Device) -> Result<Placement> {
+        let devices = if self.devices.is_empty() {
+            vec![default.clone()]
+        } else {
+            self.devices
+                .iter()
+                .map(|s| parse_device(s))
+                .collect::<Result<_>>()?
+        };
+        Ok(Placement {
+            devices,
+            grad_sync: grad_sync(&self.grad_sync, &self.devices)?,
+            world: None,
+        })
+    }
+}
+
+/// `--grad-sync`: `broadcast`, or `collective` when every device in `device_specs` is CUDA.
+fn grad_sync(name: &str, device_specs: &[String]) -> Result<GradSync> {
+    match name {
+        "broadcast" => Ok(GradSync::Broadcast),
+        "collective" => {
+            if let Some(d) = device_specs.iter().find(|d| !d.starts_with("cuda")) {
+                bail!(
+                    "--grad-sync collective needs CUDA devices (Burn 0.22 implements \
+                     collectives only with NCCL), but `{d}` is not one: use --grad-sync \
+                     broadcast"
+                );
+            }
+            Ok(GradSync::Collective)
+        }
+        _ => bail!("unknown --grad-sync `{name}`: use broadcast or collective"),
+    }
+}
+
 /// Reads the training text once (a stream could not be read twice), downloading Tiny
 /// Shakespeare when the default path is missing: the text and the file's record (SHA-256).
 pub fn load_data(path: &Path, seq_len: usize) -> Result<(TextData, DataRecord)> {
@@ -120,4 +161,50 @@ pub fn load_data(path: &Path, seq_len: usize) -> Result<(TextData, DataRecord)> 
     let bytes = read_data_file(path)?;
     let record = DataRecord::of_bytes(path, &bytes);
     Ok((TextData::from_file_bytes(path, bytes, seq_len + 1)?, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(devices: &[&str], grad_sync: &str) -> ParallelArgs {
+        ParallelArgs {
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+            grad_sync: grad_sync.into(),
+            global_routing: false,
+        }
+    }
+
+    #[test]
+    fn bad_devices_and_grad_syncs_are_clear_errors() {
+        let device = Device::default();
+        let e = args(&["cpu", "cpu"], "collective")
+            .placement(&device)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("CUDA") && e.contains("`cpu`"), "{e}");
+        let e = args(&[], "ring")
+            .placement(&device)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown --grad-sync `ring`"), "{e}");
+        let e = args(&["cpu", "tpu"], "broadcast")
+            .placement(&device)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown device `tpu`"), "{e}");
+        let p = args(&[], "broadcast").placement(&device).unwrap();
+        assert_eq!((p.devices.len(), p.grad_sync), (1, GradSync::Broadcast));
+        assert_eq!(
+            args(&["cpu", "cpu"], "broadcast")
+                .placement(&device)
+                .unwrap()
+                .devices
+                .len(),
+            2
+        );
+    }
 }

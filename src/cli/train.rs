@@ -9,7 +9,6 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use switch_transformer::distributed::{Collective, agree, check_same_start};
-use switch_transformer::train::replicas::Placement;
 use switch_transformer::train::{DataRecord, Event, Finish, RunConfig, RunDir, Trainer};
 
 use super::{DEFAULT_DATA, DistributedArgs, ParallelArgs, load_data};
@@ -65,7 +64,7 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
         distributed,
     } = args;
 
-    let mut placement = Placement::parse(&parallel.devices, device, &parallel.grad_sync)?;
+    let mut placement = parallel.placement(device)?;
     if distributed.distributed && !parallel.devices.is_empty() {
         bail!("--distributed runs one replica per rank: leave out --devices (use --device)");
     }

@@ -1,7 +1,8 @@
 //! The Switch Transformer itself, read bottom-up: [`ops`] (the operations with a CPU fast
 //! path) -> [`precision`] -> [`attention`] -> [`expert`] -> [`switch`] (the Switch layer: router,
 //! capacity, experts) -> [`block`] -> [`transformer`] (the whole model) -> [`loss`]. [`config`]
-//! describes a model; [`switch_config`] builds a Switch layer alone, for any Burn model.
+//! describes a model; [`switch_config`] builds a Switch layer alone, for any Burn model; [`params`]
+//! walks the trainable parameters of any of them.
 
 pub mod attention;
 pub mod block;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod expert;
 pub mod loss;
 pub mod ops;
+pub mod params;
 pub mod precision;
 pub mod switch;
 pub mod switch_config;

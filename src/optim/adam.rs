@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::ParamGrads;
 use crate::cpu::adam::Coefs;
+use crate::model::params;
 use crate::store::{HostTensor, host_f32};
 
 /// Adam first and second moments of one parameter (flattened).
@@ -106,46 +107,74 @@ impl LabmlAdam {
         self.step += 1;
         let t = self.step as f64;
         let step_size = lr * (1.0 - self.beta2.powf(t)).sqrt() / (1.0 - self.beta1.powf(t));
-        let mut mapper = Update {
-            adam: self,
-            grads,
-            step_size,
-            grad_scale,
-            path: Vec::new(),
+        params::map(
+            module,
+            |p| grads.get(&p.id).is_some(),
+            |p, theta| {
+                let g = grads.get(&p.id).expect("selected").clone();
+                self.update(&p.path, theta, g, step_size, grad_scale)
+            },
+        )
+    }
+
+    /// One parameter's update: `theta` (flat, owned: updated in place on the CPU) with
+    /// `grad_scale * g`, its moments kept under `path`.
+    fn update(
+        &mut self,
+        path: &str,
+        theta: Tensor<1>,
+        g: Tensor<1>,
+        step_size: f64,
+        grad_scale: f64,
+    ) -> Tensor<1> {
+        let n = theta.dims()[0];
+        let device = theta.device();
+        let (b1, b2) = (self.beta1, self.beta2);
+        let state = self.state.remove(path);
+        let (theta, moments) = if crate::cpu::adam::applies(&theta, &g) {
+            let (mut m, mut v) =
+                state.map_or_else(|| (vec![0.0; n], vec![0.0; n]), Moments::into_host);
+            let k = Coefs {
+                c1: b1 as f32,
+                d1: (1.0 - b1) as f32,
+                c2: b2 as f32,
+                d2: (1.0 - b2) as f32,
+                eps: self.eps as f32,
+                step_size: step_size as f32,
+                grad_scale: grad_scale as f32,
+            };
+            let theta = crate::cpu::adam::update(theta, &g, &mut m, &mut v, k);
+            (theta, Moments::Host { m, v })
+        } else {
+            let g = if grad_scale == 1.0 { g } else { g * grad_scale };
+            let (m, v) = match state.map(|s| s.into_device(&device)) {
+                Some((m, v)) => (
+                    m * b1 + g.clone() * (1.0 - b1),
+                    v * b2 + g.clone().square() * (1.0 - b2),
+                ),
+                None => (g.clone() * (1.0 - b1), g.square() * (1.0 - b2)),
+            };
+            let denom = v.clone().sqrt() + self.eps;
+            let theta = theta - (m.clone() * step_size) / denom;
+            (theta, Moments::Device { m, v })
         };
-        module.map(&mut mapper)
+        self.state.insert(path.to_string(), moments);
+        theta
     }
 
     /// Checks that every moment restored by [`load_state_tensors`](Self::load_state_tensors)
     /// belongs to a trainable parameter of `module` with as many values.
     pub fn check_matches<M: Module>(&self, module: &M) -> anyhow::Result<()> {
-        #[derive(Default)]
-        struct Sizes {
-            path: Vec<String>,
-            sizes: HashMap<String, usize>,
-        }
-        impl ModuleVisitor for Sizes {
-            fn enter_module(&mut self, name: &str, _container_type: &str) {
-                self.path.push(name.to_string());
-            }
-            fn exit_module(&mut self, _name: &str, _container_type: &str) {
-                self.path.pop();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if param.is_require_grad() {
-                    let n = param.shape().num_elements();
-                    self.sizes.insert(self.path.join("."), n);
-                }
-            }
-        }
-        let mut v = Sizes::default();
-        module.visit(&mut v);
+        let sizes: HashMap<String, usize> = params::trainable(module)
+            .into_iter()
+            .map(|p| (p.path.clone(), p.len()))
+            .collect();
         for (path, moments) in &self.state {
             let n = match moments {
                 Moments::Host { m, .. } => m.len(),
                 Moments::Device { m, .. } => m.shape().num_elements(),
             };
-            match v.sizes.get(path) {
+            match sizes.get(path) {
                 None => anyhow::bail!("optimizer state `{path}` is for no parameter of the model"),
                 Some(&p) if p != n => anyhow::bail!(
                     "optimizer state `{path}` has {n} values, the model's parameter {p}"
@@ -219,80 +248,5 @@ impl LabmlAdam {
             );
         }
         Ok(())
-    }
-}
-
-struct Update<'a> {
-    adam: &'a mut LabmlAdam,
-    grads: &'a ParamGrads,
-    step_size: f64,
-    grad_scale: f64,
-    path: Vec<String>,
-}
-
-impl ModuleMapper for Update<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(g) = self.grads.get(&param.id) else {
-            return param;
-        };
-        let (id, tensor, mapper) = param.consume();
-        let (autodiff, require_grad) = (tensor.is_autodiff(), tensor.is_require_grad());
-        let shape = tensor.shape();
-        let n = shape.num_elements();
-        let theta = tensor.inner().reshape([n]);
-        let device = theta.device();
-        let g = g.clone();
-        let (b1, b2) = (self.adam.beta1, self.adam.beta2);
-        let key = self.path.join(".");
-        let state = self.adam.state.remove(&key);
-        let (theta, moments) = if crate::cpu::adam::applies(&theta, &g) {
-            let (mut m, mut v) =
-                state.map_or_else(|| (vec![0.0; n], vec![0.0; n]), Moments::into_host);
-            let k = Coefs {
-                c1: b1 as f32,
-                d1: (1.0 - b1) as f32,
-                c2: b2 as f32,
-                d2: (1.0 - b2) as f32,
-                eps: self.adam.eps as f32,
-                step_size: self.step_size as f32,
-                grad_scale: self.grad_scale as f32,
-            };
-            let theta = crate::cpu::adam::update(theta, &g, &mut m, &mut v, k);
-            (theta, Moments::Host { m, v })
-        } else {
-            let g = if self.grad_scale == 1.0 {
-                g
-            } else {
-                g * self.grad_scale
-            };
-            let (m, v) = match state.map(|s| s.into_device(&device)) {
-                Some((m, v)) => (
-                    m * b1 + g.clone() * (1.0 - b1),
-                    v * b2 + g.clone().square() * (1.0 - b2),
-                ),
-                None => (g.clone() * (1.0 - b1), g.square() * (1.0 - b2)),
-            };
-            let denom = v.clone().sqrt() + self.adam.eps;
-            let theta = theta - (m.clone() * self.step_size) / denom;
-            (theta, Moments::Device { m, v })
-        };
-        self.adam.state.insert(key, moments);
-
-        let mut updated = theta.reshape(shape);
-        if autodiff {
-            updated = updated.autodiff();
-        }
-        if require_grad {
-            updated = updated.require_grad();
-        }
-        Param::from_mapped_value(id, updated, mapper)
     }
 }

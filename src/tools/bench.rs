@@ -15,7 +15,8 @@ use crate::infer::generate::{SampleOptions, generate, generate_cached};
 use crate::model::ModelConfig;
 use crate::optim::{LabmlAdam, Noam};
 use crate::routing::RoutingRng;
-use crate::train::replicas::{Placement, Replica, Replicas};
+use crate::train::placement::Placement;
+use crate::train::replicas::{Replica, Replicas};
 use crate::train::step::{StepSettings, step};
 
 /// What to time.

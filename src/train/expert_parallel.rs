@@ -15,10 +15,11 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Result, bail};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::ParamId;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::distributed::Collective;
+use crate::model::params;
 use crate::model::{ModelConfig, SwitchTransformer};
 use crate::optim::{LabmlAdam, ParamGrads};
 use crate::store::host_f32;
@@ -75,72 +76,33 @@ pub fn expert_ids(model: &SwitchTransformer) -> HashSet<ParamId> {
 
 /// Each expert parameter's module path (the key of its Adam moments) and id, in module order.
 fn expert_paths(model: &SwitchTransformer) -> Vec<(String, ParamId)> {
-    struct Paths {
-        ids: HashSet<ParamId>,
-        path: Vec<String>,
-        out: Vec<(String, ParamId)>,
-    }
-    impl ModuleVisitor for Paths {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if self.ids.contains(&param.id) {
-                self.out.push((self.path.join("."), param.id));
-            }
-        }
-    }
-    let mut v = Paths {
-        ids: expert_ids(model),
-        path: vec![],
-        out: vec![],
-    };
-    model.visit(&mut v);
-    v.out
+    let ids = expert_ids(model);
+    params::trainable(model)
+        .into_iter()
+        .filter(|p| ids.contains(&p.id))
+        .map(|p| (p.path, p.id))
+        .collect()
 }
 
 /// Replaces the expert parameters of `model` by `f(id, value)` (`value` flattened, not read
 /// unless `f` reads it; the new value's first dimension is its length over the old one's
-/// inner size), as fresh leaves.
+/// inner size), as fresh leaves with storage of their own (the whole tensor is freed, not
+/// kept alive under a view).
 fn map_experts(
     model: SwitchTransformer,
     mut f: impl FnMut(ParamId, Tensor<1>) -> Vec<f32>,
 ) -> SwitchTransformer {
-    struct Map<'a> {
-        ids: HashSet<ParamId>,
-        f: &'a mut dyn FnMut(ParamId, Tensor<1>) -> Vec<f32>,
-    }
-    impl ModuleMapper for Map<'_> {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if !self.ids.contains(&param.id) {
-                return param;
-            }
-            let (id, tensor, mapper) = param.consume();
-            let device = tensor.device();
-            let mut dims = tensor.dims();
-            let inner: usize = dims[1..].iter().product();
-            let n = tensor.shape().num_elements();
-            let values = (self.f)(id, tensor.inner().reshape([n]));
-            dims[0] = values.len() / inner;
-            // New storage: the whole tensor is freed, not kept alive under a view.
-            let value =
-                Tensor::<D>::from_data(TensorData::new(values, dims), &device.clone().inner());
-            let value = if device.is_autodiff() {
-                value.autodiff()
-            } else {
-                value
-            };
-            Param::from_mapped_value(id, value.require_grad(), mapper)
-        }
-    }
-    let mut map = Map {
-        ids: expert_ids(&model),
-        f: &mut f,
-    };
-    model.map(&mut map)
+    let ids = expert_ids(&model);
+    params::map(
+        model,
+        |p| ids.contains(&p.id),
+        |p, value| {
+            let device = value.device();
+            let values = f(p.id, value);
+            let n = values.len();
+            Tensor::from_data(TensorData::new(values, [n]), &device)
+        },
+    )
 }
 
 /// Rank `rank` of `ranks`' part of the whole `model` and its optimizer state: its experts of
@@ -174,22 +136,10 @@ pub fn gather_to_first(
     let root = world.rank() == 0;
     let paths = expert_paths(model);
     let mut gathered: HashMap<ParamId, Vec<f32>> = HashMap::new();
-    struct Values<'a>(&'a HashSet<ParamId>, Vec<(ParamId, Vec<f32>)>);
-    impl ModuleVisitor for Values<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if self.0.contains(&param.id) {
-                let n = param.shape().num_elements();
-                self.1
-                    .push((param.id, host_f32(param.val().inner().reshape([n]))));
-            }
-        }
-    }
     let ids: HashSet<ParamId> = paths.iter().map(|(_, id)| *id).collect();
-    let mut values = Values(&ids, vec![]);
-    model.visit(&mut values);
-    for (id, mine) in values.1 {
-        if let Some(all) = world.gather("experts to rank 0", 0, &mine)? {
-            gathered.insert(id, all);
+    for (p, mine) in params::values(model, |p| ids.contains(&p.id)) {
+        if let Some(all) = world.gather("experts to rank 0", 0, &host_f32(mine))? {
+            gathered.insert(p.id, all);
         }
     }
     let mut full_adam = LabmlAdam::new(adam.beta1, adam.beta2, adam.eps);

@@ -1,5 +1,5 @@
 //! Training: [`step`] (one optimizer step: forward, losses, backward, clip, Adam) on the
-//! [`replicas`] of the model, driven by the [`trainer`] loop with its [`config`], [`eval`]uation
+//! [`replicas`] of the model (where they run: [`placement`]; their gradients summed: [`reduce`]), driven by the [`trainer`] loop with its [`config`], [`eval`]uation
 //! and [`checkpoint`]s, in a [`run_dir`] whose [`metrics`] are typed lines; across the ranks
 //! of a job the experts may be sharded ([`expert_parallel`]).
 
@@ -10,6 +10,8 @@ pub mod expert_parallel;
 pub mod lock;
 pub mod memory;
 pub mod metrics;
+pub mod placement;
+pub mod reduce;
 pub mod replicas;
 pub mod run_dir;
 pub mod step;

@@ -24,7 +24,8 @@ use burn::tensor::{DType, Device, Int};
 use anyhow::Result;
 
 use super::eval::{LayerStats, layer_stats, layer_sums, layer_sums_of, summaries};
-use super::replicas::{BatchGradients, Replica, Replicas};
+use super::reduce::BatchGradients;
+use super::replicas::{Replica, Replicas};
 use crate::data::Batch;
 use crate::launches::Counts;
 use crate::model::SwitchStats;
@@ -91,7 +92,7 @@ pub fn step(
     // Forward, losses and backward: each replica on its shard of the batch.
     let mut passes = replicas.on_shards(batch, rng, |r, shard, rng, seat, all_reduce| {
         forward_backward(r, shard, rng, seat, s, share, all_reduce)
-    });
+    })?;
     let t0 = Instant::now();
     let counts0 = Counts::now();
     let (forward_s, backward_s) = (passes[0].forward_s, passes[0].backward_s);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use switch_transformer::data::TextData;
 use switch_transformer::distributed::{Collective, Threads};
-use switch_transformer::train::replicas::{GradSync, Placement};
+use switch_transformer::train::placement::{GradSync, Placement};
 use switch_transformer::train::{Event, Finish, RunConfig, Trainer};
 
 /// A tiny configuration whose ranks route the whole batch together. Its learning rate warms up

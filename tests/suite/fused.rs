@@ -344,7 +344,9 @@ fn training_updates_the_weights_in_place() {
     use switch_transformer::model::loss::Losses;
     use switch_transformer::optim::{LabmlAdam, ParamGrads};
     use switch_transformer::routing::RoutingRng;
-    use switch_transformer::train::replicas::{BatchGradients, GradSync, Replica, Replicas};
+    use switch_transformer::train::placement::GradSync;
+    use switch_transformer::train::reduce::BatchGradients;
+    use switch_transformer::train::replicas::{Replica, Replicas};
 
     let device = Device::default();
     let config = common::tiny_run_config().model;

@@ -17,7 +17,8 @@ use switch_transformer::optim::LabmlAdam;
 use switch_transformer::routing::RoutePlace;
 use switch_transformer::store::host_f32;
 use switch_transformer::train::Trainer;
-use switch_transformer::train::replicas::{GradSync, Placement, Replica, Replicas};
+use switch_transformer::train::placement::{GradSync, Placement};
+use switch_transformer::train::replicas::{Replica, Replicas};
 use switch_transformer::train::step::{StepSettings, step};
 
 fn values(sd: &StateDict) -> Vec<(String, Vec<f64>)> {
@@ -306,18 +307,5 @@ fn bad_placements_are_clear_errors() {
     assert!(e.contains("3 devices") && e.contains("replicas = 2"), "{e}");
     assert_eq!(three.devices_for(3).unwrap().len(), 3);
 
-    let e = GradSync::parse("collective", &["cpu".into(), "cpu".into()])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("CUDA") && e.contains("`cpu`"), "{e}");
-    assert!(GradSync::parse("ring", &[]).is_err());
-    assert_eq!(
-        GradSync::parse("broadcast", &[]).unwrap(),
-        GradSync::Broadcast
-    );
-    let e = Placement::parse(&["cpu".into(), "tpu".into()], &device, "host")
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("unknown device `tpu`"), "{e}");
+    // --devices and --grad-sync: src/cli/mod.rs's tests.
 }
