@@ -10,21 +10,21 @@
 //! bias    = table[bucket(key_pos - query_pos)]           (first block of each stack; shared)
 //! FF      = relu(x wi) wo, or in sparse blocks a Switch FFN ([`super::sparse`])
 //! ```
-//! Weights are stored transposed (`[in, out]`), so a linear layer is `x @ w`.
+//! Weights are stored transposed (`[in, out]`), so a linear layer is `x @ w`. Reading them from a
+//! checkpoint: [`load`]; writing them as transformers names them: [`export`].
 
 use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use anyhow::Result;
 
-use std::collections::BTreeMap;
-
-use super::checkpoint::{Checkpoint, SaveDtype};
 use super::config::HfConfig;
-use super::linear::{host_linear, linear_weight, matmul3};
+use super::linear::matmul3;
 use super::sparse::{Grouping, Routes, SparseMlp};
 use crate::model::attention::KvCache;
-use crate::store::HostTensor;
+
+mod export;
+mod load;
 
 /// Root-mean-square layer norm with a scale and no bias.
 #[derive(Debug, Clone)]
@@ -36,13 +36,6 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(ck: &mut Checkpoint, name: &str, c: &HfConfig, device: &Device) -> Result<Self> {
-        Ok(Self {
-            weight: ck.take(name, &[c.d_model])?.to_tensor(device)?,
-            eps: c.layer_norm_epsilon,
-        })
-    }
-
     /// `x` `[b, s, d]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let d = x.dims()[2];
@@ -102,44 +95,6 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn load(
-        ck: &mut Checkpoint,
-        prefix: &str,
-        relative: bool,
-        c: &HfConfig,
-        device: &Device,
-    ) -> Result<Self> {
-        let (d, inner) = (c.d_model, c.inner_dim());
-        let mut w = |n: &str, shape: [usize; 2]| -> Result<Tensor<2>> {
-            Ok(linear_weight(
-                &ck.take(&format!("{prefix}.{n}.weight"), &shape)?,
-                device,
-            ))
-        };
-        let (q, k, v, o) = (
-            w("q", [inner, d])?,
-            w("k", [inner, d])?,
-            w("v", [inner, d])?,
-            w("o", [d, inner])?,
-        );
-        let relative_bias = if relative {
-            let name = format!("{prefix}.relative_attention_bias.weight");
-            let t = ck.take(&name, &[c.relative_attention_num_buckets, c.num_heads])?;
-            Some(t.to_tensor(device)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            q,
-            k,
-            v,
-            o,
-            relative_bias,
-            heads: c.num_heads,
-            d_kv: c.d_kv,
-        })
-    }
-
     fn split(&self, x: Tensor<3>) -> Tensor<4> {
         let [b, s, _] = x.dims();
         x.reshape([b, s, self.heads, self.d_kv]).swap_dims(1, 2)
@@ -245,51 +200,6 @@ pub struct Block {
 }
 
 impl Block {
-    fn load(
-        ck: &mut Checkpoint,
-        stack: &str,
-        i: usize,
-        c: &HfConfig,
-        device: &Device,
-    ) -> Result<Self> {
-        let decoder = stack == "decoder";
-        let p = format!("{stack}.block.{i}.layer");
-        let self_norm = RmsNorm::load(ck, &format!("{p}.0.layer_norm.weight"), c, device)?;
-        let self_attn = Attention::load(ck, &format!("{p}.0.SelfAttention"), i == 0, c, device)?;
-        let cross = if decoder {
-            Some((
-                RmsNorm::load(ck, &format!("{p}.1.layer_norm.weight"), c, device)?,
-                Attention::load(ck, &format!("{p}.1.EncDecAttention"), false, c, device)?,
-            ))
-        } else {
-            None
-        };
-        let f = if decoder { 2 } else { 1 };
-        let ff_norm = RmsNorm::load(ck, &format!("{p}.{f}.layer_norm.weight"), c, device)?;
-        let mlp = format!("{p}.{f}.mlp");
-        let ff = if c.is_sparse(decoder, i) {
-            FeedForward::Sparse(SparseMlp::load(ck, &mlp, c, device)?)
-        } else {
-            FeedForward::Dense {
-                wi: linear_weight(
-                    &ck.take(&format!("{mlp}.wi.weight"), &[c.d_ff, c.d_model])?,
-                    device,
-                ),
-                wo: linear_weight(
-                    &ck.take(&format!("{mlp}.wo.weight"), &[c.d_model, c.d_ff])?,
-                    device,
-                ),
-            }
-        };
-        Ok(Self {
-            self_norm,
-            self_attn,
-            cross,
-            ff_norm,
-            ff,
-        })
-    }
-
     fn feed_forward(
         &self,
         x: Tensor<3>,
@@ -319,31 +229,6 @@ pub struct Stack {
     /// The blocks.
     pub blocks: Vec<Block>,
     final_norm: RmsNorm,
-}
-
-impl Stack {
-    fn load(
-        ck: &mut Checkpoint,
-        stack: &str,
-        embed: Tensor<2>,
-        c: &HfConfig,
-        device: &Device,
-    ) -> Result<Self> {
-        let n = if stack == "decoder" {
-            c.decoder_layers()
-        } else {
-            c.num_layers
-        };
-        let blocks = (0..n)
-            .map(|i| Block::load(ck, stack, i, c, device))
-            .collect::<Result<Vec<_>>>()?;
-        let final_norm = RmsNorm::load(ck, &format!("{stack}.final_layer_norm.weight"), c, device)?;
-        Ok(Self {
-            embed,
-            blocks,
-            final_norm,
-        })
-    }
 }
 
 /// Additive mask `[b, 1, 1, len]`: 0 where `mask` is 1, the most negative f32 where it is 0
@@ -418,95 +303,10 @@ pub struct HfSwitchTransformer {
 }
 
 impl HfSwitchTransformer {
-    /// Builds the model of `config` from the checkpoint's tensors; fails naming a missing or
-    /// mis-shaped tensor, or tensors the config does not account for.
-    pub fn from_checkpoint(config: HfConfig, mut ck: Checkpoint, device: &Device) -> Result<Self> {
-        let c = &config;
-        let shape = [c.vocab_size, c.d_model];
-        let mut stored_bf16 = false;
-        let mut embedding = |ck: &mut Checkpoint, names: &[&str]| -> Result<Tensor<2>> {
-            let t = ck.take_first(names, &shape)?;
-            stored_bf16 |= t.is_bf16();
-            t.to_tensor(device)
-        };
-        let (shared, enc_embed, dec_embed) = if c.tie_word_embeddings {
-            // One matrix for both stacks and the output; copies of it may be saved too.
-            let shared = embedding(
-                &mut ck,
-                &[
-                    "shared.weight",
-                    "encoder.embed_tokens.weight",
-                    "decoder.embed_tokens.weight",
-                ],
-            )?;
-            for tied in [
-                "encoder.embed_tokens.weight",
-                "decoder.embed_tokens.weight",
-                "lm_head.weight",
-            ] {
-                ck.discard(tied);
-            }
-            (shared.clone(), shared.clone(), shared)
-        } else {
-            let shared = embedding(&mut ck, &["shared.weight"])?;
-            let enc = if ck.contains("encoder.embed_tokens.weight") {
-                embedding(&mut ck, &["encoder.embed_tokens.weight"])?
-            } else {
-                shared.clone()
-            };
-            let dec = if ck.contains("decoder.embed_tokens.weight") {
-                embedding(&mut ck, &["decoder.embed_tokens.weight"])?
-            } else {
-                shared.clone()
-            };
-            (shared, enc, dec)
-        };
-        let encoder = Stack::load(&mut ck, "encoder", enc_embed, c, device)?;
-        let decoder = Stack::load(&mut ck, "decoder", dec_embed, c, device)?;
-        let lm_head = if c.tie_word_embeddings && crate::device::is_cpu(device) {
-            // Its own row-major copy on the CPU, so that decoding streams it
-            // (`cpu::thin_matmul` takes contiguous weights: a transposed view would go through
-            // a general matmul that packs all of it every step).
-            // bf16 where the checkpoint stored it so (exact: the values came from bf16).
-            let t = shared.clone().transpose();
-            let dtype = if stored_bf16 { DType::BF16 } else { DType::F32 };
-            Tensor::from_data(t.into_data(), (device, dtype))
-        } else if c.tie_word_embeddings {
-            shared.clone().transpose()
-        } else {
-            linear_weight(&ck.take("lm_head.weight", &shape)?, device)
-        };
-        let left = ck.remaining();
-        if !left.is_empty() {
-            anyhow::bail!(
-                "the checkpoint has {} tensors config.json does not account for (first: `{}`): \
-                 is config.json the one saved with these weights?",
-                left.len(),
-                left[0]
-            );
-        }
-        Ok(Self {
-            config,
-            shared,
-            encoder,
-            decoder,
-            lm_head,
-            device: device.clone(),
-        })
-    }
-
     /// The dtype the output layer (and with it every linear layer but the routers) is held
     /// in: bf16 where the checkpoint stores bf16 and the device is the CPU, else f32.
     pub fn weights_dtype(&self) -> DType {
         self.lm_head.dtype()
-    }
-
-    /// Reads `dir` (config.json and the safetensors weights) onto `device`.
-    pub fn load(dir: &std::path::Path, device: &Device) -> Result<Self> {
-        let config = HfConfig::read(dir)?;
-        let ck = Checkpoint::read(dir)?;
-        Self::from_checkpoint(config, ck, device)
-            .map_err(|e| e.context(format!("loading {}", dir.display())))
     }
 
     /// The device the weights are on.
@@ -622,95 +422,6 @@ impl HfSwitchTransformer {
             y = y * (c.d_model as f64).powf(-0.5);
         }
         Ok((matmul3(y, &self.lm_head), routes))
-    }
-}
-
-fn host<const D: usize>(t: &Tensor<D>) -> HostTensor {
-    HostTensor::from_tensor(t.clone())
-}
-
-impl Attention {
-    fn tensors(&self, prefix: &str, out: &mut BTreeMap<String, HostTensor>) {
-        for (n, w) in [
-            ("q", &self.q),
-            ("k", &self.k),
-            ("v", &self.v),
-            ("o", &self.o),
-        ] {
-            out.insert(format!("{prefix}.{n}.weight"), host_linear(w));
-        }
-        if let Some(t) = &self.relative_bias {
-            out.insert(format!("{prefix}.relative_attention_bias.weight"), host(t));
-        }
-    }
-}
-
-impl Stack {
-    fn tensors(&self, stack: &str, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
-        for (i, b) in self.blocks.iter().enumerate() {
-            let p = format!("{stack}.block.{i}.layer");
-            out.insert(
-                format!("{p}.0.layer_norm.weight"),
-                host(&b.self_norm.weight),
-            );
-            b.self_attn.tensors(&format!("{p}.0.SelfAttention"), out);
-            let f = match &b.cross {
-                Some((norm, attn)) => {
-                    out.insert(format!("{p}.1.layer_norm.weight"), host(&norm.weight));
-                    attn.tensors(&format!("{p}.1.EncDecAttention"), out);
-                    2
-                }
-                None => 1,
-            };
-            out.insert(
-                format!("{p}.{f}.layer_norm.weight"),
-                host(&b.ff_norm.weight),
-            );
-            match &b.ff {
-                FeedForward::Dense { wi, wo } => {
-                    out.insert(format!("{p}.{f}.mlp.wi.weight"), host_linear(wi));
-                    out.insert(format!("{p}.{f}.mlp.wo.weight"), host_linear(wo));
-                }
-                FeedForward::Sparse(mlp) => mlp.tensors(&format!("{p}.{f}.mlp"), out)?,
-            }
-        }
-        out.insert(
-            format!("{stack}.final_layer_norm.weight"),
-            host(&self.final_norm.weight),
-        );
-        Ok(())
-    }
-}
-
-impl HfSwitchTransformer {
-    /// The weights by transformers' names, as `save_pretrained` writes them (with tied
-    /// embeddings `shared.weight` only; untied, the stacks' embeddings and `lm_head` too).
-    /// Reads the experts not loaded yet.
-    pub fn tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
-        let mut out = BTreeMap::new();
-        out.insert("shared.weight".to_string(), host(&self.shared));
-        if !self.config.tie_word_embeddings {
-            out.insert(
-                "encoder.embed_tokens.weight".into(),
-                host(&self.encoder.embed),
-            );
-            out.insert(
-                "decoder.embed_tokens.weight".into(),
-                host(&self.decoder.embed),
-            );
-            out.insert("lm_head.weight".into(), host_linear(&self.lm_head));
-        }
-        self.encoder.tensors("encoder", &mut out)?;
-        self.decoder.tensors("decoder", &mut out)?;
-        Ok(out)
-    }
-
-    /// Writes `dir/config.json` (as read) and `dir/model.safetensors` in `dtype`, a directory
-    /// transformers' `from_pretrained` (and [`Self::load`]) reads. Refuses a directory that
-    /// already holds a model.
-    pub fn save(&self, dir: &std::path::Path, dtype: SaveDtype) -> Result<()> {
-        let json = serde_json::to_string_pretty(&self.config.raw)?;
-        super::checkpoint::save(dir, &json, self.tensors()?, dtype)
     }
 }
 

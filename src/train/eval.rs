@@ -31,19 +31,10 @@ pub struct LayerStats {
 }
 
 impl LayerStats {
-    /// Every layer's statistics from [`layer_sums`] (or [`layer_sums_of`]).
-    pub fn from_sums(sums: &[(Vec<f64>, usize)]) -> Vec<Self> {
-        sums.iter()
-            .map(|(sum, tokens)| Self::from_sum(sum, *tokens))
-            .collect()
-    }
-
-    /// One layer's statistics from its [`SwitchStats::summary`] values summed over forward
-    /// passes (expert counts, dropped, the sum of top probabilities) and their tokens.
-    pub fn from_sum(sum: &[f64], tokens: usize) -> Self {
-        let e = sum.len() - 2;
-        let t = tokens.max(1) as f64;
-        let expert_frac: Vec<f64> = sum[..e].iter().map(|c| c / t).collect();
+    /// One layer's statistics from its routing sums over forward passes.
+    pub fn from_sums(sums: &RoutingSums) -> Self {
+        let t = sums.tokens.max(1) as f64;
+        let expert_frac: Vec<f64> = sums.counts.iter().map(|c| c / t).collect();
         let n = expert_frac.len().max(1) as f64;
         let mean = expert_frac.iter().sum::<f64>() / n;
         let var = expert_frac.iter().map(|f| (f - mean).powi(2)).sum::<f64>() / n;
@@ -52,21 +43,81 @@ impl LayerStats {
             max_frac: expert_frac.iter().cloned().fold(0.0, f64::max),
             std_frac: var.sqrt(),
             expert_frac,
-            mean_top_prob: sum[e + 1] / t,
-            dropped_frac: sum[e] / t,
+            mean_top_prob: sums.top_prob / t,
+            dropped_frac: sums.dropped / t,
         }
+    }
+}
+
+/// One Switch layer's routing summed over forward passes (in f64, pass order): what
+/// [`LayerStats`] is computed from, and what the ranks of a job add up.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoutingSums {
+    /// Tokens whose first choice is each expert, before dropping.
+    pub counts: Vec<f64>,
+    /// Assignments dropped over capacity.
+    pub dropped: f64,
+    /// Sum of each token's top routing probability.
+    pub top_prob: f64,
+    /// Tokens routed.
+    pub tokens: usize,
+}
+
+impl RoutingSums {
+    /// Adds one pass's [`SwitchStats::summary`] values (`[n_experts + 2]`: counts, dropped,
+    /// top-probability sum) over `tokens` tokens.
+    fn add_summary(&mut self, summary: &[f32], tokens: usize) {
+        let e = summary.len() - 2;
+        self.counts.resize(e, 0.0);
+        for (c, &v) in self.counts.iter_mut().zip(&summary[..e]) {
+            *c += v as f64;
+        }
+        self.dropped += summary[e] as f64;
+        self.top_prob += summary[e + 1] as f64;
+        self.tokens += tokens;
+    }
+
+    /// Every layer's sums, flattened for an all-reduce between ranks: per layer the counts,
+    /// dropped, top-probability sum, tokens.
+    pub fn to_wire(layers: &[Self]) -> Vec<f64> {
+        let mut flat = vec![];
+        for l in layers {
+            flat.extend(&l.counts);
+            flat.extend([l.dropped, l.top_prob, l.tokens as f64]);
+        }
+        flat
+    }
+
+    /// [`to_wire`](Self::to_wire)'s layout read back, with `like`'s expert counts per layer.
+    pub fn from_wire(flat: &[f64], like: &[Self]) -> Vec<Self> {
+        let mut at = 0;
+        like.iter()
+            .map(|l| {
+                let e = l.counts.len();
+                let sums = Self {
+                    counts: flat[at..at + e].to_vec(),
+                    dropped: flat[at + e],
+                    top_prob: flat[at + e + 1],
+                    tokens: flat[at + e + 2] as usize,
+                };
+                at += e + 3;
+                sums
+            })
+            .collect()
     }
 }
 
 /// Per-layer statistics over several forward passes (`passes[i][l]`: Switch layer `l` of pass
 /// `i`, all layers of a pass on one device): one read-back per pass.
 pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
-    LayerStats::from_sums(&layer_sums(passes))
+    layer_sums(passes)
+        .iter()
+        .map(LayerStats::from_sums)
+        .collect()
 }
 
-/// Each Switch layer's [`SwitchStats::summary`] summed over `passes` (in f64, pass order),
-/// with the layer's tokens: what [`LayerStats::from_sum`] takes, and what ranks add up.
-pub fn layer_sums(passes: &[Vec<SwitchStats>]) -> Vec<(Vec<f64>, usize)> {
+/// Each Switch layer's routing summed over `passes`.
+pub fn layer_sums(passes: &[Vec<SwitchStats>]) -> Vec<RoutingSums> {
     let read: Vec<Vec<f32>> = passes
         .iter()
         .map(|p| summaries(p).map_or_else(Vec::new, host_f32))
@@ -81,22 +132,17 @@ pub fn summaries(pass: &[SwitchStats]) -> Option<Tensor<1>> {
 }
 
 /// [`layer_sums`] from each pass's [`summaries`] already read (`read[i]`: pass i's values).
-pub fn layer_sums_of(passes: &[Vec<SwitchStats>], read: &[Vec<f32>]) -> Vec<(Vec<f64>, usize)> {
+pub fn layer_sums_of(passes: &[Vec<SwitchStats>], read: &[Vec<f32>]) -> Vec<RoutingSums> {
     let n_layers = passes.first().map_or(0, Vec::len);
     (0..n_layers)
         .map(|l| {
-            let mut sum = Vec::<f64>::new();
-            let mut tokens = 0;
+            let mut sums = RoutingSums::default();
             for (p, values) in passes.iter().zip(read) {
                 let start: usize = p[..l].iter().map(|s| s.counts.dims()[0] + 2).sum();
                 let len = p[l].counts.dims()[0] + 2;
-                sum.resize(len, 0.0);
-                for (s, &v) in sum.iter_mut().zip(&values[start..start + len]) {
-                    *s += v as f64;
-                }
-                tokens += p[l].n_tokens();
+                sums.add_summary(&values[start..start + len], p[l].n_tokens());
             }
-            (sum, tokens)
+            sums
         })
         .collect()
 }

@@ -1,9 +1,11 @@
 //! Training: [`step`] (one optimizer step: forward, losses, backward, clip, Adam) on the
-//! [`replicas`] of the model (where they run: [`placement`]; their gradients summed: [`reduce`]), driven by the [`trainer`] loop with its [`config`], [`eval`]uation
+//! [`replicas`] of the model (where they run: [`placement`]; their passes combined: `combine`, with the gradient sums
+//! of [`reduce`]), driven by the [`trainer`] loop with its [`config`], [`eval`]uation
 //! and [`checkpoint`]s, in a [`run_dir`] whose [`metrics`] are typed lines; across the ranks
 //! of a job the experts may be sharded ([`expert_parallel`]).
 
 pub mod checkpoint;
+pub(crate) mod combine;
 pub mod config;
 pub mod eval;
 pub mod expert_parallel;

@@ -36,9 +36,7 @@ use crate::routing::{RouteGroup, RoutingRng, Shard};
 
 use super::expert_parallel::{expert_ids, keep_own_experts};
 use super::placement::GradSync;
-use super::reduce::{
-    BatchGradients, broadcast_weights, checksum_except, sum_across, sum_on_first, sum_sharded,
-};
+use super::reduce::{BatchGradients, broadcast_weights, checksum_except};
 
 /// One copy of the model with its optimizer state, on its device.
 pub struct Replica {
@@ -299,26 +297,14 @@ impl Replicas {
         Ok(out)
     }
 
-    /// The gradient of the whole batch from each replica's gradient of its shard
-    /// ([`super::reduce`]): with one replica its own; else the sum on the first replica's
-    /// device (replica order), or, after the collective all-reduce, every replica's; across
-    /// ranks, the all-reduced sum (with sharded experts, each rank's own expert gradients).
-    pub fn sum_gradients(&self, mut grads: Vec<ParamGrads>) -> Result<BatchGradients> {
-        let (model, device) = (&self.replicas[0].model, &self.replicas[0].device);
-        Ok(match (self.world.as_deref(), &self.expert_ids) {
-            (Some(world), None) => {
-                let grads = sum_across(world, model, grads.remove(0), device, None)?;
-                BatchGradients::OnFirst(grads)
-            }
-            (Some(world), Some(experts)) => {
-                sum_sharded(world, model, grads.remove(0), device, experts)?
-            }
-            (None, _) if grads.len() == 1 => BatchGradients::OnFirst(grads.remove(0)),
-            (None, _) if self.grad_sync == GradSync::Broadcast => {
-                BatchGradients::OnFirst(sum_on_first(&self.replicas, grads))
-            }
-            (None, _) => BatchGradients::OnEach(grads),
-        })
+    /// With expert parallelism: the ids of this rank's expert parameters.
+    pub(crate) fn expert_ids(&self) -> Option<&HashSet<ParamId>> {
+        self.expert_ids.as_ref()
+    }
+
+    /// How the replicas combine their gradients.
+    pub fn grad_sync(&self) -> GradSync {
+        self.grad_sync
     }
 
     /// Adam on `grad_scale * grads` (`grad_scale`: the clip factor), after which every replica
