@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 
 /// Device names accepted by `--device`.
-pub const DEVICE_HELP: &str = "cpu | cuda[:N] | rocm[:N] | wgpu | vulkan | metal (GPU backends need the cargo feature of the same name)";
+pub(crate) const DEVICE_HELP: &str = "cpu | cuda[:N] | rocm[:N] | wgpu | vulkan | metal (GPU backends need the cargo feature of the same name)";
 
 /// Whether `device` is the CPU backend (`flex`), with or without autodiff.
 pub fn is_cpu(device: &Device) -> bool {
@@ -19,15 +19,18 @@ pub fn is_cpu(device: &Device) -> bool {
 /// then often cannot order, and runs such whole segments unfused (the LayerNorm backward, the
 /// routing decision): 1,430 kernel launches per step at the reference configuration, against
 /// 1,199 with one block (BENCHMARKS.md, lavapipe; 1,231 with 2 blocks, 1,461 with 8).
-pub const FUSION_SETTINGS: &str = "[fusion.beam_search]\nmax_blocks = 1\n";
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))]
+pub(crate) const FUSION_SETTINGS: &str = "[fusion.beam_search]\nmax_blocks = 1\n";
 
 /// A `burn.toml` (or `Burn.toml`) in the working directory or one of its parents: Burn reads
 /// it for its settings, and then the project leaves them to it.
-pub fn burn_config_file() -> Option<std::path::PathBuf> {
+#[cfg_attr(not(feature = "gpu-counts"), allow(dead_code))]
+pub(crate) fn burn_config_file() -> Option<std::path::PathBuf> {
     file_above(&["burn.toml", "Burn.toml"])
 }
 
 /// The first of `names` found in the working directory or one of its parents.
+#[cfg_attr(not(feature = "gpu-counts"), allow(dead_code))]
 fn file_above(names: &[&str]) -> Option<std::path::PathBuf> {
     let mut dir = std::env::current_dir().ok()?;
     loop {
@@ -45,7 +48,7 @@ fn file_above(names: &[&str]) -> Option<std::path::PathBuf> {
 /// Burn's settings were already read. Returns whether they were applied. Burn reads its
 /// settings once per process, so this runs when a GPU device is parsed.
 #[cfg(feature = "gpu")]
-pub fn configure_fusion() -> bool {
+pub(crate) fn configure_fusion() -> bool {
     use burn_std::config::RuntimeConfig;
     static APPLIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *APPLIED.get_or_init(|| {
@@ -64,11 +67,13 @@ pub fn configure_fusion() -> bool {
 /// (cubecl's own default is `target/environment` under the outermost `Cargo.toml` above the
 /// working directory, or the user cache outside a Cargo project: a different place, and so a
 /// cold cache, for every checkout and working directory.)
-pub fn kernel_cache_dir() -> std::path::PathBuf {
+#[cfg_attr(not(feature = "gpu-counts"), allow(dead_code))]
+pub(crate) fn kernel_cache_dir() -> std::path::PathBuf {
     cache_dir_from(|name| std::env::var_os(name))
 }
 
 /// [`kernel_cache_dir`] from the environment variables `var` gives (empty ones ignored).
+#[cfg_attr(not(feature = "gpu-counts"), allow(dead_code))]
 fn cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> std::path::PathBuf {
     use std::path::PathBuf;
     let var = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
@@ -87,7 +92,7 @@ fn cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> std::path
 /// settings were already read. Says once, on standard error, that kernels are tuned on first
 /// use when the cache is empty (a first process on a GPU spends tens of seconds there).
 #[cfg(feature = "gpu-counts")]
-pub fn configure_kernel_cache() {
+pub(crate) fn configure_kernel_cache() {
     use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

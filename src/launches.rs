@@ -30,7 +30,7 @@ pub struct Counts {
 
 impl Counts {
     /// The counts so far.
-    pub fn now() -> Self {
+    pub(crate) fn now() -> Self {
         Self {
             launches: gpu::launches(),
             syncs: SYNCS.load(Ordering::Relaxed),
@@ -38,7 +38,7 @@ impl Counts {
     }
 
     /// What happened since `earlier`.
-    pub fn since(self, earlier: Self) -> Self {
+    pub(crate) fn since(self, earlier: Self) -> Self {
         Self {
             launches: self.launches - earlier.launches,
             syncs: self.syncs - earlier.syncs,
@@ -48,13 +48,8 @@ impl Counts {
 
 /// Starts counting kernel launches (once per process; a no-op without a GPU feature).
 /// Counting costs one atomic add per launch.
-pub fn count_launches() {
+pub(crate) fn count_launches() {
     gpu::install();
-}
-
-/// Whether launches are counted (a GPU feature is built in and [`count_launches`] was called).
-pub fn launches_counted() -> bool {
-    gpu::installed()
 }
 
 /// Notes a read of a tensor on `device` to the host: a synchronisation, except on the CPU
@@ -63,12 +58,6 @@ pub(crate) fn note_read(device: &Device) {
     if !crate::device::is_cpu(device) {
         SYNCS.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// Waits for `device` to finish its queued work, counted as a synchronisation off the CPU.
-pub fn sync(device: &Device) {
-    note_read(device);
-    let _ = device.sync();
 }
 
 #[cfg(feature = "gpu-counts")]
@@ -99,28 +88,20 @@ mod gpu {
         }
     }
 
-    pub fn install() {
+    pub(crate) fn install() {
         OBSERVATION.get_or_init(|| LaunchObservation::new(Arc::new(Count)));
     }
 
-    pub fn installed() -> bool {
-        OBSERVATION.get().is_some()
-    }
-
-    pub fn launches() -> u64 {
+    pub(crate) fn launches() -> u64 {
         LAUNCHES.load(Ordering::Relaxed)
     }
 }
 
 #[cfg(not(feature = "gpu-counts"))]
 mod gpu {
-    pub fn install() {}
+    pub(crate) fn install() {}
 
-    pub fn installed() -> bool {
-        false
-    }
-
-    pub fn launches() -> u64 {
+    pub(crate) fn launches() -> u64 {
         0
     }
 }
@@ -136,7 +117,6 @@ mod tests {
         let before = Counts::now();
         for d in [Device::flex(), Device::flex().autodiff()] {
             note_read(&d);
-            sync(&d);
         }
         assert_eq!(Counts::now().since(before), Counts::default());
     }

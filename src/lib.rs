@@ -5,7 +5,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | `util`, [`store`], [`device`], [`launches`] | atomic writes; host tensors and safetensors files; device names; kernel launches and host syncs counted |
+//! | `util`, [`store`], [`device`], `launches` | atomic writes; host tensors and safetensors files; device names; kernel launches and host syncs counted |
 //! | [`distributed`] | the exchanges between the ranks of a job (MPI, or threads in tests) |
 //! | [`cpu`] | the CPU fast paths (kernels with hand-written backward, fused Adam): the one place that decides where they apply |
 //! | [`routing`] | the router, capacity and drop policies, the routing decision (host, device, routing groups) |
@@ -30,7 +30,7 @@ pub mod distributed;
 pub mod hf;
 pub mod infer;
 pub mod interop;
-pub mod launches;
+pub(crate) mod launches;
 pub mod model;
 pub mod optim;
 pub mod routing;

@@ -82,7 +82,7 @@ impl HostTensor {
     }
 
     /// Whether the values are bfloat16 as stored.
-    pub fn is_bf16(&self) -> bool {
+    pub(crate) fn is_bf16(&self) -> bool {
         matches!(self.data, HostData::Bf16(_))
     }
 
@@ -120,13 +120,13 @@ impl HostTensor {
     }
 
     /// Reads a float tensor back from a device.
-    pub fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
+    pub(crate) fn from_tensor<const D: usize>(t: Tensor<D>) -> Self {
         let shape = t.dims().to_vec();
         Self::f32(shape, host_f32(t))
     }
 
     /// Uploads as a float tensor of rank `D`; errors if the rank differs.
-    pub fn to_tensor<const D: usize>(&self, device: &Device) -> Result<Tensor<D>> {
+    pub(crate) fn to_tensor<const D: usize>(&self, device: &Device) -> Result<Tensor<D>> {
         if self.shape.len() != D {
             bail!("expected a rank-{D} tensor, got shape {:?}", self.shape);
         }
@@ -136,19 +136,8 @@ impl HostTensor {
         ))
     }
 
-    /// Uploads as an integer tensor of rank `D`.
-    pub fn to_int_tensor<const D: usize>(&self, device: &Device) -> Result<Tensor<D, Int>> {
-        if self.shape.len() != D {
-            bail!("expected a rank-{D} tensor, got shape {:?}", self.shape);
-        }
-        Ok(Tensor::from_data(
-            TensorData::new(self.to_i64(), self.shape.clone()),
-            device,
-        ))
-    }
-
     /// Matrix transpose of a rank-2 float tensor (bf16 stays bf16; others become f32).
-    pub fn transposed(&self) -> Self {
+    pub(crate) fn transposed(&self) -> Self {
         assert_eq!(self.shape.len(), 2, "transpose needs a matrix");
         let (r, c) = (self.shape[0], self.shape[1]);
         fn flip<T: Copy + Default>(v: &[T], r: usize, c: usize) -> Vec<T> {
@@ -239,7 +228,7 @@ pub fn host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 /// Reads an integer tensor back to the host as i64 values, row-major.
-pub fn host_i64<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
+pub(crate) fn host_i64<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
     crate::launches::note_read(&t.device());
     t.into_data()
         .convert::<i64>()
@@ -266,7 +255,7 @@ impl TensorFile {
     }
 
     /// Parses safetensors bytes.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{e}"))?;
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{e}"))?;
         let mut tensors = BTreeMap::new();
@@ -280,7 +269,7 @@ impl TensorFile {
     }
 
     /// Serialises to safetensors bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+    pub(crate) fn to_bytes(&self) -> Result<Vec<u8>> {
         let owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()
@@ -308,7 +297,7 @@ impl TensorFile {
     }
 
     /// Whether there is a tensor `name`.
-    pub fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename.
 /// A crash leaves either the old file or the new one, never a torn file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_beside(path, "tmp")?;
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -25,7 +25,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// `.NAME.TAGPID` beside `path` (`NAME` its last component, `PID` this process's id): where a
 /// file or directory is written before it is renamed into place, so that a crash never leaves a
 /// half-written `path` and two processes never share a temporary.
-pub fn temp_beside(path: &Path, tag: &str) -> Result<PathBuf> {
+pub(crate) fn temp_beside(path: &Path, tag: &str) -> Result<PathBuf> {
     let name = path
         .file_name()
         .with_context(|| format!("{} does not end in a file name", path.display()))?;

@@ -111,7 +111,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
 
     if bandwidth {
         size_thread_pool(threads)?;
-        let b = switch_transformer::tools::bandwidth::measure(1024, 5);
+        let b = super::bandwidth::measure(1024, 5);
         if json {
             println!("{}", serde_json::to_string(&b)?);
         } else {

@@ -1,8 +1,10 @@
 //! The subcommands of `switch`, one file each, and what they share.
 
+pub mod bandwidth;
 pub mod bench;
 pub mod compare;
 pub mod eval;
+pub mod hf_bench;
 pub mod logging;
 pub mod parity;
 pub mod report;

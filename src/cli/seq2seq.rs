@@ -77,7 +77,7 @@ fn run_here(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
             bail!("--batch, --src-len, --repeat and --max-tokens must be at least 1 with --bench");
         }
         let model = HfSwitchTransformer::load(&args.model, device)?;
-        let r = switch_transformer::tools::hf_bench::run(
+        let r = super::hf_bench::run(
             &model,
             args.batch,
             args.src_len,

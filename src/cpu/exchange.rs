@@ -42,7 +42,7 @@ impl Direction {
     fn apply(self, ex: &ExpertExchange, rows: &[f32], d: usize) -> Vec<f32> {
         let moved = match self {
             Self::ToExperts => ex.to_experts(rows, d),
-            Self::FromExperts => ex.from_experts(rows, d),
+            Self::FromExperts => ex.back_from_experts(rows, d),
         };
         moved.unwrap_or_else(|e| panic!("the expert exchange failed: {e:#}"))
     }

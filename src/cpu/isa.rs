@@ -21,14 +21,14 @@ pub enum Isa {
 
 impl Isa {
     /// The names `SWITCH_SIMD` takes.
-    pub const NAMES: [(&'static str, Isa); 3] = [
+    pub(crate) const NAMES: [(&'static str, Isa); 3] = [
         ("portable", Isa::Portable),
         ("avx2", Isa::Avx2),
         ("avx512", Isa::Avx512),
     ];
 
     /// The highest level this CPU has.
-    pub fn detected() -> Isa {
+    pub(crate) fn detected() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
@@ -53,7 +53,7 @@ impl Isa {
             .collect()
     }
 
-    /// The level the kernels use: [`Isa::detected`], capped by `SWITCH_SIMD` when it is set
+    /// The level the kernels use: `Isa::detected`, capped by `SWITCH_SIMD` when it is set
     /// to a level this CPU has.
     pub fn selected() -> Isa {
         static SELECTED: OnceLock<Isa> = OnceLock::new();

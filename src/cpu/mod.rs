@@ -2,7 +2,7 @@
 //! parts of a step that Burn runs as chains of small ops (the causal attention softmax,
 //! LayerNorm, the experts' FFN over rows grouped by expert), and the fused Adam update.
 //!
-//! This module is the one place that decides whether a fast path applies: [`applies`] for a
+//! This module is the one place that decides whether a fast path applies: `applies` for a
 //! tensor (f32 on the CPU backend, with or without autodiff) and [`is_cpu`] for a device.
 //! Each kernel returns `None` where it does not apply, and its caller in
 //! [`crate::model::ops`] then runs the same function composed from Burn ops, which is what
@@ -37,8 +37,7 @@ pub(crate) use exchange::{from_experts, to_experts};
 pub(crate) use grouped_ffn::grouped_ffn;
 pub use isa::{Isa, check_env};
 pub(crate) use layer_norm::layer_norm;
-pub use simd::exp_nonpositive;
-pub(crate) use simd::sum_lanes;
+pub use simd::sum_lanes;
 pub(crate) use softmax::causal_softmax;
 
 type Ad = Autodiff<Flex, NoCheckpointing>;
@@ -55,13 +54,13 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 /// Whether the CPU fast paths apply to `t`: an f32 tensor on the CPU backend.
-pub fn applies<const D: usize>(t: &Tensor<D>) -> bool {
+pub(crate) fn applies<const D: usize>(t: &Tensor<D>) -> bool {
     t.dtype() == DType::F32 && is_cpu(&t.device())
 }
 
 /// The kernels of this module, as counted by [`runs`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
+pub(crate) enum Kernel {
     /// The causal attention softmax ([`crate::model::ops::causal_softmax`]).
     CausalSoftmax,
     /// LayerNorm ([`crate::model::ops::layer_norm`]).
@@ -95,7 +94,7 @@ pub struct KernelRuns {
     pub adam_in_place: u64,
     /// Expert exchanges between ranks (forward).
     pub expert_exchange: u64,
-    /// Few-row products ([`thin_matmul`]).
+    /// Few-row products (`thin_matmul`).
     pub thin_matmul: u64,
     /// The instruction set of the last of them.
     pub thin_matmul_isa: Option<Isa>,
@@ -194,13 +193,13 @@ where
 }
 
 /// Rows up to which [`thin_matmul`] takes a product (above, packing `W` pays for itself).
-pub const THIN_MAX_ROWS: usize = 64;
+pub(crate) const THIN_MAX_ROWS: usize = 64;
 
 /// `x W` for `x` `[m, k]` with at most [`THIN_MAX_ROWS`] rows and `W` `[k, n]` (f32 or bf16,
 /// contiguous), both on the CPU backend without autodiff (inference), streaming `W`
 /// (`src/cpu/thin_matmul.rs`); `None` where it does not apply, and the caller runs Burn's
 /// matmul.
-pub fn thin_matmul(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
+pub(crate) fn thin_matmul(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     use half::slice::HalfFloatSliceExt;
 
     let ([m, k], [k_w, n]) = (x.dims(), w.dims());

@@ -31,7 +31,7 @@ where
 /// compiler vectorises (one running sum is a chain of dependent adds). Pass any slice for an
 /// argument `f` ignores.
 #[inline(always)]
-pub(crate) fn sum_lanes(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+pub fn sum_lanes(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
     let n = a.len();
     let (b, c) = (&b[..n], &c[..n]);
     let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
@@ -61,7 +61,7 @@ pub(crate) fn sum_lanes(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f3
 /// code, so loops over it vectorise (libm's `expf` is one call per element). Below -87 it
 /// returns about 1.6e-38 instead of underflowing further.
 #[inline(always)]
-pub fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer

@@ -25,7 +25,7 @@ pub struct Vocab {
 
 impl Vocab {
     /// The vocabulary of `text`: its distinct characters, sorted.
-    pub fn from_text(text: &str) -> Self {
+    pub(crate) fn from_text(text: &str) -> Self {
         let mut chars: Vec<char> = text.chars().collect();
         chars.sort_unstable();
         chars.dedup();
@@ -33,7 +33,7 @@ impl Vocab {
     }
 
     /// A vocabulary of `chars` (sorted and deduplicated here).
-    pub fn from_chars(chars: Vec<char>) -> Self {
+    pub(crate) fn from_chars(chars: Vec<char>) -> Self {
         let index = chars
             .iter()
             .enumerate()
@@ -43,13 +43,8 @@ impl Vocab {
     }
 
     /// Number of characters.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.chars.len()
-    }
-
-    /// Whether there are no characters.
-    pub fn is_empty(&self) -> bool {
-        self.chars.is_empty()
     }
 
     /// Token ids of `text`; an error names the first character outside the vocabulary.
@@ -72,12 +67,12 @@ impl Vocab {
     }
 
     /// The characters as a JSON array of one-character strings (`vocab.json`).
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(&self.chars.iter().collect::<String>()).expect("string to JSON")
     }
 
     /// Reads [`Self::to_json`]'s form; anything else is an error.
-    pub fn from_json(s: &str) -> Result<Self> {
+    pub(crate) fn from_json(s: &str) -> Result<Self> {
         let chars: String =
             serde_json::from_str(s).context("vocabulary file is not a JSON string")?;
         Ok(Self::from_chars(chars.chars().collect()))
@@ -168,7 +163,7 @@ impl TextData {
 
 /// Non-overlapping `seq_len + 1` windows of a token stream after an offset.
 #[derive(Debug, Clone)]
-pub struct Windows {
+pub(crate) struct Windows {
     /// Tokens per window (the model's input length).
     pub seq_len: usize,
     /// Offset of the first window in the text.
@@ -179,7 +174,7 @@ pub struct Windows {
 
 impl Windows {
     /// The windows of `seq_len + 1` characters of a text of `len` characters after `offset`.
-    pub fn new(len: usize, seq_len: usize, offset: usize) -> Self {
+    pub(crate) fn new(len: usize, seq_len: usize, offset: usize) -> Self {
         let count = len.saturating_sub(offset + 1) / seq_len;
         Self {
             seq_len,
@@ -189,7 +184,7 @@ impl Windows {
     }
 
     /// Input and target of window `i`.
-    pub fn get<'a>(&self, data: &'a [u32], i: usize) -> (&'a [u32], &'a [u32]) {
+    pub(crate) fn get<'a>(&self, data: &'a [u32], i: usize) -> (&'a [u32], &'a [u32]) {
         let start = self.offset + i * self.seq_len;
         (
             &data[start..start + self.seq_len],
@@ -213,7 +208,7 @@ pub struct Batch {
 
 impl Batch {
     /// The batch of windows `idx` of `data`.
-    pub fn from_windows(data: &[u32], windows: &Windows, idx: &[usize]) -> Self {
+    pub(crate) fn from_windows(data: &[u32], windows: &Windows, idx: &[usize]) -> Self {
         let mut inputs = Vec::with_capacity(idx.len() * windows.seq_len);
         let mut targets = Vec::with_capacity(idx.len() * windows.seq_len);
         for &i in idx {
@@ -230,7 +225,7 @@ impl Batch {
     }
 
     /// Input tokens in the batch.
-    pub fn tokens(&self) -> usize {
+    pub(crate) fn tokens(&self) -> usize {
         self.batch * self.seq_len
     }
 
@@ -264,7 +259,7 @@ impl Batch {
 }
 
 /// One sequence of token ids as a `[1, len]` tensor.
-pub fn sequence_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
+pub(crate) fn sequence_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
     let v: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     Tensor::from_data(TensorData::new(v, [1, ids.len()]), device)
 }
@@ -281,7 +276,7 @@ pub struct LoaderState {
 /// labml's training loader: one random offset (drawn from the seed), windows shuffled each
 /// epoch by a generator seeded from `(seed, epoch)`, so any position can be resumed.
 #[derive(Debug, Clone)]
-pub struct TrainLoader {
+pub(crate) struct TrainLoader {
     /// The windows of the current epoch.
     pub windows: Windows,
     /// Windows per batch.
@@ -294,7 +289,7 @@ pub struct TrainLoader {
 
 impl TrainLoader {
     /// A loader over a training split of `train_len` tokens, shuffled from `seed`.
-    pub fn new(train_len: usize, seq_len: usize, batch_size: usize, seed: u64) -> Self {
+    pub(crate) fn new(train_len: usize, seq_len: usize, batch_size: usize, seed: u64) -> Self {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x0ff5e7);
         let offset = rng.random_range(0..seq_len);
         let windows = Windows::new(train_len, seq_len, offset);
@@ -313,12 +308,12 @@ impl TrainLoader {
     }
 
     /// Batches per epoch (the last may be smaller).
-    pub fn batches_per_epoch(&self) -> usize {
+    pub(crate) fn batches_per_epoch(&self) -> usize {
         self.windows.count.div_ceil(self.batch_size)
     }
 
     /// Continues from a saved position.
-    pub fn restore(&mut self, state: LoaderState) {
+    pub(crate) fn restore(&mut self, state: LoaderState) {
         self.state = state;
         self.shuffle();
     }
@@ -332,7 +327,7 @@ impl TrainLoader {
     }
 
     /// The next batch of `data`, starting a new epoch (new offset, new order) when needed.
-    pub fn next_batch(&mut self, data: &[u32]) -> Batch {
+    pub(crate) fn next_batch(&mut self, data: &[u32]) -> Batch {
         if self.state.batch_in_epoch >= self.batches_per_epoch() {
             self.state.epoch += 1;
             self.state.batch_in_epoch = 0;

@@ -7,11 +7,11 @@
 //!         rows of experts q*E/N.. -> rank q                        Alltoallv #1 (to_experts)
 //! rank q: from each rank p, kept[p][e] rows per own expert e; regrouped expert-major,
 //!         rank order inside an expert: its grouped FFN input
-//!         expert outputs, the same way back                      Alltoallv #2 (from_experts)
+//!         expert outputs, the same way back                      Alltoallv #2 (back_from_experts)
 //! ```
 //! `kept[p][e]` is known on every rank (the routing decision is shared), so no counts travel.
 //! The two directions are each other's transpose: the backward pass of `to_experts` is
-//! `from_experts` on the gradient, and the other way round.
+//! `back_from_experts` on the gradient, and the other way round.
 
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ use anyhow::Result;
 use super::Collective;
 
 /// The two exchanges of one Switch layer on one rank.
-pub struct ExpertExchange {
+pub(crate) struct ExpertExchange {
     world: Arc<dyn Collective>,
     /// Rows this rank sends to each rank (and receives back).
     send_rows: Vec<usize>,
@@ -48,7 +48,7 @@ impl ExpertExchange {
     /// # Panics
     /// If `kept` does not have one row per rank, each with a number of experts divisible by
     /// the number of ranks (the caller checks the configuration before any work).
-    pub fn new(world: Arc<dyn Collective>, kept: &[Vec<usize>]) -> Self {
+    pub(crate) fn new(world: Arc<dyn Collective>, kept: &[Vec<usize>]) -> Self {
         let (n, r) = (world.size(), world.rank());
         assert_eq!(kept.len(), n, "kept rows of every rank");
         let n_experts = kept[0].len();
@@ -88,23 +88,23 @@ impl ExpertExchange {
     }
 
     /// Row offsets of this rank's experts in the experts' input (`E / N + 1` entries).
-    pub fn offsets(&self) -> &[usize] {
+    pub(crate) fn offsets(&self) -> &[usize] {
         &self.offsets
     }
 
     /// Rows this rank sends (its kept rows, grouped by expert).
-    pub fn sent_rows(&self) -> usize {
+    pub(crate) fn sent_rows(&self) -> usize {
         self.send_rows.iter().sum()
     }
 
     /// Rows of the experts' input on this rank.
-    pub fn expert_rows(&self) -> usize {
+    pub(crate) fn expert_rows(&self) -> usize {
         self.order.len()
     }
 
     /// `rows` (`[sent_rows, d]`, grouped by expert 0..E) to the experts' ranks: this rank's
     /// experts' input `[expert_rows, d]`, grouped by its experts.
-    pub fn to_experts(&self, rows: &[f32], d: usize) -> Result<Vec<f32>> {
+    pub(crate) fn to_experts(&self, rows: &[f32], d: usize) -> Result<Vec<f32>> {
         let counts = |r: &[usize]| r.iter().map(|&n| n * d).collect::<Vec<_>>();
         let received = self.world.all_to_all_v(
             "tokens to their experts",
@@ -121,7 +121,7 @@ impl ExpertExchange {
 
     /// The transpose of [`to_experts`](Self::to_experts): rows of this rank's experts
     /// (`[expert_rows, d]`) back to the ranks they came from, in their packed order.
-    pub fn from_experts(&self, rows: &[f32], d: usize) -> Result<Vec<f32>> {
+    pub(crate) fn back_from_experts(&self, rows: &[f32], d: usize) -> Result<Vec<f32>> {
         let mut back = vec![0f32; rows.len()];
         for (j, &i) in self.order.iter().enumerate() {
             back[i * d..(i + 1) * d].copy_from_slice(&rows[j * d..(j + 1) * d]);
@@ -171,7 +171,7 @@ mod tests {
                             }
                         }
                         let got = ex.to_experts(&rows, d).unwrap();
-                        let back = ex.from_experts(&got, d).unwrap();
+                        let back = ex.back_from_experts(&got, d).unwrap();
                         (got, ex.offsets().to_vec(), back, rows)
                     })
                 })

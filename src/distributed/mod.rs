@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-pub use expert_exchange::ExpertExchange;
+pub(crate) use expert_exchange::ExpertExchange;
 pub use threads::Threads;
 #[cfg(feature = "mpi")]
 pub use world::MpiWorld;
@@ -210,7 +210,7 @@ pub fn check_batch(batch_size: usize, ranks: usize) -> Result<()> {
 
 /// Whether the parameters of every rank are the same: compares each rank's `checksum`
 /// (bit for bit) and names the step and the ranks that differ.
-pub fn check_same(world: &dyn Collective, step: u64, checksum: f64) -> Result<()> {
+pub(crate) fn check_same(world: &dyn Collective, step: u64, checksum: f64) -> Result<()> {
     let n = world.size();
     let mut all = vec![0.0; n];
     all[world.rank()] = checksum;

@@ -1,7 +1,7 @@
 //! A Hugging Face checkpoint's tensors: `model.safetensors`, or the shards named by
 //! `model.safetensors.index.json` (`weight_map`: tensor name -> file), in f32, bf16 or f16
 //! (widened to f32 exactly). Tensor names are transformers' own
-//! (`encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight`); [`Checkpoint::take`] names the
+//! (`encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight`); `Checkpoint::take` names the
 //! missing or mis-shaped tensor when a checkpoint does not match its config.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,7 +15,7 @@ use safetensors::tensor::{Dtype, Metadata, TensorView};
 
 use crate::store::HostTensor;
 
-/// Where one tensor's bytes are: read only when [`Checkpoint::take`] asks for it, so loading
+/// Where one tensor's bytes are: read only when `Checkpoint::take` asks for it, so loading
 /// holds the model and one tensor, never the whole file besides.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -31,7 +31,7 @@ pub struct Entry {
 
 /// One tensor not read yet: in a file, or already in memory.
 #[derive(Debug, Clone)]
-pub enum TensorSource {
+pub(crate) enum TensorSource {
     /// Bytes in a safetensors file.
     File {
         /// The tensor's name, for messages.
@@ -45,7 +45,7 @@ pub enum TensorSource {
 
 impl TensorSource {
     /// The tensor, widened to f32 (a read of the file each call).
-    pub fn read(&self) -> Result<HostTensor> {
+    pub(crate) fn read(&self) -> Result<HostTensor> {
         let (name, e) = match self {
             Self::Memory(t) => return Ok(t.clone()),
             Self::File { name, entry } => (name, entry),
@@ -81,12 +81,10 @@ impl TensorSource {
 
 /// The tensors of a checkpoint, by name (read from disk one at a time, widened to f32).
 #[derive(Debug, Default)]
-pub struct Checkpoint {
+pub(crate) struct Checkpoint {
     entries: BTreeMap<String, Entry>,
-    /// Tensors given in memory ([`Checkpoint::from_tensors`]).
+    /// Tensors taken into memory.
     memory: BTreeMap<String, HostTensor>,
-    /// The files read, for messages.
-    pub files: Vec<String>,
 }
 
 /// The tensor index of one safetensors file: `u64` header length, JSON header (parsed and
@@ -142,7 +140,7 @@ fn index_file(path: &Path, out: &mut BTreeMap<String, Entry>) -> Result<()> {
 
 impl Checkpoint {
     /// Indexes the weights of the model directory `dir` (reads no tensor yet).
-    pub fn read(dir: &Path) -> Result<Self> {
+    pub(crate) fn read(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<String> = if single.exists() {
@@ -184,26 +182,16 @@ impl Checkpoint {
         Ok(Self {
             entries,
             memory: BTreeMap::new(),
-            files,
         })
     }
 
-    /// From tensors in memory (tests, conversions).
-    pub fn from_tensors(tensors: BTreeMap<String, HostTensor>) -> Self {
-        Self {
-            entries: BTreeMap::new(),
-            memory: tensors,
-            files: vec![],
-        }
-    }
-
     /// Whether the checkpoint has `name`.
-    pub fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name) || self.memory.contains_key(name)
     }
 
     /// The shape of `name`, if present.
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+    pub(crate) fn shape(&self, name: &str) -> Option<&[usize]> {
         match self.memory.get(name) {
             Some(t) => Some(&t.shape),
             None => self.entries.get(name).map(|e| e.shape.as_slice()),
@@ -211,13 +199,13 @@ impl Checkpoint {
     }
 
     /// Removes and returns tensor `name` (as f32), which must have `shape`.
-    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+    pub(crate) fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         self.take_source(name, shape)?.read()
     }
 
     /// Removes tensor `name`, which must have `shape`, without reading it: where to read it
     /// from later ([`TensorSource::read`]).
-    pub fn take_source(&mut self, name: &str, shape: &[usize]) -> Result<TensorSource> {
+    pub(crate) fn take_source(&mut self, name: &str, shape: &[usize]) -> Result<TensorSource> {
         let found = self.shape(name).map(<[usize]>::to_vec).ok_or_else(|| {
             anyhow!(
                 "the checkpoint has no tensor `{name}` (shape {shape:?}), which config.json \
@@ -241,7 +229,7 @@ impl Checkpoint {
     }
 
     /// The first of `names` present, removed, with `shape`.
-    pub fn take_first(&mut self, names: &[&str], shape: &[usize]) -> Result<HostTensor> {
+    pub(crate) fn take_first(&mut self, names: &[&str], shape: &[usize]) -> Result<HostTensor> {
         for n in names {
             if self.contains(n) {
                 return self.take(n, shape);
@@ -251,13 +239,13 @@ impl Checkpoint {
     }
 
     /// Drops `name` if present (tied copies of the embedding).
-    pub fn discard(&mut self, name: &str) {
+    pub(crate) fn discard(&mut self, name: &str) {
         self.entries.remove(name);
         self.memory.remove(name);
     }
 
     /// Names not taken yet.
-    pub fn remaining(&self) -> Vec<&str> {
+    pub(crate) fn remaining(&self) -> Vec<&str> {
         self.entries
             .keys()
             .chain(self.memory.keys())
@@ -297,7 +285,7 @@ pub fn write_dir_whole(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
 /// Writes `tensors` as `dir/model.safetensors` in `dtype` and `config_json` as
 /// `dir/config.json`: the layout `from_pretrained` reads. Refuses to overwrite a directory
 /// that already holds a model.
-pub fn save(
+pub(crate) fn save(
     dir: &Path,
     config_json: &str,
     tensors: BTreeMap<String, HostTensor>,

@@ -87,7 +87,7 @@ fn default_router_dtype() -> String {
 
 impl HfConfig {
     /// Reads and checks `dir/config.json`.
-    pub fn read(dir: &Path) -> Result<Self> {
+    pub(crate) fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
@@ -107,7 +107,7 @@ impl HfConfig {
     }
 
     /// Refuses what this implementation does not compute.
-    pub fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.dense_act_fn != "relu" {
             bail!(
                 "dense_act_fn `{}` is not supported (only `relu`, the original Switch \
@@ -192,7 +192,7 @@ impl HfConfig {
     }
 
     /// The decoder's first input token.
-    pub fn decoder_start(&self) -> i64 {
+    pub(crate) fn decoder_start(&self) -> i64 {
         self.decoder_start_token_id.unwrap_or(self.pad())
     }
 

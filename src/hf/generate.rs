@@ -95,7 +95,7 @@ pub fn greedy(
 }
 
 /// The logits of every sequence's last position of `logits` `[b, t, vocab]`.
-pub fn last_logits(logits: Tensor<3>) -> Vec<Vec<f32>> {
+pub(crate) fn last_logits(logits: Tensor<3>) -> Vec<Vec<f32>> {
     let [b, t, v] = logits.dims();
     let last = logits.slice([0..b, t - 1..t, 0..v]);
     host_f32(last)

@@ -11,7 +11,7 @@ use crate::store::{HostData, HostTensor};
 
 /// `t` (`[out, in]`, PyTorch's linear layout) as a `[in, out]` tensor on `device`: bf16 as
 /// stored on the CPU, else f32.
-pub fn linear_weight(t: &HostTensor, device: &Device) -> Tensor<2> {
+pub(crate) fn linear_weight(t: &HostTensor, device: &Device) -> Tensor<2> {
     if !(t.is_bf16() && crate::cpu::is_cpu(device)) {
         return linear_weight_f32(t, device);
     }
@@ -25,13 +25,13 @@ pub fn linear_weight(t: &HostTensor, device: &Device) -> Tensor<2> {
 
 /// `t` (`[out, in]`) as an f32 `[in, out]` tensor on `device`, whatever it was stored in (the
 /// router: transformers computes it in f32).
-pub fn linear_weight_f32(t: &HostTensor, device: &Device) -> Tensor<2> {
+pub(crate) fn linear_weight_f32(t: &HostTensor, device: &Device) -> Tensor<2> {
     let [o, i] = [t.shape[0], t.shape[1]];
     Tensor::from_data(TensorData::new(t.transposed().to_f32(), [i, o]), device)
 }
 
 /// `x @ w` for `x` `[b, s, i]` and `w` `[i, o]`.
-pub fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
+pub(crate) fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
     let [b, s, i] = x.dims();
     let o = w.dims()[1];
     matmul2(x.reshape([b * s, i]), w).reshape([b, s, o])
@@ -39,7 +39,7 @@ pub fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
 
 /// `x @ w` for `x` `[m, i]` and `w` `[i, o]`: on the CPU with few rows (decoding), the kernel
 /// that streams `w` ([`crate::cpu::thin_matmul`]); otherwise Burn's matmul.
-pub fn matmul2(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
+pub(crate) fn matmul2(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     crate::cpu::thin_matmul(&x, w).unwrap_or_else(|| {
         let dtype = x.dtype();
         if w.dtype() == dtype {
@@ -51,6 +51,6 @@ pub fn matmul2(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
 }
 
 /// `w` `[in, out]` back to PyTorch's `[out, in]`.
-pub fn host_linear(w: &Tensor<2>) -> HostTensor {
+pub(crate) fn host_linear(w: &Tensor<2>) -> HostTensor {
     HostTensor::from_tensor(w.clone()).transposed()
 }

@@ -5,9 +5,9 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | [`config`] | `config.json`: widths, blocks, which are sparse, capacity |
+//! | `config` | `config.json`: widths, blocks, which are sparse, capacity |
 //! | [`checkpoint`] | the safetensors weights (f32, bf16, f16, sharded) by transformers' names |
-//! | [`linear`] | bias-free linear layers: `[in, out]` weights from PyTorch's `[out, in]` |
+//! | `linear` | bias-free linear layers: `[in, out]` weights from PyTorch's `[out, in]` |
 //! | [`sparse`] | the router (per-sequence capacity, first come first served) and the experts |
 //! | [`model`] | RMS norm, relative position bias, attention (keys and values in the project's `KvCache`), blocks, encoder and decoder |
 //! | [`generate`] | greedy decoding with a key/value cache, or without |
@@ -16,9 +16,9 @@
 //! | [`parity`] | fixtures recorded with transformers (`tools/hf_fixtures.py`) replayed |
 
 pub mod checkpoint;
-pub mod config;
+pub(crate) mod config;
 pub mod generate;
-pub mod linear;
+pub(crate) mod linear;
 pub mod model;
 pub mod parity;
 pub mod routes;

@@ -11,7 +11,7 @@
 //! FF      = relu(x wi) wo, or in sparse blocks a Switch FFN ([`super::sparse`])
 //! ```
 //! Weights are stored transposed (`[in, out]`), so a linear layer is `x @ w`. Reading them from a
-//! checkpoint: [`load`]; writing them as transformers names them: [`export`].
+//! checkpoint: `load`; writing them as transformers names them: `export`.
 
 use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -28,7 +28,7 @@ mod load;
 
 /// Root-mean-square layer norm with a scale and no bias.
 #[derive(Debug, Clone)]
-pub struct RmsNorm {
+pub(crate) struct RmsNorm {
     /// `[d_model]`.
     pub weight: Tensor<1>,
     /// Added to the mean square.
@@ -37,7 +37,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     /// `x` `[b, s, d]`.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let d = x.dims()[2];
         let variance = x.clone().powi_scalar(2).mean_dim(2);
         let x = x * (variance + self.eps).sqrt().recip();
@@ -48,7 +48,7 @@ impl RmsNorm {
 /// T5's relative-position bucket of `key - query` (Mesh TensorFlow's, as transformers
 /// computes it: half the buckets exact, the rest logarithmic up to `max_distance`; in the
 /// encoder half of them for keys after the query).
-pub fn relative_bucket(
+pub(crate) fn relative_bucket(
     relative: i64,
     bidirectional: bool,
     buckets: usize,
@@ -101,7 +101,7 @@ impl Attention {
     }
 
     /// The keys and values of `x` `[b, s, d]`, `[b, heads, s, d_kv]` each.
-    pub fn key_values(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>) {
+    pub(crate) fn key_values(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>) {
         (
             self.split(matmul3(x.clone(), &self.k)),
             self.split(matmul3(x, &self.v)),
@@ -109,7 +109,7 @@ impl Attention {
     }
 
     /// Appends the keys and values of `x` to `cache` (the project's key/value cache).
-    pub fn extend(&self, x: Tensor<3>, cache: &mut KvCache) {
+    pub(crate) fn extend(&self, x: Tensor<3>, cache: &mut KvCache) {
         let (k, v) = self.key_values(x);
         let append = |old: Option<Tensor<4>>, new| match old {
             Some(old) => Tensor::cat(vec![old, new], 2),
@@ -120,7 +120,7 @@ impl Attention {
     }
 
     /// `[1, heads, q, k]`: the relative-position bias for queries at `past..past+q`.
-    pub fn position_bias(
+    pub(crate) fn position_bias(
         &self,
         q: usize,
         k: usize,
@@ -153,7 +153,7 @@ impl Attention {
 
     /// Attention of `x` `[b, q, d]` over the keys and values in `kv` (not empty), with
     /// `bias` (position bias plus mask, broadcastable to `[b, heads, q, k]`).
-    pub fn attend(&self, x: Tensor<3>, kv: &KvCache, bias: Tensor<4>) -> Tensor<3> {
+    pub(crate) fn attend(&self, x: Tensor<3>, kv: &KvCache, bias: Tensor<4>) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (k, v) = (kv.k.clone().expect("keys"), kv.v.clone().expect("values"));
         let q = self.split(matmul3(x, &self.q));
@@ -233,7 +233,7 @@ pub struct Stack {
 
 /// Additive mask `[b, 1, 1, len]`: 0 where `mask` is 1, the most negative f32 where it is 0
 /// (as transformers builds it).
-pub fn key_mask(mask: &[i64], b: usize, len: usize, device: &Device) -> Tensor<4> {
+pub(crate) fn key_mask(mask: &[i64], b: usize, len: usize, device: &Device) -> Tensor<4> {
     let v: Vec<f32> = mask
         .iter()
         .map(|&m| if m != 0 { 0.0 } else { f32::MIN })
@@ -276,13 +276,8 @@ pub struct DecoderCache {
 
 impl DecoderCache {
     /// Positions decoded so far.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.self_kv.first().map_or(0, KvCache::len)
-    }
-
-    /// Whether nothing has been decoded yet.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -307,11 +302,6 @@ impl HfSwitchTransformer {
     /// in: bf16 where the checkpoint stores bf16 and the device is the CPU, else f32.
     pub fn weights_dtype(&self) -> DType {
         self.lm_head.dtype()
-    }
-
-    /// The device the weights are on.
-    pub fn device(&self) -> &Device {
-        &self.device
     }
 
     fn embed(&self, table: &Tensor<2>, ids: &[i64], b: usize, s: usize) -> Result<Tensor<3>> {
@@ -353,7 +343,7 @@ impl HfSwitchTransformer {
     }
 
     /// An empty decoder cache for `enc` (cross-attention keys/values computed here, once).
-    pub fn decoder_cache(&self, enc: &Encoded) -> DecoderCache {
+    pub(crate) fn decoder_cache(&self, enc: &Encoded) -> DecoderCache {
         DecoderCache {
             self_kv: vec![KvCache::default(); self.decoder.blocks.len()],
             cross_kv: self

@@ -1,7 +1,7 @@
 //! Parity with transformers: a fixture directory (made by `tools/hf_fixtures.py`) holds a
 //! checkpoint as `save_pretrained` writes it and `expected.safetensors` with transformers'
 //! outputs; this replays it. Logits and the encoder's last hidden state must agree to
-//! [`FORWARD_TOL`] relative to the largest recorded magnitude; the 10 greedy tokens, decoded
+//! `FORWARD_TOL` relative to the largest recorded magnitude; the 10 greedy tokens, decoded
 //! with the cache and without it, must be identical.
 
 use std::path::Path;

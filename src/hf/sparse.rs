@@ -56,7 +56,7 @@ pub struct Expert {
 
 impl Expert {
     /// The weights (read from the checkpoint at the first call).
-    pub fn weights(&self) -> Result<&(Tensor<2>, Tensor<2>)> {
+    pub(crate) fn weights(&self) -> Result<&(Tensor<2>, Tensor<2>)> {
         if let Some(w) = self.loaded.get() {
             return Ok(w);
         }
@@ -142,12 +142,12 @@ impl SparseMlp {
     }
 
     /// Experts.
-    pub fn n_experts(&self) -> usize {
+    pub(crate) fn n_experts(&self) -> usize {
         self.experts.len()
     }
 
     /// `x` `[b, s, d]` (normed) -> the layer's output `[b, s, d]` and its routing.
-    pub fn forward(&self, x: Tensor<3>, grouping: Grouping) -> Result<(Tensor<3>, Routes)> {
+    pub(crate) fn forward(&self, x: Tensor<3>, grouping: Grouping) -> Result<(Tensor<3>, Routes)> {
         let [b, s, d] = x.dims();
         let n = self.n_experts();
         let device = x.device();

@@ -156,7 +156,7 @@ pub fn generate_cached(
 /// [`generate`] that gives up as soon as `stop` is set (checked before each token): `None`
 /// then. The training loop's validation sample, so that a stop signal is answered within one
 /// token's time rather than after `train.sample_tokens` of them.
-pub fn generate_until(
+pub(crate) fn generate_until(
     model: &SwitchTransformer,
     prompt: &[u32],
     opts: &SampleOptions,

@@ -160,7 +160,7 @@ pub fn labml_state_dict(c: &ModelConfig, seed: u64) -> StateDict {
 }
 
 /// A freshly initialised model on `device`. `c` must be valid.
-pub fn init_model(c: &ModelConfig, seed: u64, device: &Device) -> SwitchTransformer {
+pub(crate) fn init_model(c: &ModelConfig, seed: u64, device: &Device) -> SwitchTransformer {
     model_from_state_dict(c, &initial_state_dict(c, seed), device)
         .expect("the initial state dict matches its own configuration")
 }

@@ -14,37 +14,38 @@
 //! ```
 
 /// The token embedding's weight.
-pub const EMBED: &str = "src_embed.weight";
+pub(crate) const EMBED: &str = "src_embed.weight";
 /// The learned positional embedding's weight.
-pub const POS_EMBED: &str = "pos_embed.weight";
+pub(crate) const POS_EMBED: &str = "pos_embed.weight";
 /// The final LayerNorm.
-pub const FINAL_NORM: &str = "transformer.norm";
+pub(crate) const FINAL_NORM: &str = "transformer.norm";
 /// The output projection.
-pub const GENERATOR: &str = "generator";
+pub(crate) const GENERATOR: &str = "generator";
 /// The query, key and value projections, within a block.
-pub const ATTN_QKV: [&str; 3] = ["attn.query.linear", "attn.key.linear", "attn.value.linear"];
+pub(crate) const ATTN_QKV: [&str; 3] =
+    ["attn.query.linear", "attn.key.linear", "attn.value.linear"];
 /// The attention output projection, within a block.
-pub const ATTN_OUTPUT: &str = "attn.output";
+pub(crate) const ATTN_OUTPUT: &str = "attn.output";
 /// The LayerNorm before attention, within a block.
-pub const NORM_SELF_ATTN: &str = "norm_self_attn";
+pub(crate) const NORM_SELF_ATTN: &str = "norm_self_attn";
 /// The LayerNorm before the feed-forward sub-layer, within a block.
-pub const NORM_FF: &str = "norm_ff";
+pub(crate) const NORM_FF: &str = "norm_ff";
 /// The feed-forward sub-layer, within a block.
-pub const FEED_FORWARD: &str = "feed_forward";
+pub(crate) const FEED_FORWARD: &str = "feed_forward";
 /// The router's linear layer, within a Switch layer.
-pub const ROUTER: &str = "switch";
+pub(crate) const ROUTER: &str = "switch";
 /// The experts, within a Switch layer.
-pub const EXPERTS: &str = "experts";
+pub(crate) const EXPERTS: &str = "experts";
 /// The two linear layers of an FFN (an expert or the dense FFN).
-pub const FFN_LAYERS: [&str; 2] = ["layer1", "layer2"];
+pub(crate) const FFN_LAYERS: [&str; 2] = ["layer1", "layer2"];
 
 /// Block `l`.
-pub fn block(l: usize) -> String {
+pub(crate) fn block(l: usize) -> String {
     format!("transformer.layers.{l}")
 }
 
 /// `prefix.name`, or `name` alone for an empty prefix (a Switch layer exported on its own).
-pub fn join(prefix: &str, name: &str) -> String {
+pub(crate) fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
         name.to_string()
     } else {
@@ -53,17 +54,17 @@ pub fn join(prefix: &str, name: &str) -> String {
 }
 
 /// Expert `e` of the experts at `prefix`.
-pub fn expert(prefix: &str, e: usize) -> String {
+pub(crate) fn expert(prefix: &str, e: usize) -> String {
     join(prefix, &e.to_string())
 }
 
 /// The weight of the layer at `prefix` (a Linear's or a LayerNorm's).
-pub fn weight(prefix: &str) -> String {
+pub(crate) fn weight(prefix: &str) -> String {
     join(prefix, "weight")
 }
 
 /// The bias of the layer at `prefix`.
-pub fn bias(prefix: &str) -> String {
+pub(crate) fn bias(prefix: &str) -> String {
     join(prefix, "bias")
 }
 

@@ -1,4 +1,4 @@
-//! PyTorch interop: the model as a labml `state_dict` (the names of [`super::names`], and
+//! PyTorch interop: the model as a labml `state_dict` (the names of `super::names`, and
 //! PyTorch's layouts).
 //!
 //! Layout differences handled here and nowhere else:

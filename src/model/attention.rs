@@ -27,7 +27,7 @@ pub struct MultiHeadAttention {
 
 impl MultiHeadAttention {
     /// `x`: `[batch, seq, d_model]` -> `[batch, seq, d_model]`.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d] = x.dims();
         let (h, dk) = (self.heads, d / self.heads);
         let split = |t: Tensor<3>| t.reshape([b, s, h, dk]).swap_dims(1, 2); // [b, h, s, dk]
@@ -66,7 +66,12 @@ impl MultiHeadAttention {
     /// Attention for `n` new positions `x` `[batch, n, d_model]` after those in `cache`, which
     /// is extended with them and then trimmed to the last `max_len` positions (a sliding
     /// window: beyond `max_len` a position attends to the `max_len` most recent ones).
-    pub fn forward_cached(&self, x: Tensor<3>, cache: &mut KvCache, max_len: usize) -> Tensor<3> {
+    pub(crate) fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        cache: &mut KvCache,
+        max_len: usize,
+    ) -> Tensor<3> {
         let [b, n, d] = x.dims();
         let (h, dk) = (self.heads, d / self.heads);
         let split = |t: Tensor<3>| t.reshape([b, n, h, dk]).swap_dims(1, 2);

@@ -23,7 +23,7 @@ pub struct DenseFeedForward {
 
 impl DenseFeedForward {
     /// `x` `[tokens, d_model]` -> `[tokens, d_model]`.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         linear(&self.layer2, relu(linear(&self.layer1, x)))
     }
 }
@@ -56,7 +56,7 @@ pub struct SwitchBlock {
 }
 
 /// Output of one block, with the intermediates parity checks look at.
-pub struct BlockOutput {
+pub(crate) struct BlockOutput {
     /// `[batch, seq, d_model]`, after both residual adds.
     pub x: Tensor<3>,
     /// Attention output before its residual add.
@@ -79,7 +79,7 @@ impl SwitchBlock {
     }
 
     /// The Switch layer, mutably, if this block has one.
-    pub fn switch_mut(&mut self) -> Option<&mut SwitchFeedForward> {
+    pub(crate) fn switch_mut(&mut self) -> Option<&mut SwitchFeedForward> {
         match &mut self.feed_forward {
             FeedForward::Switch(s) => Some(s),
             FeedForward::Dense(_) => None,
@@ -113,7 +113,7 @@ impl SwitchBlock {
     /// `x`: `[batch, seq, d_model]`. Tokens reach the Switch layer flattened batch-major
     /// (token `b * seq + s`). `shard`: this batch's seat in a routing group, if its shards
     /// route together.
-    pub fn forward(
+    pub(crate) fn forward(
         &self,
         x: Tensor<3>,
         rng: &mut RoutingRng,
@@ -138,7 +138,7 @@ impl SwitchBlock {
     }
 
     /// [`forward`](Self::forward) for new positions only, with earlier keys and values cached.
-    pub fn forward_cached(
+    pub(crate) fn forward_cached(
         &self,
         x: Tensor<3>,
         cache: &mut KvCache,

@@ -183,13 +183,8 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Width of one attention head.
-    pub fn d_k(&self) -> usize {
-        self.d_model / self.heads
-    }
-
     /// Whether block `l` has a Switch layer (else a dense FFN).
-    pub fn is_switch_layer(&self, l: usize) -> bool {
+    pub(crate) fn is_switch_layer(&self, l: usize) -> bool {
         // Every k-th block counting from the last: with k = 2 blocks 1, 3, 5 (of 0..6).
         self.switch_every > 0 && (l + 1).is_multiple_of(self.switch_every)
     }
@@ -221,7 +216,7 @@ impl ModelConfig {
     }
 
     /// Routing of the Switch layers.
-    pub fn routing(&self) -> RoutingOptions {
+    pub(crate) fn routing(&self) -> RoutingOptions {
         self.switch_config().routing()
     }
 

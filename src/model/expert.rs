@@ -25,13 +25,13 @@ pub struct Experts {
 
 impl Experts {
     /// Number of experts.
-    pub fn n_experts(&self) -> usize {
+    pub(crate) fn n_experts(&self) -> usize {
         self.w1.dims()[0]
     }
 
     /// `x`: `[n_experts, slots, d_model]`, expert e's tokens in row block e. `dropout`: an
     /// optional mask `[n_experts, slots, d_ff]` multiplied into the hidden activations.
-    pub fn forward(&self, x: Tensor<3>, dropout: Option<Tensor<3>>) -> Tensor<3> {
+    pub(crate) fn forward(&self, x: Tensor<3>, dropout: Option<Tensor<3>>) -> Tensor<3> {
         let dt = x.dtype();
         let w = |p: &Param<Tensor<3>>| cast_to(p.val(), dt);
         let b = |p: &Param<Tensor<2>>| cast_to(p.val(), dt).unsqueeze_dim(1);
@@ -47,7 +47,7 @@ impl Experts {
 
     /// `x`: `[rows, d_model]`, expert e's tokens in rows `offsets[e]..offsets[e + 1]` (no
     /// padding): the CPU kernels' grouped FFN, or per expert with Burn ops elsewhere.
-    pub fn forward_grouped(&self, x: Tensor<2>, offsets: &[usize]) -> Tensor<2> {
+    pub(crate) fn forward_grouped(&self, x: Tensor<2>, offsets: &[usize]) -> Tensor<2> {
         let dt = x.dtype();
         let w = |p: &Param<Tensor<3>>| cast_to(p.val(), dt);
         let b = |p: &Param<Tensor<2>>| cast_to(p.val(), dt);

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Int, Tensor};
 use super::switch::SwitchStats;
 
 /// Mean cross-entropy of `logits` `[tokens, n_vocab]` against `targets` `[tokens]`.
-pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+pub(crate) fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     let [n, _] = logits.dims();
     let logp = log_softmax(super::precision::f32(logits), 1);
     logp.gather(1, targets.reshape([n, 1])).mean().neg()
@@ -40,7 +40,7 @@ pub fn load_balancing_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> 
 }
 
 /// Router z-loss summed over layers.
-pub fn router_z_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
+pub(crate) fn router_z_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
     stats
         .iter()
         .map(|s| s.z_loss.clone())

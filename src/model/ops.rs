@@ -20,7 +20,7 @@ use crate::distributed::ExpertExchange;
 pub const LN_EPS: f64 = 1e-5;
 
 /// `t` in `dtype` (a no-op when it already is).
-pub fn cast_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+pub(crate) fn cast_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
     if t.dtype() == dtype {
         t
     } else {
@@ -29,7 +29,7 @@ pub fn cast_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
 }
 
 /// `[1, 1, s, s]` additive mask: 0 where key j <= query i, -inf above the diagonal.
-pub fn causal_mask(s: usize, device: &Device) -> Tensor<4> {
+pub(crate) fn causal_mask(s: usize, device: &Device) -> Tensor<4> {
     let mut m = vec![0.0f32; s * s];
     for i in 0..s {
         for j in i + 1..s {
@@ -132,7 +132,7 @@ pub fn grouped_ffn_generic(
 ///
 /// # Panics
 /// Off the CPU backend or not in f32.
-pub fn to_experts(x: Tensor<2>, ex: &Arc<ExpertExchange>) -> Tensor<2> {
+pub(crate) fn to_experts(x: Tensor<2>, ex: &Arc<ExpertExchange>) -> Tensor<2> {
     cpu::to_experts(&x, ex).expect("expert parallelism runs on the CPU backend in f32")
 }
 
@@ -141,6 +141,6 @@ pub fn to_experts(x: Tensor<2>, ex: &Arc<ExpertExchange>) -> Tensor<2> {
 ///
 /// # Panics
 /// Off the CPU backend or not in f32.
-pub fn from_experts(y: Tensor<2>, ex: &Arc<ExpertExchange>) -> Tensor<2> {
+pub(crate) fn from_experts(y: Tensor<2>, ex: &Arc<ExpertExchange>) -> Tensor<2> {
     cpu::from_experts(&y, ex).expect("expert parallelism runs on the CPU backend in f32")
 }

@@ -17,7 +17,7 @@ use burn::tensor::Tensor;
 
 /// A trainable parameter: where it is in the module and its shape.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ParamInfo {
+pub(crate) struct ParamInfo {
     /// Module path, `.`-joined (`layers.0.attn.query.weight`).
     pub path: String,
     /// Id of the parameter (of this process's copy of the module).
@@ -28,13 +28,8 @@ pub struct ParamInfo {
 
 impl ParamInfo {
     /// Number of values.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shape.iter().product()
-    }
-
-    /// Whether it has no values.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -80,7 +75,7 @@ fn visit<M: Module>(module: &M, f: &mut dyn FnMut(ParamInfo, &dyn Fn() -> Tensor
 }
 
 /// Every trainable parameter of `module`, in module order.
-pub fn trainable<M: Module>(module: &M) -> Vec<ParamInfo> {
+pub(crate) fn trainable<M: Module>(module: &M) -> Vec<ParamInfo> {
     let mut out = vec![];
     visit(module, &mut |info, _| out.push(info));
     out
@@ -88,7 +83,7 @@ pub fn trainable<M: Module>(module: &M) -> Vec<ParamInfo> {
 
 /// The values of the trainable parameters for which `keep` holds, flattened, without their
 /// autodiff graph (shared with the parameter, not copied), in module order.
-pub fn values<M: Module>(
+pub(crate) fn values<M: Module>(
     module: &M,
     mut keep: impl FnMut(&ParamInfo) -> bool,
 ) -> Vec<(ParamInfo, Tensor<1>)> {
@@ -106,7 +101,7 @@ pub fn values<M: Module>(
 /// so that an in-place update can own its storage); the result, on the same device, keeps the
 /// inner dimensions (its first one follows from its length) and becomes a fresh leaf that
 /// requires a gradient (an autodiff tensor if the parameter was one). The others are kept.
-pub fn map<M: Module>(
+pub(crate) fn map<M: Module>(
     module: M,
     mut select: impl FnMut(&ParamInfo) -> bool,
     mut f: impl FnMut(&ParamInfo, Tensor<1>) -> Tensor<1>,
@@ -209,7 +204,7 @@ mod tests {
             [w1_dims[0] / 2, w1_dims[1], w1_dims[2]]
         );
         let got = values(&m, |p| p.id == w1)[0].1.clone().into_data();
-        assert!(got.to_vec::<f32>().unwrap().iter().all(|&x| x == 1.5));
+        assert!(got.try_into_vec::<f32>().unwrap().iter().all(|&x| x == 1.5));
         assert_eq!(
             values(&m, |p| p.id == b2)[0].1.clone().into_data(),
             b2_before

@@ -7,7 +7,7 @@ use burn::tensor::{DType, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::ops::LN_EPS;
-pub use super::ops::cast_to;
+pub(crate) use super::ops::cast_to;
 
 /// Compute type of the model's activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -24,7 +24,7 @@ pub enum Precision {
 
 impl Precision {
     /// Burn's float type for this precision.
-    pub fn dtype(self) -> FloatDType {
+    pub(crate) fn dtype(self) -> FloatDType {
         match self {
             Self::F32 => FloatDType::F32,
             Self::Bf16 => FloatDType::BF16,
@@ -34,13 +34,13 @@ impl Precision {
 }
 
 /// `t` in f32.
-pub fn f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+pub(crate) fn f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     cast_to(t, DType::F32)
 }
 
 /// `l.forward(x)` computed in `x`'s dtype. On the CPU: Burn's `linear` (one native op there);
 /// elsewhere [`linear_rows`].
-pub fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
+pub(crate) fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
     let weight = cast_to(l.weight.val(), dtype);
     let bias = l.bias.as_ref().map(|b| cast_to(b.val(), dtype));
@@ -78,7 +78,7 @@ pub fn linear_rows<const D: usize>(
 /// LayerNorm computed in f32 (its statistics need the range), returned in `x`'s dtype.
 /// (Fused on the CPU: [`super::ops::layer_norm`]; every norm of the model has epsilon
 /// [`LN_EPS`].)
-pub fn layer_norm<const D: usize>(ln: &burn::nn::LayerNorm, x: Tensor<D>) -> Tensor<D> {
+pub(crate) fn layer_norm<const D: usize>(ln: &burn::nn::LayerNorm, x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
     let norm = |x: Tensor<D>| match &ln.beta {
         Some(beta) => super::ops::layer_norm(x, ln.gamma.val(), beta.val(), LN_EPS),
@@ -91,7 +91,10 @@ pub fn layer_norm<const D: usize>(ln: &burn::nn::LayerNorm, x: Tensor<D>) -> Ten
 }
 
 /// An error if `device` cannot compute in `precision` (WGSL, say, has no bf16).
-pub fn check_device(precision: Precision, device: &burn::tensor::Device) -> anyhow::Result<()> {
+pub(crate) fn check_device(
+    precision: Precision,
+    device: &burn::tensor::Device,
+) -> anyhow::Result<()> {
     if device.supports_dtype(precision.dtype()) {
         Ok(())
     } else {

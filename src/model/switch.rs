@@ -110,7 +110,7 @@ impl SwitchFeedForward {
 
     /// [`forward`](Self::forward) for one shard of a batch whose shards route together
     /// (`shard`: its seat in the [`crate::routing::RouteGroup`]); `None` routes `x` alone.
-    pub fn forward_routed(
+    pub(crate) fn forward_routed(
         &self,
         x: Tensor<2>,
         rng: &mut RoutingRng,
@@ -423,7 +423,7 @@ fn count_tensor(counts: &[usize], device: &Device) -> Tensor<1> {
 }
 
 /// ST-MoE router z-loss: `mean_t (log sum_e exp(logits_te))^2`.
-pub fn z_loss(logits: Tensor<2>) -> Tensor<1> {
+pub(crate) fn z_loss(logits: Tensor<2>) -> Tensor<1> {
     let [n, _] = logits.dims();
     let m = logits.clone().detach().max_dim(1);
     let lse = (logits - m.clone()).exp().sum_dim(1).log() + m;

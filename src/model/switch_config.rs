@@ -89,7 +89,7 @@ impl SwitchFeedForwardConfig {
     }
 
     /// How this layer assigns tokens to experts.
-    pub fn routing(&self) -> RoutingOptions {
+    pub(crate) fn routing(&self) -> RoutingOptions {
         RoutingOptions {
             top_k: self.top_k,
             capacity_factor: self.capacity_factor,

@@ -41,13 +41,13 @@ pub struct ModelOutput {
     pub stats: Vec<SwitchStats>,
 }
 
-/// Intermediate activations recorded by [`SwitchTransformer::forward_traced`], named as in the
+/// Intermediate activations recorded by `SwitchTransformer::forward_traced`, named as in the
 /// fixtures (`embed`, `layers.{l}.attn_out`, ...), batch-major.
 pub type Trace = BTreeMap<String, HostTensor>;
 
 impl SwitchTransformer {
     /// Number of blocks.
-    pub fn n_layers(&self) -> usize {
+    pub(crate) fn n_layers(&self) -> usize {
         self.layers.len()
     }
 
@@ -114,7 +114,7 @@ impl SwitchTransformer {
 
     /// [`forward`](Self::forward) for one shard of a batch whose shards route together, as
     /// one model routing the whole batch would (`shard`: its seat in the routing group).
-    pub fn forward_in_group(
+    pub(crate) fn forward_in_group(
         &self,
         ids: Tensor<2, Int>,
         rng: &mut RoutingRng,
@@ -124,7 +124,7 @@ impl SwitchTransformer {
     }
 
     /// [`forward`](Self::forward), recording the intermediate activations in `trace`.
-    pub fn forward_traced(
+    pub(crate) fn forward_traced(
         &self,
         ids: Tensor<2, Int>,
         rng: &mut RoutingRng,

@@ -80,7 +80,7 @@ impl Default for LabmlAdam {
 
 impl LabmlAdam {
     /// Adam with these coefficients and no state yet.
-    pub fn new(beta1: f64, beta2: f64, eps: f64) -> Self {
+    pub(crate) fn new(beta1: f64, beta2: f64, eps: f64) -> Self {
         Self {
             beta1,
             beta2,
@@ -97,7 +97,7 @@ impl LabmlAdam {
     }
 
     /// [`step`](Self::step) on `grad_scale * grads` (the clip factor, applied in the same pass).
-    pub fn step_scaled<M: Module>(
+    pub(crate) fn step_scaled<M: Module>(
         &mut self,
         module: M,
         grads: &ParamGrads,
@@ -164,7 +164,7 @@ impl LabmlAdam {
 
     /// Checks that every moment restored by [`load_state_tensors`](Self::load_state_tensors)
     /// belongs to a trainable parameter of `module` with as many values.
-    pub fn check_matches<M: Module>(&self, module: &M) -> anyhow::Result<()> {
+    pub(crate) fn check_matches<M: Module>(&self, module: &M) -> anyhow::Result<()> {
         let sizes: HashMap<String, usize> = params::trainable(module)
             .into_iter()
             .map(|p| (p.path.clone(), p.len()))
@@ -186,14 +186,14 @@ impl LabmlAdam {
     }
 
     /// The module paths of the parameters that have moments (updated at least once), sorted.
-    pub fn paths(&self) -> Vec<String> {
+    pub(crate) fn paths(&self) -> Vec<String> {
         let mut paths: Vec<String> = self.state.keys().cloned().collect();
         paths.sort();
         paths
     }
 
     /// A host copy of the moments `(m, v)` of parameter `path`, if it has them.
-    pub fn moments(&self, path: &str) -> Option<(Vec<f32>, Vec<f32>)> {
+    pub(crate) fn moments(&self, path: &str) -> Option<(Vec<f32>, Vec<f32>)> {
         self.state.get(path).map(|s| match s {
             Moments::Host { m, v } => (m.clone(), v.clone()),
             Moments::Device { m, v } => (host_f32(m.clone()), host_f32(v.clone())),
@@ -201,12 +201,12 @@ impl LabmlAdam {
     }
 
     /// Sets the moments of parameter `path` (flattened, in host memory).
-    pub fn set_moments(&mut self, path: &str, m: Vec<f32>, v: Vec<f32>) {
+    pub(crate) fn set_moments(&mut self, path: &str, m: Vec<f32>, v: Vec<f32>) {
         self.state.insert(path.to_string(), Moments::Host { m, v });
     }
 
     /// The moments as host tensors named `m.<path>` / `v.<path>`, for checkpoints.
-    pub fn state_tensors(&self) -> Vec<(String, HostTensor)> {
+    pub(crate) fn state_tensors(&self) -> Vec<(String, HostTensor)> {
         let mut out = Vec::new();
         for (path, s) in &self.state {
             let (m, v) = s.host_tensors();
@@ -218,7 +218,7 @@ impl LabmlAdam {
 
     /// Restores moments written by [`state_tensors`](Self::state_tensors). They move to the
     /// parameters' device at the next step.
-    pub fn load_state_tensors(
+    pub(crate) fn load_state_tensors(
         &mut self,
         step: u64,
         tensors: &std::collections::BTreeMap<String, HostTensor>,

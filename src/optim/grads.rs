@@ -42,7 +42,7 @@ impl ParamGrads {
     }
 
     /// Sets the gradient of parameter `id` (keeping its place if it had one).
-    pub fn insert(&mut self, id: ParamId, grad: Tensor<1>) {
+    pub(crate) fn insert(&mut self, id: ParamId, grad: Tensor<1>) {
         match self.index.get(&id) {
             Some(&i) => self.grads[i] = grad,
             None => {
@@ -53,14 +53,14 @@ impl ParamGrads {
     }
 
     /// Replaces every gradient by `f(gradient)`.
-    pub fn map(&mut self, mut f: impl FnMut(Tensor<1>) -> Tensor<1>) {
+    pub(crate) fn map(&mut self, mut f: impl FnMut(Tensor<1>) -> Tensor<1>) {
         for g in &mut self.grads {
             *g = f(g.clone());
         }
     }
 
     /// The gradients with their parameters' ids, in module order.
-    pub fn into_parts(self) -> Vec<(ParamId, Tensor<1>)> {
+    pub(crate) fn into_parts(self) -> Vec<(ParamId, Tensor<1>)> {
         let mut ids: Vec<(usize, ParamId)> =
             self.index.into_iter().map(|(id, i)| (i, id)).collect();
         ids.sort_by_key(|&(i, _)| i);
@@ -68,23 +68,13 @@ impl ParamGrads {
     }
 
     /// The gradient of parameter `id`.
-    pub fn get(&self, id: &ParamId) -> Option<&Tensor<1>> {
+    pub(crate) fn get(&self, id: &ParamId) -> Option<&Tensor<1>> {
         self.index.get(id).map(|&i| &self.grads[i])
-    }
-
-    /// Number of gradients.
-    pub fn len(&self) -> usize {
-        self.grads.len()
-    }
-
-    /// Whether there are no gradients.
-    pub fn is_empty(&self) -> bool {
-        self.grads.is_empty()
     }
 
     /// L2 norm over all gradients together (one read back to the host; on the CPU backend a
     /// pass over the gradients' storage, accumulated in f64).
-    pub fn global_norm(&self) -> f64 {
+    pub(crate) fn global_norm(&self) -> f64 {
         match self.sum_of_squares() {
             SumOfSquares::Host(total) => total.sqrt(),
             SumOfSquares::Device(t) => (crate::store::host_f32(t)[0] as f64).sqrt(),
@@ -94,7 +84,7 @@ impl ParamGrads {
     /// The sum of the squares of all gradients: computed on the host where the gradients are
     /// host memory (the CPU backend), else a `[1]` tensor on their device, for the caller to
     /// read with other values in one synchronisation.
-    pub fn sum_of_squares(&self) -> SumOfSquares {
+    pub(crate) fn sum_of_squares(&self) -> SumOfSquares {
         if let Some(total) = crate::cpu::adam::sum_of_squares(&self.grads) {
             return SumOfSquares::Host(total);
         }
@@ -135,7 +125,7 @@ impl ParamGrads {
 /// most [`NORM_GROUP_TENSORS`] per group (what one fused concatenation kernel binds, within
 /// every backend's limit) and at most [`NORM_GROUP_ELEMENTS`] elements (the concatenation is a
 /// temporary copy), a larger gradient alone.
-pub fn norm_groups(sizes: impl IntoIterator<Item = usize>) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn norm_groups(sizes: impl IntoIterator<Item = usize>) -> Vec<std::ops::Range<usize>> {
     let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
     let mut elements = 0;
     for (i, n) in sizes.into_iter().enumerate() {
@@ -154,11 +144,11 @@ pub fn norm_groups(sizes: impl IntoIterator<Item = usize>) -> Vec<std::ops::Rang
 }
 
 /// Most gradients concatenated into one for the norm ([`norm_groups`]).
-pub const NORM_GROUP_TENSORS: usize = 16;
+pub(crate) const NORM_GROUP_TENSORS: usize = 16;
 /// Most elements in one concatenation for the norm (16 MiB of f32).
-pub const NORM_GROUP_ELEMENTS: usize = 1 << 22;
+pub(crate) const NORM_GROUP_ELEMENTS: usize = 1 << 22;
 
-/// [`ParamGrads::sum_of_squares`]: a value, or a tensor not read yet.
+/// `ParamGrads::sum_of_squares`: a value, or a tensor not read yet.
 #[allow(clippy::large_enum_variant)] // one per step
 pub enum SumOfSquares {
     /// Computed on the host.

@@ -18,7 +18,7 @@ pub use grads::{ParamGrads, SumOfSquares, clip_coefficient};
 
 /// Noam schedule (labml `Noam.get_lr`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Noam {
+pub(crate) struct Noam {
     /// Base learning rate (labml: 1.0).
     pub lr: f64,
     /// Warm-up steps.
@@ -29,7 +29,7 @@ pub struct Noam {
 
 impl Noam {
     /// Learning rate at step `t` (1-based: the first update uses `t = 1`).
-    pub fn lr(&self, t: u64) -> f64 {
+    pub(crate) fn lr(&self, t: u64) -> f64 {
         let t = t.max(1) as f64;
         let factor = t.powf(-0.5).min(t * (self.warmup as f64).powf(-1.5));
         self.lr * (self.d_model as f64).powf(-0.5) * factor

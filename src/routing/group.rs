@@ -21,7 +21,7 @@ use super::RoutePlan;
 use crate::distributed::Collective;
 
 /// The rendezvous of `n` shards.
-pub struct RouteGroup {
+pub(crate) struct RouteGroup {
     n: usize,
     state: Mutex<Round>,
     turn: Condvar,
@@ -40,7 +40,7 @@ struct Round {
 }
 
 /// A shard's part of the group's plan.
-pub struct GroupRoute {
+pub(crate) struct GroupRoute {
     /// The plan of this shard's tokens (local token indices, local slots).
     pub plan: RoutePlan,
     /// Tokens whose first choice is each expert, over the whole group (the f_i numerator).
@@ -54,7 +54,7 @@ pub struct GroupRoute {
 
 impl RouteGroup {
     /// A group of `n` shards.
-    pub fn new(n: usize) -> Arc<Self> {
+    pub(crate) fn new(n: usize) -> Arc<Self> {
         Arc::new(Self {
             n,
             state: Mutex::new(Round {
@@ -68,7 +68,7 @@ impl RouteGroup {
     /// Shard `shard`'s routing for one layer: waits for every shard's `probs`
     /// (`[tokens, n_experts]`, equal token counts); shard 0 makes the decision with `decide`
     /// on all of them in shard order (the others never call it).
-    pub fn route(
+    pub(crate) fn route(
         &self,
         shard: usize,
         probs: Vec<f32>,
@@ -144,7 +144,7 @@ fn part(plan: &RoutePlan, shard: usize, n: usize) -> GroupRoute {
 
 /// One shard's seat in a routing group, handed to its forward pass.
 #[derive(Clone, Copy)]
-pub struct Shard<'a> {
+pub(crate) struct Shard<'a> {
     group: Seat<'a>,
     index: usize,
 }
@@ -165,7 +165,7 @@ enum Seat<'a> {
 impl<'a> Shard<'a> {
     /// This process's seat among the ranks of `world`: every rank's forward pass routes its
     /// tokens with the others', rank 0 deciding.
-    pub fn rank(world: &'a Arc<dyn Collective>) -> Self {
+    pub(crate) fn rank(world: &'a Arc<dyn Collective>) -> Self {
         Self {
             group: Seat::Ranks {
                 world,
@@ -178,7 +178,7 @@ impl<'a> Shard<'a> {
     /// This process's seat among the ranks of `world` when each rank routes its own tokens
     /// (capacity and load balance per rank, as each core in the paper): the ranks exchange
     /// only the assignments each keeps for each expert.
-    pub fn rank_alone(world: &'a Arc<dyn Collective>) -> Self {
+    pub(crate) fn rank_alone(world: &'a Arc<dyn Collective>) -> Self {
         Self {
             group: Seat::Ranks {
                 world,
@@ -189,12 +189,13 @@ impl<'a> Shard<'a> {
     }
 
     /// This shard's index in its group.
-    pub fn index(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn index(&self) -> usize {
         self.index
     }
 
     /// The ranks of the job, when the shards are ranks (not threads of this process).
-    pub fn world(&self) -> Option<&'a Arc<dyn Collective>> {
+    pub(crate) fn world(&self) -> Option<&'a Arc<dyn Collective>> {
         match self.group {
             Seat::Ranks { world, .. } => Some(world),
             Seat::Threads(_) => None,
@@ -207,7 +208,11 @@ impl<'a> Shard<'a> {
     /// # Panics
     /// Among ranks, when the exchange fails (a rank failed or timed out): the forward pass
     /// cannot go on.
-    pub fn route(&self, probs: Vec<f32>, decide: impl FnOnce(&[f32]) -> RoutePlan) -> GroupRoute {
+    pub(crate) fn route(
+        &self,
+        probs: Vec<f32>,
+        decide: impl FnOnce(&[f32]) -> RoutePlan,
+    ) -> GroupRoute {
         match self.group {
             Seat::Threads(g) => g.route(self.index, probs, decide),
             Seat::Ranks { world, together } => if together {
@@ -280,7 +285,7 @@ fn route_alone(
 impl RouteGroup {
     /// Runs `f` (one shard's forward pass) in the seat of shard `index`, which `f` passes to
     /// the model. A panic in `f` releases the other shards instead of leaving them waiting.
-    pub fn run_as<R>(&self, index: usize, f: impl FnOnce(Shard<'_>) -> R) -> R {
+    pub(crate) fn run_as<R>(&self, index: usize, f: impl FnOnce(Shard<'_>) -> R) -> R {
         struct Release<'a>(&'a RouteGroup);
         impl Drop for Release<'_> {
             fn drop(&mut self) {

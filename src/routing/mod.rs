@@ -7,22 +7,22 @@
 //! capacity, no read-back; GPU backends). Either way it ends as index tensors that one gather
 //! and one select use. Gradients reach the router through the probabilities only.
 //!
-//! Files: [`router`] (the layer), [`options`] (capacity, drop policy, where to decide),
-//! [`plan`] (the host decision), [`device`] (the device decision), [`scan`] (its prefix sum,
-//! linear in the tokens), [`group`] (shards of one batch, in threads of their own, deciding
+//! Files: `router` (the layer), `options` (capacity, drop policy, where to decide),
+//! `plan` (the host decision), `device` (the device decision), `scan` (its prefix sum,
+//! linear in the tokens), `group` (shards of one batch, in threads of their own, deciding
 //! together as one model would).
 
-pub mod device;
-pub mod group;
-pub mod options;
-pub mod plan;
-pub mod router;
-pub mod scan;
+pub(crate) mod device;
+pub(crate) mod group;
+pub(crate) mod options;
+pub(crate) mod plan;
+pub(crate) mod router;
+pub(crate) mod scan;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 pub use device::DeviceRoutes;
-pub use group::{RouteGroup, Shard};
+pub(crate) use group::{RouteGroup, Shard};
 pub use options::{DropPolicy, RoutePlace, RoutingOptions, argmax, capacity, top_k};
 pub use plan::RoutePlan;
 pub use router::Router;

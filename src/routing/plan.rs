@@ -77,7 +77,7 @@ impl RoutePlan {
     }
 
     /// A plan from explicit decisions (used to replay a recorded drop set).
-    pub fn from_decisions(
+    pub(crate) fn from_decisions(
         routes: Vec<usize>,
         dropped: Vec<bool>,
         n_experts: usize,
@@ -118,7 +118,7 @@ impl RoutePlan {
     }
 
     /// Tokens routed.
-    pub fn n_tokens(&self) -> usize {
+    pub(crate) fn n_tokens(&self) -> usize {
         self.routes.len() / self.top_k
     }
 
@@ -136,15 +136,6 @@ impl RoutePlan {
             }
         }
         kept
-    }
-
-    /// Assignments routed to each expert, before dropping.
-    pub fn assigned_counts(&self) -> Vec<usize> {
-        let mut n = vec![0; self.n_experts];
-        for &e in &self.routes {
-            n[e] += 1;
-        }
-        n
     }
 }
 

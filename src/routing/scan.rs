@@ -18,10 +18,10 @@ use burn::tensor::{Int, Tensor};
 
 /// Rows per block. Each output element reads at most this many inputs; 2k tokens take two
 /// levels, 32k three.
-pub const BLOCK: usize = 128;
+pub(crate) const BLOCK: usize = 128;
 
 /// Inclusive prefix sum of `x: [n, c]` along dimension 0 (what `x.cumsum(0)` computes).
-pub fn cumsum_rows(x: Tensor<2, Int>) -> Tensor<2, Int> {
+pub(crate) fn cumsum_rows(x: Tensor<2, Int>) -> Tensor<2, Int> {
     let [n, c] = x.dims();
     if n <= BLOCK {
         return x.cumsum(0);

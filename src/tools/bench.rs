@@ -130,7 +130,7 @@ pub struct ExchangeBench {
 }
 
 /// Median of `v` (the mean of the middle two for an even count).
-pub fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
@@ -390,7 +390,7 @@ pub struct RoutingBench {
     pub decision_ms_median: f64,
     /// The same per token, in nanoseconds: flat as the tokens grow when the work is linear.
     pub decision_ns_per_token: f64,
-    /// Median time of the prefix sum alone, blocked ([`crate::routing::scan::cumsum_rows`]).
+    /// Median time of the prefix sum alone, blocked (`crate::routing::scan::cumsum_rows`).
     pub scan_ms_median: f64,
     /// Median time of Burn's own `cumsum` on the same one-hot matrix (quadratic on GPU
     /// backends); `None` where it was skipped as too slow (`--routing-burn-max`).

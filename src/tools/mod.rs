@@ -1,9 +1,7 @@
 //! Tools around training: throughput and memory benchmarks ([`mod@bench`]), the dense-vs-Switch
-//! [`compare`] experiment, and the HTML [`report`] of runs with its [`svg`] charts.
+//! [`compare`] experiment, and the HTML [`report`] of runs with its `svg` charts.
 
-pub mod bandwidth;
 pub mod bench;
 pub mod compare;
-pub mod hf_bench;
 pub mod report;
-pub mod svg;
+pub(crate) mod svg;

@@ -221,7 +221,7 @@ pub fn heatmap_svg(hm: &Heatmap) -> String {
 
 /// Ticks 1, 2 or 5 x 10^k apart covering `[lo, hi]` (`lo < hi`, finite), about five of them,
 /// the first at or below `lo` and the last at or above `hi`.
-pub fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
+pub(crate) fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
     let raw = (hi - lo) / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
     let step = [1.0, 2.0, 5.0, 10.0]

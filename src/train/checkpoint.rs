@@ -39,7 +39,7 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "state.json";
 
 /// Writes a checkpoint to `dir` (replacing one there only once the new one is complete).
-pub fn save(
+pub(crate) fn save(
     dir: &Path,
     model: &SwitchTransformer,
     config: &ModelConfig,
@@ -89,7 +89,7 @@ pub fn save(
 
 /// Removes the checkpoint directory `dir` so that no partly deleted checkpoint ever keeps a
 /// checkpoint's name: renamed out of the way first, then deleted.
-pub fn remove(dir: &Path) -> Result<()> {
+pub(crate) fn remove(dir: &Path) -> Result<()> {
     let parent = dir.parent().context("checkpoint path has no parent")?;
     let name = dir.file_name().context("checkpoint path has no name")?;
     let doomed = parent.join(format!(".{}.deleting", name.to_string_lossy()));
@@ -101,7 +101,7 @@ pub fn remove(dir: &Path) -> Result<()> {
 /// Finishes or undoes what an interrupted [`save`] or [`remove`] left in `parent`: leftover
 /// `.NAME.partial` and `.NAME.deleting` directories are removed, and a `.NAME.old` whose
 /// `NAME` is missing (a kill between the two renames of a save) takes its name back.
-pub fn tidy(parent: &Path) -> Result<()> {
+pub(crate) fn tidy(parent: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return Ok(());
     };
@@ -201,7 +201,7 @@ fn check_stored_config(model: &Path, config: &ModelConfig) -> Result<()> {
 }
 
 /// Name of the checkpoint directory for `step`.
-pub fn step_dir(checkpoints: &Path, step: u64) -> PathBuf {
+pub(crate) fn step_dir(checkpoints: &Path, step: u64) -> PathBuf {
     checkpoints.join(format!("step-{step:07}"))
 }
 

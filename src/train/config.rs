@@ -96,7 +96,7 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// Checks every field; the error names the key and what is allowed.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let at_least_one = [
             ("batch_size", self.batch_size as u64),
             ("replicas", self.replicas as u64),
@@ -156,7 +156,7 @@ impl TrainConfig {
 
 /// The longest validation sample (`train.sample_tokens`): generated at every validation and
 /// written into each validation line of metrics.jsonl (a stop signal cuts it short).
-pub const MAX_SAMPLE_TOKENS: usize = 10_000;
+pub(crate) const MAX_SAMPLE_TOKENS: usize = 10_000;
 
 /// Everything a training run is configured by: the TOML file of a run (`[model]`, `[train]`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -342,7 +342,7 @@ impl RunConfig {
     }
 
     /// Parses TOML; an unknown key or a wrong type is an error.
-    pub fn from_toml(text: &str) -> Result<Self> {
+    pub(crate) fn from_toml(text: &str) -> Result<Self> {
         toml::from_str(text).map_err(|e| {
             anyhow::anyhow!("{}", e.message().trim()).context(
                 e.span()
@@ -410,10 +410,10 @@ impl RunConfig {
 
 /// Keys added after runs were first written: a run's config.toml may lack them (their
 /// defaults are what those runs ran with).
-pub const KEYS_SINCE_V1: &[&str] = &["train.skip_nonfinite", "train.expert_parallel"];
+pub(crate) const KEYS_SINCE_V1: &[&str] = &["train.skip_nonfinite", "train.expert_parallel"];
 
 /// The keys of [`KEYS`] that the TOML `text` lacks (besides those of [`KEYS_SINCE_V1`]).
-pub fn missing_keys(text: &str) -> Result<Vec<String>> {
+pub(crate) fn missing_keys(text: &str) -> Result<Vec<String>> {
     let table: toml::Table = toml::from_str(text).context("not TOML")?;
     Ok(KEYS
         .iter()
@@ -433,7 +433,7 @@ pub fn missing_keys(text: &str) -> Result<Vec<String>> {
 /// Keys that a resumed run may change (`--resume R --set key=value`): the length of the run,
 /// what it logs, samples and keeps. Every other key would change the model, the data order or
 /// the optimizer's arithmetic mid-run.
-pub const RESUMABLE_KEYS: &[&str] = &[
+pub(crate) const RESUMABLE_KEYS: &[&str] = &[
     "train.steps",
     // The Noam schedule is a function of the step: a new rate or warm-up continues from it.
     "train.lr",
@@ -451,7 +451,7 @@ pub const RESUMABLE_KEYS: &[&str] = &[
 impl RunConfig {
     /// Applies `--set` overrides to a resumed run's configuration; a key outside
     /// [`RESUMABLE_KEYS`] is an error naming it.
-    pub fn set_on_resume(&mut self, assignments: &[String]) -> Result<()> {
+    pub(crate) fn set_on_resume(&mut self, assignments: &[String]) -> Result<()> {
         for a in assignments {
             let key = a.split_once('=').map_or(a.as_str(), |(k, _)| k).trim();
             // An unknown key or a bad value is named as such first (by `set`'s own check).

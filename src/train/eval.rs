@@ -32,7 +32,7 @@ pub struct LayerStats {
 
 impl LayerStats {
     /// One layer's statistics from its routing sums over forward passes.
-    pub fn from_sums(sums: &RoutingSums) -> Self {
+    pub(crate) fn from_sums(sums: &RoutingSums) -> Self {
         let t = sums.tokens.max(1) as f64;
         let expert_frac: Vec<f64> = sums.counts.iter().map(|c| c / t).collect();
         let n = expert_frac.len().max(1) as f64;
@@ -52,7 +52,7 @@ impl LayerStats {
 /// One Switch layer's routing summed over forward passes (in f64, pass order): what
 /// [`LayerStats`] is computed from, and what the ranks of a job add up.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct RoutingSums {
+pub(crate) struct RoutingSums {
     /// Tokens whose first choice is each expert, before dropping.
     pub counts: Vec<f64>,
     /// Assignments dropped over capacity.
@@ -79,7 +79,7 @@ impl RoutingSums {
 
     /// Every layer's sums, flattened for an all-reduce between ranks: per layer the counts,
     /// dropped, top-probability sum, tokens.
-    pub fn to_wire(layers: &[Self]) -> Vec<f64> {
+    pub(crate) fn to_wire(layers: &[Self]) -> Vec<f64> {
         let mut flat = vec![];
         for l in layers {
             flat.extend(&l.counts);
@@ -89,7 +89,7 @@ impl RoutingSums {
     }
 
     /// [`to_wire`](Self::to_wire)'s layout read back, with `like`'s expert counts per layer.
-    pub fn from_wire(flat: &[f64], like: &[Self]) -> Vec<Self> {
+    pub(crate) fn from_wire(flat: &[f64], like: &[Self]) -> Vec<Self> {
         let mut at = 0;
         like.iter()
             .map(|l| {
@@ -109,7 +109,7 @@ impl RoutingSums {
 
 /// Per-layer statistics over several forward passes (`passes[i][l]`: Switch layer `l` of pass
 /// `i`, all layers of a pass on one device): one read-back per pass.
-pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
+pub(crate) fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
     layer_sums(passes)
         .iter()
         .map(LayerStats::from_sums)
@@ -117,7 +117,7 @@ pub fn layer_stats(passes: &[Vec<SwitchStats>]) -> Vec<LayerStats> {
 }
 
 /// Each Switch layer's routing summed over `passes`.
-pub fn layer_sums(passes: &[Vec<SwitchStats>]) -> Vec<RoutingSums> {
+pub(crate) fn layer_sums(passes: &[Vec<SwitchStats>]) -> Vec<RoutingSums> {
     let read: Vec<Vec<f32>> = passes
         .iter()
         .map(|p| summaries(p).map_or_else(Vec::new, host_f32))
@@ -127,12 +127,12 @@ pub fn layer_sums(passes: &[Vec<SwitchStats>]) -> Vec<RoutingSums> {
 
 /// Every layer's [`SwitchStats::summary`] of one pass, concatenated (`None` without Switch
 /// layers): what [`layer_sums_of`] reads.
-pub fn summaries(pass: &[SwitchStats]) -> Option<Tensor<1>> {
+pub(crate) fn summaries(pass: &[SwitchStats]) -> Option<Tensor<1>> {
     (!pass.is_empty()).then(|| Tensor::cat(pass.iter().map(SwitchStats::summary).collect(), 0))
 }
 
 /// [`layer_sums`] from each pass's [`summaries`] already read (`read[i]`: pass i's values).
-pub fn layer_sums_of(passes: &[Vec<SwitchStats>], read: &[Vec<f32>]) -> Vec<RoutingSums> {
+pub(crate) fn layer_sums_of(passes: &[Vec<SwitchStats>], read: &[Vec<f32>]) -> Vec<RoutingSums> {
     let n_layers = passes.first().map_or(0, Vec::len);
     (0..n_layers)
         .map(|l| {
@@ -180,7 +180,7 @@ pub fn evaluate(model: &SwitchTransformer, batches: &[Batch], rng: &mut RoutingR
 /// [`evaluate`] that gives up as soon as `stop` is set (checked before each batch): `None`
 /// then. The training loop's validation, so that a stop signal does not wait for
 /// `train.eval_batches` forward passes.
-pub fn evaluate_until(
+pub(crate) fn evaluate_until(
     model: &SwitchTransformer,
     batches: &[Batch],
     rng: &mut RoutingRng,

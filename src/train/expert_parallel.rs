@@ -27,7 +27,7 @@ use crate::store::host_f32;
 /// An error unless `config` can run expert-parallel on `ranks` ranks on `device`: experts
 /// divisible by ranks, the CPU backend in f32 (the exchange is a CPU kernel; Burn has no
 /// all-to-all), no expert dropout (the grouped expert kernel has none).
-pub fn check(
+pub(crate) fn check(
     config: &ModelConfig,
     ranks: Option<usize>,
     device: &burn::tensor::Device,
@@ -62,7 +62,7 @@ pub fn check(
 }
 
 /// The ids of the experts' parameters (`w1`, `b1`, `w2`, `b2` of every Switch layer).
-pub fn expert_ids(model: &SwitchTransformer) -> HashSet<ParamId> {
+pub(crate) fn expert_ids(model: &SwitchTransformer) -> HashSet<ParamId> {
     model
         .layers
         .iter()
@@ -107,7 +107,7 @@ fn map_experts(
 
 /// Rank `rank` of `ranks`' part of the whole `model` and its optimizer state: its experts of
 /// every Switch layer (a contiguous block), and their moments.
-pub fn keep_own_experts(
+pub(crate) fn keep_own_experts(
     model: SwitchTransformer,
     adam: &mut LabmlAdam,
     rank: usize,
@@ -127,7 +127,7 @@ pub fn keep_own_experts(
 
 /// The whole model and optimizer state at rank 0 (every rank's experts gathered, in rank
 /// order); `None` on the other ranks. Every rank must call it.
-pub fn gather_to_first(
+pub(crate) fn gather_to_first(
     world: &dyn Collective,
     model: &SwitchTransformer,
     adam: &LabmlAdam,
@@ -183,7 +183,7 @@ pub fn gather_to_first(
 }
 
 /// `grads` split into the replicated parameters' and the experts' (`ids`).
-pub fn split_grads(grads: ParamGrads, ids: &HashSet<ParamId>) -> (ParamGrads, ParamGrads) {
+pub(crate) fn split_grads(grads: ParamGrads, ids: &HashSet<ParamId>) -> (ParamGrads, ParamGrads) {
     let (mut replicated, mut experts) = (ParamGrads::default(), ParamGrads::default());
     for (id, g) in grads.into_parts() {
         if ids.contains(&id) {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 /// The lock of one run directory, held until dropped.
 #[derive(Debug)]
-pub struct RunLock {
+pub(crate) struct RunLock {
     path: PathBuf,
 }
 
@@ -32,7 +32,7 @@ fn alive(pid: u32) -> bool {
 
 impl RunLock {
     /// Takes the lock of the run in `dir` (which must exist).
-    pub fn acquire(dir: &Path) -> Result<Self> {
+    pub(crate) fn acquire(dir: &Path) -> Result<Self> {
         let path = dir.join("lock");
         let me = format!("{} {}\n", std::process::id(), host());
         for _ in 0..2 {

@@ -16,7 +16,7 @@ use anyhow::{Result, bail};
 use super::config::RunConfig;
 
 /// Bytes a run of `c` needs for its parameters' state and for the activations of one step.
-pub fn estimate(c: &RunConfig) -> (u64, u64) {
+pub(crate) fn estimate(c: &RunConfig) -> (u64, u64) {
     let m = &c.model;
     let f32b = 4u64;
     let params = m.num_params() as u64;

@@ -68,7 +68,7 @@ pub enum MetricsLine {
 
 impl MetricsLine {
     /// The step the line describes.
-    pub fn step(&self) -> u64 {
+    pub(crate) fn step(&self) -> u64 {
         match self {
             Self::Train(t) => t.step,
             Self::Valid(v) => v.step,
@@ -76,7 +76,7 @@ impl MetricsLine {
     }
 
     /// The line as one line of JSON (no newline).
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         let json = match self {
             Self::Train(t) => serde_json::to_string(t),
             Self::Valid(v) => serde_json::to_string(v),
@@ -85,7 +85,7 @@ impl MetricsLine {
     }
 
     /// Parses one line; the error says what is wrong with it (the caller adds where).
-    pub fn parse(line: &str) -> Result<Self> {
+    pub(crate) fn parse(line: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(line).map_err(|e| {
             anyhow!("not a complete JSON object ({e}); the file is malformed or truncated")
         })?;

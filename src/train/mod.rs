@@ -1,23 +1,24 @@
 //! Training: [`step`] (one optimizer step: forward, losses, backward, clip, Adam) on the
 //! [`replicas`] of the model (where they run: [`placement`]; their passes combined: `combine`, with the gradient sums
-//! of [`reduce`]), driven by the [`trainer`] loop with its [`config`], [`eval`]uation
-//! and [`checkpoint`]s, in a [`run_dir`] whose [`metrics`] are typed lines; across the ranks
-//! of a job the experts may be sharded ([`expert_parallel`]).
+//! of [`reduce`]), driven by the `trainer` loop with its [`config`], [`eval`]uation
+//! and [`checkpoint`]s, in a `run_dir` whose `metrics` are typed lines; across the ranks
+//! of a job the experts may be sharded (`expert_parallel`).
 
 pub mod checkpoint;
 pub(crate) mod combine;
 pub mod config;
 pub mod eval;
-pub mod expert_parallel;
-pub mod lock;
+pub(crate) mod expert_parallel;
+pub(crate) mod lock;
 pub mod memory;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod placement;
 pub mod reduce;
+pub(crate) mod replica;
 pub mod replicas;
-pub mod run_dir;
+pub(crate) mod run_dir;
 pub mod step;
-pub mod trainer;
+pub(crate) mod trainer;
 
 pub use config::{RunConfig, TrainConfig};
 pub use metrics::{MetricsLine, TrainLine, ValidLine};

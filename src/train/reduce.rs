@@ -23,7 +23,7 @@ use crate::model::params::{self, ParamInfo};
 use crate::optim::ParamGrads;
 use crate::store::host_f32;
 
-use super::replicas::Replica;
+use super::replica::Replica;
 
 /// The gradient of a whole batch, as the reduction leaves it.
 pub enum BatchGradients {
@@ -43,7 +43,7 @@ pub enum BatchGradients {
 
 impl BatchGradients {
     /// The global L2 norm over all gradients.
-    pub fn global_norm(&self) -> f64 {
+    pub(crate) fn global_norm(&self) -> f64 {
         match self {
             Self::OnFirst(g) => g.global_norm(),
             Self::OnEach(g) => g[0].global_norm(),
@@ -186,13 +186,8 @@ pub(crate) fn sum_sharded(
     Ok(BatchGradients::Sharded { grads, norm })
 }
 
-/// A checksum of the trainable parameters (sum of every value times a weight that depends on
-/// its place), equal on two ranks exactly when their weights almost surely are.
-pub fn checksum(model: &SwitchTransformer) -> f64 {
-    checksum_except(model, None)
-}
-
-/// [`checksum`] of the parameters not in `except`.
+/// A checksum of the trainable parameters not in `except` (sum of every value times a weight
+/// that depends on its place), equal on two ranks exactly when their weights almost surely are.
 pub(crate) fn checksum_except(model: &SwitchTransformer, except: Option<&HashSet<ParamId>>) -> f64 {
     let (mut sum, mut i) = (0.0, 0u64);
     for (_, v) in params::values(model, |p| !except.is_some_and(|x| x.contains(&p.id))) {

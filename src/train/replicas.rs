@@ -5,7 +5,7 @@
 //!
 //! Routing, two ways (`train.global_routing`): each replica routes its own tokens (capacity and
 //! load balance per replica, as each core in the paper), or the replicas route the whole batch
-//! together through a [`RouteGroup`] (capacity, drops and the load-balancing f_i over all
+//! together through a `RouteGroup` (capacity, drops and the load-balancing f_i over all
 //! tokens): the same step as one model, computed by N threads.
 //!
 //! Two ways to combine the gradients ([`GradSync`], summed in [`super::reduce`]): summed on the first replica's device,
@@ -13,7 +13,7 @@
 //! they are on the same device); or Burn's collective all-reduce, after which every replica
 //! takes the same step. With one replica there are no threads.
 //!
-//! Across processes ([`Replicas::across`], `switch train --distributed`): each process holds
+//! Across processes (`Replicas::across`, `switch train --distributed`): each process holds
 //! one replica, the ranks of the job are the replicas, and the exchanges go through a
 //! [`Collective`] (MPI): gradients, losses and statistics summed with an all-reduce, the
 //! routing group's probabilities and plan exchanged between the ranks.
@@ -29,64 +29,13 @@ use rand::{RngCore, SeedableRng};
 
 use crate::data::Batch;
 use crate::distributed::Collective;
-use crate::interop::weights::{Source, model_from_state_dict, model_state_dict};
-use crate::model::{ModelConfig, SwitchTransformer};
-use crate::optim::{LabmlAdam, ParamGrads};
+use crate::model::ModelConfig;
 use crate::routing::{RouteGroup, RoutingRng, Shard};
 
 use super::expert_parallel::{expert_ids, keep_own_experts};
 use super::placement::GradSync;
 use super::reduce::{BatchGradients, broadcast_weights, checksum_except};
-
-/// One copy of the model with its optimizer state, on its device.
-pub struct Replica {
-    /// This copy of the model.
-    pub model: SwitchTransformer,
-    /// Its optimizer state.
-    pub adam: LabmlAdam,
-    /// An autodiff device.
-    pub device: Device,
-}
-
-impl Replica {
-    /// One Adam step on this replica's weights with `grad_scale * g`. The model is handed to
-    /// the step, not a clone of it, so that on the CPU weights no other tensor shares are
-    /// updated in their own storage (`cpu::adam`; a clone kept here made every step copy every
-    /// parameter).
-    fn adam_step(self, g: &ParamGrads, lr: f64, grad_scale: f64) -> Self {
-        let Replica {
-            model,
-            mut adam,
-            device,
-        } = self;
-        let model = adam.step_scaled(model, g, lr, grad_scale);
-        Replica {
-            model,
-            adam,
-            device,
-        }
-    }
-
-    /// A copy of `self` on `device`, with tensors of its own: the weights, and the optimizer
-    /// moments if `with_moments` (only replicas that take their own Adam steps need them).
-    fn copy_to(&self, config: &ModelConfig, device: &Device, with_moments: bool) -> Result<Self> {
-        let device = device.clone().autodiff();
-        let weights = model_state_dict(&self.model, Source::Values);
-        let model = model_from_state_dict(config, &weights, &device)?;
-        let mut adam = LabmlAdam::new(self.adam.beta1, self.adam.beta2, self.adam.eps);
-        if with_moments {
-            adam.load_state_tensors(
-                self.adam.step,
-                &self.adam.state_tensors().into_iter().collect(),
-            )?;
-        }
-        Ok(Self {
-            model,
-            adam,
-            device,
-        })
-    }
-}
+pub use super::replica::Replica;
 
 /// The model's replicas; replica 0 is the one validated and checkpointed.
 pub struct Replicas {
@@ -157,7 +106,11 @@ impl Replicas {
     /// This process's one replica as one rank of `world`'s: every step runs on this rank's
     /// share of the batch and exchanges with the other ranks. With `expert_parallel` the
     /// replica keeps only its rank's share of the experts (see [`super::expert_parallel`]).
-    pub fn across(mut self, world: Arc<dyn Collective>, expert_parallel: bool) -> Result<Self> {
+    pub(crate) fn across(
+        mut self,
+        world: Arc<dyn Collective>,
+        expert_parallel: bool,
+    ) -> Result<Self> {
         if self.replicas.len() != 1 {
             bail!(
                 "a process of a distributed job holds one replica, not {}: the ranks are the \
@@ -175,28 +128,28 @@ impl Replicas {
     }
 
     /// Whether this rank holds only its share of the experts.
-    pub fn expert_parallel(&self) -> bool {
+    pub(crate) fn expert_parallel(&self) -> bool {
         self.expert_ids.is_some()
     }
 
     /// A checksum of the parameters every rank holds the same (all of them, or all but the
     /// experts with expert parallelism).
-    pub fn replicated_checksum(&self) -> f64 {
+    pub(crate) fn replicated_checksum(&self) -> f64 {
         checksum_except(&self.replicas[0].model, self.expert_ids.as_ref())
     }
 
     /// The job's ranks, if this process is one of several.
-    pub fn world(&self) -> Option<&dyn Collective> {
+    pub(crate) fn world(&self) -> Option<&dyn Collective> {
         self.world.as_deref()
     }
 
     /// A handle on the job's ranks, if this process is one of several.
-    pub fn world_handle(&self) -> Option<Arc<dyn Collective>> {
+    pub(crate) fn world_handle(&self) -> Option<Arc<dyn Collective>> {
         self.world.clone()
     }
 
     /// Replicas over all processes: this process's, or the job's ranks.
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.world
             .as_ref()
             .map_or(self.replicas.len(), |w| w.size())
@@ -222,7 +175,7 @@ impl Replicas {
     /// With one replica `pass` draws from `rng` directly; with more, replica `i` draws from
     /// [`replica_rng`]`(rng, i)` (so a checkpointed `rng` replays the step exactly), the same
     /// stream whether the replicas are threads or ranks.
-    pub fn on_shards<R: Send>(
+    pub(crate) fn on_shards<R: Send>(
         &self,
         batch: &Batch,
         rng: &mut RoutingRng,
@@ -303,7 +256,7 @@ impl Replicas {
     }
 
     /// How the replicas combine their gradients.
-    pub fn grad_sync(&self) -> GradSync {
+    pub(crate) fn grad_sync(&self) -> GradSync {
         self.grad_sync
     }
 
@@ -329,7 +282,7 @@ impl Replicas {
 
     /// `f(self)` on a worker of the global thread pool when there is one replica (see the
     /// free function `on_worker`), else on the calling thread.
-    pub fn on_worker<R: Send>(&mut self, f: impl FnOnce(&mut Self) -> R + Send) -> R {
+    pub(crate) fn on_worker<R: Send>(&mut self, f: impl FnOnce(&mut Self) -> R + Send) -> R {
         if self.replicas.len() == 1 {
             crate::cpu::on_worker(|| f(self))
         } else {

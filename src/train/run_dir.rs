@@ -37,7 +37,7 @@ pub struct DataRecord {
 
 impl DataRecord {
     /// The record of the file at `path` (read and hashed now).
-    pub fn of(path: &Path) -> Result<Self> {
+    pub(crate) fn of(path: &Path) -> Result<Self> {
         Ok(Self::of_bytes(path, &crate::data::read_data_file(path)?))
     }
 
@@ -72,22 +72,22 @@ impl RunDir {
     }
 
     /// `config.toml`.
-    pub fn config_path(&self) -> PathBuf {
+    pub(crate) fn config_path(&self) -> PathBuf {
         self.0.join("config.toml")
     }
 
     /// `vocab.json`.
-    pub fn vocab_path(&self) -> PathBuf {
+    pub(crate) fn vocab_path(&self) -> PathBuf {
         self.0.join("vocab.json")
     }
 
     /// `metrics.jsonl`.
-    pub fn metrics_path(&self) -> PathBuf {
+    pub(crate) fn metrics_path(&self) -> PathBuf {
         self.0.join("metrics.jsonl")
     }
 
     /// `data.json`: the [`DataRecord`] of the run's text.
-    pub fn data_record_path(&self) -> PathBuf {
+    pub(crate) fn data_record_path(&self) -> PathBuf {
         self.0.join("data.json")
     }
 
@@ -98,7 +98,7 @@ impl RunDir {
     }
 
     /// The recorded text, if the run has a record (runs of earlier builds do not).
-    pub fn read_data_record(&self) -> Result<Option<DataRecord>> {
+    pub(crate) fn read_data_record(&self) -> Result<Option<DataRecord>> {
         let path = self.data_record_path();
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(None);
@@ -151,17 +151,17 @@ impl RunDir {
     }
 
     /// `checkpoints/`.
-    pub fn checkpoints(&self) -> PathBuf {
+    pub(crate) fn checkpoints(&self) -> PathBuf {
         self.0.join("checkpoints")
     }
 
     /// `best/`.
-    pub fn best(&self) -> PathBuf {
+    pub(crate) fn best(&self) -> PathBuf {
         self.0.join("best")
     }
 
     /// Whether a run was started here (a configuration or checkpoints exist).
-    pub fn holds_run(&self) -> bool {
+    pub(crate) fn holds_run(&self) -> bool {
         self.config_path().exists() || self.checkpoints().exists()
     }
 
@@ -210,7 +210,7 @@ impl RunDir {
     }
 
     /// Creates the directory and writes the run's configuration and vocabulary.
-    pub fn create(&self, config: &RunConfig, vocab: &Vocab) -> Result<()> {
+    pub(crate) fn create(&self, config: &RunConfig, vocab: &Vocab) -> Result<()> {
         std::fs::create_dir_all(&self.0)
             .with_context(|| format!("cannot create the run directory {self}"))?;
         write_atomic(&self.config_path(), config.to_toml().as_bytes())?;
@@ -241,19 +241,19 @@ impl RunDir {
     }
 
     /// Replaces the run's configuration (atomically).
-    pub fn write_config(&self, config: &RunConfig) -> Result<()> {
+    pub(crate) fn write_config(&self, config: &RunConfig) -> Result<()> {
         write_atomic(&self.config_path(), config.to_toml().as_bytes())
     }
 
     /// Finishes or undoes what an interrupted checkpoint write or removal left behind (in
     /// `checkpoints/` and beside `best/`): see [`checkpoint::tidy`].
-    pub fn tidy(&self) -> Result<()> {
+    pub(crate) fn tidy(&self) -> Result<()> {
         checkpoint::tidy(&self.checkpoints())?;
         checkpoint::tidy(&self.0)
     }
 
     /// The run's vocabulary.
-    pub fn read_vocab(&self) -> Result<Vocab> {
+    pub(crate) fn read_vocab(&self) -> Result<Vocab> {
         let text = std::fs::read_to_string(self.vocab_path())
             .with_context(|| format!("{self} has no vocab.json"))?;
         Vocab::from_json(&text)
@@ -270,7 +270,7 @@ impl RunDir {
     }
 
     /// The checkpoint to run inference from: `best/` if present, else the newest.
-    pub fn inference_checkpoint(&self) -> Result<PathBuf> {
+    pub(crate) fn inference_checkpoint(&self) -> Result<PathBuf> {
         self.tidy()?;
         if self.best().is_dir() {
             return Ok(self.best());
@@ -324,7 +324,7 @@ impl RunDir {
     }
 
     /// Appends `line` to `metrics.jsonl`.
-    pub fn append_metrics(&self, line: &MetricsLine) -> Result<()> {
+    pub(crate) fn append_metrics(&self, line: &MetricsLine) -> Result<()> {
         let path = self.metrics_path();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -339,7 +339,7 @@ impl RunDir {
 
     /// Keeps only the metric lines up to `step` (a resumed run rewrites what follows); lines
     /// that do not parse go too.
-    pub fn truncate_metrics(&self, step: u64) -> Result<()> {
+    pub(crate) fn truncate_metrics(&self, step: u64) -> Result<()> {
         let path = self.metrics_path();
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(());

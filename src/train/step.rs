@@ -20,12 +20,11 @@ use burn::tensor::{Device, Int};
 
 use anyhow::Result;
 
-use super::combine;
+use super::combine::{self, Pass};
 use super::eval::LayerStats;
 use super::replicas::{Replica, Replicas};
 use crate::data::Batch;
 use crate::launches::Counts;
-use crate::model::SwitchStats;
 use crate::model::loss::Losses;
 use crate::optim::{ParamGrads, clip_coefficient};
 use crate::routing::{RoutingRng, Shard};
@@ -70,7 +69,7 @@ pub struct StepOutput {
     /// (the step is skipped and nothing non-finite reaches the weights).
     pub updated: bool,
     /// Kernel launches and host syncs of the process in forward + loss, backward, and the
-    /// rest ([`crate::launches`]). Under Burn's fusion a kernel launches when its queue is
+    /// rest (`crate::launches`). Under Burn's fusion a kernel launches when its queue is
     /// flushed, so launches may fall in a later phase than the op that queued them.
     pub counts: [Counts; 3],
 }
@@ -116,18 +115,6 @@ pub fn step(
         updated,
         counts: [pass_counts[0], pass_counts[1], Counts::now().since(counts0)],
     })
-}
-
-/// One replica's forward and backward on its shard; what `train/combine/` sums.
-pub(crate) struct Pass {
-    /// `[3]`: cross-entropy, load-balancing and z-loss, not scaled by the share (not read).
-    pub(crate) losses: Tensor<1>,
-    pub(crate) stats: Vec<SwitchStats>,
-    pub(crate) grads: ParamGrads,
-    pub(crate) forward_s: f64,
-    pub(crate) backward_s: f64,
-    /// Launches and syncs in the forward pass and in the backward pass.
-    pub(crate) counts: [Counts; 2],
 }
 
 /// Forward, losses and backward of replica `r` on `batch` (its shard), its loss scaled by

@@ -34,7 +34,7 @@ const SAMPLE_STREAM: u64 = 0x5a3e;
 
 /// Steps between the comparisons of the ranks' parameters in a distributed run (also at its
 /// first and last step).
-pub const CHECKSUM_INTERVAL: u64 = 50;
+pub(crate) const CHECKSUM_INTERVAL: u64 = 50;
 
 /// What one optimizer step measured.
 #[derive(Debug, Clone)]
@@ -159,11 +159,6 @@ impl Trainer {
         &self.replicas.replicas
     }
 
-    /// Epoch of the next batch.
-    pub fn epoch(&self) -> u64 {
-        self.loader.state.epoch
-    }
-
     /// Whether this process writes the run (not ranks > 0 of a distributed job).
     pub fn is_writer(&self) -> bool {
         self.world.as_ref().is_none_or(|w| w.rank() == 0)
@@ -171,7 +166,7 @@ impl Trainer {
 
     /// One optimizer step on the next training batch (fails only when an exchange between
     /// the ranks of a distributed job fails).
-    pub fn train_step(&mut self) -> Result<StepMetrics> {
+    pub(crate) fn train_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
         let batch = self.loader.next_batch(&self.data.train);
         let t = &self.config.train;
@@ -286,7 +281,7 @@ impl Trainer {
 
     /// Writes a checkpoint of the current step and removes the oldest beyond
     /// `keep_checkpoints`. Every rank calls it; the writer writes (`None` elsewhere).
-    pub fn save_checkpoint(&self, valid_loss: Option<f64>) -> Result<Option<PathBuf>> {
+    pub(crate) fn save_checkpoint(&self, valid_loss: Option<f64>) -> Result<Option<PathBuf>> {
         match whole(&self.replicas, &self.config.model, self.is_writer())? {
             Some(whole) => self.write_checkpoint(&whole, valid_loss).map(Some),
             None => Ok(None),

@@ -135,7 +135,11 @@ impl Stack {
 impl HfSwitchTransformer {
     /// Builds the model of `config` from the checkpoint's tensors; fails naming a missing or
     /// mis-shaped tensor, or tensors the config does not account for.
-    pub fn from_checkpoint(config: HfConfig, mut ck: Checkpoint, device: &Device) -> Result<Self> {
+    pub(crate) fn from_checkpoint(
+        config: HfConfig,
+        mut ck: Checkpoint,
+        device: &Device,
+    ) -> Result<Self> {
         let c = &config;
         let shape = [c.vocab_size, c.d_model];
         let mut stored_bf16 = false;

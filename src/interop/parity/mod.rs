@@ -2,7 +2,7 @@
 //! `shared/fixtures/README.md`) through this implementation and compares every tensor.
 //!
 //! Errors are measured as `max |ours - theirs|` and relative to the recorded tensor's largest
-//! magnitude; forward values must agree to [`FORWARD_TOL`], gradients to [`GRAD_TOL`].
+//! magnitude; forward values must agree to `FORWARD_TOL`, gradients to `GRAD_TOL`.
 //! Discrete outputs (routes, counts, drops) must agree exactly.
 
 mod model;
@@ -20,13 +20,13 @@ use crate::model::ModelConfig;
 use crate::store::{HostTensor, TensorFile};
 
 /// Forward tolerance, relative to the recorded tensor's largest magnitude.
-pub const FORWARD_TOL: f64 = 1e-4;
+pub(crate) const FORWARD_TOL: f64 = 1e-4;
 /// Gradient tolerance, relative to the recorded tensor's largest magnitude.
-pub const GRAD_TOL: f64 = 1e-3;
+pub(crate) const GRAD_TOL: f64 = 1e-3;
 /// Magnitudes below this count as zero when scaling errors: a tensor that is analytically zero
 /// (the gradient of the attention key bias: softmax ignores a constant added to a row) holds
 /// only rounding noise in both implementations, and is compared absolutely.
-pub const ZERO_FLOOR: f64 = 1e-6;
+pub(crate) const ZERO_FLOOR: f64 = 1e-6;
 
 /// What a fixture records, recognised from its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,14 +96,7 @@ impl Report {
         !self.rows.is_empty() && self.rows.iter().all(|r| r.pass)
     }
 
-    /// Largest relative error among rows whose name starts with `prefix`.
-    pub fn worst(&self, prefix: &str) -> Option<&Row> {
-        self.rows
-            .iter()
-            .filter(|r| r.name.starts_with(prefix) && r.note.is_empty())
-            .max_by(|a, b| a.max_rel.total_cmp(&b.max_rel))
-    }
-
+    /// Adds a row comparing `ours` with `theirs` within relative tolerance `tol`.
     pub(crate) fn compare(&mut self, name: &str, ours: &[f32], theirs: &HostTensor, tol: f64) {
         let expected = theirs.to_f64();
         if ours.len() != expected.len() {

@@ -14,7 +14,7 @@ pub struct SwitchStats {
     pub counts: Tensor<1>,
     /// `[n_experts]` the same over the tokens routed together (the f_i numerator of the
     /// load-balancing loss): `counts` itself, or the whole batch's in a
-    /// [`crate::routing::group`].
+    /// `crate::routing::group`.
     pub group_counts: Tensor<1>,
     /// Tokens routed together (the f_i denominator).
     pub group_tokens: usize,
@@ -46,13 +46,13 @@ pub struct HostStats {
 
 impl SwitchStats {
     /// Tokens routed in this pass.
-    pub fn n_tokens(&self) -> usize {
+    pub(crate) fn n_tokens(&self) -> usize {
         self.routes.dims()[0]
     }
 
     /// `[n_experts + 2]`: the counts, the dropped count and the sum of the top probabilities
     /// (what the training log needs, so that all layers read back in one go).
-    pub fn summary(&self) -> Tensor<1> {
+    pub(crate) fn summary(&self) -> Tensor<1> {
         Tensor::cat(
             vec![
                 self.counts.clone(),

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use burn::tensor::{DType, Tensor};
 
+use super::Pass;
 use super::{Combine, Combined, StepLosses};
 use crate::model::ops::cast_to;
 use crate::optim::SumOfSquares;
@@ -14,10 +15,9 @@ use crate::store::host_f32;
 use crate::train::eval::{LayerStats, layer_sums_of, summaries};
 use crate::train::reduce::BatchGradients;
 use crate::train::replicas::Replicas;
-use crate::train::step::Pass;
 
 /// One model, one read.
-pub struct OneModel;
+pub(crate) struct OneModel;
 
 impl Combine for OneModel {
     fn combine(&self, _: &Replicas, mut passes: Vec<Pass>) -> Result<Combined> {

@@ -6,15 +6,15 @@
 
 use anyhow::{Result, bail};
 
+use super::Pass;
 use super::threads::read_losses;
 use super::{Combine, Combined, StepLosses};
 use crate::train::eval::{LayerStats, RoutingSums, layer_sums};
 use crate::train::reduce::{BatchGradients, sum_across, sum_sharded};
 use crate::train::replicas::Replicas;
-use crate::train::step::Pass;
 
 /// Replicas as ranks.
-pub struct Ranks;
+pub(crate) struct Ranks;
 
 impl Combine for Ranks {
     fn combine(&self, replicas: &Replicas, mut passes: Vec<Pass>) -> Result<Combined> {

@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use anyhow::Result;
 
+use super::Pass;
 use super::{Combine, Combined, StepLosses};
 use crate::store::host_f32;
 use crate::train::eval::layer_stats;
 use crate::train::placement::GradSync;
 use crate::train::reduce::{BatchGradients, sum_on_first};
 use crate::train::replicas::Replicas;
-use crate::train::step::Pass;
 
 /// Replicas as threads.
 pub struct Threads;

@@ -89,7 +89,7 @@ impl Trainer {
     }
 
     /// [`resume`](Self::resume) with `--set` overrides of the keys a resumed run may change
-    /// ([`crate::train::config::RESUMABLE_KEYS`], e.g. `train.steps` to extend it); the changed
+    /// (`crate::train::config::RESUMABLE_KEYS`, e.g. `train.steps` to extend it); the changed
     /// configuration is written to the run's `config.toml`.
     pub fn resume_with(
         run_dir: &Path,

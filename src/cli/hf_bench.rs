@@ -8,9 +8,9 @@ use std::time::Instant;
 use anyhow::Result;
 use rand::{Rng, SeedableRng};
 
-use crate::hf::HfSwitchTransformer;
-use crate::hf::generate::greedy;
-use crate::routing::RoutingRng;
+use switch_transformer::hf::HfSwitchTransformer;
+use switch_transformer::hf::generate::greedy;
+use switch_transformer::routing::RoutingRng;
 
 /// What one benchmark measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -48,7 +48,7 @@ pub struct HfBench {
 
 /// Bytes of weights a decoding step of one sequence reads: the bound on its speed is the
 /// memory bandwidth over this.
-pub fn decode_weight_bytes(model: &HfSwitchTransformer) -> f64 {
+pub(crate) fn decode_weight_bytes(model: &HfSwitchTransformer) -> f64 {
     let c = &model.config;
     let per = if model.weights_dtype() == burn::tensor::DType::BF16 {
         2.0
@@ -94,7 +94,7 @@ pub fn run(
     let mask = vec![1i64; ids.len()];
     let encoder_s = best(repeat, || {
         let enc = model.encode(&ids, &mask, batch, src_len)?;
-        crate::store::host_f32(enc.hidden.sum());
+        switch_transformer::store::host_f32(enc.hidden.sum());
         Ok(())
     })?;
     let generate_s = best(repeat, || {
@@ -113,9 +113,9 @@ pub fn run(
         generate_tokens_per_s: (batch * new_tokens) as f64 / generate_s,
         encoder_s,
         generate_s,
-        peak_rss_mb: super::bench::peak_rss_mb(),
+        peak_rss_mb: switch_transformer::tools::bench::peak_rss_mb(),
         weights: format!("{:?}", model.weights_dtype()),
-        simd: crate::cpu::Isa::selected().name().to_string(),
+        simd: switch_transformer::cpu::Isa::selected().name().to_string(),
         decode_weight_bytes: decode_weight_bytes(model),
     })
 }

@@ -28,7 +28,7 @@ pub fn measure(mib: usize, passes: usize) -> Bandwidth {
         let t = Instant::now();
         total += data
             .par_chunks(1 << 18)
-            .map(|c| crate::cpu::sum_lanes(c, c, c, |a, _, _| a))
+            .map(|c| switch_transformer::cpu::sum_lanes(c, c, c, |a, _, _| a))
             .sum::<f32>();
         best = best.min(t.elapsed().as_secs_f64());
     }
