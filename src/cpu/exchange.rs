@@ -34,17 +34,10 @@ impl Direction {
         }
     }
 
-    /// `rows` (`[n, d]` values) moved this way.
-    ///
-    /// # Panics
-    /// When the exchange fails (another rank failed or the job's time-out passed): the pass
-    /// cannot go on, as in the routing exchange.
+    /// `rows` (`[n, d]` values) moved this way. A failed exchange does not end the pass: it is
+    /// recorded for the step to return, and the rows are zeros ([`ExpertExchange::moved`]).
     fn apply(self, ex: &ExpertExchange, rows: &[f32], d: usize) -> Vec<f32> {
-        let moved = match self {
-            Self::ToExperts => ex.to_experts(rows, d),
-            Self::FromExperts => ex.back_from_experts(rows, d),
-        };
-        moved.unwrap_or_else(|e| panic!("the expert exchange failed: {e:#}"))
+        ex.moved(matches!(self, Self::ToExperts), rows, d)
     }
 
     fn rows_out(self, ex: &ExpertExchange) -> usize {

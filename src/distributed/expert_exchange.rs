@@ -17,11 +17,13 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::Collective;
+use super::{Collective, Fault};
 
 /// The two exchanges of one Switch layer on one rank.
 pub(crate) struct ExpertExchange {
     world: Arc<dyn Collective>,
+    /// Where a failed exchange of this pass is recorded ([`Self::moved`]).
+    fault: Arc<Fault>,
     /// Rows this rank sends to each rank (and receives back).
     send_rows: Vec<usize>,
     /// Rows this rank receives from each rank (and sends back).
@@ -43,12 +45,13 @@ impl std::fmt::Debug for ExpertExchange {
 }
 
 impl ExpertExchange {
-    /// The exchange for `kept[p][e]`: rows of rank `p` kept for expert `e`, every rank's.
+    /// The exchange for `kept[p][e]`: rows of rank `p` kept for expert `e`, every rank's; a
+    /// failure is recorded in `fault`.
     ///
     /// # Panics
     /// If `kept` does not have one row per rank, each with a number of experts divisible by
     /// the number of ranks (the caller checks the configuration before any work).
-    pub(crate) fn new(world: Arc<dyn Collective>, kept: &[Vec<usize>]) -> Self {
+    pub(crate) fn new(world: Arc<dyn Collective>, kept: &[Vec<usize>], fault: Arc<Fault>) -> Self {
         let (n, r) = (world.size(), world.rank());
         assert_eq!(kept.len(), n, "kept rows of every rank");
         let n_experts = kept[0].len();
@@ -80,6 +83,7 @@ impl ExpertExchange {
         }
         Self {
             world,
+            fault,
             send_rows,
             recv_rows,
             order,
@@ -100,6 +104,30 @@ impl ExpertExchange {
     /// Rows of the experts' input on this rank.
     pub(crate) fn expert_rows(&self) -> usize {
         self.order.len()
+    }
+
+    /// `rows` moved to the experts' ranks (`to_experts`) or back: inside a forward or backward
+    /// pass, which cannot return an error. A failure (or an earlier one in this pass) is
+    /// recorded in the pass's [`Fault`] and gives zeros of the right length, without exchange.
+    pub(crate) fn moved(&self, to_experts: bool, rows: &[f32], d: usize) -> Vec<f32> {
+        let (out_rows, moved) = if to_experts {
+            (
+                self.expert_rows(),
+                Self::to_experts as fn(&Self, &[f32], usize) -> _,
+            )
+        } else {
+            (
+                self.sent_rows(),
+                Self::back_from_experts as fn(&Self, &[f32], usize) -> _,
+            )
+        };
+        if !self.fault.is_set() {
+            match moved(self, rows, d) {
+                Ok(y) => return y,
+                Err(e) => self.fault.record(e),
+            }
+        }
+        vec![0.0; out_rows * d]
     }
 
     /// `rows` (`[sent_rows, d]`, grouped by expert 0..E) to the experts' ranks: this rank's
@@ -163,7 +191,7 @@ mod tests {
                 .map(|w| {
                     s.spawn(move || {
                         let r = w.rank();
-                        let ex = ExpertExchange::new(Arc::new(w), kept);
+                        let ex = ExpertExchange::new(Arc::new(w), kept, Arc::default());
                         let mut rows = vec![];
                         for (e, &k) in kept[r].iter().enumerate() {
                             for i in 0..k {

@@ -77,6 +77,32 @@ pub trait Collective: Send + Sync {
     }
 }
 
+/// The first failed exchange of a forward or backward pass. Those passes cannot return an
+/// error (a module's forward and an autodiff node's backward return tensors), so an exchange
+/// that fails inside one records its error here; the pass goes on with stand-in values of the
+/// right shapes and no further exchange, and the step returns the error once the pass is over
+/// (`train::replicas`): the run ends with the message instead of a panic.
+#[derive(Default)]
+pub(crate) struct Fault(Mutex<Option<anyhow::Error>>);
+
+impl Fault {
+    /// Keeps `e` unless an earlier failure is already kept.
+    pub(crate) fn record(&self, e: anyhow::Error) {
+        let mut first = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        first.get_or_insert(e);
+    }
+
+    /// Whether an exchange of this pass has failed: the later ones are not attempted.
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// The failure, if any, taken out.
+    pub(crate) fn take(&self) -> Option<anyhow::Error> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 /// What one kind of exchange has cost a rank.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Tally {

@@ -140,10 +140,9 @@ impl SwitchFeedForward {
             let probs = host_f32(route_prob.clone());
             let r = shard.route(probs, |all| RoutePlan::new(all, n_experts, &opts, rng));
             let exchange = (self.local_experts() < n_experts).then(|| {
-                let world = shard.world().expect(
+                Arc::new(shard.expert_exchange(&r.kept).expect(
                     "a layer that holds a share of the experts runs among the ranks of its job",
-                );
-                Arc::new(ExpertExchange::new(Arc::clone(world), &r.kept))
+                ))
             });
             let mut out = self.dispatch_with(x, route_prob, &r.plan, rng, exchange);
             out.stats.group_counts = count_tensor(&r.group_counts, &out.out.device());

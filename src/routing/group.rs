@@ -18,7 +18,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::RoutePlan;
-use crate::distributed::Collective;
+use crate::distributed::{Collective, ExpertExchange, Fault};
 
 /// The rendezvous of `n` shards.
 pub(crate) struct RouteGroup {
@@ -156,20 +156,24 @@ enum Seat<'a> {
     /// The ranks of a multi-process job; `together`: they route the whole batch together,
     /// else each its own tokens (and they share only what each keeps for each expert, which
     /// expert parallelism needs).
+    /// A failed exchange is recorded in `fault` (see [`Fault`]).
     Ranks {
         world: &'a Arc<dyn Collective>,
         together: bool,
+        fault: &'a Arc<Fault>,
     },
 }
 
 impl<'a> Shard<'a> {
     /// This process's seat among the ranks of `world`: every rank's forward pass routes its
-    /// tokens with the others', rank 0 deciding.
-    pub(crate) fn rank(world: &'a Arc<dyn Collective>) -> Self {
+    /// tokens with the others', rank 0 deciding. A failed exchange is recorded in `fault`, for
+    /// the caller to take after the pass.
+    pub(crate) fn rank(world: &'a Arc<dyn Collective>, fault: &'a Arc<Fault>) -> Self {
         Self {
             group: Seat::Ranks {
                 world,
                 together: true,
+                fault,
             },
             index: world.rank(),
         }
@@ -178,11 +182,12 @@ impl<'a> Shard<'a> {
     /// This process's seat among the ranks of `world` when each rank routes its own tokens
     /// (capacity and load balance per rank, as each core in the paper): the ranks exchange
     /// only the assignments each keeps for each expert.
-    pub(crate) fn rank_alone(world: &'a Arc<dyn Collective>) -> Self {
+    pub(crate) fn rank_alone(world: &'a Arc<dyn Collective>, fault: &'a Arc<Fault>) -> Self {
         Self {
             group: Seat::Ranks {
                 world,
                 together: false,
+                fault,
             },
             index: world.rank(),
         }
@@ -194,10 +199,16 @@ impl<'a> Shard<'a> {
         self.index
     }
 
-    /// The ranks of the job, when the shards are ranks (not threads of this process).
-    pub(crate) fn world(&self) -> Option<&'a Arc<dyn Collective>> {
+    /// Expert parallelism's exchange of this seat's layer, for the assignments each rank keeps
+    /// for each expert (`kept`, from [`route`](Self::route)); `None` when the shards are
+    /// threads of this process, which hold every expert.
+    pub(crate) fn expert_exchange(&self, kept: &[Vec<usize>]) -> Option<ExpertExchange> {
         match self.group {
-            Seat::Ranks { world, .. } => Some(world),
+            Seat::Ranks { world, fault, .. } => Some(ExpertExchange::new(
+                Arc::clone(world),
+                kept,
+                Arc::clone(fault),
+            )),
             Seat::Threads(_) => None,
         }
     }
@@ -205,23 +216,55 @@ impl<'a> Shard<'a> {
     /// This shard's routing for one layer: the group's decision over every shard's `probs`
     /// (`[tokens, n_experts]`, equal token counts), made by shard 0 with `decide`.
     ///
-    /// # Panics
-    /// Among ranks, when the exchange fails (a rank failed or timed out): the forward pass
-    /// cannot go on.
+    /// Among ranks, an exchange that fails (a rank failed or timed out), or failed earlier in
+    /// this pass, is recorded in the seat's [`Fault`]; the pass goes on with this rank's own
+    /// decision and no exchange, and the step returns the error after it.
     pub(crate) fn route(
         &self,
         probs: Vec<f32>,
-        decide: impl FnOnce(&[f32]) -> RoutePlan,
+        mut decide: impl FnMut(&[f32]) -> RoutePlan,
     ) -> GroupRoute {
         match self.group {
             Seat::Threads(g) => g.route(self.index, probs, decide),
-            Seat::Ranks { world, together } => if together {
-                route_among_ranks(world.as_ref(), probs, decide)
-            } else {
-                route_alone(world.as_ref(), &probs, decide)
+            Seat::Ranks {
+                world,
+                together,
+                fault,
+            } => {
+                let world = world.as_ref();
+                if !fault.is_set() {
+                    let routed = if together {
+                        route_among_ranks(world, &probs, &mut decide)
+                    } else {
+                        route_alone(world, &probs, &mut decide)
+                    };
+                    match routed {
+                        Ok(route) => return route,
+                        Err(e) => fault.record(e),
+                    }
+                }
+                stand_in(world, &probs, &mut decide)
             }
-            .expect("the routing exchange failed"),
         }
+    }
+}
+
+/// The route of a pass whose exchange failed: this rank's own decision, no rows kept by the
+/// other ranks. Its values are never used (the step ends with the error); its shapes let the
+/// pass finish.
+fn stand_in(
+    world: &dyn Collective,
+    probs: &[f32],
+    decide: &mut impl FnMut(&[f32]) -> RoutePlan,
+) -> GroupRoute {
+    let plan = decide(probs);
+    let mut kept = vec![vec![0; plan.n_experts]; world.size()];
+    kept[world.rank()] = plan.kept_counts();
+    GroupRoute {
+        group_counts: plan.counts.clone(),
+        group_tokens: plan.n_tokens(),
+        kept,
+        plan,
     }
 }
 
@@ -229,10 +272,10 @@ impl<'a> Shard<'a> {
 /// capacity) to every rank, which takes its part.
 fn route_among_ranks(
     world: &dyn Collective,
-    probs: Vec<f32>,
-    decide: impl FnOnce(&[f32]) -> RoutePlan,
+    probs: &[f32],
+    decide: &mut impl FnMut(&[f32]) -> RoutePlan,
 ) -> anyhow::Result<GroupRoute> {
-    let all = world.all_gather("routing probabilities", &probs)?;
+    let all = world.all_gather("routing probabilities", probs)?;
     let mut bytes = vec![];
     if world.rank() == 0 {
         let plan = decide(&all);
@@ -265,7 +308,7 @@ fn route_among_ranks(
 fn route_alone(
     world: &dyn Collective,
     probs: &[f32],
-    decide: impl FnOnce(&[f32]) -> RoutePlan,
+    decide: &mut impl FnMut(&[f32]) -> RoutePlan,
 ) -> anyhow::Result<GroupRoute> {
     let plan = decide(probs);
     let mine: Vec<f32> = plan.kept_counts().iter().map(|&k| k as f32).collect();
@@ -367,12 +410,16 @@ mod tests {
                     let all = &all;
                     let opts = &opts;
                     scope.spawn(move || {
-                        let seat = Shard::rank(w);
+                        let fault = Arc::default();
+                        let seat = Shard::rank(w, &fault);
                         let i = seat.index();
                         let mine = all[i * per_rank * experts..][..per_rank * experts].to_vec();
                         // Only rank 0 decides: the others' generators would decide otherwise.
                         let mut rng = RoutingRng::seed_from_u64(if i == 0 { 5 } else { 99 });
-                        seat.route(mine, |p| RoutePlan::new(p, experts, opts, &mut rng))
+                        let route =
+                            seat.route(mine, |p| RoutePlan::new(p, experts, opts, &mut rng));
+                        assert!(!fault.is_set());
+                        route
                     })
                 })
                 .collect();

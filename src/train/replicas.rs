@@ -28,7 +28,7 @@ use burn::tensor::distributed::{DistributedConfig, DistributedContext, ReduceOpe
 use rand::{RngCore, SeedableRng};
 
 use crate::data::Batch;
-use crate::distributed::Collective;
+use crate::distributed::{Collective, Fault};
 use crate::model::ModelConfig;
 use crate::routing::{RouteGroup, RoutingRng, Shard};
 
@@ -238,12 +238,21 @@ impl Replicas {
             }
         };
         let mut mine = Streams::draw(rng, n, self.global_routing).replica(rank);
+        // An exchange that fails inside the pass is recorded here and returned after it.
+        let fault = Arc::new(Fault::default());
+        let failed = |fault: &Fault| fault.take().map_or(Ok(()), Err);
         if !self.global_routing {
             // Each rank routes its own tokens; with sharded experts they still travel.
-            let seat = self.expert_parallel().then(|| Shard::rank_alone(world));
-            return Ok(on_worker(&mut || pass(r, shard, &mut mine, seat, None)));
+            let seat = self
+                .expert_parallel()
+                .then(|| Shard::rank_alone(world, &fault));
+            let out = on_worker(&mut || pass(r, shard, &mut mine, seat, None));
+            failed(&fault)?;
+            return Ok(out);
         }
-        let out = on_worker(&mut || pass(r, shard, &mut mine, Some(Shard::rank(world)), None));
+        let seat = Some(Shard::rank(world, &fault));
+        let out = on_worker(&mut || pass(r, shard, &mut mine, seat, None));
+        failed(&fault)?;
         let mut state = serde_json::to_vec(&mine).context("cannot serialise the generator")?;
         world.broadcast("the routing generator", 0, &mut state)?;
         *rng = serde_json::from_slice(&state).context("rank 0 sent no routing generator")?;

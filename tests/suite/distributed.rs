@@ -292,6 +292,139 @@ fn the_bench_times_the_exchanges_and_every_rank_s_memory() {
     }
 }
 
+/// A rank's world whose `occurrence`-th exchange named `what` fails, as an exchange with a rank
+/// that died would; every other exchange goes through the threads' world.
+struct FailingExchange {
+    inner: Threads,
+    what: &'static str,
+    occurrence: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl FailingExchange {
+    fn check(&self, what: &str) -> anyhow::Result<()> {
+        if what == self.what && self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.occurrence {
+            anyhow::bail!(
+                "{what}: rank {}'s peer is gone (injected)",
+                self.inner.rank()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Collective for FailingExchange {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_reduce_sum(&self, what: &str, values: &mut [f32]) -> anyhow::Result<()> {
+        self.check(what)?;
+        self.inner.all_reduce_sum(what, values)
+    }
+    fn all_reduce_sum_f64(&self, what: &str, values: &mut [f64]) -> anyhow::Result<()> {
+        self.check(what)?;
+        self.inner.all_reduce_sum_f64(what, values)
+    }
+    fn all_gather(&self, what: &str, mine: &[f32]) -> anyhow::Result<Vec<f32>> {
+        self.check(what)?;
+        self.inner.all_gather(what, mine)
+    }
+    fn broadcast(&self, what: &str, root: usize, bytes: &mut Vec<u8>) -> anyhow::Result<()> {
+        self.check(what)?;
+        self.inner.broadcast(what, root, bytes)
+    }
+    fn gather(&self, what: &str, root: usize, mine: &[f32]) -> anyhow::Result<Option<Vec<f32>>> {
+        self.check(what)?;
+        self.inner.gather(what, root, mine)
+    }
+    fn all_to_all_v(
+        &self,
+        what: &str,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> anyhow::Result<Vec<f32>> {
+        self.check(what)?;
+        self.inner
+            .all_to_all_v(what, send, send_counts, recv_counts)
+    }
+    fn set_step(&self, step: u64) {
+        self.inner.set_step(step)
+    }
+    fn exchange_tally(
+        &self,
+    ) -> std::collections::BTreeMap<String, switch_transformer::distributed::Tally> {
+        self.inner.exchange_tally()
+    }
+    fn in_process(&self) -> bool {
+        true
+    }
+}
+
+/// An exchange that fails inside the forward or the backward pass (the routing decision, the
+/// tokens' trip to their experts and the gradients' trip back) ends the run on every rank with
+/// the exchange's message: an error from `run`, not a panic.
+#[test]
+fn an_exchange_that_fails_inside_a_pass_ends_the_run_with_its_message() {
+    let tmp = common::temp_dir("exchange-fault");
+    let text = common::training_text(&tmp);
+    let sharded_alone = {
+        let mut c = expert_parallel(4);
+        c.train.global_routing = false;
+        c
+    };
+    // 2 Switch layers: the forward pass sends tokens to their experts twice, so the third
+    // time is the backward pass of the second layer's return trip.
+    let cases = [
+        ("routing probabilities", 1, config(4)),
+        ("routing plan", 1, config(4)),
+        ("kept assignments per expert", 2, sharded_alone),
+        ("tokens to their experts", 1, expert_parallel(4)),
+        ("tokens to their experts", 3, expert_parallel(4)),
+        ("expert outputs back to their tokens", 1, expert_parallel(4)),
+    ];
+    for (i, (what, occurrence, c)) in cases.into_iter().enumerate() {
+        let run = tmp.join(format!("run-{i}"));
+        let errors = std::thread::scope(|scope| {
+            let running: Vec<_> = Threads::group(2, Duration::from_secs(60))
+                .into_iter()
+                .map(|inner| {
+                    let world: Arc<dyn Collective> = Arc::new(FailingExchange {
+                        inner,
+                        what,
+                        occurrence,
+                        seen: Default::default(),
+                    });
+                    let (mut c, run, text) = (c.clone(), &run, &text);
+                    scope.spawn(move || {
+                        c.train.replicas = 2;
+                        let data = TextData::load(text, c.train.seq_len + 1).unwrap();
+                        let mut t = Trainer::create(c, data, run, placement(Some(world))).unwrap();
+                        t.run(&AtomicBool::new(false), &mut |_| {})
+                            .map(|_| ())
+                            .map_err(|e| format!("{e:#}"))
+                    })
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|r| r.join().expect("a rank panicked"))
+                .collect::<Vec<_>>()
+        });
+        for (rank, e) in errors.into_iter().enumerate() {
+            let e = e.expect_err("the run went on after a failed exchange");
+            assert!(
+                e.contains(&format!("{what}: rank {rank}'s peer is gone (injected)")),
+                "{what} #{occurrence}, rank {rank}: {e}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 /// [`config`] with the experts sharded over the ranks.
 fn expert_parallel(steps: u64) -> RunConfig {
     let mut c = config(steps);
