@@ -7,8 +7,45 @@ use burn::tensor::Device;
 /// Device names accepted by `--device`.
 pub(crate) const DEVICE_HELP: &str = "cpu | cuda[:N] | rocm[:N] | wgpu | vulkan | metal (GPU backends need the cargo feature of the same name)";
 
+/// Which of the project's paths tensors on a device take: decided here, once, for every
+/// place that chooses between a host fast path and the generic Burn path that the GPU
+/// backends run. On the CPU backend (`flex`) tensors are host memory, so host code reads and
+/// writes them for free; on a GPU a read is a synchronisation and a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paths {
+    /// The kernels of `crate::cpu` run on f32 tensors (LayerNorm, softmax, grouped FFN, fused
+    /// Adam, the thin matmul of decoding and its row-major tied head, expert parallelism's
+    /// token exchange) and `infer::HostDecoder` decodes.
+    pub host_kernels: bool,
+    /// `route_on = auto` decides the routing on the host (reading the router's output is free
+    /// there); elsewhere on the device.
+    pub host_routing: bool,
+    /// A linear layer is Burn's `linear` op (one native op); elsewhere a matmul over folded
+    /// rows that fusion handles better (`model::precision::linear`).
+    pub native_linear: bool,
+    /// bf16 weights of a checkpoint stay bf16 (the host kernels widen them as they stream);
+    /// elsewhere they are widened to f32 on load.
+    pub bf16_weights: bool,
+    /// A read of a tensor to the host waits for nothing (no synchronisation to count).
+    pub free_reads: bool,
+}
+
+impl Paths {
+    /// The paths of tensors on `device`.
+    pub fn of(device: &Device) -> Self {
+        let cpu = is_cpu(device);
+        Self {
+            host_kernels: cpu,
+            host_routing: cpu,
+            native_linear: cpu,
+            bf16_weights: cpu,
+            free_reads: cpu,
+        }
+    }
+}
+
 /// Whether `device` is the CPU backend (`flex`), with or without autodiff.
-pub fn is_cpu(device: &Device) -> bool {
+fn is_cpu(device: &Device) -> bool {
     // Burn compares devices by hardware: an autodiff device equals its inner device.
     *device == Device::flex()
 }
@@ -181,6 +218,19 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_backend_takes_every_host_path_with_or_without_autodiff() {
+        let host = Paths {
+            host_kernels: true,
+            host_routing: true,
+            native_linear: true,
+            bf16_weights: true,
+            free_reads: true,
+        };
+        assert_eq!(Paths::of(&Device::flex()), host);
+        assert_eq!(Paths::of(&Device::flex().autodiff()), host);
+    }
 
     #[test]
     fn kernel_cache_dir_follows_the_environment() {

@@ -2,8 +2,9 @@
 //! parts of a step that Burn runs as chains of small ops (the causal attention softmax,
 //! LayerNorm, the experts' FFN over rows grouped by expert), and the fused Adam update.
 //!
-//! This module is the one place that decides whether a fast path applies: `applies` for a
-//! tensor (f32 on the CPU backend, with or without autodiff) and [`is_cpu`] for a device.
+//! Whether a fast path applies is decided once for a device ([`crate::device::Paths`]:
+//! `host_kernels`) and here for a tensor (`applies`: f32 on such a device, with or without
+//! autodiff).
 //! Each kernel returns `None` where it does not apply, and its caller in
 //! [`crate::model::ops`] then runs the same function composed from Burn ops, which is what
 //! every other backend runs and what the tests compare the kernels with. [`runs`] counts the
@@ -33,6 +34,8 @@ use burn::backend::autodiff::ops::{Backward, NodeGuard, OpsKind};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 
+use crate::device::Paths;
+
 pub(crate) use exchange::{from_experts, to_experts};
 pub(crate) use grouped_ffn::grouped_ffn;
 pub use isa::{Isa, check_env};
@@ -41,8 +44,6 @@ pub use simd::sum_lanes;
 pub(crate) use softmax::causal_softmax;
 
 type Ad = Autodiff<Flex, NoCheckpointing>;
-
-pub use crate::device::is_cpu;
 
 /// `f` on a worker thread of the global thread pool. Called from another thread, each parallel
 /// op inside `f` would be handed to the pool while the caller sleeps until it is done: a
@@ -53,9 +54,14 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Whether the kernels of this module run on `device`'s tensors ([`Paths::host_kernels`]).
+fn host_kernels(device: &burn::tensor::Device) -> bool {
+    Paths::of(device).host_kernels
+}
+
 /// Whether the CPU fast paths apply to `t`: an f32 tensor on the CPU backend.
 pub(crate) fn applies<const D: usize>(t: &Tensor<D>) -> bool {
-    t.dtype() == DType::F32 && is_cpu(&t.device())
+    t.dtype() == DType::F32 && host_kernels(&t.device())
 }
 
 /// The kernels of this module, as counted by [`runs`].
@@ -206,7 +212,7 @@ pub(crate) fn thin_matmul(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     if m == 0 || m > THIN_MAX_ROWS || k != k_w || x.is_autodiff() || w.is_autodiff() {
         return None;
     }
-    if !applies(x) || !is_cpu(&w.device()) {
+    if !applies(x) || !host_kernels(&w.device()) {
         return None;
     }
     let xf = x.clone().try_into_primitive::<Flex>().ok()?;

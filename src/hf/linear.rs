@@ -12,7 +12,7 @@ use crate::store::{HostData, HostTensor};
 /// `t` (`[out, in]`, PyTorch's linear layout) as a `[in, out]` tensor on `device`: bf16 as
 /// stored on the CPU, else f32.
 pub(crate) fn linear_weight(t: &HostTensor, device: &Device) -> Tensor<2> {
-    if !(t.is_bf16() && crate::cpu::is_cpu(device)) {
+    if !(t.is_bf16() && crate::device::Paths::of(device).bf16_weights) {
         return linear_weight_f32(t, device);
     }
     let [o, i] = [t.shape[0], t.shape[1]];

@@ -224,7 +224,7 @@ impl HostDecoder {
     /// positions.
     pub fn for_model(model: &SwitchTransformer) -> Option<Self> {
         let weight = model.src_embed.weight.val();
-        if !crate::cpu::is_cpu(&weight.device())
+        if !crate::device::Paths::of(&weight.device()).host_kernels
             || model.precision != Precision::F32
             || weight.dtype() != DType::F32
             || model.pos_embed.is_some()

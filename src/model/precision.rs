@@ -44,7 +44,7 @@ pub(crate) fn linear<const D: usize>(l: &Linear, x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
     let weight = cast_to(l.weight.val(), dtype);
     let bias = l.bias.as_ref().map(|b| cast_to(b.val(), dtype));
-    if crate::device::is_cpu(&x.device()) {
+    if crate::device::Paths::of(&x.device()).native_linear {
         return burn::tensor::module::linear(x, weight, bias);
     }
     linear_rows(x, weight, bias)

@@ -71,7 +71,7 @@ impl RoutingOptions {
             && match self.place {
                 RoutePlace::Host => false,
                 RoutePlace::Device => true,
-                RoutePlace::Auto => !crate::cpu::is_cpu(device),
+                RoutePlace::Auto => !crate::device::Paths::of(device).host_routing,
             }
     }
 }

@@ -46,7 +46,9 @@ pub(crate) fn check(
             config.n_experts
         );
     }
-    if !crate::cpu::is_cpu(device) || config.precision != crate::model::precision::Precision::F32 {
+    if !crate::device::Paths::of(device).host_kernels
+        || config.precision != crate::model::precision::Precision::F32
+    {
         bail!(
             "train.expert_parallel runs on the CPU backend in f32 (its token exchange is a CPU \
              kernel): use --device cpu and model.precision=f32"

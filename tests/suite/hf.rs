@@ -8,6 +8,7 @@ use std::process::Command;
 
 use rand::SeedableRng;
 use switch_transformer::RoutingRng;
+use switch_transformer::device::Paths;
 use switch_transformer::hf::checkpoint::SaveDtype;
 use switch_transformer::hf::generate::{generate, greedy};
 use switch_transformer::hf::routes::route_text;
@@ -76,7 +77,7 @@ fn every_hugging_face_fixture_passes() {
             parity::run(&dir, &device).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
         // On the CPU the few-row products (every decoding step) took the streaming kernel, on
         // the instruction set chosen for this machine.
-        if switch_transformer::cpu::is_cpu(&device) {
+        if Paths::of(&device).host_kernels {
             let after = switch_transformer::cpu::runs();
             assert!(
                 after.thin_matmul > before.thin_matmul,
@@ -738,7 +739,7 @@ fn bf16_weights_stay_bf16_on_the_cpu() {
     let bf16 = HfSwitchTransformer::load(&hf_dir("tiny-bf16-sharded"), &device).unwrap();
     let f32 = HfSwitchTransformer::load(&hf_dir("tiny"), &device).unwrap();
     assert_eq!(f32.weights_dtype(), DType::F32);
-    if switch_transformer::cpu::is_cpu(&device) {
+    if Paths::of(&device).bf16_weights {
         assert_eq!(bf16.weights_dtype(), DType::BF16);
         let before = switch_transformer::cpu::runs().thin_matmul;
         let dir = hf_dir("tiny-bf16-sharded");

@@ -182,7 +182,7 @@ impl HfSwitchTransformer {
         };
         let encoder = Stack::load(&mut ck, "encoder", enc_embed, c, device)?;
         let decoder = Stack::load(&mut ck, "decoder", dec_embed, c, device)?;
-        let lm_head = if c.tie_word_embeddings && crate::device::is_cpu(device) {
+        let lm_head = if c.tie_word_embeddings && crate::device::Paths::of(device).host_kernels {
             // Its own row-major copy on the CPU, so that decoding streams it
             // (`cpu::thin_matmul` takes contiguous weights: a transposed view would go through
             // a general matmul that packs all of it every step).
