@@ -5,7 +5,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | `util`, [`store`], [`device`], `launches` | atomic writes; host tensors and safetensors files; device names; kernel launches and host syncs counted |
+//! | [`util`], [`store`], [`device`], `launches` | atomic writes; host tensors and safetensors files; device names and the paths each device takes; kernel launches and host syncs counted |
 //! | [`distributed`] | the exchanges between the ranks of a job (MPI, or threads in tests) |
 //! | [`cpu`] | the CPU fast paths (kernels with hand-written backward, fused Adam): the one place that decides where they apply |
 //! | [`routing`] | the router, capacity and drop policies, the routing decision (host, device, routing groups) |
@@ -16,7 +16,7 @@
 //! | [`infer`] | generation with a key/value cache, the CPU decoder |
 //! | [`hf`] | Hugging Face Switch Transformers checkpoints (T5-style encoder-decoder), as transformers computes them |
 //! | [`train`] | one step, data-parallel replicas, the trainer loop, checkpoints, evaluation |
-//! | [`tools`] | benchmarks, the dense-vs-Switch comparison, reports |
+//! | [`tools`] | throughput and memory benchmarks (the dense-vs-Switch comparison and the reports are the binary's) |
 //!
 //! A Switch layer for any Burn model: [`model::SwitchFeedForwardConfig`]
 //! (`examples/switch_layer.rs`); the trainer from code: `examples/train_char_lm.rs`.
@@ -37,7 +37,7 @@ pub mod routing;
 pub mod store;
 pub mod tools;
 pub mod train;
-pub(crate) mod util;
+pub mod util;
 
 pub use model::{ModelConfig, SwitchFeedForward, SwitchFeedForwardConfig, SwitchTransformer};
 pub use routing::RoutingRng;

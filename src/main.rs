@@ -2,6 +2,10 @@
 //! subcommand in `src/cli/`.
 
 mod cli;
+/// The integration tests' helpers, for the tests of the commands that live in the binary.
+#[cfg(test)]
+#[path = "../tests/suite/common.rs"]
+mod common;
 
 use std::process::ExitCode;
 

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename.
 /// A crash leaves either the old file or the new one, never a torn file.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_beside(path, "tmp")?;
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

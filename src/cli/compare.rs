@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use burn::tensor::Device;
-use switch_transformer::tools::compare;
+pub mod study;
+#[cfg(test)]
+mod tests;
+
 use switch_transformer::train::{Event, RunConfig};
 
 use super::{DEFAULT_DATA, load_data};
@@ -44,7 +47,7 @@ pub fn run(args: CompareArgs, device: &Device) -> Result<ExitCode> {
 
     let mut base = match config {
         Some(path) => RunConfig::from_toml_file(&path)?,
-        None => compare::default_base(),
+        None => study::default_base(),
     };
     for o in &overrides {
         base.set(o)?;
@@ -55,12 +58,12 @@ pub fn run(args: CompareArgs, device: &Device) -> Result<ExitCode> {
     }
     let (text, _) = load_data(&data, base.train.seq_len)?;
     let dir = runs_dir.join(name);
-    let entries = compare::run(&base, &experts, &text, &dir, device, &mut |label, e| {
+    let entries = study::run(&base, &experts, &text, &dir, device, &mut |label, e| {
         if let Event::Validation { step, metrics, .. } = e {
             println!("{label:>10} step {step:>5}: valid loss {:.4}", metrics.loss);
         }
     })?;
-    println!("{}", compare::table(&base, &entries));
+    println!("{}", study::table(&base, &entries));
     println!(
         "wrote {} and {}",
         dir.join("compare.md").display(),

@@ -5,7 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use burn::tensor::Device;
-use switch_transformer::tools::report::{RouteTable, RunMetrics, write_hf_routes, write_report};
+pub mod charts;
+mod svg;
+#[cfg(test)]
+mod tests;
+
+use charts::{RouteTable, RunMetrics, write_hf_routes, write_report};
 use switch_transformer::train::eval::route_tokens;
 use switch_transformer::train::load_run_model;
 

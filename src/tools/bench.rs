@@ -130,7 +130,7 @@ pub struct ExchangeBench {
 }
 
 /// Median of `v` (the mean of the middle two for an even count).
-pub(crate) fn median(v: &[f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();

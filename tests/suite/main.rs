@@ -5,7 +5,6 @@
 mod cli;
 mod cli_reliability;
 mod common;
-mod compare;
 mod device_routing;
 mod distributed;
 mod fused;
@@ -16,7 +15,6 @@ mod hf;
 mod parallel;
 mod parity;
 mod reliability;
-mod report;
 mod switch_layer;
 mod toolkit;
 mod toolkit_model;

@@ -4,9 +4,9 @@ use crate::common;
 
 use std::sync::atomic::AtomicBool;
 
+use super::charts::{RunMetrics, charts, line_svg, write_report};
 use burn::tensor::Device;
 use switch_transformer::data::TextData;
-use switch_transformer::tools::report::{RunMetrics, charts, write_report};
 use switch_transformer::train::Trainer;
 
 fn short_run(tmp: &std::path::Path, name: &str) -> std::path::PathBuf {
@@ -47,7 +47,7 @@ fn report_of_a_real_run_has_every_chart() {
         assert_eq!(shape(id), [("layer 0".into(), 8), ("layer 1".into(), 8)]);
         assert!(by_id(id).y_from_zero, "fractions start at 0");
         // The axis starts at 0 and its labels are round.
-        let svg = switch_transformer::tools::report::line_svg(by_id(id));
+        let svg = line_svg(by_id(id));
         assert!(svg.contains(">0.0<") || svg.contains(">0<"), "{svg}");
         assert!(!svg.contains(">-"), "a negative label on a fraction axis");
     }

@@ -10,12 +10,14 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result};
 use burn::tensor::Device;
 
-use crate::data::TextData;
-use crate::tools::report::{LineChart, RunMetrics, Series, line_svg};
-use crate::train::config::RunConfig;
-use crate::train::trainer::{Event, Finish, Trainer};
-use crate::train::{MetricsLine, RunDir};
-use crate::util::write_atomic;
+use switch_transformer::data::TextData;
+use switch_transformer::tools::bench::median;
+use switch_transformer::train::config::RunConfig;
+use switch_transformer::train::{Event, Finish, Trainer};
+use switch_transformer::train::{MetricsLine, RunDir};
+use switch_transformer::util::write_atomic;
+
+use crate::cli::report::charts::{LineChart, RunMetrics, Series, line_svg};
 
 /// One model of the comparison.
 #[derive(Debug, Clone)]
@@ -67,11 +69,6 @@ pub fn run(
     let mut entries = Vec::new();
     for (label, config) in variants(base, experts) {
         let run_dir = dir.join(&label);
-        let params = {
-            let mut c = config.model.clone();
-            c.n_vocab = data.vocab.len();
-            c.num_params()
-        };
         if !is_complete(&run_dir, config.train.steps) {
             if run_dir.exists() {
                 std::fs::remove_dir_all(&run_dir).with_context(|| {
@@ -82,6 +79,8 @@ pub fn run(
             let finish = t.run(&AtomicBool::new(false), &mut |e| on_event(&label, e))?;
             anyhow::ensure!(finish == Finish::Completed, "run {label} was interrupted");
         }
+        // The model as it trained (its vocabulary from the data).
+        let params = RunDir::new(&run_dir).read_config()?.model.num_params();
         let m = RunMetrics::read(&run_dir)?;
         let curve: Vec<(f64, f64)> = m
             .valid
@@ -94,7 +93,7 @@ pub fn run(
             params,
             final_valid_loss: curve.last().map_or(f64::NAN, |p| p.1),
             best_valid_loss: curve.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
-            tokens_per_s: crate::tools::bench::median(&speeds),
+            tokens_per_s: median(&speeds),
             curve,
         });
     }

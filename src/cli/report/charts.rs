@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 pub use super::svg::{Heatmap, LineChart, Series, heatmap_svg, line_svg};
 use super::svg::{PALETTE, esc};
-use crate::train::eval::LayerStats;
-use crate::train::{MetricsLine, RunDir, TrainLine, ValidLine};
 use anyhow::{Context, Result, bail};
+use switch_transformer::train::eval::LayerStats;
+use switch_transformer::train::{MetricsLine, RunDir, TrainLine, ValidLine};
 
 /// One run's metrics.
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ impl RunMetrics {
             }
         }
         if train.is_empty() && valid.is_empty() {
-            bail!("{} holds no metrics yet", run.metrics_path().display());
+            bail!("{} holds no metrics yet (metrics.jsonl)", run.display());
         }
         let name = run_dir
             .file_name()
@@ -264,14 +264,14 @@ pub fn write_report(
 }
 
 /// A self-contained HTML page of a Hugging Face model's routing of one text
-/// ([`crate::hf::routes::route_text`]): per sparse layer, each token's expert (its colour;
+/// ([`switch_transformer::hf::routes::route_text`]): per sparse layer, each token's expert (its colour;
 /// the router probability on hover; a dropped token struck through), then each expert's load
 /// and drops. Written to `out/routes.html`; returns its path.
 pub fn write_hf_routes(
     model: &str,
     input: &str,
     output: &str,
-    layers: &[crate::hf::routes::LayerRoutes],
+    layers: &[switch_transformer::hf::routes::LayerRoutes],
     out: &Path,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;

@@ -2,9 +2,9 @@
 
 use crate::common;
 
+use super::study;
 use burn::tensor::Device;
 use switch_transformer::data::TextData;
-use switch_transformer::tools::compare;
 
 #[test]
 fn compare_trains_every_variant_and_writes_table_and_plot() {
@@ -15,7 +15,7 @@ fn compare_trains_every_variant_and_writes_table_and_plot() {
     base.set("train.eval_interval=2").unwrap();
     let data = TextData::load(&text, base.train.seq_len + 1).unwrap();
     let dir = tmp.join("cmp");
-    let entries = compare::run(
+    let entries = study::run(
         &base,
         &[2, 4],
         &data,
@@ -32,7 +32,7 @@ fn compare_trains_every_variant_and_writes_table_and_plot() {
         assert!(e.final_valid_loss.is_finite());
     }
     // Same FLOPs per token: the Switch models' non-expert shapes equal the dense model's.
-    let variants = compare::variants(&base, &[2]);
+    let variants = study::variants(&base, &[2]);
     assert_eq!(variants[0].1.model.d_ff, variants[1].1.model.d_ff);
     assert_eq!(variants[1].1.model.top_k, 1);
     let md = std::fs::read_to_string(dir.join("compare.md")).unwrap();
@@ -47,7 +47,7 @@ fn compare_trains_every_variant_and_writes_table_and_plot() {
     // Finished runs are reused, not retrained.
     let metrics = dir.join("dense/metrics.jsonl");
     let before = std::fs::metadata(&metrics).unwrap().modified().unwrap();
-    compare::run(
+    study::run(
         &base,
         &[2, 4],
         &data,
