@@ -157,6 +157,15 @@ pub fn names_gpu(spec: &str) -> bool {
 }
 
 /// Parses `cpu`, `cuda`, `cuda:1`, `wgpu`, ... into a device.
+///
+/// ```
+/// use switch_transformer::device::{Paths, parse_device};
+///
+/// let cpu = parse_device("cpu")?;
+/// assert!(Paths::of(&cpu).host_kernels); // the CPU fast paths apply there
+/// assert!(parse_device("tpu").is_err());
+/// # anyhow::Ok(())
+/// ```
 pub fn parse_device(spec: &str) -> Result<Device> {
     #[cfg(feature = "gpu")]
     if names_gpu(spec) {

@@ -105,6 +105,18 @@ pub fn read_data_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// A text file split into train and validation token streams.
+///
+/// ```
+/// use switch_transformer::data::TextData;
+///
+/// let data = TextData::from_text(&"To be, or not to be. ".repeat(10), 9)?;
+/// // Characters are the tokens: 90% of the text to train on, the rest to validate.
+/// assert_eq!((data.train.len(), data.valid.len()), (189, 21));
+/// let ids = data.vocab.encode("not to be")?;
+/// assert_eq!(data.vocab.decode(&ids), "not to be");
+/// assert!(data.vocab.encode("?").is_err()); // not in the text
+/// # anyhow::Ok(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct TextData {
     /// The character vocabulary of the whole text.

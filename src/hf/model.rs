@@ -282,6 +282,26 @@ impl DecoderCache {
 }
 
 /// The whole model.
+///
+/// ```
+/// use std::path::Path;
+/// use burn::tensor::Device;
+/// use switch_transformer::hf::HfSwitchTransformer;
+/// use switch_transformer::hf::generate::greedy;
+/// use switch_transformer::hf::tokenize::HfTokenizer;
+///
+/// // A tiny random checkpoint in Hugging Face's layout (config.json, model.safetensors,
+/// // tokenizer.json), as transformers saved it.
+/// let dir = Path::new("tests/data/hf/tiny");
+/// let model = HfSwitchTransformer::load(dir, &Device::default())?;
+/// let tokenizer = HfTokenizer::load(dir, model.config.pad_token_id.unwrap_or(0))?;
+/// let batch = tokenizer.encode(&["summarize: the king is dead".to_string()])?;
+/// let encoded = model.encode(&batch.ids, &batch.mask, batch.batch, batch.len)?;
+/// let ids = greedy(&model, &encoded, 4, true)?;
+/// assert_eq!(ids[0].len(), 1 + 4); // the decoder start token, then 4 tokens
+/// assert_eq!(ids, greedy(&model, &encoded, 4, false)?); // the key/value cache changes nothing
+/// # anyhow::Ok(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct HfSwitchTransformer {
     /// Its configuration.

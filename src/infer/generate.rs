@@ -134,6 +134,23 @@ pub fn generate(
 }
 
 /// [`generate_with`] [`Decoding::Cached`], without a token callback.
+///
+/// ```
+/// use burn::tensor::Device;
+/// use rand::SeedableRng;
+/// use switch_transformer::infer::generate::{SampleOptions, generate, generate_cached};
+/// use switch_transformer::{ModelConfig, RoutingRng};
+///
+/// let config = ModelConfig { n_vocab: 20, n_layers: 2, ..ModelConfig::default() };
+/// let model = config.init(1, &Device::default())?;
+/// let opts = SampleOptions { max_tokens: 6, temperature: 0.0, top_k: None, context: 64 };
+/// let rng = || RoutingRng::seed_from_u64(0);
+/// let cached = generate_cached(&model, &[3, 1, 4], &opts, &mut rng(), &mut rng());
+/// assert_eq!(cached.len(), 6);
+/// // Greedy: the same tokens as recomputing the whole window for every token.
+/// assert_eq!(cached, generate(&model, &[3, 1, 4], &opts, &mut rng(), &mut rng()));
+/// # anyhow::Ok(())
+/// ```
 pub fn generate_cached(
     model: &SwitchTransformer,
     prompt: &[u32],

@@ -354,6 +354,24 @@ pub fn model_from_state_dict(
 /// Saves the model as a PyTorch-loadable safetensors state dict
 /// (`model.load_state_dict(safetensors.torch.load_file(path))` in labml), with the
 /// configuration as JSON under the metadata key `config`. Written atomically.
+///
+/// ```
+/// use burn::tensor::Device;
+/// use switch_transformer::ModelConfig;
+/// use switch_transformer::interop::weights::{Source, load_model, model_state_dict, save_model};
+///
+/// let (config, device) = (ModelConfig { n_layers: 1, ..ModelConfig::default() }, Device::default());
+/// let model = config.init(7, &device)?;
+/// let path = std::env::temp_dir().join(format!("switch-doc-{}.safetensors", std::process::id()));
+/// save_model(&path, &model, &config)?;
+/// let back = load_model(&path, &config, &device)?;
+/// // labml's parameter names, e.g. `transformer.layers.0.feed_forward.switch.weight`.
+/// let (a, b) = (model_state_dict(&model, Source::Values), model_state_dict(&back, Source::Values));
+/// assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+/// assert!(a.iter().zip(&b).all(|((_, x), (_, y))| x == y));
+/// # std::fs::remove_file(&path)?;
+/// # anyhow::Ok(())
+/// ```
 pub fn save_model(path: &std::path::Path, m: &SwitchTransformer, c: &ModelConfig) -> Result<()> {
     let mut f = crate::store::TensorFile {
         tensors: model_state_dict(m, Source::Values),

@@ -11,7 +11,23 @@ use super::switch::DroppedTokens;
 use super::switch_config::SwitchFeedForwardConfig;
 use crate::routing::{DropPolicy, RoutePlace, RoutingOptions};
 
-/// Shape and routing of a Switch Transformer.
+/// Shape and routing of a Switch Transformer. The default is labml's experiment (6 blocks of
+/// width 128, 4 experts of width 256); [`init`](Self::init) builds the model.
+///
+/// ```
+/// use burn::tensor::{Device, Int, Tensor, TensorData};
+/// use rand::SeedableRng;
+/// use switch_transformer::{ModelConfig, RoutingRng};
+///
+/// let config = ModelConfig { n_vocab: 65, n_layers: 2, ..ModelConfig::default() };
+/// let model = config.init(0, &Device::default())?;
+/// // 2 sequences of 8 characters in, next-character logits out.
+/// let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64; 16], [2, 8]), &Device::default());
+/// let out = model.forward(ids, &mut RoutingRng::seed_from_u64(0));
+/// assert_eq!(out.logits.dims(), [2, 8, 65]);
+/// assert_eq!(out.stats.len(), 2); // routing statistics of each Switch layer
+/// # anyhow::Ok(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {

@@ -22,6 +22,33 @@ use super::switch::{DroppedTokens, SwitchFeedForward};
 use crate::routing::{DropPolicy, RoutePlace, Router, RoutingOptions};
 
 /// Configuration of a [`SwitchFeedForward`] layer; [`init`](Self::init) builds one.
+///
+/// ```
+/// use burn::tensor::{Device, Distribution, Tensor};
+/// use rand::SeedableRng;
+/// use switch_transformer::model::loss::load_balancing_loss;
+/// use switch_transformer::{RoutingRng, SwitchFeedForwardConfig};
+///
+/// let device = Device::default().autodiff();
+/// // 4 experts of width 32 on 16-wide tokens; capacity = floor(1.25 * 64 / 4) = 20 per expert.
+/// let layer = SwitchFeedForwardConfig::new(16, 32, 4)
+///     .with_capacity_factor(1.25)
+///     .init(&device);
+/// let x = Tensor::<2>::random([64, 16], Distribution::Normal(0.0, 1.0), &device);
+/// let switch = layer.forward(x, &mut RoutingRng::seed_from_u64(0));
+/// assert_eq!(switch.out.dims(), [64, 16]);
+///
+/// // Every token has a first choice; an expert keeps at most 20 of them.
+/// let host = switch.stats.host();
+/// assert_eq!(host.counts.iter().sum::<f32>(), 64.0);
+/// let over: f32 = host.counts.iter().map(|&c| (c - 20.0).max(0.0)).sum();
+/// assert_eq!(host.n_dropped as f32, over);
+///
+/// // The load-balancing loss trains the router: its gradient reaches the router's weight.
+/// let lb = load_balancing_loss(std::slice::from_ref(&switch.stats), &device);
+/// let grads = (switch.out.mean() + lb).backward();
+/// assert!(layer.router.switch.weight.val().grad(&grads).is_some());
+/// ```
 #[derive(Config, Debug)]
 pub struct SwitchFeedForwardConfig {
     /// Width of the tokens in and out.

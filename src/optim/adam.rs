@@ -59,6 +59,24 @@ impl Moments {
 
 /// labml's Adam (`optimized_update=True`, weight decay 0). State is keyed by the parameter's
 /// module path (`layers.0.attn.query.weight`), stable across runs, for checkpoints.
+///
+/// ```
+/// use burn::tensor::{Device, Distribution, Tensor};
+/// use rand::SeedableRng;
+/// use switch_transformer::optim::{LabmlAdam, ParamGrads};
+/// use switch_transformer::{RoutingRng, SwitchFeedForwardConfig};
+///
+/// let device = Device::default().autodiff();
+/// let mut layer = SwitchFeedForwardConfig::new(8, 16, 2).init(&device);
+/// let x = Tensor::<2>::random([32, 8], Distribution::Normal(0.0, 1.0), &device);
+/// let before = layer.router.switch.weight.val().into_data();
+/// let loss = layer.forward(x, &mut RoutingRng::seed_from_u64(0)).out.square().mean();
+/// let grads = ParamGrads::from_gradients(&layer, loss.backward());
+/// let mut adam = LabmlAdam::default();
+/// layer = adam.step(layer, &grads, 1e-3);
+/// assert_eq!(adam.step, 1);
+/// assert_ne!(layer.router.switch.weight.val().into_data(), before);
+/// ```
 pub struct LabmlAdam {
     /// Decay of the first moment.
     pub beta1: f64,

@@ -159,6 +159,12 @@ pub enum SumOfSquares {
 
 /// PyTorch `clip_grad_norm_`'s factor for gradients of global norm `norm`:
 /// `min(1, max_norm / (norm + 1e-6))`.
+///
+/// ```
+/// use switch_transformer::optim::clip_coefficient;
+/// assert_eq!(clip_coefficient(0.5, 1.0), 1.0); // under the limit: unchanged
+/// assert!((clip_coefficient(4.0, 1.0) - 0.25).abs() < 1e-6); // scaled down to norm 1
+/// ```
 pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     (max_norm / (norm + 1e-6)).min(1.0)
 }

@@ -79,6 +79,13 @@ impl RoutingOptions {
 /// labml's capacity: `int(capacity_factor * tokens / n_experts)`, evaluated in f64 in the same
 /// order as Python so the floor lands on the same integer. With top-k routing every assignment
 /// takes a slot, so `tokens` counts assignments (`k * tokens`).
+///
+/// ```
+/// // labml's configuration: 2,048 tokens a batch, 4 experts, capacity factor 1.0.
+/// assert_eq!(switch_transformer::routing::capacity(1.0, 32 * 64, 4), 512);
+/// // In Python's order, int(1.2 * 70 / 3) = 28; 1.2 * (70 / 3) would floor to 27.
+/// assert_eq!(switch_transformer::routing::capacity(1.2, 70, 3), 28);
+/// ```
 pub fn capacity(capacity_factor: f64, n_tokens: usize, n_experts: usize) -> usize {
     (capacity_factor * n_tokens as f64 / n_experts as f64) as usize
 }

@@ -94,6 +94,34 @@ pub enum Finish {
 }
 
 /// A training run: its configuration, data, replicas, schedule and position.
+///
+/// ```
+/// use std::sync::atomic::AtomicBool;
+/// use burn::tensor::Device;
+/// use switch_transformer::data::TextData;
+/// use switch_transformer::train::{Event, Finish, RunConfig, RunDir, Trainer};
+///
+/// let mut config = RunConfig::default(); // labml's experiment, made small here
+/// for s in ["model.d_model=32", "model.heads=2", "model.d_ff=64", "model.n_layers=2",
+///           "train.batch_size=4", "train.seq_len=16", "train.steps=6",
+///           "train.eval_interval=3", "train.checkpoint_interval=3"] {
+///     config.set(s)?;
+/// }
+/// let data = TextData::from_text(&"It is the east, and Juliet is the sun. ".repeat(40), 17)?;
+/// let run = std::env::temp_dir().join(format!("switch-doc-trainer-{}", std::process::id()));
+/// let mut trainer = Trainer::create(config, data, &run, &Device::default())?;
+/// let mut losses = vec![];
+/// let finish = trainer.run(&AtomicBool::new(false), &mut |e| {
+///     if let Event::Step(s) = e {
+///         losses.push(s.loss);
+///     }
+/// })?;
+/// assert_eq!(finish, Finish::Completed);
+/// assert_eq!(losses.len(), 6);
+/// assert!(RunDir::new(&run).latest_checkpoint().is_some()); // a run `--resume` continues
+/// # std::fs::remove_dir_all(&run)?;
+/// # anyhow::Ok(())
+/// ```
 pub struct Trainer {
     /// The run's configuration.
     pub config: RunConfig,
