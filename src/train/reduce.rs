@@ -26,7 +26,7 @@ use crate::store::host_f32;
 use super::replica::Replica;
 
 /// The gradient of a whole batch, as the reduction leaves it.
-pub enum BatchGradients {
+pub(crate) enum BatchGradients {
     /// Summed on the first replica's device.
     OnFirst(ParamGrads),
     /// On every replica, all-reduced (the same values everywhere).
@@ -42,6 +42,14 @@ pub enum BatchGradients {
 }
 
 impl BatchGradients {
+    /// The gradient replica 0 (or this rank) steps with.
+    pub(crate) fn first(&self) -> &ParamGrads {
+        match self {
+            Self::OnFirst(g) | Self::Sharded { grads: g, .. } => g,
+            Self::OnEach(g) => &g[0],
+        }
+    }
+
     /// The global L2 norm over all gradients.
     pub(crate) fn global_norm(&self) -> f64 {
         match self {

@@ -7,10 +7,11 @@
 //! clip g to its global norm                        PyTorch's clip_grad_norm_
 //! Adam (labml's) with the Noam learning rate       the same new weights on every replica
 //! ```
-//! How the replicas' losses, statistics and gradients are summed is the one thing that differs
-//! between one model, threads and ranks: `train/combine/`, a file each. One model reads the
-//! device once per step (losses, routing statistics and the squared gradient norm together);
-//! on a GPU the phase times are the host's time to issue each phase.
+//! What differs between one model, threads and ranks (where the passes run, how their losses,
+//! statistics and gradients are summed, how the update reaches every replica) is a
+//! `Strategy`, a file each in `train/strategy/`. One model reads
+//! the device once per step (losses, routing statistics and the squared gradient norm
+//! together); on a GPU the phase times are the host's time to issue each phase.
 
 use std::time::Instant;
 
@@ -20,9 +21,9 @@ use burn::tensor::{Device, Int};
 
 use anyhow::Result;
 
-use super::combine::{self, Pass};
 use super::eval::LayerStats;
 use super::replicas::{Replica, Replicas};
+use super::strategy::{self, Pass};
 use crate::data::Batch;
 use crate::launches::Counts;
 use crate::model::loss::Losses;
@@ -82,9 +83,12 @@ pub fn step(
     rng: &mut RoutingRng,
     s: StepSettings,
 ) -> Result<StepOutput> {
+    // One model, replicas in threads or the ranks of a job: each its own way (a file each).
+    let how = strategy::of(replicas);
+
     // Forward, loss and backward: each replica on its shard of the batch.
     let share = 1.0 / replicas.total() as f64;
-    let passes = replicas.on_shards(batch, rng, |r, shard, rng, seat, all_reduce| {
+    let passes = how.passes(replicas, batch, rng, &|r, shard, rng, seat, all_reduce| {
         forward_backward(r, shard, rng, seat, s, share, all_reduce)
     })?;
     let t0 = Instant::now();
@@ -93,14 +97,14 @@ pub fn step(
     let pass_counts = passes[0].counts;
 
     // The batch's losses, routing statistics and gradient, summed over the replicas.
-    let c = combine::strategy(replicas).combine(replicas, passes)?;
+    let c = how.combine(replicas, passes)?;
 
     // A non-finite loss or gradient stops here: nothing non-finite reaches the weights.
     let updated = c.losses.is_finite() && c.grad_norm.is_finite();
     if updated {
         // Clip to the global norm (a factor Adam applies in its pass), then Adam.
         let clip = clip_coefficient(c.grad_norm, s.grad_clip);
-        replicas.on_worker(|replicas| replicas.adam_step(&c.grads, s.lr, clip));
+        how.update(replicas, &c.grads, s.lr, clip);
     }
     Ok(StepOutput {
         ce: c.losses.ce,

@@ -335,18 +335,17 @@ fn a_cpu_training_step_runs_every_kernel() {
     );
 }
 
-/// The Adam step as training takes it (`Replicas::adam_step` on one model, after a forward and
-/// backward): every parameter is updated in its own storage, without a copy of the weights.
+/// The training step on one model (`train::step`: forward, backward, clip, Adam): every
+/// parameter is updated in its own storage, without a copy of the weights.
 #[test]
 fn training_updates_the_weights_in_place() {
-    use burn::tensor::{Int, TensorData};
     use rand::SeedableRng;
-    use switch_transformer::model::loss::Losses;
-    use switch_transformer::optim::{LabmlAdam, ParamGrads};
+    use switch_transformer::data::Batch;
+    use switch_transformer::optim::LabmlAdam;
     use switch_transformer::routing::RoutingRng;
     use switch_transformer::train::placement::GradSync;
-    use switch_transformer::train::reduce::BatchGradients;
     use switch_transformer::train::replicas::{Replica, Replicas};
+    use switch_transformer::train::step::{StepSettings, step};
 
     let device = Device::default();
     let config = common::tiny_run_config().model;
@@ -363,29 +362,41 @@ fn training_updates_the_weights_in_place() {
         false,
     )
     .unwrap();
-    let ad = device.autodiff();
-    let ids = |offset: usize| {
-        let v: Vec<i64> = (0..64)
-            .map(|i| ((i + offset) * 7 % config.n_vocab) as i64)
-            .collect();
-        Tensor::<2, Int>::from_data(TensorData::new(v, [4, 16]), &ad)
+    let tokens = |offset: usize| -> Vec<u32> {
+        (0..64)
+            .map(|i| ((i + offset) * 7 % config.n_vocab) as u32)
+            .collect()
     };
-    for step in 0..2 {
-        let model = &replicas.first().model;
-        let out = model.forward(ids(step), &mut RoutingRng::seed_from_u64(0));
-        let losses = Losses::new(out.logits, ids(step + 1), &out.stats, 0.01, 0.0);
-        let grads = ParamGrads::from_gradients(model, losses.total.backward());
-        let before = cpu::runs();
-        replicas.adam_step(&BatchGradients::OnFirst(grads), 1e-3, 0.5);
-        let after = cpu::runs();
-        let updates = after.adam - before.adam;
-        assert!(updates > 0);
-        assert_eq!(
-            after.adam_in_place - before.adam_in_place,
-            updates,
-            "step {step}: weights copied instead of updated in place"
-        );
-    }
+    let settings = StepSettings {
+        lb_coef: 0.01,
+        z_coef: 0.0,
+        grad_clip: 0.5,
+        lr: 1e-3,
+    };
+    let mut rng = RoutingRng::seed_from_u64(0);
+    // The step runs its passes and Adam on a worker of the thread pool; the kernel counts are
+    // per thread, so the test runs there too (a worker's nested call stays on it).
+    switch_transformer::cpu::on_worker(|| {
+        for n in 0..2 {
+            let batch = Batch {
+                inputs: tokens(n),
+                targets: tokens(n + 1),
+                batch: 4,
+                seq_len: 16,
+            };
+            let before = cpu::runs();
+            let out = step(&mut replicas, &batch, &mut rng, settings).unwrap();
+            let after = cpu::runs();
+            assert!(out.updated);
+            let updates = after.adam - before.adam;
+            assert!(updates > 0, "step {n}: Adam's kernel did not run");
+            assert_eq!(
+                after.adam_in_place - before.adam_in_place,
+                updates,
+                "step {n}: weights copied instead of updated in place"
+            );
+        }
+    });
 }
 
 /// The compositions the GPU backends run, written for Burn's fusion (`linear_rows`: rows

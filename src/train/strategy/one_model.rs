@@ -1,25 +1,39 @@
-//! One model (no replicas): the losses, every layer's routing statistics and the gradient's
-//! squared norm are read from the device in one read (on a GPU the only sync of the step,
-//! before the clip and Adam, which need the norm).
+//! One model (no replicas): its pass on the whole batch; the losses, every layer's routing
+//! statistics and the gradient's squared norm read from the device in one read (on a GPU the
+//! only sync of the step, before the clip and Adam, which need the norm); then Adam.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::{DType, Tensor};
 
-use super::Pass;
-use super::{Combine, Combined, StepLosses};
+use super::{Combined, Pass, PassFn, StepLosses, Strategy};
+use crate::data::Batch;
 use crate::model::ops::cast_to;
 use crate::optim::SumOfSquares;
+use crate::routing::RoutingRng;
 use crate::store::host_f32;
 use crate::train::eval::{LayerStats, layer_sums_of, summaries};
 use crate::train::reduce::BatchGradients;
-use crate::train::replicas::Replicas;
+use crate::train::replicas::{Replica, Replicas};
 
 /// One model, one read.
 pub(crate) struct OneModel;
 
-impl Combine for OneModel {
+impl Strategy for OneModel {
+    fn passes(
+        &self,
+        replicas: &Replicas,
+        batch: &Batch,
+        rng: &mut RoutingRng,
+        pass: &PassFn,
+    ) -> Result<Vec<Pass>> {
+        let model = replicas.first();
+        Ok(vec![crate::cpu::on_worker(|| {
+            pass(model, batch, rng, None, None)
+        })])
+    }
+
     fn combine(&self, _: &Replicas, mut passes: Vec<Pass>) -> Result<Combined> {
         let p = passes.remove(0);
         let squares = p.grads.sum_of_squares();
@@ -49,5 +63,20 @@ impl Combine for OneModel {
             grad_norm,
             read_s,
         })
+    }
+
+    fn update(&self, replicas: &mut Replicas, grads: &BatchGradients, lr: f64, clip: f64) {
+        // The model is handed to Adam, not cloned: on the CPU its weights update in place.
+        let Replica {
+            model,
+            mut adam,
+            device,
+        } = replicas.replicas.remove(0);
+        let model = crate::cpu::on_worker(|| adam.step_scaled(model, grads.first(), lr, clip));
+        replicas.replicas.push(Replica {
+            model,
+            adam,
+            device,
+        });
     }
 }
