@@ -7,28 +7,32 @@ use burn::tensor::Device;
 use switch_transformer::ModelConfig;
 use switch_transformer::model::precision::Precision;
 use switch_transformer::tools::bench::{BenchConfig, bench_generate, bench_routing, bench_train};
+use switch_transformer::train::RunConfig;
 
 use super::{DistributedArgs, ParallelArgs};
 
 /// Time training steps (default: the reference configuration) or generation.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value_t = 4)]
-    pub experts: usize,
-    #[arg(long, default_value_t = 6)]
-    pub layers: usize,
-    #[arg(long, default_value_t = 128)]
-    pub d_model: usize,
-    #[arg(long, default_value_t = 4)]
-    pub heads: usize,
-    #[arg(long, default_value_t = 256)]
-    pub d_ff: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 64)]
-    pub seq_len: usize,
-    #[arg(long, default_value_t = 1.2)]
-    pub capacity_factor: f64,
+    /// Experts per Switch layer. This and the shapes below default to the reference
+    /// configuration's (`switch train`'s defaults: 4 experts, 6 layers, d_model 128, 4 heads,
+    /// d_ff 256, batch 32 x 64, capacity factor 1.2).
+    #[arg(long)]
+    pub experts: Option<usize>,
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub d_model: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    #[arg(long)]
+    pub d_ff: Option<usize>,
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long)]
+    pub capacity_factor: Option<f64>,
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -108,6 +112,17 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         parallel,
         distributed,
     } = args;
+    // What is not given is the reference configuration's: its defaults are defined once.
+    let reference = RunConfig::default();
+    let (m, t) = (&reference.model, &reference.train);
+    let experts = experts.unwrap_or(m.n_experts);
+    let (layers, d_model, heads) = (
+        layers.unwrap_or(m.n_layers),
+        d_model.unwrap_or(m.d_model),
+        heads.unwrap_or(m.heads),
+    );
+    let d_ff = d_ff.unwrap_or(m.d_ff);
+    let (batch, seq_len) = (batch.unwrap_or(t.batch_size), seq_len.unwrap_or(t.seq_len));
 
     if bandwidth {
         size_thread_pool(threads)?;
@@ -169,17 +184,14 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
     size_thread_pool(threads)?;
     let c = BenchConfig {
         model: ModelConfig {
-            n_vocab: 65,
             d_model,
             heads,
             d_ff,
             n_layers: layers,
             n_experts: experts,
-            capacity_factor,
-            drop_tokens: true,
-            is_scale_prob: true,
+            capacity_factor: capacity_factor.unwrap_or(m.capacity_factor),
             precision,
-            ..Default::default()
+            ..m.clone()
         },
         batch_size: batch,
         seq_len,
