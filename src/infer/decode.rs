@@ -119,6 +119,8 @@ enum HostFeedForward {
         d_ff: usize,
         top_k: usize,
         is_scale_prob: bool,
+        /// With auxiliary-loss-free balancing: the experts are chosen by logits + bias.
+        bias: Option<crate::routing::ExpertBias>,
     },
     Dense {
         layer1: HostLinear,
@@ -143,13 +145,19 @@ impl HostFeedForward {
                 d_ff,
                 top_k: k,
                 is_scale_prob,
+                bias,
             } => {
                 let d = x.len();
-                let p = softmax(&router.forward(x));
+                let logits = router.forward(x);
+                let p = softmax(&logits);
+                let scores = match bias {
+                    Some(b) => b.scores(logits),
+                    None => p.clone(),
+                };
                 let chosen = if *k == 1 {
-                    vec![argmax(&p)]
+                    vec![argmax(&scores)]
                 } else {
-                    top_k(&p, *k)
+                    top_k(&scores, *k)
                 };
                 let total: f32 = chosen.iter().map(|&e| p[e]).sum();
                 let mut out = vec![0.0; d];
@@ -258,6 +266,7 @@ impl HostDecoder {
                         d_ff: s.experts.w1.dims()[2],
                         top_k: s.routing.top_k.clamp(1, s.n_experts()),
                         is_scale_prob: s.is_scale_prob,
+                        bias: s.expert_bias.clone(),
                     },
                     FeedForward::Dense(dense) => HostFeedForward::Dense {
                         layer1: HostLinear::new(&dense.layer1),

@@ -15,7 +15,7 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::interop::weights::{StateDict, model_from_state_dict};
 use crate::model::SwitchTransformer;
 use crate::model::{InitScheme, ModelConfig};
-use crate::routing::RoutingRng;
+use crate::routing::{Balance, RoutingRng};
 use crate::store::HostTensor;
 
 use super::names::{self, join};
@@ -101,6 +101,11 @@ impl Init<'_> {
                 for (k, v) in expert {
                     sd.insert(join(&names::expert(&experts, e), &k), v);
                 }
+            }
+            if self.c.balance == Balance::Bias {
+                // Auxiliary-loss-free balancing starts every expert's bias at 0.
+                let zeros = HostTensor::f32(vec![self.c.n_experts], vec![0.0; self.c.n_experts]);
+                sd.insert(join(ff, names::EXPERT_BIAS), zeros);
             }
         } else {
             for (k, v) in self.ffn() {

@@ -9,6 +9,7 @@
 //! transformer.layers.{l}.norm_self_attn.{weight,bias}   ...norm_ff.{weight,bias}
 //! transformer.layers.{l}.feed_forward.switch.{weight,bias}                  (Switch layer)
 //! transformer.layers.{l}.feed_forward.experts.{e}.layer{1,2}.{weight,bias}  (Switch layer)
+//! transformer.layers.{l}.feed_forward.expert_bias       (model.balance = bias only; not labml's)
 //! transformer.layers.{l}.feed_forward.layer{1,2}.{weight,bias}              (dense FFN)
 //! transformer.norm.{weight,bias}        generator.{weight,bias}
 //! ```
@@ -36,6 +37,9 @@ pub(crate) const FEED_FORWARD: &str = "feed_forward";
 pub(crate) const ROUTER: &str = "switch";
 /// The experts, within a Switch layer.
 pub(crate) const EXPERTS: &str = "experts";
+/// Auxiliary-loss-free balancing's expert biases, within a Switch layer (this project's; labml
+/// has none).
+pub(crate) const EXPERT_BIAS: &str = "expert_bias";
 /// The two linear layers of an FFN (an expert or the dense FFN).
 pub(crate) const FFN_LAYERS: [&str; 2] = ["layer1", "layer2"];
 

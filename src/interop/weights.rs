@@ -97,6 +97,11 @@ impl Exporter<'_> {
     fn switch(&mut self, prefix: &str, s: &SwitchFeedForward) {
         self.linear(&join(prefix, names::ROUTER), &s.router.switch);
         self.experts(&join(prefix, names::EXPERTS), &s.experts);
+        // Auxiliary-loss-free balancing's biases: state, not trained (no gradient).
+        if let (Some(b), Source::Values) = (&s.expert_bias, &self.source) {
+            let t = HostTensor::f32(vec![b.values.len()], b.values.clone());
+            self.out.insert(join(prefix, names::EXPERT_BIAS), t);
+        }
     }
 
     fn block(&mut self, prefix: &str, b: &SwitchBlock) {
@@ -242,7 +247,13 @@ impl Importer<'_> {
             c.d_model,
             c.d_ff,
         )?;
-        Ok(c.switch_config().assemble(router, experts))
+        let mut switch = c.switch_config().assemble(router, experts);
+        if let Some(b) = &mut switch.expert_bias {
+            b.values = self
+                .take(&join(prefix, names::EXPERT_BIAS), &[c.n_experts])?
+                .to_f32();
+        }
+        Ok(switch)
     }
 
     fn block(&mut self, prefix: &str, c: &ModelConfig, l: usize) -> Result<SwitchBlock> {

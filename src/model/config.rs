@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::precision::Precision;
 use super::switch::DroppedTokens;
 use super::switch_config::SwitchFeedForwardConfig;
-use crate::routing::{DropPolicy, RoutePlace, RoutingOptions};
+use crate::routing::{Balance, DropPolicy, RoutePlace, RoutingOptions};
 
 /// Shape and routing of a Switch Transformer. The default is labml's experiment (6 blocks of
 /// width 128, 4 experts of width 256); [`init`](Self::init) builds the model.
@@ -65,6 +65,11 @@ pub struct ModelConfig {
     pub router_jitter: f64,
     /// Dropout on the experts' hidden activations in training (paper: 0.4 when fine-tuning).
     pub expert_dropout: f64,
+    /// How the load is balanced: aux (the auxiliary loss, weighted by train.lb_coef; the paper),
+    /// bias (a per-expert bias on the choice, no auxiliary loss; DeepSeek-V3), none.
+    pub balance: Balance,
+    /// With balance = bias: how far each step moves an expert's bias (DeepSeek-V3: 0.001).
+    pub bias_rate: f64,
     /// Dropout on each sub-layer's output before the residual add, in training (paper: 0.1).
     pub dropout: f64,
     /// A Switch layer every k-th block, dense FFN blocks between (1 = all Switch, labml;
@@ -119,6 +124,8 @@ impl Default for ModelConfig {
             eval_capacity_factor: switch.eval_capacity_factor,
             router_jitter: switch.router_jitter,
             expert_dropout: switch.expert_dropout,
+            balance: switch.balance,
+            bias_rate: switch.bias_rate,
             dropout: 0.0,
             switch_every: 1,
             pos_embedding: false,
@@ -141,6 +148,13 @@ impl ModelConfig {
             ("n_layers", self.n_layers),
             ("n_experts", self.n_experts),
         ];
+        if !(self.bias_rate.is_finite() && self.bias_rate >= 0.0) {
+            bail!(
+                "model.bias_rate must be a finite number >= 0 (got {}): how far a step moves an \
+                 expert's bias with model.balance = bias",
+                self.bias_rate
+            );
+        }
         for (name, v) in positive {
             if v == 0 {
                 bail!("model.{name} must be at least 1 (got 0)");
@@ -228,6 +242,18 @@ impl ModelConfig {
             is_scale_prob: self.is_scale_prob,
             router_jitter: self.router_jitter,
             expert_dropout: self.expert_dropout,
+            balance: self.balance,
+            bias_rate: self.bias_rate,
+        }
+    }
+
+    /// The weight of the auxiliary load-balancing loss in the training loss: `lb_coef` when
+    /// the model balances with it (`balance = aux`), else 0 (the loss is still reported).
+    pub(crate) fn aux_loss_weight(&self, lb_coef: f64) -> f64 {
+        if self.balance == Balance::Aux {
+            lb_coef
+        } else {
+            0.0
         }
     }
 

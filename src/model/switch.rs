@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::expert::Experts;
 use crate::distributed::ExpertExchange;
 use crate::routing::{
-    DeviceRoutes, RoutePlan, Router, RoutingOptions, RoutingRng, Shard, index_tensor,
+    DeviceRoutes, ExpertBias, RoutePlan, Router, RoutingOptions, RoutingRng, Shard, index_tensor,
 };
 use crate::store::host_f32;
 
@@ -77,6 +77,10 @@ pub struct SwitchFeedForward {
     pub jitter: f64,
     /// Dropout on the experts' hidden activations in training.
     pub expert_dropout: f64,
+    /// With auxiliary-loss-free balancing: the biases the experts are chosen by
+    /// ([`ExpertBias`]).
+    #[module(skip)]
+    pub expert_bias: Option<ExpertBias>,
     /// Training mode: jitter and expert dropout on, training capacity factor.
     pub training: bool,
 }
@@ -137,8 +141,8 @@ impl SwitchFeedForward {
         let mut out = if let Some(shard) = shard {
             // Shards of one batch route together: probabilities through the host.
             let n_experts = self.n_experts();
-            let probs = host_f32(route_prob.clone());
-            let r = shard.route(probs, |all| RoutePlan::new(all, n_experts, &opts, rng));
+            let scores = self.choice_scores_host(&route_prob, &logits);
+            let r = shard.route(scores, |all| RoutePlan::new(all, n_experts, &opts, rng));
             let exchange = (self.local_experts() < n_experts).then(|| {
                 Arc::new(shard.expert_exchange(&r.kept).expect(
                     "a layer that holds a share of the experts runs among the ranks of its job",
@@ -156,7 +160,7 @@ impl SwitchFeedForward {
                 self.n_experts()
             );
         } else if opts.on_device(&x.device()) {
-            let routes = DeviceRoutes::new(route_prob.clone(), &opts, rng);
+            let routes = DeviceRoutes::new(self.choice_scores(&route_prob, &logits), &opts, rng);
             let packing = Packing::Padded {
                 slots: routes.slots,
                 slot_token: routes.slot_token,
@@ -177,12 +181,45 @@ impl SwitchFeedForward {
                 rng,
             )
         } else {
-            let probs = host_f32(route_prob.clone());
-            let plan = RoutePlan::new(&probs, self.n_experts(), &opts, rng);
+            let scores = self.choice_scores_host(&route_prob, &logits);
+            let plan = RoutePlan::new(&scores, self.n_experts(), &opts, rng);
             self.dispatch(x, route_prob, &plan, rng)
         };
         out.stats.z_loss = z_loss(logits);
         out
+    }
+
+    /// What the experts are chosen by (`[tokens, n_experts]`, no gradient): the routing
+    /// probabilities, or with auxiliary-loss-free balancing the logits plus each expert's bias
+    /// (the gates stay the probabilities).
+    fn choice_scores(&self, route_prob: &Tensor<2>, logits: &Tensor<2>) -> Tensor<2> {
+        match &self.expert_bias {
+            None => route_prob.clone(),
+            Some(b) => {
+                let bias = Tensor::<1>::from_data(
+                    TensorData::new(b.values.clone(), [b.values.len()]),
+                    &logits.device(),
+                );
+                logits.clone().detach() + bias.unsqueeze::<2>()
+            }
+        }
+    }
+
+    /// [`choice_scores`](Self::choice_scores) read to the host (one read, as the probabilities
+    /// were read without a bias).
+    fn choice_scores_host(&self, route_prob: &Tensor<2>, logits: &Tensor<2>) -> Vec<f32> {
+        match &self.expert_bias {
+            None => host_f32(route_prob.clone()),
+            Some(b) => b.scores(host_f32(logits.clone().detach())),
+        }
+    }
+
+    /// One step of auxiliary-loss-free balancing (nothing without it): each expert's bias moves
+    /// towards an even load, from the fraction of the step's tokens whose first choice it was.
+    pub fn update_expert_bias(&mut self, load: &[f64]) {
+        if let Some(b) = &mut self.expert_bias {
+            b.update(load);
+        }
     }
 
     /// Whether this pass drops expert hidden units (training with `expert_dropout > 0`).

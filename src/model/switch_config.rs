@@ -19,7 +19,7 @@ use burn::tensor::Device;
 
 use super::expert::Experts;
 use super::switch::{DroppedTokens, SwitchFeedForward};
-use crate::routing::{DropPolicy, RoutePlace, Router, RoutingOptions};
+use crate::routing::{Balance, DropPolicy, ExpertBias, RoutePlace, Router, RoutingOptions};
 
 /// Configuration of a [`SwitchFeedForward`] layer; [`init`](Self::init) builds one.
 ///
@@ -87,6 +87,13 @@ pub struct SwitchFeedForwardConfig {
     /// Dropout on the experts' hidden units in training.
     #[config(default = 0.0)]
     pub expert_dropout: f64,
+    /// How the load is balanced: the auxiliary loss (the paper), a bias on the choice
+    /// (auxiliary-loss-free, DeepSeek-V3), or neither.
+    #[config(default = "Balance::Aux")]
+    pub balance: Balance,
+    /// With `balance = bias`: how far a step moves each expert's bias.
+    #[config(default = "crate::routing::balance::DEFAULT_BIAS_RATE")]
+    pub bias_rate: f64,
 }
 
 impl SwitchFeedForwardConfig {
@@ -138,6 +145,8 @@ impl SwitchFeedForwardConfig {
             dropped_tokens: self.dropped_tokens,
             jitter: self.router_jitter,
             expert_dropout: self.expert_dropout,
+            expert_bias: (self.balance == Balance::Bias)
+                .then(|| ExpertBias::new(self.n_experts, self.bias_rate)),
             training: true,
         }
     }

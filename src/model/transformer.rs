@@ -60,6 +60,16 @@ impl SwitchTransformer {
         }
     }
 
+    /// One step of auxiliary-loss-free balancing in every Switch layer (in block order, one
+    /// `load` each: the fraction of the step's tokens whose first choice was each expert);
+    /// nothing where the layer balances otherwise.
+    pub(crate) fn update_expert_bias<'a>(&mut self, loads: impl IntoIterator<Item = &'a [f64]>) {
+        let layers = self.layers.iter_mut().filter_map(|l| l.switch_mut());
+        for (s, load) in layers.zip(loads) {
+            s.update_expert_bias(load);
+        }
+    }
+
     /// Training mode (dropout, router jitter, training capacity factor) or evaluation mode.
     pub fn set_training(&mut self, training: bool) {
         for layer in &mut self.layers {

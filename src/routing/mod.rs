@@ -7,11 +7,13 @@
 //! capacity, no read-back; GPU backends). Either way it ends as index tensors that one gather
 //! and one select use. Gradients reach the router through the probabilities only.
 //!
-//! Files: `router` (the layer), `options` (capacity, drop policy, where to decide),
+//! Files: `router` (the layer), `options` (capacity, drop policy, where to decide), `balance`
+//! (the auxiliary loss or the bias that keeps the load even),
 //! `plan` (the host decision), `device` (the device decision), `scan` (its prefix sum,
 //! linear in the tokens), `group` (shards of one batch, in threads of their own, deciding
 //! together as one model would).
 
+pub(crate) mod balance;
 pub(crate) mod device;
 pub(crate) mod group;
 pub(crate) mod options;
@@ -21,6 +23,7 @@ pub(crate) mod scan;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+pub use balance::{Balance, ExpertBias};
 pub use device::DeviceRoutes;
 pub(crate) use group::{RouteGroup, Shard};
 pub use options::{DropPolicy, RoutePlace, RoutingOptions, argmax, capacity, top_k};

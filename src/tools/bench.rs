@@ -217,7 +217,9 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
     for i in 0..c.warmup + c.steps {
         let batch = random_batch(&mut rng, c.model.n_vocab, c.batch_size, c.seq_len);
         let settings = StepSettings {
-            lb_coef: 0.01,
+            lb_coef: c
+                .model
+                .aux_loss_weight(crate::train::TrainConfig::default().lb_coef),
             z_coef: 0.0,
             grad_clip: 1.0,
             lr: noam.lr(i as u64 + 1),

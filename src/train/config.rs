@@ -223,6 +223,15 @@ pub const KEYS: &[(&str, &str)] = &[
         "dropout inside the experts in training (paper: 0.4 fine-tuning)",
     ),
     (
+        "model.balance",
+        "how the load is balanced: aux (the auxiliary loss, train.lb_coef; paper) | bias \
+         (a per-expert bias on the choice, no auxiliary loss; DeepSeek-V3) | none",
+    ),
+    (
+        "model.bias_rate",
+        "with model.balance = bias: how far a step moves each expert's bias (DeepSeek-V3: 0.001)",
+    ),
+    (
         "model.dropout",
         "dropout on sub-layer outputs in training (paper: 0.1)",
     ),

@@ -36,6 +36,10 @@ pub struct TrainLine {
     pub dropped_frac: f64,
     /// Routing per Switch layer.
     pub layers: Vec<LayerStats>,
+    /// With auxiliary-loss-free balancing (`model.balance = bias`): each Switch layer's expert
+    /// biases after the step (absent otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expert_bias: Vec<Vec<f32>>,
 }
 
 /// Validation metrics at one step.
@@ -133,7 +137,14 @@ mod tests {
             tokens_per_s: 20_000.0,
             dropped_frac: 0.1,
             layers: vec![layer()],
+            expert_bias: vec![],
         });
+        // With auxiliary-loss-free balancing the line carries each layer's biases.
+        let MetricsLine::Train(mut biased) = train.clone() else {
+            unreachable!()
+        };
+        biased.expert_bias = vec![vec![0.01, -0.02, 0.0, 0.01]];
+        assert!(!train.to_json().contains("expert_bias"));
         let valid = MetricsLine::Valid(ValidLine {
             step: 10,
             valid_loss: 3.9,
@@ -143,7 +154,7 @@ mod tests {
             layers: vec![layer()],
             sample: "It is".into(),
         });
-        for line in [train, valid] {
+        for line in [train, MetricsLine::Train(biased), valid] {
             assert_eq!(MetricsLine::parse(&line.to_json()).unwrap(), line);
         }
     }

@@ -6,6 +6,7 @@
 //! g = sum_r grad(loss_r)                           module order, replica order
 //! clip g to its global norm                        PyTorch's clip_grad_norm_
 //! Adam (labml's) with the Noam learning rate       the same new weights on every replica
+//! balance = bias: b_e += rate * sign(mean - load_e)  every replica's expert biases, same load
 //! ```
 //! What differs between one model, threads and ranks (where the passes run, how their losses,
 //! statistics and gradients are summed, how the update reaches every replica) is a
@@ -105,6 +106,12 @@ pub fn step(
         // Clip to the global norm (a factor Adam applies in its pass), then Adam.
         let clip = clip_coefficient(c.grad_norm, s.grad_clip);
         how.update(replicas, &c.grads, s.lr, clip);
+        // Auxiliary-loss-free balancing (model.balance = bias): each expert's bias follows the
+        // batch's load, the same on every replica and rank.
+        for r in &mut replicas.replicas {
+            r.model
+                .update_expert_bias(c.layers.iter().map(|l| l.expert_frac.as_slice()));
+        }
     }
     Ok(StepOutput {
         ce: c.losses.ce,

@@ -182,6 +182,14 @@ impl Trainer {
         &self.replicas.first().model
     }
 
+    /// Each Switch layer's expert biases (empty unless `model.balance = bias`).
+    fn expert_biases(&self) -> Vec<Vec<f32>> {
+        let layers = self.model().layers.iter().filter_map(|b| b.switch());
+        layers
+            .filter_map(|s| Some(s.expert_bias.as_ref()?.values.clone()))
+            .collect()
+    }
+
     /// Data-parallel replicas (1 = one model).
     pub fn replicas(&self) -> &[Replica] {
         &self.replicas.replicas
@@ -198,8 +206,9 @@ impl Trainer {
         let start = Instant::now();
         let batch = self.loader.next_batch(&self.data.train);
         let t = &self.config.train;
+        let lb_coef = self.config.model.aux_loss_weight(t.lb_coef);
         let settings = StepSettings {
-            lb_coef: t.lb_coef,
+            lb_coef,
             z_coef: t.z_loss_coef,
             grad_clip: t.grad_clip,
             lr: self.noam.lr(self.step + 1),
@@ -212,7 +221,7 @@ impl Trainer {
         Ok(StepMetrics {
             step: self.step,
             epoch: self.loader.state.epoch,
-            loss: out.ce + t.lb_coef * out.lb + t.z_loss_coef * out.z,
+            loss: out.ce + lb_coef * out.lb + t.z_loss_coef * out.z,
             ce: out.ce,
             lb: out.lb,
             z: out.z,
@@ -397,6 +406,7 @@ impl Trainer {
                     tokens_per_s: interval_tokens as f64 / interval_seconds.max(1e-9),
                     dropped_frac: dropped,
                     layers: m.layers.clone(),
+                    expert_bias: self.expert_biases(),
                 }))?;
                 (interval_tokens, interval_seconds) = (0, 0.0);
             }

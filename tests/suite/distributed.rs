@@ -425,6 +425,84 @@ fn an_exchange_that_fails_inside_a_pass_ends_the_run_with_its_message() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// Auxiliary-loss-free balancing across ranks: every rank updates its experts' biases from the
+/// job's load (the step's routing statistics, summed over the ranks), so all ranks hold the same
+/// biases, whether they route together or each its own tokens, with replicated or sharded
+/// experts; the biases move, and the checkpoint holds them.
+#[test]
+fn expert_biases_are_the_same_on_every_rank() {
+    let tmp = common::temp_dir("bias-ranks");
+    let text = common::training_text(&tmp);
+    for (i, (global, sharded)) in [(true, false), (false, false), (true, true), (false, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = if sharded {
+            expert_parallel(4)
+        } else {
+            config(4)
+        };
+        c.train.global_routing = global;
+        c.set("model.balance=bias").unwrap();
+        c.set("model.bias_rate=0.01").unwrap();
+        let run = tmp.join(format!("run-{i}"));
+        let biases = on_ranks(2, |world| {
+            let mut c = c.clone();
+            c.train.replicas = 2;
+            let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
+            let mut t = Trainer::create(c, data, &run, placement(Some(world))).unwrap();
+            t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+            t.model()
+                .layers
+                .iter()
+                .filter_map(|b| b.switch())
+                .map(|s| {
+                    s.expert_bias
+                        .as_ref()
+                        .expect("balance = bias")
+                        .values
+                        .clone()
+                })
+                .collect::<Vec<_>>()
+        });
+        let what = format!("global routing {global}, sharded experts {sharded}");
+        assert_eq!(biases[0], biases[1], "{what}");
+        assert_eq!(biases[0].len(), 2, "{what}: one per Switch layer");
+        assert!(
+            biases[0].iter().flatten().any(|&b| b != 0.0),
+            "{what}: the biases never moved"
+        );
+        // 4 steps of +-0.01 (or 0 at exactly the mean load).
+        assert!(
+            biases[0].iter().flatten().all(|b| b.abs() <= 0.04 + 1e-6),
+            "{what}"
+        );
+        let latest = switch_transformer::train::RunDir::new(&run)
+            .latest_checkpoint()
+            .expect("a checkpoint at the end");
+        let saved = switch_transformer::store::TensorFile::read(&latest.join("model.safetensors"))
+            .unwrap()
+            .tensors;
+        for (l, want) in [0, 1].into_iter().zip(&biases[0]) {
+            let name = format!("transformer.layers.{l}.feed_forward.expert_bias");
+            assert_eq!(&saved[&name].to_f32(), want, "{what}: {name}");
+        }
+    }
+    // Stopped after step 3 and resumed in one process: the same run as one without a stop
+    // (the biases came back from the checkpoint: the losses of steps 4-8 depend on them).
+    let mut c = config(8);
+    c.set("model.balance=bias").unwrap();
+    c.set("model.bias_rate=0.05").unwrap();
+    train_on_ranks(1, &c, &text, &tmp.join("straight"), None);
+    train_on_ranks(1, &c, &text, &tmp.join("stopped"), Some(3));
+    assert_eq!(
+        resume_on_ranks(1, &text, &tmp.join("stopped")),
+        [Finish::Completed]
+    );
+    assert_eq!(losses(&tmp.join("straight")), losses(&tmp.join("stopped")));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 /// [`config`] with the experts sharded over the ranks.
 fn expert_parallel(steps: u64) -> RunConfig {
     let mut c = config(steps);

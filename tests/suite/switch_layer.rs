@@ -251,6 +251,7 @@ fn settings(
     switch_transformer::model::switch::DroppedTokens,
     f64,
     f64,
+    Option<switch_transformer::routing::ExpertBias>,
 ) {
     (
         s.routing,
@@ -259,6 +260,7 @@ fn settings(
         s.dropped_tokens,
         s.jitter,
         s.expert_dropout,
+        s.expert_bias.clone(),
     )
 }
 
@@ -290,6 +292,8 @@ fn a_layer_from_code_routes_as_one_from_a_config_file() {
         "model.is_scale_prob=false",
         "model.router_jitter=0.01",
         "model.expert_dropout=0.3",
+        "model.balance=bias",
+        "model.bias_rate=0.01",
     ] {
         run.set(set).unwrap();
     }
@@ -307,10 +311,111 @@ fn a_layer_from_code_routes_as_one_from_a_config_file() {
         .with_is_scale_prob(false)
         .with_router_jitter(0.01)
         .with_expert_dropout(0.3)
+        .with_balance(switch_transformer::routing::Balance::Bias)
+        .with_bias_rate(0.01)
         .init(&device);
     assert_eq!(
         settings(&built),
         from_file(&c),
         "the same keys through the builder"
+    );
+}
+
+/// Auxiliary-loss-free balancing (`model.balance = bias`): each token's expert is the top of
+/// `logits + bias` (a slow f64 argmax), on the host and on the device decision alike, while its
+/// gate stays the router's probability: the output and every gradient are the slow
+/// implementation's for that choice (the bias itself has no gradient).
+#[test]
+fn a_bias_moves_the_choice_but_not_the_gate() {
+    use switch_transformer::routing::{Balance, RoutePlace};
+    let c = Case {
+        d: 8,
+        f: 16,
+        e: 4,
+        tokens: 48,
+        // Capacity for every token: no drops, so the host and device decisions agree.
+        capacity_factor: 4.0,
+        drop_tokens: true,
+        is_scale_prob: true,
+    };
+    let device = Device::default().autodiff();
+    let mut sd = common::random_switch_weights(5, c.d, c.f, c.e);
+    let bias = [0.3f32, -0.4, 0.0, 0.15];
+    sd.insert(
+        "expert_bias".into(),
+        HostTensor::f32(vec![c.e], bias.to_vec()),
+    );
+    let config = ModelConfig {
+        d_model: c.d,
+        d_ff: c.f,
+        n_experts: c.e,
+        capacity_factor: c.capacity_factor,
+        balance: Balance::Bias,
+        ..Default::default()
+    };
+    let mut sff = switch_from_state_dict(&config, &sd, &device).unwrap();
+    assert_eq!(sff.expert_bias.as_ref().unwrap().values, bias);
+    let mut rng = RoutingRng::seed_from_u64(9);
+    let x_host = common::uniform(&mut rng, vec![c.tokens, c.d], 1.5).to_f64();
+    let g_host = common::uniform(&mut rng, vec![c.tokens, c.d], 1.0).to_f64();
+    let to_t = |v: &[f64]| {
+        let v: Vec<f32> = v.iter().map(|&a| a as f32).collect();
+        Tensor::<2>::from_data(TensorData::new(v, [c.tokens, c.d]), &device)
+    };
+
+    // The slow choice: argmax over experts of x W_r + b_r + bias, in f64.
+    let (wr, br) = (get(&sd, "switch.weight"), get(&sd, "switch.bias"));
+    let (mut scores, mut unbiased_choice) = (vec![], vec![]);
+    for t in 0..c.tokens {
+        let xt = &x_host[t * c.d..(t + 1) * c.d];
+        let logits: Vec<f64> = (0..c.e)
+            .map(|i| br[i] + (0..c.d).map(|j| wr[i * c.d + j] * xt[j]).sum::<f64>())
+            .collect();
+        let top = |v: &[f64]| (0..c.e).fold(0, |b, i| if v[i] > v[b] { i } else { b });
+        unbiased_choice.push(top(&logits));
+        scores.extend(logits.iter().zip(bias).map(|(l, b)| (l + b as f64) as f32));
+    }
+    let opts = RoutingOptions::labml(c.capacity_factor, true);
+    let plan = RoutePlan::new(&scores, c.e, &opts, &mut rng);
+    assert!(
+        plan.routes
+            .iter()
+            .zip(&unbiased_choice)
+            .any(|(a, b)| a != b),
+        "the bias should change some choices in this case"
+    );
+    let (_, expected, _) = slow_switch(&sd, &x_host, &g_host, &plan, &c, None);
+
+    for place in [RoutePlace::Host, RoutePlace::Device] {
+        sff.routing.place = place;
+        let x = to_t(&x_host).require_grad();
+        let out = sff.forward(x.clone(), &mut rng);
+        let routes: Vec<usize> = out.stats.host().routes;
+        assert_eq!(routes, plan.routes, "{place:?}: the choices");
+        let err = common::max_rel_err(&to_f64(out.out.clone()), &expected);
+        assert!(err < 1e-5, "{place:?}: forward error {err}");
+        let grads = (out.out * to_t(&g_host)).sum().backward();
+        let ours_grads = switch_state_dict(&sff, Source::Grads(&grads));
+        assert!(!ours_grads.contains_key("expert_bias"));
+        let (fd, fd_x) = finite_difference(&sd, &x_host, &g_host, &plan, &c);
+        for (name, t) in fd.iter().filter(|(n, _)| *n != "expert_bias") {
+            let ours = ours_grads
+                .get(name)
+                .map_or_else(|| vec![0.0; t.numel()], |g| g.to_f64());
+            let err = common::max_rel_err(&ours, &t.to_f64());
+            assert!(err < 1e-3, "{place:?}: gradient of {name}: error {err}");
+        }
+        let err = common::max_rel_err(&to_f64(x.grad(&grads).unwrap()), &fd_x);
+        assert!(err < 1e-3, "{place:?}: gradient of x: error {err}");
+    }
+
+    // A step's update moves each bias towards an even load: the most loaded expert's down.
+    let load = [0.5, 0.25, 0.125, 0.125];
+    sff.update_expert_bias(&load);
+    let rate = switch_transformer::SwitchFeedForwardConfig::new(1, 1, 1).bias_rate as f32;
+    let moved: Vec<f32> = sff.expert_bias.as_ref().unwrap().values.clone();
+    assert_eq!(
+        moved,
+        [bias[0] - rate, bias[1], bias[2] + rate, bias[3] + rate]
     );
 }

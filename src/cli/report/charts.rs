@@ -2,8 +2,8 @@
 //! HTML page (no network needed to open it).
 //!
 //! Charts: training and validation loss, load-balancing loss (and router z-loss when logged),
-//! dropped-token fraction per layer, router confidence per layer, and a per-layer heatmap of
-//! expert load over training.
+//! dropped-token fraction per layer, router confidence per layer, each layer's expert biases
+//! (auxiliary-loss-free balancing), and a per-layer heatmap of expert load over training.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -162,6 +162,30 @@ pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
             series: per_layer(|l| l.mean_top_prob),
             y_from_zero: true,
         });
+        // Auxiliary-loss-free balancing: each layer's expert biases, an expert a line.
+        for l in 0..r.layers() {
+            let n_experts = r
+                .train
+                .iter()
+                .filter_map(|t| t.expert_bias.get(l))
+                .map(Vec::len);
+            let series: Vec<Series> = (0..n_experts.max().unwrap_or(0))
+                .filter_map(|e| {
+                    series(format!("expert {e}"), &r.train, train_step, |t| {
+                        Some(*t.expert_bias.get(l)?.get(e)? as f64)
+                    })
+                })
+                .collect();
+            if !series.is_empty() {
+                lines.push(LineChart {
+                    id: format!("bias-{ri}-{l}"),
+                    title: format!("Expert bias, layer {l} (model.balance = bias){suffix}"),
+                    y_label: "bias added to the router logits for the choice".into(),
+                    series,
+                    y_from_zero: false,
+                });
+            }
+        }
         for l in 0..r.layers() {
             let rows: Vec<(u64, Vec<f64>)> = r
                 .train

@@ -166,3 +166,37 @@ fn bad_metrics_are_clear_errors() {
     assert!(err.contains("not a directory"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn a_run_balanced_by_bias_charts_each_layer_s_biases() {
+    let tmp = common::temp_dir("report-bias");
+    let text = common::training_text(&tmp);
+    let mut c = common::tiny_run_config(); // 2 layers, 4 experts, 8 steps
+    c.set("model.balance=bias").unwrap();
+    let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
+    let run = tmp.join("bias");
+    Trainer::create(c, data, &run, &Device::default())
+        .unwrap()
+        .run(&AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+    let metrics = RunMetrics::read(&run).unwrap();
+    let (lines, _) = charts(std::slice::from_ref(&metrics));
+    for l in 0..2 {
+        let chart = lines
+            .iter()
+            .find(|c| c.id == format!("bias-0-{l}"))
+            .unwrap_or_else(|| panic!("no bias chart for layer {l}"));
+        assert_eq!(chart.series.len(), 4, "an expert a line");
+        assert!(chart.series.iter().all(|s| s.points.len() == 8));
+    }
+    // The reference run (model.balance = aux) has none.
+    let plain = tmp.join("plain");
+    let data = TextData::load(&text, 17).unwrap();
+    Trainer::create(common::tiny_run_config(), data, &plain, &Device::default())
+        .unwrap()
+        .run(&AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+    let (lines, _) = charts(&[RunMetrics::read(&plain).unwrap()]);
+    assert!(!lines.iter().any(|c| c.id.starts_with("bias-")));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
