@@ -32,7 +32,7 @@ const LAUNCHER_VARS: [&str; 4] = [
 ];
 
 /// Whether this process was started by an MPI launcher.
-pub fn launched_by_mpi() -> bool {
+pub(crate) fn launched_by_mpi() -> bool {
     LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
 }
 

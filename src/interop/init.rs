@@ -68,12 +68,13 @@ impl Init<'_> {
         sd.insert(names::bias(name), HostTensor::f32(vec![d], vec![0.0; d]));
     }
 
-    /// One expert FFN (labml `FeedForward`), names relative to it.
-    fn ffn(&mut self) -> StateDict {
+    /// One FFN of hidden width `f` (labml `FeedForward`: an expert, or a dense block's),
+    /// names relative to it.
+    fn ffn(&mut self, f: usize) -> StateDict {
         let mut sd = StateDict::new();
         let [l1, l2] = names::FFN_LAYERS;
-        self.linear(&mut sd, l1, self.c.d_model, self.c.d_ff);
-        self.linear(&mut sd, l2, self.c.d_ff, self.c.d_model);
+        self.linear(&mut sd, l1, self.c.d_model, f);
+        self.linear(&mut sd, l2, f, self.c.d_model);
         sd
     }
 
@@ -91,12 +92,13 @@ impl Init<'_> {
         if switch {
             self.linear(&mut sd, &join(ff, names::ROUTER), d, self.c.n_experts);
             let experts = join(ff, names::EXPERTS);
-            let first = self.ffn();
+            let width = self.c.expert_width();
+            let first = self.ffn(width);
             for e in 0..self.c.n_experts {
                 let expert = if identical || e == 0 {
                     first.clone()
                 } else {
-                    self.ffn()
+                    self.ffn(width)
                 };
                 for (k, v) in expert {
                     sd.insert(join(&names::expert(&experts, e), &k), v);
@@ -108,7 +110,7 @@ impl Init<'_> {
                 sd.insert(join(ff, names::EXPERT_BIAS), zeros);
             }
         } else {
-            for (k, v) in self.ffn() {
+            for (k, v) in self.ffn(self.c.d_ff) {
                 sd.insert(join(ff, &k), v);
             }
         }

@@ -245,7 +245,7 @@ impl Importer<'_> {
             &join(prefix, names::EXPERTS),
             c.n_experts,
             c.d_model,
-            c.d_ff,
+            c.expert_width(),
         )?;
         let mut switch = c.switch_config().assemble(router, experts);
         if let Some(b) = &mut switch.expert_bias {

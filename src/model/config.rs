@@ -37,8 +37,12 @@ pub struct ModelConfig {
     pub d_model: usize,
     /// Attention heads; d_model must be divisible by it (d_k = d_model / heads).
     pub heads: usize,
-    /// Hidden width of each expert FFN.
+    /// Hidden width of each expert FFN (and of the dense FFN of dense blocks).
     pub d_ff: usize,
+    /// Hidden width of each expert alone, when it differs from `d_ff` (0 = `d_ff`): fine-grained
+    /// experts, e.g. 16 experts of width 64 with top-4 against 4 of width 256 with top-1 at
+    /// equal FLOPs per token.
+    pub expert_d_ff: usize,
     /// Number of pre-LayerNorm blocks.
     pub n_layers: usize,
     /// Experts per Switch layer.
@@ -112,6 +116,7 @@ impl Default for ModelConfig {
             d_model,
             heads: 4,
             d_ff,
+            expert_d_ff: 0,
             n_layers: 6,
             n_experts,
             capacity_factor: switch.capacity_factor,
@@ -230,7 +235,7 @@ impl ModelConfig {
     pub fn switch_config(&self) -> SwitchFeedForwardConfig {
         SwitchFeedForwardConfig {
             d_model: self.d_model,
-            d_ff: self.d_ff,
+            d_ff: self.expert_width(),
             n_experts: self.n_experts,
             capacity_factor: self.capacity_factor,
             eval_capacity_factor: self.eval_capacity_factor,
@@ -262,6 +267,33 @@ impl ModelConfig {
         self.switch_config().routing()
     }
 
+    /// Hidden width of each expert: `expert_d_ff`, or `d_ff` when that is 0.
+    pub(crate) fn expert_width(&self) -> usize {
+        if self.expert_d_ff == 0 {
+            self.d_ff
+        } else {
+            self.expert_d_ff
+        }
+    }
+
+    /// Forward FLOPs per token of the matrix products at context `seq_len` (a multiply-add
+    /// counts 2): per block the attention projections `8 d^2`, its scores and weighted sum
+    /// `4 s d`, and a dense FFN `4 d f` or a Switch layer's router `2 d E` plus `top_k` experts
+    /// of `4 d f_e` each; then the output layer `2 d V`. Equal for models of equal compute per
+    /// token, whatever their expert count.
+    pub fn flops_per_token(&self, seq_len: usize) -> f64 {
+        let (d, v, s) = (self.d_model as f64, self.n_vocab as f64, seq_len as f64);
+        let attention = 8.0 * d * d + 4.0 * s * d;
+        let dense = 4.0 * d * self.d_ff as f64;
+        let k = self.top_k.clamp(1, self.n_experts) as f64;
+        let switch = 2.0 * d * self.n_experts as f64 + k * 4.0 * d * self.expert_width() as f64;
+        let n_switch = self.n_switch_layers() as f64;
+        self.n_layers as f64 * attention
+            + n_switch * switch
+            + (self.n_layers as f64 - n_switch) * dense
+            + 2.0 * d * v
+    }
+
     /// Parameter count, as PyTorch's `sum(p.numel())` would report it.
     pub fn num_params(&self) -> usize {
         let (d, f, e, v) = (self.d_model, self.d_ff, self.n_experts, self.n_vocab);
@@ -269,6 +301,8 @@ impl ModelConfig {
         let norms = 4 * d;
         let router = d * e + e;
         let ffn = d * f + f + f * d + d;
+        let fe = self.expert_width();
+        let expert = d * fe + fe + fe * d + d;
         let switch = self.n_switch_layers();
         let pos = if self.pos_embedding {
             self.max_seq_len * d
@@ -280,7 +314,7 @@ impl ModelConfig {
             + (d * v + v)
             + 2 * d
             + self.n_layers * (attn + norms)
-            + switch * (router + e * ffn)
+            + switch * (router + e * expert)
             + (self.n_layers - switch) * ffn
     }
 }
@@ -293,6 +327,9 @@ mod tests {
     fn reference_parameter_count() {
         // labml's experiment reports 2,001,497 parameters.
         assert_eq!(ModelConfig::default().num_params(), 2_001_497);
+        // Per block: 8 d^2 + 4 s d = 163,840 (attention), 2 d E + 4 d f = 132,096 (router and
+        // one expert); 6 blocks and the output layer's 2 d V = 16,640.
+        assert_eq!(ModelConfig::default().flops_per_token(64), 1_792_256.0);
     }
 
     #[test]

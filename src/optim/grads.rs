@@ -150,7 +150,7 @@ pub(crate) const NORM_GROUP_ELEMENTS: usize = 1 << 22;
 
 /// `ParamGrads::sum_of_squares`: a value, or a tensor not read yet.
 #[allow(clippy::large_enum_variant)] // one per step
-pub enum SumOfSquares {
+pub(crate) enum SumOfSquares {
     /// Computed on the host.
     Host(f64),
     /// A `[1]` tensor on the gradients' device.

@@ -14,7 +14,8 @@ mod grads;
 use serde::{Deserialize, Serialize};
 
 pub use adam::LabmlAdam;
-pub use grads::{ParamGrads, SumOfSquares, clip_coefficient};
+pub use grads::{ParamGrads, clip_coefficient};
+pub(crate) use grads::SumOfSquares;
 
 /// Noam schedule (labml `Noam.get_lr`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -179,7 +179,15 @@ pub const KEYS: &[(&str, &str)] = &[
         "model.heads",
         "attention heads (d_model must be divisible by it)",
     ),
-    ("model.d_ff", "hidden width of each expert FFN"),
+    (
+        "model.d_ff",
+        "hidden width of each expert FFN (and of dense blocks' FFN)",
+    ),
+    (
+        "model.expert_d_ff",
+        "hidden width of each expert alone (0 = model.d_ff): fine-grained experts, many narrow \
+         ones with top_k > 1",
+    ),
     ("model.n_layers", "number of Switch Transformer blocks"),
     ("model.n_experts", "experts per Switch layer"),
     (

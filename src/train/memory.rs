@@ -23,7 +23,7 @@ pub(crate) fn estimate(c: &RunConfig) -> (u64, u64) {
     let state = 4 * params * f32b;
     let (b, s) = (c.train.batch_size as u64, c.train.seq_len as u64);
     let t = b * s;
-    let (d, f, h) = (m.d_model as u64, m.d_ff as u64, m.heads as u64);
+    let (d, f, h) = (m.d_model as u64, m.expert_width() as u64, m.heads as u64);
     let (e, k, v) = (m.n_experts as u64, m.top_k as u64, m.n_vocab as u64);
     let cf = m.capacity_factor.max(1.0);
     let per_block =

@@ -273,3 +273,56 @@ fn selective_precision_keeps_the_router_in_f32() {
         "every parameter gets a gradient"
     );
 }
+
+/// Fine-grained experts (`model.expert_d_ff`): 16 experts of width 64 with top-4 against
+/// labml's 4 of width 256 with top-1: the experts take their own width (dense blocks keep
+/// `d_ff`), the parameter count and the state dict follow, and the FLOPs per token are equal
+/// but for the router's `2 d E` per Switch layer.
+#[test]
+fn fine_grained_experts_have_their_own_width_at_equal_flops() {
+    let device = Device::default();
+    let coarse = ModelConfig {
+        n_layers: 2,
+        ..ModelConfig::default()
+    };
+    let fine = ModelConfig {
+        n_experts: 16,
+        expert_d_ff: 64,
+        top_k: 4,
+        ..coarse.clone()
+    };
+    let router = |c: &ModelConfig| 2.0 * (2 * c.d_model * c.n_experts) as f64;
+    assert_eq!(
+        fine.flops_per_token(64) - router(&fine),
+        coarse.flops_per_token(64) - router(&coarse)
+    );
+    for switch_every in [1, 2] {
+        let c = ModelConfig {
+            switch_every,
+            ..fine.clone()
+        };
+        let m = c.init(0, &device).unwrap();
+        let sd = model_state_dict(&m, Source::Values);
+        for (l, b) in m.layers.iter().enumerate() {
+            match b.switch() {
+                Some(s) => assert_eq!(s.experts.w1.dims(), [16, 128, 64]),
+                None => {
+                    let name = format!("transformer.layers.{l}.feed_forward.layer1.weight");
+                    assert_eq!(sd[&name].shape, [256, 128], "a dense block keeps d_ff");
+                }
+            }
+        }
+        assert_eq!(
+            sd.values().map(|t| t.numel()).sum::<usize>(),
+            c.num_params()
+        );
+        let back = model_from_state_dict(&c, &sd, &device).unwrap();
+        assert_eq!(model_state_dict(&back, Source::Values), sd);
+        let out = m.forward(ids(&device, 2, 8), &mut RoutingRng::seed_from_u64(0));
+        assert_eq!(out.logits.dims(), [2, 8, c.n_vocab]);
+    }
+    // labml's weights do not fit a fine-grained configuration: a clear error.
+    let labml = model_state_dict(&coarse.init(0, &device).unwrap(), Source::Values);
+    let e = model_from_state_dict(&fine, &labml, &device).unwrap_err();
+    assert!(format!("{e:#}").contains("shape"), "{e:#}");
+}

@@ -26,6 +26,8 @@ pub struct Entry {
     pub label: String,
     /// Parameters of the model.
     pub params: usize,
+    /// Forward FLOPs per token of its matrix products (`ModelConfig::flops_per_token`).
+    pub flops_per_token: f64,
     /// Validation loss at the last step.
     pub final_valid_loss: f64,
     /// Lowest validation loss.
@@ -80,7 +82,9 @@ pub fn run(
             anyhow::ensure!(finish == Finish::Completed, "run {label} was interrupted");
         }
         // The model as it trained (its vocabulary from the data).
-        let params = RunDir::new(&run_dir).read_config()?.model.num_params();
+        let trained = RunDir::new(&run_dir).read_config()?;
+        let params = trained.model.num_params();
+        let flops_per_token = trained.model.flops_per_token(trained.train.seq_len);
         let m = RunMetrics::read(&run_dir)?;
         let curve: Vec<(f64, f64)> = m
             .valid
@@ -91,6 +95,7 @@ pub fn run(
         entries.push(Entry {
             label,
             params,
+            flops_per_token,
             final_valid_loss: curve.last().map_or(f64::NAN, |p| p.1),
             best_valid_loss: curve.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
             tokens_per_s: median(&speeds),
@@ -121,13 +126,20 @@ pub fn table(base: &RunConfig, entries: &[Entry]) -> String {
          top-1 routing, capacity factor {}, {} steps of {}x{} tokens, seed {}.\n",
         m.d_model, m.n_layers, m.d_ff, m.capacity_factor, t.steps, t.batch_size, t.seq_len, t.seed
     );
-    s.push_str("| model | parameters | final valid loss | best valid loss | tokens/s |\n");
-    s.push_str("|---|---|---|---|---|\n");
+    s.push_str(
+        "| model | parameters | MFLOPs/token | final valid loss | best valid loss | tokens/s |\n",
+    );
+    s.push_str("|---|---|---|---|---|---|\n");
     for e in entries {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.4} | {:.4} | {:.0} |",
-            e.label, e.params, e.final_valid_loss, e.best_valid_loss, e.tokens_per_s
+            "| {} | {} | {:.2} | {:.4} | {:.4} | {:.0} |",
+            e.label,
+            e.params,
+            e.flops_per_token / 1e6,
+            e.final_valid_loss,
+            e.best_valid_loss,
+            e.tokens_per_s
         );
     }
     s
