@@ -14,8 +14,8 @@ mod grads;
 use serde::{Deserialize, Serialize};
 
 pub use adam::LabmlAdam;
-pub use grads::{ParamGrads, clip_coefficient};
 pub(crate) use grads::SumOfSquares;
+pub use grads::{ParamGrads, clip_coefficient};
 
 /// Noam schedule (labml `Noam.get_lr`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

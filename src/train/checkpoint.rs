@@ -178,18 +178,7 @@ fn check_stored_config(model: &Path, config: &ModelConfig) -> Result<()> {
         return Ok(()); // written without it: nothing to compare
     };
     let stored: serde_json::Value = serde_json::from_str(stored).context("stored config")?;
-    let current = serde_json::to_value(config)?;
-    let (Some(stored), Some(current)) = (stored.as_object(), current.as_object()) else {
-        bail!("the stored model configuration is not an object");
-    };
-    let differing: Vec<String> = current
-        .iter()
-        .filter(|(k, v)| stored.get(*k) != Some(*v))
-        .map(|(k, v)| {
-            let was = stored.get(k).map_or("absent".into(), |s| s.to_string());
-            format!("model.{k} = {v} (the checkpoint has {was})")
-        })
-        .collect();
+    let differing = config_differences(&stored, config)?;
     if !differing.is_empty() {
         bail!(
             "the run's config.toml differs from the configuration the checkpoint was written \
@@ -198,6 +187,32 @@ fn check_stored_config(model: &Path, config: &ModelConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The keys whose value in `config` is not the one `stored` (a checkpoint's) holds, as
+/// `model.key = now (the checkpoint has then)`. A key added since the checkpoint was written
+/// ([`crate::train::config::KEYS_SINCE_V1`]) held its default then.
+fn config_differences(stored: &serde_json::Value, config: &ModelConfig) -> Result<Vec<String>> {
+    let current = serde_json::to_value(config)?;
+    let (Some(stored), Some(current)) = (stored.as_object(), current.as_object()) else {
+        bail!("the stored model configuration is not an object");
+    };
+    let defaults = serde_json::to_value(ModelConfig::default())?;
+    let was = |k: &str| {
+        stored.get(k).or_else(|| {
+            let key = format!("model.{k}");
+            let newer = crate::train::config::KEYS_SINCE_V1.contains(&key.as_str());
+            newer.then(|| defaults.get(k)).flatten()
+        })
+    };
+    Ok(current
+        .iter()
+        .filter(|(k, v)| was(k) != Some(*v))
+        .map(|(k, v)| {
+            let was = was(k).map_or("absent".into(), |s| s.to_string());
+            format!("model.{k} = {v} (the checkpoint has {was})")
+        })
+        .collect())
 }
 
 /// Name of the checkpoint directory for `step`.
@@ -224,4 +239,32 @@ pub fn list(checkpoints: &Path) -> Vec<(u64, PathBuf)> {
         .collect();
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    /// A checkpoint written before `model.balance`, `model.bias_rate` and `model.expert_d_ff`
+    /// existed matches a configuration that holds their defaults, not one that changes them;
+    /// an older key missing is still a difference.
+    #[test]
+    fn keys_newer_than_a_checkpoint_count_as_their_defaults() {
+        let config = ModelConfig::default();
+        let mut stored = serde_json::to_value(&config).unwrap();
+        let object = stored.as_object_mut().unwrap();
+        for k in ["balance", "bias_rate", "expert_d_ff"] {
+            object.remove(k).unwrap();
+        }
+        assert!(config_differences(&stored, &config).unwrap().is_empty());
+        let biased = ModelConfig {
+            balance: crate::routing::Balance::Bias,
+            ..config.clone()
+        };
+        let d = config_differences(&stored, &biased).unwrap();
+        assert_eq!(d, [r#"model.balance = "bias" (the checkpoint has "aux")"#]);
+        stored.as_object_mut().unwrap().remove("top_k").unwrap();
+        let d = config_differences(&stored, &config).unwrap();
+        assert_eq!(d, ["model.top_k = 1 (the checkpoint has absent)"]);
+    }
 }

@@ -3,7 +3,7 @@
 //! with periodic metrics, validation, samples and checkpoints in the run's directory
 //! ([`RunDir`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -15,13 +15,12 @@ use rand::SeedableRng;
 use crate::data::{Batch, TextData, TrainLoader};
 use crate::distributed::{Collective, check_same};
 use crate::infer::generate::{SampleOptions, generate_until};
-use crate::model::{ModelConfig, SwitchTransformer};
-use crate::optim::{LabmlAdam, Noam};
+use crate::model::SwitchTransformer;
+use crate::optim::Noam;
 use crate::routing::RoutingRng;
-use crate::train::checkpoint::{self, TrainState};
+use crate::train::checkpoint;
 use crate::train::config::RunConfig;
 use crate::train::eval::{EvalMetrics, LayerStats, evaluate_until};
-use crate::train::expert_parallel::gather_to_first;
 use crate::train::lock::RunLock;
 use crate::train::metrics::{MetricsLine, TrainLine, ValidLine};
 use crate::train::replicas::{Replica, Replicas};
@@ -146,7 +145,10 @@ pub struct Trainer {
     _lock: Option<RunLock>,
 }
 
+mod saving;
 mod start;
+
+use saving::whole;
 
 impl Trainer {
     /// What to do after a divergence, as a command that works: resume from the last
@@ -306,43 +308,6 @@ impl Trainer {
         Ok(Some((metrics, sample)))
     }
 
-    fn state(&self, valid_loss: Option<f64>) -> TrainState {
-        TrainState {
-            step: self.step,
-            loader: self.loader.state,
-            routing_rng: self.rng.clone(),
-            best_valid_loss: self.best_valid_loss,
-            valid_loss,
-        }
-    }
-
-    /// Writes a checkpoint of the current step and removes the oldest beyond
-    /// `keep_checkpoints`. Every rank calls it; the writer writes (`None` elsewhere).
-    pub(crate) fn save_checkpoint(&self, valid_loss: Option<f64>) -> Result<Option<PathBuf>> {
-        match whole(&self.replicas, &self.config.model, self.is_writer())? {
-            Some(whole) => self.write_checkpoint(&whole, valid_loss).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    fn write_checkpoint(&self, whole: &Whole<'_>, valid_loss: Option<f64>) -> Result<PathBuf> {
-        let checkpoints = self.run_dir.checkpoints();
-        let dir = checkpoint::step_dir(&checkpoints, self.step);
-        checkpoint::save(
-            &dir,
-            &whole.model,
-            &self.config.model,
-            whole.adam(),
-            &self.state(valid_loss),
-        )?;
-        let all = checkpoint::list(&checkpoints);
-        let excess = all.len().saturating_sub(self.config.train.keep_checkpoints);
-        for (_, old) in &all[..excess] {
-            checkpoint::remove(old)?;
-        }
-        Ok(dir)
-    }
-
     /// Trains until `train.steps`, or until `stop` is set (then checkpoints and returns).
     pub fn run(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(Event)) -> Result<Finish> {
         let t = self.config.train.clone();
@@ -474,48 +439,5 @@ impl Trainer {
             }
         }
         Ok(Finish::Completed)
-    }
-}
-
-/// The whole model and optimizer state, at the process that writes the run (`None` on the
-/// other ranks); with expert parallelism every rank's experts are gathered to rank 0, and
-/// every rank must call this.
-fn whole<'a>(
-    replicas: &'a Replicas,
-    config: &ModelConfig,
-    writer: bool,
-) -> Result<Option<Whole<'a>>> {
-    let first = replicas.first();
-    let Some(world) = replicas.world().filter(|_| replicas.expert_parallel()) else {
-        return Ok(writer.then(|| Whole {
-            model: first.model.clone(),
-            adam: AdamOf::Borrowed(&first.adam),
-        }));
-    };
-    let whole = gather_to_first(world, &first.model, &first.adam, config)?;
-    Ok(whole.map(|(model, adam)| Whole {
-        model,
-        adam: AdamOf::Owned(adam),
-    }))
-}
-
-/// The whole model and optimizer state at the writer: replica 0's, or gathered from the
-/// ranks' shards of the experts.
-struct Whole<'a> {
-    model: SwitchTransformer,
-    adam: AdamOf<'a>,
-}
-
-enum AdamOf<'a> {
-    Borrowed(&'a LabmlAdam),
-    Owned(LabmlAdam),
-}
-
-impl Whole<'_> {
-    fn adam(&self) -> &LabmlAdam {
-        match &self.adam {
-            AdamOf::Borrowed(a) => a,
-            AdamOf::Owned(a) => a,
-        }
     }
 }

@@ -52,3 +52,23 @@ fn bad_overrides_and_files_are_errors() {
     c.set("train.lr=-1.0").unwrap();
     assert!(c.validate().unwrap_err().to_string().contains("train.lr"));
 }
+
+/// A run written by a build from before a key existed resumes: its config.toml lacks only
+/// keys of `KEYS_SINCE_V1`, which take the defaults that run ran with.
+#[test]
+fn a_run_written_before_the_newer_keys_still_reads() {
+    let text = RunConfig::default().to_toml();
+    let mut table: toml::Table = toml::from_str(&text).unwrap();
+    for key in KEYS_SINCE_V1 {
+        let (section, field) = key.split_once('.').unwrap();
+        let removed = table[section].as_table_mut().unwrap().remove(field);
+        assert!(removed.is_some(), "{key} is not a key");
+    }
+    let old = toml::to_string(&table).unwrap();
+    assert!(missing_keys(&old).unwrap().is_empty());
+    assert_eq!(RunConfig::from_toml(&old).unwrap(), RunConfig::default());
+    // Any other key missing is an error's matter.
+    table["train"].as_table_mut().unwrap().remove("batch_size");
+    let cut = toml::to_string(&table).unwrap();
+    assert_eq!(missing_keys(&cut).unwrap(), ["train.batch_size"]);
+}
