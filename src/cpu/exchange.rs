@@ -35,9 +35,13 @@ impl Direction {
     }
 
     /// `rows` (`[n, d]` values) moved this way. A failed exchange does not end the pass: it is
-    /// recorded for the step to return, and the rows are zeros ([`ExpertExchange::moved`]).
+    /// recorded for the step to return, and the rows are zeros ([`ExpertExchange::attempt`]).
     fn apply(self, ex: &ExpertExchange, rows: &[f32], d: usize) -> Vec<f32> {
-        ex.moved(matches!(self, Self::ToExperts), rows, d)
+        ex.attempt(|| match self {
+            Self::ToExperts => ex.to_experts(rows, d),
+            Self::FromExperts => ex.back_from_experts(rows, d),
+        })
+        .unwrap_or_else(|| vec![0.0; self.rows_out(ex) * d])
     }
 
     fn rows_out(self, ex: &ExpertExchange) -> usize {

@@ -22,7 +22,7 @@ use super::{Collective, Fault};
 /// The two exchanges of one Switch layer on one rank.
 pub(crate) struct ExpertExchange {
     world: Arc<dyn Collective>,
-    /// Where a failed exchange of this pass is recorded ([`Self::moved`]).
+    /// Where a failed exchange of this pass is recorded ([`Self::attempt`]).
     fault: Arc<Fault>,
     /// Rows this rank sends to each rank (and receives back).
     send_rows: Vec<usize>,
@@ -106,28 +106,14 @@ impl ExpertExchange {
         self.order.len()
     }
 
-    /// `rows` moved to the experts' ranks (`to_experts`) or back: inside a forward or backward
-    /// pass, which cannot return an error. A failure (or an earlier one in this pass) is
-    /// recorded in the pass's [`Fault`] and gives zeros of the right length, without exchange.
-    pub(crate) fn moved(&self, to_experts: bool, rows: &[f32], d: usize) -> Vec<f32> {
-        let (out_rows, moved) = if to_experts {
-            (
-                self.expert_rows(),
-                Self::to_experts as fn(&Self, &[f32], usize) -> _,
-            )
-        } else {
-            (
-                self.sent_rows(),
-                Self::back_from_experts as fn(&Self, &[f32], usize) -> _,
-            )
-        };
-        if !self.fault.is_set() {
-            match moved(self, rows, d) {
-                Ok(y) => return y,
-                Err(e) => self.fault.record(e),
-            }
+    /// `exchange()` (one of this layer's exchanges) inside a forward or backward pass, which
+    /// cannot return an error: `None` when it fails, or when an earlier exchange of this pass
+    /// failed (then it is not attempted); the failure is recorded in the pass's [`Fault`].
+    pub(crate) fn attempt(&self, exchange: impl FnOnce() -> Result<Vec<f32>>) -> Option<Vec<f32>> {
+        if self.fault.is_set() {
+            return None;
         }
-        vec![0.0; out_rows * d]
+        exchange().map_err(|e| self.fault.record(e)).ok()
     }
 
     /// `rows` (`[sent_rows, d]`, grouped by expert 0..E) to the experts' ranks: this rank's

@@ -260,6 +260,11 @@ fn stand_in(
     let plan = decide(probs);
     let mut kept = vec![vec![0; plan.n_experts]; world.size()];
     kept[world.rank()] = plan.kept_counts();
+    own_route(plan, kept)
+}
+
+/// This rank's route when it decided alone: its own plan, whose counts are the group's.
+fn own_route(plan: RoutePlan, kept: Vec<Vec<usize>>) -> GroupRoute {
     GroupRoute {
         group_counts: plan.counts.clone(),
         group_tokens: plan.n_tokens(),
@@ -317,12 +322,7 @@ fn route_alone(
         .chunks(plan.n_experts)
         .map(|c| c.iter().map(|&k| k as usize).collect())
         .collect();
-    Ok(GroupRoute {
-        group_counts: plan.counts.clone(),
-        group_tokens: plan.n_tokens(),
-        kept,
-        plan,
-    })
+    Ok(own_route(plan, kept))
 }
 
 impl RouteGroup {

@@ -207,10 +207,12 @@ fn config_differences(stored: &serde_json::Value, config: &ModelConfig) -> Resul
     };
     Ok(current
         .iter()
-        .filter(|(k, v)| was(k) != Some(*v))
-        .map(|(k, v)| {
-            let was = was(k).map_or("absent".into(), |s| s.to_string());
-            format!("model.{k} = {v} (the checkpoint has {was})")
+        .filter_map(|(k, v)| {
+            let was = was(k);
+            (was != Some(v)).then(|| {
+                let was = was.map_or("absent".into(), |s| s.to_string());
+                format!("model.{k} = {v} (the checkpoint has {was})")
+            })
         })
         .collect())
 }

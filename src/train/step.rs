@@ -10,9 +10,9 @@
 //! ```
 //! What differs between one model, threads and ranks (where the passes run, how their losses,
 //! statistics and gradients are summed, how the update reaches every replica) is a
-//! `Strategy`, a file each in `train/strategy/`. One model reads
-//! the device once per step (losses, routing statistics and the squared gradient norm
-//! together); on a GPU the phase times are the host's time to issue each phase.
+//! `Strategy`, a file each in `train/strategy/`. One model reads the device once per step
+//! (losses, routing statistics and the squared gradient norm together); on a GPU the phase
+//! times are the host's time to issue each phase.
 
 use std::time::Instant;
 

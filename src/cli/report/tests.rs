@@ -7,11 +7,11 @@ use std::sync::atomic::AtomicBool;
 use super::charts::{RunMetrics, charts, line_svg, write_report};
 use burn::tensor::Device;
 use switch_transformer::data::TextData;
-use switch_transformer::train::Trainer;
+use switch_transformer::train::{RunConfig, Trainer};
 
-fn short_run(tmp: &std::path::Path, name: &str) -> std::path::PathBuf {
+/// A run of `c` in `tmp/name`, to its end.
+fn run_of(c: RunConfig, tmp: &std::path::Path, name: &str) -> std::path::PathBuf {
     let text = common::training_text(tmp);
-    let c = common::tiny_run_config(); // 2 layers, 4 experts, 8 steps, validation every 4
     let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
     let run = tmp.join(name);
     Trainer::create(c, data, &run, &Device::default())
@@ -19,6 +19,11 @@ fn short_run(tmp: &std::path::Path, name: &str) -> std::path::PathBuf {
         .run(&AtomicBool::new(false), &mut |_| {})
         .unwrap();
     run
+}
+
+/// A run of the tests' tiny configuration: 2 layers, 4 experts, 8 steps, validation every 4.
+fn short_run(tmp: &std::path::Path, name: &str) -> std::path::PathBuf {
+    run_of(common::tiny_run_config(), tmp, name)
 }
 
 #[test]
@@ -170,15 +175,9 @@ fn bad_metrics_are_clear_errors() {
 #[test]
 fn a_run_balanced_by_bias_charts_each_layer_s_biases() {
     let tmp = common::temp_dir("report-bias");
-    let text = common::training_text(&tmp);
     let mut c = common::tiny_run_config(); // 2 layers, 4 experts, 8 steps
     c.set("model.balance=bias").unwrap();
-    let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
-    let run = tmp.join("bias");
-    Trainer::create(c, data, &run, &Device::default())
-        .unwrap()
-        .run(&AtomicBool::new(false), &mut |_| {})
-        .unwrap();
+    let run = run_of(c, &tmp, "bias");
     let metrics = RunMetrics::read(&run).unwrap();
     let (lines, _) = charts(std::slice::from_ref(&metrics));
     for l in 0..2 {
@@ -190,12 +189,7 @@ fn a_run_balanced_by_bias_charts_each_layer_s_biases() {
         assert!(chart.series.iter().all(|s| s.points.len() == 8));
     }
     // The reference run (model.balance = aux) has none.
-    let plain = tmp.join("plain");
-    let data = TextData::load(&text, 17).unwrap();
-    Trainer::create(common::tiny_run_config(), data, &plain, &Device::default())
-        .unwrap()
-        .run(&AtomicBool::new(false), &mut |_| {})
-        .unwrap();
+    let plain = short_run(&tmp, "plain");
     let (lines, _) = charts(&[RunMetrics::read(&plain).unwrap()]);
     assert!(!lines.iter().any(|c| c.id.starts_with("bias-")));
     std::fs::remove_dir_all(&tmp).unwrap();

@@ -15,7 +15,7 @@ use crate::routing::RoutingRng;
 use crate::store::host_f32;
 use crate::train::eval::{LayerStats, layer_sums_of, summaries};
 use crate::train::reduce::BatchGradients;
-use crate::train::replicas::{Replica, Replicas};
+use crate::train::replicas::Replicas;
 
 /// One model, one read.
 pub(crate) struct OneModel;
@@ -66,17 +66,9 @@ impl Strategy for OneModel {
     }
 
     fn update(&self, replicas: &mut Replicas, grads: &BatchGradients, lr: f64, clip: f64) {
-        // The model is handed to Adam, not cloned: on the CPU its weights update in place.
-        let Replica {
-            model,
-            mut adam,
-            device,
-        } = replicas.replicas.remove(0);
-        let model = crate::cpu::on_worker(|| adam.step_scaled(model, grads.first(), lr, clip));
-        replicas.replicas.push(Replica {
-            model,
-            adam,
-            device,
-        });
+        // The replica is handed to Adam, not cloned: on the CPU its weights update in place.
+        let replica = replicas.replicas.remove(0);
+        let replica = crate::cpu::on_worker(|| replica.adam_step(grads.first(), lr, clip));
+        replicas.replicas.push(replica);
     }
 }
