@@ -107,6 +107,27 @@ impl HostNorm {
     }
 }
 
+/// A plain FFN on the host: `relu(x W1 + b1) W2 + b2`.
+struct HostFfn {
+    layer1: HostLinear,
+    layer2: HostLinear,
+}
+
+impl HostFfn {
+    fn new(f: &crate::model::block::DenseFeedForward) -> Self {
+        Self {
+            layer1: HostLinear::new(&f.layer1),
+            layer2: HostLinear::new(&f.layer2),
+        }
+    }
+
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut h = self.layer1.forward(x);
+        h.iter_mut().for_each(|v| *v = v.max(0.0));
+        self.layer2.forward(&h)
+    }
+}
+
 enum HostFeedForward {
     Switch {
         router: HostLinear,
@@ -121,21 +142,16 @@ enum HostFeedForward {
         is_scale_prob: bool,
         /// With auxiliary-loss-free balancing: the experts are chosen by logits + bias.
         bias: Option<crate::routing::ExpertBias>,
+        /// The shared experts, which every token passes through.
+        shared: Option<Box<HostFfn>>,
     },
-    Dense {
-        layer1: HostLinear,
-        layer2: HostLinear,
-    },
+    Dense(HostFfn),
 }
 
 impl HostFeedForward {
     fn forward(&self, x: &[f32]) -> Vec<f32> {
         match self {
-            Self::Dense { layer1, layer2 } => {
-                let mut h = layer1.forward(x);
-                h.iter_mut().for_each(|v| *v = v.max(0.0));
-                layer2.forward(&h)
-            }
+            Self::Dense(ffn) => ffn.forward(x),
             Self::Switch {
                 router,
                 w1,
@@ -146,6 +162,7 @@ impl HostFeedForward {
                 top_k: k,
                 is_scale_prob,
                 bias,
+                shared,
             } => {
                 let d = x.len();
                 let logits = router.forward(x);
@@ -185,6 +202,11 @@ impl HostFeedForward {
                     );
                     for (o, v) in out.iter_mut().zip(y) {
                         *o += v * gate;
+                    }
+                }
+                if let Some(ffn) = shared {
+                    for (o, v) in out.iter_mut().zip(ffn.forward(x)) {
+                        *o += v;
                     }
                 }
                 out
@@ -267,11 +289,9 @@ impl HostDecoder {
                         top_k: s.routing.top_k.clamp(1, s.n_experts()),
                         is_scale_prob: s.is_scale_prob,
                         bias: s.expert_bias.clone(),
+                        shared: s.shared.as_ref().map(|f| Box::new(HostFfn::new(f))),
                     },
-                    FeedForward::Dense(dense) => HostFeedForward::Dense {
-                        layer1: HostLinear::new(&dense.layer1),
-                        layer2: HostLinear::new(&dense.layer2),
-                    },
+                    FeedForward::Dense(dense) => HostFeedForward::Dense(HostFfn::new(dense)),
                 },
             })
             .collect();

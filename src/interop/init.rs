@@ -104,6 +104,13 @@ impl Init<'_> {
                     sd.insert(join(&names::expert(&experts, e), &k), v);
                 }
             }
+            if self.c.shared_experts > 0 {
+                // Drawn after the routed experts: a model without them draws as before.
+                let shared = join(ff, names::SHARED_EXPERTS);
+                for (k, v) in self.ffn(self.c.switch_config().shared_width()) {
+                    sd.insert(join(&shared, &k), v);
+                }
+            }
             if self.c.balance == Balance::Bias {
                 // Auxiliary-loss-free balancing starts every expert's bias at 0.
                 let zeros = HostTensor::f32(vec![self.c.n_experts], vec![0.0; self.c.n_experts]);

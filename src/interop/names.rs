@@ -10,6 +10,7 @@
 //! transformer.layers.{l}.feed_forward.switch.{weight,bias}                  (Switch layer)
 //! transformer.layers.{l}.feed_forward.experts.{e}.layer{1,2}.{weight,bias}  (Switch layer)
 //! transformer.layers.{l}.feed_forward.expert_bias       (model.balance = bias only; not labml's)
+//! transformer.layers.{l}.feed_forward.shared_experts.layer{1,2}.{weight,bias}  (shared experts)
 //! transformer.layers.{l}.feed_forward.layer{1,2}.{weight,bias}              (dense FFN)
 //! transformer.norm.{weight,bias}        generator.{weight,bias}
 //! ```
@@ -40,6 +41,8 @@ pub(crate) const EXPERTS: &str = "experts";
 /// Auxiliary-loss-free balancing's expert biases, within a Switch layer (this project's; labml
 /// has none).
 pub(crate) const EXPERT_BIAS: &str = "expert_bias";
+/// The shared experts' FFN, within a Switch layer (this project's; labml has none).
+pub(crate) const SHARED_EXPERTS: &str = "shared_experts";
 /// The two linear layers of an FFN (an expert or the dense FFN).
 pub(crate) const FFN_LAYERS: [&str; 2] = ["layer1", "layer2"];
 

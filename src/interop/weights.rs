@@ -97,6 +97,9 @@ impl Exporter<'_> {
     fn switch(&mut self, prefix: &str, s: &SwitchFeedForward) {
         self.linear(&join(prefix, names::ROUTER), &s.router.switch);
         self.experts(&join(prefix, names::EXPERTS), &s.experts);
+        if let Some(shared) = &s.shared {
+            self.ffn(&join(prefix, names::SHARED_EXPERTS), shared);
+        }
         // Auxiliary-loss-free balancing's biases: state, not trained (no gradient).
         if let (Some(b), Source::Values) = (&s.expert_bias, &self.source) {
             let t = HostTensor::f32(vec![b.values.len()], b.values.clone());
@@ -118,12 +121,14 @@ impl Exporter<'_> {
         let ff = at(names::FEED_FORWARD);
         match &b.feed_forward {
             FeedForward::Switch(s) => self.switch(&ff, s),
-            FeedForward::Dense(d) => {
-                let [l1, l2] = names::FFN_LAYERS;
-                self.linear(&join(&ff, l1), &d.layer1);
-                self.linear(&join(&ff, l2), &d.layer2);
-            }
+            FeedForward::Dense(d) => self.ffn(&ff, d),
         }
+    }
+
+    fn ffn(&mut self, prefix: &str, f: &DenseFeedForward) {
+        let [l1, l2] = names::FFN_LAYERS;
+        self.linear(&join(prefix, l1), &f.layer1);
+        self.linear(&join(prefix, l2), &f.layer2);
     }
 }
 
@@ -237,6 +242,14 @@ impl Importer<'_> {
         })
     }
 
+    fn ffn(&mut self, prefix: &str, d: usize, width: usize) -> Result<DenseFeedForward> {
+        let [l1, l2] = names::FFN_LAYERS;
+        Ok(DenseFeedForward {
+            layer1: self.linear(&join(prefix, l1), d, width)?,
+            layer2: self.linear(&join(prefix, l2), width, d)?,
+        })
+    }
+
     fn switch(&mut self, prefix: &str, c: &ModelConfig) -> Result<SwitchFeedForward> {
         let router = Router {
             switch: self.linear(&join(prefix, names::ROUTER), c.d_model, c.n_experts)?,
@@ -247,7 +260,17 @@ impl Importer<'_> {
             c.d_model,
             c.expert_width(),
         )?;
-        let mut switch = c.switch_config().assemble(router, experts);
+        let settings = c.switch_config();
+        let shared = if c.shared_experts > 0 {
+            Some(self.ffn(
+                &join(prefix, names::SHARED_EXPERTS),
+                c.d_model,
+                settings.shared_width(),
+            )?)
+        } else {
+            None
+        };
+        let mut switch = settings.assemble(router, experts, shared);
         if let Some(b) = &mut switch.expert_bias {
             b.values = self
                 .take(&join(prefix, names::EXPERT_BIAS), &[c.n_experts])?
@@ -266,7 +289,6 @@ impl Importer<'_> {
             self.linear(&v, d, d)?,
         );
         let ff = at(names::FEED_FORWARD);
-        let [l1, l2] = names::FFN_LAYERS;
         Ok(SwitchBlock {
             attn: MultiHeadAttention {
                 query,
@@ -280,10 +302,7 @@ impl Importer<'_> {
             feed_forward: if c.is_switch_layer(l) {
                 FeedForward::Switch(self.switch(&ff, c)?)
             } else {
-                FeedForward::Dense(DenseFeedForward {
-                    layer1: self.linear(&join(&ff, l1), d, c.d_ff)?,
-                    layer2: self.linear(&join(&ff, l2), c.d_ff, d)?,
-                })
+                FeedForward::Dense(self.ffn(&ff, d, c.d_ff)?)
             },
             dropout: c.dropout,
             training: true,

@@ -3,30 +3,14 @@
 //! `x = x + drop(MHA(LN(x))); x = x + drop(FFN(LN(x)))`.
 
 use burn::module::Module;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::LayerNorm;
 use burn::tensor::Tensor;
-use burn::tensor::activation::relu;
 
 use super::attention::{KvCache, MultiHeadAttention};
-use super::precision::{layer_norm, linear};
+pub use super::ffn::DenseFeedForward;
+use super::precision::layer_norm;
 use super::switch::{SwitchFeedForward, SwitchStats, dropout_mask};
 use crate::routing::{RoutingRng, Shard};
-
-/// labml's `FeedForward`: `relu(x W1 + b1) W2 + b2`.
-#[derive(Module, Debug)]
-pub struct DenseFeedForward {
-    /// `d_model -> d_ff`.
-    pub layer1: Linear,
-    /// `d_ff -> d_model`.
-    pub layer2: Linear,
-}
-
-impl DenseFeedForward {
-    /// `x` `[tokens, d_model]` -> `[tokens, d_model]`.
-    pub(crate) fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        linear(&self.layer2, relu(linear(&self.layer1, x)))
-    }
-}
 
 /// The block's feed-forward sub-layer.
 #[derive(Module, Debug)]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::precision::Precision;
 use super::switch::DroppedTokens;
 use super::switch_config::SwitchFeedForwardConfig;
-use crate::routing::{Balance, DropPolicy, RoutePlace, RoutingOptions};
+use crate::routing::{Balance, BalanceScope, DropPolicy, RoutePlace, RoutingOptions};
 
 /// Shape and routing of a Switch Transformer. The default is labml's experiment (6 blocks of
 /// width 128, 4 experts of width 256); [`init`](Self::init) builds the model.
@@ -74,6 +74,14 @@ pub struct ModelConfig {
     pub balance: Balance,
     /// With balance = bias: how far each step moves an expert's bias (DeepSeek-V3: 0.001).
     pub bias_rate: f64,
+    /// Over which tokens the load-balancing loss takes its fractions: the batch (the paper) or
+    /// each sequence, averaged.
+    pub balance_scope: BalanceScope,
+    /// Always-on experts in each Switch layer, every token through them, their output added to
+    /// the routed one (DeepSeek-MoE, Qwen-MoE); 0 = none (the Switch Transformer).
+    pub shared_experts: usize,
+    /// Hidden width of each shared expert (0 = the routed experts' width).
+    pub shared_d_ff: usize,
     /// Dropout on each sub-layer's output before the residual add, in training (paper: 0.1).
     pub dropout: f64,
     /// A Switch layer every k-th block, dense FFN blocks between (1 = all Switch, labml;
@@ -131,6 +139,9 @@ impl Default for ModelConfig {
             expert_dropout: switch.expert_dropout,
             balance: switch.balance,
             bias_rate: switch.bias_rate,
+            balance_scope: BalanceScope::Batch,
+            shared_experts: switch.shared_experts,
+            shared_d_ff: 0,
             dropout: 0.0,
             switch_every: 1,
             pos_embedding: false,
@@ -249,6 +260,8 @@ impl ModelConfig {
             expert_dropout: self.expert_dropout,
             balance: self.balance,
             bias_rate: self.bias_rate,
+            shared_experts: self.shared_experts,
+            shared_d_ff: self.shared_d_ff,
         }
     }
 
@@ -279,14 +292,16 @@ impl ModelConfig {
     /// Forward FLOPs per token of the matrix products at context `seq_len` (a multiply-add
     /// counts 2): per block the attention projections `8 d^2`, its scores and weighted sum
     /// `4 s d`, and a dense FFN `4 d f` or a Switch layer's router `2 d E` plus `top_k` experts
-    /// of `4 d f_e` each; then the output layer `2 d V`. Equal for models of equal compute per
+    /// of `4 d f_e` each and the shared experts' `4 d f_s` (`f_s` their summed width); then the output layer `2 d V`. Equal for models of equal compute per
     /// token, whatever their expert count.
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
         let (d, v, s) = (self.d_model as f64, self.n_vocab as f64, seq_len as f64);
         let attention = 8.0 * d * d + 4.0 * s * d;
         let dense = 4.0 * d * self.d_ff as f64;
         let k = self.top_k.clamp(1, self.n_experts) as f64;
-        let switch = 2.0 * d * self.n_experts as f64 + k * 4.0 * d * self.expert_width() as f64;
+        let shared = 4.0 * d * self.switch_config().shared_width() as f64;
+        let switch =
+            2.0 * d * self.n_experts as f64 + k * 4.0 * d * self.expert_width() as f64 + shared;
         let n_switch = self.n_switch_layers() as f64;
         self.n_layers as f64 * attention
             + n_switch * switch
@@ -303,6 +318,8 @@ impl ModelConfig {
         let ffn = d * f + f + f * d + d;
         let fe = self.expert_width();
         let expert = d * fe + fe + fe * d + d;
+        let fs = self.switch_config().shared_width();
+        let shared = if fs > 0 { d * fs + fs + fs * d + d } else { 0 };
         let switch = self.n_switch_layers();
         let pos = if self.pos_embedding {
             self.max_seq_len * d
@@ -314,7 +331,7 @@ impl ModelConfig {
             + (d * v + v)
             + 2 * d
             + self.n_layers * (attn + norms)
-            + switch * (router + e * expert)
+            + switch * (router + e * expert + shared)
             + (self.n_layers - switch) * ffn
     }
 }

@@ -1,11 +1,14 @@
 //! Training losses (labml `Configs.step`):
 //! `loss = cross_entropy + lb_coef * n_experts * sum_layers sum_i f_i * P_i`
 //! `       + z_coef * sum_layers mean_t logsumexp(router logits_t)^2` (ST-MoE; 0 in labml).
+//! With `model.balance_scope = sequence` the load-balancing term is taken per sequence and
+//! averaged ([`crate::routing::BalanceScope`]).
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor};
 
 use super::switch::SwitchStats;
+use crate::routing::BalanceScope;
 
 /// Mean cross-entropy of `logits` `[tokens, n_vocab]` against `targets` `[tokens]`.
 pub(crate) fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
@@ -39,6 +42,53 @@ pub fn load_balancing_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> 
     total.unwrap_or_else(|| Tensor::zeros([1], device))
 }
 
+/// The sequence-level load-balancing loss summed over layers: for each layer
+/// `(1/S) sum_s n_experts * sum_i f_si * P_si`, with `f_si` the fraction of sequence `s`'s
+/// `seq_len` tokens whose first choice is expert `i` (a constant) and `P_si` their mean
+/// probability for it (carries the gradient). Tokens are batch-major (token `s * seq_len + t`).
+/// Equals the number of layers when every sequence is evenly spread.
+pub fn sequence_balancing_loss(
+    stats: &[SwitchStats],
+    seq_len: usize,
+    device: &Device,
+) -> Tensor<1> {
+    let mut total: Option<Tensor<1>> = None;
+    for s in stats {
+        let [tokens, n_experts] = s.route_prob.dims();
+        let n_seq = tokens / seq_len.max(1);
+        assert_eq!(n_seq * seq_len, tokens, "tokens are whole sequences");
+        let per_sequence = |t: Tensor<2>| {
+            t.reshape([n_seq, seq_len, n_experts])
+                .sum_dim(1)
+                .reshape([n_seq, n_experts])
+        };
+        let chosen = s.routes.clone().one_hot::<2>(n_experts).float().detach();
+        let f = per_sequence(chosen);
+        let p = per_sequence(s.route_prob.clone());
+        // n_experts * sum_i (count_si / T) * (P_sum_si / T), averaged over the S sequences.
+        let scale = n_experts as f64 / (seq_len * seq_len * n_seq) as f64;
+        let layer = (f * p).sum().mul_scalar(scale);
+        total = Some(match total {
+            Some(t) => t + layer,
+            None => layer,
+        });
+    }
+    total.unwrap_or_else(|| Tensor::zeros([1], device))
+}
+
+/// The load-balancing loss over `scope`'s tokens (sequences of `seq_len`).
+pub fn balancing_loss(
+    stats: &[SwitchStats],
+    scope: BalanceScope,
+    seq_len: usize,
+    device: &Device,
+) -> Tensor<1> {
+    match scope {
+        BalanceScope::Batch => load_balancing_loss(stats, device),
+        BalanceScope::Sequence => sequence_balancing_loss(stats, seq_len, device),
+    }
+}
+
 /// Router z-loss summed over layers.
 pub(crate) fn router_z_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
     stats
@@ -61,18 +111,20 @@ pub struct Losses {
 }
 
 impl Losses {
-    /// `logits` `[batch, seq, n_vocab]`, `targets` `[batch, seq]`.
+    /// `logits` `[batch, seq, n_vocab]`, `targets` `[batch, seq]`; the load-balancing loss
+    /// over `scope`.
     pub fn new(
         logits: Tensor<3>,
         targets: Tensor<2, Int>,
         stats: &[SwitchStats],
         lb_coef: f64,
         z_coef: f64,
+        scope: BalanceScope,
     ) -> Self {
         let [b, s, v] = logits.dims();
         let device = logits.device();
         let ce = cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]));
-        let lb = load_balancing_loss(stats, &device);
+        let lb = balancing_loss(stats, scope, s, &device);
         let z = router_z_loss(stats, &device);
         let mut total = ce.clone() + lb.clone() * lb_coef;
         if z_coef > 0.0 {

@@ -1,5 +1,5 @@
 //! The Switch Transformer itself, read bottom-up: [`ops`] (the operations with a CPU fast
-//! path) -> [`precision`] -> [`attention`] -> `expert` -> [`switch`] (the Switch layer: router,
+//! path) -> [`precision`] -> [`attention`] -> `expert`, `ffn` -> [`switch`] (the Switch layer: router,
 //! capacity, experts) -> `block` -> `transformer` (the whole model) -> [`loss`]. `config`
 //! describes a model; `switch_config` builds a Switch layer alone, for any Burn model; `params`
 //! walks the trainable parameters of any of them.
@@ -8,6 +8,7 @@ pub mod attention;
 pub(crate) mod block;
 pub(crate) mod config;
 pub(crate) mod expert;
+pub(crate) mod ffn;
 pub mod loss;
 pub mod ops;
 pub(crate) mod params;

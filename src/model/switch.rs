@@ -10,7 +10,8 @@
 //! Multiplying by the probability is what trains the router (with `is_scale_prob = false` the
 //! factor is `p / stop_gradient(p)`: value 1, same gradient path). With top-k routing (k >= 2)
 //! each token's output is the sum over its k experts, weighted by the k probabilities
-//! renormalized to sum to 1.
+//! renormalized to sum to 1. Shared experts (`model.shared_experts`, DeepSeek-MoE) see every
+//! token: `y_t += FFN_shared(x_t)`.
 //!
 //! Computation: one gather packs each expert's tokens into `[n_experts, slots, d]`, one batched
 //! matmul pair runs all experts, one gather per choice unpacks. No expert sees another's tokens.
@@ -25,6 +26,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::expert::Experts;
+use super::ffn::DenseFeedForward;
 use crate::distributed::ExpertExchange;
 use crate::routing::{
     DeviceRoutes, ExpertBias, RoutePlan, Router, RoutingOptions, RoutingRng, Shard, index_tensor,
@@ -63,6 +65,9 @@ pub struct SwitchFeedForward {
     pub router: Router,
     /// The experts' stacked weights.
     pub experts: Experts,
+    /// The shared experts (`model.shared_experts`), as one FFN every token passes through,
+    /// added to the routed output; `None` in the Switch Transformer.
+    pub shared: Option<DenseFeedForward>,
     /// Experts per token, capacity, drop policy, where the decision is made.
     #[module(skip)]
     pub routing: RoutingOptions,
@@ -120,6 +125,7 @@ impl SwitchFeedForward {
         rng: &mut RoutingRng,
         shard: Option<Shard<'_>>,
     ) -> SwitchOutput {
+        let shared_out = self.shared.as_ref().map(|s| s.forward(x.clone()));
         // Selective precision: the router, its softmax and z-loss run in f32.
         let x32 = super::precision::f32(x.clone());
         let router_in = if self.training && self.jitter > 0.0 {
@@ -186,6 +192,9 @@ impl SwitchFeedForward {
             self.dispatch(x, route_prob, &plan, rng)
         };
         out.stats.z_loss = z_loss(logits);
+        if let Some(shared) = shared_out {
+            out.out = out.out + shared;
+        }
         out
     }
 
@@ -377,7 +386,8 @@ impl SwitchFeedForward {
                 group_counts: counts.clone(),
                 group_tokens: n_tokens,
                 counts,
-                route_prob_sum: route_prob.sum_dim(0).reshape([n_experts]),
+                route_prob_sum: route_prob.clone().sum_dim(0).reshape([n_experts]),
+                route_prob,
                 z_loss: Tensor::zeros([1], &device),
                 n_dropped,
                 route_prob_max,

@@ -18,6 +18,7 @@ use burn::nn::{Initializer, LinearConfig};
 use burn::tensor::Device;
 
 use super::expert::Experts;
+use super::ffn::DenseFeedForward;
 use super::switch::{DroppedTokens, SwitchFeedForward};
 use crate::routing::{Balance, DropPolicy, ExpertBias, RoutePlace, Router, RoutingOptions};
 
@@ -94,6 +95,12 @@ pub struct SwitchFeedForwardConfig {
     /// With `balance = bias`: how far a step moves each expert's bias.
     #[config(default = "crate::routing::balance::DEFAULT_BIAS_RATE")]
     pub bias_rate: f64,
+    /// Always-on experts, every token through them, added to the routed output (0 = none).
+    #[config(default = 0)]
+    pub shared_experts: usize,
+    /// Hidden width of each shared expert (0 = `d_ff`).
+    #[config(default = 0)]
+    pub shared_d_ff: usize,
 }
 
 impl SwitchFeedForwardConfig {
@@ -119,7 +126,25 @@ impl SwitchFeedForwardConfig {
             w2: init3([e, f, d], f),
             b2: init2([e, d], f),
         };
-        self.assemble(router, experts)
+        let shared = (self.shared_experts > 0).then(|| {
+            let width = self.shared_width();
+            DenseFeedForward {
+                layer1: LinearConfig::new(d, width).init(device),
+                layer2: LinearConfig::new(width, d).init(device),
+            }
+        });
+        self.assemble(router, experts, shared)
+    }
+
+    /// Hidden width of the one FFN that holds the shared experts: `shared_experts` times each
+    /// one's width (`shared_d_ff`, or `d_ff` when that is 0).
+    pub(crate) fn shared_width(&self) -> usize {
+        let each = if self.shared_d_ff == 0 {
+            self.d_ff
+        } else {
+            self.shared_d_ff
+        };
+        self.shared_experts * each
     }
 
     /// How this layer assigns tokens to experts.
@@ -133,12 +158,18 @@ impl SwitchFeedForwardConfig {
         }
     }
 
-    /// The layer of these settings around `router` and `experts` (freshly drawn, or loaded),
-    /// in training mode.
-    pub(crate) fn assemble(&self, router: Router, experts: Experts) -> SwitchFeedForward {
+    /// The layer of these settings around `router`, `experts` and the shared experts' FFN
+    /// (freshly drawn, or loaded), in training mode.
+    pub(crate) fn assemble(
+        &self,
+        router: Router,
+        experts: Experts,
+        shared: Option<DenseFeedForward>,
+    ) -> SwitchFeedForward {
         SwitchFeedForward {
             router,
             experts,
+            shared,
             routing: self.routing(),
             eval_capacity_factor: self.eval_capacity_factor,
             is_scale_prob: self.is_scale_prob,

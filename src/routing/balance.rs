@@ -12,6 +12,16 @@
 //! plain router. `load_e` is the fraction of the step's tokens whose first choice is expert
 //! `e`, over every replica and rank (the step's routing statistics), so every copy of the model
 //! takes the same update and holds the same biases.
+//!
+//! The auxiliary loss's scope (`model.balance_scope`): `batch` takes f and P over all the
+//! tokens routed together (the paper); `sequence` takes them over each sequence and averages
+//! the sequences' losses (DeepSeek-V3's complementary sequence-wise loss), which also asks each
+//! sequence on its own to spread its tokens:
+//!
+//! ```text
+//! batch     N * sum_i f_i * P_i                      f, P over the batch
+//! sequence  (1/S) sum_s N * sum_i f_si * P_si       f_s, P_s over sequence s's T tokens
+//! ```
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +37,17 @@ pub enum Balance {
     Bias,
     /// Neither.
     None,
+}
+
+/// Over which tokens the load-balancing loss takes its fractions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceScope {
+    /// All the tokens routed together (the paper, labml).
+    #[default]
+    Batch,
+    /// Each sequence alone, the sequences' losses averaged.
+    Sequence,
 }
 
 /// DeepSeek-V3's bias update speed (its paper's gamma, 0.001).

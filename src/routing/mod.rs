@@ -23,7 +23,7 @@ pub(crate) mod scan;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-pub use balance::{Balance, ExpertBias};
+pub use balance::{Balance, BalanceScope, ExpertBias};
 pub use device::DeviceRoutes;
 pub(crate) use group::{RouteGroup, Shard};
 pub use options::{DropPolicy, RoutePlace, RoutingOptions, argmax, capacity, top_k};

@@ -221,6 +221,7 @@ pub fn bench_train(c: &BenchConfig, placement: impl Into<Placement>) -> Result<T
                 .model
                 .aux_loss_weight(crate::train::TrainConfig::default().lb_coef),
             z_coef: 0.0,
+            balance_scope: c.model.balance_scope,
             grad_clip: 1.0,
             lr: noam.lr(i as u64 + 1),
         };

@@ -247,15 +247,22 @@ pub fn list(checkpoints: &Path) -> Vec<(u64, PathBuf)> {
 mod config_tests {
     use super::*;
 
-    /// A checkpoint written before `model.balance`, `model.bias_rate` and `model.expert_d_ff`
-    /// existed matches a configuration that holds their defaults, not one that changes them;
+    /// A checkpoint written before `model.balance`, `model.bias_rate`, `model.expert_d_ff`,
+    /// `model.balance_scope` and the shared experts' keys existed matches a configuration that holds their defaults, not one that changes them;
     /// an older key missing is still a difference.
     #[test]
     fn keys_newer_than_a_checkpoint_count_as_their_defaults() {
         let config = ModelConfig::default();
         let mut stored = serde_json::to_value(&config).unwrap();
         let object = stored.as_object_mut().unwrap();
-        for k in ["balance", "bias_rate", "expert_d_ff"] {
+        for k in [
+            "balance",
+            "bias_rate",
+            "expert_d_ff",
+            "balance_scope",
+            "shared_experts",
+            "shared_d_ff",
+        ] {
             object.remove(k).unwrap();
         }
         assert!(config_differences(&stored, &config).unwrap().is_empty());

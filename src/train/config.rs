@@ -2,6 +2,7 @@
 //! to TOML, with every key documented ([`KEYS`]) and settable from the command line.
 
 mod keys;
+mod presets;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -171,6 +172,7 @@ pub struct RunConfig {
 }
 
 pub use keys::KEYS;
+pub use presets::{PRESETS, Preset};
 
 impl RunConfig {
     /// Checks both sections and their combination.
@@ -277,6 +279,9 @@ pub(crate) const KEYS_SINCE_V1: &[&str] = &[
     "model.balance",
     "model.bias_rate",
     "model.expert_d_ff",
+    "model.balance_scope",
+    "model.shared_experts",
+    "model.shared_d_ff",
 ];
 
 /// The keys of [`KEYS`] that the TOML `text` lacks (besides those of [`KEYS_SINCE_V1`]).
@@ -345,6 +350,15 @@ pub fn keys_help() -> String {
         let (section, field) = key.split_once('.').expect("keys are section.field");
         let default = defaults[section][field].to_string();
         out.push_str(&format!("  {key:<28} {doc} (default {default})\n"));
+    }
+    out.push_str("\nPresets (--preset NAME, applied before any --set):\n");
+    for p in PRESETS {
+        out.push_str(&format!(
+            "  {:<28} {}: {}\n",
+            p.name,
+            p.about,
+            p.sets.join(" ")
+        ));
     }
     out
 }

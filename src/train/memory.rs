@@ -26,8 +26,12 @@ pub(crate) fn estimate(c: &RunConfig) -> (u64, u64) {
     let (d, f, h) = (m.d_model as u64, m.expert_width() as u64, m.heads as u64);
     let (e, k, v) = (m.n_experts as u64, m.top_k as u64, m.n_vocab as u64);
     let cf = m.capacity_factor.max(1.0);
-    let per_block =
-        3 * b * h * s * s + 12 * t * d + (3.0 * (k * t * f) as f64 * cf) as u64 + 3 * t * e;
+    let shared = m.switch_config().shared_width() as u64;
+    let per_block = 3 * b * h * s * s
+        + 12 * t * d
+        + (3.0 * (k * t * f) as f64 * cf) as u64
+        + 2 * t * shared
+        + 3 * t * e;
     let activations = (m.n_layers as u64 * per_block + 3 * t * v) * f32b;
     (state, activations)
 }

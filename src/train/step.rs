@@ -38,6 +38,8 @@ pub struct StepSettings {
     pub lb_coef: f64,
     /// Weight of the router z-loss.
     pub z_coef: f64,
+    /// Over which tokens the load-balancing loss is taken.
+    pub balance_scope: crate::routing::BalanceScope,
     /// Maximum global gradient norm.
     pub grad_clip: f64,
     /// Learning rate of this step.
@@ -146,7 +148,14 @@ fn forward_backward(
         Some(seat) => r.model.forward_in_group(x, rng, seat),
         None => r.model.forward(x, rng),
     };
-    let losses = Losses::new(out.logits, y, &out.stats, s.lb_coef, s.z_coef);
+    let losses = Losses::new(
+        out.logits,
+        y,
+        &out.stats,
+        s.lb_coef,
+        s.z_coef,
+        s.balance_scope,
+    );
     let read = Tensor::cat(vec![losses.ce, losses.lb, losses.z], 0).detach();
     let t1 = Instant::now();
     let c1 = Counts::now();

@@ -212,6 +212,7 @@ impl Trainer {
         let settings = StepSettings {
             lb_coef,
             z_coef: t.z_loss_coef,
+            balance_scope: self.config.model.balance_scope,
             grad_clip: t.grad_clip,
             lr: self.noam.lr(self.step + 1),
         };

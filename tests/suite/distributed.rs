@@ -552,6 +552,52 @@ fn expert_parallel_ranks_take_the_steps_of_one_process() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// Shared experts are replicated under expert parallelism (each rank holds all of them and
+/// the same copy), with the sequence-level balancing loss: 2 ranks take the steps of one
+/// process, and the checkpoint holds the shared experts once.
+#[test]
+fn shared_experts_are_replicated_on_expert_parallel_ranks() {
+    let (tmp, text) = setup("ep-shared");
+    let mut c = expert_parallel(8);
+    c.set("model.shared_experts=1").unwrap();
+    c.set("model.shared_d_ff=16").unwrap();
+    c.set("model.balance_scope=sequence").unwrap();
+    let mut one = c.clone();
+    one.train.expert_parallel = false;
+    train_on_ranks(1, &one, &text, &tmp.join("one"), None);
+    let run = tmp.join("two");
+    let shared = on_ranks(2, |world| {
+        let mut c = c.clone();
+        c.train.replicas = 2;
+        let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
+        let mut t = Trainer::create(c, data, &run, placement(Some(world))).unwrap();
+        t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+        let s = t.replicas()[0].model.layers[0].switch().unwrap();
+        assert_eq!(s.local_experts(), 2);
+        switch_transformer::store::host_f32(s.shared.as_ref().unwrap().layer1.weight.val())
+    });
+    assert_eq!(
+        shared[0].len(),
+        32 * 16,
+        "each rank holds the whole shared expert"
+    );
+    assert_eq!(shared[0], shared[1], "the same copy on every rank");
+    assert_close(
+        &losses(&tmp.join("one")),
+        &losses(&run),
+        "2 expert-parallel ranks with a shared expert vs one process",
+    );
+    let file = switch_transformer::store::TensorFile::read(
+        &switch_transformer::train::checkpoint::list(&run.join("checkpoints"))[0]
+            .1
+            .join("model.safetensors"),
+    )
+    .unwrap();
+    let name = "transformer.layers.0.feed_forward.shared_experts.layer1.weight";
+    assert_eq!(file.get(name).unwrap().shape, [16, 32]);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 #[test]
 fn expert_parallel_checkpoints_resume_on_one_process_and_back() {
     let (tmp, text) = setup("ep-resume");

@@ -311,7 +311,14 @@ fn a_cpu_training_step_runs_every_kernel() {
     };
     let before = cpu::runs();
     let out = model.forward(ids(0), &mut RoutingRng::seed_from_u64(0));
-    let losses = Losses::new(out.logits, ids(1), &out.stats, 0.01, 0.0);
+    let losses = Losses::new(
+        out.logits,
+        ids(1),
+        &out.stats,
+        0.01,
+        0.0,
+        Default::default(),
+    );
     let grads = ParamGrads::from_gradients(&model, losses.total.backward());
     let _model = LabmlAdam::default().step(model, &grads, 1e-3);
     let after = cpu::runs();
@@ -370,6 +377,7 @@ fn training_updates_the_weights_in_place() {
     let settings = StepSettings {
         lb_coef: 0.01,
         z_coef: 0.0,
+        balance_scope: Default::default(),
         grad_clip: 0.5,
         lr: 1e-3,
     };

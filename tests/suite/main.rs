@@ -2,6 +2,7 @@
 //! is a module, `common` holds the shared helpers. Run one module with
 //! `cargo test --release --test suite -- parity::`.
 
+mod after_paper;
 mod cli;
 mod cli_reliability;
 mod common;

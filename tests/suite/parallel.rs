@@ -46,6 +46,7 @@ fn settings() -> StepSettings {
     StepSettings {
         lb_coef: 0.01,
         z_coef: 0.001,
+        balance_scope: Default::default(),
         grad_clip: 0.5,
         lr: 1e-2,
     }
@@ -81,7 +82,7 @@ fn replica_step_is_the_mean_of_shard_gradients_clipped_then_adam() {
         let (x, y) = shard.tensors(&device);
         let mut shard_rng = RoutingRng::seed_from_u64(seeds.next_u64());
         let o = m.forward(x, &mut shard_rng);
-        let losses = Losses::new(o.logits, y, &o.stats, s.lb_coef, s.z_coef);
+        let losses = Losses::new(o.logits, y, &o.stats, s.lb_coef, s.z_coef, s.balance_scope);
         ce += host_f32(losses.ce.clone())[0] as f64 / 2.0;
         lb += host_f32(losses.lb.clone())[0] as f64 / 2.0;
         let grads = losses.total.backward();

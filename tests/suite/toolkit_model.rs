@@ -262,8 +262,14 @@ fn selective_precision_keeps_the_router_in_f32() {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(err / scale < 0.05, "bf16 logits differ by {}", err / scale);
     let targets = ids(&device, 2, 8);
-    let losses =
-        switch_transformer::model::loss::Losses::new(b.logits, targets, &b.stats, 0.01, 0.001);
+    let losses = switch_transformer::model::loss::Losses::new(
+        b.logits,
+        targets,
+        &b.stats,
+        0.01,
+        0.001,
+        Default::default(),
+    );
     assert_eq!(losses.total.dtype(), DType::F32);
     let grads = losses.total.backward();
     let g = model_state_dict(&m16, Source::Grads(&grads));

@@ -126,7 +126,14 @@ pub(super) fn model(file: &TensorFile, device: &Device, report: &mut Report) -> 
     let dropped: Vec<i64> = stats.iter().map(|st| st.n_dropped as i64).collect();
     report.exact("n_dropped", &dropped, &file.get("n_dropped")?.to_i64());
 
-    let losses = Losses::new(out.logits, targets, &out.stats, lb_coef, 0.0);
+    let losses = Losses::new(
+        out.logits,
+        targets,
+        &out.stats,
+        lb_coef,
+        0.0,
+        Default::default(),
+    );
     report.compare(
         "ce_loss",
         &host_f32(losses.ce.clone()),

@@ -21,6 +21,9 @@ pub struct SwitchStats {
     /// Sum over all tokens of the full routing probabilities `[n_experts]` (P_i numerator;
     /// carries the gradient to the router).
     pub route_prob_sum: Tensor<1>,
+    /// `[tokens, n_experts]` the routing probabilities themselves (with gradient; the
+    /// sequence-level load-balancing loss sums them per sequence).
+    pub route_prob: Tensor<2>,
     /// Router z-loss of this layer: mean over tokens of logsumexp(logits)^2 (with gradient).
     pub z_loss: Tensor<1>,
     /// `[1]` assignments dropped over capacity (= tokens with top-1 routing).

@@ -73,6 +73,19 @@ pub const KEYS: &[(&str, &str)] = &[
         "with model.balance = bias: how far a step moves each expert's bias (DeepSeek-V3: 0.001)",
     ),
     (
+        "model.balance_scope",
+        "the load-balancing loss's fractions over the batch (paper) or per sequence, averaged \
+         (DeepSeek-V3's sequence-wise loss): batch | sequence",
+    ),
+    (
+        "model.shared_experts",
+        "always-on experts every token passes through, added to the routed output (DeepSeek-MoE)",
+    ),
+    (
+        "model.shared_d_ff",
+        "hidden width of each shared expert (0 = the routed experts' width)",
+    ),
+    (
         "model.dropout",
         "dropout on sub-layer outputs in training (paper: 0.1)",
     ),
