@@ -23,6 +23,9 @@ pub struct TrainArgs {
     /// TOML configuration file with [model] and [train] sections.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// A named recipe applied before any --set (see the presets below).
+    #[arg(long, conflicts_with_all = ["resume", "restart"])]
+    pub preset: Option<String>,
     /// Override one key, e.g. --set train.steps=1000 (repeatable; see the keys below).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -54,6 +57,7 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
     let TrainArgs {
         data,
         config,
+        preset,
         overrides,
         seed,
         name,
@@ -134,6 +138,9 @@ pub fn run(args: TrainArgs, device: &Device) -> Result<ExitCode> {
                 (Some(path), None) => RunConfig::from_toml_file(&path)?,
                 (None, None) => RunConfig::default(),
             };
+            if let Some(p) = &preset {
+                c.apply_preset(p)?;
+            }
             for o in &overrides {
                 c.set(o)?;
             }

@@ -129,10 +129,37 @@ fn bad_configuration() {
     let mut args = train_args(data, "x");
     args.extend(["--set", "train.lr=fast"]);
     assert_error(&switch(&args, &tmp), &["train.lr", "fast"]);
+    let mut args = train_args(data, "x");
+    args.extend(["--preset", "fastest"]);
+    assert_error(&switch(&args, &tmp), &["unknown preset `fastest`", "tuned"]);
     std::fs::write(tmp.join("bad.toml"), "[model]\nexperts = 8\n").unwrap();
     let out = switch(&["train", "--data", data, "--config", "bad.toml"], &tmp);
     assert_error(&out, &["bad.toml", "experts"]);
     assert!(!tmp.join("runs").exists());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// `--preset` applies its settings before `--set`, which wins where both name a key.
+#[test]
+fn a_preset_sets_its_keys_and_set_overrides_them() {
+    let tmp = common::temp_dir("cli-preset");
+    let data = common::training_text(&tmp);
+    let mut args = train_args(data.to_str().unwrap(), "p");
+    args.extend(["--preset", "tuned", "--set", "train.warmup=7"]);
+    let out = switch(&args, &tmp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = switch_transformer::train::RunConfig::from_toml_file(&tmp.join("runs/p/config.toml"))
+        .unwrap();
+    assert!(c.model.pos_embedding);
+    assert_eq!(
+        c.model.init,
+        switch_transformer::model::InitScheme::Independent
+    );
+    assert_eq!(c.train.warmup, 7);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

@@ -71,16 +71,9 @@ pub fn run(
     let mut entries = Vec::new();
     for (label, config) in variants(base, experts) {
         let run_dir = dir.join(&label);
-        if !is_complete(&run_dir, config.train.steps) {
-            if run_dir.exists() {
-                std::fs::remove_dir_all(&run_dir).with_context(|| {
-                    format!("cannot clear the unfinished run {}", run_dir.display())
-                })?;
-            }
-            let mut t = Trainer::create(config.clone(), data.clone(), &run_dir, device)?;
-            let finish = t.run(&AtomicBool::new(false), &mut |e| on_event(&label, e))?;
-            anyhow::ensure!(finish == Finish::Completed, "run {label} was interrupted");
-        }
+        train_unless_complete(&config, data, &run_dir, device, &mut |e| {
+            on_event(&label, e)
+        })?;
         // The model as it trained (its vocabulary from the data).
         let trained = RunDir::new(&run_dir).read_config()?;
         let params = trained.model.num_params();
@@ -104,6 +97,32 @@ pub fn run(
     }
     write_outputs(base, &entries, dir)?;
     Ok(entries)
+}
+
+/// Trains `config` into `run_dir`, unless a run there already validated at its last step
+/// (an unfinished one is cleared and trained again).
+pub(crate) fn train_unless_complete(
+    config: &RunConfig,
+    data: &TextData,
+    run_dir: &Path,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<()> {
+    if is_complete(run_dir, config.train.steps) {
+        return Ok(());
+    }
+    if run_dir.exists() {
+        std::fs::remove_dir_all(run_dir)
+            .with_context(|| format!("cannot clear the unfinished run {}", run_dir.display()))?;
+    }
+    let mut t = Trainer::create(config.clone(), data.clone(), run_dir, device)?;
+    let finish = t.run(&AtomicBool::new(false), on_event)?;
+    anyhow::ensure!(
+        finish == Finish::Completed,
+        "run {} was interrupted",
+        run_dir.display()
+    );
+    Ok(())
 }
 
 /// Whether the run in `run_dir` validated at its last step.
