@@ -68,6 +68,9 @@ enum Command {
     /// Train a dense baseline and Switch models with more and more experts at equal compute
     /// per token (same steps, same seed); write a table and a plot of validation loss.
     Compare(cli::compare::CompareArgs),
+    /// Turn a dense run into a Switch run that `train --resume` continues (sparse upcycling:
+    /// every expert a copy of its block's FFN).
+    Upcycle(cli::upcycle::UpcycleArgs),
     /// Write an HTML report (plus SVG charts) of one or more training runs.
     Report(cli::report::ReportArgs),
     /// Show which expert each token of a text goes to, in every layer (a run, or a Hugging
@@ -142,6 +145,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(args) => cli::bench::run(args, &device, &cli.device),
         Command::Compare(args) => cli::compare::run(args, &device),
         Command::Report(args) => cli::report::run(args, &device),
+        Command::Upcycle(args) => cli::upcycle::run(args, &device),
         Command::Route(args) => cli::route::run(args, &device),
         Command::Parity(args) => cli::parity::run(args, &device),
         Command::Seq2seq(args) => cli::seq2seq::run(args, &device),

@@ -12,6 +12,7 @@ pub mod route;
 pub mod sample;
 pub mod seq2seq;
 pub mod train;
+pub mod upcycle;
 
 use std::path::Path;
 

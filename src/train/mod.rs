@@ -20,6 +20,7 @@ pub(crate) mod run_dir;
 pub mod step;
 pub(crate) mod strategy;
 pub(crate) mod trainer;
+pub mod upcycle;
 
 pub use config::{RunConfig, TrainConfig};
 pub use metrics::{MetricsLine, TrainLine, ValidLine};

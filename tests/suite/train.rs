@@ -205,3 +205,119 @@ fn one_model_step_syncs_with_the_host_once() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Sparse upcycling: a dense run's checkpoint becomes a Switch run whose experts are copies of
+/// the dense FFNs (weights and Adam moments) and whose router is fresh. With dropping off its
+/// logits are the dense model's; `Trainer::resume` continues it from the dense run's step, and
+/// its metrics begin with the dense run's. Bad requests are refused before anything is written.
+#[test]
+fn an_upcycled_dense_run_computes_the_dense_model_and_trains_on() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use rand::SeedableRng;
+    use switch_transformer::optim::LabmlAdam;
+    use switch_transformer::routing::RoutingRng;
+    use switch_transformer::store::{TensorFile, host_f32};
+    use switch_transformer::train::checkpoint;
+    use switch_transformer::train::upcycle::{switch_config, upcycle};
+    use switch_transformer::train::{RunConfig, RunDir};
+
+    let tmp = common::temp_dir("upcycle");
+    let text = common::training_text(&tmp);
+    let device = common::test_device();
+    let load = || TextData::load(&text, 17).unwrap();
+    let mut dense = common::tiny_run_config();
+    dense.set("model.switch_every=0").unwrap();
+    dense.set("train.steps=4").unwrap();
+    let dense_dir = tmp.join("dense");
+    Trainer::create(dense.clone(), load(), &dense_dir, &device)
+        .unwrap()
+        .run(&AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+    let dense = RunDir::new(&dense_dir).read_config().unwrap();
+
+    let config = switch_config(&dense, 4, 1, &["model.drop_tokens=false".into()]).unwrap();
+    let up = tmp.join("up");
+    let made = upcycle(&dense_dir, &up, &config, 7, &device).unwrap();
+    assert_eq!(made.step, 4);
+    assert_eq!(
+        made.fresh.len(),
+        4,
+        "two routers' weight and bias: {:?}",
+        made.fresh
+    );
+    assert!(made.params.1 > made.params.0);
+
+    let loaded = |dir: &std::path::Path| {
+        let c = RunDir::new(dir).read_config().unwrap();
+        let ckpt = RunDir::new(dir).latest_checkpoint().unwrap();
+        let l = checkpoint::load(
+            &ckpt,
+            &c.model,
+            LabmlAdam::default(),
+            &device.clone().autodiff(),
+        )
+        .unwrap();
+        (l, ckpt)
+    };
+    let ((d, d_ckpt), (u, u_ckpt)) = (loaded(&dense_dir), loaded(&up));
+    assert_eq!(u.state.step, d.state.step);
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new((0..32).map(|i| (i * 7 % 40) as i64).collect(), [2, 16]),
+        &device,
+    );
+    let logits = |m: &switch_transformer::SwitchTransformer| {
+        host_f32(
+            m.forward(ids.clone(), &mut RoutingRng::seed_from_u64(0))
+                .logits
+                .reshape([-1]),
+        )
+    };
+    let (a, b) = (logits(&d.model), logits(&u.model));
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(err / scale < 1e-5, "upcycled logits differ by {err}");
+    // Each expert starts with its block's dense FFN's Adam moments; the router with none.
+    let (dopt, uopt) = (
+        TensorFile::read(&d_ckpt.join("optimizer.safetensors")).unwrap(),
+        TensorFile::read(&u_ckpt.join("optimizer.safetensors")).unwrap(),
+    );
+    let dense_m = dopt
+        .get("m.layers.1.feed_forward.Dense.layer1.weight")
+        .unwrap()
+        .to_f32();
+    let expert_m = uopt
+        .get("m.layers.1.feed_forward.Switch.experts.w1")
+        .unwrap()
+        .to_f32();
+    assert_eq!(expert_m, dense_m.repeat(4));
+    let router = uopt
+        .get("v.layers.0.feed_forward.Switch.router.switch.weight")
+        .unwrap();
+    assert!(router.to_f32().iter().all(|&v| v == 0.0));
+
+    // It trains on from step 4, after the dense run's metrics.
+    let mut t = Trainer::resume(&up, load(), &device).unwrap();
+    assert_eq!(t.step, 4);
+    t.config.train.steps = 8;
+    assert_eq!(
+        t.run(&AtomicBool::new(false), &mut |_| {}).unwrap(),
+        Finish::Completed
+    );
+    let lines = train_losses(&metrics(&up));
+    assert_eq!(lines.len(), 8);
+    assert_eq!(lines[..4], train_losses(&metrics(&dense_dir))[..]);
+    assert!(lines.iter().all(|(_, l)| l.is_finite()));
+
+    // Refused: a Switch run, an existing folder, experts of another width.
+    let switch_run = RunConfig::from_toml_file(&up.join("config.toml")).unwrap();
+    let e = switch_config(&switch_run, 4, 1, &[]).unwrap_err();
+    assert!(e.to_string().contains("not dense"), "{e}");
+    let e = upcycle(&dense_dir, &up, &config, 7, &device).unwrap_err();
+    assert!(e.to_string().contains("exists"), "{e}");
+    let e = switch_config(&dense, 4, 1, &["model.expert_d_ff=16".into()]).unwrap_err();
+    assert!(e.to_string().contains("copy of the dense FFN"), "{e}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
