@@ -11,8 +11,9 @@
 //! combined      1 shared of width f/4 + 4E routed of width f/4, top-3, bias balancing
 //! ```
 //! Each row: validation loss at the chosen steps (mean ± standard deviation over the seeds),
-//! median training tokens/s, and over the second half of training the dropped fraction and
-//! the load imbalance (largest expert load over the mean load, averaged over layers).
+//! median training tokens/s, and over the second half of training the fraction of assignments
+//! dropped (k per token with top-k) and the load imbalance (the largest expert's share of
+//! first choices over the mean share, averaged over layers).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -139,9 +140,10 @@ pub struct SeedRun {
     pub loss_at: Vec<f64>,
     /// Median training throughput.
     pub tokens_per_s: f64,
-    /// Mean dropped fraction over the second half of training.
+    /// Mean fraction of assignments (k per token) dropped over the second half of training.
     pub dropped_frac: f64,
-    /// Mean over the second half of training and over layers of max load / mean load.
+    /// Mean over the second half of training and over layers of max load / mean load (loads
+    /// of first choices).
     pub imbalance: f64,
 }
 
@@ -229,6 +231,8 @@ impl Grid<'_> {
 
     fn seed_run(&self, run_dir: &Path) -> Result<SeedRun> {
         let m = RunMetrics::read(run_dir)?;
+        // The log counts dropped assignments per token: k of them per token with top-k.
+        let k = RunDir::new(run_dir).read_config()?.model.top_k.max(1) as f64;
         let loss_at = self
             .at
             .iter()
@@ -251,7 +255,7 @@ impl Grid<'_> {
         Ok(SeedRun {
             loss_at,
             tokens_per_s: median(&speeds),
-            dropped_frac: mean(&|t| t.dropped_frac),
+            dropped_frac: mean(&|t| t.dropped_frac) / k,
             imbalance: mean(&|t| {
                 let n = t.layers.len().max(1) as f64;
                 t.layers
@@ -270,9 +274,11 @@ impl Grid<'_> {
         let seeds: Vec<String> = self.seeds.iter().map(u64::to_string).collect();
         let _ = writeln!(
             s,
-            "Base: d_model {}, {} layers, {} experts of width {}, top-{}, capacity factor {}, {} \
-             steps of {}x{} tokens, lr {} warm-up {}; seeds {} (mean ± standard deviation over \
-             the seeds; dropped and max/mean load over the second half of training).\n",
+            "Base: d_model {}, {} layers, {} experts of width {}, top-{}, capacity factor {} \
+             ({}), {} steps of {}x{} tokens, lr {} warm-up {}; seeds {} (mean ± standard deviation over \
+             the seeds; over the second half of training: dropped = fraction of assignments \
+             dropped, max/mean load = the busiest expert's share of first choices over the \
+             mean share).\n",
             m.d_model,
             m.n_layers,
             m.n_experts,
@@ -283,6 +289,11 @@ impl Grid<'_> {
             },
             m.top_k,
             m.capacity_factor,
+            if m.drop_tokens {
+                "dropping on"
+            } else {
+                "dropless"
+            },
             t.steps,
             t.batch_size,
             t.seq_len,

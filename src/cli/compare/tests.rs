@@ -97,6 +97,8 @@ fn the_routing_grid_trains_every_option_set_from_every_seed() {
     let variants = vec![
         defaults[0].clone(),
         Variant::parse("shared-seq:model.shared_experts=1,model.balance_scope=sequence").unwrap(),
+        // Capacity for a quarter of the 2 x tokens assignments: at least 3/4 of them drop.
+        Variant::parse("top2:model.top_k=2,model.capacity_factor=0.25").unwrap(),
     ];
     let grid = Grid {
         base: &base,
@@ -108,7 +110,14 @@ fn the_routing_grid_trains_every_option_set_from_every_seed() {
     let rows = grid
         .run(&data, &dir, &Device::default(), &mut |_, _, _| {})
         .unwrap();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 3);
+    for run in &rows[2].runs {
+        let d = run.dropped_frac;
+        assert!(
+            (0.75..=1.0).contains(&d),
+            "a fraction of the assignments: {d}"
+        );
+    }
     for r in &rows {
         assert_eq!(r.runs.len(), 2);
         for run in &r.runs {
