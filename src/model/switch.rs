@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::expert::Experts;
@@ -33,7 +32,9 @@ use crate::routing::{
 };
 use crate::store::host_f32;
 
+mod noise;
 mod stats;
+pub(crate) use noise::{dropout_mask, uniform_tensor};
 pub use stats::{HostStats, SwitchStats};
 
 /// What a token dropped over capacity contributes.
@@ -474,34 +475,4 @@ pub(crate) fn z_loss(logits: Tensor<2>) -> Tensor<1> {
     let m = logits.clone().detach().max_dim(1);
     let lse = (logits - m.clone()).exp().sum_dim(1).log() + m;
     lse.reshape([n]).square().mean()
-}
-
-/// Uniform noise in `[lo, hi)` drawn from the run's generator (so runs and resumes reproduce).
-pub(crate) fn uniform_tensor<const D: usize>(
-    rng: &mut RoutingRng,
-    shape: [usize; D],
-    lo: f64,
-    hi: f64,
-    device: &Device,
-) -> Tensor<D> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| rng.random_range(lo as f32..hi as f32))
-        .collect();
-    Tensor::from_data(TensorData::new(v, shape), device)
-}
-
-/// Inverted-dropout mask: 0 with probability `p`, else `1 / (1 - p)`.
-pub(crate) fn dropout_mask<const D: usize>(
-    rng: &mut RoutingRng,
-    shape: [usize; D],
-    p: f64,
-    device: &Device,
-) -> Tensor<D> {
-    let n: usize = shape.iter().product();
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let v: Vec<f32> = (0..n)
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-        .collect();
-    Tensor::from_data(TensorData::new(v, shape), device)
 }
