@@ -242,6 +242,9 @@ impl Trainer {
     ) -> Self {
         let t = &config.train;
         let world = replicas.world_handle();
+        if world.as_ref().is_none_or(|w| w.rank() == 0) {
+            note_host_routing(&config.model, &replicas.first().device);
+        }
         let valid = valid_batches(&data.valid, t.seq_len, t.batch_size, Some(t.eval_batches));
         let noam = Noam {
             lr: t.lr,
@@ -264,6 +267,34 @@ impl Trainer {
             config,
         }
     }
+}
+
+/// Says so where the routing decision of a GPU run goes through the host although it was left
+/// to the device (`route_on = auto`): see [`host_routing_note`].
+fn note_host_routing(model: &crate::model::ModelConfig, device: &Device) {
+    let gpu = !crate::device::Paths::of(device).host_routing;
+    if let Some(note) = host_routing_note(model, gpu) {
+        tracing::warn!("{note}");
+    }
+}
+
+/// The note for a model on a GPU (`gpu`) whose routing, left to the device, is decided on the
+/// host: device routing decides top-1 with dropping at random or by position only, so top-k,
+/// dropless and confidence routing read the router's output back once per Switch layer and
+/// step.
+fn host_routing_note(model: &crate::model::ModelConfig, gpu: bool) -> Option<String> {
+    let routing = model.switch_config().routing();
+    (gpu && model.n_switch_layers() > 0
+        && routing.place == crate::routing::RoutePlace::Auto
+        && !routing.device_capable())
+    .then(|| {
+        format!(
+            "routing is decided on the host (one read of the router's output per Switch layer \
+             and step): the device decides top-1 routing with dropping at random or by \
+             position only (model.top_k = {}, model.drop_tokens = {}, model.drop_policy = {:?})",
+            model.top_k, model.drop_tokens, model.drop_policy
+        )
+    })
 }
 
 /// The run's replicas: `first` and its copies on `devices`, routing as `train.global_routing`
@@ -289,4 +320,37 @@ fn check_prompt(config: &RunConfig, data: &TextData) -> Result<()> {
         .encode(&config.train.sample_prompt)
         .map(|_| ())
         .context("train.sample_prompt holds a character the data does not")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_routing_note;
+    use crate::model::ModelConfig;
+
+    #[test]
+    fn a_gpu_run_routed_on_the_host_is_told_so() {
+        let fine = ModelConfig {
+            n_experts: 16,
+            top_k: 4,
+            ..ModelConfig::default()
+        };
+        let note = host_routing_note(&fine, true).unwrap();
+        assert!(note.contains("model.top_k = 4"), "{note}");
+        assert_eq!(
+            host_routing_note(&fine, false),
+            None,
+            "the CPU routes on the host"
+        );
+        assert_eq!(host_routing_note(&ModelConfig::default(), true), None);
+        let dropless = ModelConfig {
+            drop_tokens: false,
+            ..ModelConfig::default()
+        };
+        assert!(host_routing_note(&dropless, true).is_some());
+        let dense = ModelConfig {
+            switch_every: 0,
+            ..fine
+        };
+        assert_eq!(host_routing_note(&dense, true), None);
+    }
 }
