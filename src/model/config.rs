@@ -281,7 +281,7 @@ impl ModelConfig {
     }
 
     /// Hidden width of each expert: `expert_d_ff`, or `d_ff` when that is 0.
-    pub(crate) fn expert_width(&self) -> usize {
+    pub fn expert_width(&self) -> usize {
         if self.expert_d_ff == 0 {
             self.d_ff
         } else {
@@ -315,11 +315,11 @@ impl ModelConfig {
         let attn = 4 * (d * d + d);
         let norms = 4 * d;
         let router = d * e + e;
-        let ffn = d * f + f + f * d + d;
-        let fe = self.expert_width();
-        let expert = d * fe + fe + fe * d + d;
-        let fs = self.switch_config().shared_width();
-        let shared = if fs > 0 { d * fs + fs + fs * d + d } else { 0 };
+        // An FFN of hidden width w (its two layers with biases); none for w = 0.
+        let ffn_of = |w: usize| if w > 0 { d * w + w + w * d + d } else { 0 };
+        let ffn = ffn_of(f);
+        let expert = ffn_of(self.expert_width());
+        let shared = ffn_of(self.switch_config().shared_width());
         let switch = self.n_switch_layers();
         let pos = if self.pos_embedding {
             self.max_seq_len * d

@@ -22,8 +22,7 @@ pub(crate) fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tenso
 /// constant) and `P` the mean routing probability over this pass's tokens (carries the
 /// gradient). Equals the number of layers at perfect balance.
 pub fn load_balancing_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
-    let mut total: Option<Tensor<1>> = None;
-    for s in stats {
+    sum_over_layers(stats, device, |s| {
         let n_experts = s.counts.dims()[0] as f64;
         let tokens = s.n_tokens() as f64;
         // n_experts * f_i / tokens folded into one constant vector: sum_i c_i * P_sum_i.
@@ -33,13 +32,8 @@ pub fn load_balancing_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> 
             .div_scalar(s.group_tokens as f64)
             .mul_scalar(n_experts)
             .div_scalar(tokens);
-        let layer = (s.route_prob_sum.clone() * coef).sum();
-        total = Some(match total {
-            Some(t) => t + layer,
-            None => layer,
-        });
-    }
-    total.unwrap_or_else(|| Tensor::zeros([1], device))
+        (s.route_prob_sum.clone() * coef).sum()
+    })
 }
 
 /// The sequence-level load-balancing loss summed over layers: for each layer
@@ -52,8 +46,7 @@ pub fn sequence_balancing_loss(
     seq_len: usize,
     device: &Device,
 ) -> Tensor<1> {
-    let mut total: Option<Tensor<1>> = None;
-    for s in stats {
+    sum_over_layers(stats, device, |s| {
         let [tokens, n_experts] = s.route_prob.dims();
         let n_seq = tokens / seq_len.max(1);
         assert_eq!(n_seq * seq_len, tokens, "tokens are whole sequences");
@@ -67,13 +60,8 @@ pub fn sequence_balancing_loss(
         let p = per_sequence(s.route_prob.clone());
         // n_experts * sum_i (count_si / T) * (P_sum_si / T), averaged over the S sequences.
         let scale = n_experts as f64 / (seq_len * seq_len * n_seq) as f64;
-        let layer = (f * p).sum().mul_scalar(scale);
-        total = Some(match total {
-            Some(t) => t + layer,
-            None => layer,
-        });
-    }
-    total.unwrap_or_else(|| Tensor::zeros([1], device))
+        (f * p).sum().mul_scalar(scale)
+    })
 }
 
 /// The load-balancing loss over `scope`'s tokens (sequences of `seq_len`).
@@ -91,9 +79,18 @@ pub fn balancing_loss(
 
 /// Router z-loss summed over layers.
 pub(crate) fn router_z_loss(stats: &[SwitchStats], device: &Device) -> Tensor<1> {
+    sum_over_layers(stats, device, |s| s.z_loss.clone())
+}
+
+/// `layer(s)` summed over the Switch layers in order (`[1]`; 0 without any).
+fn sum_over_layers(
+    stats: &[SwitchStats],
+    device: &Device,
+    layer: impl Fn(&SwitchStats) -> Tensor<1>,
+) -> Tensor<1> {
     stats
         .iter()
-        .map(|s| s.z_loss.clone())
+        .map(layer)
         .reduce(|a, b| a + b)
         .unwrap_or_else(|| Tensor::zeros([1], device))
 }

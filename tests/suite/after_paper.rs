@@ -19,12 +19,10 @@ fn tensor(v: &[f64], shape: [usize; 2], device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(v, shape), device)
 }
 
+/// [`common::max_rel_err`] of f32 values against f64 ones.
 fn max_rel(a: &[f32], b: &[f64]) -> f64 {
-    let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y).abs()))
-        / scale
+    let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+    common::max_rel_err(&a, b)
 }
 
 /// The sequence-level loss equals `(1/S) sum_s E sum_i f_si P_si` computed token by token in
@@ -243,11 +241,7 @@ fn shared_experts_are_counted_saved_and_decoded() {
                 .forward_cached(ids, &mut burn_cache, 8, &mut rng)
                 .reshape([-1]),
         );
-        let scale = burn.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = host
-            .iter()
-            .zip(&burn)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err / scale < 1e-5, "step {step}: {err}");
+        let err = common::max_rel_err_f32(&host, &burn);
+        assert!(err < 1e-5, "step {step}: {err}");
     }
 }

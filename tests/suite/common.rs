@@ -75,6 +75,12 @@ pub fn max_rel_err(a: &[f64], b: &[f64]) -> f64 {
         / scale
 }
 
+/// [`max_rel_err`] of f32 values (compared in f64).
+pub fn max_rel_err_f32(a: &[f32], b: &[f32]) -> f64 {
+    let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    max_rel_err(&wide(a), &wide(b))
+}
+
 /// Tiny Shakespeare if it can be found ($SWITCH_DATA, then ../shared/data/), else a generated
 /// text written to `dir` (the test says which it uses).
 pub fn training_text(dir: &std::path::Path) -> PathBuf {

@@ -503,6 +503,28 @@ fn expert_biases_are_the_same_on_every_rank() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// The expert-parallel run `c` trained in one process with every expert (`tmp/one`) and on 2
+/// thread ranks (`tmp/two`); `inspect` of each rank's trainer at its end, in rank order.
+fn one_process_and_two_ranks<R: Send>(
+    c: &RunConfig,
+    tmp: &Path,
+    text: &Path,
+    inspect: impl Fn(&Trainer) -> R + Sync,
+) -> Vec<R> {
+    let mut one = c.clone();
+    one.train.expert_parallel = false;
+    train_on_ranks(1, &one, text, &tmp.join("one"), None);
+    let run = tmp.join("two");
+    on_ranks(2, |world| {
+        let mut c = c.clone();
+        c.train.replicas = 2;
+        let data = TextData::load(text, c.train.seq_len + 1).unwrap();
+        let mut t = Trainer::create(c, data, &run, placement(Some(world))).unwrap();
+        t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+        inspect(&t)
+    })
+}
+
 /// [`config`] with the experts sharded over the ranks.
 fn expert_parallel(steps: u64) -> RunConfig {
     let mut c = config(steps);
@@ -513,17 +535,8 @@ fn expert_parallel(steps: u64) -> RunConfig {
 #[test]
 fn expert_parallel_ranks_take_the_steps_of_one_process() {
     let (tmp, text) = setup("ep-same");
-    let c = expert_parallel(20);
-    let mut one = c.clone();
-    one.train.expert_parallel = false;
-    train_on_ranks(1, &one, &text, &tmp.join("one"), None);
     let run = tmp.join("two");
-    let held = on_ranks(2, |world| {
-        let mut c = c.clone();
-        c.train.replicas = 2;
-        let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
-        let mut t = Trainer::create(c, data, &run, placement(Some(world))).unwrap();
-        t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+    let held = one_process_and_two_ranks(&expert_parallel(20), &tmp, &text, |t| {
         // What this rank holds of each Switch layer: its share of the experts.
         let s = t.replicas()[0].model.layers[0].switch().unwrap();
         (s.local_experts(), s.n_experts())
@@ -562,16 +575,8 @@ fn shared_experts_are_replicated_on_expert_parallel_ranks() {
     c.set("model.shared_experts=1").unwrap();
     c.set("model.shared_d_ff=16").unwrap();
     c.set("model.balance_scope=sequence").unwrap();
-    let mut one = c.clone();
-    one.train.expert_parallel = false;
-    train_on_ranks(1, &one, &text, &tmp.join("one"), None);
     let run = tmp.join("two");
-    let shared = on_ranks(2, |world| {
-        let mut c = c.clone();
-        c.train.replicas = 2;
-        let data = TextData::load(&text, c.train.seq_len + 1).unwrap();
-        let mut t = Trainer::create(c, data, &run, placement(Some(world))).unwrap();
-        t.run(&AtomicBool::new(false), &mut |_| {}).unwrap();
+    let shared = one_process_and_two_ranks(&c, &tmp, &text, |t| {
         let s = t.replicas()[0].model.layers[0].switch().unwrap();
         assert_eq!(s.local_experts(), 2);
         switch_transformer::store::host_f32(s.shared.as_ref().unwrap().layer1.weight.val())

@@ -1,5 +1,7 @@
 //! Generation: the key/value cache gives the same logits as recomputing the window.
 
+use crate::common;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use switch_transformer::ModelConfig;
@@ -50,12 +52,8 @@ fn cached_logits_equal_full_forward() {
         cached.extend(step.into_data().try_to_vec::<f32>().unwrap());
     }
     assert_eq!(cache[0].len(), 12);
-    let scale = full.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = full
-        .iter()
-        .zip(&cached)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(err / scale < 1e-5, "cached logits differ: {err}");
+    let err = common::max_rel_err_f32(&cached, &full);
+    assert!(err < 1e-5, "cached logits differ: {err}");
 }
 
 #[test]
@@ -156,12 +154,8 @@ fn host_decoder_matches_the_burn_path() {
                 .into_data()
                 .try_to_vec()
                 .unwrap();
-            let scale = burn.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = host
-                .iter()
-                .zip(&burn)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err / scale < 1e-5, "variant {i} step {step}: {err}");
+            let err = common::max_rel_err_f32(&host, &burn);
+            assert!(err < 1e-5, "variant {i} step {step}: {err}");
         }
         let opts = SampleOptions {
             max_tokens: 40,

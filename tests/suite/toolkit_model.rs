@@ -1,6 +1,7 @@
 //! The paper's toolkit beyond labml's miniature, model-wide options: Switch layers every k-th
 //! block, learned positions, initialisation schemes, dropouts, selective precision.
 
+use crate::common;
 use crate::toolkit::{config, input, switch};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -255,12 +256,8 @@ fn selective_precision_keeps_the_router_in_f32() {
             .try_to_vec()
             .unwrap(),
     );
-    let scale = la.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = la
-        .iter()
-        .zip(&lb)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(err / scale < 0.05, "bf16 logits differ by {}", err / scale);
+    let err = common::max_rel_err_f32(&lb, &la);
+    assert!(err < 0.05, "bf16 logits differ by {err}");
     let targets = ids(&device, 2, 8);
     let losses = switch_transformer::model::loss::Losses::new(
         b.logits,

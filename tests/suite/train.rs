@@ -273,12 +273,8 @@ fn an_upcycled_dense_run_computes_the_dense_model_and_trains_on() {
         )
     };
     let (a, b) = (logits(&d.model), logits(&u.model));
-    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(err / scale < 1e-5, "upcycled logits differ by {err}");
+    let err = common::max_rel_err_f32(&b, &a);
+    assert!(err < 1e-5, "upcycled logits differ by {err}");
     // Each expert starts with its block's dense FFN's Adam moments; the router with none.
     let (dopt, uopt) = (
         TensorFile::read(&d_ckpt.join("optimizer.safetensors")).unwrap(),

@@ -78,15 +78,7 @@ impl Variant {
 /// The routing grid for `base` (see the module comment): each option set at the base's
 /// compute per token.
 pub fn routing_variants(base: &RunConfig) -> Vec<Variant> {
-    let m = &base.model;
-    let (f, e) = (
-        if m.expert_d_ff == 0 {
-            m.d_ff
-        } else {
-            m.expert_d_ff
-        },
-        m.n_experts,
-    );
+    let (f, e) = (base.model.expert_width(), base.model.n_experts);
     let v = |label: &str, sets: Vec<String>| Variant {
         label: label.into(),
         sets,
@@ -207,7 +199,8 @@ impl Grid<'_> {
         let mut rows = Vec::new();
         for (variant, config) in self.variants.iter().zip(configs) {
             let mut runs = Vec::new();
-            let mut trained = config.clone();
+            // The model as it trained (its vocabulary from the data), the same for every seed.
+            let mut trained = None;
             for &seed in self.seeds {
                 let mut c = config.clone();
                 c.train.seed = seed;
@@ -215,9 +208,11 @@ impl Grid<'_> {
                 train_unless_complete(&c, data, &run_dir, device, &mut |e| {
                     on_event(&variant.label, seed, e)
                 })?;
-                trained = RunDir::new(&run_dir).read_config()?;
-                runs.push(self.seed_run(&run_dir)?);
+                let read = RunDir::new(&run_dir).read_config()?;
+                runs.push(self.seed_run(&run_dir, &read)?);
+                trained = Some(read);
             }
+            let trained = trained.expect("at least one seed");
             rows.push(Row {
                 variant: variant.clone(),
                 params: trained.model.num_params(),
@@ -229,10 +224,11 @@ impl Grid<'_> {
         Ok(rows)
     }
 
-    fn seed_run(&self, run_dir: &Path) -> Result<SeedRun> {
+    /// One seed's results from the run in `run_dir`, trained with `config`.
+    fn seed_run(&self, run_dir: &Path, config: &RunConfig) -> Result<SeedRun> {
         let m = RunMetrics::read(run_dir)?;
         // The log counts dropped assignments per token: k of them per token with top-k.
-        let k = RunDir::new(run_dir).read_config()?.model.top_k.max(1) as f64;
+        let k = config.model.top_k.max(1) as f64;
         let loss_at = self
             .at
             .iter()
@@ -282,11 +278,7 @@ impl Grid<'_> {
             m.d_model,
             m.n_layers,
             m.n_experts,
-            if m.expert_d_ff == 0 {
-                m.d_ff
-            } else {
-                m.expert_d_ff
-            },
+            m.expert_width(),
             m.top_k,
             m.capacity_factor,
             if m.drop_tokens {
