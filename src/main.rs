@@ -79,6 +79,10 @@ enum Command {
     /// Fill in text with a Hugging Face Switch Transformers checkpoint (`google/switch-base-8`
     /// and up): greedy or sampled decoding with a key/value cache.
     Seq2seq(cli::seq2seq::Seq2seqArgs),
+    /// Fine-tune a Hugging Face Switch Transformers checkpoint on JSON lines of
+    /// {"input", "target"}, as transformers' Trainer does; the model is written in Hugging
+    /// Face's layout.
+    Finetune(cli::finetune::FinetuneArgs),
     /// Load a Hugging Face Switch Transformers checkpoint and save it again (f32, bf16, f16).
     Convert(cli::seq2seq::ConvertArgs),
     /// Replay fixtures recorded from labml's PyTorch code and compare every tensor.
@@ -150,5 +154,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Parity(args) => cli::parity::run(args, &device),
         Command::Seq2seq(args) => cli::seq2seq::run(args, &device),
         Command::Convert(args) => cli::seq2seq::convert(args, &device),
+        Command::Finetune(args) => cli::finetune::run(args, &device),
     }
 }

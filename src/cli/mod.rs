@@ -4,6 +4,7 @@ pub mod bandwidth;
 pub mod bench;
 pub mod compare;
 pub mod eval;
+pub mod finetune;
 pub mod hf_bench;
 pub mod logging;
 pub mod parity;

@@ -64,6 +64,18 @@ pub struct HfConfig {
     /// The router's dtype (only `float32` is supported).
     #[serde(default = "default_router_dtype")]
     pub router_dtype: String,
+    /// Weight of the router z-loss in the training loss.
+    #[serde(default = "default_router_coef")]
+    pub router_z_loss_coef: f64,
+    /// Weight of the load-balancing loss in the training loss.
+    #[serde(default = "default_router_coef")]
+    pub router_aux_loss_coef: f64,
+    /// Dropout probability in training.
+    #[serde(default = "default_dropout")]
+    pub dropout_rate: f64,
+    /// The router's multiplicative input noise in training.
+    #[serde(default = "default_jitter")]
+    pub router_jitter_noise: f64,
     /// The whole `config.json` as read (written back unchanged when the model is saved).
     #[serde(skip)]
     pub raw: serde_json::Value,
@@ -80,6 +92,15 @@ fn default_act() -> String {
 }
 fn default_true() -> bool {
     true
+}
+fn default_router_coef() -> f64 {
+    0.001
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_jitter() -> f64 {
+    0.01
 }
 fn default_router_dtype() -> String {
     "float32".into()
@@ -142,6 +163,22 @@ impl HfConfig {
                 "layer_norm_epsilon must be a number > 0 (transformers' default is 1e-6), got {}",
                 self.layer_norm_epsilon
             );
+        }
+        for (what, v) in [
+            ("dropout_rate", self.dropout_rate),
+            ("router_jitter_noise", self.router_jitter_noise),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{what} must be in [0, 1), got {v}");
+            }
+        }
+        for (what, v) in [
+            ("router_z_loss_coef", self.router_z_loss_coef),
+            ("router_aux_loss_coef", self.router_aux_loss_coef),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{what} must be a number >= 0, got {v}");
+            }
         }
         if self.num_sparse_encoder_layers + self.num_sparse_decoder_layers > 0
             && self.num_experts == 0

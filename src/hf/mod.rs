@@ -14,9 +14,12 @@
 //! | [`tokenize`] | text to ids and back with the checkpoint's tokenizer.json |
 //! | [`routes`] | which expert every token goes to, per sparse layer, with load and drops |
 //! | [`parity`] | fixtures recorded with transformers (`tools/hf_fixtures.py`) replayed |
+//! | [`training`] | a training pass (dropout, jitter, router logits) and the parameter walk |
+//! | [`finetune`] | training them as transformers' `Trainer` does: loss, AdamW, runs, ROUGE |
 
 pub mod checkpoint;
 pub(crate) mod config;
+pub mod finetune;
 pub mod generate;
 pub(crate) mod linear;
 pub mod model;
@@ -24,6 +27,7 @@ pub mod parity;
 pub mod routes;
 pub mod sparse;
 pub mod tokenize;
+pub mod training;
 
 pub use config::HfConfig;
 pub use model::HfSwitchTransformer;

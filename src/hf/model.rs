@@ -25,6 +25,9 @@ use crate::model::attention::KvCache;
 
 mod export;
 mod load;
+mod params;
+
+use crate::hf::training::{Training, dropout};
 
 /// Root-mean-square layer norm with a scale and no bias.
 #[derive(Debug, Clone)]
@@ -152,12 +155,22 @@ impl Attention {
     }
 
     /// Attention of `x` `[b, q, d]` over the keys and values in `kv` (not empty), with
-    /// `bias` (position bias plus mask, broadcastable to `[b, heads, q, k]`).
-    pub(crate) fn attend(&self, x: Tensor<3>, kv: &KvCache, bias: Tensor<4>) -> Tensor<3> {
+    /// `bias` (position bias plus mask, broadcastable to `[b, heads, q, k]`); when training,
+    /// with dropout on the attention probabilities.
+    pub(crate) fn attend(
+        &self,
+        x: Tensor<3>,
+        kv: &KvCache,
+        bias: Tensor<4>,
+        train: &mut Option<&mut Training>,
+    ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (k, v) = (kv.k.clone().expect("keys"), kv.v.clone().expect("values"));
         let q = self.split(matmul3(x, &self.q));
-        let out = if s == 1 {
+        let out = if let Some(t) = train.as_deref_mut() {
+            let scores = q.matmul(k.swap_dims(2, 3)) + bias;
+            t.dropout(softmax(scores, 3)).matmul(v)
+        } else if s == 1 {
             // One query (a decoding step): the products as multiply-and-sum over the keys'
             // layout, two ops each instead of a batched matmul of one row per head (a
             // general matmul call per head on the CPU).
@@ -205,17 +218,18 @@ impl Block {
         x: Tensor<3>,
         grouping: Grouping,
         routes: &mut Vec<Routes>,
+        train: &mut Option<&mut Training>,
     ) -> Result<Tensor<3>> {
         let h = self.ff_norm.forward(x.clone());
         let y = match &self.ff {
-            FeedForward::Dense { wi, wo } => matmul3(relu(matmul3(h, wi)), wo),
+            FeedForward::Dense { wi, wo } => matmul3(dropout(relu(matmul3(h, wi)), train), wo),
             FeedForward::Sparse(mlp) => {
-                let (y, r) = mlp.forward(h, grouping)?;
+                let (y, r) = mlp.forward(h, grouping, train)?;
                 routes.push(r);
                 y
             }
         };
-        Ok(x + y)
+        Ok(x + dropout(y, train))
     }
 }
 
@@ -338,10 +352,22 @@ impl HfSwitchTransformer {
 
     /// The encoder on `ids` `[b, s]` (row-major) with `mask` (1 = token, 0 = padding).
     pub fn encode(&self, ids: &[i64], mask: &[i64], b: usize, s: usize) -> Result<Encoded> {
+        self.encode_pass(ids, mask, b, s, None)
+    }
+
+    /// [`Self::encode`], in a training pass when `train` is given.
+    pub fn encode_pass(
+        &self,
+        ids: &[i64],
+        mask: &[i64],
+        b: usize,
+        s: usize,
+        mut train: Option<&mut Training>,
+    ) -> Result<Encoded> {
         check_shape("input ids", ids.len(), b, s)?;
         check_shape("attention mask", mask.len(), b, s)?;
         let c = &self.config;
-        let mut x = self.embed(&self.encoder.embed, ids, b, s)?;
+        let mut x = dropout(self.embed(&self.encoder.embed, ids, b, s)?, &mut train);
         let mut bias = None;
         let mut routes = Vec::new();
         for block in &self.encoder.blocks {
@@ -352,11 +378,15 @@ impl HfSwitchTransformer {
             let h = block.self_norm.forward(x.clone());
             let mut kv = KvCache::default();
             block.self_attn.extend(h.clone(), &mut kv);
-            x = x + block.self_attn.attend(h, &kv, bias.clone().unwrap());
-            x = block.feed_forward(x, Grouping::PerSequence, &mut routes)?;
+            let a = block
+                .self_attn
+                .attend(h, &kv, bias.clone().unwrap(), &mut train);
+            x = x + dropout(a, &mut train);
+            x = block.feed_forward(x, Grouping::PerSequence, &mut routes, &mut train)?;
         }
+        let hidden = dropout(self.encoder.final_norm.forward(x), &mut train);
         Ok(Encoded {
-            hidden: self.encoder.final_norm.forward(x),
+            hidden,
             mask: mask.to_vec(),
             routes,
         })
@@ -396,6 +426,21 @@ impl HfSwitchTransformer {
         cache: Option<&mut DecoderCache>,
         grouping: Grouping,
     ) -> Result<(Tensor<3>, Vec<Routes>)> {
+        self.decode_pass(ids, b, t, enc, cache, grouping, None)
+    }
+
+    /// [`Self::decode`], in a training pass when `train` is given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_pass(
+        &self,
+        ids: &[i64],
+        b: usize,
+        t: usize,
+        enc: &Encoded,
+        cache: Option<&mut DecoderCache>,
+        grouping: Grouping,
+        mut train: Option<&mut Training>,
+    ) -> Result<(Tensor<3>, Vec<Routes>)> {
         check_shape("decoder input ids", ids.len(), b, t)?;
         let c = &self.config;
         let src = enc.hidden.dims()[1];
@@ -409,7 +454,7 @@ impl HfSwitchTransformer {
         };
         let past = cache.len();
         let cross_bias = key_mask(&enc.mask, b, src, &self.device);
-        let mut y = self.embed(&self.decoder.embed, ids, b, t)?;
+        let mut y = dropout(self.embed(&self.decoder.embed, ids, b, t)?, &mut train);
         let mut bias = None;
         let mut routes = Vec::new();
         for (i, block) in self.decoder.blocks.iter().enumerate() {
@@ -419,15 +464,17 @@ impl HfSwitchTransformer {
             }
             let h = block.self_norm.forward(y.clone());
             block.self_attn.extend(h.clone(), &mut cache.self_kv[i]);
-            y = y + block
+            let a = block
                 .self_attn
-                .attend(h, &cache.self_kv[i], bias.clone().unwrap());
+                .attend(h, &cache.self_kv[i], bias.clone().unwrap(), &mut train);
+            y = y + dropout(a, &mut train);
             let (norm, cross) = block.cross.as_ref().unwrap();
             let h = norm.forward(y.clone());
-            y = y + cross.attend(h, &cache.cross_kv[i], cross_bias.clone());
-            y = block.feed_forward(y, grouping, &mut routes)?;
+            let a = cross.attend(h, &cache.cross_kv[i], cross_bias.clone(), &mut train);
+            y = y + dropout(a, &mut train);
+            y = block.feed_forward(y, grouping, &mut routes, &mut train)?;
         }
-        let mut y = self.decoder.final_norm.forward(y);
+        let mut y = dropout(self.decoder.final_norm.forward(y), &mut train);
         if c.tie_word_embeddings {
             y = y * (c.d_model as f64).powf(-0.5);
         }

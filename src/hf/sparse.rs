@@ -7,6 +7,9 @@
 //! kept   = the first `expert_capacity` tokens of each expert in each sequence, by position
 //! y(t)   = p(t)[e(t)] * relu(x(t) wi_e) wo_e          if kept, else 0 (the residual carries it)
 //! ```
+//! In a training pass ([`Training`]) `x` is jittered first, the logits are recorded for the
+//! router losses, dropout follows the relu, and `p(t)[e(t)]` is gathered from the softmax in
+//! the graph, so that the router learns from the experts' outputs.
 //! The decision is a [`RoutePlan`] (the project's). An expert's weights are read from the
 //! checkpoint the first time a token is routed to it: experts no token reaches never take
 //! memory (as under transformers' memory-mapped loading, where their pages are never read).
@@ -21,6 +24,7 @@ use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use super::checkpoint::{Checkpoint, TensorSource};
 use super::config::HfConfig;
 use super::linear::{host_linear, linear_weight, linear_weight_f32, matmul2, matmul3};
+use super::training::{ParamMut, Training, Visit};
 use crate::routing::RoutePlan;
 use crate::routing::options::argmax;
 use crate::store::{HostTensor, host_f32};
@@ -141,21 +145,71 @@ impl SparseMlp {
         Ok(())
     }
 
+    /// Visits the router and every expert's weights under `p` (`...layer.1.mlp`), reading
+    /// the experts not loaded yet ([`HfSwitchTransformer::visit_params`]).
+    ///
+    /// [`HfSwitchTransformer::visit_params`]: super::HfSwitchTransformer::visit_params
+    pub(super) fn visit(&mut self, p: &str, f: &mut Visit<'_>) -> Result<()> {
+        f(
+            &format!("{p}.router.classifier.weight"),
+            ParamMut::Matrix {
+                tensor: &mut self.router,
+                linear: true,
+            },
+        )?;
+        if let Some(b) = &mut self.router_bias {
+            f(&format!("{p}.router.classifier.bias"), ParamMut::Vector(b))?;
+        }
+        for (e, x) in self.experts.iter_mut().enumerate() {
+            x.weights()?;
+            let (wi, wo) = Arc::make_mut(&mut x.loaded)
+                .get_mut()
+                .expect("weights were just loaded");
+            for (n, w) in [("wi", wi), ("wo", wo)] {
+                f(
+                    &format!("{p}.experts.expert_{e}.{n}.weight"),
+                    ParamMut::Matrix {
+                        tensor: w,
+                        linear: true,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// Experts.
     pub(crate) fn n_experts(&self) -> usize {
         self.experts.len()
     }
 
-    /// `x` `[b, s, d]` (normed) -> the layer's output `[b, s, d]` and its routing.
-    pub(crate) fn forward(&self, x: Tensor<3>, grouping: Grouping) -> Result<(Tensor<3>, Routes)> {
+    /// `x` `[b, s, d]` (normed) -> the layer's output `[b, s, d]` and its routing; a
+    /// training pass when `train` is given.
+    pub(crate) fn forward(
+        &self,
+        x: Tensor<3>,
+        grouping: Grouping,
+        train: &mut Option<&mut Training>,
+    ) -> Result<(Tensor<3>, Routes)> {
         let [b, s, d] = x.dims();
         let n = self.n_experts();
         let device = x.device();
+        let x = match train.as_deref_mut() {
+            Some(t) => t.jitter(x),
+            None => x,
+        };
         let mut logits = matmul3(x.clone(), &self.router);
         if let Some(bias) = &self.router_bias {
             logits = logits + bias.clone().reshape([1, 1, n]);
         }
-        let probs = host_f32(softmax(logits, 2));
+        if let Some(t) = train.as_deref_mut() {
+            t.router_logits.push(logits.clone());
+        }
+        let probs_t = softmax(logits, 2);
+        let probs = host_f32(probs_t.clone());
+        // In training the scale comes from the graph (the router's gradient), else from the
+        // host copy.
+        let probs_t = train.is_some().then(|| probs_t.reshape([b * s, n]));
         let routes: Vec<usize> = probs.chunks_exact(n).map(argmax).collect();
         let prob: Vec<f32> = routes
             .iter()
@@ -191,9 +245,19 @@ impl SparseMlp {
             let m = mine.len();
             let (wi, wo) = expert.weights()?;
             let idx = Tensor::<1, Int>::from_data(TensorData::new(mine.clone(), [m]), &device);
-            let h = matmul2(relu(matmul2(flat.clone().select(0, idx), wi)), wo);
-            let scale: Vec<f32> = mine.iter().map(|&t| prob[t as usize]).collect();
-            parts.push(h * Tensor::<2>::from_data(TensorData::new(scale, [m, 1]), &device));
+            let hidden = relu(matmul2(flat.clone().select(0, idx.clone()), wi));
+            let h = match train.as_deref_mut() {
+                Some(t) => matmul2(t.dropout(hidden), wo),
+                None => matmul2(hidden, wo),
+            };
+            let scale = match &probs_t {
+                Some(p) => p.clone().select(0, idx).slice([0..m, e..e + 1]),
+                None => {
+                    let scale: Vec<f32> = mine.iter().map(|&t| prob[t as usize]).collect();
+                    Tensor::<2>::from_data(TensorData::new(scale, [m, 1]), &device)
+                }
+            };
+            parts.push(h * scale);
             rows.extend(mine);
         }
         let out = Tensor::<2>::zeros([b * s, d], &device);

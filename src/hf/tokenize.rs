@@ -42,6 +42,27 @@ impl HfTokenizer {
         Ok(Self { inner, pad })
     }
 
+    /// Tokens of `text` (with the end-of-sequence token the tokenizer appends), at most
+    /// `max_len` of them: a longer text loses its last tokens before the end-of-sequence
+    /// token, as transformers' `truncation=True` cuts it. Also says whether it was cut.
+    pub fn encode_cut(&self, text: &str, max_len: usize) -> Result<(Vec<i64>, bool)> {
+        let e = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| anyhow!("cannot tokenise {text:?}: {e}"))?;
+        let mut ids: Vec<i64> = e.get_ids().iter().map(|&i| i as i64).collect();
+        if ids.len() <= max_len || max_len == 0 {
+            return Ok((ids, false));
+        }
+        let last = *ids.last().expect("longer than max_len");
+        let ends_special = e.get_special_tokens_mask().last() == Some(&1);
+        ids.truncate(max_len);
+        if ends_special {
+            ids[max_len - 1] = last;
+        }
+        Ok((ids, true))
+    }
+
     /// Tokens of every text (with the end-of-sequence token the tokenizer appends).
     pub fn encode(&self, texts: &[String]) -> Result<Batch> {
         if texts.is_empty() {

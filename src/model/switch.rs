@@ -32,7 +32,7 @@ use crate::routing::{
 };
 use crate::store::host_f32;
 
-mod noise;
+pub(crate) mod noise;
 mod stats;
 pub(crate) use noise::{dropout_mask, uniform_tensor};
 pub use stats::{HostStats, SwitchStats};

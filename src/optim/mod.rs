@@ -1,6 +1,8 @@
 //! labml's optimizer as the experiment configures it: Adam with eps added to `sqrt(v)` before
 //! the bias correction, under the Noam learning-rate schedule, after PyTorch-style global-norm
 //! gradient clipping (`clip_grad_norm_`: one norm over all gradients, not one per tensor).
+//! Fine-tuning Hugging Face models uses [`adamw`] instead: PyTorch's AdamW under `Trainer`'s
+//! linear schedule.
 //!
 //! ```text
 //! lr_t  = lr * d_model^-0.5 * min(t^-0.5, t * warmup^-1.5)
@@ -9,11 +11,13 @@
 //! ```
 
 mod adam;
+pub mod adamw;
 mod grads;
 
 use serde::{Deserialize, Serialize};
 
 pub use adam::LabmlAdam;
+pub use adamw::{AdamW, AdamWConfig, LinearSchedule};
 pub(crate) use grads::SumOfSquares;
 pub use grads::{ParamGrads, clip_coefficient};
 

@@ -8,6 +8,7 @@ mod cli_reliability;
 mod common;
 mod device_routing;
 mod distributed;
+mod finetune;
 mod fused;
 mod fuzz;
 mod generate;

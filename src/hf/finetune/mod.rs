@@ -1,0 +1,326 @@
+//! Fine-tuning the released Switch checkpoints as transformers' `Trainer` does: the loss of
+//! `SwitchTransformersForConditionalGeneration` with its router losses ([`loss`]), PyTorch's
+//! AdamW under `Trainer`'s linear schedule ([`crate::optim::adamw`]) after global-norm
+//! clipping, in f32. One update:
+//!
+//! ```text
+//! for each of the accum micro-batches:                      (dropout, router jitter on)
+//!     loss = CE + z_coef * z + aux_coef * aux               ([`loss`])
+//!     grads += d(loss / accum) / d(params)
+//! grads *= min(1, max_grad_norm / (|grads| + 1e-6))         (one norm over every gradient)
+//! params = AdamW(params, grads, lr * schedule(update))      (parameters without a gradient,
+//!                                                            like an expert no token reached,
+//!                                                            skipped as PyTorch skips them)
+//! ```
+//!
+//! | file | what |
+//! |---|---|
+//! | [`data`] | JSON lines of `{"input", "target"}`, tokenised, cut, padded, shifted right |
+//! | [`loss`] | cross-entropy, router z-loss, load-balancing loss, as transformers reduces them |
+//! | [`parity`] | fixtures recorded with transformers' training replayed |
+//! | [`rouge`] | ROUGE-1/2/L as `rouge-score` computes them |
+//! | [`run`] | `switch finetune`: the run folder, its config, the loop, validation, saving |
+
+pub mod data;
+pub mod loss;
+pub mod parity;
+pub mod rouge;
+pub mod run;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::SeedableRng;
+
+use self::data::Batch;
+use self::loss::Seq2SeqLoss;
+use crate::hf::model::HfSwitchTransformer;
+use crate::hf::sparse::Grouping;
+use crate::hf::training::{ParamMut, Training};
+use crate::optim::adamw::decays;
+use crate::optim::{AdamW, AdamWConfig, LinearSchedule, clip_coefficient};
+use crate::routing::RoutingRng;
+use crate::store::host_f32;
+
+/// The optimisation settings of one fine-tuning run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Optimisation {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// AdamW's settings.
+    pub adamw: AdamWConfig,
+    /// Warm-up and total updates.
+    pub schedule: LinearSchedule,
+    /// Global gradient-norm limit (0: no clipping).
+    pub max_grad_norm: f64,
+    /// Dropout probability in training.
+    pub dropout: f64,
+    /// Router jitter in training.
+    pub jitter: f64,
+}
+
+/// What one update measured (loss parts averaged over its micro-batches).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UpdateStats {
+    /// The loss minimised.
+    pub loss: f64,
+    /// Cross-entropy.
+    pub cross_entropy: f64,
+    /// Router z-loss, encoder and decoder.
+    pub z: [f64; 2],
+    /// Load-balancing loss, encoder and decoder.
+    pub aux: [f64; 2],
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Target tokens that counted.
+    pub tokens: usize,
+    /// Fraction of routed tokens dropped by capacity, over every sparse layer.
+    pub dropped: f64,
+}
+
+/// The gradients of one or more micro-batches, per parameter in walk order (`None`: no
+/// gradient reached it), with the measured loss parts.
+pub struct Gradients {
+    /// Per parameter: its transformers name, flattened gradient (PyTorch's layout for linear
+    /// weights: `[out, in]`), and shape as transformers stores it.
+    pub grads: Vec<(String, Option<Vec<f32>>, Vec<usize>)>,
+    /// Loss parts, averaged over the micro-batches.
+    pub stats: UpdateStats,
+}
+
+/// A model being fine-tuned, its optimizer and its generator.
+pub struct Finetuner {
+    /// The model, on an autodiff device, every parameter f32 and tracked.
+    pub model: HfSwitchTransformer,
+    /// The optimizer's state.
+    pub adamw: AdamW,
+    /// Settings.
+    pub opt: Optimisation,
+    /// Updates done.
+    pub updates: u64,
+    /// Draws the dropout masks and the jitter.
+    pub rng: RoutingRng,
+    inner: Device,
+}
+
+/// `t` `[rows, cols]` transposed, row-major.
+fn transposed(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+/// The loss of `batch` on `m` and the fraction of routed tokens dropped, in a training pass
+/// when `train` is given (else as in eval, with the router losses 0).
+pub fn batch_loss(
+    m: &HfSwitchTransformer,
+    batch: &Batch,
+    mut train: Option<&mut Training>,
+) -> Result<(Seq2SeqLoss, f64)> {
+    let enc = m.encode_pass(
+        &batch.input_ids,
+        &batch.mask,
+        batch.b,
+        batch.src,
+        train.as_deref_mut(),
+    )?;
+    let n_enc = train.as_ref().map_or(0, |t| t.router_logits.len());
+    let (logits, dec_routes) = m.decode_pass(
+        &batch.decoder_input_ids,
+        batch.b,
+        batch.tgt,
+        &enc,
+        None,
+        Grouping::PerSequence,
+        train.as_deref_mut(),
+    )?;
+    let (routed, dropped) =
+        enc.routes
+            .iter()
+            .chain(&dec_routes)
+            .fold((0usize, 0usize), |(r, d), x| {
+                (
+                    r + x.plan.routes.len(),
+                    d + x.plan.dropped.iter().filter(|&&d| d).count(),
+                )
+            });
+    let dropped = if routed == 0 {
+        0.0
+    } else {
+        dropped as f64 / routed as f64
+    };
+    let empty = Vec::new();
+    let (enc_router, dec_router) = match &train {
+        Some(t) => t.router_logits.split_at(n_enc),
+        None => (&empty[..], &empty[..]),
+    };
+    let loss = Seq2SeqLoss::new(&m.config, logits, &batch.labels, enc_router, dec_router)?;
+    Ok((loss, dropped))
+}
+
+impl Finetuner {
+    /// Takes `model` (on `device`, any dtype) to train it on `device` in f32.
+    pub fn new(
+        mut model: HfSwitchTransformer,
+        device: &Device,
+        opt: Optimisation,
+        seed: u64,
+    ) -> Result<Self> {
+        let ad = device.clone().autodiff();
+        model.to_device_f32(&ad)?;
+        model.visit_params(&mut |_, p| {
+            match p {
+                ParamMut::Vector(t) => *t = t.clone().require_grad(),
+                ParamMut::Matrix { tensor, .. } => *tensor = tensor.clone().require_grad(),
+            }
+            Ok(())
+        })?;
+        Ok(Self {
+            model,
+            adamw: AdamW::new(opt.adamw),
+            opt,
+            updates: 0,
+            rng: RoutingRng::seed_from_u64(seed),
+            inner: device.clone(),
+        })
+    }
+
+    /// The device the model computes on (without autodiff).
+    pub fn device(&self) -> &Device {
+        &self.inner
+    }
+
+    /// The gradients of the mean loss over `batches` (micro-batches of one update).
+    pub fn gradients(&mut self, batches: &[Batch]) -> Result<Gradients> {
+        if batches.is_empty() {
+            bail!("an update needs at least one batch");
+        }
+        let k = batches.len() as f64;
+        let mut acc: Vec<(String, Option<Vec<f32>>, Vec<usize>)> = Vec::new();
+        let mut stats = UpdateStats::default();
+        for batch in batches {
+            let rng = std::mem::replace(&mut self.rng, RoutingRng::seed_from_u64(0));
+            let mut train = Training::new(self.opt.dropout, self.opt.jitter, rng);
+            let result = batch_loss(&self.model, batch, Some(&mut train));
+            self.rng = train.rng;
+            let (loss, dropped) = result?;
+            let read = |t: &Tensor<1>| f64::from(t.clone().into_scalar::<f32>());
+            stats.loss += read(&loss.total) / k;
+            stats.cross_entropy += read(&loss.cross_entropy) / k;
+            for i in 0..2 {
+                stats.z[i] += read(&loss.z[i]) / k;
+                stats.aux[i] += read(&loss.aux[i]) / k;
+            }
+            stats.dropped += dropped / k;
+            stats.tokens += batch.labels.iter().filter(|&&l| l != loss::IGNORE).count();
+            let grads = (loss.total / k).backward();
+            let mut i = 0;
+            self.model.visit_params(&mut |name, p| {
+                let (g, shape) = match p {
+                    ParamMut::Vector(t) => (t.grad(&grads).map(host_f32), t.dims().to_vec()),
+                    ParamMut::Matrix { tensor, linear } => {
+                        let [r, c] = tensor.dims();
+                        let g = tensor.grad(&grads).map(host_f32);
+                        if linear {
+                            (g.map(|g| transposed(&g, r, c)), vec![c, r])
+                        } else {
+                            (g, vec![r, c])
+                        }
+                    }
+                };
+                if acc.len() <= i {
+                    acc.push((name.to_string(), None, shape));
+                }
+                if let Some(g) = g {
+                    match &mut acc[i].1 {
+                        Some(sum) => sum.iter_mut().zip(&g).for_each(|(s, x)| *s += x),
+                        slot => *slot = Some(g),
+                    }
+                }
+                i += 1;
+                Ok(())
+            })?;
+        }
+        Ok(Gradients { grads: acc, stats })
+    }
+
+    /// One update on `batches` (its micro-batches).
+    pub fn update(&mut self, batches: &[Batch]) -> Result<UpdateStats> {
+        let Gradients {
+            mut grads,
+            mut stats,
+        } = self.gradients(batches)?;
+        let norm = grads
+            .iter()
+            .filter_map(|(_, g, _)| g.as_ref())
+            .flat_map(|g| g.iter().map(|&x| f64::from(x) * f64::from(x)))
+            .sum::<f64>()
+            .sqrt();
+        if !norm.is_finite() {
+            bail!(
+                "update {}: the gradient norm is {norm} (the loss was {}): lower the learning \
+                 rate; the model was not changed",
+                self.updates + 1,
+                stats.loss
+            );
+        }
+        stats.grad_norm = norm;
+        if self.opt.max_grad_norm > 0.0 {
+            let c = clip_coefficient(norm, self.opt.max_grad_norm) as f32;
+            for g in grads.iter_mut().filter_map(|(_, g, _)| g.as_mut()) {
+                g.iter_mut().for_each(|x| *x *= c);
+            }
+        }
+        self.updates += 1;
+        let lr = self.opt.learning_rate * self.opt.schedule.factor(self.updates);
+        stats.lr = lr;
+        let ad = self.inner.clone().autodiff();
+        let adamw = &mut self.adamw;
+        let mut i = 0;
+        self.model.visit_params(&mut |name, p| {
+            let (gname, grad, _) = &grads[i];
+            debug_assert_eq!(gname, name);
+            if let Some(g) = grad {
+                let decay = decays(name);
+                match p {
+                    ParamMut::Vector(t) => {
+                        let mut v = host_f32(t.clone());
+                        adamw.update(i, &mut v, g, lr, decay);
+                        let n = v.len();
+                        *t = Tensor::from_data(TensorData::new(v, [n]), &ad).require_grad();
+                    }
+                    ParamMut::Matrix { tensor, linear } => {
+                        let [r, c] = tensor.dims();
+                        // The optimizer works in transformers' layout, so that its state
+                        // lines up with a PyTorch optimizer's.
+                        let mut v = host_f32(tensor.clone());
+                        if linear {
+                            v = transposed(&v, r, c);
+                        }
+                        adamw.update(i, &mut v, g, lr, decay);
+                        if linear {
+                            v = transposed(&v, c, r);
+                        }
+                        *tensor = Tensor::from_data(TensorData::new(v, [r, c]), &ad).require_grad();
+                    }
+                }
+            }
+            i += 1;
+            Ok(())
+        })?;
+        Ok(stats)
+    }
+
+    /// A copy of the model for inference on the plain device (no autodiff).
+    pub fn inference_model(&self) -> Result<HfSwitchTransformer> {
+        let mut m = self.model.clone();
+        m.to_device_f32(&self.inner)
+            .context("copying the model for inference")?;
+        Ok(m)
+    }
+}

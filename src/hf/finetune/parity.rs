@@ -1,0 +1,188 @@
+//! Fine-tuning fixtures recorded with transformers 5.24.0 (`tools/hf_finetune_fixtures.py`)
+//! replayed: the loss and its parts on the first micro-batch, every gradient of the first
+//! update, and every weight after 3 updates, each compared as the largest error relative to
+//! the recorded tensor's largest magnitude.
+//!
+//! Tolerances: loss parts 1e-5, gradients and weights 1e-4 (f32 arithmetic in a different
+//! order than PyTorch's).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use rand::SeedableRng;
+
+use super::data::Batch;
+use super::{Finetuner, Optimisation, batch_loss};
+use crate::hf::model::HfSwitchTransformer;
+use crate::hf::training::Training;
+use crate::optim::{AdamWConfig, LinearSchedule};
+use crate::routing::RoutingRng;
+use crate::store::TensorFile;
+
+/// Tolerance of the loss and its parts.
+pub const LOSS_TOL: f64 = 1e-5;
+/// Tolerance of the gradients and the weights after training.
+pub const TENSOR_TOL: f64 = 1e-4;
+
+/// One comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// What was compared (`loss`, `grad.NAME`, `after.NAME`).
+    pub name: String,
+    /// Largest |ours - theirs| over the largest |theirs|.
+    pub err: f64,
+    /// The bound it must stay under.
+    pub tol: f64,
+}
+
+impl Row {
+    /// Whether it is within tolerance.
+    pub fn ok(&self) -> bool {
+        self.err <= self.tol
+    }
+}
+
+fn rel_err(ours: &[f32], theirs: &[f32]) -> f64 {
+    if ours.len() != theirs.len() {
+        return f64::INFINITY;
+    }
+    let scale = theirs
+        .iter()
+        .fold(1e-12f64, |m, &v| m.max(f64::from(v).abs()));
+    ours.iter()
+        .zip(theirs)
+        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+fn meta_f64(meta: &serde_json::Value, k: &str) -> Result<f64> {
+    meta.get(k)
+        .and_then(serde_json::Value::as_f64)
+        .with_context(|| format!("fixture metadata has no number `{k}`"))
+}
+
+/// The micro-batches `mb0.*`, `mb1.*`, ... of `expected`.
+pub fn micro_batches(expected: &TensorFile) -> Result<Vec<Batch>> {
+    let mut out = Vec::new();
+    while expected.contains(&format!("mb{}.input_ids", out.len())) {
+        let k = out.len();
+        let get = |n: &str| expected.get(&format!("mb{k}.{n}"));
+        let (ids, labels) = (get("input_ids")?, get("labels")?);
+        let [b, src] = <[usize; 2]>::try_from(ids.shape.as_slice())
+            .map_err(|_| anyhow::anyhow!("mb{k}.input_ids is not [b, s]"))?;
+        out.push(Batch {
+            b,
+            src,
+            tgt: labels.shape[1],
+            input_ids: ids.to_i64(),
+            mask: get("attention_mask")?.to_i64(),
+            labels: labels.to_i64(),
+            decoder_input_ids: get("decoder_input_ids")?.to_i64(),
+        });
+    }
+    if out.is_empty() {
+        bail!("no micro-batch (mb0.input_ids) in the fixture");
+    }
+    Ok(out)
+}
+
+/// Replays the fixture in `dir` (its model) against `expected` (its recorded tensors) on
+/// `device`.
+pub fn replay(dir: &Path, expected: &TensorFile, device: &Device) -> Result<Vec<Row>> {
+    let meta = expected.meta_json()?;
+    let model = HfSwitchTransformer::load(dir, device)?;
+    let batches = micro_batches(expected)?;
+    let opt = Optimisation {
+        learning_rate: meta_f64(&meta, "learning_rate")?,
+        adamw: AdamWConfig {
+            weight_decay: meta_f64(&meta, "weight_decay")?,
+            ..Default::default()
+        },
+        schedule: LinearSchedule {
+            warmup: meta_f64(&meta, "warmup_steps")? as u64,
+            total: meta_f64(&meta, "total_steps")? as u64,
+        },
+        max_grad_norm: meta_f64(&meta, "max_grad_norm")?,
+        dropout: 0.0,
+        jitter: 0.0,
+    };
+    let mut ft = Finetuner::new(model, device, opt, 0)?;
+    let mut rows = Vec::new();
+    let mut row = |name: &str, ours: &[f32], theirs: &[f32], tol| {
+        rows.push(Row {
+            name: name.to_string(),
+            err: rel_err(ours, theirs),
+            tol,
+        })
+    };
+
+    let mut train = Training::new(0.0, 0.0, RoutingRng::seed_from_u64(0));
+    let (loss, _) = batch_loss(&ft.model, &batches[0], Some(&mut train))?;
+    let scalar = |t: &burn::tensor::Tensor<1>| t.clone().into_scalar::<f32>();
+    for (name, t) in [
+        ("loss", &loss.total),
+        ("cross_entropy", &loss.cross_entropy),
+        ("encoder_z_loss", &loss.z[0]),
+        ("encoder_aux_loss", &loss.aux[0]),
+        ("decoder_z_loss", &loss.z[1]),
+        ("decoder_aux_loss", &loss.aux[1]),
+    ] {
+        row(name, &[scalar(t)], &expected.get(name)?.to_f32(), LOSS_TOL);
+    }
+
+    let grads = ft.gradients(&batches)?;
+    let recorded = expected.with_prefix("grad.");
+    for (name, g, _) in &grads.grads {
+        let key = format!("grad.{name}");
+        match (g, recorded.get(name)) {
+            (Some(g), Some(t)) => row(&key, g, &t.to_f32(), TENSOR_TOL),
+            (None, None) => {}
+            (Some(_), None) => row(
+                &format!("{key} (transformers has none)"),
+                &[1.0],
+                &[0.0],
+                0.0,
+            ),
+            (None, Some(_)) => row(&format!("{key} (ours has none)"), &[1.0], &[0.0], 0.0),
+        }
+    }
+    for name in recorded.keys() {
+        if !grads.grads.iter().any(|(n, _, _)| n == name) {
+            row(
+                &format!("grad.{name} (not a parameter here)"),
+                &[1.0],
+                &[0.0],
+                0.0,
+            );
+        }
+    }
+    if grads.grads.len() != expected.with_prefix("after.").len() {
+        bail!(
+            "{} parameters here, {} in the fixture",
+            grads.grads.len(),
+            expected.with_prefix("after.").len()
+        );
+    }
+
+    let losses = expected.get("losses")?.to_f32();
+    let mut ours = Vec::new();
+    for _ in 0..losses.len() {
+        ours.push(ft.update(&batches)?.loss as f32);
+    }
+    row("losses", &ours, &losses, LOSS_TOL);
+    let weights = ft.model.tensors()?;
+    for (name, t) in expected.with_prefix("after.") {
+        let w = weights
+            .get(&name)
+            .with_context(|| format!("the model has no `{name}`"))?;
+        row(
+            &format!("after.{name}"),
+            &w.to_f32(),
+            &t.to_f32(),
+            TENSOR_TOL,
+        );
+    }
+    Ok(rows)
+}

@@ -1,0 +1,193 @@
+//! AdamW as PyTorch's `torch.optim.AdamW` computes it, under the linear warm-up and decay
+//! schedule of transformers' `Trainer` (`get_linear_schedule_with_warmup`), on host buffers:
+//!
+//! ```text
+//! theta = theta * (1 - lr_t * wd)                     (decoupled weight decay, if it decays)
+//! m     = m + (1 - b1) (g - m);   v = b2 v + (1 - b2) g^2
+//! theta = theta - lr_t / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//! lr_t  = lr * (s < warmup ? s / warmup : max(0, (total - s) / (total - warmup)))
+//!         s = t - 1: the scheduler steps after the optimizer, so the first update uses s = 0
+//! ```
+//! `t` counts the updates of that parameter: PyTorch skips a parameter without a gradient (an
+//! expert no token reached), moments and decay included. `Trainer` decays every parameter but biases and norms (names with `bias`, `layernorm`,
+//! `rmsnorm`, `_norm.`, or a `norm` path component): [`decays`].
+
+/// `Trainer`'s linear schedule: the factor of the base rate for update `t` (1-based).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinearSchedule {
+    /// Updates of linear warm-up from 0.
+    pub warmup: u64,
+    /// Updates in all: the rate reaches 0 at the last.
+    pub total: u64,
+}
+
+impl LinearSchedule {
+    /// The factor for update `t` (1-based).
+    pub fn factor(&self, t: u64) -> f64 {
+        let s = t.saturating_sub(1);
+        if s < self.warmup {
+            return s as f64 / self.warmup.max(1) as f64;
+        }
+        let left = self.total.saturating_sub(s) as f64;
+        (left / self.total.saturating_sub(self.warmup).max(1) as f64).max(0.0)
+    }
+}
+
+/// Whether `Trainer` applies weight decay to the parameter named `name`.
+pub fn decays(name: &str) -> bool {
+    let n = name.to_lowercase();
+    let norm_part = n.split('.').any(|p| p == "norm");
+    !(n.contains("bias")
+        || n.contains("layernorm")
+        || n.contains("rmsnorm")
+        || n.contains("_norm.")
+        || n.ends_with("_norm")
+        || norm_part)
+}
+
+/// AdamW's settings (PyTorch's and `Trainer`'s defaults: betas 0.9 / 0.999, eps 1e-8, no
+/// weight decay).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the bias-corrected `sqrt(v)`.
+    pub eps: f64,
+    /// Decoupled weight decay (times the learning rate).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// One parameter's state: its moments (flattened) and its update count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Moments {
+    /// First moment.
+    pub m: Vec<f32>,
+    /// Second moment.
+    pub v: Vec<f32>,
+    /// Updates of this parameter.
+    pub step: u64,
+}
+
+/// The state of every parameter, by its index in a fixed walk.
+#[derive(Debug, Clone, Default)]
+pub struct AdamW {
+    /// Settings.
+    pub config: AdamWConfig,
+    /// Per parameter.
+    pub state: Vec<Moments>,
+}
+
+impl AdamW {
+    /// An optimizer with no state.
+    pub fn new(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            state: Vec::new(),
+        }
+    }
+
+    /// Updates parameter number `i` (`param` and `grad` flattened alike) with learning rate
+    /// `lr`; `decay`: whether weight decay applies to it.
+    pub fn update(&mut self, i: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) {
+        assert_eq!(param.len(), grad.len(), "parameter {i}: gradient size");
+        if self.state.len() <= i {
+            self.state.resize_with(i + 1, Default::default);
+        }
+        let Moments { m, v, step } = &mut self.state[i];
+        if m.is_empty() {
+            *m = vec![0.0; param.len()];
+            *v = vec![0.0; param.len()];
+        }
+        assert_eq!(m.len(), param.len(), "parameter {i}: size changed");
+        *step += 1;
+        let c = &self.config;
+        let t = (*step).min(i32::MAX as u64) as i32;
+        let shrink = (1.0 - lr * c.weight_decay) as f32;
+        let step_size = (lr / (1.0 - c.beta1.powi(t))) as f32;
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
+        let (w1, b2, w2, eps) = (
+            (1.0 - c.beta1) as f32,
+            c.beta2 as f32,
+            (1.0 - c.beta2) as f32,
+            c.eps as f32,
+        );
+        let decay = decay && c.weight_decay != 0.0;
+        for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
+            if decay {
+                *p *= shrink;
+            }
+            *m += w1 * (g - *m);
+            *v = *v * b2 + w2 * g * g;
+            let denom = v.sqrt() / bc2_sqrt + eps;
+            *p += -step_size * (*m / denom);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_is_trainers() {
+        // transformers' lr_lambda(s) for warm-up 2, total 5, at s = 0..6.
+        let s = LinearSchedule {
+            warmup: 2,
+            total: 5,
+        };
+        let got: Vec<f64> = (1..=7).map(|t| s.factor(t)).collect();
+        assert_eq!(got, [0.0, 0.5, 1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0]);
+        let none = LinearSchedule {
+            warmup: 0,
+            total: 4,
+        };
+        assert_eq!(none.factor(1), 1.0);
+    }
+
+    #[test]
+    fn decay_skips_biases_and_norms() {
+        assert!(decays("encoder.block.0.layer.0.SelfAttention.q.weight"));
+        assert!(decays("shared.weight"));
+        for n in [
+            "encoder.block.0.layer.0.layer_norm.weight",
+            "encoder.final_layer_norm.weight",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "decoder.block.1.layer.2.mlp.router.classifier.bias",
+        ] {
+            assert!(!decays(n), "{n}");
+        }
+    }
+
+    /// One parameter by hand: after the first update with no decay, every element moves by
+    /// `lr` against its gradient's sign (m / sqrt(v) = sign(g) after bias correction).
+    #[test]
+    fn first_update_moves_by_lr() {
+        let mut opt = AdamW::new(AdamWConfig::default());
+        let mut p = vec![1.0f32, -2.0, 0.5];
+        opt.update(0, &mut p, &[0.3, -4.0, 1e-3], 0.01, true);
+        for (got, want) in p.iter().zip([0.99f32, -1.99, 0.49]) {
+            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        }
+        // Decoupled decay: a zero gradient still shrinks the weight by lr * wd.
+        let mut opt = AdamW::new(AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        });
+        let mut p = vec![2.0f32];
+        opt.update(0, &mut p, &[0.0], 0.5, true);
+        assert!((p[0] - 2.0 * 0.95).abs() < 1e-6, "{}", p[0]);
+    }
+}
