@@ -61,10 +61,12 @@ pub fn run(args: FinetuneArgs, device: &Device) -> Result<ExitCode> {
         );
     }
     println!(
-        "{} updates, last loss {:.4}, {:.0} target tokens/s; the model: {}",
+        "{} updates, last loss {:.4}, {:.1} target tokens/s ({:.3} s per update, after the \
+         first); the model: {}",
         summary.updates,
         summary.last_loss,
         summary.tokens_per_s,
+        summary.update_s,
         summary.model_dir.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -67,6 +67,31 @@ pub(crate) fn update(
     }
 }
 
+/// Runs `f` on `theta`'s own storage (to change it in place) and `g`'s values, when both are
+/// f32 tensors on the CPU backend and no other tensor shares `theta`'s storage: an optimizer
+/// update without copies ([`crate::optim::adamw`] in fine-tuning). Otherwise gives `theta`
+/// back untouched.
+#[allow(clippy::result_large_err)] // `Err` hands the tensor back: not an error to propagate
+pub(crate) fn update_in_place(
+    theta: Tensor<1>,
+    g: &Tensor<1>,
+    f: impl FnOnce(&mut [f32], &[f32]),
+) -> Result<Tensor<1>, Tensor<1>> {
+    if !applies(&theta, g) {
+        return Err(theta);
+    }
+    count(Kernel::Adam);
+    let n = theta.shape().num_elements();
+    let mut th = flex(theta);
+    if !(th.is_unique() && th.storage::<f32>().len() == n) {
+        return Err(Tensor::from_primitive::<Flex>(th));
+    }
+    count(Kernel::AdamInPlace);
+    let g = flex(g.clone());
+    f(th.storage_mut(), contiguous_f32(&g));
+    Ok(Tensor::from_primitive::<Flex>(th))
+}
+
 /// The CPU backend's tensor behind `t` (shares its storage; needs [`applies`]).
 fn flex(t: Tensor<1>) -> FlexTensor {
     let t = if t.is_autodiff() { t.inner() } else { t };

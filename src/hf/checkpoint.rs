@@ -320,6 +320,8 @@ pub(crate) fn save(
                 .collect()
         }),
     };
+    // Each tensor's bytes made as its entry is consumed (the map shrinks as they grow), then
+    // written straight to the file: no second copy of the whole model in memory.
     let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(k, t)| {
@@ -334,7 +336,18 @@ pub(crate) fn save(
         .map_err(|e| anyhow!("{e}"))?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let data = safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("{e}"))?;
-    crate::util::write_atomic(&dir.join("model.safetensors"), &data)?;
+    let path = dir.join("model.safetensors");
+    let tmp = crate::util::temp_beside(&path, "tmp")?;
+    let written = safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| anyhow!("{e}"))
+        .and_then(|()| {
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(())
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("cannot write {}", path.display())));
+    }
     crate::util::write_atomic(&dir.join("config.json"), config_json.as_bytes())
 }

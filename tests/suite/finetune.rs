@@ -30,7 +30,18 @@ fn expected(dir: &Path) -> TensorFile {
 fn training_matches_transformers_on_every_fixture() {
     for name in ["step2", "accum"] {
         let dir = fixture(name);
+        let before = switch_transformer::cpu::runs();
         let rows = replay(&dir, &expected(&dir), &Device::default()).unwrap();
+        let after = switch_transformer::cpu::runs();
+        // Every AdamW update ran in the parameter's own storage (the tied embedding too).
+        let (all, in_place) = (
+            after.adam - before.adam,
+            after.adam_in_place - before.adam_in_place,
+        );
+        assert!(
+            all > 0 && in_place == all,
+            "{in_place} of {all} updates in place"
+        );
         let bad: Vec<_> = rows.iter().filter(|r| !r.ok()).collect();
         assert!(bad.is_empty(), "{name}: {bad:#?}");
         // Loss parts, some gradients, the 3 losses and every weight were compared.

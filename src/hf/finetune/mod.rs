@@ -79,12 +79,34 @@ pub struct UpdateStats {
     pub dropped: f64,
 }
 
-/// The gradients of one or more micro-batches, per parameter in walk order (`None`: no
-/// gradient reached it), with the measured loss parts.
+/// One parameter's gradient.
+pub struct ParamGrad {
+    /// Its transformers name.
+    pub name: String,
+    /// Flattened, in the layout the model stores it, on the model's device (`None`: no
+    /// gradient reached it).
+    pub grad: Option<Tensor<1>>,
+    /// `[in, out]` of a linear weight, which the model stores transposed from transformers'
+    /// `[out, in]`.
+    pub linear: Option<[usize; 2]>,
+}
+
+impl ParamGrad {
+    /// The gradient in transformers' layout, on the host.
+    pub fn pytorch_layout(&self) -> Option<Vec<f32>> {
+        let g = host_f32(self.grad.clone()?);
+        Some(match self.linear {
+            Some([rows, cols]) => transposed(&g, rows, cols),
+            None => g,
+        })
+    }
+}
+
+/// The gradients of one or more micro-batches, per parameter in walk order, with the measured
+/// loss parts.
 pub struct Gradients {
-    /// Per parameter: its transformers name, flattened gradient (PyTorch's layout for linear
-    /// weights: `[out, in]`), and shape as transformers stores it.
-    pub grads: Vec<(String, Option<Vec<f32>>, Vec<usize>)>,
+    /// Per parameter.
+    pub grads: Vec<ParamGrad>,
     /// Loss parts, averaged over the micro-batches.
     pub stats: UpdateStats,
 }
@@ -201,7 +223,7 @@ impl Finetuner {
             bail!("an update needs at least one batch");
         }
         let k = batches.len() as f64;
-        let mut acc: Vec<(String, Option<Vec<f32>>, Vec<usize>)> = Vec::new();
+        let mut acc: Vec<ParamGrad> = Vec::new();
         let mut stats = UpdateStats::default();
         for batch in batches {
             let rng = std::mem::replace(&mut self.rng, RoutingRng::seed_from_u64(0));
@@ -218,29 +240,33 @@ impl Finetuner {
             }
             stats.dropped += dropped / k;
             stats.tokens += batch.labels.iter().filter(|&&l| l != loss::IGNORE).count();
-            let grads = (loss.total / k).backward();
+            let mut grads = (loss.total / k).backward();
             let mut i = 0;
             self.model.visit_params(&mut |name, p| {
-                let (g, shape) = match p {
-                    ParamMut::Vector(t) => (t.grad(&grads).map(host_f32), t.dims().to_vec()),
-                    ParamMut::Matrix { tensor, linear } => {
-                        let [r, c] = tensor.dims();
-                        let g = tensor.grad(&grads).map(host_f32);
-                        if linear {
-                            (g.map(|g| transposed(&g, r, c)), vec![c, r])
-                        } else {
-                            (g, vec![r, c])
-                        }
-                    }
+                let flat = |g: Tensor<_>| {
+                    let n = g.shape().num_elements();
+                    g.reshape([n])
+                };
+                let (g, linear) = match p {
+                    ParamMut::Vector(t) => (t.grad_remove(&mut grads), None),
+                    ParamMut::Matrix { tensor, linear } => (
+                        tensor.grad_remove(&mut grads).map(flat),
+                        linear.then(|| tensor.dims()),
+                    ),
                 };
                 if acc.len() <= i {
-                    acc.push((name.to_string(), None, shape));
+                    acc.push(ParamGrad {
+                        name: name.to_string(),
+                        grad: None,
+                        linear,
+                    });
                 }
                 if let Some(g) = g {
-                    match &mut acc[i].1 {
-                        Some(sum) => sum.iter_mut().zip(&g).for_each(|(s, x)| *s += x),
-                        slot => *slot = Some(g),
-                    }
+                    let slot = &mut acc[i].grad;
+                    *slot = Some(match slot.take() {
+                        Some(sum) => sum + g,
+                        None => g,
+                    });
                 }
                 i += 1;
                 Ok(())
@@ -251,16 +277,17 @@ impl Finetuner {
 
     /// One update on `batches` (its micro-batches).
     pub fn update(&mut self, batches: &[Batch]) -> Result<UpdateStats> {
-        let Gradients {
-            mut grads,
-            mut stats,
-        } = self.gradients(batches)?;
-        let norm = grads
-            .iter()
-            .filter_map(|(_, g, _)| g.as_ref())
-            .flat_map(|g| g.iter().map(|&x| f64::from(x) * f64::from(x)))
-            .sum::<f64>()
+        let Gradients { grads, mut stats } = self.gradients(batches)?;
+        let present: Vec<Tensor<1>> = grads.iter().filter_map(|g| g.grad.clone()).collect();
+        let norm = crate::cpu::adam::sum_of_squares(&present)
+            .unwrap_or_else(|| {
+                present
+                    .iter()
+                    .map(|g| f64::from(g.clone().powi_scalar(2).sum().into_scalar::<f32>()))
+                    .sum()
+            })
             .sqrt();
+        drop(present);
         if !norm.is_finite() {
             bail!(
                 "update {}: the gradient norm is {norm} (the loss was {}): lower the learning \
@@ -270,44 +297,32 @@ impl Finetuner {
             );
         }
         stats.grad_norm = norm;
-        if self.opt.max_grad_norm > 0.0 {
-            let c = clip_coefficient(norm, self.opt.max_grad_norm) as f32;
-            for g in grads.iter_mut().filter_map(|(_, g, _)| g.as_mut()) {
-                g.iter_mut().for_each(|x| *x *= c);
-            }
-        }
+        let clip = if self.opt.max_grad_norm > 0.0 {
+            clip_coefficient(norm, self.opt.max_grad_norm) as f32
+        } else {
+            1.0
+        };
         self.updates += 1;
         let lr = self.opt.learning_rate * self.opt.schedule.factor(self.updates);
         stats.lr = lr;
         let ad = self.inner.clone().autodiff();
         let adamw = &mut self.adamw;
+        let mut grads = grads.into_iter();
         let mut i = 0;
+        // The tied embedding's other holders let go of it, so that it is updated in place too
+        // (the walk ties them again at its end).
+        self.model.untie();
+        // AdamW is elementwise: parameters, gradients and moments all in the model's layout.
         self.model.visit_params(&mut |name, p| {
-            let (gname, grad, _) = &grads[i];
-            debug_assert_eq!(gname, name);
-            if let Some(g) = grad {
-                let decay = decays(name);
+            let g = grads.next().expect("one gradient per parameter");
+            debug_assert_eq!(g.name, name);
+            if let Some(g) = g.grad {
+                let mut step = |theta: &mut [f32], g: &[f32]| {
+                    adamw.update(i, theta, g, clip, lr, decays(name));
+                };
                 match p {
-                    ParamMut::Vector(t) => {
-                        let mut v = host_f32(t.clone());
-                        adamw.update(i, &mut v, g, lr, decay);
-                        let n = v.len();
-                        *t = Tensor::from_data(TensorData::new(v, [n]), &ad).require_grad();
-                    }
-                    ParamMut::Matrix { tensor, linear } => {
-                        let [r, c] = tensor.dims();
-                        // The optimizer works in transformers' layout, so that its state
-                        // lines up with a PyTorch optimizer's.
-                        let mut v = host_f32(tensor.clone());
-                        if linear {
-                            v = transposed(&v, r, c);
-                        }
-                        adamw.update(i, &mut v, g, lr, decay);
-                        if linear {
-                            v = transposed(&v, c, r);
-                        }
-                        *tensor = Tensor::from_data(TensorData::new(v, [r, c]), &ad).require_grad();
-                    }
+                    ParamMut::Vector(t) => updated(t, &g, &mut step, &ad),
+                    ParamMut::Matrix { tensor, .. } => updated(tensor, &g, &mut step, &ad),
                 }
             }
             i += 1;
@@ -323,4 +338,28 @@ impl Finetuner {
             .context("copying the model for inference")?;
         Ok(m)
     }
+}
+
+/// Applies `step` (an optimizer update of the values, given the gradient) to the tracked
+/// parameter `t` on `ad`: in place on the CPU backend when nothing else holds its storage,
+/// else through host copies.
+fn updated<const D: usize>(
+    t: &mut Tensor<D>,
+    grad: &Tensor<1>,
+    step: &mut dyn FnMut(&mut [f32], &[f32]),
+    ad: &Device,
+) {
+    let dims = t.dims();
+    let n: usize = dims.iter().product();
+    let old = std::mem::replace(t, Tensor::zeros([1; D], ad));
+    let inner = old.inner().reshape([n]);
+    let new = match crate::cpu::adam::update_in_place(inner, grad, |p, g| step(p, g)) {
+        Ok(new) => new,
+        Err(inner) => {
+            let mut v = host_f32(inner);
+            step(&mut v, &host_f32(grad.clone()));
+            Tensor::from_data(TensorData::new(v, [n]), &ad.clone().inner())
+        }
+    };
+    *t = new.reshape(dims).autodiff().require_grad();
 }

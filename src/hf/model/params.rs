@@ -110,6 +110,15 @@ impl HfSwitchTransformer {
         self.lm_head = self.shared.clone().transpose();
     }
 
+    /// Drops the stacks' and the output layer's handles on the shared embedding (until
+    /// [`Self::retie`]), so that nothing else holds its storage while it is updated.
+    pub(crate) fn untie(&mut self) {
+        let device = self.shared.device();
+        self.encoder.embed = Tensor::zeros([1, 1], &device);
+        self.decoder.embed = Tensor::zeros([1, 1], &device);
+        self.lm_head = Tensor::zeros([1, 1], &device);
+    }
+
     /// The device the model is on.
     pub fn device(&self) -> &burn::tensor::Device {
         &self.device
