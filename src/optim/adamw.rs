@@ -136,29 +136,103 @@ impl AdamW {
             c.eps as f32,
         );
         // Multiplying by 1 changes nothing: one loop, without a branch in it.
-        let shrink = if decay { shrink } else { 1.0 };
+        let k = Step {
+            scale,
+            shrink: if decay { shrink } else { 1.0 },
+            w1,
+            b2,
+            w2,
+            bc2_sqrt,
+            eps,
+            step_size,
+        };
         let chunk = 1 << 16;
         param
             .par_chunks_mut(chunk)
             .zip(grad.par_chunks(chunk))
             .zip(m.par_chunks_mut(chunk))
             .zip(v.par_chunks_mut(chunk))
-            .for_each(|(((param, grad), m), v)| {
-                for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
-                    let g = g * scale;
-                    *p *= shrink;
-                    *m += w1 * (g - *m);
-                    *v = *v * b2 + w2 * g * g;
-                    let denom = v.sqrt() / bc2_sqrt + eps;
-                    *p += -step_size * (*m / denom);
-                }
-            });
+            .for_each(|(((param, grad), m), v)| fused(param, grad, m, v, &k));
+    }
+}
+
+/// One update's coefficients, in f32.
+struct Step {
+    scale: f32,
+    shrink: f32,
+    w1: f32,
+    b2: f32,
+    w2: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    step_size: f32,
+}
+
+/// The update of one stretch of a parameter, on the widest vector instructions the CPU has
+/// (the same arithmetic at every width: no fused multiply-adds).
+fn fused(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], k: &Step) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::Isa::selected() >= crate::cpu::Isa::Avx2 {
+        // SAFETY: the CPU has AVX2 (checked at run time just above).
+        unsafe { fused_avx2(param, grad, m, v, k) };
+        return;
+    }
+    fused_loop(param, grad, m, v, k);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn fused_avx2(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], k: &Step) {
+    fused_loop(param, grad, m, v, k);
+}
+
+#[inline(always)]
+fn fused_loop(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], k: &Step) {
+    for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
+        let g = g * k.scale;
+        *p *= k.shrink;
+        *m += k.w1 * (g - *m);
+        *v = *v * k.b2 + k.w2 * g * g;
+        let denom = v.sqrt() / k.bc2_sqrt + k.eps;
+        *p += -k.step_size * (*m / denom);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX2 loop computes the same bits as the portable one (no fused multiply-adds).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_update_equals_the_portable_loop() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let n = 1000;
+        let wave = |k: f32| (0..n).map(|i| ((i as f32) * k).sin()).collect::<Vec<f32>>();
+        let k = Step {
+            scale: 0.7,
+            shrink: 0.999,
+            w1: 0.1,
+            b2: 0.999,
+            w2: 0.001,
+            bc2_sqrt: 0.05,
+            eps: 1e-8,
+            step_size: 1e-3,
+        };
+        let (mut p1, g, mut m1, mut v1) = (wave(0.1), wave(0.37), wave(0.05), wave(0.02));
+        v1.iter_mut().for_each(|v| *v = v.abs());
+        let (mut p2, mut m2, mut v2) = (p1.clone(), m1.clone(), v1.clone());
+        fused_loop(&mut p1, &g, &mut m1, &mut v1, &k);
+        // SAFETY: AVX2 was detected above.
+        unsafe { fused_avx2(&mut p2, &g, &mut m2, &mut v2, &k) };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            (bits(&p1), bits(&m1), bits(&v1)),
+            (bits(&p2), bits(&m2), bits(&v2))
+        );
+    }
 
     #[test]
     fn schedule_is_trainers() {

@@ -139,7 +139,24 @@ impl HfSwitchTransformer {
     }
 }
 
+/// `t` on `device` in f32: the same storage when only autodiff is added or taken away (no
+/// second copy of the weights while a model moves), else a copy.
 fn to_f32<const D: usize>(t: &Tensor<D>, device: &burn::tensor::Device) -> Tensor<D> {
+    if t.dtype() == burn::tensor::DType::F32 {
+        let (from, to) = (t.device().inner(), device.clone().inner());
+        if from == to {
+            let t = if t.is_autodiff() {
+                t.clone().inner()
+            } else {
+                t.clone()
+            };
+            return if device.is_autodiff() {
+                t.autodiff()
+            } else {
+                t
+            };
+        }
+    }
     let data = t.clone().into_data().convert::<f32>();
     Tensor::from_data(data, device)
 }
