@@ -1,7 +1,7 @@
 //! Fine-tuning fixtures recorded with transformers 5.24.0 (`tools/hf_finetune_fixtures.py`)
 //! replayed: the loss and its parts on the first micro-batch, every gradient of the first
-//! update, and every weight after 3 updates, each compared as the largest error relative to
-//! the recorded tensor's largest magnitude.
+//! update, and every weight after 3 updates, each a row of the project's parity [`Report`]
+//! (the largest error relative to the recorded tensor's largest magnitude).
 //!
 //! Tolerances: loss parts 1e-5, gradients and weights 1e-4 (f32 arithmetic in a different
 //! order than PyTorch's).
@@ -16,6 +16,7 @@ use super::data::Batch;
 use super::{Finetuner, Optimisation, batch_loss};
 use crate::hf::model::HfSwitchTransformer;
 use crate::hf::training::Training;
+use crate::interop::parity::{FixtureKind, Report};
 use crate::optim::{AdamWConfig, LinearSchedule};
 use crate::routing::RoutingRng;
 use crate::store::TensorFile;
@@ -24,38 +25,6 @@ use crate::store::TensorFile;
 pub const LOSS_TOL: f64 = 1e-5;
 /// Tolerance of the gradients and the weights after training.
 pub const TENSOR_TOL: f64 = 1e-4;
-
-/// One comparison.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Row {
-    /// What was compared (`loss`, `grad.NAME`, `after.NAME`).
-    pub name: String,
-    /// Largest |ours - theirs| over the largest |theirs|.
-    pub err: f64,
-    /// The bound it must stay under.
-    pub tol: f64,
-}
-
-impl Row {
-    /// Whether it is within tolerance.
-    pub fn ok(&self) -> bool {
-        self.err <= self.tol
-    }
-}
-
-fn rel_err(ours: &[f32], theirs: &[f32]) -> f64 {
-    if ours.len() != theirs.len() {
-        return f64::INFINITY;
-    }
-    let scale = theirs
-        .iter()
-        .fold(1e-12f64, |m, &v| m.max(f64::from(v).abs()));
-    ours.iter()
-        .zip(theirs)
-        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs())
-        .fold(0.0, f64::max)
-        / scale
-}
 
 fn meta_f64(meta: &serde_json::Value, k: &str) -> Result<f64> {
     meta.get(k)
@@ -90,7 +59,7 @@ pub fn micro_batches(expected: &TensorFile) -> Result<Vec<Batch>> {
 
 /// Replays the fixture in `dir` (its model) against `expected` (its recorded tensors) on
 /// `device`.
-pub fn replay(dir: &Path, expected: &TensorFile, device: &Device) -> Result<Vec<Row>> {
+pub fn replay(dir: &Path, expected: &TensorFile, device: &Device) -> Result<Report> {
     let meta = expected.meta_json()?;
     let model = HfSwitchTransformer::load(dir, device)?;
     let batches = micro_batches(expected)?;
@@ -109,13 +78,9 @@ pub fn replay(dir: &Path, expected: &TensorFile, device: &Device) -> Result<Vec<
         jitter: 0.0,
     };
     let mut ft = Finetuner::new(model, device, opt, 0)?;
-    let mut rows = Vec::new();
-    let mut row = |name: &str, ours: &[f32], theirs: &[f32], tol| {
-        rows.push(Row {
-            name: name.to_string(),
-            err: rel_err(ours, theirs),
-            tol,
-        })
+    let mut report = Report {
+        kind: FixtureKind::HuggingFace,
+        rows: Vec::new(),
     };
 
     let mut train = Training::new(0.0, 0.0, RoutingRng::seed_from_u64(0));
@@ -129,7 +94,7 @@ pub fn replay(dir: &Path, expected: &TensorFile, device: &Device) -> Result<Vec<
         ("decoder_z_loss", &loss.z[1]),
         ("decoder_aux_loss", &loss.aux[1]),
     ] {
-        row(name, &[scalar(t)], &expected.get(name)?.to_f32(), LOSS_TOL);
+        report.compare(name, &[scalar(t)], expected.get(name)?, LOSS_TOL);
     }
     // Their graph holds the parameters: let go of it before they are updated (in place).
     drop((loss, train));
@@ -139,24 +104,18 @@ pub fn replay(dir: &Path, expected: &TensorFile, device: &Device) -> Result<Vec<
     for g in &grads.grads {
         let key = format!("grad.{}", g.name);
         match (g.pytorch_layout(), recorded.get(&g.name)) {
-            (Some(ours), Some(t)) => row(&key, &ours, &t.to_f32(), TENSOR_TOL),
+            (Some(ours), Some(t)) => report.compare(&key, &ours, t, TENSOR_TOL),
             (None, None) => {}
-            (Some(_), None) => row(
-                &format!("{key} (transformers has none)"),
-                &[1.0],
-                &[0.0],
-                0.0,
-            ),
-            (None, Some(_)) => row(&format!("{key} (ours has none)"), &[1.0], &[0.0], 0.0),
+            (Some(_), None) => report.check(&key, false, "transformers has no gradient".into()),
+            (None, Some(_)) => report.check(&key, false, "no gradient reached it here".into()),
         }
     }
     for name in recorded.keys() {
         if !grads.grads.iter().any(|g| &g.name == name) {
-            row(
-                &format!("grad.{name} (not a parameter here)"),
-                &[1.0],
-                &[0.0],
-                0.0,
+            report.check(
+                &format!("grad.{name}"),
+                false,
+                "not a parameter here".into(),
             );
         }
     }
@@ -168,23 +127,18 @@ pub fn replay(dir: &Path, expected: &TensorFile, device: &Device) -> Result<Vec<
         );
     }
 
-    let losses = expected.get("losses")?.to_f32();
+    let losses = expected.get("losses")?;
     let mut ours = Vec::new();
-    for _ in 0..losses.len() {
+    for _ in 0..losses.numel() {
         ours.push(ft.update(&batches)?.loss as f32);
     }
-    row("losses", &ours, &losses, LOSS_TOL);
+    report.compare("losses", &ours, losses, LOSS_TOL);
     let weights = ft.model.tensors()?;
     for (name, t) in expected.with_prefix("after.") {
         let w = weights
             .get(&name)
             .with_context(|| format!("the model has no `{name}`"))?;
-        row(
-            &format!("after.{name}"),
-            &w.to_f32(),
-            &t.to_f32(),
-            TENSOR_TOL,
-        );
+        report.compare(&format!("after.{name}"), &w.to_f32(), &t, TENSOR_TOL);
     }
-    Ok(rows)
+    Ok(report)
 }

@@ -139,7 +139,7 @@ impl Report {
         self.check(name, mismatches == 0, note);
     }
 
-    fn check(&mut self, name: &str, pass: bool, note: String) {
+    pub(crate) fn check(&mut self, name: &str, pass: bool, note: String) {
         self.rows.push(Row {
             name: name.to_string(),
             max_abs: 0.0,
