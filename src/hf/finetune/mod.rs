@@ -39,7 +39,7 @@ use crate::hf::training::{ParamMut, Training};
 use crate::optim::adamw::decays;
 use crate::optim::{AdamW, AdamWConfig, LinearSchedule, clip_coefficient};
 use crate::routing::RoutingRng;
-use crate::store::host_f32;
+use crate::store::{HostTensor, host_f32};
 
 /// The optimisation settings of one fine-tuning run.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -96,7 +96,7 @@ impl ParamGrad {
     pub fn pytorch_layout(&self) -> Option<Vec<f32>> {
         let g = host_f32(self.grad.clone()?);
         Some(match self.linear {
-            Some([rows, cols]) => transposed(&g, rows, cols),
+            Some([rows, cols]) => HostTensor::f32(vec![rows, cols], g).transposed().to_f32(),
             None => g,
         })
     }
@@ -124,17 +124,6 @@ pub struct Finetuner {
     /// Draws the dropout masks and the jitter.
     pub rng: RoutingRng,
     inner: Device,
-}
-
-/// `t` `[rows, cols]` transposed, row-major.
-fn transposed(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = v[r * cols + c];
-        }
-    }
-    out
 }
 
 /// The loss of `batch` on `m` and the fraction of routed tokens dropped, in a training pass
@@ -210,11 +199,6 @@ impl Finetuner {
             rng: RoutingRng::seed_from_u64(seed),
             inner: device.clone(),
         })
-    }
-
-    /// The device the model computes on (without autodiff).
-    pub fn device(&self) -> &Device {
-        &self.inner
     }
 
     /// The gradients of the mean loss over `batches` (micro-batches of one update).

@@ -119,12 +119,8 @@ impl HfSwitchTransformer {
         self.lm_head = Tensor::zeros([1, 1], &device);
     }
 
-    /// The device the model is on.
-    pub fn device(&self) -> &burn::tensor::Device {
-        &self.device
-    }
-
-    /// Moves the model to `device` (an autodiff device to train), every parameter f32.
+    /// Moves the model to `device` (an autodiff device to train), every parameter f32 (the walk
+    /// reties the embedding).
     pub fn to_device_f32(&mut self, device: &burn::tensor::Device) -> Result<()> {
         self.visit_params(&mut |_, p| {
             match p {
@@ -134,7 +130,6 @@ impl HfSwitchTransformer {
             Ok(())
         })?;
         self.device = device.clone();
-        self.retie();
         Ok(())
     }
 }
