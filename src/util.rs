@@ -9,13 +9,30 @@ use anyhow::{Context, Result};
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename.
 /// A crash leaves either the old file or the new one, never a torn file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_beside(path, "tmp")?;
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+    write_atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
+        Ok(())
+    })
+}
+
+/// [`write_atomic`] for a writer that makes the file itself: `write` creates the temporary
+/// file it is given (a safetensors serialiser streaming to disk), which is then synced and
+/// renamed to `path`, or removed if anything failed.
+pub(crate) fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let tmp = temp_beside(path, "tmp")?;
+    let result = write(&tmp).and_then(|()| {
+        // Opened for writing: some systems refuse to sync a read-only handle.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)?
+            .sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

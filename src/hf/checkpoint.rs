@@ -336,18 +336,8 @@ pub(crate) fn save(
         .map_err(|e| anyhow!("{e}"))?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let path = dir.join("model.safetensors");
-    let tmp = crate::util::temp_beside(&path, "tmp")?;
-    let written = safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| anyhow!("{e}"))
-        .and_then(|()| {
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            Ok(())
-        });
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot write {}", path.display())));
-    }
+    crate::util::write_atomic_with(&dir.join("model.safetensors"), |tmp| {
+        safetensors::serialize_to_file(views, Some(meta), tmp).map_err(|e| anyhow!("{e}"))
+    })?;
     crate::util::write_atomic(&dir.join("config.json"), config_json.as_bytes())
 }
