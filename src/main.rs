@@ -68,8 +68,9 @@ enum Command {
     /// Train a dense baseline and Switch models with more and more experts at equal compute
     /// per token (same steps, same seed); write a table and a plot of validation loss.
     Compare(cli::compare::CompareArgs),
-    /// Turn a dense run into a Switch run that `train --resume` continues (sparse upcycling:
-    /// every expert a copy of its block's FFN).
+    /// Turn a dense run into a Switch run that `train --resume` continues, or a dense Hugging
+    /// Face T5 into a Switch Transformers model (sparse upcycling: every expert a copy of its
+    /// block's FFN).
     Upcycle(cli::upcycle::UpcycleArgs),
     /// Write an HTML report (plus SVG charts) of one or more training runs.
     Report(cli::report::ReportArgs),

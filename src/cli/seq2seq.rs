@@ -211,12 +211,7 @@ pub fn convert(args: ConvertArgs, device: &Device) -> Result<ExitCode> {
     let model = HfSwitchTransformer::load(&args.model, device)?;
     switch_transformer::hf::checkpoint::write_dir_whole(out, |partial| {
         model.save(partial, args.dtype)?;
-        let tok = args.model.join("tokenizer.json");
-        if tok.exists() {
-            std::fs::copy(&tok, partial.join("tokenizer.json"))
-                .with_context(|| format!("cannot copy {}", tok.display()))?;
-        }
-        Ok(())
+        switch_transformer::hf::checkpoint::copy_model_files(&args.model, partial)
     })?;
     println!("saved {} ({:?})", out.display(), args.dtype);
     Ok(ExitCode::SUCCESS)

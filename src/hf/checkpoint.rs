@@ -282,6 +282,28 @@ pub fn write_dir_whole(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
     Ok(())
 }
 
+/// Files of a model's folder that travel with its weights when a new folder is made from it
+/// (fine-tuned, converted, upcycled): the tokenizer and the generation defaults.
+const MODEL_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+    "generation_config.json",
+];
+
+/// Copies those of [`MODEL_FILES`] that `from` has into `to`.
+pub fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
+    for f in MODEL_FILES {
+        let src = from.join(f);
+        if src.exists() {
+            std::fs::copy(&src, to.join(f))
+                .with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `tensors` as `dir/model.safetensors` in `dtype` and `config_json` as
 /// `dir/config.json`: the layout `from_pretrained` reads. Refuses to overwrite a directory
 /// that already holds a model.

@@ -119,11 +119,15 @@ impl HfConfig {
         })?;
         let raw: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?;
-        let mut c: Self = serde_json::from_value(raw.clone())
-            .with_context(|| format!("{} is not a Switch Transformers config", path.display()))?;
+        Self::from_json(raw).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Reads and checks a config from its JSON.
+    pub(crate) fn from_json(raw: serde_json::Value) -> Result<Self> {
+        let mut c: Self =
+            serde_json::from_value(raw.clone()).context("not a Switch Transformers config")?;
         c.raw = raw;
-        c.check()
-            .with_context(|| format!("in {}", path.display()))?;
+        c.check()?;
         Ok(c)
     }
 

@@ -16,6 +16,7 @@
 //! | [`parity`] | fixtures recorded with transformers (`tools/hf_fixtures.py`) replayed |
 //! | [`training`] | a training pass (dropout, jitter, router logits) and the parameter walk |
 //! | [`finetune`] | training them as transformers' `Trainer` does: loss, AdamW, runs, ROUGE |
+//! | [`upcycle`] | a dense T5 checkpoint into a Switch one: experts copied from its FFNs |
 
 pub mod checkpoint;
 pub(crate) mod config;
@@ -28,6 +29,7 @@ pub mod routes;
 pub mod sparse;
 pub mod tokenize;
 pub mod training;
+pub mod upcycle;
 
 pub use config::HfConfig;
 pub use model::HfSwitchTransformer;

@@ -120,6 +120,21 @@ pub fn training_text(dir: &std::path::Path) -> PathBuf {
 }
 
 /// A fresh empty directory under the system temp dir.
+/// Runs the `switch` binary with `args`: whether it succeeded, and its stdout then stderr.
+/// (Integration tests only: the binary's own tests include this file too.)
+pub fn switch(args: &[&str]) -> (bool, String) {
+    let Some(bin) = option_env!("CARGO_BIN_EXE_switch") else {
+        panic!("common::switch runs in the integration tests only")
+    };
+    let out = std::process::Command::new(bin).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 pub fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("switch-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);

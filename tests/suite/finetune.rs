@@ -4,7 +4,6 @@
 //! its errors.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use burn::tensor::Device;
 use switch_transformer::hf::HfSwitchTransformer;
@@ -15,6 +14,7 @@ use switch_transformer::hf::tokenize::HfTokenizer;
 use switch_transformer::store::{HostData, TensorFile};
 
 use crate::common;
+use crate::common::switch;
 
 fn fixture(name: &str) -> PathBuf {
     common::manifest_dir()
@@ -140,19 +140,6 @@ fn pairs(path: &Path, n: usize, seed: u64) {
         text.push_str(&format!("{line}\n"));
     }
     std::fs::write(path, text).unwrap();
-}
-
-fn switch(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switch"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 /// A small public-style run: transformers' initialisation fine-tuned on generated pairs for

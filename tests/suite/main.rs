@@ -14,6 +14,7 @@ mod fuzz;
 mod generate;
 mod gpu;
 mod hf;
+mod hf_upcycle;
 mod parallel;
 mod parity;
 mod reliability;

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{Batch, Dataset};
 use super::{Finetuner, Optimisation, UpdateStats, batch_loss, rouge};
-use crate::hf::checkpoint::{SaveDtype, write_dir_whole};
+use crate::hf::checkpoint::{SaveDtype, copy_model_files, write_dir_whole};
 use crate::hf::generate::generate;
 use crate::hf::model::HfSwitchTransformer;
 use crate::hf::tokenize::HfTokenizer;
@@ -249,26 +249,10 @@ pub struct Validation {
     pub rouge: [f64; 3],
 }
 
-/// Files of the model's folder a fine-tuned copy needs besides its weights.
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "spiece.model",
-    "generation_config.json",
-];
-
 fn save_model(ft: &Finetuner, from: &Path, dir: &Path, dtype: SaveDtype) -> Result<()> {
     write_dir_whole(dir, |tmp| {
         ft.model.save(tmp, dtype)?;
-        for f in TOKENIZER_FILES {
-            let src = from.join(f);
-            if src.exists() {
-                std::fs::copy(&src, tmp.join(f))
-                    .with_context(|| format!("cannot copy {}", src.display()))?;
-            }
-        }
-        Ok(())
+        copy_model_files(from, tmp)
     })
 }
 
