@@ -1,13 +1,17 @@
 //! `switch finetune`: fine-tune a Hugging Face Switch Transformers checkpoint on JSON lines
-//! ([`switch_transformer::hf::finetune`]).
+//! ([`switch_transformer::hf::finetune`]); Ctrl-C or SIGTERM stops it after the current update
+//! with a checkpoint, and `--resume` continues it exactly.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 
-use switch_transformer::hf::finetune::run::{FinetuneArgs as RunArgs, FinetuneConfig, finetune};
+use switch_transformer::hf::finetune::config::FinetuneConfig;
+use switch_transformer::hf::finetune::run::{FinetuneArgs as RunArgs, finetune, resume_args};
 
 /// Fine-tune a Hugging Face Switch Transformers checkpoint as transformers' `Trainer` does
 /// (its loss with the router losses, AdamW, linear schedule, global-norm clipping); writes
@@ -15,11 +19,11 @@ use switch_transformer::hf::finetune::run::{FinetuneArgs as RunArgs, FinetuneCon
 #[derive(clap::Args)]
 pub struct FinetuneArgs {
     /// The model folder: config.json, safetensors weights, tokenizer.json.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub model: Option<PathBuf>,
     /// Training pairs: one JSON object per line, {"input": "...", "target": "..."}.
-    #[arg(long)]
-    pub train: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub train: Option<PathBuf>,
     /// Validation pairs (same format): loss and ROUGE before, during and after.
     #[arg(long)]
     pub valid: Option<PathBuf>,
@@ -31,29 +35,58 @@ pub struct FinetuneArgs {
     /// Settings, e.g. --set learning_rate=1e-4 --set max_steps=300 (`--set help` lists them).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Continue a stopped run (runs/NAME) from its latest checkpoint, with its own settings
+    /// and files: the same weights and metrics as a run never stopped.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "train", "valid", "overrides"])]
+    pub resume: Option<PathBuf>,
 }
 
 /// Runs the command.
 pub fn run(args: FinetuneArgs, device: &Device) -> Result<ExitCode> {
-    let mut config = FinetuneConfig::default();
-    if args.overrides.iter().any(|s| s == "help") {
-        print!("{}", toml::to_string(&config)?);
-        return Ok(ExitCode::SUCCESS);
+    let mut run_args = match &args.resume {
+        Some(dir) => resume_args(dir)?,
+        None => {
+            let mut config = FinetuneConfig::default();
+            if args.overrides.iter().any(|s| s == "help") {
+                print!("{}", toml::to_string(&config)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            for s in &args.overrides {
+                config.set(s)?;
+            }
+            let (Some(model), Some(train)) = (args.model, args.train) else {
+                bail!("give --model DIR --train FILE (or --resume RUN_DIR)");
+            };
+            RunArgs {
+                model,
+                train,
+                valid: args.valid,
+                run_dir: args.runs_dir.join(&args.name),
+                config,
+                resume: false,
+                stop: None,
+            }
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second signal leaves at once, releasing the run's lock.
+        let lock = run_args.run_dir.join("lock");
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                let _ = std::fs::remove_file(&lock);
+                eprintln!("second signal: stopped at once, without a checkpoint of this update");
+                std::process::exit(130);
+            }
+        })
+        .context("cannot install the Ctrl-C handler")?;
     }
-    for s in &args.overrides {
-        config.set(s)?;
+    run_args.stop = Some(stop);
+    let summary = finetune(run_args, device, &mut |line| println!("{line}"))?;
+    if summary.stopped {
+        return Ok(ExitCode::from(130));
     }
-    let summary = finetune(
-        RunArgs {
-            model: args.model,
-            train: args.train,
-            valid: args.valid,
-            run_dir: args.runs_dir.join(&args.name),
-            config,
-        },
-        device,
-        &mut |line| println!("{line}"),
-    )?;
     if let Some((before, after)) = summary.valid {
         println!(
             "validation: loss {:.4} -> {:.4}, ROUGE-L {:.4} -> {:.4}",

@@ -4,12 +4,15 @@
 //! its errors.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::Device;
 use switch_transformer::hf::HfSwitchTransformer;
+use switch_transformer::hf::finetune::config::FinetuneConfig;
 use switch_transformer::hf::finetune::data::{Batch, Dataset, Example};
 use switch_transformer::hf::finetune::parity::{micro_batches, replay};
-use switch_transformer::hf::finetune::run::FinetuneConfig;
+use switch_transformer::hf::finetune::run::{FinetuneArgs as RunArgs, finetune, resume_args};
 use switch_transformer::hf::tokenize::HfTokenizer;
 use switch_transformer::store::{HostData, TensorFile};
 
@@ -353,4 +356,178 @@ fn cuts_are_counted_and_foreign_ids_refused() {
         e.contains("line 1") && e.contains("outside the model's vocabulary"),
         "{e}"
     );
+}
+
+/// The metric lines of a run without the throughput (which differs between runs).
+fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_s");
+            v
+        })
+        .collect()
+}
+
+/// A run stopped after update 7 (its flag, as a signal sets it) and resumed from the
+/// checkpoint it wrote ends with the same weights, bit for bit, and the same metric lines as
+/// the run never stopped: AdamW's moments and step counts, the dropout generator and the data
+/// order all continue. Checkpoints are f32 even when the model is saved in bf16.
+#[test]
+fn a_stopped_run_resumes_exactly() {
+    let tmp = common::temp_dir("finetune-resume");
+    let (train, valid) = (tmp.join("train.jsonl"), tmp.join("valid.jsonl"));
+    pairs(&train, 40, 3);
+    pairs(&valid, 6, 4);
+    let mut config = FinetuneConfig::default();
+    for s in [
+        "max_steps=12",
+        "batch_size=8",
+        "grad_accum=2",
+        "learning_rate=3e-3",
+        "warmup_steps=3",
+        "weight_decay=0.01",
+        "log_every=1",
+        "eval_every=5",
+        "eval_generate=3",
+        "save_every=5",
+        "save_dtype=bf16",
+    ] {
+        config.set(s).unwrap();
+    }
+    let args = |name: &str| RunArgs {
+        model: fixture("start"),
+        train: train.clone(),
+        valid: Some(valid.clone()),
+        run_dir: tmp.join(name),
+        config: config.clone(),
+        resume: false,
+        stop: None,
+    };
+    let device = Device::default();
+    let whole = finetune(args("whole"), &device, &mut |_| {}).unwrap();
+    assert!(!whole.stopped);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut stopped = args("stopped");
+    stopped.stop = Some(stop.clone());
+    let flag = stop.clone();
+    let first = finetune(stopped, &device, &mut |line| {
+        if line.starts_with("step 7/12:") {
+            flag.store(true, Ordering::SeqCst);
+        }
+    })
+    .unwrap();
+    let run = tmp.join("stopped");
+    assert!(first.stopped && first.updates == 7);
+    assert_eq!(first.model_dir, run.join("model-step-7"));
+    // The step-5 checkpoint gave way to the step-7 one; the model is not written yet.
+    assert!(!run.join("model-step-5").exists() && !run.join("model").exists());
+    let ck = TensorFile::read(&run.join("model-step-7/model.safetensors")).unwrap();
+    assert!(matches!(
+        ck.get("shared.weight").unwrap().data,
+        HostData::F32(_)
+    ));
+
+    // The lines the stopped run wrote past its checkpoint are written again, once.
+    let mut extra = serde_json::json!({"step": 8, "loss": 0.0});
+    extra["note"] = "written after the checkpoint".into();
+    let metrics = run.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&metrics).unwrap();
+    text.push_str(&format!("{extra}\n"));
+    std::fs::write(&metrics, text).unwrap();
+
+    let resumed = finetune(resume_args(&run).unwrap(), &device, &mut |_| {}).unwrap();
+    assert_eq!(resumed.resumed_from, Some(7));
+    assert!(!resumed.stopped && resumed.updates == 12);
+    assert!(!run.join("model-step-7").exists());
+    for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+        let same = std::fs::read(tmp.join("whole/model").join(f)).unwrap()
+            == std::fs::read(run.join("model").join(f)).unwrap();
+        assert!(same, "{f} differs from the run never stopped");
+    }
+    assert_eq!(metric_lines(&tmp.join("whole")), metric_lines(&run));
+
+    // A finished run has nothing to resume.
+    let e = finetune(resume_args(&run).unwrap(), &device, &mut |_| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("is finished"), "{e:#}");
+}
+
+/// SIGTERM to a real `switch finetune` process: it writes a checkpoint of its current update
+/// and exits with 130; `--resume` finishes the run; a changed training file is refused.
+#[test]
+fn sigterm_checkpoints_and_resume_finishes() {
+    let tmp = common::temp_dir("finetune-sigterm");
+    let train = tmp.join("train.jsonl");
+    pairs(&train, 64, 5);
+    let runs = tmp.join("runs");
+    let run = runs.join("t");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switch"))
+        .args([
+            "finetune",
+            "--model",
+            fixture("start").to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--runs-dir",
+            runs.to_str().unwrap(),
+            "--name",
+            "t",
+            "--set",
+            "max_steps=100000",
+            "--set",
+            "log_every=1",
+            "--set",
+            "batch_size=4",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_for(
+        "3 updates logged",
+        std::time::Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(run.join("metrics.jsonl"))
+                .is_ok_and(|t| t.lines().filter(|l| l.contains("\"loss\"")).count() >= 3)
+        },
+    );
+    // SAFETY: kill(2) on our own child's id.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let ck: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("model-step-"))
+        .collect();
+    assert_eq!(ck.len(), 1, "{ck:?}");
+    assert!(run.join(&ck[0]).join("state.json").is_file());
+    assert!(!run.join("lock").exists(), "the lock is released");
+
+    // Resuming reads the same file: a changed one is refused.
+    let original = std::fs::read(&train).unwrap();
+    pairs(&train, 64, 6);
+    let (ok, out) = switch(&["finetune", "--resume", run.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("changed since the run started"),
+        "{out}"
+    );
+    std::fs::write(&train, original).unwrap();
+    // Resumed with its total lowered to 2 updates past the checkpoint (config.toml is what
+    // --resume reads), it finishes: the model written, the checkpoint gone.
+    let text = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let step: u64 = ck[0].trim_start_matches("model-step-").parse().unwrap();
+    std::fs::write(
+        run.join("config.toml"),
+        text.replace("max_steps = 100000", &format!("max_steps = {}", step + 2)),
+    )
+    .unwrap();
+    let (ok, out) = switch(&["finetune", "--resume", run.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("resuming"), "{out}");
+    assert!(run.join("model/model.safetensors").is_file());
+    assert!(!run.join(&ck[0]).exists());
 }

@@ -19,11 +19,15 @@
 //! | [`loss`] | cross-entropy, router z-loss, load-balancing loss, as transformers reduces them |
 //! | [`parity`] | fixtures recorded with transformers' training replayed |
 //! | [`rouge`] | ROUGE-1/2/L as `rouge-score` computes them |
-//! | [`run`] | `switch finetune`: the run folder, its config, the loop, validation, saving |
+//! | [`config`] | every setting (`--set`), the run's `config.toml` |
+//! | [`resume`] | what a checkpoint holds to continue exactly: AdamW's state, generators, data order |
+//! | [`run`] | `switch finetune`: the run folder, the loop, validation, checkpoints, saving |
 
+pub mod config;
 pub mod data;
 pub mod loss;
 pub mod parity;
+pub mod resume;
 pub mod rouge;
 pub mod run;
 
@@ -313,6 +317,21 @@ impl Finetuner {
             Ok(())
         })?;
         Ok(stats)
+    }
+
+    /// Every parameter's name and element count, in the walk's order (AdamW's indices).
+    pub fn param_names_and_sizes(&self) -> Result<(Vec<String>, Vec<usize>)> {
+        let (mut names, mut sizes) = (Vec::new(), Vec::new());
+        let mut m = self.model.clone();
+        m.visit_params(&mut |name, p| {
+            names.push(name.to_string());
+            sizes.push(match p {
+                ParamMut::Vector(t) => t.shape().num_elements(),
+                ParamMut::Matrix { tensor, .. } => tensor.shape().num_elements(),
+            });
+            Ok(())
+        })?;
+        Ok((names, sizes))
     }
 
     /// A copy of the model for inference on the plain device (no autodiff).

@@ -4,25 +4,29 @@
 //!
 //! ```text
 //! runs/NAME/config.toml          every setting, the model's dropout and jitter resolved
+//! runs/NAME/run.json             the model and data files (what --resume reads)
 //! runs/NAME/metrics.jsonl        one line per logged update, one per validation
 //! runs/NAME/generations.jsonl    the last validation's generations with their targets
-//! runs/NAME/model-step-N/        a checkpoint (save_every), the previous one removed once
-//!                                this one is whole
+//! runs/NAME/model-step-N/        a checkpoint (save_every, and on a stop signal), the
+//!                                previous one removed once this one is whole; `--resume`
+//!                                continues from it exactly ([`super::resume`])
 //! runs/NAME/model/               the fine-tuned model: config.json, model.safetensors,
 //!                                tokenizer files; `switch seq2seq` and transformers read it
 //! ```
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
 
+use super::config::FinetuneConfig;
 use super::data::{Batch, Dataset};
+use super::resume::{self, ResumeState, RunInputs, Sampler, optimizer_file, restore_optimizer};
 use super::{Finetuner, Optimisation, UpdateStats, batch_loss, rouge};
 use crate::hf::checkpoint::{SaveDtype, copy_model_files, write_dir_whole};
 use crate::hf::generate::generate;
@@ -31,180 +35,7 @@ use crate::hf::tokenize::HfTokenizer;
 use crate::infer::generate::SampleOptions;
 use crate::optim::{AdamWConfig, LinearSchedule};
 use crate::routing::RoutingRng;
-
-/// Every setting of a fine-tuning run (`--set key=value`); defaults are `Trainer`'s where it
-/// has one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FinetuneConfig {
-    /// Peak learning rate (`Trainer`: 5e-5).
-    pub learning_rate: f64,
-    /// Sequences per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per update.
-    pub grad_accum: usize,
-    /// Passes over the training file (when `max_steps` is 0).
-    pub epochs: usize,
-    /// Updates in all; 0: `epochs` passes.
-    pub max_steps: u64,
-    /// Updates of linear warm-up.
-    pub warmup_steps: u64,
-    /// AdamW's decoupled weight decay (not on norms and biases).
-    pub weight_decay: f64,
-    /// Global gradient-norm limit; 0 turns clipping off.
-    pub max_grad_norm: f64,
-    /// AdamW's first-moment decay.
-    pub adam_beta1: f64,
-    /// AdamW's second-moment decay.
-    pub adam_beta2: f64,
-    /// AdamW's epsilon.
-    pub adam_epsilon: f64,
-    /// Input tokens kept (longer inputs are cut, and counted).
-    pub max_source_len: usize,
-    /// Target tokens kept (longer targets are cut, and counted); also the validation's
-    /// generation length.
-    pub max_target_len: usize,
-    /// Dropout in training; the model's `dropout_rate` when absent.
-    pub dropout_rate: Option<f64>,
-    /// Router jitter in training; the model's `router_jitter_noise` when absent.
-    pub router_jitter_noise: Option<f64>,
-    /// Seed of the shuffling, dropout and jitter.
-    pub seed: u64,
-    /// Updates between metrics lines.
-    pub log_every: u64,
-    /// Updates between validations (0: at the end only).
-    pub eval_every: u64,
-    /// Validation examples whose generations are scored with ROUGE (0: none).
-    pub eval_generate: usize,
-    /// Updates between checkpoints (0: the final model only).
-    pub save_every: u64,
-    /// `f32` or `bf16`: what the saved model is written in.
-    pub save_dtype: String,
-}
-
-impl Default for FinetuneConfig {
-    fn default() -> Self {
-        Self {
-            learning_rate: 5e-5,
-            batch_size: 8,
-            grad_accum: 1,
-            epochs: 3,
-            max_steps: 0,
-            warmup_steps: 0,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            max_source_len: 512,
-            max_target_len: 128,
-            dropout_rate: None,
-            router_jitter_noise: None,
-            seed: 42,
-            log_every: 10,
-            eval_every: 100,
-            eval_generate: 32,
-            save_every: 0,
-            save_dtype: "f32".into(),
-        }
-    }
-}
-
-impl FinetuneConfig {
-    /// Applies `key=value` (a TOML value, or bare text for a string).
-    pub fn set(&mut self, assignment: &str) -> Result<()> {
-        let (key, value) = assignment
-            .split_once('=')
-            .with_context(|| format!("--set takes key=value, got `{assignment}`"))?;
-        let (key, value) = (key.trim(), value.trim());
-        let mut table = toml::Table::try_from(&*self).expect("config is a table");
-        let known = toml::Table::try_from(FinetuneConfig {
-            dropout_rate: Some(0.0),
-            router_jitter_noise: Some(0.0),
-            ..Default::default()
-        })
-        .expect("config is a table");
-        let Some(current) = known.get(key) else {
-            let keys: Vec<&String> = known.keys().collect();
-            bail!(
-                "unknown finetune key `{key}`; the keys are: {}",
-                keys.iter()
-                    .map(|k| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        };
-        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(value.to_string()));
-        let parsed = match (current, parsed) {
-            (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
-            (_, p) => p,
-        };
-        table.insert(key.to_string(), parsed);
-        let new: Self = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| {
-                anyhow::anyhow!("invalid value `{value}` for {key}: {}", e.message().trim())
-            })?;
-        new.check()?;
-        *self = new;
-        Ok(())
-    }
-
-    /// Refuses settings that cannot run.
-    pub fn check(&self) -> Result<()> {
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            bail!("learning_rate must be > 0, got {}", self.learning_rate);
-        }
-        for (k, v) in [
-            ("batch_size", self.batch_size),
-            ("grad_accum", self.grad_accum),
-            ("max_source_len", self.max_source_len),
-            ("max_target_len", self.max_target_len),
-            ("log_every", self.log_every as usize),
-        ] {
-            if v == 0 {
-                bail!("{k} must be at least 1");
-            }
-        }
-        if self.max_steps == 0 && self.epochs == 0 {
-            bail!("set max_steps or epochs (both are 0)");
-        }
-        for (k, v) in [
-            ("adam_beta1", self.adam_beta1),
-            ("adam_beta2", self.adam_beta2),
-        ] {
-            if !(0.0..1.0).contains(&v) {
-                bail!("{k} must be in [0, 1), got {v}");
-            }
-        }
-        for (k, v) in [
-            ("dropout_rate", self.dropout_rate),
-            ("router_jitter_noise", self.router_jitter_noise),
-        ] {
-            if let Some(v) = v
-                && !(0.0..1.0).contains(&v)
-            {
-                bail!("{k} must be in [0, 1), got {v}");
-            }
-        }
-        if !(self.weight_decay >= 0.0 && self.max_grad_norm >= 0.0 && self.adam_epsilon > 0.0) {
-            bail!("weight_decay and max_grad_norm must be >= 0, adam_epsilon > 0");
-        }
-        self.dtype()?;
-        Ok(())
-    }
-
-    fn dtype(&self) -> Result<SaveDtype> {
-        match self.save_dtype.as_str() {
-            "f32" => Ok(SaveDtype::F32),
-            "bf16" => Ok(SaveDtype::Bf16),
-            other => bail!("save_dtype must be f32 or bf16, got `{other}`"),
-        }
-    }
-}
+use crate::store::TensorFile;
 
 /// Where the run reads and writes.
 #[derive(Debug, Clone)]
@@ -219,6 +50,31 @@ pub struct FinetuneArgs {
     pub run_dir: PathBuf,
     /// Settings.
     pub config: FinetuneConfig,
+    /// Continue the run in `run_dir` from its latest checkpoint (its own config and inputs:
+    /// see [`resume_args`]).
+    pub resume: bool,
+    /// Set by the caller (a signal handler) to stop after the current update, with a
+    /// checkpoint that `--resume` continues from.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// The arguments that continue the run in `run_dir`: its `config.toml` and `run.json`.
+pub fn resume_args(run_dir: &Path) -> Result<FinetuneArgs> {
+    let inputs = RunInputs::read(run_dir)?;
+    let path = run_dir.join("config.toml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let config: FinetuneConfig =
+        toml::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    Ok(FinetuneArgs {
+        model: inputs.model,
+        train: inputs.train,
+        valid: inputs.valid,
+        run_dir: run_dir.to_path_buf(),
+        config,
+        resume: true,
+        stop: None,
+    })
 }
 
 /// What a finished run measured.
@@ -236,8 +92,12 @@ pub struct FinetuneSummary {
     pub tokens_per_s: f64,
     /// Seconds per update, likewise.
     pub update_s: f64,
-    /// Where the model was written.
+    /// Where the model was written (the last checkpoint when stopped).
     pub model_dir: PathBuf,
+    /// The update a resumed run continued from.
+    pub resumed_from: Option<u64>,
+    /// Whether the run stopped early (the caller's flag), after writing a checkpoint.
+    pub stopped: bool,
 }
 
 /// One validation.
@@ -253,6 +113,26 @@ fn save_model(ft: &Finetuner, from: &Path, dir: &Path, dtype: SaveDtype) -> Resu
     write_dir_whole(dir, |tmp| {
         ft.model.save(tmp, dtype)?;
         copy_model_files(from, tmp)
+    })
+}
+
+/// A checkpoint that `--resume` continues from exactly ([`super::resume`]): the model in f32,
+/// AdamW's state, the generators and the data position; whole or not at all.
+fn save_checkpoint(ft: &Finetuner, sampler: &Sampler, from: &Path, dir: &Path) -> Result<()> {
+    let (names, _) = ft.param_names_and_sizes()?;
+    write_dir_whole(dir, |tmp| {
+        ft.model.save(tmp, SaveDtype::F32)?;
+        copy_model_files(from, tmp)?;
+        optimizer_file(&ft.adamw, &names)?.write(&tmp.join("optimizer.safetensors"))?;
+        let state = ResumeState {
+            updates: ft.updates,
+            rng: ft.rng.clone(),
+            sampler: sampler.clone(),
+        };
+        crate::util::write_atomic(
+            &tmp.join("state.json"),
+            serde_json::to_string(&state)?.as_bytes(),
+        )
     })
 }
 
@@ -322,7 +202,8 @@ fn append_line(path: &Path, v: &serde_json::Value) -> Result<()> {
     writeln!(f, "{v}").with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Runs `args` on `device`, printing progress lines through `log`.
+/// Runs `args` on `device`, printing progress lines through `log`: a new run, or with
+/// `args.resume` the rest of the run in `args.run_dir` from its latest checkpoint.
 pub fn finetune(
     args: FinetuneArgs,
     device: &Device,
@@ -331,15 +212,51 @@ pub fn finetune(
     let mut config = args.config;
     config.check()?;
     let dir = &args.run_dir;
-    if dir.join("config.toml").exists() {
+    let model_dir = dir.join("model");
+    if args.resume {
+        if model_dir.join("config.json").exists() {
+            bail!(
+                "{} is finished ({} is written): nothing to resume",
+                dir.display(),
+                model_dir.display()
+            );
+        }
+    } else if dir.join("config.toml").exists() {
         bail!(
-            "{} already holds a run: choose another --name (a run is never overwritten)",
+            "{} already holds a run: choose another --name, or continue it with --resume (a \
+             run is never overwritten)",
             dir.display()
         );
     }
-    let model = HfSwitchTransformer::load(&args.model, device)?;
+    // A new run loads its model before its folder exists; a resumed one its checkpoint, once
+    // it holds the run's lock.
+    let (model, source, _lock, checkpoint) = if args.resume {
+        let lock = crate::train::lock::RunLock::acquire(dir)?;
+        resume::tidy(dir)?;
+        RunInputs::read(dir)?.check_unchanged()?;
+        let Some((n, ck)) = resume::latest_checkpoint(dir)? else {
+            bail!(
+                "{} has no checkpoint to resume from (save_every = {}): start a new run",
+                dir.display(),
+                config.save_every
+            );
+        };
+        let state: ResumeState = serde_json::from_str(
+            &std::fs::read_to_string(ck.join("state.json"))
+                .with_context(|| format!("cannot read {}", ck.join("state.json").display()))?,
+        )
+        .with_context(|| format!("{} is damaged", ck.join("state.json").display()))?;
+        if state.updates != n {
+            bail!("{}: state.json says update {}", ck.display(), state.updates);
+        }
+        let model = HfSwitchTransformer::load(&ck, device)?;
+        (model, ck.clone(), Some(lock), Some((ck, state)))
+    } else {
+        let model = HfSwitchTransformer::load(&args.model, device)?;
+        (model, args.model.clone(), None, None)
+    };
     let c = model.config.clone();
-    let tokenizer = HfTokenizer::load(&args.model, c.pad())?;
+    let tokenizer = HfTokenizer::load(&source, c.pad())?;
     let read = |p: &Path| {
         Dataset::read(
             p,
@@ -372,18 +289,30 @@ pub fn finetune(
         per_epoch * config.epochs as u64
     };
 
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let _lock = crate::train::lock::RunLock::acquire(dir)?;
-    let mut text = toml::to_string(&config).expect("config serialises");
-    text = format!(
-        "# switch finetune: model {}, train {}, valid {}\n{text}",
-        args.model.display(),
-        args.train.display(),
-        args.valid
-            .as_ref()
-            .map_or("none".into(), |p| p.display().to_string())
-    );
-    crate::util::write_atomic(&dir.join("config.toml"), text.as_bytes())?;
+    let _lock = match _lock {
+        Some(lock) => lock,
+        None => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let lock = crate::train::lock::RunLock::acquire(dir)?;
+            let mut text = toml::to_string(&config).expect("config serialises");
+            text = format!(
+                "# switch finetune: model {}, train {}, valid {}\n{text}",
+                args.model.display(),
+                args.train.display(),
+                args.valid
+                    .as_ref()
+                    .map_or("none".into(), |p| p.display().to_string())
+            );
+            crate::util::write_atomic(&dir.join("config.toml"), text.as_bytes())?;
+            let inputs = RunInputs::new(&args.model, &args.train, args.valid.as_deref())?;
+            crate::util::write_atomic(
+                &dir.join("run.json"),
+                serde_json::to_string_pretty(&inputs)?.as_bytes(),
+            )?;
+            lock
+        }
+    };
     let metrics = dir.join("metrics.jsonl");
 
     let opt = Optimisation {
@@ -403,6 +332,38 @@ pub fn finetune(
         jitter: config.router_jitter_noise.unwrap_or(0.0),
     };
     let mut ft = Finetuner::new(model, device, opt, config.seed)?;
+    let mut sampler = Sampler::new(train.examples.len(), RoutingRng::seed_from_u64(config.seed));
+    let mut last_ckpt: Option<PathBuf> = None;
+    let start = match checkpoint {
+        Some((ck, state)) => {
+            let (names, sizes) = ft.param_names_and_sizes()?;
+            let opt_file = TensorFile::read(&ck.join("optimizer.safetensors"))?;
+            restore_optimizer(&mut ft.adamw, &opt_file, &names, &sizes)
+                .with_context(|| format!("resuming from {}", ck.display()))?;
+            if state.sampler.order.len() != train.examples.len() {
+                bail!(
+                    "{} has {} pairs, the run's data order {}: is it the run's file?",
+                    args.train.display(),
+                    train.examples.len(),
+                    state.sampler.order.len()
+                );
+            }
+            (ft.updates, ft.rng, sampler) = (state.updates, state.rng, state.sampler);
+            resume::truncate_metrics(&metrics, state.updates)?;
+            log(&format!(
+                "resuming {} from {} (update {} of {total})",
+                dir.display(),
+                ck.display(),
+                state.updates
+            ));
+            last_ckpt = Some(ck);
+            state.updates
+        }
+        None => 0,
+    };
+    if start >= total {
+        bail!("{} has done its {total} updates already", dir.display());
+    }
     log(&format!(
         "fine-tuning {}: {} training pairs, {} updates of {} x {} sequences, lr {}, dropout {}, \
          jitter {}",
@@ -448,31 +409,23 @@ pub fn finetune(
             Ok(Some(v))
         };
 
-    let first = run_validation(&ft, 0, log)?;
-    let mut order: Vec<usize> = (0..train.examples.len()).collect();
-    let mut shuffle = RoutingRng::seed_from_u64(config.seed);
-    order.shuffle(&mut shuffle);
-    let mut cursor = 0;
-    let (pad, start) = (c.pad(), c.decoder_start());
-    let mut next_batch = || {
-        if cursor >= order.len() {
-            order.shuffle(&mut shuffle);
-            cursor = 0;
-        }
-        let end = (cursor + config.batch_size).min(order.len());
-        let refs: Vec<_> = order[cursor..end]
-            .iter()
-            .map(|&i| &train.examples[i])
-            .collect();
-        cursor = end;
-        Batch::new(&refs, pad, start)
+    let first = if start == 0 {
+        run_validation(&ft, 0, log)?
+    } else {
+        None
     };
+    let (pad, dec_start) = (c.pad(), c.decoder_start());
     let mut began = Instant::now();
     let (mut tokens, mut last) = (0usize, UpdateStats::default());
-    let mut last_ckpt: Option<PathBuf> = None;
     let dtype = config.dtype()?;
-    for update in 1..=total {
-        let batches: Vec<Batch> = (0..config.grad_accum).map(|_| next_batch()).collect();
+    let stop = args.stop.clone().unwrap_or_default();
+    // The tokenizer files come from the model folder, then from the latest checkpoint (which
+    // a resumed run may outlive its model folder with).
+    let files_from = |last: &Option<PathBuf>| last.clone().unwrap_or_else(|| args.model.clone());
+    for update in start + 1..=total {
+        let batches: Vec<Batch> = (0..config.grad_accum)
+            .map(|_| sampler.next(&train, config.batch_size, pad, dec_start))
+            .collect();
         last = ft.update(&batches)?;
         tokens += last.tokens;
         if update % config.log_every == 0 || update == total {
@@ -498,25 +451,46 @@ pub fn finetune(
         if config.eval_every > 0 && update % config.eval_every == 0 && update != total {
             run_validation(&ft, update, log)?;
         }
-        if config.save_every > 0 && update % config.save_every == 0 && update != total {
+        let stopping = stop.load(Ordering::SeqCst) && update != total;
+        if (config.save_every > 0 && update % config.save_every == 0 && update != total) || stopping
+        {
             let ck = dir.join(format!("model-step-{update}"));
-            save_model(&ft, &args.model, &ck, dtype)?;
+            save_checkpoint(&ft, &sampler, &files_from(&last_ckpt), &ck)?;
             if let Some(old) = last_ckpt.replace(ck) {
                 std::fs::remove_dir_all(&old)
                     .with_context(|| format!("cannot remove {}", old.display()))?;
             }
         }
-        if update == 1 && total > 1 {
+        if stopping {
+            let ck = last_ckpt.expect("just written");
+            log(&format!(
+                "stopped after update {update} of {total}: checkpoint {}; continue with \
+                 `switch finetune --resume {}`",
+                ck.display(),
+                dir.display()
+            ));
+            return Ok(FinetuneSummary {
+                updates: update,
+                last_loss: last.loss,
+                valid: None,
+                tokens_per_s: 0.0,
+                update_s: 0.0,
+                model_dir: ck,
+                resumed_from: (start > 0).then_some(start),
+                stopped: true,
+            });
+        }
+        if update == start + 1 && total > start + 1 {
             // Throughput over the updates after the first, which allocates the optimizer's
             // state, and its validation and checkpoint (as benchmarks/hf_bench.py times transformers).
             (began, tokens) = (Instant::now(), 0);
         }
     }
     let secs = began.elapsed().as_secs_f64().max(1e-9);
-    let (tokens_per_s, update_s) = (tokens as f64 / secs, secs / (total - 1).max(1) as f64);
+    let timed = (total - start).saturating_sub(1).max(1);
+    let (tokens_per_s, update_s) = (tokens as f64 / secs, secs / timed as f64);
     let end = run_validation(&ft, total, log)?;
-    let model_dir = dir.join("model");
-    save_model(&ft, &args.model, &model_dir, dtype)?;
+    save_model(&ft, &files_from(&last_ckpt), &model_dir, dtype)?;
     if let Some(old) = last_ckpt {
         std::fs::remove_dir_all(&old)
             .with_context(|| format!("cannot remove {}", old.display()))?;
@@ -529,5 +503,7 @@ pub fn finetune(
         tokens_per_s,
         update_s,
         model_dir,
+        resumed_from: (start > 0).then_some(start),
+        stopped: false,
     })
 }
