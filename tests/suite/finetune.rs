@@ -531,3 +531,104 @@ fn sigterm_checkpoints_and_resume_finishes() {
     assert!(run.join("model/model.safetensors").is_file());
     assert!(!run.join(&ck[0]).exists());
 }
+
+/// A disk that fills up while a checkpoint is written: the run stops with the disk's error,
+/// the half-written checkpoint is gone, the last good one stays whole, and `--resume` from it
+/// (with space again) ends with the same weights as a run that never ran out of space. The
+/// disk is a 1.4 MB tmpfs in a private mount namespace (`unshare -rm`): room for one
+/// checkpoint of this model (0.9 MB) but not for the next beside it.
+#[test]
+fn a_full_disk_keeps_the_last_good_checkpoint() {
+    let tmp = common::temp_dir("finetune-full-disk");
+    let train = tmp.join("train.jsonl");
+    pairs(&train, 48, 7);
+    let (disk, kept) = (tmp.join("disk"), tmp.join("kept"));
+    std::fs::create_dir_all(&disk).unwrap();
+    let probe = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=8k tmpfs {}",
+            disk.display()
+        ))
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: this machine cannot mount a tmpfs in a private namespace ({probe:?})");
+        return;
+    }
+    let settings = [
+        "max_steps=12",
+        "save_every=4",
+        "batch_size=8",
+        "log_every=1",
+        "eval_every=0",
+    ];
+    let mut args: Vec<String> = vec![
+        "finetune".into(),
+        "--model".into(),
+        fixture("start").display().to_string(),
+        "--train".into(),
+        train.display().to_string(),
+        "--name".into(),
+        "full".into(),
+    ];
+    for s in settings {
+        args.extend(["--set".into(), s.into()]);
+    }
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let script = format!(
+        "mount -t tmpfs -o size=1400k tmpfs {disk} && {bin} {args} --runs-dir {disk} \
+         > {tmp}/log 2>&1; echo $? > {tmp}/rc; cp -r {disk}/full {kept}",
+        disk = disk.display(),
+        bin = env!("CARGO_BIN_EXE_switch"),
+        args = quoted.join(" "),
+        tmp = tmp.display(),
+        kept = kept.display(),
+    );
+    let status = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let log = std::fs::read_to_string(tmp.join("log")).unwrap();
+    let rc = std::fs::read_to_string(tmp.join("rc")).unwrap();
+    assert_ne!(
+        rc.trim(),
+        "0",
+        "the run should fail on the full disk:\n{log}"
+    );
+    assert!(
+        log.contains("No space left on device") && log.contains("model-step-4 is kept"),
+        "{log}"
+    );
+    // The good checkpoint whole, nothing half-written beside it, no model, no lock.
+    let names: Vec<String> = std::fs::read_dir(&kept)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.contains(&"model-step-4".to_string()), "{names:?}");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with('.') || n == "model" || n == "lock" || n == "model-step-8"),
+        "{names:?}"
+    );
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert!(kept.join("model-step-4").join(f).is_file(), "{f}");
+    }
+
+    // With space again, --resume finishes it as if nothing had happened.
+    let (ok, out) = switch(&["finetune", "--resume", kept.to_str().unwrap()]);
+    assert!(ok && out.contains("update 4 of 12"), "{out}");
+    let mut whole: Vec<&str> = args.iter().map(String::as_str).collect();
+    whole[6] = "whole";
+    let runs = tmp.join("runs");
+    whole.extend(["--runs-dir", runs.to_str().unwrap()]);
+    let (ok, out) = switch(&whole);
+    assert!(ok, "{out}");
+    let same = std::fs::read(runs.join("whole/model/model.safetensors")).unwrap()
+        == std::fs::read(kept.join("model/model.safetensors")).unwrap();
+    assert!(
+        same,
+        "the resumed run's weights differ from the uninterrupted run's"
+    );
+}

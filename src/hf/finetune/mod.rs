@@ -21,7 +21,8 @@
 //! | [`rouge`] | ROUGE-1/2/L as `rouge-score` computes them |
 //! | [`config`] | every setting (`--set`), the run's `config.toml` |
 //! | [`resume`] | what a checkpoint holds to continue exactly: AdamW's state, generators, data order |
-//! | [`run`] | `switch finetune`: the run folder, the loop, validation, checkpoints, saving |
+//! | [`run`] | `switch finetune`: the run folder, the loop, checkpoints, saving |
+//! | [`validate`] | validation loss, greedy generations and their ROUGE |
 
 pub mod config;
 pub mod data;
@@ -30,6 +31,7 @@ pub mod parity;
 pub mod resume;
 pub mod rouge;
 pub mod run;
+pub mod validate;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
