@@ -72,7 +72,7 @@ enum Command {
     /// Face T5 into a Switch Transformers model (sparse upcycling: every expert a copy of its
     /// block's FFN).
     Upcycle(cli::upcycle::UpcycleArgs),
-    /// Write an HTML report (plus SVG charts) of one or more training runs.
+    /// Write an HTML report (plus SVG charts) of one or more training or fine-tuning runs.
     Report(cli::report::ReportArgs),
     /// Show which expert each token of a text goes to, in every layer (a run, or a Hugging
     /// Face Switch Transformers checkpoint).

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use burn::tensor::Device;
 pub mod charts;
+pub mod finetune;
 mod svg;
 #[cfg(test)]
 mod tests;
@@ -14,8 +15,8 @@ use charts::{RouteTable, RunMetrics, write_hf_routes, write_report};
 use switch_transformer::train::eval::route_tokens;
 use switch_transformer::train::load_run_model;
 
-/// Write an HTML report (plus SVG charts) of one or more training runs, or the routing table of
-/// a Hugging Face Switch Transformers checkpoint (--model).
+/// Write an HTML report (plus SVG charts) of one or more training or `switch finetune` runs,
+/// or the routing table of a Hugging Face Switch Transformers checkpoint (--model).
 #[derive(clap::Args)]
 pub struct ReportArgs {
     /// Run directories (several are overlaid).
@@ -62,6 +63,23 @@ pub fn run(args: ReportArgs, device: &Device) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
+    if runs.iter().any(|r| finetune::is_finetune_run(r)) {
+        if !runs.iter().all(|r| finetune::is_finetune_run(r)) {
+            anyhow::bail!(
+                "the runs mix `switch finetune` runs and training runs: report them separately"
+            );
+        }
+        let metrics = runs
+            .iter()
+            .map(|r| finetune::FinetuneMetrics::read(r))
+            .collect::<Result<Vec<_>>>()?;
+        let (lines, heatmaps) = finetune::charts(&metrics);
+        let names: Vec<&str> = metrics.iter().map(|m| m.name.as_str()).collect();
+        let out = out.unwrap_or_else(|| runs[0].join("report"));
+        let html = charts::write_page(&names, &lines, &heatmaps, None, &out)?;
+        println!("wrote {}", html.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let metrics = runs
         .iter()
         .map(|r| RunMetrics::read(r))

@@ -232,6 +232,27 @@ fn finetune_runs_end_to_end() {
         after["shared.weight"].to_f32()
     );
 
+    // The report shows it: the losses, ROUGE rising, each sparse layer's drops and load.
+    let (ok, out) = switch(&["report", run.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let html = std::fs::read_to_string(run.join("report/report.html")).unwrap();
+    for want in [
+        "Cross-entropy loss",
+        "ROUGE-L",
+        "Router losses",
+        "Dropped-token fraction per sparse layer",
+        "Expert load, encoder.block.1",
+        "Expert load, decoder.block.1",
+    ] {
+        assert!(html.contains(want), "the report lacks `{want}`");
+    }
+    let rouge = std::fs::read_to_string(run.join("report/rouge.svg")).unwrap();
+    assert_eq!(rouge.matches("<polyline").count(), 3, "ROUGE-1, -2, -L");
+    let plain = tmp.join("not-a-finetune-run");
+    std::fs::create_dir_all(&plain).unwrap();
+    let (ok, out) = switch(&["report", run.to_str().unwrap(), plain.to_str().unwrap()]);
+    assert!(!ok && out.contains("report them separately"), "{out}");
+
     // A second run of the same name is refused, and the first is untouched.
     let (ok, out) = switch(&args);
     assert!(!ok && out.contains("already holds a run"), "{out}");

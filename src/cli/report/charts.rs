@@ -223,7 +223,10 @@ pub struct RouteTable {
 }
 
 fn route_html(t: &RouteTable) -> String {
-    let mut s = String::from("<table class=\"route\"><tr><th>layer</th>");
+    let mut s = String::from(
+        "<h2>Routing of a text (expert per character and layer)</h2>\
+         <table class=\"route\"><tr><th>layer</th>",
+    );
     for c in &t.text {
         let shown = match c {
             '\n' => "⏎".to_string(),
@@ -254,15 +257,28 @@ pub fn write_report(
     route: Option<&RouteTable>,
     out: &Path,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let (lines, heatmaps) = charts(runs);
+    let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+    write_page(&names, &lines, &heatmaps, route.map(route_html), out)
+}
+
+/// The report page: the runs' names, every line chart, the heatmaps, then `extra` (HTML);
+/// `report.html` and one SVG per chart in `out`. Returns the HTML path.
+pub fn write_page(
+    names: &[&str],
+    lines: &[LineChart],
+    heatmaps: &[Heatmap],
+    extra: Option<String>,
+    out: &Path,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut html = String::from(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Switch Transformer report</title>\
          <style>body{font-family:sans-serif;margin:24px;max-width:1500px}svg{margin:8px;border:1px solid #eee}\
          table.route{border-collapse:collapse;font-family:monospace}table.route td,table.route th{border:1px solid #ccc;padding:2px 4px;text-align:center}</style>\
          </head><body><h1>Switch Transformer training report</h1>",
     );
-    let names: Vec<String> = runs.iter().map(|r| esc(&r.name)).collect();
+    let names: Vec<String> = names.iter().map(|n| esc(n)).collect();
     let _ = write!(html, "<p>Runs: {}</p>", names.join(", "));
     let write_svg = |html: &mut String, id: &str, svg: String| -> Result<()> {
         let path = out.join(format!("{id}.svg"));
@@ -270,16 +286,15 @@ pub fn write_report(
         html.push_str(&svg);
         Ok(())
     };
-    for c in &lines {
+    for c in lines {
         write_svg(&mut html, &c.id, line_svg(c))?;
     }
     html.push_str("<h2>Expert load over training</h2>");
-    for hm in &heatmaps {
+    for hm in heatmaps {
         write_svg(&mut html, &hm.id, heatmap_svg(hm))?;
     }
-    if let Some(t) = route {
-        html.push_str("<h2>Routing of a text (expert per character and layer)</h2>");
-        html.push_str(&route_html(t));
+    if let Some(extra) = extra {
+        html.push_str(&extra);
     }
     html.push_str("</body></html>");
     let path = out.join("report.html");

@@ -65,7 +65,7 @@ pub struct Optimisation {
 }
 
 /// What one update measured (loss parts averaged over its micro-batches).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct UpdateStats {
     /// The loss minimised.
     pub loss: f64,
@@ -83,6 +83,8 @@ pub struct UpdateStats {
     pub tokens: usize,
     /// Fraction of routed tokens dropped by capacity, over every sparse layer.
     pub dropped: f64,
+    /// Each sparse layer's load, averaged over the micro-batches.
+    pub layers: Vec<LayerLoad>,
 }
 
 /// One parameter's gradient.
@@ -132,13 +134,25 @@ pub struct Finetuner {
     inner: Device,
 }
 
-/// The loss of `batch` on `m` and the fraction of routed tokens dropped, in a training pass
-/// when `train` is given (else as in eval, with the router losses 0).
+/// How one sparse layer routed the tokens of an update (padding included, as transformers
+/// routes it).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayerLoad {
+    /// `encoder.block.1`, `decoder.block.3`, ...
+    pub name: String,
+    /// Fraction of the tokens whose chosen expert is each expert (before dropping).
+    pub expert_frac: Vec<f64>,
+    /// Fraction of the tokens dropped (over their expert's capacity).
+    pub dropped: f64,
+}
+
+/// The loss of `batch` on `m`, the fraction of routed tokens dropped, and each sparse layer's
+/// load, in a training pass when `train` is given (else as in eval, with the router losses 0).
 pub fn batch_loss(
     m: &HfSwitchTransformer,
     batch: &Batch,
     mut train: Option<&mut Training>,
-) -> Result<(Seq2SeqLoss, f64)> {
+) -> Result<(Seq2SeqLoss, f64, Vec<LayerLoad>)> {
     let enc = m.encode_pass(
         &batch.input_ids,
         &batch.mask,
@@ -171,13 +185,36 @@ pub fn batch_loss(
     } else {
         dropped as f64 / routed as f64
     };
+    let c = &m.config;
+    let names = (0..c.num_layers)
+        .filter(|&i| c.is_sparse(false, i))
+        .map(|i| format!("encoder.block.{i}"))
+        .chain(
+            (0..c.decoder_layers())
+                .filter(|&i| c.is_sparse(true, i))
+                .map(|i| format!("decoder.block.{i}")),
+        );
+    let layers = enc
+        .routes
+        .iter()
+        .chain(&dec_routes)
+        .zip(names)
+        .map(|(r, name)| {
+            let n = r.plan.routes.len().max(1) as f64;
+            LayerLoad {
+                name,
+                expert_frac: r.plan.counts.iter().map(|&k| k as f64 / n).collect(),
+                dropped: r.plan.dropped.iter().filter(|&&d| d).count() as f64 / n,
+            }
+        })
+        .collect();
     let empty = Vec::new();
     let (enc_router, dec_router) = match &train {
         Some(t) => t.router_logits.split_at(n_enc),
         None => (&empty[..], &empty[..]),
     };
     let loss = Seq2SeqLoss::new(&m.config, logits, &batch.labels, enc_router, dec_router)?;
-    Ok((loss, dropped))
+    Ok((loss, dropped, layers))
 }
 
 impl Finetuner {
@@ -220,7 +257,23 @@ impl Finetuner {
             let mut train = Training::new(self.opt.dropout, self.opt.jitter, rng);
             let result = batch_loss(&self.model, batch, Some(&mut train));
             self.rng = train.rng;
-            let (loss, dropped) = result?;
+            let (loss, dropped, layers) = result?;
+            if stats.layers.is_empty() {
+                stats.layers = layers
+                    .iter()
+                    .map(|l| LayerLoad {
+                        name: l.name.clone(),
+                        expert_frac: vec![0.0; l.expert_frac.len()],
+                        dropped: 0.0,
+                    })
+                    .collect();
+            }
+            for (sum, l) in stats.layers.iter_mut().zip(&layers) {
+                sum.dropped += l.dropped / k;
+                for (a, b) in sum.expert_frac.iter_mut().zip(&l.expert_frac) {
+                    *a += b / k;
+                }
+            }
             let read = |t: &Tensor<1>| f64::from(t.clone().into_scalar::<f32>());
             stats.loss += read(&loss.total) / k;
             stats.cross_entropy += read(&loss.cross_entropy) / k;

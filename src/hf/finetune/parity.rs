@@ -84,7 +84,7 @@ pub fn replay(dir: &Path, expected: &TensorFile, device: &Device) -> Result<Repo
     };
 
     let mut train = Training::new(0.0, 0.0, RoutingRng::seed_from_u64(0));
-    let (loss, _) = batch_loss(&ft.model, &batches[0], Some(&mut train))?;
+    let (loss, ..) = batch_loss(&ft.model, &batches[0], Some(&mut train))?;
     let scalar = |t: &burn::tensor::Tensor<1>| t.clone().into_scalar::<f32>();
     for (name, t) in [
         ("loss", &loss.total),

@@ -368,7 +368,8 @@ pub fn finetune(
                 &serde_json::json!({"step": update, "loss": last.loss, "ce": last.cross_entropy,
                     "z_enc": last.z[0], "z_dec": last.z[1], "aux_enc": last.aux[0],
                     "aux_dec": last.aux[1], "grad_norm": last.grad_norm, "lr": last.lr,
-                    "dropped": last.dropped, "tokens_per_s": tokens as f64 / secs}),
+                    "dropped": last.dropped, "layers": last.layers,
+                    "tokens_per_s": tokens as f64 / secs}),
             )?;
             log(&format!(
                 "step {update}/{total}: loss {:.4} (ce {:.4}), grad norm {:.3}, lr {:.3e}, \

@@ -42,7 +42,7 @@ pub fn validate(
             .iter()
             .filter(|&&l| l != super::loss::IGNORE)
             .count();
-        let (loss, _) = batch_loss(model, &batch, None)?;
+        let (loss, ..) = batch_loss(model, &batch, None)?;
         sum += f64::from(loss.cross_entropy.into_scalar::<f32>()) * n as f64;
         count += n;
     }
