@@ -65,3 +65,35 @@ pub unsafe fn written_by<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])
     unsafe { v.set_len(len) };
     v
 }
+
+/// The value of a `--set key=value` as TOML: a TOML literal (number, bool, quoted string),
+/// else the raw text as a string; an integer for a key that holds a float (`current`) is
+/// widened (`capacity_factor=2` means 2.0).
+pub(crate) fn set_value(value: &str, current: &toml::Value) -> toml::Value {
+    let value = value.trim();
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    match (current, parsed) {
+        (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
+        (_, p) => p,
+    }
+}
+
+/// A settings `table` with `key` set to `value` read back as `T`, or an error naming both.
+pub(crate) fn settings_from<T: serde::de::DeserializeOwned>(
+    table: toml::Table,
+    key: &str,
+    value: &str,
+) -> Result<T> {
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| {
+            anyhow::anyhow!(
+                "invalid value `{}` for {key}: {}",
+                value.trim(),
+                e.message().trim()
+            )
+        })
+}

@@ -10,18 +10,16 @@ tokenizer.json encodes the texts); then `switch parity DIR`.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers import SwitchTransformersForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_fixtures import TEXTS, encode_batch, greedy_with_cache  # noqa: E402
+from hf_fixtures import TEXTS, encode_batch, greedy_with_cache, save_expected  # noqa: E402
 
 
 def main():
@@ -42,18 +40,7 @@ def main():
         generated = greedy_with_cache(model, input_ids, attention_mask, start, 10)
     meta = dict(transformers=transformers.__version__, torch=torch.__version__, texts=texts,
                 about=f"transformers' outputs for {a.dir.name}, written by tools/hf_expect.py")
-    save_file(
-        {
-            "input_ids": input_ids.contiguous(),
-            "attention_mask": attention_mask.contiguous(),
-            "decoder_input_ids": dec.contiguous(),
-            "logits": r.logits.float().contiguous(),
-            "encoder_last_hidden_state": r.encoder_last_hidden_state.float().contiguous(),
-            "generated_ids": generated.contiguous(),
-        },
-        str(a.dir / "expected.safetensors"),
-        metadata={"meta": json.dumps(meta)},
-    )
+    save_expected(a.dir / "expected.safetensors", input_ids, attention_mask, dec, r, generated, meta)
     print(f"{a.dir}: transformers loaded it; generated {generated.tolist()}")
 
 

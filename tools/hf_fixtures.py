@@ -132,6 +132,22 @@ def count_drops(model, input_ids, attention_mask, decoder_input_ids):
     return drops
 
 
+def save_expected(path: Path, input_ids, attention_mask, decoder_input_ids, result, generated, meta: dict) -> None:
+    """expected.safetensors in the layout the docstring gives, `meta` as its metadata."""
+    save_file(
+        {
+            "input_ids": input_ids.contiguous(),
+            "attention_mask": attention_mask.contiguous(),
+            "decoder_input_ids": decoder_input_ids.contiguous(),
+            "logits": result.logits.float().contiguous(),
+            "encoder_last_hidden_state": result.encoder_last_hidden_state.float().contiguous(),
+            "generated_ids": generated.contiguous(),
+        },
+        str(path),
+        metadata={"meta": json.dumps(meta)},
+    )
+
+
 def make_fixture(out: Path, tok_path: Path, tok: Tokenizer, spec: dict, seed: int) -> None:
     torch.manual_seed(seed)
     cfg = dict(spec["config"])
@@ -174,18 +190,7 @@ def make_fixture(out: Path, tok_path: Path, tok: Tokenizer, spec: dict, seed: in
         "texts": texts,
         "about": spec["about"],
     }
-    save_file(
-        {
-            "input_ids": input_ids.contiguous(),
-            "attention_mask": attention_mask.contiguous(),
-            "decoder_input_ids": decoder_input_ids.contiguous(),
-            "logits": r.logits.float().contiguous(),
-            "encoder_last_hidden_state": r.encoder_last_hidden_state.float().contiguous(),
-            "generated_ids": generated.contiguous(),
-        },
-        str(out / "expected.safetensors"),
-        metadata={"meta": json.dumps(meta)},
-    )
+    save_expected(out / "expected.safetensors", input_ids, attention_mask, decoder_input_ids, r, generated, meta)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{out}: {size / 1024:.0f} kB, dropped per sparse layer {drops}")
     print("  generated:", generated.tolist())

@@ -20,7 +20,6 @@ start (seed 0) are kept as t5-tiny/upcycled-paper-expected.safetensors for the t
 """
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -29,11 +28,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import save_file
 from transformers import SwitchTransformersForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_fixtures import TEXTS, encode_batch, greedy_with_cache, make_tokenizer, randomise  # noqa: E402
+from hf_fixtures import TEXTS, encode_batch, greedy_with_cache, make_tokenizer, randomise, save_expected  # noqa: E402
 
 if transformers.__version__ != "5.24.0":
     sys.exit(f"transformers {transformers.__version__}: these fixtures pin 5.24.0 (see tools/hf_fixtures.py)")
@@ -73,18 +71,7 @@ def make_fixture():
     meta = dict(transformers=transformers.__version__, torch=torch.__version__, seed=SEED, texts=TEXTS,
                 about="the dense T5's outputs (T5ForConditionalGeneration, relu, tied), "
                       "written by tools/hf_upcycle_fixtures.py")
-    save_file(
-        {
-            "input_ids": input_ids.contiguous(),
-            "attention_mask": attention_mask.contiguous(),
-            "decoder_input_ids": dec.contiguous(),
-            "logits": r.logits.float().contiguous(),
-            "encoder_last_hidden_state": r.encoder_last_hidden_state.float().contiguous(),
-            "generated_ids": generated.contiguous(),
-        },
-        str(FIXTURE / "expected.safetensors"),
-        metadata={"meta": json.dumps(meta)},
-    )
+    save_expected(FIXTURE / "expected.safetensors", input_ids, attention_mask, dec, r, generated, meta)
     size = sum(f.stat().st_size for f in FIXTURE.iterdir())
     print(f"{FIXTURE}: {size / 1024:.0f} kB; tensors {sorted(model.state_dict())[:3]}...")
     print("  generated:", generated.tolist())

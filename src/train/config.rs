@@ -245,28 +245,14 @@ impl RunConfig {
             );
         }
         let (section, field) = key.split_once('.').expect("keys are section.field");
-        let value = value.trim();
-        // A TOML literal (number, bool, quoted string), else the raw text as a string.
-        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(value.to_string()));
         let mut table = toml::Table::try_from(&*self).expect("config is a table");
         let section = table
             .get_mut(section)
             .and_then(toml::Value::as_table_mut)
             .expect("section exists");
-        // `capacity_factor=2` means 2.0: widen integers where the key holds a float.
-        let parsed = match (&section[field], parsed) {
-            (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
-            (_, p) => p,
-        };
+        let parsed = crate::util::set_value(value, &section[field]);
         section.insert(field.to_string(), parsed);
-        *self = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| {
-                anyhow::anyhow!("invalid value `{value}` for {key}: {}", e.message().trim())
-            })?;
+        *self = crate::util::settings_from(table, key, value)?;
         Ok(())
     }
 }

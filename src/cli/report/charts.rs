@@ -82,16 +82,19 @@ fn train_step(t: &TrainLine) -> u64 {
     t.step
 }
 
+/// A curve's label: `what`, prefixed by its run's name when several runs are overlaid.
+pub fn series_label(multi: bool, run: &str, what: &str) -> String {
+    if multi {
+        format!("{run} {what}")
+    } else {
+        what.to_string()
+    }
+}
+
 /// Every chart of the report for `runs`.
 pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
     let multi = runs.len() > 1;
-    let label = |run: &RunMetrics, what: &str| {
-        if multi {
-            format!("{} {what}", run.name)
-        } else {
-            what.to_string()
-        }
-    };
+    let label = |run: &RunMetrics, what: &str| series_label(multi, &run.name, what);
     let mut loss = Vec::new();
     let mut lb = Vec::new();
     for r in runs {
@@ -192,25 +195,32 @@ pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
                 .iter()
                 .filter_map(|t| Some((t.step, t.layers.get(l)?.expert_frac.clone())))
                 .collect();
-            let n_experts = rows.iter().map(|(_, f)| f.len()).max().unwrap_or(0);
-            if n_experts == 0 {
-                continue;
-            }
-            heatmaps.push(Heatmap {
-                id: format!("load-{ri}-{l}"),
-                title: format!("Expert load, layer {l}{suffix}"),
-                steps: rows.iter().map(|(s, _)| *s).collect(),
-                cells: (0..n_experts)
-                    .map(|e| {
-                        rows.iter()
-                            .map(|(_, f)| f.get(e).copied().unwrap_or(0.0))
-                            .collect()
-                    })
-                    .collect(),
-            });
+            heatmaps.extend(load_heatmap(
+                format!("load-{ri}-{l}"),
+                format!("Expert load, layer {l}{suffix}"),
+                &rows,
+            ));
         }
     }
     (lines, heatmaps)
+}
+
+/// A heatmap of one layer's expert load: `rows` are `(step, each expert's fraction)`, an
+/// expert per row of the map, a step per column (`None` when there is no expert).
+pub fn load_heatmap(id: String, title: String, rows: &[(u64, Vec<f64>)]) -> Option<Heatmap> {
+    let n_experts = rows.iter().map(|(_, f)| f.len()).max().unwrap_or(0);
+    (n_experts > 0).then(|| Heatmap {
+        id,
+        title,
+        steps: rows.iter().map(|(s, _)| *s).collect(),
+        cells: (0..n_experts)
+            .map(|e| {
+                rows.iter()
+                    .map(|(_, f)| f.get(e).copied().unwrap_or(0.0))
+                    .collect()
+            })
+            .collect(),
+    })
 }
 
 /// A routing table for the report: each character with its expert and probability per layer.

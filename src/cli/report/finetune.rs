@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::charts::{Heatmap, LineChart, Series};
+use super::charts::{Heatmap, LineChart, Series, load_heatmap, series_label};
 
 /// Whether `dir` holds a `switch finetune` run.
 pub fn is_finetune_run(dir: &Path) -> bool {
@@ -81,13 +81,7 @@ fn key(k: &'static str) -> impl Fn(&Value) -> Option<f64> {
 /// Every chart of the report for `runs`.
 pub fn charts(runs: &[FinetuneMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
     let multi = runs.len() > 1;
-    let label = |r: &FinetuneMetrics, what: &str| {
-        if multi {
-            format!("{} {what}", r.name)
-        } else {
-            what.to_string()
-        }
-    };
+    let label = |r: &FinetuneMetrics, what: &str| series_label(multi, &r.name, what);
     let chart = |id: &str, title: &str, y_label: &str, series: Vec<Series>, zero: bool| LineChart {
         id: id.into(),
         title: title.into(),
@@ -182,22 +176,11 @@ pub fn charts(runs: &[FinetuneMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
                     Some((step(v) as u64, frac))
                 })
                 .collect();
-            let n = rows.iter().map(|(_, f)| f.len()).max().unwrap_or(0);
-            if n == 0 {
-                continue;
-            }
-            heatmaps.push(Heatmap {
-                id: format!("load-{ri}-{l}"),
-                title: format!("Expert load, {name}{suffix}"),
-                steps: rows.iter().map(|(s, _)| *s).collect(),
-                cells: (0..n)
-                    .map(|e| {
-                        rows.iter()
-                            .map(|(_, f)| f.get(e).copied().unwrap_or(0.0))
-                            .collect()
-                    })
-                    .collect(),
-            });
+            heatmaps.extend(load_heatmap(
+                format!("load-{ri}-{l}"),
+                format!("Expert load, {name}{suffix}"),
+                &rows,
+            ));
         }
     }
     (lines, heatmaps)

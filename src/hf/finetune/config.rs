@@ -108,20 +108,8 @@ impl FinetuneConfig {
                     .join(", ")
             );
         };
-        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(value.to_string()));
-        let parsed = match (current, parsed) {
-            (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
-            (_, p) => p,
-        };
-        table.insert(key.to_string(), parsed);
-        let new: Self = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| {
-                anyhow::anyhow!("invalid value `{value}` for {key}: {}", e.message().trim())
-            })?;
+        table.insert(key.to_string(), crate::util::set_value(value, current));
+        let new: Self = crate::util::settings_from(table, key, value)?;
         new.check()?;
         *self = new;
         Ok(())

@@ -198,15 +198,21 @@ pub fn restore_optimizer(
     Ok(())
 }
 
+/// The names and paths of what `dir` holds.
+fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let read = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    read.map(|e| {
+        let path = e?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        Ok((name.unwrap_or_default(), path))
+    })
+    .collect()
+}
+
 /// The latest complete checkpoint of the run in `dir`: `(updates, path)`.
 pub fn latest_checkpoint(dir: &Path) -> Result<Option<(u64, PathBuf)>> {
     let mut best = None;
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let path = e?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    for (name, path) in entries(dir)? {
         let Some(n) = name
             .strip_prefix("model-step-")
             .and_then(|n| n.parse::<u64>().ok())
@@ -222,12 +228,7 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<(u64, PathBuf)>> {
 
 /// Removes what a killed save left in `dir` (`.NAME.partial-PID` folders).
 pub fn tidy(dir: &Path) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let path = e?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    for (name, path) in entries(dir)? {
         if name.starts_with('.') && name.contains(".partial-") && path.is_dir() {
             std::fs::remove_dir_all(&path)
                 .with_context(|| format!("cannot remove the leftover {}", path.display()))?;
