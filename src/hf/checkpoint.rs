@@ -292,7 +292,7 @@ const MODEL_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
-/// Copies those of [`MODEL_FILES`] that `from` has into `to`.
+/// Copies the tokenizer files and `generation_config.json` that `from` has into `to`.
 pub fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
     for f in MODEL_FILES {
         let src = from.join(f);
