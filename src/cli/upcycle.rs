@@ -53,12 +53,12 @@ pub struct UpcycleArgs {
     /// Decoder blocks made sparse (default: half of them).
     #[arg(long, requires = "model")]
     pub decoder_sparse: Option<usize>,
-    /// Tokens each expert takes per sequence, the rest dropped (transformers'
+    /// With --model: tokens each expert takes per sequence, the rest dropped (transformers'
     /// `expert_capacity`).
     #[arg(long, default_value_t = 64)]
     pub expert_capacity: usize,
-    /// How the routers start: `paper` (truncated normal, scale 0.1) or `zero` (exactly the
-    /// dense function when nothing is dropped; a check, not a start for training).
+    /// With --model: how the routers start, `paper` (truncated normal, scale 0.1) or `zero`
+    /// (exactly the dense function when nothing is dropped; a check, not a start for training).
     #[arg(long, value_enum, default_value_t = Router::Paper)]
     pub router: Router,
     /// Precision of the written weights (with --model).

@@ -653,3 +653,66 @@ fn a_full_disk_keeps_the_last_good_checkpoint() {
         "the resumed run's weights differ from the uninterrupted run's"
     );
 }
+
+/// A learning rate that blows the weights up makes the next gradient non-finite: the run
+/// stops naming the update, without writing a model; with `skip_nonfinite` it leaves the model
+/// unchanged on such updates, marks them in metrics.jsonl and finishes with finite weights.
+#[test]
+fn non_finite_gradients_stop_the_run_or_are_skipped() {
+    let tmp = common::temp_dir("finetune-nonfinite");
+    let train = tmp.join("train.jsonl");
+    pairs(&train, 16, 9);
+    let (start, runs) = (fixture("start"), tmp.join("runs"));
+    let run = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--model",
+            start.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--runs-dir",
+            runs.to_str().unwrap(),
+            "--name",
+            name,
+        ];
+        for s in [
+            "max_steps=4",
+            "learning_rate=1e30",
+            "batch_size=8",
+            "log_every=1",
+            "eval_every=0",
+        ] {
+            args.extend(["--set", s]);
+        }
+        args.extend_from_slice(extra);
+        switch(&args)
+    };
+    let (ok, out) = run("stops", &[]);
+    assert!(
+        !ok && out.contains("update 2: the gradient norm is") && out.contains("skip_nonfinite"),
+        "{out}"
+    );
+    assert!(!runs.join("stops/model").exists());
+
+    let (ok, out) = run("skips", &["--set", "skip_nonfinite=3"]);
+    assert!(ok, "{out}");
+    let skipped: Vec<bool> = std::fs::read_to_string(runs.join("skips/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("skipped")?.as_bool())
+        .collect();
+    assert_eq!(skipped, [false, true, true, true]);
+    let model = HfSwitchTransformer::load(&runs.join("skips/model"), &Device::default());
+    assert!(
+        model.is_ok(),
+        "the saved weights are finite: {:?}",
+        model.err()
+    );
+    // One more non-finite update than allowed stops the run.
+    let (ok, out) = run("too-many", &["--set", "skip_nonfinite=2"]);
+    assert!(
+        !ok && out.contains("update 4: the gradient norm is"),
+        "{out}"
+    );
+}

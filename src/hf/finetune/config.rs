@@ -54,6 +54,9 @@ pub struct FinetuneConfig {
     pub save_every: u64,
     /// `f32` or `bf16`: what the saved model is written in.
     pub save_dtype: String,
+    /// Updates with a non-finite gradient norm to skip (the model left unchanged) before the
+    /// run stops with an error; 0: stop at the first.
+    pub skip_nonfinite: u64,
 }
 
 impl Default for FinetuneConfig {
@@ -80,6 +83,7 @@ impl Default for FinetuneConfig {
             eval_generate: 32,
             save_every: 0,
             save_dtype: "f32".into(),
+            skip_nonfinite: 0,
         }
     }
 }

@@ -85,6 +85,8 @@ pub struct UpdateStats {
     pub dropped: f64,
     /// Each sparse layer's load, averaged over the micro-batches.
     pub layers: Vec<LayerLoad>,
+    /// The gradient norm was not finite: the model and the optimizer were left unchanged.
+    pub skipped: bool,
 }
 
 /// One parameter's gradient.
@@ -318,7 +320,8 @@ impl Finetuner {
         Ok(Gradients { grads: acc, stats })
     }
 
-    /// One update on `batches` (its micro-batches).
+    /// One update on `batches` (its micro-batches); with a non-finite gradient norm, none
+    /// (`skipped`: the model and the optimizer unchanged, the update counted).
     pub fn update(&mut self, batches: &[Batch]) -> Result<UpdateStats> {
         let Gradients { grads, mut stats } = self.gradients(batches)?;
         let present: Vec<Tensor<1>> = grads.iter().filter_map(|g| g.grad.clone()).collect();
@@ -331,15 +334,13 @@ impl Finetuner {
             })
             .sqrt();
         drop(present);
-        if !norm.is_finite() {
-            bail!(
-                "update {}: the gradient norm is {norm} (the loss was {}): lower the learning \
-                 rate; the model was not changed",
-                self.updates + 1,
-                stats.loss
-            );
-        }
         stats.grad_norm = norm;
+        if !norm.is_finite() {
+            // Nothing changes but the count: the schedule and the data move on.
+            self.updates += 1;
+            stats.skipped = true;
+            return Ok(stats);
+        }
         let clip = if self.opt.max_grad_norm > 0.0 {
             clip_coefficient(norm, self.opt.max_grad_norm) as f32
         } else {

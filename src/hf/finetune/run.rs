@@ -352,6 +352,7 @@ pub fn finetune(
     let (mut tokens, mut last) = (0usize, UpdateStats::default());
     let dtype = config.dtype()?;
     let stop = args.stop.clone().unwrap_or_default();
+    let mut skipped = 0u64;
     // The tokenizer files come from the model folder, then from the latest checkpoint (which
     // a resumed run may outlive its model folder with).
     let files_from = |last: &Option<PathBuf>| last.clone().unwrap_or_else(|| args.model.clone());
@@ -360,6 +361,26 @@ pub fn finetune(
             .map(|_| sampler.next(&train, config.batch_size, pad, dec_start))
             .collect();
         last = ft.update(&batches)?;
+        if last.skipped {
+            skipped += 1;
+            let kept = last_ckpt.as_ref().map_or(String::new(), |k| {
+                format!("; the last checkpoint is {}", k.display())
+            });
+            if skipped > config.skip_nonfinite {
+                bail!(
+                    "update {update}: the gradient norm is {} (the loss was {}): lower the \
+                     learning rate, or let skip_nonfinite skip such updates; the model was not \
+                     changed by it{kept}",
+                    last.grad_norm,
+                    last.loss
+                );
+            }
+            log(&format!(
+                "update {update}: non-finite gradient norm ({}): skipped, the model unchanged \
+                 ({skipped} of skip_nonfinite = {})",
+                last.grad_norm, config.skip_nonfinite
+            ));
+        }
         tokens += last.tokens;
         if update % config.log_every == 0 || update == total {
             let secs = began.elapsed().as_secs_f64().max(1e-9);
@@ -368,7 +389,7 @@ pub fn finetune(
                 &serde_json::json!({"step": update, "loss": last.loss, "ce": last.cross_entropy,
                     "z_enc": last.z[0], "z_dec": last.z[1], "aux_enc": last.aux[0],
                     "aux_dec": last.aux[1], "grad_norm": last.grad_norm, "lr": last.lr,
-                    "dropped": last.dropped, "layers": last.layers,
+                    "dropped": last.dropped, "layers": last.layers, "skipped": last.skipped,
                     "tokens_per_s": tokens as f64 / secs}),
             )?;
             log(&format!(
