@@ -16,7 +16,7 @@
 use anyhow::Result;
 use burn::tensor::Tensor;
 
-use crate::model::switch::noise::{dropout_mask, uniform_tensor};
+use crate::model::switch::noise::{block_dropout_mask, uniform_tensor};
 use crate::routing::RoutingRng;
 
 /// A training pass's noise and what it records.
@@ -48,7 +48,7 @@ impl Training {
         if self.dropout <= 0.0 {
             return x;
         }
-        let mask = dropout_mask(&mut self.rng, x.dims(), self.dropout, &x.device());
+        let mask = block_dropout_mask(&mut self.rng, x.dims(), self.dropout, &x.device());
         x * mask
     }
 
