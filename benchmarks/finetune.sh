@@ -14,11 +14,7 @@
 #   bash benchmarks/finetune.sh          # MODEL=/tmp/switch-base-8-random THREADS=2 ROUNDS=2 STEPS=6
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${VENV:-.venv-hf}/bin/python
-if [ ! -x "$PY" ]; then
-    echo "no $PY: python3 -m venv .venv-hf && .venv-hf/bin/pip install torch transformers==5.24.0" >&2
-    exit 1
-fi
+. benchmarks/venv.sh
 MODEL=${MODEL:-/tmp/switch-base-8-random}
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-2}

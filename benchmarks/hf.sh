@@ -14,11 +14,7 @@
 # read bandwidth (`switch bench --bandwidth`), which bounds decoding at batch 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${VENV:-.venv-hf}/bin/python
-if [ ! -x "$PY" ]; then
-    echo "no $PY: python3 -m venv .venv-hf && .venv-hf/bin/pip install torch transformers==5.24.0" >&2
-    exit 1
-fi
+. benchmarks/venv.sh
 MODEL=${MODEL:-/tmp/switch-base-8-random}
 MODEL_BF16=${MODEL_BF16:-$MODEL-bf16}
 THREADS=${THREADS:-2}

@@ -66,6 +66,20 @@ pub unsafe fn written_by<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])
     v
 }
 
+/// Rewrites the text file `path` (atomically) with only the lines `keep` accepts; a missing
+/// file is left missing.
+pub(crate) fn keep_lines(path: &Path, keep: impl Fn(&str) -> bool) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| keep(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
 /// The value of a `--set key=value` as TOML: a TOML literal (number, bool, quoted string),
 /// else the raw text as a string; an integer for a key that holds a float (`current`) is
 /// widened (`capacity_factor=2` means 2.0).

@@ -201,13 +201,7 @@ pub struct ConvertArgs {
 /// anything fails (a full disk, a file that cannot be read), so a retry starts clean.
 pub fn convert(args: ConvertArgs, device: &Device) -> Result<ExitCode> {
     let out = &args.out;
-    let taken = std::fs::read_dir(out).map_or(out.exists(), |mut d| d.next().is_some());
-    if taken {
-        bail!(
-            "{} already exists: choose a new directory (a saved model is never overwritten)",
-            out.display()
-        );
-    }
+    switch_transformer::hf::checkpoint::refuse_existing(out)?;
     let model = HfSwitchTransformer::load(&args.model, device)?;
     switch_transformer::hf::checkpoint::write_dir_whole(out, |partial| {
         model.save(partial, args.dtype)?;

@@ -265,6 +265,18 @@ pub enum SaveDtype {
     F16,
 }
 
+/// Refuses `dir` if it exists and is not an empty directory: a saved model is never
+/// overwritten. Called before the work that [`write_dir_whole`] saves.
+pub fn refuse_existing(dir: &Path) -> Result<()> {
+    if std::fs::read_dir(dir).map_or(dir.exists(), |mut d| d.next().is_some()) {
+        bail!(
+            "{} already exists: choose a new directory (a saved model is never overwritten)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Creates the directory `dir` whole or not at all: `write` fills a temporary directory beside
 /// it (`.NAME.partial-PID`), which is renamed to `dir` at the end and removed if anything fails
 /// (a full disk, a file that cannot be read), so that a retry starts clean. `dir` must not exist

@@ -31,7 +31,9 @@ use rand_distr::StandardNormal;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::checkpoint::{Checkpoint, SaveDtype, copy_model_files, save, write_dir_whole};
+use super::checkpoint::{
+    Checkpoint, SaveDtype, copy_model_files, refuse_existing, save, write_dir_whole,
+};
 use super::config::HfConfig;
 use crate::store::HostTensor;
 
@@ -67,8 +69,6 @@ pub struct UpcycleOptions {
 /// What [`upcycle`] made.
 #[derive(Debug, Clone)]
 pub struct Upcycled {
-    /// The new model's configuration.
-    pub config: HfConfig,
     /// Sparse blocks, encoder then decoder.
     pub sparse: (Vec<usize>, Vec<usize>),
     /// Parameters before and after.
@@ -78,8 +78,6 @@ pub struct Upcycled {
 /// The fields of a T5 `config.json` that upcycling reads.
 #[derive(Debug, Deserialize)]
 struct T5Config {
-    #[serde(default)]
-    model_type: Option<String>,
     vocab_size: usize,
     d_model: usize,
     d_kv: usize,
@@ -147,7 +145,6 @@ fn read_t5(dir: &Path) -> Result<T5Config> {
     }
     let c: T5Config = serde_json::from_value(raw)
         .with_context(|| format!("{} is not a T5 config", path.display()))?;
-    debug_assert!(matches!(c.model_type.as_deref(), Some("t5") | None));
     if c.feed_forward_proj != "relu" {
         bail!(
             "{}: feed_forward_proj `{}`: Switch Transformers' experts are relu FFNs with one \
@@ -252,12 +249,7 @@ fn scaled(t: &HostTensor, k: f32) -> HostTensor {
 /// Upcycles the dense T5 in `from` into a Switch model written to `out` (whole or not at all,
 /// never over an existing model), with the tokenizer files beside it.
 pub fn upcycle(from: &Path, out: &Path, o: &UpcycleOptions) -> Result<Upcycled> {
-    if std::fs::read_dir(out).map_or(out.exists(), |mut d| d.next().is_some()) {
-        bail!(
-            "{} already exists: choose a new directory (a saved model is never overwritten)",
-            out.display()
-        );
-    }
+    refuse_existing(out)?;
     let t5 = read_t5(from)?;
     let (raw, config) = switch_config(&t5, o)?;
     let mut ck = Checkpoint::read(from)?;
@@ -349,7 +341,6 @@ pub fn upcycle(from: &Path, out: &Path, o: &UpcycleOptions) -> Result<Upcycled> 
             sparse(true, config.decoder_layers()),
         ),
         params: (before, after),
-        config,
     };
     let json = serde_json::to_string_pretty(&raw)? + "\n";
     write_dir_whole(out, |tmp| {

@@ -99,8 +99,9 @@ pub(crate) fn remove(dir: &Path) -> Result<()> {
 }
 
 /// Finishes or undoes what an interrupted [`save`] or [`remove`] left in `parent`: leftover
-/// `.NAME.partial` and `.NAME.deleting` directories are removed, and a `.NAME.old` whose
-/// `NAME` is missing (a kill between the two renames of a save) takes its name back.
+/// `.NAME.partial` and `.NAME.deleting` directories are removed (and the `.NAME.partial-PID`
+/// of `hf::checkpoint::write_dir_whole`), and a `.NAME.old` whose `NAME` is missing (a kill
+/// between the two renames of a save) takes its name back.
 pub(crate) fn tidy(parent: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return Ok(());
@@ -111,7 +112,10 @@ pub(crate) fn tidy(parent: &Path) -> Result<()> {
             continue;
         };
         let path = e.path();
-        if hidden.ends_with(".partial") || hidden.ends_with(".deleting") {
+        if hidden.ends_with(".partial")
+            || hidden.ends_with(".deleting")
+            || (hidden.contains(".partial-") && path.is_dir())
+        {
             tracing::debug!("removing the leftover {}", path.display());
             std::fs::remove_dir_all(&path)
                 .with_context(|| format!("cannot remove the leftover {}", path.display()))?;

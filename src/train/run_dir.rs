@@ -340,16 +340,9 @@ impl RunDir {
     /// Keeps only the metric lines up to `step` (a resumed run rewrites what follows); lines
     /// that do not parse go too.
     pub(crate) fn truncate_metrics(&self, step: u64) -> Result<()> {
-        let path = self.metrics_path();
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return Ok(());
-        };
-        let kept: String = text
-            .lines()
-            .filter(|l| MetricsLine::parse(l).is_ok_and(|m| m.step() <= step))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        write_atomic(&path, kept.as_bytes())
+        crate::util::keep_lines(&self.metrics_path(), |l| {
+            MetricsLine::parse(l).is_ok_and(|m| m.step() <= step)
+        })
     }
 }
 

@@ -460,7 +460,20 @@ fn a_stopped_run_resumes_exactly() {
     text.push_str(&format!("{extra}\n"));
     std::fs::write(&metrics, text).unwrap();
 
+    // What a killed save (write_dir_whole's `.NAME.partial-PID`) or removal left is tidied.
+    let leftovers = [
+        run.join(".model-step-8.partial-4242"),
+        run.join(".model-step-5.deleting"),
+    ];
+    for d in &leftovers {
+        std::fs::create_dir_all(d.join("x")).unwrap();
+    }
+
     let resumed = finetune(resume_args(&run).unwrap(), &device, &mut |_| {}).unwrap();
+    assert!(
+        leftovers.iter().all(|d| !d.exists()),
+        "leftovers not tidied"
+    );
     assert_eq!(resumed.resumed_from, Some(7));
     assert!(!resumed.stopped && resumed.updates == 12);
     assert!(!run.join("model-step-7").exists());

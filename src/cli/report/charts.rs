@@ -91,6 +91,15 @@ pub fn series_label(multi: bool, run: &str, what: &str) -> String {
     }
 }
 
+/// A chart title's ending: ` (RUN)` when several runs are in the report.
+pub fn title_suffix(multi: bool, run: &str) -> String {
+    if multi {
+        format!(" ({run})")
+    } else {
+        String::new()
+    }
+}
+
 /// Every chart of the report for `runs`.
 pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
     let multi = runs.len() > 1;
@@ -137,11 +146,7 @@ pub fn charts(runs: &[RunMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
     ];
     let mut heatmaps = Vec::new();
     for (ri, r) in runs.iter().enumerate() {
-        let suffix = if multi {
-            format!(" ({})", r.name)
-        } else {
-            String::new()
-        };
+        let suffix = title_suffix(multi, &r.name);
         let per_layer = |value: fn(&LayerStats) -> f64| -> Vec<Series> {
             (0..r.layers())
                 .filter_map(|l| {

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::charts::{Heatmap, LineChart, Series, load_heatmap, series_label};
+use super::charts::{Heatmap, LineChart, Series, load_heatmap, series_label, title_suffix};
 
 /// Whether `dir` holds a `switch finetune` run.
 pub fn is_finetune_run(dir: &Path) -> bool {
@@ -136,11 +136,7 @@ pub fn charts(runs: &[FinetuneMetrics]) -> (Vec<LineChart>, Vec<Heatmap>) {
     ];
     let mut heatmaps = Vec::new();
     for (ri, r) in runs.iter().enumerate() {
-        let suffix = if multi {
-            format!(" ({})", r.name)
-        } else {
-            String::new()
-        };
+        let suffix = title_suffix(multi, &r.name);
         let layers: Vec<String> = r
             .updates
             .iter()

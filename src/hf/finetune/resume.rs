@@ -75,6 +75,25 @@ pub struct ResumeState {
     pub sampler: Sampler,
 }
 
+impl ResumeState {
+    /// Reads `checkpoint/state.json`, which must say the update the folder is named after.
+    pub fn read(checkpoint: &Path, updates: u64) -> Result<Self> {
+        let path = checkpoint.join("state.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let state: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged", path.display()))?;
+        if state.updates != updates {
+            bail!(
+                "{}: state.json says update {}",
+                checkpoint.display(),
+                state.updates
+            );
+        }
+        Ok(state)
+    }
+}
+
 /// `run.json`: what the run was started from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunInputs {
@@ -198,23 +217,14 @@ pub fn restore_optimizer(
     Ok(())
 }
 
-/// The names and paths of what `dir` holds.
-fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let read = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    read.map(|e| {
-        let path = e?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        Ok((name.unwrap_or_default(), path))
-    })
-    .collect()
-}
-
 /// The latest complete checkpoint of the run in `dir`: `(updates, path)`.
 pub fn latest_checkpoint(dir: &Path) -> Result<Option<(u64, PathBuf)>> {
     let mut best = None;
-    for (name, path) in entries(dir)? {
-        let Some(n) = name
-            .strip_prefix("model-step-")
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = e?.path();
+        let Some(n) = path
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix("model-step-"))
             .and_then(|n| n.parse::<u64>().ok())
         else {
             continue;
@@ -226,32 +236,13 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<(u64, PathBuf)>> {
     Ok(best)
 }
 
-/// Removes what a killed save left in `dir` (`.NAME.partial-PID` folders).
-pub fn tidy(dir: &Path) -> Result<()> {
-    for (name, path) in entries(dir)? {
-        if name.starts_with('.') && name.contains(".partial-") && path.is_dir() {
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("cannot remove the leftover {}", path.display()))?;
-        }
-    }
-    Ok(())
-}
-
 /// Keeps the lines of `metrics.jsonl` up to update `step` (a resumed run writes what follows
 /// again).
 pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    crate::util::write_atomic(path, kept.as_bytes())
+    crate::util::keep_lines(path, |l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+            .is_some_and(|s| s <= step)
+    })
 }

@@ -163,9 +163,9 @@ pub fn finetune(
     }
     // A new run loads its model before its folder exists; a resumed one its checkpoint, once
     // it holds the run's lock.
-    let (model, source, _lock, checkpoint) = if args.resume {
+    let (model, source, lock, checkpoint) = if args.resume {
         let lock = crate::train::lock::RunLock::acquire(dir)?;
-        resume::tidy(dir)?;
+        crate::train::checkpoint::tidy(dir)?;
         RunInputs::read(dir)?.check_unchanged()?;
         let Some((n, ck)) = resume::latest_checkpoint(dir)? else {
             bail!(
@@ -174,14 +174,7 @@ pub fn finetune(
                 config.save_every
             );
         };
-        let state: ResumeState = serde_json::from_str(
-            &std::fs::read_to_string(ck.join("state.json"))
-                .with_context(|| format!("cannot read {}", ck.join("state.json").display()))?,
-        )
-        .with_context(|| format!("{} is damaged", ck.join("state.json").display()))?;
-        if state.updates != n {
-            bail!("{}: state.json says update {}", ck.display(), state.updates);
-        }
+        let state = ResumeState::read(&ck, n)?;
         let model = HfSwitchTransformer::load(&ck, device)?;
         (model, ck.clone(), Some(lock), Some((ck, state)))
     } else {
@@ -222,7 +215,7 @@ pub fn finetune(
         per_epoch * config.epochs as u64
     };
 
-    let _lock = match _lock {
+    let _lock = match lock {
         Some(lock) => lock,
         None => {
             std::fs::create_dir_all(dir)
@@ -421,8 +414,7 @@ pub fn finetune(
                 e.context(format!("the checkpoint of update {update} failed{kept}"))
             })?;
             if let Some(old) = last_ckpt.replace(ck) {
-                std::fs::remove_dir_all(&old)
-                    .with_context(|| format!("cannot remove {}", old.display()))?;
+                crate::train::checkpoint::remove(&old)?;
             }
         }
         if stopping {
@@ -456,8 +448,7 @@ pub fn finetune(
     let end = run_validation(&ft, total, log)?;
     save_model(&ft, &files_from(&last_ckpt), &model_dir, dtype)?;
     if let Some(old) = last_ckpt {
-        std::fs::remove_dir_all(&old)
-            .with_context(|| format!("cannot remove {}", old.display()))?;
+        crate::train::checkpoint::remove(&old)?;
     }
     log(&format!("wrote {}", model_dir.display()));
     Ok(FinetuneSummary {
