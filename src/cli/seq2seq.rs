@@ -68,7 +68,7 @@ pub struct Seq2seqArgs {
 /// Runs the command, on a worker of the thread pool (so that the CPU's parallel ops do not
 /// each wake the pool while this thread sleeps).
 pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
-    switch_transformer::cpu::on_worker(|| run_here(args, device))
+    switch_transformer::cpu::on_worker(device, || run_here(args, device))
 }
 
 fn run_here(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {

@@ -50,8 +50,17 @@ type Ad = Autodiff<Flex, NoCheckpointing>;
 /// wake-up on the critical path per op. One model at the reference configuration: 42,000 ->
 /// 10,000 context switches in 33 steps, 98-102 -> 90-92 ms/step; decoding switch-base-8 in
 /// bf16 with one thread, about 200 ops a token: 35.6 -> 52 tokens/s.
-pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+///
+/// Only for the CPU backend: on `device`s of other backends `f` runs on the calling thread.
+/// Their fusion keeps a stream of queued ops per thread, and work that hopped between the
+/// caller and whichever pool worker took it raced between streams: on lavapipe under load,
+/// one run in three of the same training computed a different step-4 loss (3.83 or 4.21).
+pub fn on_worker<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() -> R + Send) -> R {
+    if host_kernels(device) {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
 }
 
 /// Whether the kernels of this module run on `device`'s tensors ([`Paths::host_kernels`]).

@@ -384,7 +384,7 @@ fn training_updates_the_weights_in_place() {
     let mut rng = RoutingRng::seed_from_u64(0);
     // The step runs its passes and Adam on a worker of the thread pool; the kernel counts are
     // per thread, so the test runs there too (a worker's nested call stays on it).
-    switch_transformer::cpu::on_worker(|| {
+    switch_transformer::cpu::on_worker(&device, || {
         for n in 0..2 {
             let batch = Batch {
                 inputs: tokens(n),

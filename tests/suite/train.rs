@@ -317,3 +317,24 @@ fn an_upcycled_dense_run_computes_the_dense_model_and_trains_on() {
     assert!(e.to_string().contains("copy of the dense FFN"), "{e}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// The step's work runs on a worker of the thread pool on the CPU only; on other backends on
+/// the calling thread, whose fusion stream then holds every op of the run (work that hopped
+/// between threads raced between streams on lavapipe: see `cpu::on_worker`).
+#[test]
+fn step_work_hops_to_the_pool_on_the_cpu_only() {
+    let device = common::test_device();
+    let caller = std::thread::current().id();
+    let (thread, worker) = switch_transformer::cpu::on_worker(&device, || {
+        (std::thread::current().id(), rayon::current_thread_index())
+    });
+    if switch_transformer::device::Paths::of(&device).host_kernels {
+        assert!(worker.is_some(), "the CPU's work did not reach the pool");
+    } else {
+        assert_eq!(
+            thread, caller,
+            "a GPU backend's work left the calling thread"
+        );
+        assert!(worker.is_none());
+    }
+}

@@ -29,7 +29,7 @@ impl Strategy for OneModel {
         pass: &PassFn,
     ) -> Result<Vec<Pass>> {
         let model = replicas.first();
-        Ok(vec![crate::cpu::on_worker(|| {
+        Ok(vec![crate::cpu::on_worker(&model.device, || {
             pass(model, batch, rng, None, None)
         })])
     }
@@ -68,7 +68,9 @@ impl Strategy for OneModel {
     fn update(&self, replicas: &mut Replicas, grads: &BatchGradients, lr: f64, clip: f64) {
         // The replica is handed to Adam, not cloned: on the CPU its weights update in place.
         let replica = replicas.replicas.remove(0);
-        let replica = crate::cpu::on_worker(|| replica.adam_step(grads.first(), lr, clip));
+        let replica = crate::cpu::on_worker(&replica.device.clone(), || {
+            replica.adam_step(grads.first(), lr, clip)
+        });
         replicas.replicas.push(replica);
     }
 }

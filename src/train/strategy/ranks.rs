@@ -56,7 +56,7 @@ impl Strategy for Ranks {
         let out = if world.in_process() {
             pass(r, shard, &mut mine, seat, None)
         } else {
-            crate::cpu::on_worker(|| pass(r, shard, &mut mine, seat, None))
+            crate::cpu::on_worker(&r.device, || pass(r, shard, &mut mine, seat, None))
         };
         if let Some(e) = fault.take() {
             return Err(e);
@@ -101,7 +101,9 @@ impl Strategy for Ranks {
         // Every rank the same step on the job's gradient (with sharded experts, its experts'
         // own), so every rank holds the same replicated weights.
         let replica = replicas.replicas.remove(0);
-        let replica = crate::cpu::on_worker(|| replica.adam_step(grads.first(), lr, clip));
+        let replica = crate::cpu::on_worker(&replica.device.clone(), || {
+            replica.adam_step(grads.first(), lr, clip)
+        });
         replicas.replicas.push(replica);
     }
 }
