@@ -445,6 +445,9 @@ pub fn finetune(
     let secs = began.elapsed().as_secs_f64().max(1e-9);
     let timed = (total - start).saturating_sub(1).max(1);
     let (tokens_per_s, update_s) = (tokens as f64 / secs, secs / timed as f64);
+    // AdamW's moments (twice the model's f32 size) are not needed past the last update: freed
+    // before the validation and the save, which then add to the model alone.
+    ft.adamw.state = Vec::new();
     let end = run_validation(&ft, total, log)?;
     save_model(&ft, &files_from(&last_ckpt), &model_dir, dtype)?;
     if let Some(old) = last_ckpt {
