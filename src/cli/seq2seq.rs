@@ -65,8 +65,8 @@ pub struct Seq2seqArgs {
     pub repeat: usize,
 }
 
-/// Runs the command, on a worker of the thread pool (so that the CPU's parallel ops do not
-/// each wake the pool while this thread sleeps).
+/// Runs the command, on the CPU on a worker of the thread pool (so that its parallel ops do
+/// not each wake the pool while this thread sleeps; see `cpu::on_worker`).
 pub fn run(args: Seq2seqArgs, device: &Device) -> Result<ExitCode> {
     switch_transformer::cpu::on_worker(device, || run_here(args, device))
 }

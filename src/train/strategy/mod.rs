@@ -4,7 +4,7 @@
 //!
 //! | | passes | losses and statistics | gradient | update |
 //! |---|---|---|---|---|
-//! | [`one_model`] | on a worker of the pool | read with the gradient's squared norm in one device read | its own | Adam |
+//! | [`one_model`] | on a worker of the pool (on the CPU; elsewhere on the caller) | read with the gradient's squared norm in one device read | its own | Adam |
 //! | [`threads`] | a thread each, on its shard | read per replica, averaged | summed on replica 0, or all-reduced by Burn | replica 0's Adam, its weights to the others; or each its own |
 //! | [`ranks`] | this rank's shard | one all-reduce over the job | one all-reduce (with sharded experts: each rank's own experts') | Adam, the same on every rank |
 
