@@ -39,10 +39,20 @@ pub struct FinetuneArgs {
     /// and files: the same weights and metrics as a run never stopped.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "train", "valid", "overrides"])]
     pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub distributed: super::DistributedArgs,
 }
 
 /// Runs the command.
 pub fn run(args: FinetuneArgs, device: &Device) -> Result<ExitCode> {
+    if args.distributed.expert_parallel {
+        bail!(
+            "finetune splits the data over the ranks (data parallelism); --expert-parallel is \
+             `switch train`'s: leave it out"
+        );
+    }
+    let world = args.distributed.join()?;
+    let writer = world.as_ref().is_none_or(|w| w.rank() == 0);
     let mut run_args = match &args.resume {
         Some(dir) => resume_args(dir)?,
         None => {
@@ -65,17 +75,20 @@ pub fn run(args: FinetuneArgs, device: &Device) -> Result<ExitCode> {
                 config,
                 resume: false,
                 stop: None,
+                world: None,
             }
         }
     };
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        // A second signal leaves at once, releasing the run's lock.
-        let lock = run_args.run_dir.join("lock");
+        // A second signal leaves at once, releasing the run's lock (rank 0's).
+        let lock = writer.then(|| run_args.run_dir.join("lock"));
         ctrlc::set_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
-                let _ = std::fs::remove_file(&lock);
+                if let Some(lock) = &lock {
+                    let _ = std::fs::remove_file(lock);
+                }
                 eprintln!("second signal: stopped at once, without a checkpoint of this update");
                 std::process::exit(130);
             }
@@ -83,9 +96,13 @@ pub fn run(args: FinetuneArgs, device: &Device) -> Result<ExitCode> {
         .context("cannot install the Ctrl-C handler")?;
     }
     run_args.stop = Some(stop);
+    run_args.world = world;
     let summary = finetune(run_args, device, &mut |line| println!("{line}"))?;
     if summary.stopped {
         return Ok(ExitCode::from(130));
+    }
+    if !writer {
+        return Ok(ExitCode::SUCCESS);
     }
     if let Some((before, after)) = summary.valid {
         println!(

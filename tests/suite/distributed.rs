@@ -799,6 +799,76 @@ mod mpi_jobs {
         lock.split_whitespace().next().unwrap().parse().unwrap()
     }
 
+    /// `mpirun -np 2 switch finetune --distributed`: the two processes split each update's
+    /// micro-batches (grad_accum = 2, dropout and jitter on) and the validations, and end with
+    /// the model, metrics and generations of one process, bit for bit; rank 0 alone reports.
+    #[test]
+    fn mpirun_two_processes_finetune_as_one() {
+        let tmp = common::temp_dir("mpi-finetune");
+        let (train, valid) = (tmp.join("train.jsonl"), tmp.join("valid.jsonl"));
+        crate::finetune::pairs(&train, 24, 5);
+        crate::finetune::pairs(&valid, 10, 6);
+        let model = common::manifest_dir().join("tests/data/hf-finetune/start");
+        let args = |name: &str| -> Vec<String> {
+            let mut a: Vec<String> = vec!["finetune".into(), "--name".into(), name.into()];
+            for (flag, path) in [
+                ("--model", &model),
+                ("--train", &train),
+                ("--valid", &valid),
+            ] {
+                a.push(flag.into());
+                a.push(path.display().to_string());
+            }
+            for s in [
+                "max_steps=6",
+                "batch_size=4",
+                "grad_accum=2",
+                "learning_rate=3e-3",
+                "log_every=1",
+                "eval_every=3",
+                "eval_generate=6",
+                "save_every=4",
+                "dropout_rate=0.1",
+                "router_jitter_noise=0.05",
+            ] {
+                a.push("--set".into());
+                a.push(s.into());
+            }
+            a
+        };
+        ok(
+            Command::new(env!("CARGO_BIN_EXE_switch"))
+                .args(args("one"))
+                .current_dir(&tmp)
+                .output()
+                .unwrap(),
+            "one process",
+        );
+        let out = ok(
+            mpirun(2, &args("two"), &tmp).output().unwrap(),
+            "mpirun -np 2 switch finetune",
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.matches("wrote ").count(),
+            1,
+            "rank 0 reports: {stdout}"
+        );
+        assert!(
+            stdout.contains("split over 2 workers (1 replicas x 2 ranks)"),
+            "{stdout}"
+        );
+        let (one, two) = (tmp.join("runs/one"), tmp.join("runs/two"));
+        for f in ["model/model.safetensors", "generations.jsonl"] {
+            let same = std::fs::read(one.join(f)).unwrap() == std::fs::read(two.join(f)).unwrap();
+            assert!(same, "{f} of mpirun -np 2 differs from one process's");
+        }
+        assert_eq!(
+            crate::finetune::metric_lines(&one),
+            crate::finetune::metric_lines(&two)
+        );
+    }
+
     #[test]
     fn mpirun_two_processes_take_the_steps_of_one() {
         let (tmp, text) = setup("mpi-same");

@@ -122,7 +122,7 @@ const WORDS: &[&str] = &[
 ];
 
 /// `n` summarization-like pairs: 6 to 12 words in, their first 3 out (a lead-3 summary).
-fn pairs(path: &Path, n: usize, seed: u64) {
+pub(crate) fn pairs(path: &Path, n: usize, seed: u64) {
     let mut state = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
@@ -380,7 +380,7 @@ fn cuts_are_counted_and_foreign_ids_refused() {
 }
 
 /// The metric lines of a run without the throughput (which differs between runs).
-fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -426,6 +426,7 @@ fn a_stopped_run_resumes_exactly() {
         config: config.clone(),
         resume: false,
         stop: None,
+        world: None,
     };
     let device = Device::default();
     let whole = finetune(args("whole"), &device, &mut |_| {}).unwrap();
@@ -727,5 +728,113 @@ fn non_finite_gradients_stop_the_run_or_are_skipped() {
     assert!(
         !ok && out.contains("update 4: the gradient norm is"),
         "{out}"
+    );
+}
+
+/// Data parallelism splits each update's micro-batches: two replicas (threads of this process
+/// sharing the weights) and two ranks (threads standing in for an MPI job's processes,
+/// `distributed::Threads`) each take one of grad_accum = 2, dropout and jitter on, with a
+/// checkpoint and validations on the way, and end with the model, metrics and generations of
+/// one worker, bit for bit. The replicas ran on two threads at once; an accumulation that
+/// cannot be split is refused.
+#[test]
+fn replicas_and_ranks_split_an_update_and_change_nothing() {
+    use std::time::Duration;
+    use switch_transformer::distributed::{Collective, Threads};
+    use switch_transformer::hf::finetune::parallel::Workers;
+
+    let tmp = common::temp_dir("finetune-parallel");
+    let (train, valid) = (tmp.join("train.jsonl"), tmp.join("valid.jsonl"));
+    pairs(&train, 24, 5);
+    pairs(&valid, 10, 6);
+    let mut config = FinetuneConfig::default();
+    for s in [
+        "max_steps=6",
+        "batch_size=4",
+        "grad_accum=2",
+        "learning_rate=3e-3",
+        "log_every=1",
+        "eval_every=3",
+        "eval_generate=6",
+        "save_every=4",
+        "dropout_rate=0.1",
+        "router_jitter_noise=0.05",
+    ] {
+        config.set(s).unwrap();
+    }
+    let args = |name: &str, config: &FinetuneConfig| RunArgs {
+        model: fixture("start"),
+        train: train.clone(),
+        valid: Some(valid.clone()),
+        run_dir: tmp.join(name),
+        config: config.clone(),
+        resume: false,
+        stop: None,
+        world: None,
+    };
+    let device = Device::default();
+    finetune(args("one", &config), &device, &mut |_| {}).unwrap();
+
+    let mut two = config.clone();
+    two.set("replicas=2").unwrap();
+    let mut lines = Vec::new();
+    finetune(args("replicas", &two), &device, &mut |l| {
+        lines.push(l.to_string())
+    })
+    .unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("split over 2 workers")),
+        "{lines:?}"
+    );
+
+    let summaries = std::thread::scope(|scope| {
+        let running: Vec<_> = Threads::group(2, Duration::from_secs(120))
+            .into_iter()
+            .map(|w| {
+                let mut a = args("ranks", &config);
+                a.world = Some(std::sync::Arc::new(w) as std::sync::Arc<dyn Collective>);
+                let device = device.clone();
+                scope.spawn(move || finetune(a, &device, &mut |_| {}))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|r| r.join().unwrap().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(summaries[0].last_loss, summaries[1].last_loss);
+
+    let one = tmp.join("one");
+    for run in ["replicas", "ranks"] {
+        let run = tmp.join(run);
+        for f in ["model/model.safetensors", "generations.jsonl"] {
+            let same = std::fs::read(one.join(f)).unwrap() == std::fs::read(run.join(f)).unwrap();
+            assert!(same, "{}: {f} differs from one worker's", run.display());
+        }
+        assert_eq!(metric_lines(&one), metric_lines(&run), "{}", run.display());
+    }
+    // The validations scored generations of both ranks' batches (6 of them, in order).
+    let generations = std::fs::read_to_string(one.join("generations.jsonl")).unwrap();
+    assert_eq!(generations.lines().count(), 6);
+
+    // Two replicas compute on two threads at once, the second over the same weights.
+    let mut model = HfSwitchTransformer::load(&fixture("start"), &device).unwrap();
+    let workers = Workers::new(2, None, &device).unwrap();
+    let barrier = std::sync::Barrier::new(2);
+    let threads = workers
+        .on_replicas(&mut model, |_, _| {
+            barrier.wait();
+            Ok(std::thread::current().id())
+        })
+        .unwrap();
+    assert_ne!(threads[0], threads[1]);
+
+    let mut odd = config.clone();
+    odd.set("replicas=2").unwrap();
+    odd.set("grad_accum=3").unwrap();
+    let e = finetune(args("odd", &odd), &device, &mut |_| {}).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("cannot be split over 2 workers"),
+        "{e:#}"
     );
 }

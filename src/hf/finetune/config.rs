@@ -15,8 +15,12 @@ pub struct FinetuneConfig {
     pub learning_rate: f64,
     /// Sequences per micro-batch.
     pub batch_size: usize,
-    /// Micro-batches per update.
+    /// Micro-batches per update (over all workers: the replicas and ranks split them).
     pub grad_accum: usize,
+    /// Replicas in this process: threads on the CPU sharing the weights, each computing its
+    /// share of every update's micro-batches (`grad_accum` must be a multiple of replicas x
+    /// ranks); the same update as one replica's.
+    pub replicas: usize,
     /// Passes over the training file (when `max_steps` is 0).
     pub epochs: usize,
     /// Updates in all; 0: `epochs` passes.
@@ -65,6 +69,7 @@ impl Default for FinetuneConfig {
             learning_rate: 5e-5,
             batch_size: 8,
             grad_accum: 1,
+            replicas: 1,
             epochs: 3,
             max_steps: 0,
             warmup_steps: 0,
@@ -127,6 +132,7 @@ impl FinetuneConfig {
         for (k, v) in [
             ("batch_size", self.batch_size),
             ("grad_accum", self.grad_accum),
+            ("replicas", self.replicas),
             ("max_source_len", self.max_source_len),
             ("max_target_len", self.max_target_len),
             ("log_every", self.log_every as usize),

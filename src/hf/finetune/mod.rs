@@ -17,6 +17,7 @@
 //! |---|---|
 //! | [`data`] | JSON lines of `{"input", "target"}`, tokenised, cut, padded, shifted right |
 //! | [`loss`] | cross-entropy, router z-loss, load-balancing loss, as transformers reduces them |
+//! | [`parallel`] | an update's micro-batches split over threads and MPI ranks |
 //! | [`parity`] | fixtures recorded with transformers' training replayed |
 //! | [`rouge`] | ROUGE-1/2/L as `rouge-score` computes them |
 //! | [`config`] | every setting (`--set`), the run's `config.toml` |
@@ -27,6 +28,7 @@
 pub mod config;
 pub mod data;
 pub mod loss;
+pub mod parallel;
 pub mod parity;
 pub mod resume;
 pub mod rouge;
@@ -35,10 +37,11 @@ pub mod validate;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 
 use self::data::Batch;
 use self::loss::Seq2SeqLoss;
+use self::parallel::Workers;
 use crate::hf::model::HfSwitchTransformer;
 use crate::hf::sparse::Grouping;
 use crate::hf::training::{ParamMut, Training};
@@ -99,6 +102,8 @@ pub struct ParamGrad {
     /// `[in, out]` of a linear weight, which the model stores transposed from transformers'
     /// `[out, in]`.
     pub linear: Option<[usize; 2]>,
+    /// Elements of the parameter.
+    pub len: usize,
 }
 
 impl ParamGrad {
@@ -131,8 +136,10 @@ pub struct Finetuner {
     pub opt: Optimisation,
     /// Updates done.
     pub updates: u64,
-    /// Draws the dropout masks and the jitter.
+    /// Draws the seeds of each micro-batch's dropout masks and jitter.
     pub rng: RoutingRng,
+    /// The replicas and ranks that split each update's micro-batches.
+    pub workers: Workers,
     inner: Device,
 }
 
@@ -242,82 +249,34 @@ impl Finetuner {
             opt,
             updates: 0,
             rng: RoutingRng::seed_from_u64(seed),
+            workers: Workers::new(1, None, device)?,
             inner: device.clone(),
         })
     }
 
-    /// The gradients of the mean loss over `batches` (micro-batches of one update).
+    /// The gradients of the mean loss over `batches` (all the micro-batches of one update,
+    /// of which this process computes its share: [`parallel`]), summed over the workers.
     pub fn gradients(&mut self, batches: &[Batch]) -> Result<Gradients> {
         if batches.is_empty() {
             bail!("an update needs at least one batch");
         }
-        let k = batches.len() as f64;
-        let mut acc: Vec<ParamGrad> = Vec::new();
-        let mut stats = UpdateStats::default();
-        for batch in batches {
-            let rng = std::mem::replace(&mut self.rng, RoutingRng::seed_from_u64(0));
-            let mut train = Training::new(self.opt.dropout, self.opt.jitter, rng);
-            let result = batch_loss(&self.model, batch, Some(&mut train));
-            self.rng = train.rng;
-            let (loss, dropped, layers) = result?;
-            if stats.layers.is_empty() {
-                stats.layers = layers
-                    .iter()
-                    .map(|l| LayerLoad {
-                        name: l.name.clone(),
-                        expert_frac: vec![0.0; l.expert_frac.len()],
-                        dropped: 0.0,
-                    })
-                    .collect();
-            }
-            for (sum, l) in stats.layers.iter_mut().zip(&layers) {
-                sum.dropped += l.dropped / k;
-                for (a, b) in sum.expert_frac.iter_mut().zip(&l.expert_frac) {
-                    *a += b / k;
-                }
-            }
-            let read = |t: &Tensor<1>| f64::from(t.clone().into_scalar::<f32>());
-            stats.loss += read(&loss.total) / k;
-            stats.cross_entropy += read(&loss.cross_entropy) / k;
-            for i in 0..2 {
-                stats.z[i] += read(&loss.z[i]) / k;
-                stats.aux[i] += read(&loss.aux[i]) / k;
-            }
-            stats.dropped += dropped / k;
-            stats.tokens += batch.labels.iter().filter(|&&l| l != loss::IGNORE).count();
-            let mut grads = (loss.total / k).backward();
-            let mut i = 0;
-            self.model.visit_params(&mut |name, p| {
-                let flat = |g: Tensor<_>| {
-                    let n = g.shape().num_elements();
-                    g.reshape([n])
-                };
-                let (g, linear) = match p {
-                    ParamMut::Vector(t) => (t.grad_remove(&mut grads), None),
-                    ParamMut::Matrix { tensor, linear } => (
-                        tensor.grad_remove(&mut grads).map(flat),
-                        linear.then(|| tensor.dims()),
-                    ),
-                };
-                if acc.len() <= i {
-                    acc.push(ParamGrad {
-                        name: name.to_string(),
-                        grad: None,
-                        linear,
-                    });
-                }
-                if let Some(g) = g {
-                    let slot = &mut acc[i].grad;
-                    *slot = Some(match slot.take() {
-                        Some(sum) => sum + g,
-                        None => g,
-                    });
-                }
-                i += 1;
-                Ok(())
-            })?;
+        let n = batches.len();
+        let seeds: Vec<u64> = (0..n).map(|_| self.rng.next_u64()).collect();
+        let mine = self.workers.share(n)?;
+        let per = mine.len() / self.workers.replicas;
+        let (opt, first) = (self.opt, mine.start);
+        let mut parts = self.workers.on_replicas(&mut self.model, |m, k| {
+            let r = first + k * per..first + (k + 1) * per;
+            micro_gradients(m, &batches[r.clone()], &seeds[r], n, &opt)
+        })?;
+        let mut sum = parts.remove(0);
+        for p in parts {
+            sum.add(p);
         }
-        Ok(Gradients { grads: acc, stats })
+        if let Some(world) = &self.workers.world {
+            sum.all_reduce(world.as_ref(), &self.inner)?;
+        }
+        Ok(sum)
     }
 
     /// One update on `batches` (its micro-batches); with a non-finite gradient norm, none
@@ -390,6 +349,27 @@ impl Finetuner {
         Ok((names, sizes))
     }
 
+    /// A checksum of every parameter's bits (the wrapping sum of their 32-bit patterns, as
+    /// an exact integer below 2^52): the same on two ranks only when their weights are.
+    pub fn checksum(&self) -> Result<f64> {
+        let mut sum = 0u64;
+        let mut m = self.model.clone();
+        m.visit_params(&mut |_, p| {
+            let data = match p {
+                ParamMut::Vector(t) => t.clone().into_data(),
+                ParamMut::Matrix { tensor, .. } => tensor.clone().into_data(),
+            };
+            let values = data
+                .as_slice::<f32>()
+                .map_err(|e| anyhow::anyhow!("reading a parameter: {e:?}"))?;
+            for v in values {
+                sum = sum.wrapping_add(u64::from(v.to_bits()));
+            }
+            Ok(())
+        })?;
+        Ok((sum & ((1 << 52) - 1)) as f64)
+    }
+
     /// A copy of the model for inference on the plain device (no autodiff).
     pub fn inference_model(&self) -> Result<HfSwitchTransformer> {
         let mut m = self.model.clone();
@@ -421,4 +401,78 @@ fn updated<const D: usize>(
         }
     };
     *t = new.reshape(dims).autodiff().require_grad();
+}
+
+/// The gradients of `sum_j loss_j / n` over `batches` on `model` (part of an update of `n`
+/// micro-batches), each micro-batch's dropout and jitter drawn from its seed; the statistics
+/// likewise divided by `n`.
+fn micro_gradients(
+    model: &mut HfSwitchTransformer,
+    batches: &[Batch],
+    seeds: &[u64],
+    n: usize,
+    opt: &Optimisation,
+) -> Result<Gradients> {
+    let k = n as f64;
+    let mut acc: Vec<ParamGrad> = Vec::new();
+    let mut stats = UpdateStats::default();
+    for (batch, &seed) in batches.iter().zip(seeds) {
+        let rng = RoutingRng::seed_from_u64(seed);
+        let mut train = Training::new(opt.dropout, opt.jitter, rng);
+        let (loss, dropped, layers) = batch_loss(model, batch, Some(&mut train))?;
+        if stats.layers.is_empty() {
+            stats.layers = layers
+                .iter()
+                .map(|l| LayerLoad {
+                    name: l.name.clone(),
+                    expert_frac: vec![0.0; l.expert_frac.len()],
+                    dropped: 0.0,
+                })
+                .collect();
+        }
+        for (sum, l) in stats.layers.iter_mut().zip(&layers) {
+            sum.dropped += l.dropped / k;
+            for (a, b) in sum.expert_frac.iter_mut().zip(&l.expert_frac) {
+                *a += b / k;
+            }
+        }
+        let read = |t: &Tensor<1>| f64::from(t.clone().into_scalar::<f32>());
+        stats.loss += read(&loss.total) / k;
+        stats.cross_entropy += read(&loss.cross_entropy) / k;
+        for i in 0..2 {
+            stats.z[i] += read(&loss.z[i]) / k;
+            stats.aux[i] += read(&loss.aux[i]) / k;
+        }
+        stats.dropped += dropped / k;
+        stats.tokens += batch.labels.iter().filter(|&&l| l != loss::IGNORE).count();
+        let mut grads = (loss.total / k).backward();
+        let mut i = 0;
+        model.visit_params(&mut |name, p| {
+            let flat = |g: Tensor<_>| {
+                let n = g.shape().num_elements();
+                g.reshape([n])
+            };
+            let (g, linear, len) = match p {
+                ParamMut::Vector(t) => (t.grad_remove(&mut grads), None, t.dims()[0]),
+                ParamMut::Matrix { tensor, linear } => (
+                    tensor.grad_remove(&mut grads).map(flat),
+                    linear.then(|| tensor.dims()),
+                    tensor.shape().num_elements(),
+                ),
+            };
+            if acc.len() <= i {
+                acc.push(ParamGrad::empty(name, len, linear));
+            }
+            if let Some(g) = g {
+                let slot = &mut acc[i].grad;
+                *slot = Some(match slot.take() {
+                    Some(sum) => sum + g,
+                    None => g,
+                });
+            }
+            i += 1;
+            Ok(())
+        })?;
+    }
+    Ok(Gradients { grads: acc, stats })
 }

@@ -26,9 +26,11 @@ use rand::SeedableRng;
 
 use super::config::FinetuneConfig;
 use super::data::{Batch, Dataset};
+use super::parallel::Workers;
 use super::resume::{self, ResumeState, RunInputs, Sampler, optimizer_file, restore_optimizer};
 use super::validate::{Validation, validate};
 use super::{Finetuner, Optimisation, UpdateStats};
+use crate::distributed::{Collective, agree, check_same, check_same_start};
 use crate::hf::checkpoint::{SaveDtype, copy_model_files, write_dir_whole};
 use crate::hf::model::HfSwitchTransformer;
 use crate::hf::tokenize::HfTokenizer;
@@ -37,7 +39,7 @@ use crate::routing::RoutingRng;
 use crate::store::TensorFile;
 
 /// Where the run reads and writes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FinetuneArgs {
     /// The Hugging Face model folder.
     pub model: PathBuf,
@@ -55,6 +57,9 @@ pub struct FinetuneArgs {
     /// Set by the caller (a signal handler) to stop after the current update, with a
     /// checkpoint that `--resume` continues from.
     pub stop: Option<Arc<AtomicBool>>,
+    /// The ranks of the job this process is one of (`--distributed`): they split every
+    /// update's micro-batches and the validation; rank 0 writes the run.
+    pub world: Option<Arc<dyn Collective>>,
 }
 
 /// The arguments that continue the run in `run_dir`: its `config.toml` and `run.json`.
@@ -73,6 +78,7 @@ pub fn resume_args(run_dir: &Path) -> Result<FinetuneArgs> {
         config,
         resume: true,
         stop: None,
+        world: None,
     })
 }
 
@@ -135,37 +141,21 @@ fn append_line(path: &Path, v: &serde_json::Value) -> Result<()> {
     writeln!(f, "{v}").with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Runs `args` on `device`, printing progress lines through `log`: a new run, or with
-/// `args.resume` the rest of the run in `args.run_dir` from its latest checkpoint.
-pub fn finetune(
-    args: FinetuneArgs,
-    device: &Device,
-    log: &mut dyn FnMut(&str),
-) -> Result<FinetuneSummary> {
-    let mut config = args.config;
-    config.check()?;
+/// What every rank prepares before the run starts: the model, its tokenizer, the data.
+struct Prepared {
+    model: HfSwitchTransformer,
+    /// Where the tokenizer came from: the model folder, or the checkpoint resumed from.
+    source: PathBuf,
+    /// The checkpoint resumed from and its state.
+    checkpoint: Option<(PathBuf, ResumeState)>,
+    tokenizer: HfTokenizer,
+    train: Dataset,
+    valid: Option<Dataset>,
+}
+
+fn prepare(args: &FinetuneArgs, config: &FinetuneConfig, device: &Device) -> Result<Prepared> {
     let dir = &args.run_dir;
-    let model_dir = dir.join("model");
-    if args.resume {
-        if model_dir.join("config.json").exists() {
-            bail!(
-                "{} is finished ({} is written): nothing to resume",
-                dir.display(),
-                model_dir.display()
-            );
-        }
-    } else if dir.join("config.toml").exists() {
-        bail!(
-            "{} already holds a run: choose another --name, or continue it with --resume (a \
-             run is never overwritten)",
-            dir.display()
-        );
-    }
-    // A new run loads its model before its folder exists; a resumed one its checkpoint, once
-    // it holds the run's lock.
-    let (model, source, lock, checkpoint) = if args.resume {
-        let lock = crate::train::lock::RunLock::acquire(dir)?;
-        crate::train::checkpoint::tidy(dir)?;
+    let (model, source, checkpoint) = if args.resume {
         RunInputs::read(dir)?.check_unchanged()?;
         let Some((n, ck)) = resume::latest_checkpoint(dir)? else {
             bail!(
@@ -176,12 +166,12 @@ pub fn finetune(
         };
         let state = ResumeState::read(&ck, n)?;
         let model = HfSwitchTransformer::load(&ck, device)?;
-        (model, ck.clone(), Some(lock), Some((ck, state)))
+        (model, ck.clone(), Some((ck, state)))
     } else {
         let model = HfSwitchTransformer::load(&args.model, device)?;
-        (model, args.model.clone(), None, None)
+        (model, args.model.clone(), None)
     };
-    let c = model.config.clone();
+    let c = &model.config;
     let tokenizer = HfTokenizer::load(&source, c.pad())?;
     let read = |p: &Path| {
         Dataset::read(
@@ -194,6 +184,93 @@ pub fn finetune(
     };
     let train = read(&args.train)?;
     let valid = args.valid.as_deref().map(read).transpose()?;
+    Ok(Prepared {
+        model,
+        source,
+        checkpoint,
+        tokenizer,
+        train,
+        valid,
+    })
+}
+
+/// Refuses a folder that holds a finished run (resuming) or any run (starting), and takes
+/// the run's lock (a resumed run tidies what a killed one left).
+fn claim_run_dir(args: &FinetuneArgs) -> Result<Option<crate::train::lock::RunLock>> {
+    let dir = &args.run_dir;
+    if args.resume {
+        let model_dir = dir.join("model");
+        if model_dir.join("config.json").exists() {
+            bail!(
+                "{} is finished ({} is written): nothing to resume",
+                dir.display(),
+                model_dir.display()
+            );
+        }
+        let lock = crate::train::lock::RunLock::acquire(dir)?;
+        crate::train::checkpoint::tidy(dir)?;
+        return Ok(Some(lock));
+    }
+    if dir.join("config.toml").exists() {
+        bail!(
+            "{} already holds a run: choose another --name, or continue it with --resume (a \
+             run is never overwritten)",
+            dir.display()
+        );
+    }
+    Ok(None)
+}
+
+/// Runs `args` on `device`, printing progress lines through `log`: a new run, or with
+/// `args.resume` the rest of the run in `args.run_dir` from its latest checkpoint. In a job
+/// of several ranks (`args.world`) every rank calls it; rank 0 writes the run and logs.
+pub fn finetune(
+    args: FinetuneArgs,
+    device: &Device,
+    log: &mut dyn FnMut(&str),
+) -> Result<FinetuneSummary> {
+    let world = args.world.clone();
+    let w = world.as_deref();
+    let writer = w.is_none_or(|w| w.rank() == 0);
+    let mut quiet = |_: &str| {};
+    let log: &mut dyn FnMut(&str) = if writer { log } else { &mut quiet };
+    let mut config = args.config.clone();
+    config.check()?;
+    if let Some(w) = w {
+        check_same_start(
+            w,
+            &[
+                ("settings".into(), toml::to_string(&config)?),
+                ("model".into(), args.model.display().to_string()),
+                ("train".into(), args.train.display().to_string()),
+                ("run".into(), args.run_dir.display().to_string()),
+                ("resume".into(), args.resume.to_string()),
+            ],
+        )?;
+    }
+    let dir = &args.run_dir;
+    let model_dir = dir.join("model");
+    // Rank 0 checks the folder and holds the lock; a new run loads its model before its
+    // folder exists, a resumed one its checkpoint once the lock is held.
+    let claimed = if writer {
+        claim_run_dir(&args)
+    } else {
+        Ok(None)
+    };
+    let lock = agree(w, "claiming the run's folder", claimed)?;
+    let Prepared {
+        model,
+        source,
+        checkpoint,
+        tokenizer,
+        train,
+        valid,
+    } = agree(
+        w,
+        "loading the model and the data",
+        prepare(&args, &config, device),
+    )?;
+    let c = model.config.clone();
     for (what, d) in [("train", Some(&train)), ("valid", valid.as_ref())] {
         if let Some(note) = d.and_then(|d| d.cut_note(config.max_source_len, config.max_target_len))
         {
@@ -215,9 +292,8 @@ pub fn finetune(
         per_epoch * config.epochs as u64
     };
 
-    let _lock = match lock {
-        Some(lock) => lock,
-        None => {
+    let started = if writer && lock.is_none() {
+        (|| {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let lock = crate::train::lock::RunLock::acquire(dir)?;
@@ -236,9 +312,12 @@ pub fn finetune(
                 &dir.join("run.json"),
                 serde_json::to_string_pretty(&inputs)?.as_bytes(),
             )?;
-            lock
-        }
+            Ok(Some(lock))
+        })()
+    } else {
+        Ok(lock)
     };
+    let _lock = agree(w, "writing the run's folder", started)?;
     let metrics = dir.join("metrics.jsonl");
 
     let opt = Optimisation {
@@ -258,6 +337,8 @@ pub fn finetune(
         jitter: config.router_jitter_noise.unwrap_or(0.0),
     };
     let mut ft = Finetuner::new(model, device, opt, config.seed)?;
+    ft.workers = Workers::new(config.replicas, world.clone(), device)?;
+    ft.workers.share(config.grad_accum)?;
     let mut sampler = Sampler::new(train.examples.len(), RoutingRng::seed_from_u64(config.seed));
     let mut last_ckpt: Option<PathBuf> = None;
     let start = match checkpoint {
@@ -275,7 +356,9 @@ pub fn finetune(
                 );
             }
             (ft.updates, ft.rng, sampler) = (state.updates, state.rng, state.sampler);
-            resume::truncate_metrics(&metrics, state.updates)?;
+            if writer {
+                resume::truncate_metrics(&metrics, state.updates)?;
+            }
             log(&format!(
                 "resuming {} from {} (update {} of {total})",
                 dir.display(),
@@ -290,9 +373,17 @@ pub fn finetune(
     if start >= total {
         bail!("{} has done its {total} updates already", dir.display());
     }
+    let workers = match ft.workers.count() {
+        1 => String::new(),
+        n => format!(
+            ", split over {n} workers ({} replicas x {} ranks)",
+            config.replicas,
+            n / config.replicas
+        ),
+    };
     log(&format!(
-        "fine-tuning {}: {} training pairs, {} updates of {} x {} sequences, lr {}, dropout {}, \
-         jitter {}",
+        "fine-tuning {}: {} training pairs, {} updates of {} x {} sequences{workers}, lr {}, \
+         dropout {}, jitter {}",
         args.model.display(),
         train.examples.len(),
         total,
@@ -314,20 +405,23 @@ pub fn finetune(
                 config.batch_size,
                 config.eval_generate,
                 config.max_target_len,
+                w,
             )?;
-            append_line(
-                &metrics,
-                &serde_json::json!({"step": step, "valid_loss": v.loss, "rouge1": v.rouge[0],
-                "rouge2": v.rouge[1], "rougeL": v.rouge[2]}),
-            )?;
-            let lines: String = pairs
-                .iter()
-                .map(|(g, t)| {
-                    serde_json::json!({"step": step, "generated": g, "target": t}).to_string()
-                        + "\n"
-                })
-                .collect();
-            crate::util::write_atomic(&dir.join("generations.jsonl"), lines.as_bytes())?;
+            if writer {
+                append_line(
+                    &metrics,
+                    &serde_json::json!({"step": step, "valid_loss": v.loss, "rouge1": v.rouge[0],
+                    "rouge2": v.rouge[1], "rougeL": v.rouge[2]}),
+                )?;
+                let lines: String = pairs
+                    .iter()
+                    .map(|(g, t)| {
+                        serde_json::json!({"step": step, "generated": g, "target": t}).to_string()
+                            + "\n"
+                    })
+                    .collect();
+                crate::util::write_atomic(&dir.join("generations.jsonl"), lines.as_bytes())?;
+            }
             log(&format!(
                 "step {step}: valid loss {:.4}, ROUGE-1 {:.4}, ROUGE-2 {:.4}, ROUGE-L {:.4}",
                 v.loss, v.rouge[0], v.rouge[1], v.rouge[2]
@@ -348,8 +442,11 @@ pub fn finetune(
     let mut skipped = 0u64;
     // The tokenizer files come from the model folder, then from the latest checkpoint (which
     // a resumed run may outlive its model folder with).
-    let files_from = |last: &Option<PathBuf>| last.clone().unwrap_or_else(|| args.model.clone());
+    let files_from = |last: &Option<PathBuf>| last.clone().unwrap_or_else(|| source.clone());
     for update in start + 1..=total {
+        if let Some(w) = w {
+            w.set_step(update);
+        }
         let batches: Vec<Batch> = (0..config.grad_accum)
             .map(|_| sampler.next(&train, config.batch_size, pad, dec_start))
             .collect();
@@ -375,7 +472,7 @@ pub fn finetune(
             ));
         }
         tokens += last.tokens;
-        if update % config.log_every == 0 || update == total {
+        if writer && (update % config.log_every == 0 || update == total) {
             let secs = began.elapsed().as_secs_f64().max(1e-9);
             append_line(
                 &metrics,
@@ -399,11 +496,26 @@ pub fn finetune(
         if config.eval_every > 0 && update % config.eval_every == 0 && update != total {
             run_validation(&ft, update, log)?;
         }
-        let stopping = stop.load(Ordering::SeqCst) && update != total;
+        // A signal to any rank stops every rank after this update.
+        let mut stopping = [f64::from(u8::from(
+            stop.load(Ordering::SeqCst) && update != total,
+        ))];
+        if let Some(w) = w {
+            w.all_reduce_sum_f64("stop signal", &mut stopping)?;
+        }
+        let stopping = stopping[0] > 0.0;
         if (config.save_every > 0 && update % config.save_every == 0 && update != total) || stopping
         {
+            if let Some(w) = w {
+                check_same(w, update, ft.checksum()?)?;
+            }
             let ck = dir.join(format!("model-step-{update}"));
-            save_checkpoint(&ft, &sampler, &files_from(&last_ckpt), &ck).map_err(|e| {
+            let saved = if writer {
+                save_checkpoint(&ft, &sampler, &files_from(&last_ckpt), &ck)
+            } else {
+                Ok(())
+            };
+            agree(w, "writing a checkpoint", saved).map_err(|e| {
                 let kept = last_ckpt.as_ref().map_or(String::new(), |k| {
                     format!(
                         "; {} is kept: make room and continue with `switch finetune --resume {}`",
@@ -413,7 +525,9 @@ pub fn finetune(
                 });
                 e.context(format!("the checkpoint of update {update} failed{kept}"))
             })?;
-            if let Some(old) = last_ckpt.replace(ck) {
+            if let Some(old) = last_ckpt.replace(ck)
+                && writer
+            {
                 crate::train::checkpoint::remove(&old)?;
             }
         }
@@ -448,9 +562,19 @@ pub fn finetune(
     // AdamW's moments (twice the model's f32 size) are not needed past the last update: freed
     // before the validation and the save, which then add to the model alone.
     ft.adamw.state = Vec::new();
+    if let Some(w) = w {
+        check_same(w, total, ft.checksum()?)?;
+    }
     let end = run_validation(&ft, total, log)?;
-    save_model(&ft, &files_from(&last_ckpt), &model_dir, dtype)?;
-    if let Some(old) = last_ckpt {
+    let saved = if writer {
+        save_model(&ft, &files_from(&last_ckpt), &model_dir, dtype)
+    } else {
+        Ok(())
+    };
+    agree(w, "writing the model", saved)?;
+    if let Some(old) = last_ckpt
+        && writer
+    {
         crate::train::checkpoint::remove(&old)?;
     }
     log(&format!("wrote {}", model_dir.display()));

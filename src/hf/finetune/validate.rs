@@ -7,6 +7,7 @@ use rand::SeedableRng;
 
 use super::data::{Batch, Dataset};
 use super::{batch_loss, rouge};
+use crate::distributed::Collective;
 use crate::hf::generate::generate;
 use crate::hf::model::HfSwitchTransformer;
 use crate::hf::tokenize::HfTokenizer;
@@ -22,7 +23,9 @@ pub struct Validation {
     pub rouge: [f64; 3],
 }
 
-/// Validation loss and, on the first `generate` examples, ROUGE of greedy generations.
+/// Validation loss and, on the first `generate` examples, ROUGE of greedy generations. In a
+/// job of several ranks (`world`) each rank takes every size-th batch, and every rank ends
+/// with the whole validation.
 pub fn validate(
     model: &HfSwitchTransformer,
     tokenizer: &HfTokenizer,
@@ -30,11 +33,17 @@ pub fn validate(
     batch_size: usize,
     generate_n: usize,
     max_new: usize,
+    world: Option<&dyn Collective>,
 ) -> Result<(Validation, Vec<(String, String)>)> {
     let c = &model.config;
     let (pad, start) = (c.pad(), c.decoder_start());
-    let (mut sum, mut count) = (0.0, 0usize);
-    for chunk in data.examples.chunks(batch_size) {
+    let (rank, ranks) = world.map_or((0, 1), |w| (w.rank(), w.size()));
+    let mine = |i: &(usize, _)| i.0 % ranks == rank;
+    // Each batch's loss sum and token count at its place, added in the batches' order (the
+    // same sum whichever rank computed which).
+    let chunks = data.examples.len().div_ceil(batch_size);
+    let mut parts = vec![0.0; 2 * chunks];
+    for (i, chunk) in data.examples.chunks(batch_size).enumerate().filter(mine) {
         let refs: Vec<_> = chunk.iter().collect();
         let batch = Batch::new(&refs, pad, start);
         let n = batch
@@ -43,8 +52,16 @@ pub fn validate(
             .filter(|&&l| l != super::loss::IGNORE)
             .count();
         let (loss, ..) = batch_loss(model, &batch, None)?;
-        sum += f64::from(loss.cross_entropy.into_scalar::<f32>()) * n as f64;
-        count += n;
+        parts[2 * i] = f64::from(loss.cross_entropy.into_scalar::<f32>()) * n as f64;
+        parts[2 * i + 1] = n as f64;
+    }
+    if let Some(w) = world {
+        w.all_reduce_sum_f64("validation loss", &mut parts)?;
+    }
+    let (mut sum, mut count) = (0.0, 0usize);
+    for p in parts.chunks(2) {
+        sum += p[0];
+        count += p[1].round() as usize;
     }
     let mut pairs = Vec::new();
     let eos = c.eos_token_id.unwrap_or(1);
@@ -56,7 +73,11 @@ pub fn validate(
     };
     let mut rng = RoutingRng::seed_from_u64(0);
     let take = generate_n.min(data.examples.len());
-    for chunk in data.examples[..take].chunks(batch_size) {
+    for (_, chunk) in data.examples[..take]
+        .chunks(batch_size)
+        .enumerate()
+        .filter(mine)
+    {
         let refs: Vec<_> = chunk.iter().collect();
         let batch = Batch::new(&refs, pad, start);
         let enc = model.encode(&batch.input_ids, &batch.mask, batch.b, batch.src)?;
@@ -64,6 +85,9 @@ pub fn validate(
         for (ids, e) in out.iter().zip(chunk) {
             pairs.push((tokenizer.decode(&ids[1..], false)?, e.target_text.clone()));
         }
+    }
+    if let Some(w) = world {
+        pairs = gather_pairs(w, &pairs, batch_size, take)?;
     }
     let rouge = if pairs.is_empty() {
         [0.0; 3]
@@ -77,4 +101,31 @@ pub fn validate(
         },
         pairs,
     ))
+}
+
+/// Every rank's generations (`mine`: those of the batches `i` with `i % ranks == rank`) on
+/// every rank, in the examples' order.
+fn gather_pairs(
+    w: &dyn Collective,
+    mine: &[(String, String)],
+    batch_size: usize,
+    n: usize,
+) -> Result<Vec<(String, String)>> {
+    let mut from: Vec<std::vec::IntoIter<(String, String)>> = Vec::new();
+    for root in 0..w.size() {
+        let mut bytes = if root == w.rank() {
+            serde_json::to_vec(mine)?
+        } else {
+            Vec::new()
+        };
+        w.broadcast("validation generations", root, &mut bytes)?;
+        let theirs: Vec<(String, String)> = serde_json::from_slice(&bytes)?;
+        from.push(theirs.into_iter());
+    }
+    let mut all = Vec::with_capacity(n);
+    for i in 0..n.div_ceil(batch_size) {
+        let rank = &mut from[i % w.size()];
+        all.extend(rank.by_ref().take(batch_size.min(n - i * batch_size)));
+    }
+    Ok(all)
 }
