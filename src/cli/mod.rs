@@ -30,7 +30,8 @@ use switch_transformer::train::placement::{GradSync, Placement};
 #[derive(clap::Args)]
 pub struct DistributedArgs {
     /// This process is one rank of an MPI job (`mpirun -np N switch train --distributed ...`,
-    /// or srun): the ranks split every batch; rank 0 writes the run. Needs the `mpi` feature.
+    /// likewise `finetune`, or srun): the ranks split every batch (finetune: every update's
+    /// micro-batches); rank 0 writes the run. Needs the `mpi` feature.
     #[arg(long)]
     pub distributed: bool,
     /// With --distributed: seconds a rank waits for the others in one exchange before it ends

@@ -331,7 +331,24 @@ fn bad_input_is_answered_clearly() {
         !ok && out.contains("unknown finetune key `learnin_rate`"),
         "{out}"
     );
+    // Finetune's ranks split the data; expert parallelism is `switch train`'s.
+    let (ok, out) = switch(&[
+        "finetune",
+        "--model",
+        "x",
+        "--train",
+        "y",
+        "--distributed",
+        "--expert-parallel",
+    ]);
+    assert!(!ok && out.contains("--expert-parallel is"), "{out}");
     let mut c = FinetuneConfig::default();
+    assert!(
+        c.set("replicas=0")
+            .unwrap_err()
+            .to_string()
+            .contains("replicas")
+    );
     assert!(
         c.set("batch_size=0")
             .unwrap_err()
@@ -837,4 +854,104 @@ fn replicas_and_ranks_split_an_update_and_change_nothing() {
         format!("{e:#}").contains("cannot be split over 2 workers"),
         "{e:#}"
     );
+}
+
+/// A stop signal to one rank of a job stops every rank after the same update, with one
+/// checkpoint (rank 0's); the job resumed from it, on two ranks again, ends with the model of
+/// a single process that never stopped, bit for bit.
+#[test]
+fn ranks_stop_together_and_resume_exactly() {
+    use std::time::Duration;
+    use switch_transformer::distributed::{Collective, Threads};
+
+    let tmp = common::temp_dir("finetune-ranks-resume");
+    let (train, valid) = (tmp.join("train.jsonl"), tmp.join("valid.jsonl"));
+    pairs(&train, 24, 7);
+    pairs(&valid, 6, 8);
+    let mut config = FinetuneConfig::default();
+    for s in [
+        "max_steps=6",
+        "batch_size=4",
+        "grad_accum=2",
+        "learning_rate=3e-3",
+        "log_every=1",
+        "eval_every=0",
+        "eval_generate=3",
+        "dropout_rate=0.1",
+    ] {
+        config.set(s).unwrap();
+    }
+    let args = |name: &str| RunArgs {
+        model: fixture("start"),
+        train: train.clone(),
+        valid: Some(valid.clone()),
+        run_dir: tmp.join(name),
+        config: config.clone(),
+        resume: false,
+        stop: None,
+        world: None,
+    };
+    let device = Device::default();
+    finetune(args("whole"), &device, &mut |_| {}).unwrap();
+
+    // Rank 0 reports step 3 and sets rank 1's flag: rank 1 stops both, after update 3 or 4.
+    let on_ranks = |make: &dyn Fn(usize) -> RunArgs, flag: Option<Arc<AtomicBool>>| {
+        std::thread::scope(|scope| {
+            let running: Vec<_> = Threads::group(2, Duration::from_secs(120))
+                .into_iter()
+                .enumerate()
+                .map(|(rank, w)| {
+                    let mut a = make(rank);
+                    a.world = Some(Arc::new(w) as Arc<dyn Collective>);
+                    let flag = flag.clone();
+                    let device = device.clone();
+                    scope.spawn(move || {
+                        finetune(a, &device, &mut |line| {
+                            if let Some(f) = &flag
+                                && line.starts_with("step 3/6:")
+                            {
+                                f.store(true, Ordering::SeqCst);
+                            }
+                        })
+                    })
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|r| r.join().unwrap().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let rank1_flag = Arc::new(AtomicBool::new(false));
+    let first = on_ranks(
+        &|rank| {
+            let mut a = args("stopped");
+            if rank == 1 {
+                a.stop = Some(rank1_flag.clone());
+            }
+            a
+        },
+        Some(rank1_flag.clone()),
+    );
+    let run = tmp.join("stopped");
+    assert!(first.iter().all(|s| s.stopped), "every rank stopped");
+    assert_eq!(first[0].updates, first[1].updates);
+    assert!((3..=4).contains(&first[0].updates), "{}", first[0].updates);
+    assert!(
+        run.join(format!("model-step-{}", first[0].updates))
+            .join("model.safetensors")
+            .exists()
+    );
+    assert!(!run.join("model").exists());
+
+    let resumed = on_ranks(&|_| resume_args(&run).unwrap(), None);
+    assert!(resumed.iter().all(|s| !s.stopped && s.updates == 6));
+    assert_eq!(resumed[0].resumed_from, Some(first[0].updates));
+    let same = std::fs::read(tmp.join("whole/model/model.safetensors")).unwrap()
+        == std::fs::read(run.join("model/model.safetensors")).unwrap();
+    assert!(
+        same,
+        "the resumed two-rank job differs from one process never stopped"
+    );
+    assert_eq!(metric_lines(&tmp.join("whole")), metric_lines(&run));
 }
