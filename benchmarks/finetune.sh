@@ -11,14 +11,14 @@
 # and puts finetune.md in BENCHMARKS.md.
 #
 #   python3 -m venv .venv-hf && .venv-hf/bin/pip install torch transformers==5.24.0
-#   bash benchmarks/finetune.sh          # MODEL=/tmp/switch-base-8-random THREADS=2 ROUNDS=2 STEPS=6
+#   bash benchmarks/finetune.sh          # MODEL=/tmp/switch-base-8-random THREADS=2 ROUNDS=2 STEPS=12
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/venv.sh
 MODEL=${MODEL:-/tmp/switch-base-8-random}
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-2}
-STEPS=${STEPS:-6}
+STEPS=${STEPS:-12}
 cargo build --release -q
 [ -f "$MODEL/model.safetensors" ] || "$PY" benchmarks/hf_bench.py make "$MODEL"
 # `switch finetune` reads the model folder's tokenizer.json: a folder of links to the weights
