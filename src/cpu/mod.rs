@@ -63,6 +63,26 @@ pub fn on_worker<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() -> R +
     }
 }
 
+/// `n` thread pools for `n` replicas that compute side by side on `device`: on the CPU they
+/// split the global pool's threads (so that their parallel kernels do not oversubscribe the
+/// cores); on other backends one thread each, since their fusion keeps a stream of queued ops
+/// per thread and a replica's ops must not hop between them (see [`on_worker`]).
+pub(crate) fn replica_pools(
+    n: usize,
+    device: &burn::tensor::Device,
+) -> anyhow::Result<Vec<rayon::ThreadPool>> {
+    use anyhow::Context;
+    let threads = if host_kernels(device) {
+        (rayon::current_num_threads() / n).max(1)
+    } else {
+        1
+    };
+    (0..n)
+        .map(|_| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
+        .collect::<Result<_, _>>()
+        .context("cannot start the replicas' thread pools")
+}
+
 /// Whether the kernels of this module run on `device`'s tensors ([`Paths::host_kernels`]).
 fn host_kernels(device: &burn::tensor::Device) -> bool {
     Paths::of(device).host_kernels

@@ -79,18 +79,7 @@ impl Replicas {
         });
         let n = replicas.len();
         let pools = if n > 1 {
-            // On other backends than the CPU, one thread per replica: their fusion keeps a
-            // stream of queued ops per thread, and a replica's ops must not hop between them
-            // (see `crate::cpu::on_worker`).
-            let threads = if crate::device::Paths::of(&devices[0]).host_kernels {
-                (rayon::current_num_threads() / n).max(1)
-            } else {
-                1
-            };
-            (0..n)
-                .map(|_| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
-                .collect::<Result<_, _>>()
-                .context("cannot start the replicas' thread pools")?
+            crate::cpu::replica_pools(n, &devices[0])?
         } else {
             vec![]
         };

@@ -819,20 +819,9 @@ mod mpi_jobs {
                 a.push(flag.into());
                 a.push(path.display().to_string());
             }
-            for s in [
-                "max_steps=6",
-                "batch_size=4",
-                "grad_accum=2",
-                "learning_rate=3e-3",
-                "log_every=1",
-                "eval_every=3",
-                "eval_generate=6",
-                "save_every=4",
-                "dropout_rate=0.1",
-                "router_jitter_noise=0.05",
-            ] {
+            for s in crate::finetune::PARALLEL_SETTINGS {
                 a.push("--set".into());
-                a.push(s.into());
+                a.push(s.to_string());
             }
             a
         };

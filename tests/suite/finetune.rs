@@ -29,6 +29,35 @@ fn expected(dir: &Path) -> TensorFile {
     TensorFile::read(&dir.join("expected.safetensors")).unwrap()
 }
 
+/// A new run of the `start` fixture in `dir` on `train` and `valid` with `config`.
+fn new_run(train: &Path, valid: &Path, dir: PathBuf, config: &FinetuneConfig) -> RunArgs {
+    RunArgs {
+        model: fixture("start"),
+        train: train.to_path_buf(),
+        valid: Some(valid.to_path_buf()),
+        run_dir: dir,
+        config: config.clone(),
+        resume: false,
+        stop: None,
+        world: None,
+    }
+}
+
+/// The settings of the data-parallel runs (here and in `distributed::mpi_jobs`): two
+/// micro-batches per update, dropout and jitter on, validations and a checkpoint on the way.
+pub(crate) const PARALLEL_SETTINGS: &[&str] = &[
+    "max_steps=6",
+    "batch_size=4",
+    "grad_accum=2",
+    "learning_rate=3e-3",
+    "log_every=1",
+    "eval_every=3",
+    "eval_generate=6",
+    "save_every=4",
+    "dropout_rate=0.1",
+    "router_jitter_noise=0.05",
+];
+
 #[test]
 fn training_matches_transformers_on_every_fixture() {
     for name in ["step2", "accum"] {
@@ -435,16 +464,7 @@ fn a_stopped_run_resumes_exactly() {
     ] {
         config.set(s).unwrap();
     }
-    let args = |name: &str| RunArgs {
-        model: fixture("start"),
-        train: train.clone(),
-        valid: Some(valid.clone()),
-        run_dir: tmp.join(name),
-        config: config.clone(),
-        resume: false,
-        stop: None,
-        world: None,
-    };
+    let args = |name: &str| new_run(&train, &valid, tmp.join(name), &config);
     let device = Device::default();
     let whole = finetune(args("whole"), &device, &mut |_| {}).unwrap();
     assert!(!whole.stopped);
@@ -748,6 +768,41 @@ fn non_finite_gradients_stop_the_run_or_are_skipped() {
     );
 }
 
+/// `finetune` on two ranks of one job, each a thread (`distributed::Threads`), with the
+/// arguments `make(rank)`; with `flag`, rank 0's "step 3/6" line sets it. The summaries in
+/// rank order.
+fn on_two_ranks(
+    make: &(dyn Fn(usize) -> RunArgs + Sync),
+    flag: Option<Arc<AtomicBool>>,
+) -> Vec<switch_transformer::hf::finetune::run::FinetuneSummary> {
+    use switch_transformer::distributed::{Collective, Threads};
+    let device = Device::default();
+    std::thread::scope(|scope| {
+        let running: Vec<_> = Threads::group(2, std::time::Duration::from_secs(120))
+            .into_iter()
+            .enumerate()
+            .map(|(rank, w)| {
+                let mut a = make(rank);
+                a.world = Some(Arc::new(w) as Arc<dyn Collective>);
+                let (flag, device) = (flag.clone(), device.clone());
+                scope.spawn(move || {
+                    finetune(a, &device, &mut |line| {
+                        if let Some(f) = &flag
+                            && line.starts_with("step 3/6:")
+                        {
+                            f.store(true, Ordering::SeqCst);
+                        }
+                    })
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|r| r.join().unwrap().unwrap())
+            .collect()
+    })
+}
+
 /// Data parallelism splits each update's micro-batches: two replicas (threads of this process
 /// sharing the weights) and two ranks (threads standing in for an MPI job's processes,
 /// `distributed::Threads`) each take one of grad_accum = 2, dropout and jitter on, with a
@@ -756,8 +811,6 @@ fn non_finite_gradients_stop_the_run_or_are_skipped() {
 /// cannot be split is refused.
 #[test]
 fn replicas_and_ranks_split_an_update_and_change_nothing() {
-    use std::time::Duration;
-    use switch_transformer::distributed::{Collective, Threads};
     use switch_transformer::hf::finetune::parallel::Workers;
 
     let tmp = common::temp_dir("finetune-parallel");
@@ -765,30 +818,11 @@ fn replicas_and_ranks_split_an_update_and_change_nothing() {
     pairs(&train, 24, 5);
     pairs(&valid, 10, 6);
     let mut config = FinetuneConfig::default();
-    for s in [
-        "max_steps=6",
-        "batch_size=4",
-        "grad_accum=2",
-        "learning_rate=3e-3",
-        "log_every=1",
-        "eval_every=3",
-        "eval_generate=6",
-        "save_every=4",
-        "dropout_rate=0.1",
-        "router_jitter_noise=0.05",
-    ] {
+    for s in PARALLEL_SETTINGS {
         config.set(s).unwrap();
     }
-    let args = |name: &str, config: &FinetuneConfig| RunArgs {
-        model: fixture("start"),
-        train: train.clone(),
-        valid: Some(valid.clone()),
-        run_dir: tmp.join(name),
-        config: config.clone(),
-        resume: false,
-        stop: None,
-        world: None,
-    };
+    let args =
+        |name: &str, config: &FinetuneConfig| new_run(&train, &valid, tmp.join(name), config);
     let device = Device::default();
     finetune(args("one", &config), &device, &mut |_| {}).unwrap();
 
@@ -804,21 +838,7 @@ fn replicas_and_ranks_split_an_update_and_change_nothing() {
         "{lines:?}"
     );
 
-    let summaries = std::thread::scope(|scope| {
-        let running: Vec<_> = Threads::group(2, Duration::from_secs(120))
-            .into_iter()
-            .map(|w| {
-                let mut a = args("ranks", &config);
-                a.world = Some(std::sync::Arc::new(w) as std::sync::Arc<dyn Collective>);
-                let device = device.clone();
-                scope.spawn(move || finetune(a, &device, &mut |_| {}))
-            })
-            .collect();
-        running
-            .into_iter()
-            .map(|r| r.join().unwrap().unwrap())
-            .collect::<Vec<_>>()
-    });
+    let summaries = on_two_ranks(&|_| args("ranks", &config), None);
     assert_eq!(summaries[0].last_loss, summaries[1].last_loss);
 
     let one = tmp.join("one");
@@ -861,69 +881,21 @@ fn replicas_and_ranks_split_an_update_and_change_nothing() {
 /// a single process that never stopped, bit for bit.
 #[test]
 fn ranks_stop_together_and_resume_exactly() {
-    use std::time::Duration;
-    use switch_transformer::distributed::{Collective, Threads};
-
     let tmp = common::temp_dir("finetune-ranks-resume");
     let (train, valid) = (tmp.join("train.jsonl"), tmp.join("valid.jsonl"));
     pairs(&train, 24, 7);
     pairs(&valid, 6, 8);
     let mut config = FinetuneConfig::default();
-    for s in [
-        "max_steps=6",
-        "batch_size=4",
-        "grad_accum=2",
-        "learning_rate=3e-3",
-        "log_every=1",
-        "eval_every=0",
-        "eval_generate=3",
-        "dropout_rate=0.1",
-    ] {
+    for s in PARALLEL_SETTINGS {
         config.set(s).unwrap();
     }
-    let args = |name: &str| RunArgs {
-        model: fixture("start"),
-        train: train.clone(),
-        valid: Some(valid.clone()),
-        run_dir: tmp.join(name),
-        config: config.clone(),
-        resume: false,
-        stop: None,
-        world: None,
-    };
+    let args = |name: &str| new_run(&train, &valid, tmp.join(name), &config);
     let device = Device::default();
     finetune(args("whole"), &device, &mut |_| {}).unwrap();
 
     // Rank 0 reports step 3 and sets rank 1's flag: rank 1 stops both, after update 3 or 4.
-    let on_ranks = |make: &dyn Fn(usize) -> RunArgs, flag: Option<Arc<AtomicBool>>| {
-        std::thread::scope(|scope| {
-            let running: Vec<_> = Threads::group(2, Duration::from_secs(120))
-                .into_iter()
-                .enumerate()
-                .map(|(rank, w)| {
-                    let mut a = make(rank);
-                    a.world = Some(Arc::new(w) as Arc<dyn Collective>);
-                    let flag = flag.clone();
-                    let device = device.clone();
-                    scope.spawn(move || {
-                        finetune(a, &device, &mut |line| {
-                            if let Some(f) = &flag
-                                && line.starts_with("step 3/6:")
-                            {
-                                f.store(true, Ordering::SeqCst);
-                            }
-                        })
-                    })
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|r| r.join().unwrap().unwrap())
-                .collect::<Vec<_>>()
-        })
-    };
     let rank1_flag = Arc::new(AtomicBool::new(false));
-    let first = on_ranks(
+    let first = on_two_ranks(
         &|rank| {
             let mut a = args("stopped");
             if rank == 1 {
@@ -944,7 +916,7 @@ fn ranks_stop_together_and_resume_exactly() {
     );
     assert!(!run.join("model").exists());
 
-    let resumed = on_ranks(&|_| resume_args(&run).unwrap(), None);
+    let resumed = on_two_ranks(&|_| resume_args(&run).unwrap(), None);
     assert!(resumed.iter().all(|s| !s.stopped && s.updates == 6));
     assert_eq!(resumed[0].resumed_from, Some(first[0].updates));
     let same = std::fs::read(tmp.join("whole/model/model.safetensors")).unwrap()

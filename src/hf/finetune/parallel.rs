@@ -56,11 +56,7 @@ impl Workers {
             );
         }
         let pools = if replicas > 1 {
-            let threads = (rayon::current_num_threads() / replicas).max(1);
-            (0..replicas)
-                .map(|_| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
-                .collect::<Result<_, _>>()
-                .context("cannot start the replicas' thread pools")?
+            crate::cpu::replica_pools(replicas, device)?
         } else {
             vec![]
         };
