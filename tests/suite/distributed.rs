@@ -799,32 +799,34 @@ mod mpi_jobs {
         lock.split_whitespace().next().unwrap().parse().unwrap()
     }
 
+    /// `switch finetune` arguments of a run NAME in `tmp` (its pairs written there) of the
+    /// `start` fixture with the data-parallel tests' settings and then `extra`.
+    fn finetune_args(tmp: &Path, name: &str, extra: &[&str]) -> Vec<String> {
+        let (train, valid) = (tmp.join("train.jsonl"), tmp.join("valid.jsonl"));
+        if !train.exists() {
+            crate::finetune::pairs(&train, 24, 5);
+            crate::finetune::pairs(&valid, 10, 6);
+        }
+        let model = common::manifest_dir().join("tests/data/hf-finetune/start");
+        let mut a: Vec<String> = vec!["finetune".into(), "--name".into(), name.into()];
+        for (flag, path) in [("--model", model), ("--train", train), ("--valid", valid)] {
+            a.push(flag.into());
+            a.push(path.display().to_string());
+        }
+        for s in crate::finetune::PARALLEL_SETTINGS.iter().chain(extra) {
+            a.push("--set".into());
+            a.push(s.to_string());
+        }
+        a
+    }
+
     /// `mpirun -np 2 switch finetune --distributed`: the two processes split each update's
     /// micro-batches (grad_accum = 2, dropout and jitter on) and the validations, and end with
     /// the model, metrics and generations of one process, bit for bit; rank 0 alone reports.
     #[test]
     fn mpirun_two_processes_finetune_as_one() {
         let tmp = common::temp_dir("mpi-finetune");
-        let (train, valid) = (tmp.join("train.jsonl"), tmp.join("valid.jsonl"));
-        crate::finetune::pairs(&train, 24, 5);
-        crate::finetune::pairs(&valid, 10, 6);
-        let model = common::manifest_dir().join("tests/data/hf-finetune/start");
-        let args = |name: &str| -> Vec<String> {
-            let mut a: Vec<String> = vec!["finetune".into(), "--name".into(), name.into()];
-            for (flag, path) in [
-                ("--model", &model),
-                ("--train", &train),
-                ("--valid", &valid),
-            ] {
-                a.push(flag.into());
-                a.push(path.display().to_string());
-            }
-            for s in crate::finetune::PARALLEL_SETTINGS {
-                a.push("--set".into());
-                a.push(s.to_string());
-            }
-            a
-        };
+        let args = |name: &str| finetune_args(&tmp, name, &[]);
         ok(
             Command::new(env!("CARGO_BIN_EXE_switch"))
                 .args(args("one"))
@@ -856,6 +858,64 @@ mod mpi_jobs {
             crate::finetune::metric_lines(&one),
             crate::finetune::metric_lines(&two)
         );
+    }
+
+    /// SIGTERM to rank 0 of a `switch finetune` job: every rank stops after the same update
+    /// (exit status 130) with one checkpoint; `mpirun -np 2 switch finetune --resume` finishes
+    /// the run with the model of one process that never stopped, bit for bit.
+    #[test]
+    fn a_terminated_finetune_job_checkpoints_and_resumes_on_the_ranks() {
+        let tmp = common::temp_dir("mpi-finetune-term");
+        let long = ["max_steps=400", "eval_every=0", "save_every=0"];
+        ok(
+            Command::new(env!("CARGO_BIN_EXE_switch"))
+                .args(finetune_args(&tmp, "one", &long))
+                .current_dir(&tmp)
+                .output()
+                .unwrap(),
+            "one process",
+        );
+        let run = tmp.join("runs/two");
+        let mut job = mpirun(2, &finetune_args(&tmp, "two", &long), &tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        common::wait_for("5 updates", Duration::from_secs(120), || {
+            std::fs::read_to_string(run.join("metrics.jsonl")).is_ok_and(|m| m.lines().count() >= 5)
+        });
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(rank0_pid(&run), libc::SIGTERM) };
+        let status = common::exits_within(&mut job, Duration::from_secs(60), "the job to end");
+        assert!(!status.success(), "a stopped job is not a finished one");
+        let checkpoints: Vec<_> = std::fs::read_dir(&run)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("model-step-"))
+            .collect();
+        assert_eq!(checkpoints.len(), 1, "one checkpoint of the stopped update");
+        assert!(!run.join("model").exists());
+        ok(
+            mpirun(
+                2,
+                &["finetune".into(), "--resume".into(), "runs/two".into()],
+                &tmp,
+            )
+            .output()
+            .unwrap(),
+            "mpirun -np 2 switch finetune --resume",
+        );
+        let same = std::fs::read(tmp.join("runs/one/model/model.safetensors")).unwrap()
+            == std::fs::read(run.join("model/model.safetensors")).unwrap();
+        assert!(
+            same,
+            "the resumed job differs from one process never stopped"
+        );
+        assert_eq!(
+            crate::finetune::metric_lines(&tmp.join("runs/one")),
+            crate::finetune::metric_lines(&run)
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]
