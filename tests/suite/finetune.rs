@@ -30,7 +30,12 @@ fn expected(dir: &Path) -> TensorFile {
 }
 
 /// A new run of the `start` fixture in `dir` on `train` and `valid` with `config`.
-fn new_run(train: &Path, valid: &Path, dir: PathBuf, config: &FinetuneConfig) -> RunArgs {
+pub(crate) fn new_run(
+    train: &Path,
+    valid: &Path,
+    dir: PathBuf,
+    config: &FinetuneConfig,
+) -> RunArgs {
     RunArgs {
         model: fixture("start"),
         train: train.to_path_buf(),

@@ -65,3 +65,56 @@ fn the_kernel_cache_persists_between_processes() {
     assert_eq!(json_lines(&second).len(), 2);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// `switch finetune` on the test device (`SWITCH_TEST_DEVICE`) ends where the CPU's ends: the
+/// same metric lines within 1e-4 relative and every weight of the written model within 1e-4 of
+/// its largest magnitude, after 3 updates of 2 micro-batches with dropout and jitter on (their
+/// masks are drawn on the host, the same on every device) and a validation (its loss: the
+/// generations on the device are `hf::every_hugging_face_fixture_passes`'s).
+#[test]
+fn fine_tuning_on_the_device_ends_where_the_cpu_ends() {
+    use switch_transformer::hf::finetune::config::FinetuneConfig;
+    use switch_transformer::hf::finetune::run::finetune;
+    use switch_transformer::store::TensorFile;
+
+    let tmp = common::temp_dir("gpu-finetune");
+    let (train, valid) = (tmp.join("train.jsonl"), tmp.join("valid.jsonl"));
+    crate::finetune::pairs(&train, 16, 11);
+    crate::finetune::pairs(&valid, 4, 12);
+    let mut config = FinetuneConfig::default();
+    for s in crate::finetune::PARALLEL_SETTINGS.iter().chain(&[
+        "max_steps=3",
+        "eval_every=0",
+        "save_every=0",
+        "eval_generate=0",
+    ]) {
+        config.set(s).unwrap();
+    }
+    let run = |name: &str, device: &burn::tensor::Device| {
+        let args = crate::finetune::new_run(&train, &valid, tmp.join(name), &config);
+        finetune(args, device, &mut |_| {}).unwrap();
+        tmp.join(name)
+    };
+    let cpu = run("cpu", &burn::tensor::Device::default());
+    let dev = run("device", &common::test_device());
+    let (a, b) = (
+        crate::finetune::metric_lines(&cpu),
+        crate::finetune::metric_lines(&dev),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["loss", "ce", "grad_norm", "valid_loss"] {
+            if let (Some(p), Some(q)) = (x[key].as_f64(), y[key].as_f64()) {
+                let err = (p - q).abs() / p.abs().max(1e-12);
+                assert!(err < 1e-4, "{key} at {}: {p} vs {q}", x["step"]);
+            }
+        }
+    }
+    let read = |dir: &Path| TensorFile::read(&dir.join("model/model.safetensors")).unwrap();
+    let (wa, wb) = (read(&cpu), read(&dev));
+    assert_eq!(wa.tensors.len(), wb.tensors.len());
+    for (name, t) in &wa.tensors {
+        let err = common::max_rel_err_f32(&wb.get(name).unwrap().to_f32(), &t.to_f32());
+        assert!(err < 1e-4, "{name} differs by {err}");
+    }
+}
