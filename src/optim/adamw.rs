@@ -9,10 +9,16 @@
 //!         s = t - 1: the scheduler steps after the optimizer, so the first update uses s = 0
 //! ```
 //! `t` counts the updates of that parameter: PyTorch skips a parameter without a gradient (an
-//! expert no token reached), moments and decay included. `Trainer` decays every parameter but biases and norms (names with `bias`, `layernorm`,
+//! expert no token reached), moments and decay included. On the CPU the update is one fused
+//! pass over host buffers ([`AdamW::update`]); on other backends the same arithmetic in tensor
+//! ops with the moments on the device ([`AdamW::update_tensor`]: no host round trip per
+//! update, and the backend fuses the element-wise ops). `Trainer` decays every parameter but biases and norms (names with `bias`, `layernorm`,
 //! `rmsnorm`, `_norm.`, or a `norm` path component): [`decays`].
 
+use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+
+use crate::store::host_f32;
 
 /// `Trainer`'s linear schedule: the factor of the base rate for update `t` (1-based).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,14 +79,26 @@ impl Default for AdamWConfig {
 }
 
 /// One parameter's state: its moments (flattened) and its update count.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Moments {
-    /// First moment.
+    /// First moment, on the host (empty while the moments are on the device).
     pub m: Vec<f32>,
-    /// Second moment.
+    /// Second moment, likewise.
     pub v: Vec<f32>,
     /// Updates of this parameter.
     pub step: u64,
+    /// Both moments on the parameter's device, for [`AdamW::update_tensor`].
+    pub device: Option<(Tensor<1>, Tensor<1>)>,
+}
+
+impl Moments {
+    /// Both moments on the host, wherever they are kept.
+    pub fn host(&self) -> (Vec<f32>, Vec<f32>) {
+        match &self.device {
+            Some((m, v)) => (host_f32(m.clone()), host_f32(v.clone())),
+            None => (self.m.clone(), self.v.clone()),
+        }
+    }
 }
 
 /// The state of every parameter, by its index in a fixed walk.
@@ -117,35 +135,17 @@ impl AdamW {
         if self.state.len() <= i {
             self.state.resize_with(i + 1, Default::default);
         }
-        let Moments { m, v, step } = &mut self.state[i];
+        if let Some((m, v)) = self.state[i].device.take() {
+            (self.state[i].m, self.state[i].v) = (host_f32(m), host_f32(v));
+        }
+        let Moments { m, v, step, .. } = &mut self.state[i];
         if m.is_empty() {
             *m = vec![0.0; param.len()];
             *v = vec![0.0; param.len()];
         }
         assert_eq!(m.len(), param.len(), "parameter {i}: size changed");
         *step += 1;
-        let c = &self.config;
-        let t = (*step).min(i32::MAX as u64) as i32;
-        let shrink = (1.0 - lr * c.weight_decay) as f32;
-        let step_size = (lr / (1.0 - c.beta1.powi(t))) as f32;
-        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
-        let (w1, b2, w2, eps) = (
-            (1.0 - c.beta1) as f32,
-            c.beta2 as f32,
-            (1.0 - c.beta2) as f32,
-            c.eps as f32,
-        );
-        // Multiplying by 1 changes nothing: one loop, without a branch in it.
-        let k = Step {
-            scale,
-            shrink: if decay { shrink } else { 1.0 },
-            w1,
-            b2,
-            w2,
-            bc2_sqrt,
-            eps,
-            step_size,
-        };
+        let k = self.config.step(*step, scale, lr, decay);
         let chunk = 1 << 16;
         param
             .par_chunks_mut(chunk)
@@ -153,6 +153,74 @@ impl AdamW {
             .zip(m.par_chunks_mut(chunk))
             .zip(v.par_chunks_mut(chunk))
             .for_each(|(((param, grad), m), v)| fused(param, grad, m, v, &k));
+    }
+
+    /// [`Self::update`] in tensor ops on `param`'s device (any backend): returns the updated
+    /// parameter; the moments stay on the device (moved there from the host at the first
+    /// call after a restore).
+    pub fn update_tensor(
+        &mut self,
+        i: usize,
+        param: Tensor<1>,
+        grad: Tensor<1>,
+        scale: f32,
+        lr: f64,
+        decay: bool,
+    ) -> Tensor<1> {
+        let n = param.dims()[0];
+        assert_eq!(grad.dims()[0], n, "parameter {i}: gradient size");
+        if self.state.len() <= i {
+            self.state.resize_with(i + 1, Default::default);
+        }
+        let device = param.device();
+        let state = &mut self.state[i];
+        let (m, v) = match state.device.take() {
+            Some(mv) => mv,
+            None if state.m.is_empty() => {
+                (Tensor::zeros([n], &device), Tensor::zeros([n], &device))
+            }
+            None => {
+                let upload = |x: Vec<f32>| Tensor::from_data(TensorData::new(x, [n]), &device);
+                (
+                    upload(std::mem::take(&mut state.m)),
+                    upload(std::mem::take(&mut state.v)),
+                )
+            }
+        };
+        assert_eq!(m.dims()[0], n, "parameter {i}: size changed");
+        state.step += 1;
+        let k = self.config.step(state.step, scale, lr, decay);
+        let g = grad * k.scale;
+        let p = if k.shrink == 1.0 {
+            param
+        } else {
+            param * k.shrink
+        };
+        let m = m.clone() + (g.clone() - m) * k.w1;
+        let v = v * k.b2 + g.clone() * g * k.w2;
+        let denom = v.clone().sqrt() / k.bc2_sqrt + k.eps;
+        let p = p - (m.clone() / denom) * k.step_size;
+        state.device = Some((m, v));
+        p
+    }
+}
+
+impl AdamWConfig {
+    /// The coefficients of update number `step` (1-based) of one parameter.
+    fn step(&self, step: u64, scale: f32, lr: f64, decay: bool) -> Step {
+        let t = step.min(i32::MAX as u64) as i32;
+        let shrink = (1.0 - lr * self.weight_decay) as f32;
+        Step {
+            scale,
+            // Multiplying by 1 changes nothing: one loop, without a branch in it.
+            shrink: if decay { shrink } else { 1.0 },
+            w1: (1.0 - self.beta1) as f32,
+            b2: self.beta2 as f32,
+            w2: (1.0 - self.beta2) as f32,
+            bc2_sqrt: (1.0 - self.beta2.powi(t)).sqrt() as f32,
+            eps: self.eps as f32,
+            step_size: (lr / (1.0 - self.beta1.powi(t))) as f32,
+        }
     }
 }
 
@@ -265,6 +333,55 @@ mod tests {
     }
 
     /// One parameter by hand: after the first update with no decay, every element moves by
+    /// The tensor-op update (what GPU backends run) gives the fused host loop's values, over
+    /// three updates with clipping and decay, across a move of the moments to the host and
+    /// back (a checkpoint); run here on the CPU backend's tensors.
+    #[test]
+    fn tensor_update_equals_the_host_loop() {
+        let device = burn::tensor::Device::default();
+        let config = AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let (mut host, mut dev) = (AdamW::new(config), AdamW::new(config));
+        let n = 1000;
+        let mut p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut t = Tensor::<1>::from_data(TensorData::new(p.clone(), [n]), &device);
+        for step in 0..3 {
+            let g: Vec<f32> = (0..n)
+                .map(|i| ((i * (step + 3)) as f32 * 0.11).cos())
+                .collect();
+            let gt = Tensor::<1>::from_data(TensorData::new(g.clone(), [n]), &device);
+            host.update(0, &mut p, &g, 0.5, 1e-2, true);
+            t = dev.update_tensor(0, t, gt, 0.5, 1e-2, true);
+            assert!(dev.state[0].device.is_some() && dev.state[0].m.is_empty());
+            if step == 1 {
+                // As a checkpoint and its restore leave them: on the host.
+                let (m, v) = dev.state[0].host();
+                (dev.state[0].m, dev.state[0].v, dev.state[0].device) = (m, v, None);
+            }
+        }
+        let got = host_f32(t);
+        let worst = got
+            .iter()
+            .zip(&p)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "tensor update differs by {worst}");
+        let ((hm, hv), (dm, dv)) = (host.state[0].host(), dev.state[0].host());
+        assert!(
+            hm.iter()
+                .zip(&dm)
+                .all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1.0))
+        );
+        assert!(
+            hv.iter()
+                .zip(&dv)
+                .all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1e-3))
+        );
+        assert_eq!(dev.state[0].step, 3);
+    }
+
     /// `lr` against its gradient's sign (m / sqrt(v) = sign(g) after bias correction).
     #[test]
     fn first_update_moves_by_lr() {

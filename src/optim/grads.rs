@@ -88,37 +88,42 @@ impl ParamGrads {
         if let Some(total) = crate::cpu::adam::sum_of_squares(&self.grads) {
             return SumOfSquares::Host(total);
         }
-        // On a GPU: gradients concatenated in groups ([`norm_groups`]: under Burn's fusion a
-        // concatenation of up to 16 tensors is one kernel), each group's dot product g . g as
-        // one [1, n] x [n, 1] matmul (square-then-reduce would be two kernels), the [1] results
-        // summed by element-wise adds, which fuse. Measured on lavapipe at the reference
-        // configuration: the optimizer phase 485 launches with a square and a reduction per
-        // gradient, 236 with a matmul per gradient, 129 with groups. All products first, then
-        // the additions, so that they follow one another in the queue and fuse.
-        let dots: Vec<Tensor<1>> = norm_groups(self.grads.iter().map(|g| g.dims()[0]))
-            .into_iter()
-            .map(|group| {
-                // In f32 whatever the gradients' precision (an f16 sum would overflow).
-                let f32 = |i: usize| {
-                    crate::model::ops::cast_to(self.grads[i].clone(), burn::tensor::DType::F32)
-                };
-                let g = match group.len() {
-                    1 => f32(group.start),
-                    _ => Tensor::cat(group.map(f32).collect(), 0),
-                };
-                let n = g.dims()[0];
-                g.clone()
-                    .reshape([1, n])
-                    .matmul(g.reshape([n, 1]))
-                    .reshape([1])
-            })
-            .collect();
-        let total = dots.into_iter().reduce(|a, b| a + b);
-        match total {
+        match tensor_sum_of_squares(&self.grads) {
             Some(t) => SumOfSquares::Device(t),
             None => SumOfSquares::Host(0.0),
         }
     }
+}
+
+/// The sum of the squares of `grads` as a `[1]` tensor on their device (`None` without
+/// gradients), in few kernels, for the caller to read with other values in one
+/// synchronisation.
+pub(crate) fn tensor_sum_of_squares(grads: &[Tensor<1>]) -> Option<Tensor<1>> {
+    // On a GPU: gradients concatenated in groups ([`norm_groups`]: under Burn's fusion a
+    // concatenation of up to 16 tensors is one kernel), each group's dot product g . g as
+    // one [1, n] x [n, 1] matmul (square-then-reduce would be two kernels), the [1] results
+    // summed by element-wise adds, which fuse. Measured on lavapipe at the reference
+    // configuration: the optimizer phase 485 launches with a square and a reduction per
+    // gradient, 236 with a matmul per gradient, 129 with groups. All products first, then
+    // the additions, so that they follow one another in the queue and fuse.
+    let dots: Vec<Tensor<1>> = norm_groups(grads.iter().map(|g| g.dims()[0]))
+        .into_iter()
+        .map(|group| {
+            // In f32 whatever the gradients' precision (an f16 sum would overflow).
+            let f32 =
+                |i: usize| crate::model::ops::cast_to(grads[i].clone(), burn::tensor::DType::F32);
+            let g = match group.len() {
+                1 => f32(group.start),
+                _ => Tensor::cat(group.map(f32).collect(), 0),
+            };
+            let n = g.dims()[0];
+            g.clone()
+                .reshape([1, n])
+                .matmul(g.reshape([n, 1]))
+                .reshape([1])
+        })
+        .collect();
+    dots.into_iter().reduce(|a, b| a + b)
 }
 
 /// Consecutive gradients, by index, grouped for [`ParamGrads::sum_of_squares`] on a GPU: at

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 pub use adam::LabmlAdam;
 pub use adamw::{AdamW, AdamWConfig, LinearSchedule};
-pub(crate) use grads::SumOfSquares;
 pub use grads::{ParamGrads, clip_coefficient};
+pub(crate) use grads::{SumOfSquares, tensor_sum_of_squares};
 
 /// Noam schedule (labml `Noam.get_lr`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

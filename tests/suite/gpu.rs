@@ -70,11 +70,16 @@ fn the_kernel_cache_persists_between_processes() {
 /// same metric lines within 1e-4 relative and every weight of the written model within 1e-4 of
 /// its largest magnitude, after 3 updates of 2 micro-batches with dropout and jitter on (their
 /// masks are drawn on the host, the same on every device) and a validation (its loss: the
-/// generations on the device are `hf::every_hugging_face_fixture_passes`'s).
+/// generations on the device are `hf::every_hugging_face_fixture_passes`'s). AdamW's moments
+/// stay on the device there.
 #[test]
 fn fine_tuning_on_the_device_ends_where_the_cpu_ends() {
+    use switch_transformer::hf::HfSwitchTransformer;
     use switch_transformer::hf::finetune::config::FinetuneConfig;
+    use switch_transformer::hf::finetune::parity::micro_batches;
     use switch_transformer::hf::finetune::run::finetune;
+    use switch_transformer::hf::finetune::{Finetuner, Optimisation};
+    use switch_transformer::optim::{AdamWConfig, LinearSchedule};
     use switch_transformer::store::TensorFile;
 
     let tmp = common::temp_dir("gpu-finetune");
@@ -110,6 +115,35 @@ fn fine_tuning_on_the_device_ends_where_the_cpu_ends() {
             }
         }
     }
+    // AdamW's moments live where the parameters do: host buffers on the CPU (the fused
+    // pass), device tensors elsewhere (the tensor-op update, no host round trip).
+    let fixture = common::manifest_dir().join("tests/data/hf-finetune/step2");
+    let batches =
+        micro_batches(&TensorFile::read(&fixture.join("expected.safetensors")).unwrap()).unwrap();
+    let device = common::test_device();
+    let model = HfSwitchTransformer::load(&fixture, &device).unwrap();
+    let opt = Optimisation {
+        learning_rate: 1e-3,
+        adamw: AdamWConfig::default(),
+        schedule: LinearSchedule {
+            warmup: 0,
+            total: 10,
+        },
+        max_grad_norm: 1.0,
+        dropout: 0.0,
+        jitter: 0.0,
+    };
+    let mut ft = Finetuner::new(model, &device, opt, 0).unwrap();
+    ft.update(&batches[..1]).unwrap();
+    let on_cpu = std::env::var("SWITCH_TEST_DEVICE").map_or(true, |d| d == "cpu");
+    // (A parameter without a gradient, an expert no token reached, has no state yet.)
+    let updated: Vec<_> = ft.adamw.state.iter().filter(|s| s.step == 1).collect();
+    assert!(updated.len() > 10);
+    for s in updated {
+        assert_eq!(s.device.is_some(), !on_cpu);
+        assert_eq!(s.m.is_empty(), !on_cpu);
+    }
+
     let read = |dir: &Path| TensorFile::read(&dir.join("model/model.safetensors")).unwrap();
     let (wa, wb) = (read(&cpu), read(&dev));
     assert_eq!(wa.tensors.len(), wb.tensors.len());

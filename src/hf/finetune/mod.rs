@@ -284,12 +284,12 @@ impl Finetuner {
     pub fn update(&mut self, batches: &[Batch]) -> Result<UpdateStats> {
         let Gradients { grads, mut stats } = self.gradients(batches)?;
         let present: Vec<Tensor<1>> = grads.iter().filter_map(|g| g.grad.clone()).collect();
+        // On the host where the gradients are host memory, else on their device in few
+        // kernels and one read.
         let norm = crate::cpu::adam::sum_of_squares(&present)
             .unwrap_or_else(|| {
-                present
-                    .iter()
-                    .map(|g| f64::from(g.clone().powi_scalar(2).sum().into_scalar::<f32>()))
-                    .sum()
+                crate::optim::tensor_sum_of_squares(&present)
+                    .map_or(0.0, |t| f64::from(t.into_scalar::<f32>()))
             })
             .sqrt();
         drop(present);
@@ -320,12 +320,19 @@ impl Finetuner {
             let g = grads.next().expect("one gradient per parameter");
             debug_assert_eq!(g.name, name);
             if let Some(g) = g.grad {
-                let mut step = |theta: &mut [f32], g: &[f32]| {
-                    adamw.update(i, theta, g, clip, lr, decays(name));
+                let decay = decays(name);
+                let mut step = |theta: Tensor<1>, g: Tensor<1>| {
+                    if crate::cpu::adam::applies(&theta, &g) {
+                        host_step(theta, &g, &mut |p, g| {
+                            adamw.update(i, p, g, clip, lr, decay)
+                        })
+                    } else {
+                        adamw.update_tensor(i, theta, g, clip, lr, decay)
+                    }
                 };
                 match p {
-                    ParamMut::Vector(t) => updated(t, &g, &mut step, &ad),
-                    ParamMut::Matrix { tensor, .. } => updated(tensor, &g, &mut step, &ad),
+                    ParamMut::Vector(t) => updated(t, g, &mut step, &ad),
+                    ParamMut::Matrix { tensor, .. } => updated(tensor, g, &mut step, &ad),
                 }
             }
             i += 1;
@@ -379,28 +386,37 @@ impl Finetuner {
     }
 }
 
-/// Applies `step` (an optimizer update of the values, given the gradient) to the tracked
-/// parameter `t` on `ad`: in place on the CPU backend when nothing else holds its storage,
-/// else through host copies.
+/// Applies `step` (an optimizer update of the flattened parameter, given the gradient) to
+/// the tracked parameter `t` on `ad`, which stays a tracked leaf.
 fn updated<const D: usize>(
     t: &mut Tensor<D>,
-    grad: &Tensor<1>,
-    step: &mut dyn FnMut(&mut [f32], &[f32]),
+    grad: Tensor<1>,
+    step: &mut dyn FnMut(Tensor<1>, Tensor<1>) -> Tensor<1>,
     ad: &Device,
 ) {
     let dims = t.dims();
     let n: usize = dims.iter().product();
     let old = std::mem::replace(t, Tensor::zeros([1; D], ad));
-    let inner = old.inner().reshape([n]);
-    let new = match crate::cpu::adam::update_in_place(inner, grad, |p, g| step(p, g)) {
-        Ok(new) => new,
-        Err(inner) => {
-            let mut v = host_f32(inner);
-            step(&mut v, &host_f32(grad.clone()));
-            Tensor::from_data(TensorData::new(v, [n]), &ad.clone().inner())
-        }
-    };
+    let new = step(old.inner().reshape([n]), grad);
     *t = new.reshape(dims).autodiff().require_grad();
+}
+
+/// A host-memory update (`step` of the values, given the gradient) of `theta` on the CPU
+/// backend: in place when nothing else holds its storage, else through host copies.
+fn host_step(
+    theta: Tensor<1>,
+    grad: &Tensor<1>,
+    step: &mut dyn FnMut(&mut [f32], &[f32]),
+) -> Tensor<1> {
+    match crate::cpu::adam::update_in_place(theta, grad, |p, g| step(p, g)) {
+        Ok(new) => new,
+        Err(theta) => {
+            let (n, device) = (theta.dims()[0], theta.device());
+            let mut v = host_f32(theta);
+            step(&mut v, &host_f32(grad.clone()));
+            Tensor::from_data(TensorData::new(v, [n]), &device)
+        }
+    }
 }
 
 /// The gradients of `sum_j loss_j / n` over `batches` on `model` (part of an update of `n`

@@ -157,15 +157,12 @@ pub fn optimizer_file(adamw: &AdamW, names: &[String]) -> Result<TensorFile> {
         if s.step == 0 {
             continue;
         }
-        let n = s.m.len();
-        f.tensors.insert(
-            format!("exp_avg.{name}"),
-            HostTensor::f32(vec![n], s.m.clone()),
-        );
-        f.tensors.insert(
-            format!("exp_avg_sq.{name}"),
-            HostTensor::f32(vec![n], s.v.clone()),
-        );
+        let (m, v) = s.host();
+        let n = m.len();
+        f.tensors
+            .insert(format!("exp_avg.{name}"), HostTensor::f32(vec![n], m));
+        f.tensors
+            .insert(format!("exp_avg_sq.{name}"), HostTensor::f32(vec![n], v));
         steps.insert(name.clone(), s.step);
     }
     f.metadata
@@ -208,6 +205,7 @@ pub fn restore_optimizer(
                 m: read("exp_avg")?,
                 v: read("exp_avg_sq")?,
                 step,
+                device: None,
             })
         })
         .collect::<Result<_>>()?;
