@@ -60,6 +60,11 @@ pub struct BenchArgs {
     /// of 5): what bounds decoding at batch 1.
     #[arg(long)]
     pub bandwidth: bool,
+    /// Time matrix products instead, forward and both backward products through autodiff:
+    /// `finetune` (those of one fine-tuning update of a switch-base-8-shaped model, batch 4 of
+    /// 64 + 16 tokens) or comma-separated MxKxN[:COUNT]; --steps timings after --warmup.
+    #[arg(long, value_name = "SHAPES")]
+    pub matmuls: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -106,6 +111,7 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         routing,
         routing_burn_max,
         bandwidth,
+        matmuls,
         json,
         precision,
         replicas,
@@ -135,6 +141,36 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
                 b.read_gb_per_s,
                 b.threads,
                 b.bytes >> 20
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(spec) = matmuls {
+        size_thread_pool(threads)?;
+        let rows = super::matmuls::time(&super::matmuls::parse(&spec)?, device, steps, warmup);
+        let total: f64 = rows.iter().map(|r| r.ms * r.count as f64).sum();
+        for r in &rows {
+            if json {
+                println!("{}", serde_json::to_string(r)?);
+            } else {
+                println!(
+                    "{:24} {:>5} x {:>5} x {:>6}: {:6.1} GFLOP/s, {:7.2} ms x {:>2} = {:7.1} ms",
+                    r.name,
+                    r.m,
+                    r.k,
+                    r.n,
+                    r.gflop_per_s,
+                    r.ms,
+                    r.count,
+                    r.ms * r.count as f64
+                );
+            }
+        }
+        if !json {
+            println!(
+                "all: {total:.0} ms per update ({} threads, {device_name}, forward and backward, \
+                 median of {steps})",
+                rayon::current_num_threads()
             );
         }
         return Ok(ExitCode::SUCCESS);

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod finetune;
 pub mod hf_bench;
 pub mod logging;
+pub mod matmuls;
 pub mod parity;
 pub mod report;
 pub mod route;

@@ -462,7 +462,10 @@ fn micro_gradients(
             &loss.aux[1],
         ];
         let parts = host_f32(Tensor::cat(
-            parts.iter().map(|t| (*t).clone().inner().reshape([1])).collect(),
+            parts
+                .iter()
+                .map(|t| (*t).clone().inner().reshape([1]))
+                .collect(),
             0,
         ));
         let part = |i: usize| f64::from(parts[i]) / k;
