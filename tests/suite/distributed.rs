@@ -849,6 +849,12 @@ mod mpi_jobs {
             stdout.contains("split over 2 workers (1 replicas x 2 ranks)"),
             "{stdout}"
         );
+        // Rank 0 says what the exchanges took, the longest kinds first.
+        let exchanges = stdout
+            .lines()
+            .find(|l| l.starts_with("exchanges between the 2 ranks"))
+            .unwrap_or_else(|| panic!("no exchange line: {stdout}"));
+        assert!(exchanges.contains(" MB), "), "{exchanges}");
         let (one, two) = (tmp.join("runs/one"), tmp.join("runs/two"));
         for f in ["model/model.safetensors", "generations.jsonl"] {
             let same = std::fs::read(one.join(f)).unwrap() == std::fs::read(two.join(f)).unwrap();

@@ -132,6 +132,28 @@ fn save_checkpoint(ft: &Finetuner, sampler: &Sampler, from: &Path, dir: &Path) -
     })
 }
 
+/// What rank 0 spent in exchanges with the other ranks, in all and by kind (waiting for them
+/// included): where a job's time between its computations goes.
+fn exchange_line(w: &dyn Collective) -> String {
+    let mut tally: Vec<_> = w.exchange_tally().into_iter().collect();
+    tally.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+    let mut parts: Vec<String> = tally
+        .iter()
+        .take(3)
+        .map(|(what, t)| format!("{what} {:.2} s ({:.1} MB)", t.seconds, t.bytes as f64 / 1e6))
+        .collect();
+    if tally.len() > 3 {
+        let rest: f64 = tally[3..].iter().map(|(_, t)| t.seconds).sum();
+        parts.push(format!("the rest {rest:.2} s"));
+    }
+    format!(
+        "exchanges between the {} ranks (rank 0, waiting included): {:.2} s: {}",
+        w.size(),
+        w.exchange_seconds(),
+        parts.join(", ")
+    )
+}
+
 fn append_line(path: &Path, v: &serde_json::Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -578,6 +600,9 @@ pub fn finetune(
         crate::train::checkpoint::remove(&old)?;
     }
     log(&format!("wrote {}", model_dir.display()));
+    if let Some(w) = w {
+        log(&exchange_line(w));
+    }
     Ok(FinetuneSummary {
         updates: total,
         last_loss: last.loss,
