@@ -1,5 +1,5 @@
 //! AdamW as PyTorch's `torch.optim.AdamW` computes it, under the linear warm-up and decay
-//! schedule of transformers' `Trainer` (`get_linear_schedule_with_warmup`), on host buffers:
+//! schedule of transformers' `Trainer` (`get_linear_schedule_with_warmup`):
 //!
 //! ```text
 //! theta = theta * (1 - lr_t * wd)                     (decoupled weight decay, if it decays)
@@ -12,8 +12,9 @@
 //! expert no token reached), moments and decay included. On the CPU the update is one fused
 //! pass over host buffers ([`AdamW::update`]); on other backends the same arithmetic in tensor
 //! ops with the moments on the device ([`AdamW::update_tensor`]: no host round trip per
-//! update, and the backend fuses the element-wise ops). `Trainer` decays every parameter but biases and norms (names with `bias`, `layernorm`,
-//! `rmsnorm`, `_norm.`, or a `norm` path component): [`decays`].
+//! update, and the backend fuses the element-wise ops). `Trainer` decays every parameter but
+//! biases and norms (names with `bias`, `layernorm`, `rmsnorm`, `_norm.`, or a `norm` path
+//! component): [`decays`].
 
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
@@ -332,7 +333,6 @@ mod tests {
         }
     }
 
-    /// One parameter by hand: after the first update with no decay, every element moves by
     /// The tensor-op update (what GPU backends run) gives the fused host loop's values, over
     /// three updates with clipping and decay, across a move of the moments to the host and
     /// back (a checkpoint); run here on the CPU backend's tensors.
@@ -382,6 +382,7 @@ mod tests {
         assert_eq!(dev.state[0].step, 3);
     }
 
+    /// One parameter by hand: after the first update with no decay, every element moves by
     /// `lr` against its gradient's sign (m / sqrt(v) = sign(g) after bias correction).
     #[test]
     fn first_update_moves_by_lr() {

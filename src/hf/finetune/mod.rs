@@ -92,6 +92,31 @@ pub struct UpdateStats {
     pub skipped: bool,
 }
 
+impl UpdateStats {
+    /// Adds `other`'s loss parts, tokens and loads (each already divided by the update's
+    /// micro-batches).
+    pub(crate) fn add(&mut self, other: &UpdateStats) {
+        self.loss += other.loss;
+        self.cross_entropy += other.cross_entropy;
+        for i in 0..2 {
+            self.z[i] += other.z[i];
+            self.aux[i] += other.aux[i];
+        }
+        self.dropped += other.dropped;
+        self.tokens += other.tokens;
+        if self.layers.is_empty() {
+            self.layers = other.layers.clone();
+        } else {
+            for (a, b) in self.layers.iter_mut().zip(&other.layers) {
+                a.dropped += b.dropped;
+                for (x, y) in a.expert_frac.iter_mut().zip(&b.expert_frac) {
+                    *x += y;
+                }
+            }
+        }
+    }
+}
+
 /// One parameter's gradient.
 pub struct ParamGrad {
     /// Its transformers name.
@@ -124,6 +149,20 @@ pub struct Gradients {
     pub grads: Vec<ParamGrad>,
     /// Loss parts, averaged over the micro-batches.
     pub stats: UpdateStats,
+}
+
+impl Gradients {
+    /// Adds `other`'s gradients (parameter by parameter; one without a gradient adds
+    /// nothing) and statistics.
+    pub(crate) fn add(&mut self, other: Gradients) {
+        for (a, b) in self.grads.iter_mut().zip(other.grads) {
+            a.grad = match (a.grad.take(), b.grad) {
+                (Some(x), Some(y)) => Some(x + y),
+                (x, y) => x.or(y),
+            };
+        }
+        self.stats.add(&other.stats);
+    }
 }
 
 /// A model being fine-tuned, its optimizer and its generator.
@@ -430,28 +469,11 @@ fn micro_gradients(
     opt: &Optimisation,
 ) -> Result<Gradients> {
     let k = n as f64;
-    let mut acc: Vec<ParamGrad> = Vec::new();
-    let mut stats = UpdateStats::default();
+    let mut sum: Option<Gradients> = None;
     for (batch, &seed) in batches.iter().zip(seeds) {
         let rng = RoutingRng::seed_from_u64(seed);
         let mut train = Training::new(opt.dropout, opt.jitter, rng);
         let (loss, dropped, layers) = batch_loss(model, batch, Some(&mut train))?;
-        if stats.layers.is_empty() {
-            stats.layers = layers
-                .iter()
-                .map(|l| LayerLoad {
-                    name: l.name.clone(),
-                    expert_frac: vec![0.0; l.expert_frac.len()],
-                    dropped: 0.0,
-                })
-                .collect();
-        }
-        for (sum, l) in stats.layers.iter_mut().zip(&layers) {
-            sum.dropped += l.dropped / k;
-            for (a, b) in sum.expert_frac.iter_mut().zip(&l.expert_frac) {
-                *a += b / k;
-            }
-        }
         // The six parts in one read (one synchronisation on a GPU).
         let parts = [
             &loss.total,
@@ -469,22 +491,31 @@ fn micro_gradients(
             0,
         ));
         let part = |i: usize| f64::from(parts[i]) / k;
-        stats.loss += part(0);
-        stats.cross_entropy += part(1);
-        for i in 0..2 {
-            stats.z[i] += part(2 + i);
-            stats.aux[i] += part(4 + i);
-        }
-        stats.dropped += dropped / k;
-        stats.tokens += batch.labels.iter().filter(|&&l| l != loss::IGNORE).count();
+        let stats = UpdateStats {
+            loss: part(0),
+            cross_entropy: part(1),
+            z: [part(2), part(3)],
+            aux: [part(4), part(5)],
+            dropped: dropped / k,
+            tokens: batch.labels.iter().filter(|&&l| l != loss::IGNORE).count(),
+            layers: layers
+                .into_iter()
+                .map(|l| LayerLoad {
+                    expert_frac: l.expert_frac.iter().map(|f| f / k).collect(),
+                    dropped: l.dropped / k,
+                    name: l.name,
+                })
+                .collect(),
+            ..Default::default()
+        };
         let mut grads = (loss.total / k).backward();
-        let mut i = 0;
+        let mut params = Vec::new();
         model.visit_params(&mut |name, p| {
             let flat = |g: Tensor<_>| {
                 let n = g.shape().num_elements();
                 g.reshape([n])
             };
-            let (g, linear, len) = match p {
+            let (grad, linear, len) = match p {
                 ParamMut::Vector(t) => (t.grad_remove(&mut grads), None, t.dims()[0]),
                 ParamMut::Matrix { tensor, linear } => (
                     tensor.grad_remove(&mut grads).map(flat),
@@ -492,19 +523,22 @@ fn micro_gradients(
                     tensor.shape().num_elements(),
                 ),
             };
-            if acc.len() <= i {
-                acc.push(ParamGrad::empty(name, len, linear));
-            }
-            if let Some(g) = g {
-                let slot = &mut acc[i].grad;
-                *slot = Some(match slot.take() {
-                    Some(sum) => sum + g,
-                    None => g,
-                });
-            }
-            i += 1;
+            params.push(ParamGrad {
+                name: name.to_string(),
+                grad,
+                linear,
+                len,
+            });
             Ok(())
         })?;
+        let one = Gradients {
+            grads: params,
+            stats,
+        };
+        match &mut sum {
+            Some(s) => s.add(one),
+            None => sum = Some(one),
+        }
     }
-    Ok(Gradients { grads: acc, stats })
+    sum.context("a worker without a micro-batch")
 }

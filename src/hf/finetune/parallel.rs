@@ -21,7 +21,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::{Gradients, LayerLoad, ParamGrad, UpdateStats};
+use super::{Gradients, LayerLoad, UpdateStats};
 use crate::distributed::Collective;
 use crate::hf::model::HfSwitchTransformer;
 use crate::hf::training::ParamMut;
@@ -135,29 +135,6 @@ fn replica(model: &HfSwitchTransformer) -> Result<HfSwitchTransformer> {
 }
 
 impl UpdateStats {
-    /// Adds `other`'s loss parts, tokens and loads (each already divided by the update's
-    /// micro-batches).
-    pub(crate) fn add(&mut self, other: &UpdateStats) {
-        self.loss += other.loss;
-        self.cross_entropy += other.cross_entropy;
-        for i in 0..2 {
-            self.z[i] += other.z[i];
-            self.aux[i] += other.aux[i];
-        }
-        self.dropped += other.dropped;
-        self.tokens += other.tokens;
-        if self.layers.is_empty() {
-            self.layers = other.layers.clone();
-        } else {
-            for (a, b) in self.layers.iter_mut().zip(&other.layers) {
-                a.dropped += b.dropped;
-                for (x, y) in a.expert_frac.iter_mut().zip(&b.expert_frac) {
-                    *x += y;
-                }
-            }
-        }
-    }
-
     /// The summed parts as numbers, to add over the ranks.
     fn to_values(&self) -> Vec<f64> {
         let mut v = vec![
@@ -205,18 +182,6 @@ impl UpdateStats {
 }
 
 impl Gradients {
-    /// Adds `other`'s gradients (parameter by parameter; one without a gradient adds
-    /// nothing) and statistics.
-    pub(crate) fn add(&mut self, other: Gradients) {
-        for (a, b) in self.grads.iter_mut().zip(other.grads) {
-            a.grad = match (a.grad.take(), b.grad) {
-                (Some(x), Some(y)) => Some(x + y),
-                (x, y) => x.or(y),
-            };
-        }
-        self.stats.add(&other.stats);
-    }
-
     /// The sum over the ranks of `world`: statistics, then each parameter that has a gradient
     /// on any rank (zeros where a rank has none; one that none has stays without, as in a
     /// single process), on `device`.
@@ -245,17 +210,5 @@ impl Gradients {
             g.grad = Some(Tensor::from_data(TensorData::new(host, [n]), device));
         }
         Ok(())
-    }
-}
-
-impl ParamGrad {
-    /// A parameter of `len` elements without a gradient yet.
-    pub(crate) fn empty(name: &str, len: usize, linear: Option<[usize; 2]>) -> Self {
-        Self {
-            name: name.to_string(),
-            grad: None,
-            linear,
-            len,
-        }
     }
 }
