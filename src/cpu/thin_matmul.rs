@@ -10,6 +10,10 @@
 //! of `y` stays in registers while a block passes. The product is cut into pieces by row
 //! blocks of `W` or wide column ranges, decided by the shape alone ([`split`]), and the
 //! partial sums are added in a fixed order: results do not depend on the thread count.
+//! From [`COLUMN_ROWS`] rows on (an expert's share of a batch, a short input through the
+//! encoder) each element of `W` feeds enough multiply-adds that the arithmetic, not the
+//! reading, sets the pace: there the pieces are narrow column ranges over the whole of `k`,
+//! whose outputs stay in cache from one block to the next and need no partial sums.
 //!
 //! Weights are f32 or bf16 (widened to f32 in registers: a bf16 is the top half of an f32), so
 //! a bf16 model reads half the bytes and computes `x * w` exactly for its rounded weights.
@@ -21,8 +25,15 @@ use rayon::prelude::*;
 
 use super::isa::Isa;
 
-/// Rows of `W` per block: the number of streams read side by side.
-const KB: usize = 16;
+/// Rows of `W` per block while streaming it (fewer than [`COLUMN_ROWS`] rows of `x`): the
+/// number of sequential streams read side by side. With the next block prefetched into L2,
+/// on a 2-core AMD EPYC with AVX-512 one-row products stream 768 x 3072 at 34 GB/s (16 rows
+/// prefetched into L1, as before: 22 GB/s; the machine's read bandwidth: 31-34 GB/s).
+const KB: usize = 8;
+
+/// Rows of `W` per block in pieces cut by columns (the product is compute-bound there; a
+/// longer block loads and stores the register tile half as often).
+const KB_COLUMNS: usize = 16;
 
 /// Rows of `y` per register tile (`x` is padded with zero rows to a multiple of it; below it,
 /// tiles of one row).
@@ -39,6 +50,17 @@ const MIN_COLUMNS: usize = 4096;
 
 /// Pieces of the product when its columns do not split.
 const K_PARTS: usize = 8;
+
+/// Rows of `x` from which the pieces are column ranges of [`COLUMN_WIDTH`] over the whole of
+/// `k` (two register tiles: 8 multiply-adds per weight read). On a 2-core AMD EPYC with
+/// AVX-512, against row blocks with partial sums (weights in cache, best of 40): 8 x 768 x
+/// 3072 599 -> 307 us, 64 x 768 x 3072 2282 -> 1757 us, 8 x 3072 x 768 387 -> 243 us; the
+/// switch-base-8-shaped encoder at batch 1 (64 tokens) 537 -> 625 tokens/s.
+const COLUMN_ROWS: usize = 2 * R;
+
+/// Columns of a piece cut by columns only: its `[rows, 192]` outputs stay in cache from one
+/// block of `W` to the next (192 beat 128 and an L1-sized width on the encoder above).
+const COLUMN_WIDTH: usize = 192;
 
 /// The weights `W` `[k, n]`, row-major.
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +109,7 @@ pub(crate) fn thin_matmul_host(
         Isa::Avx2 => (8, 2),
         Isa::Portable => (16, 1),
     };
+    let kb = if m >= COLUMN_ROWS { KB_COLUMNS } else { KB };
     let run = |&Part { k0, k1, j0, width }: &Part, out: &mut [f32]| {
         let vector = width % lanes == 0 && isa != Isa::Portable;
         // SAFETY: `isa` is at most what the CPU has (asserted above); every kernel reads
@@ -96,19 +119,19 @@ pub(crate) fn thin_matmul_host(
             match (isa, w) {
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx512, Weights::F32(w)) if vector => {
-                    x86::avx512_f32(&xp, k, w.as_ptr(), n, k0, k1, j0, width, out)
+                    x86::avx512_f32(&xp, k, w.as_ptr(), n, k0, k1, kb, j0, width, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx512, Weights::Bf16(w)) if vector => {
-                    x86::avx512_bf16(&xp, k, w.as_ptr(), n, k0, k1, j0, width, out)
+                    x86::avx512_bf16(&xp, k, w.as_ptr(), n, k0, k1, kb, j0, width, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx2, Weights::F32(w)) if vector => {
-                    x86::avx2_f32(&xp, k, w.as_ptr(), n, k0, k1, j0, width, out)
+                    x86::avx2_f32(&xp, k, w.as_ptr(), n, k0, k1, kb, j0, width, out)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx2, Weights::Bf16(w)) if vector => {
-                    x86::avx2_bf16(&xp, k, w.as_ptr(), n, k0, k1, j0, width, out)
+                    x86::avx2_bf16(&xp, k, w.as_ptr(), n, k0, k1, kb, j0, width, out)
                 }
                 (_, Weights::F32(w)) => portable(&xp, k, w, |v| v, n, k0..k1, j0, width, out),
                 (_, Weights::Bf16(w)) => portable(&xp, k, w, widen_bf16, n, k0..k1, j0, width, out),
@@ -167,18 +190,22 @@ struct Part {
 /// results do not depend on it), in the order their partial sums are added: columns in
 /// ranges of at least [`MIN_COLUMNS`] (each row of a piece is one stretch of memory that the
 /// prefetchers follow), and with few columns rows in up to [`K_PARTS`] blocks (each a
-/// contiguous region of `W`) so that every thread has work. Columns past the last full
+/// contiguous region of `W`) so that every thread has work; from [`COLUMN_ROWS`] rows,
+/// columns in ranges of about [`COLUMN_WIDTH`] over all of `k`. Columns past the last full
 /// vector come last, as a piece of their own (the portable loop takes it).
 fn split(m: usize, k: usize, n: usize, lanes: usize, tile: usize) -> Vec<Part> {
     let vectors = n / lanes;
     let mut parts = Vec::new();
     let small = m * k * n < PARALLEL_MIN;
+    let by_columns = !small && m >= COLUMN_ROWS;
     let col_parts = if small {
         1
+    } else if by_columns {
+        (vectors * lanes).div_ceil(COLUMN_WIDTH).max(1)
     } else {
         (vectors * lanes / MIN_COLUMNS).max(1)
     };
-    let k_parts = if small {
+    let k_parts = if small || by_columns {
         1
     } else {
         (K_PARTS / col_parts).clamp(1, K_PARTS).min(k.div_ceil(KB))
@@ -246,8 +273,8 @@ fn portable<T: Copy>(
     }
 }
 
-/// One vector kernel: `$name(x, k, w, n, k_lo, k_hi, j0, width, out)` over rows `k_lo..k_hi`
-/// of `W` and its columns `j0..j0 + width` with
+/// One vector kernel: `$name(x, k, w, n, k_lo, k_hi, kb, j0, width, out)` over rows
+/// `k_lo..k_hi` of `W` in blocks of `kb` rows and its columns `j0..j0 + width` with
 /// `$lanes`-wide vectors, tiles of `R` rows (or one row, when the rows are not a multiple of
 /// `R`) x `$tile` vectors and a one-vector tile for the rest; `$loadw` reads one vector of
 /// weights (f32 or bf16) from a pointer.
@@ -264,6 +291,7 @@ macro_rules! kernel {
             n: usize,
             k_lo: usize,
             k_hi: usize,
+            kb: usize,
             j0: usize,
             width: usize,
             out: &mut [f32],
@@ -273,21 +301,22 @@ macro_rules! kernel {
             // Weights that fit in L2 are likely there already (a small model's every step):
             // prefetching them would only take load slots.
             let prefetch = k * n * std::mem::size_of::<$wt>() > PREFETCH_MIN_BYTES;
+            let ahead = kb * n;
             let mut k0 = k_lo;
             while k0 < k_hi {
-                let k1 = (k0 + KB).min(k_hi);
+                let k1 = (k0 + kb).min(k_hi);
                 let mut j = 0;
                 while j < width {
                     let whole = width - j >= $tile * $lanes;
                     match (rows % R == 0, whole) {
                         (true, true) => kernel!(@tile 4, $tile, $lanes, $zero, $loadw, $loadx,
-                            $store, $fma, $splat, prefetch, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                            $store, $fma, $splat, prefetch, ahead, xp, op, w, k, n, j0, j, width, rows, k0, k1),
                         (true, false) => kernel!(@tile 4, 1, $lanes, $zero, $loadw, $loadx,
-                            $store, $fma, $splat, prefetch, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                            $store, $fma, $splat, prefetch, ahead, xp, op, w, k, n, j0, j, width, rows, k0, k1),
                         (false, true) => kernel!(@tile 1, $tile, $lanes, $zero, $loadw, $loadx,
-                            $store, $fma, $splat, prefetch, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                            $store, $fma, $splat, prefetch, ahead, xp, op, w, k, n, j0, j, width, rows, k0, k1),
                         (false, false) => kernel!(@tile 1, 1, $lanes, $zero, $loadw, $loadx,
-                            $store, $fma, $splat, prefetch, xp, op, w, k, n, j0, j, width, rows, k0, k1),
+                            $store, $fma, $splat, prefetch, ahead, xp, op, w, k, n, j0, j, width, rows, k0, k1),
                     }
                     j += if whole { $tile * $lanes } else { $lanes };
                 }
@@ -296,7 +325,7 @@ macro_rules! kernel {
         }
     };
     (@tile $r:literal, $c:literal, $lanes:literal, $zero:path, $loadw:path, $loadx:path, $store:path,
-     $fma:path, $splat:path, $prefetch:ident, $xp:ident, $op:ident, $w:ident, $k:ident, $n:ident, $j0:ident,
+     $fma:path, $splat:path, $prefetch:ident, $ahead:ident, $xp:ident, $op:ident, $w:ident, $k:ident, $n:ident, $j0:ident,
      $j:ident, $width:ident, $rows:ident, $k0:ident, $k1:ident) => {{
         let mut r0 = 0;
         while r0 < $rows {
@@ -314,9 +343,10 @@ macro_rules! kernel {
                         let at = kk * $n + $j0 + $j + c * $lanes;
                         *v = $loadw($w.add(at));
                         if $prefetch && r0 == 0 {
-                            // The same columns one block further down: the next block reads
-                            // them (a wrapping address past `W` is only a hint, never read).
-                            _mm_prefetch::<_MM_HINT_T0>($w.wrapping_add(at + KB * $n) as *const i8);
+                            // The same columns one block further down, into L2: the next block
+                            // reads them (a wrapping address past `W` is only a hint, never
+                            // read).
+                            _mm_prefetch::<_MM_HINT_T1>($w.wrapping_add(at + $ahead) as *const i8);
                         }
                     }
                     for (r, a) in acc.iter_mut().enumerate() {
@@ -341,7 +371,7 @@ macro_rules! kernel {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{KB, PREFETCH_MIN_BYTES, R};
+    use super::{PREFETCH_MIN_BYTES, R};
 
     #[inline]
     #[target_feature(enable = "avx512f")]

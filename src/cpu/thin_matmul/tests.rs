@@ -41,6 +41,7 @@ fn every_path_computes_x_times_w() {
         (9, 200, 72),
         (16, 96, 1030),
         (2, 768, 776),
+        (12, 300, 520),
     ];
     for isa in Isa::available() {
         for (s, &(m, k, n)) in shapes.iter().enumerate() {
@@ -109,5 +110,26 @@ fn pieces_cover_the_weights_once() {
             assert!(seen.iter().all(|&c| c == 1), "{m}x{k}x{n}: {parts:?}");
             assert!(parts.windows(2).all(|w| w[0].k0 <= w[1].k0));
         }
+    }
+}
+
+/// From two register tiles of rows on, a product is cut by columns only: every piece runs
+/// over all of `k` (no partial sums), in ranges of about `COLUMN_WIDTH`; with fewer rows,
+/// the same weights are cut into row blocks as before.
+#[test]
+fn products_of_many_rows_are_cut_by_columns() {
+    for (lanes, tile) in [(16, 4), (8, 2)] {
+        let parts = split(COLUMN_ROWS, 768, 3072, lanes, tile);
+        assert_eq!(parts.len(), 3072 / COLUMN_WIDTH, "{parts:?}");
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.k0 == 0 && p.k1 == 768 && p.width == COLUMN_WIDTH)
+        );
+        let parts = split(64, 3072, 770, lanes, tile);
+        assert!(parts.iter().all(|p| p.k0 == 0 && p.k1 == 3072), "{parts:?}");
+        assert_eq!(parts.last().map(|p| p.width), Some(2), "the tail piece");
+        let fewer = split(COLUMN_ROWS - 1, 768, 3072, lanes, tile);
+        assert!(fewer.iter().any(|p| p.k0 > 0), "{fewer:?}");
     }
 }
