@@ -7,7 +7,7 @@ import json
 import statistics
 import sys
 
-from machine import cpu_name, simd_flags
+from machine import cpu_name, machine_label, simd_flags
 
 rows = [json.loads(l)["result"] for l in open(sys.argv[1]) if l.strip()]
 steps = int(sys.argv[2])
@@ -20,7 +20,7 @@ def med(rs, k):
 
 
 cpu = cpu_name()
-print(f"## Fine-tuning a Hugging Face Switch model against transformers ({cpu})")
+print(f"## Fine-tuning a Hugging Face Switch model against transformers ({machine_label()})")
 print()
 print(
     f"A randomly initialised model of `google/switch-base-8`'s exact configuration (619M parameters), "

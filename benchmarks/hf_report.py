@@ -7,7 +7,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from machine import cpu_name, simd_flags
+from machine import cpu_name, machine_label, simd_flags
 
 lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 bandwidth = next((l["bandwidth"] for l in lines if "bandwidth" in l), None)
@@ -33,7 +33,7 @@ any_row = rows[0]
 theirs_impl = next(r["impl"] for r in rows if not r["impl"].startswith("switch"))
 simd = next((r["simd"] for r in rows if "simd" in r), "?")
 rounds = max(len(v) for v in by.values())
-print(f"## Hugging Face Switch Transformers against transformers ({cpu_name()})\n")
+print(f"## Hugging Face Switch Transformers against transformers ({machine_label()})\n")
 print(
     "A randomly initialised model of `google/switch-base-8`'s exact configuration (619M "
     "parameters: 12 + 12 blocks, every other FFN a Switch layer of 8 experts, d_model 768, "
