@@ -27,8 +27,9 @@ use super::isa::Isa;
 
 /// Rows of `W` per block while streaming it (fewer than [`COLUMN_ROWS`] rows of `x`): the
 /// number of sequential streams read side by side. With the next block prefetched into L2,
-/// on a 2-core AMD EPYC with AVX-512 one-row products stream 768 x 3072 at 34 GB/s (16 rows
-/// prefetched into L1, as before: 22 GB/s; the machine's read bandwidth: 31-34 GB/s).
+/// on a 2-core AMD EPYC with AVX-512 (`thin_matmul_host` timed alone over 400 MB of distinct
+/// weights) one-row products of 768 x 3072 streamed at 27-44 GB/s, where 16-row blocks
+/// prefetched into L1 streamed at 19-22 (`switch bench --bandwidth`: 31-55 GB/s that day).
 const KB: usize = 8;
 
 /// Rows of `W` per block in pieces cut by columns (the product is compute-bound there; a
@@ -53,9 +54,10 @@ const K_PARTS: usize = 8;
 
 /// Rows of `x` from which the pieces are column ranges of [`COLUMN_WIDTH`] over the whole of
 /// `k` (two register tiles: 8 multiply-adds per weight read). On a 2-core AMD EPYC with
-/// AVX-512, against row blocks with partial sums (weights in cache, best of 40): 8 x 768 x
-/// 3072 599 -> 307 us, 64 x 768 x 3072 2282 -> 1757 us, 8 x 3072 x 768 387 -> 243 us; the
-/// switch-base-8-shaped encoder at batch 1 (64 tokens) 537 -> 625 tokens/s.
+/// AVX-512, against row blocks with partial sums (`thin_matmul_host` timed alone, weights in
+/// cache, best of 40): 8 x 768 x 3072 599 -> 307 us, 64 x 768 x 3072 2282 -> 1757 us, 8 x
+/// 3072 x 768 387 -> 243 us; the switch-base-8-shaped encoder at batch 1 (64 tokens, `switch
+/// seq2seq --bench`) 537 -> 625 tokens/s.
 const COLUMN_ROWS: usize = 2 * R;
 
 /// Columns of a piece cut by columns only: its `[rows, 192]` outputs stay in cache from one
