@@ -32,8 +32,9 @@ use super::isa::Isa;
 /// prefetched into L1 streamed at 19-22 (`switch bench --bandwidth`: 31-55 GB/s that day).
 const KB: usize = 8;
 
-/// Rows of `W` per block in pieces cut by columns (the product is compute-bound there; a
-/// longer block loads and stores the register tile half as often).
+/// Rows of `W` per block from [`COLUMN_ROWS`] rows of `x` on (the product is compute-bound
+/// there, and cut by columns unless it is small; a longer block loads and stores the register
+/// tile half as often).
 const KB_COLUMNS: usize = 16;
 
 /// Rows of `y` per register tile (`x` is padded with zero rows to a multiple of it; below it,
