@@ -149,12 +149,14 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
         size_thread_pool(threads)?;
         let rows = super::matmuls::time(&super::matmuls::parse(&spec)?, device, steps, warmup);
         let total: f64 = rows.iter().map(|r| r.ms * r.count as f64).sum();
+        let burn_total: f64 = rows.iter().map(|r| r.burn_ms * r.count as f64).sum();
         for r in &rows {
             if json {
                 println!("{}", serde_json::to_string(r)?);
             } else {
                 println!(
-                    "{:24} {:>5} x {:>5} x {:>6}: {:6.1} GFLOP/s, {:7.2} ms x {:>2} = {:7.1} ms",
+                    "{:24} {:>5} x {:>5} x {:>6}: {:6.1} GFLOP/s, {:7.2} ms x {:>2} = {:7.1} ms \
+                     (Burn's matmul: {:7.2} ms)",
                     r.name,
                     r.m,
                     r.k,
@@ -162,14 +164,15 @@ pub fn run(args: BenchArgs, device: &Device, device_name: &str) -> Result<ExitCo
                     r.gflop_per_s,
                     r.ms,
                     r.count,
-                    r.ms * r.count as f64
+                    r.ms * r.count as f64,
+                    r.burn_ms
                 );
             }
         }
         if !json {
             println!(
-                "all: {total:.0} ms per update ({} threads, {device_name}, forward and backward, \
-                 median of {steps})",
+                "all: {total:.0} ms per update, {burn_total:.0} with Burn's matmul alone ({} \
+                 threads, {device_name}, forward and backward, medians of {steps} alternating)",
                 rayon::current_num_threads()
             );
         }

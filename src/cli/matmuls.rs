@@ -1,8 +1,11 @@
 //! Matrix products as training meets them (`switch bench --matmuls`): for each shape, `y = x W`
 //! with `x` `[m, k]` and `W` `[k, n]`, its backward products `dX = dY W^T` and `dW = X^T dY`,
-//! through Burn's autodiff on the device; 6 m k n flops per forward and backward. With a count
-//! per shape (how many such products one update has) the total says how long an update
-//! spends in them, and the slowest shapes say where a kernel would pay.
+//! through Burn's autodiff on the device; 6 m k n flops per forward and backward. Each shape is
+//! timed both ways, alternating: as the Hugging Face models' linear layers compute it
+//! ([`switch_transformer::hf::matmul2`]: the project's kernels on the CPU with few rows) and
+//! with Burn's matmul alone. With a count per shape (how many such products one update has)
+//! the total says how long an update spends in them, and the slowest shapes say where a
+//! kernel would pay.
 
 use std::time::Instant;
 
@@ -44,10 +47,12 @@ pub struct MatmulTiming {
     pub n: usize,
     /// Products of this shape per update.
     pub count: usize,
-    /// Forward and backward, median milliseconds.
+    /// Forward and backward as the models compute it, median milliseconds.
     pub ms: f64,
     /// 6 m k n / time.
     pub gflop_per_s: f64,
+    /// The same with Burn's matmul, median milliseconds.
+    pub burn_ms: f64,
 }
 
 /// The shapes `spec` names: `finetune` (one fine-tuning update, see [`FINETUNE`]), or
@@ -81,7 +86,8 @@ pub fn parse(spec: &str) -> Result<Vec<Shape>> {
         .collect()
 }
 
-/// Times each shape on `device`: `warmup` runs, then the median of `steps`.
+/// Times each shape on `device`, ours and Burn's alternating: `warmup` runs of each, then the
+/// medians of `steps`.
 pub fn time(shapes: &[Shape], device: &Device, steps: usize, warmup: usize) -> Vec<MatmulTiming> {
     let ad = device.clone().autodiff();
     shapes
@@ -91,25 +97,31 @@ pub fn time(shapes: &[Shape], device: &Device, steps: usize, warmup: usize) -> V
             let x = Tensor::<2>::random([m, k], Distribution::Default, &ad).require_grad();
             let w = Tensor::<2>::random([k, n], Distribution::Default, &ad).require_grad();
             let dy = Tensor::<2>::random([m, n], Distribution::Default, &ad);
-            let run = || {
-                let mut grads = (x.clone().matmul(w.clone()) * dy.clone()).sum().backward();
+            let run = |ours: bool| {
+                let t = Instant::now();
+                let y = if ours {
+                    switch_transformer::hf::matmul2(x.clone(), &w)
+                } else {
+                    x.clone().matmul(w.clone())
+                };
+                let mut grads = (y * dy.clone()).sum().backward();
                 let dx = x.grad_remove(&mut grads).expect("x takes part");
                 let dw = w.grad_remove(&mut grads).expect("w takes part");
                 // Reading back waits for the device.
                 std::hint::black_box((dx.into_data(), dw.into_data()));
+                t.elapsed().as_secs_f64()
             };
             for _ in 0..warmup {
-                run();
+                run(true);
+                run(false);
             }
-            let mut times: Vec<f64> = (0..steps.max(1))
-                .map(|_| {
-                    let t = Instant::now();
-                    run();
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            times.sort_by(f64::total_cmp);
-            let s = times[times.len() / 2];
+            let (mut ours, mut burn): (Vec<f64>, Vec<f64>) =
+                (0..steps.max(1)).map(|_| (run(true), run(false))).unzip();
+            let median = |t: &mut Vec<f64>| {
+                t.sort_by(f64::total_cmp);
+                t[t.len() / 2]
+            };
+            let (s, burn) = (median(&mut ours), median(&mut burn));
             MatmulTiming {
                 name: name.clone(),
                 m,
@@ -118,6 +130,7 @@ pub fn time(shapes: &[Shape], device: &Device, steps: usize, warmup: usize) -> V
                 count: *count,
                 ms: s * 1e3,
                 gflop_per_s: 6.0 * (m * k * n) as f64 / s / 1e9,
+                burn_ms: burn * 1e3,
             }
         })
         .collect()
@@ -137,6 +150,6 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad}");
         }
         let t = time(&s[1..], &Device::default(), 2, 1);
-        assert!(t[0].ms > 0.0 && t[0].gflop_per_s > 0.0);
+        assert!(t[0].ms > 0.0 && t[0].gflop_per_s > 0.0 && t[0].burn_ms > 0.0);
     }
 }

@@ -23,6 +23,7 @@ mod isa;
 mod layer_norm;
 mod simd;
 mod softmax;
+mod thin_linear;
 mod thin_matmul;
 
 use std::borrow::Cow;
@@ -112,6 +113,9 @@ pub(crate) enum Kernel {
     ExpertExchange,
     /// A product with few rows that streams the weights ([`thin_matmul`]), on this level.
     ThinMatmul(Isa),
+    /// The same product as a graph node of training, its backward included
+    /// (`src/cpu/thin_linear.rs`), on this level.
+    ThinLinear(Isa),
 }
 
 /// How many times each kernel has run (forward, or one Adam update) on this thread.
@@ -133,6 +137,10 @@ pub struct KernelRuns {
     pub thin_matmul: u64,
     /// The instruction set of the last of them.
     pub thin_matmul_isa: Option<Isa>,
+    /// Few-row products with autodiff (training), forward and backward by the kernels.
+    pub thin_linear: u64,
+    /// The instruction set of the last of them.
+    pub thin_linear_isa: Option<Isa>,
 }
 
 thread_local! {
@@ -146,6 +154,8 @@ thread_local! {
             expert_exchange: 0,
             thin_matmul: 0,
             thin_matmul_isa: None,
+            thin_linear: 0,
+            thin_linear_isa: None,
         })
     };
 }
@@ -168,6 +178,10 @@ pub(crate) fn count(kernel: Kernel) {
             Kernel::ThinMatmul(isa) => {
                 v.thin_matmul += 1;
                 v.thin_matmul_isa = Some(isa);
+            }
+            Kernel::ThinLinear(isa) => {
+                v.thin_linear += 1;
+                v.thin_linear_isa = Some(isa);
             }
         }
         r.set(v)
@@ -231,15 +245,19 @@ where
 pub(crate) const THIN_MAX_ROWS: usize = 64;
 
 /// `x W` for `x` `[m, k]` with at most [`THIN_MAX_ROWS`] rows and `W` `[k, n]` (f32 or bf16,
-/// contiguous), both on the CPU backend without autodiff (inference), streaming `W`
-/// (`src/cpu/thin_matmul.rs`); `None` where it does not apply, and the caller runs Burn's
+/// contiguous), both on the CPU backend, streaming `W` (`src/cpu/thin_matmul.rs`); with
+/// autodiff (training, f32) one graph node whose backward reads `W` in place too
+/// (`src/cpu/thin_linear.rs`). `None` where it does not apply, and the caller runs Burn's
 /// matmul.
 pub(crate) fn thin_matmul(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     use half::slice::HalfFloatSliceExt;
 
     let ([m, k], [k_w, n]) = (x.dims(), w.dims());
-    if m == 0 || m > THIN_MAX_ROWS || k != k_w || x.is_autodiff() || w.is_autodiff() {
+    if m == 0 || m > THIN_MAX_ROWS || k != k_w {
         return None;
+    }
+    if x.is_autodiff() || w.is_autodiff() {
+        return thin_linear::thin_linear(x, w);
     }
     if !applies(x) || !host_kernels(&w.device()) {
         return None;

@@ -25,6 +25,10 @@ use rayon::prelude::*;
 
 use super::isa::Isa;
 
+mod transposed;
+
+pub(crate) use transposed::thin_matmul_t_host;
+
 /// Rows of `W` per block while streaming it (fewer than [`COLUMN_ROWS`] rows of `x`): the
 /// number of sequential streams read side by side. With the next block prefetched into L2,
 /// on a 2-core AMD EPYC with AVX-512 (`thin_matmul_host` timed alone over 400 MB of distinct

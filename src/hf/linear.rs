@@ -38,8 +38,9 @@ pub(crate) fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
 }
 
 /// `x @ w` for `x` `[m, i]` and `w` `[i, o]`: on the CPU with few rows (decoding), the kernel
-/// that streams `w` ([`crate::cpu::thin_matmul`]); otherwise Burn's matmul.
-pub(crate) fn matmul2(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
+/// that streams `w` ([`crate::cpu::thin_matmul`]; in training, forward and backward);
+/// otherwise Burn's matmul.
+pub fn matmul2(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     crate::cpu::thin_matmul(&x, w).unwrap_or_else(|| {
         let dtype = x.dtype();
         if w.dtype() == dtype {

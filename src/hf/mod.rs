@@ -32,4 +32,5 @@ pub mod training;
 pub mod upcycle;
 
 pub use config::HfConfig;
+pub use linear::matmul2;
 pub use model::HfSwitchTransformer;

@@ -81,6 +81,8 @@ fn training_matches_transformers_on_every_fixture() {
             all > 0 && in_place == all,
             "{in_place} of {all} updates in place"
         );
+        // The linear layers' few-row products ran through the training kernel.
+        assert!(after.thin_linear > before.thin_linear);
         let bad: Vec<_> = rows.iter().filter(|r| !r.pass).collect();
         assert!(bad.is_empty(), "{name}: {bad:#?}");
         // Loss parts, some gradients, the 3 losses and every weight were compared.

@@ -34,6 +34,9 @@ fn layer_norm_runs(r: &KernelRuns) -> u64 {
 fn grouped_ffn_runs(r: &KernelRuns) -> u64 {
     r.grouped_ffn
 }
+fn thin_linear_runs(r: &KernelRuns) -> u64 {
+    r.thin_linear
+}
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
     t.into_data()
@@ -277,6 +280,65 @@ fn grouped_ffn_matches_burn_ops() {
     check_grouped_ffn(&[2, 0, 5, 1], 8, 16); // an expert without rows: zero weight gradients
     check_grouped_ffn(&[300, 211, 0, 260], 128, 256); // the reference configuration's sizes
     check_grouped_ffn(&[7; 40], 16, 32); // many experts: multiplied in parallel
+}
+
+/// `x W` with few rows in training (the Hugging Face models' linear layers,
+/// `hf::matmul2`): output and both gradients against Burn's matmul, with both inputs tracked,
+/// either one frozen, and `x` a strided view; above `THIN_MAX_ROWS` rows the kernel stays out.
+fn check_thin_linear(m: usize, k: usize, n: usize, track: (bool, bool), strided: bool) {
+    let device = Device::default().autodiff();
+    let raw_x = random([m, k], &device);
+    let raw_w = random([k, n], &device);
+    let g = random([m, n], &device);
+    let kernel = m <= 64;
+    let run = |fused: bool| {
+        let (x, w) = (raw_x.clone().detach(), raw_w.clone().detach());
+        let x = if track.0 { x.require_grad() } else { x };
+        let w = if track.1 { w.require_grad() } else { w };
+        let input = if strided {
+            x.clone().transpose().transpose()
+        } else {
+            x.clone()
+        };
+        let y = if fused {
+            ran(thin_linear_runs, kernel as u64, || {
+                switch_transformer::hf::matmul2(input, &w)
+            })
+        } else {
+            ran(thin_linear_runs, 0, || input.matmul(w.clone()))
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        let mut out = vec![("output", host(y))];
+        if track.0 {
+            out.push(("x", host(x.grad(&grads).unwrap())));
+        }
+        if track.1 {
+            out.push(("w", host(w.grad(&grads).unwrap())));
+        }
+        out
+    };
+    for ((name, a), (_, b)) in run(true).into_iter().zip(run(false)) {
+        let what = format!("x W, {m}x{k}x{n} {track:?} strided {strided}: {name}");
+        assert_close(a, b, &what);
+    }
+}
+
+#[test]
+fn few_row_products_in_training_match_burns_matmul() {
+    for (m, k, n) in [
+        (1, 7, 5),
+        (5, 40, 24),
+        (8, 300, 520),
+        (64, 96, 130),
+        (65, 30, 20),
+    ] {
+        check_thin_linear(m, k, n, (true, true), false);
+    }
+    check_thin_linear(6, 50, 70, (true, false), false);
+    check_thin_linear(6, 50, 70, (false, true), false);
+    check_thin_linear(12, 50, 70, (true, true), true);
+    let isa = switch_transformer::cpu::runs().thin_linear_isa;
+    assert_eq!(isa, Some(switch_transformer::cpu::Isa::selected()));
 }
 
 /// The fast paths run where the model needs them: a training step of a small model on the
