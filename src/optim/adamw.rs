@@ -120,6 +120,24 @@ impl AdamW {
         }
     }
 
+    /// Zeroed host moments for each parameter of `sizes` (elements, in the walk's order) that
+    /// has none yet. Called before the first gradients of a run exist, so that the moments
+    /// (twice the model) take their memory first and every update's gradients reuse one
+    /// region. Allocated inside the first update instead, they took the memory its gradients
+    /// freed, and the second update's gradients needed new memory: switch-base-8-shaped
+    /// fine-tuning on a 2-core AMD EPYC kept 1.4 GB more at its peak, and its second update
+    /// spent seconds touching fresh pages.
+    pub fn reserve(&mut self, sizes: &[usize]) {
+        if self.state.len() < sizes.len() {
+            self.state.resize_with(sizes.len(), Default::default);
+        }
+        for (s, &n) in self.state.iter_mut().zip(sizes) {
+            if s.m.is_empty() && s.device.is_none() {
+                (s.m, s.v) = (vec![0.0; n], vec![0.0; n]);
+            }
+        }
+    }
+
     /// Updates parameter number `i` (`param` and `grad` flattened alike) with learning rate
     /// `lr`, the gradient times `scale` (a clipping coefficient; 1 for none); `decay`: whether
     /// weight decay applies to it. One pass over the four buffers, on every core.
@@ -301,6 +319,37 @@ mod tests {
             (bits(&p1), bits(&m1), bits(&v1)),
             (bits(&p2), bits(&m2), bits(&v2))
         );
+    }
+
+    /// Reserved moments change nothing: the same updates bit for bit, a parameter's existing
+    /// moments kept, and a reserved parameter never updated still counts no step.
+    #[test]
+    fn reserved_moments_change_no_update() {
+        let wave = |n: usize, k: f32| (0..n).map(|i| ((i as f32) * k).sin()).collect::<Vec<f32>>();
+        let sizes = [300, 7, 50];
+        let (mut lazy, mut reserved) = (AdamW::default(), AdamW::default());
+        let mut p_lazy: Vec<Vec<f32>> = sizes.iter().map(|&n| wave(n, 0.3)).collect();
+        let mut p_res = p_lazy.clone();
+        // Parameter 0 has moments before the reservation; parameter 2 is never updated.
+        lazy.update(0, &mut p_lazy[0], &wave(300, 0.1), 1.0, 1e-3, true);
+        reserved.update(0, &mut p_res[0], &wave(300, 0.1), 1.0, 1e-3, true);
+        reserved.reserve(&sizes);
+        assert_eq!(reserved.state[0].m, lazy.state[0].m);
+        assert_eq!(reserved.state[0].step, 1);
+        assert_eq!((reserved.state[2].m.len(), reserved.state[2].step), (50, 0));
+        for round in 0..3 {
+            for (i, &n) in sizes[..2].iter().enumerate() {
+                let g = wave(n, 0.2 + round as f32);
+                lazy.update(i, &mut p_lazy[i], &g, 0.8, 1e-3, i == 0);
+                reserved.update(i, &mut p_res[i], &g, 0.8, 1e-3, i == 0);
+            }
+        }
+        assert_eq!(p_lazy, p_res);
+        for i in 0..2 {
+            assert_eq!(lazy.state[i].host(), reserved.state[i].host());
+            assert_eq!(lazy.state[i].step, reserved.state[i].step);
+        }
+        assert_eq!(reserved.state[2].step, 0);
     }
 
     #[test]

@@ -321,6 +321,11 @@ impl Finetuner {
     /// One update on `batches` (its micro-batches); with a non-finite gradient norm, none
     /// (`skipped`: the model and the optimizer unchanged, the update counted).
     pub fn update(&mut self, batches: &[Batch]) -> Result<UpdateStats> {
+        // Host moments before the first gradients exist (see `AdamW::reserve`).
+        if self.updates == 0 && crate::device::Paths::of(&self.inner).host_kernels {
+            let (_, sizes) = self.param_names_and_sizes()?;
+            self.adamw.reserve(&sizes);
+        }
         let Gradients { grads, mut stats } = self.gradients(batches)?;
         let present: Vec<Tensor<1>> = grads.iter().filter_map(|g| g.grad.clone()).collect();
         // On the host where the gradients are host memory, else on their device in few
