@@ -14,7 +14,6 @@
 //! checkpoint the first time a token is routed to it: experts no token reaches never take
 //! memory (as under transformers' memory-mapped loading, where their pages are never read).
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Result;
@@ -22,12 +21,13 @@ use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::checkpoint::{Checkpoint, TensorSource};
+use super::checkpoint::{Deferred, Weights};
 use super::config::HfConfig;
-use super::linear::{host_linear, linear_weight, linear_weight_f32, matmul2, matmul3};
+use super::linear::{linear_weight, linear_weight_f32, matmul2, matmul3};
 use super::training::{ParamMut, Training, Visit};
 use crate::routing::RoutePlan;
 use crate::routing::options::argmax;
-use crate::store::{HostTensor, host_f32};
+use crate::store::host_f32;
 
 /// Which tokens share an expert's capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,22 +125,22 @@ impl SparseMlp {
 
     /// The weights by transformers' names under `p` (`...layer.1.mlp`); reads the experts not
     /// loaded yet.
-    pub(super) fn tensors(&self, p: &str, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
-        out.insert(
-            format!("{p}.router.classifier.weight"),
-            host_linear(&self.router),
-        );
+    pub(super) fn tensors<'a>(&'a self, p: &str, out: &mut Weights<'a>) -> Result<()> {
+        let router = Deferred::linear(&self.router);
+        out.insert(format!("{p}.router.classifier.weight"), router);
         if let Some(b) = &self.router_bias {
-            let n = b.dims()[0];
-            out.insert(
-                format!("{p}.router.classifier.bias"),
-                HostTensor::f32(vec![n], host_f32(b.clone())),
-            );
+            out.insert(format!("{p}.router.classifier.bias"), Deferred::tensor(b));
         }
         for (e, x) in self.experts.iter().enumerate() {
             let (wi, wo) = x.weights()?;
-            out.insert(format!("{p}.experts.expert_{e}.wi.weight"), host_linear(wi));
-            out.insert(format!("{p}.experts.expert_{e}.wo.weight"), host_linear(wo));
+            out.insert(
+                format!("{p}.experts.expert_{e}.wi.weight"),
+                Deferred::linear(wi),
+            );
+            out.insert(
+                format!("{p}.experts.expert_{e}.wo.weight"),
+                Deferred::linear(wo),
+            );
         }
         Ok(())
     }

@@ -344,6 +344,10 @@ pub fn upcycle(from: &Path, out: &Path, o: &UpcycleOptions) -> Result<Upcycled> 
     };
     let json = serde_json::to_string_pretty(&raw)? + "\n";
     write_dir_whole(out, |tmp| {
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| (k, super::checkpoint::Deferred::ready(t)))
+            .collect();
         save(tmp, &json, tensors, o.dtype)?;
         copy_model_files(from, tmp)
     })?;

@@ -7,23 +7,26 @@ use anyhow::Result;
 use burn::tensor::Tensor;
 
 use super::{Attention, FeedForward, HfSwitchTransformer, Stack};
-use crate::hf::checkpoint::SaveDtype;
-use crate::hf::linear::host_linear;
+use crate::hf::checkpoint::{Deferred, SaveDtype, Weights};
 use crate::store::HostTensor;
 
-fn host<const D: usize>(t: &Tensor<D>) -> HostTensor {
-    HostTensor::from_tensor(t.clone())
+fn host<const D: usize>(t: &Tensor<D>) -> Deferred<'_> {
+    Deferred::tensor(t)
+}
+
+fn linear(w: &Tensor<2>) -> Deferred<'_> {
+    Deferred::linear(w)
 }
 
 impl Attention {
-    fn tensors(&self, prefix: &str, out: &mut BTreeMap<String, HostTensor>) {
+    fn tensors<'a>(&'a self, prefix: &str, out: &mut Weights<'a>) {
         for (n, w) in [
             ("q", &self.q),
             ("k", &self.k),
             ("v", &self.v),
             ("o", &self.o),
         ] {
-            out.insert(format!("{prefix}.{n}.weight"), host_linear(w));
+            out.insert(format!("{prefix}.{n}.weight"), linear(w));
         }
         if let Some(t) = &self.relative_bias {
             out.insert(format!("{prefix}.relative_attention_bias.weight"), host(t));
@@ -32,7 +35,7 @@ impl Attention {
 }
 
 impl Stack {
-    fn tensors(&self, stack: &str, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
+    fn tensors<'a>(&'a self, stack: &str, out: &mut Weights<'a>) -> Result<()> {
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("{stack}.block.{i}.layer");
             out.insert(
@@ -54,8 +57,8 @@ impl Stack {
             );
             match &b.ff {
                 FeedForward::Dense { wi, wo } => {
-                    out.insert(format!("{p}.{f}.mlp.wi.weight"), host_linear(wi));
-                    out.insert(format!("{p}.{f}.mlp.wo.weight"), host_linear(wo));
+                    out.insert(format!("{p}.{f}.mlp.wi.weight"), linear(wi));
+                    out.insert(format!("{p}.{f}.mlp.wo.weight"), linear(wo));
                 }
                 FeedForward::Sparse(mlp) => mlp.tensors(&format!("{p}.{f}.mlp"), out)?,
             }
@@ -73,6 +76,15 @@ impl HfSwitchTransformer {
     /// embeddings `shared.weight` only; untied, the stacks' embeddings and `lm_head` too).
     /// Reads the experts not loaded yet.
     pub fn tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
+        Ok(self
+            .deferred_tensors()?
+            .into_iter()
+            .map(|(k, t)| (k, t.make()))
+            .collect())
+    }
+
+    /// [`Self::tensors`], each copied to the host when it is asked for.
+    fn deferred_tensors(&self) -> Result<Weights<'_>> {
         let mut out = BTreeMap::new();
         out.insert("shared.weight".to_string(), host(&self.shared));
         if !self.config.tie_word_embeddings {
@@ -84,7 +96,7 @@ impl HfSwitchTransformer {
                 "decoder.embed_tokens.weight".into(),
                 host(&self.decoder.embed),
             );
-            out.insert("lm_head.weight".into(), host_linear(&self.lm_head));
+            out.insert("lm_head.weight".into(), linear(&self.lm_head));
         }
         self.encoder.tensors("encoder", &mut out)?;
         self.decoder.tensors("decoder", &mut out)?;
@@ -96,6 +108,6 @@ impl HfSwitchTransformer {
     /// already holds a model.
     pub fn save(&self, dir: &std::path::Path, dtype: SaveDtype) -> Result<()> {
         let json = serde_json::to_string_pretty(&self.config.raw)?;
-        crate::hf::checkpoint::save(dir, &json, self.tensors()?, dtype)
+        crate::hf::checkpoint::save(dir, &json, self.deferred_tensors()?, dtype)
     }
 }
