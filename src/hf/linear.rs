@@ -37,9 +37,9 @@ pub(crate) fn matmul3(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
     matmul2(x.reshape([b * s, i]), w).reshape([b, s, o])
 }
 
-/// `x @ w` for `x` `[m, i]` and `w` `[i, o]`: on the CPU with few rows (decoding), the kernel
-/// that streams `w` ([`crate::cpu::thin_matmul`]; in training, forward and backward);
-/// otherwise Burn's matmul.
+/// `x @ w` for `x` `[m, i]` and `w` `[i, o]`, as the models' linear layers compute it: on the
+/// CPU with few rows, the kernel that streams `w` (`src/cpu/thin_matmul.rs`; in training
+/// forward and backward, `src/cpu/thin_linear.rs`); otherwise Burn's matmul.
 pub fn matmul2(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     crate::cpu::thin_matmul(&x, w).unwrap_or_else(|| {
         let dtype = x.dtype();
