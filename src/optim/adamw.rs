@@ -126,7 +126,8 @@ impl AdamW {
     /// region. Allocated inside the first update instead, they took the memory its gradients
     /// freed, and the second update's gradients were fresh pages, touched for the first time
     /// there: fine-tuning a switch-base-8-shaped model on a 2-core AMD EPYC, that update took
-    /// 7.8 s instead of 2.3 (peak memory is the same either way).
+    /// 7.8 s instead of 2.3. It does not lower peak memory (0.16 GB higher in two pairs of
+    /// runs).
     pub fn reserve(&mut self, sizes: &[usize]) {
         if self.state.len() < sizes.len() {
             self.state.resize_with(sizes.len(), Default::default);
