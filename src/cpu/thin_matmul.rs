@@ -87,6 +87,19 @@ impl Weights<'_> {
     }
 }
 
+/// The `m` rows (of `width` values each) of `a` padded with zero rows to whole tiles of `R`
+/// rows, and the padded row count. Fewer rows than a tile stay as they are (one-row tiles,
+/// each reading its block of `W` from L1 again), so that a single row does not pay for `R`.
+fn padded_to_tiles(a: &[f32], m: usize, width: usize) -> (std::borrow::Cow<'_, [f32]>, usize) {
+    let rows = if m < R { m } else { m.div_ceil(R) * R };
+    if rows == m {
+        return (a.into(), rows);
+    }
+    let mut padded = a.to_vec();
+    padded.resize(rows * width, 0.0);
+    (padded.into(), rows)
+}
+
 /// `x W` for `x` `[m, k]` and `W` `[k, n]`, row-major, on `isa` (at most what the CPU has:
 /// anything higher panics, so callers pass [`Isa::selected`] or one of [`Isa::available`]).
 pub(crate) fn thin_matmul_host(
@@ -100,16 +113,7 @@ pub(crate) fn thin_matmul_host(
     assert!(isa <= Isa::detected(), "{isa:?} asked of a CPU without it");
     assert_eq!(x.len(), m * k, "x is not [m, k]");
     assert_eq!(w.len(), k * n, "W is not [k, n]");
-    // Fewer rows than a tile: one-row tiles (each reads the block of `W` from L1 again), so
-    // that a single row does not pay for four.
-    let rows = if m < R { m } else { m.div_ceil(R) * R };
-    let xp: std::borrow::Cow<[f32]> = if rows == m {
-        x.into()
-    } else {
-        let mut xp = x.to_vec();
-        xp.resize(rows * k, 0.0);
-        xp.into()
-    };
+    let (xp, rows) = padded_to_tiles(x, m, k);
     // The portable loop takes 16-column pieces too, so that it is split over threads alike.
     let (lanes, tile) = match isa {
         Isa::Avx512 => (16, 4),

@@ -133,3 +133,74 @@ fn products_of_many_rows_are_cut_by_columns() {
         assert!(fewer.iter().any(|p| p.k0 > 0), "{fewer:?}");
     }
 }
+
+// `g W^T` (`transposed.rs`): the input gradient of `x W`.
+
+/// `g W^T` in f64, the obvious way, and the same over |terms| (the error's scale).
+fn reference_t(g: &[f32], m: usize, n: usize, w: &[f32], k: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut y, mut scale) = (vec![0.0f64; m * k], vec![0.0f64; m * k]);
+    for i in 0..m {
+        for c in 0..k {
+            for j in 0..n {
+                let t = g[i * n + j] as f64 * w[c * n + j] as f64;
+                y[i * k + c] += t;
+                scale[i * k + c] += t.abs();
+            }
+        }
+    }
+    (y, scale)
+}
+
+/// Every instruction set this CPU has, rows below and above a tile and not a multiple of
+/// it, `W` rows that leave a partial tile and a partial piece, columns with a tail, one
+/// and several threads' worth of work: within 1e-5 of f64 (relative to the sum of |terms|).
+#[test]
+fn every_path_computes_g_times_w_transposed() {
+    let shapes = [
+        (1, 1, 1),
+        (1, 5, 7),
+        (3, 24, 40),
+        (4, 64, 64),
+        (5, 100, 17),
+        (9, 72, 203),
+        (8, 3072, 50),
+        (32, 768, 70),
+        (12, 520, 300),
+    ];
+    for isa in Isa::available() {
+        for (s, &(m, n, k)) in shapes.iter().enumerate() {
+            let g = values(m * n, s as u32);
+            let w = values(k * n, 100 + s as u32);
+            let got = thin_matmul_t_host(isa, &g, m, n, &w, k);
+            let (want, scale) = reference_t(&g, m, n, &w, k);
+            for i in 0..m * k {
+                let err = (got[i] as f64 - want[i]).abs();
+                assert!(
+                    err <= 1e-5 * scale[i].max(1.0),
+                    "{isa:?} {m}x{n} by {k}x{n}: y[{i}] = {} against {}",
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+    }
+}
+
+/// With products exact in f32 (small integers) every path gives the same bits, and a
+/// thread count of one the same as the pool's.
+#[test]
+fn the_paths_and_thread_counts_agree_exactly_on_exact_products() {
+    let (m, n, k) = (6, 300, 90);
+    let g: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 - 3.0).collect();
+    let w: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
+    let want = thin_matmul_t_host(Isa::Portable, &g, m, n, &w, k);
+    for isa in Isa::available() {
+        assert_eq!(thin_matmul_t_host(isa, &g, m, n, &w, k), want, "{isa:?}");
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let alone = one.install(|| thin_matmul_t_host(isa, &g, m, n, &w, k));
+        assert_eq!(alone, want, "{isa:?} on one thread");
+    }
+}

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::{Isa, PARALLEL_MIN, R};
+use super::{Isa, PARALLEL_MIN, padded_to_tiles};
 
 /// Rows of `W` per piece of the product handed to a thread (a multiple of every tile's `C`).
 const PIECE_ROWS: usize = 16;
@@ -33,15 +33,7 @@ pub(crate) fn thin_matmul_t_host(
     assert!(isa <= Isa::detected(), "{isa:?} asked of a CPU without it");
     assert_eq!(g.len(), m * n, "g is not [m, n]");
     assert_eq!(w.len(), k * n, "W is not [k, n]");
-    // Rows padded with zeros to whole tiles (fewer rows than a tile: one-row tiles).
-    let rows = if m < R { m } else { m.div_ceil(R) * R };
-    let gp: std::borrow::Cow<[f32]> = if rows == m {
-        g.into()
-    } else {
-        let mut gp = g.to_vec();
-        gp.resize(rows * n, 0.0);
-        gp.into()
-    };
+    let (gp, rows) = padded_to_tiles(g, m, n);
     if rows == 0 || n == 0 || k == 0 {
         return vec![0.0f32; m * k];
     }
@@ -177,7 +169,7 @@ macro_rules! dot_kernel {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::R;
+    use super::super::R;
 
     /// The 8 lanes of `v` added.
     #[inline]
@@ -208,90 +200,4 @@ mod x86 {
         _mm256_fmadd_ps,
         sum8
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `g W^T` in f64, the obvious way, and the same over |terms| (the error's scale).
-    fn reference(g: &[f32], m: usize, n: usize, w: &[f32], k: usize) -> (Vec<f64>, Vec<f64>) {
-        let (mut y, mut scale) = (vec![0.0f64; m * k], vec![0.0f64; m * k]);
-        for i in 0..m {
-            for c in 0..k {
-                for j in 0..n {
-                    let t = g[i * n + j] as f64 * w[c * n + j] as f64;
-                    y[i * k + c] += t;
-                    scale[i * k + c] += t.abs();
-                }
-            }
-        }
-        (y, scale)
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// Every instruction set this CPU has, rows below and above a tile and not a multiple of
-    /// it, `W` rows that leave a partial tile and a partial piece, columns with a tail, one
-    /// and several threads' worth of work: within 1e-5 of f64 (relative to the sum of |terms|).
-    #[test]
-    fn every_path_computes_g_times_w_transposed() {
-        let shapes = [
-            (1, 1, 1),
-            (1, 5, 7),
-            (3, 24, 40),
-            (4, 64, 64),
-            (5, 100, 17),
-            (9, 72, 203),
-            (8, 3072, 50),
-            (32, 768, 70),
-            (12, 520, 300),
-        ];
-        for isa in Isa::available() {
-            for (s, &(m, n, k)) in shapes.iter().enumerate() {
-                let g = values(m * n, s as u32);
-                let w = values(k * n, 100 + s as u32);
-                let got = thin_matmul_t_host(isa, &g, m, n, &w, k);
-                let (want, scale) = reference(&g, m, n, &w, k);
-                for i in 0..m * k {
-                    let err = (got[i] as f64 - want[i]).abs();
-                    assert!(
-                        err <= 1e-5 * scale[i].max(1.0),
-                        "{isa:?} {m}x{n} by {k}x{n}: y[{i}] = {} against {}",
-                        got[i],
-                        want[i]
-                    );
-                }
-            }
-        }
-    }
-
-    /// With products exact in f32 (small integers) every path gives the same bits, and a
-    /// thread count of one the same as the pool's.
-    #[test]
-    fn the_paths_and_thread_counts_agree_exactly_on_exact_products() {
-        let (m, n, k) = (6, 300, 90);
-        let g: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 - 3.0).collect();
-        let w: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
-        let want = thin_matmul_t_host(Isa::Portable, &g, m, n, &w, k);
-        for isa in Isa::available() {
-            assert_eq!(thin_matmul_t_host(isa, &g, m, n, &w, k), want, "{isa:?}");
-            let one = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap();
-            let alone = one.install(|| thin_matmul_t_host(isa, &g, m, n, &w, k));
-            assert_eq!(alone, want, "{isa:?} on one thread");
-        }
-    }
 }
