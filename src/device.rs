@@ -20,9 +20,6 @@ pub struct Paths {
     /// `route_on = auto` decides the routing on the host (reading the router's output is free
     /// there); elsewhere on the device.
     pub host_routing: bool,
-    /// A linear layer is Burn's `linear` op (one native op); elsewhere a matmul over folded
-    /// rows that fusion handles better (`model::precision::linear`).
-    pub native_linear: bool,
     /// bf16 weights of a checkpoint stay bf16 (the host kernels widen them as they stream);
     /// elsewhere they are widened to f32 on load.
     pub bf16_weights: bool,
@@ -37,7 +34,6 @@ impl Paths {
         Self {
             host_kernels: cpu,
             host_routing: cpu,
-            native_linear: cpu,
             bf16_weights: cpu,
             free_reads: cpu,
         }
@@ -233,7 +229,6 @@ mod tests {
         let host = Paths {
             host_kernels: true,
             host_routing: true,
-            native_linear: true,
             bf16_weights: true,
             free_reads: true,
         };
