@@ -1,6 +1,7 @@
 //! The CPU fast paths: kernels with hand-written backward on Burn's `flex` backend for the
-//! parts of a step that Burn runs as chains of small ops (the causal attention softmax,
-//! LayerNorm, the experts' FFN over rows grouped by expert), and the fused Adam update.
+//! parts of a step that Burn runs as chains of small ops (causal attention per head with its
+//! softmax, or the softmax alone under the composed attention, LayerNorm, the experts' FFN
+//! over rows grouped by expert), and the fused Adam update.
 //!
 //! Whether a fast path applies is decided once for a device ([`crate::device::Paths`]:
 //! `host_kernels`) and here for a tensor (`applies`: f32 on such a device, with or without
@@ -16,6 +17,7 @@
 //! to 126 ms/step.
 
 pub(crate) mod adam;
+mod attention;
 mod exchange;
 mod gemm;
 mod grouped_ffn;
@@ -37,6 +39,7 @@ use burn::tensor::{DType, Shape, Tensor, TensorData};
 
 use crate::device::Paths;
 
+pub(crate) use attention::causal_attention;
 pub(crate) use exchange::{from_experts, to_experts};
 pub(crate) use grouped_ffn::grouped_ffn;
 pub use isa::{Isa, check_env};
@@ -97,6 +100,8 @@ pub(crate) fn applies<const D: usize>(t: &Tensor<D>) -> bool {
 /// The kernels of this module, as counted by [`runs`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
+    /// Causal multi-head attention ([`crate::model::ops::causal_attention`]), on this level.
+    CausalAttention(Isa),
     /// The causal attention softmax ([`crate::model::ops::causal_softmax`]).
     CausalSoftmax,
     /// LayerNorm ([`crate::model::ops::layer_norm`]).
@@ -121,6 +126,10 @@ pub(crate) enum Kernel {
 /// How many times each kernel has run (forward, or one Adam update) on this thread.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelRuns {
+    /// Causal attention kernels.
+    pub causal_attention: u64,
+    /// The instruction set of the last of them.
+    pub causal_attention_isa: Option<Isa>,
     /// Causal softmax kernels.
     pub causal_softmax: u64,
     /// LayerNorm kernels.
@@ -146,6 +155,8 @@ pub struct KernelRuns {
 thread_local! {
     static RUNS: Cell<KernelRuns> = const {
         Cell::new(KernelRuns {
+            causal_attention: 0,
+            causal_attention_isa: None,
             causal_softmax: 0,
             layer_norm: 0,
             grouped_ffn: 0,
@@ -169,6 +180,10 @@ pub(crate) fn count(kernel: Kernel) {
     RUNS.with(|r| {
         let mut v = r.get();
         match kernel {
+            Kernel::CausalAttention(isa) => {
+                v.causal_attention += 1;
+                v.causal_attention_isa = Some(isa);
+            }
             Kernel::CausalSoftmax => v.causal_softmax += 1,
             Kernel::LayerNorm => v.layer_norm += 1,
             Kernel::GroupedFfn => v.grouped_ffn += 1,

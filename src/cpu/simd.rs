@@ -56,6 +56,24 @@ pub fn sum_lanes(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f
     acc.iter().sum::<f32>() + tail
 }
 
+/// The largest of `x` (-inf for none; NaNs are skipped), in 16 interleaved partial maxima that
+/// the compiler vectorises (a running maximum is a chain of dependent compares).
+#[inline(always)]
+pub(crate) fn max_lanes(x: &[f32]) -> f32 {
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    let mut acc = [f32::NEG_INFINITY; 16];
+    for c in chunks {
+        let c: &[f32; 16] = c.try_into().unwrap();
+        for k in 0..16 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    tail.iter()
+        .chain(&acc)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
 /// `e^x` for `x <= 0`, within 2 ulp of the true value (Cody-Waite reduction `x = n ln 2 + r`,
 /// Cephes' degree-6 polynomial for `e^r`, `2^n` built in the exponent bits). Straight-line
 /// code, so loops over it vectorise (libm's `expf` is one call per element). Below -87 it
@@ -100,6 +118,21 @@ mod tests {
             worst < 2.0 * f32::EPSILON as f64,
             "worst relative error {worst:e}"
         );
+    }
+
+    #[test]
+    fn max_lanes_finds_the_largest() {
+        assert_eq!(max_lanes(&[]), f32::NEG_INFINITY);
+        for n in [1, 15, 16, 17, 40, 64] {
+            for top in 0..n {
+                let mut x: Vec<f32> = (0..n).map(|j| -((j * 7 % 13) as f32) - 1.0).collect();
+                x[top] = 0.5;
+                if n > 2 {
+                    x[(top + 1) % n] = f32::NAN;
+                }
+                assert_eq!(max_lanes(&x), 0.5, "n = {n}, largest at {top}");
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::ops::{cast_to, causal_softmax};
+use super::ops::{cast_to, causal_attention};
 use super::precision::linear;
 
 /// labml's `MultiHeadAttention` with a causal mask.
@@ -28,15 +28,11 @@ pub struct MultiHeadAttention {
 impl MultiHeadAttention {
     /// `x`: `[batch, seq, d_model]` -> `[batch, seq, d_model]`.
     pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, s, d] = x.dims();
-        let (h, dk) = (self.heads, d / self.heads);
-        let split = |t: Tensor<3>| t.reshape([b, s, h, dk]).swap_dims(1, 2); // [b, h, s, dk]
-        let q = split(linear(&self.query, x.clone()));
-        let k = split(linear(&self.key, x.clone()));
-        let v = split(linear(&self.value, x.clone()));
-
-        let attn = causal_softmax(q.matmul(k.swap_dims(2, 3)), 1.0 / (dk as f64).sqrt());
-        let o = attn.matmul(v).swap_dims(1, 2).reshape([b, s, d]);
+        let dk = x.dims()[2] / self.heads;
+        let q = linear(&self.query, x.clone());
+        let k = linear(&self.key, x.clone());
+        let v = linear(&self.value, x);
+        let o = causal_attention(q, k, v, self.heads, 1.0 / (dk as f64).sqrt());
         linear(&self.output, o)
     }
 }

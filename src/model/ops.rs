@@ -3,6 +3,7 @@
 //! from Burn ops (`*_generic`), which every other backend runs and the tests compare with.
 //!
 //! ```text
+//! causal_attention(q, k, v) = softmax(scale q_h k_h^T + causal) v_h per head h, concatenated
 //! causal_softmax(s, scale) = softmax(scale * s + causal, -1)      query i sees keys 0..=i
 //! layer_norm(x)            = (x - mean) / sqrt(var + eps) * gamma + beta   (biased variance)
 //! grouped_ffn(x)           = relu(x W1_e + b1_e) W2_e + b2_e       rows offsets[e].. of expert e
@@ -37,6 +38,36 @@ pub(crate) fn causal_mask(s: usize, device: &Device) -> Tensor<4> {
         }
     }
     Tensor::from_data(TensorData::new(m, [1, 1, s, s]), device)
+}
+
+/// Causal multi-head attention over `q`, `k`, `v` `[batch, seq, heads * d_k]` (head `h` owns
+/// columns `h d_k ..`): per head `softmax(scale q_h k_h^T + causal) v_h`, the heads
+/// concatenated again, `[batch, seq, heads * d_k]`.
+pub fn causal_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    scale: f64,
+) -> Tensor<3> {
+    cpu::causal_attention(&q, &k, &v, heads, scale)
+        .unwrap_or_else(|| causal_attention_generic(q, k, v, heads, scale))
+}
+
+/// [`causal_attention`] composed from Burn ops: heads split by a reshape and a transpose, two
+/// batched matmuls around [`causal_softmax`], heads merged back.
+pub fn causal_attention_generic(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    scale: f64,
+) -> Tensor<3> {
+    let [b, s, d] = q.dims();
+    let split = |t: Tensor<3>| t.reshape([b, s, heads, d / heads]).swap_dims(1, 2);
+    let (q, k, v) = (split(q), split(k), split(v));
+    let attn = causal_softmax(q.matmul(k.swap_dims(2, 3)), scale);
+    attn.matmul(v).swap_dims(1, 2).reshape([b, s, d])
 }
 
 /// `softmax(scale * s + causal, -1)` for square scores `s` `[batch, heads, seq, seq]`: query i

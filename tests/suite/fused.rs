@@ -10,7 +10,8 @@ use crate::common;
 use burn::tensor::{Device, Distribution, Tensor};
 use switch_transformer::cpu::{self, KernelRuns};
 use switch_transformer::model::ops::{
-    LN_EPS, causal_softmax, causal_softmax_generic, layer_norm, layer_norm_generic,
+    LN_EPS, causal_attention, causal_attention_generic, causal_softmax, causal_softmax_generic,
+    layer_norm, layer_norm_generic,
 };
 
 const TOL: f64 = 2e-6;
@@ -25,6 +26,9 @@ fn ran<R>(count: fn(&KernelRuns) -> u64, times: u64, f: impl FnOnce() -> R) -> R
 }
 
 /// Kernel counters.
+fn attention_runs(r: &KernelRuns) -> u64 {
+    r.causal_attention
+}
 fn softmax_runs(r: &KernelRuns) -> u64 {
     r.causal_softmax
 }
@@ -55,6 +59,57 @@ fn assert_close(a: Vec<f64>, b: Vec<f64>, what: &str) {
 
 fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::random(shape, Distribution::Normal(0.0, 2.0), device)
+}
+
+/// Output and the gradients of `q`, `k` and `v` of the attention kernel against its
+/// composition from Burn ops (batched matmuls around the causal softmax), for `[b, s, d]`
+/// inputs with `h` heads; then the forward alone without autodiff.
+fn check_attention([b, s, d]: [usize; 3], h: usize) {
+    let device = Device::default().autodiff();
+    let raw = [0; 3].map(|_| random([b, s, d], &device));
+    let g = random([b, s, d], &device);
+    let scale = 1.0 / ((d / h) as f64).sqrt();
+    let run = |fused: bool| {
+        let [q, k, v] = raw.clone().map(|t| t.detach().require_grad());
+        let y = if fused {
+            ran(attention_runs, 1, || {
+                causal_attention(q.clone(), k.clone(), v.clone(), h, scale)
+            })
+        } else {
+            ran(attention_runs, 0, || {
+                causal_attention_generic(q.clone(), k.clone(), v.clone(), h, scale)
+            })
+        };
+        let grads = (y.clone() * g.clone()).sum().backward();
+        let grad = |t: &Tensor<3>| host(t.grad(&grads).unwrap());
+        [host(y.clone()), grad(&q), grad(&k), grad(&v)]
+    };
+    let (ours, theirs) = (run(true), run(false));
+    assert_eq!(cpu::runs().causal_attention_isa, Some(cpu::Isa::selected()));
+    let what = format!("causal attention {b}x{s}x{d}, {h} heads");
+    for (name, (a, r)) in ["output", "q gradient", "k gradient", "v gradient"]
+        .iter()
+        .zip(ours.into_iter().zip(theirs))
+    {
+        assert_close(a, r, &format!("{what}: {name}"));
+    }
+    let plain = Device::default();
+    let [q, k, v] = raw.map(|t| Tensor::<3>::from_data(t.into_data(), &plain));
+    assert_close(
+        host(ran(attention_runs, 1, || {
+            causal_attention(q.clone(), k.clone(), v.clone(), h, scale)
+        })),
+        host(causal_attention_generic(q, k, v, h, scale)),
+        "causal attention without autodiff",
+    );
+}
+
+#[test]
+fn causal_attention_matches_burn_ops() {
+    check_attention([1, 1, 4], 1);
+    check_attention([2, 5, 12], 3); // below the parallel threshold, 4-wide heads
+    check_attention([3, 37, 48], 2); // rows and columns that leave partial tiles
+    check_attention([32, 64, 128], 4); // the reference configuration's attention
 }
 
 /// Forward and input gradient of both softmax versions for scores of `shape` (`transposed`:
@@ -385,7 +440,9 @@ fn a_cpu_training_step_runs_every_kernel() {
     let _model = LabmlAdam::default().step(model, &grads, 1e-3);
     let after = cpu::runs();
     let layers = config.n_layers as u64;
-    assert_eq!(after.causal_softmax - before.causal_softmax, layers);
+    // The attention kernel, softmax included, in every block.
+    assert_eq!(after.causal_attention - before.causal_attention, layers);
+    assert_eq!(after.causal_softmax - before.causal_softmax, 0);
     // Two per block and the final norm.
     assert_eq!(after.layer_norm - before.layer_norm, 2 * layers + 1);
     assert_eq!(
@@ -469,9 +526,9 @@ fn training_updates_the_weights_in_place() {
     });
 }
 
-/// The compositions the GPU backends run, written for Burn's fusion (`linear_rows`: rows
-/// folded, bias reshaped before the matmul; `layer_norm_generic`: gamma and beta reshaped
-/// first), against Burn's own `linear` and `layer_norm`: outputs and every gradient, on the
+/// The compositions written for Burn's fusion (`linear_rows`, which every backend's linear
+/// layers run: rows folded, bias reshaped before the matmul; `layer_norm_generic`, which the
+/// GPU backends run: gamma and beta reshaped first), against Burn's own `linear` and `layer_norm`: outputs and every gradient, on the
 /// CPU backend (the same ops in another order, so within f32 rounding).
 #[test]
 fn gpu_compositions_match_burns_linear_and_layer_norm() {
