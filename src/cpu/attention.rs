@@ -27,7 +27,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
-use super::simd::{exp_nonpositive, max_lanes, sum_lanes};
+use super::simd::{exp_nonpositive, max_lanes, sum_lanes, vectorized};
 use super::{Isa, Kernel, flex_input, new_tensor, run_kernel, values};
 
 /// Rows of a register tile.
@@ -112,13 +112,12 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f32>) 
                 v: &v[c..],
                 dims,
             };
-            let task = Task::Forward {
-                head,
-                p,
-                o: &mut o[c..],
-                kt: &mut scratch,
-            };
-            run(dims.isa, task);
+            let o = &mut o[c..];
+            vectorized(
+                dims.isa,
+                #[inline(always)]
+                || forward_head(head, p, o, &mut scratch),
+            );
         }
     };
     if dims.parallel() {
@@ -190,14 +189,12 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], g: &[f32], p: &[f32], dims: Dims) -
             };
             let p = &p[head_at(head_index, s)];
             let grads = [&mut dq[c..], &mut dk[c..], &mut dv[c..]];
-            let task = Task::Backward {
-                head,
-                g: &g[c..],
-                p,
-                grads,
-                scratch: &mut scratch,
-            };
-            run(dims.isa, task);
+            let g = &g[c..];
+            vectorized(
+                dims.isa,
+                #[inline(always)]
+                || backward_head(head, g, p, grads, &mut scratch),
+            );
         }
     };
     let [dq, dk, dv] = &mut out;
@@ -335,54 +332,6 @@ fn backward_head(
         Cols::All(w),
         Inner::FromRow(s),
     );
-}
-
-/// One head's work, forward or backward.
-enum Task<'a> {
-    Forward {
-        head: Head<'a>,
-        p: &'a mut [f32],
-        o: &'a mut [f32],
-        kt: &'a mut [f32],
-    },
-    Backward {
-        head: Head<'a>,
-        g: &'a [f32],
-        p: &'a [f32],
-        grads: [&'a mut [f32]; 3],
-        scratch: &'a mut Scratch,
-    },
-}
-
-impl Task<'_> {
-    #[inline(always)]
-    fn run(self) {
-        match self {
-            Task::Forward { head, p, o, kt } => forward_head(head, p, o, kt),
-            Task::Backward {
-                head,
-                g,
-                p,
-                grads,
-                scratch,
-            } => backward_head(head, g, p, grads, scratch),
-        }
-    }
-}
-
-/// `task` with its element-wise loops (the softmax, its backward, the transposes) compiled for
-/// `isa`'s vectors too (at most what the CPU has; anything higher panics).
-fn run(isa: Isa, task: Task) {
-    assert!(isa <= Isa::detected(), "{isa:?} asked of a CPU without it");
-    match isa {
-        // SAFETY: the CPU has AVX-512 F (asserted above).
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::task_avx512(task) },
-        // SAFETY: the CPU has AVX2 and FMA (asserted above).
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::task_avx2(task) },
-        _ => task.run(),
-    }
 }
 
 /// Per-sequence scratch of the backward.
@@ -663,20 +612,6 @@ macro_rules! vector_tile {
 mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
-
-    use super::Task;
-
-    /// [`Task::run`] compiled for AVX-512.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn task_avx512(task: Task) {
-        task.run()
-    }
-
-    /// [`Task::run`] compiled for AVX2.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn task_avx2(task: Task) {
-        task.run()
-    }
 
     vector_tile!(
         tile_avx512,

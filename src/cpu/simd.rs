@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use super::Isa;
+
 /// Elements below which a kernel runs on the calling thread.
 pub(super) const PARALLEL_MIN: usize = 1 << 15;
 
@@ -24,6 +26,39 @@ where
         for (b, o) in out.chunks_mut(block).enumerate() {
             f(b * block, o)
         }
+    }
+}
+
+/// `f()` compiled for `isa`'s vectors: `f` is inlined into a function built for AVX-512 or
+/// AVX2 (mark the closure `#[inline(always)]`), so that its loops, and the `#[inline(always)]`
+/// helpers here, vectorise to that width instead of the build's baseline (SSE2 on x86-64).
+/// `isa` must be at most what the CPU has ([`Isa::selected`]; anything higher panics).
+#[inline(always)]
+pub(super) fn vectorized<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    assert!(isa <= Isa::detected(), "{isa:?} asked of a CPU without it");
+    match isa {
+        // SAFETY: the CPU has AVX-512 F (asserted above).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::avx512(f) },
+        // SAFETY: the CPU has AVX2 and FMA (asserted above).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::avx2(f) },
+        _ => f(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    /// `f()` built for AVX-512.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    /// `f()` built for AVX2 with FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
     }
 }
 
