@@ -28,7 +28,8 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
-use super::simd::{exp_nonpositive, max_lanes, sum_lanes, vectorized};
+use super::simd::vectorized;
+use super::softmax::{softmax_row, softmax_row_backward};
 use super::{Isa, Kernel, flex_input, new_tensor, run_kernel, values};
 
 /// Rows of a register tile.
@@ -180,7 +181,7 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], g: &[f32], p: &[f32], dims: Dims) -
             vt: vec![0.0f32; w * s],
             ds: vec![0.0f32; s * s],
         };
-        for head_index in 0..h {
+        for (head_index, p) in p.chunks(s * s).enumerate() {
             let c = head_index * w;
             let head = Head {
                 q: &q[c..],
@@ -188,7 +189,6 @@ fn backward(q: &[f32], k: &[f32], v: &[f32], g: &[f32], p: &[f32], dims: Dims) -
                 v: &v[c..],
                 dims,
             };
-            let p = &p[head_at(head_index, s)];
             let grads = [&mut dq[c..], &mut dk[c..], &mut dv[c..]];
             let g = &g[c..];
             vectorized(
@@ -220,11 +220,6 @@ struct Head<'a> {
     dims: Dims,
 }
 
-/// The `[s, s]` attention weights of head `h` within a sequence's.
-fn head_at(h: usize, s: usize) -> Range<usize> {
-    h * s * s..(h + 1) * s * s
-}
-
 /// One head forward: `p` `[s, s]` gets `P`, `o`'s rows (`d` apart) get `P v`. `kt`: `d_k * s`
 /// values of scratch.
 #[inline(always)]
@@ -242,16 +237,7 @@ fn forward_head(Head { q, k, v, dims }: Head, p: &mut [f32], o: &mut [f32], kt: 
         Inner::All(dk),
     );
     for (i, row) in p.chunks_mut(s).enumerate() {
-        let (keep, ahead) = row.split_at_mut(i + 1);
-        let max = max_lanes(keep) * dims.scale;
-        for y in keep.iter_mut() {
-            *y = exp_nonpositive(*y * dims.scale - max);
-        }
-        let sum = sum_lanes(keep, keep, keep, |y, _, _| y);
-        for y in keep.iter_mut() {
-            *y /= sum;
-        }
-        ahead.fill(0.0);
+        softmax_row(row, i, dims.scale);
     }
     // o = P v.
     mm(
@@ -289,12 +275,7 @@ fn backward_head(
         Inner::All(w),
     );
     for (i, (ds, p)) in ds.chunks_mut(s).zip(p.chunks(s)).enumerate() {
-        let (keep, ahead) = ds.split_at_mut(i + 1);
-        let dot = sum_lanes(keep, &p[..=i], keep, |dp, p, _| dp * p);
-        for (x, &p) in keep.iter_mut().zip(p) {
-            *x = p * (*x - dot) * dims.scale;
-        }
-        ahead.fill(0.0);
+        softmax_row_backward(ds, p, i, dims.scale);
     }
     // dq = dS k.
     mm(
@@ -629,6 +610,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::test_values as values;
 
     /// Attention forward and backward in f64, the obvious way: `(o, dq, dk, dv)`.
     fn reference(
@@ -674,18 +656,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(7);
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     /// Every instruction set this CPU has, on shapes with row blocks and single rows, whole

@@ -8,7 +8,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, unary};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::Tensor;
 
-use super::simd::{exp_nonpositive, for_blocks, sum_lanes};
+use super::simd::{exp_nonpositive, for_blocks, max_lanes, sum_lanes};
 use super::{Kernel, flex_input, new_tensor, run_kernel, values};
 
 /// The kernel's `softmax(scale * scores + causal, -1)`, or `None` where it does not apply
@@ -45,15 +45,11 @@ impl Backward<Flex, 1> for CausalSoftmax {
             let shape = y.layout().shape().clone();
             let s = shape[3];
             let (y, g) = (values(&y), values(&g));
-            let mut dx = vec![0.0f32; g.len()];
+            let mut dx = g.to_vec();
             for_blocks(&mut dx, s * s, |at, dx| {
                 for (i, dx) in dx.chunks_mut(s).enumerate() {
                     let row = at + i * s;
-                    let (g, y) = (&g[row..row + i + 1], &y[row..row + i + 1]);
-                    let dot = sum_lanes(g, y, y, |g, y, _| g * y);
-                    for ((d, &g), &y) in dx.iter_mut().zip(g).zip(y) {
-                        *d = y * (g - dot) * scale;
-                    }
+                    softmax_row_backward(dx, &y[row..row + s], i, scale);
                 }
             });
             new_tensor(dx, shape)
@@ -66,19 +62,39 @@ fn causal_softmax_forward(x: &FlexTensor, scale: f32) -> FlexTensor {
     let shape = x.layout().shape().clone();
     let s = shape[3];
     let x = values(x);
-    let mut y = vec![0.0f32; x.len()];
-    for_blocks(&mut y, s * s, |at, y| {
+    let mut y = x.to_vec();
+    for_blocks(&mut y, s * s, |_, y| {
         for (i, y) in y.chunks_mut(s).enumerate() {
-            let (x, y) = (&x[at + i * s..at + i * s + i + 1], &mut y[..=i]);
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = exp_nonpositive(x * scale - max);
-            }
-            let sum = sum_lanes(y, y, y, |y, _, _| y);
-            for y in y.iter_mut() {
-                *y /= sum;
-            }
+            softmax_row(y, i, scale);
         }
     });
     new_tensor(y, shape)
+}
+
+/// Row `i` of a causal softmax in place: the scores `row[..=i]` become
+/// `softmax(scale * row[..=i])` (the maximum taken before scaling), `row[i + 1..]` becomes 0.
+#[inline(always)]
+pub(super) fn softmax_row(row: &mut [f32], i: usize, scale: f32) {
+    let (keep, ahead) = row.split_at_mut(i + 1);
+    let max = max_lanes(keep) * scale;
+    for y in keep.iter_mut() {
+        *y = exp_nonpositive(*y * scale - max);
+    }
+    let sum = sum_lanes(keep, keep, keep, |y, _, _| y);
+    for y in keep.iter_mut() {
+        *y /= sum;
+    }
+    ahead.fill(0.0);
+}
+
+/// Row `i` of its backward in place: the output's gradient `row[..=i]` becomes
+/// `y (row - sum row y) scale` for that row's weights `y`, `row[i + 1..]` becomes 0.
+#[inline(always)]
+pub(super) fn softmax_row_backward(row: &mut [f32], y: &[f32], i: usize, scale: f32) {
+    let (keep, ahead) = row.split_at_mut(i + 1);
+    let dot = sum_lanes(keep, &y[..=i], keep, |g, y, _| g * y);
+    for (g, &y) in keep.iter_mut().zip(y) {
+        *g = y * (*g - dot) * scale;
+    }
+    ahead.fill(0.0);
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::cpu::test_values as values;
 
 /// `x W` in f64, the obvious way.
 fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
@@ -11,18 +12,6 @@ fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
         }
     }
     y
-}
-
-fn values(len: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s % 2001) as f32 / 1000.0 - 1.0
-        })
-        .collect()
 }
 
 /// Every instruction set this CPU has, every shape class (rows below and above a tile,
