@@ -12,6 +12,12 @@
 //! ```
 //! Weights are stored transposed (`[in, out]`), so a linear layer is `x @ w`. Reading them from a
 //! checkpoint: `load`; writing them as transformers names them: `export`.
+//!
+//! Activations are f32, or bf16 where fine-tuning asks for it
+//! ([`HfSwitchTransformer::set_compute`]: the embedding's output is cast, and every product then
+//! casts its weight to the activations' type). In bf16 the parts transformers keeps in f32 stay
+//! f32: the norms' mean square, the attention scores and their softmax (T5's
+//! `softmax(scores.float())`), the router (its `router_dtype`), and the logits the loss reads.
 
 use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -28,6 +34,7 @@ mod load;
 mod params;
 
 use crate::hf::training::{Training, dropout};
+use crate::model::precision::{cast_to, f32};
 
 /// Root-mean-square layer norm with a scale and no bias.
 #[derive(Debug, Clone)]
@@ -39,12 +46,14 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// `x` `[b, s, d]`.
+    /// `x` `[b, s, d]`, computed in f32 and returned in `x`'s type.
     pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let d = x.dims()[2];
+        let [_, _, d] = x.dims();
+        let dtype = x.dtype();
+        let x = f32(x);
         let variance = x.clone().powi_scalar(2).mean_dim(2);
         let x = x * (variance + self.eps).sqrt().recip();
-        x * self.weight.clone().reshape([1, 1, d])
+        cast_to(x * self.weight.clone().reshape([1, 1, d]), dtype)
     }
 }
 
@@ -155,8 +164,9 @@ impl Attention {
     }
 
     /// Attention of `x` `[b, q, d]` over the keys and values in `kv` (not empty), with
-    /// `bias` (position bias plus mask, broadcastable to `[b, heads, q, k]`); when training,
-    /// with dropout on the attention probabilities.
+    /// `bias` (f32: position bias plus mask, broadcastable to `[b, heads, q, k]`); when
+    /// training, with dropout on the attention probabilities. Scores and softmax in f32,
+    /// the products in `x`'s type.
     pub(crate) fn attend(
         &self,
         x: Tensor<3>,
@@ -166,19 +176,20 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (k, v) = (kv.k.clone().expect("keys"), kv.v.clone().expect("values"));
+        let dtype = x.dtype();
         let q = self.split(matmul3(x, &self.q));
+        let probs = |scores: Tensor<4>| cast_to(softmax(f32(scores) + bias.clone(), 3), dtype);
         let out = if let Some(t) = train.as_deref_mut() {
-            let scores = q.matmul(k.swap_dims(2, 3)) + bias;
-            t.dropout(softmax(scores, 3)).matmul(v)
+            let p = probs(q.matmul(k.swap_dims(2, 3)));
+            t.dropout(p).matmul(v)
         } else if s == 1 {
             // One query (a decoding step): the products as multiply-and-sum over the keys'
             // layout, two ops each instead of a batched matmul of one row per head (a
             // general matmul call per head on the CPU).
-            let scores = (q * k).sum_dim(3).swap_dims(2, 3) + bias;
-            (softmax(scores, 3).swap_dims(2, 3) * v).sum_dim(2)
+            let p = probs((q * k).sum_dim(3).swap_dims(2, 3));
+            (p.swap_dims(2, 3) * v).sum_dim(2)
         } else {
-            let scores = q.matmul(k.swap_dims(2, 3)) + bias;
-            softmax(scores, 3).matmul(v)
+            probs(q.matmul(k.swap_dims(2, 3))).matmul(v)
         };
         let out = out.swap_dims(1, 2).reshape([b, s, self.heads * self.d_kv]);
         matmul3(out, &self.o)
@@ -328,6 +339,8 @@ pub struct HfSwitchTransformer {
     pub decoder: Stack,
     /// `[d_model, vocab]`: the output layer (the shared embedding, transposed, when tied).
     lm_head: Tensor<2>,
+    /// The activations' type: f32, or bf16 in a fine-tuning run that asks for it.
+    compute: DType,
     device: Device,
 }
 
@@ -338,16 +351,29 @@ impl HfSwitchTransformer {
         self.lm_head.dtype()
     }
 
+    /// Computes in `dtype` from now on (f32 or bf16; see the module comment): the weights stay
+    /// as they are, and every product casts them to the activations' type where used.
+    pub fn set_compute(&mut self, dtype: DType) {
+        self.compute = dtype;
+    }
+
+    /// The activations' type.
+    pub fn compute(&self) -> DType {
+        self.compute
+    }
+
+    /// The rows of `table` for `ids`, in the activations' type.
     fn embed(&self, table: &Tensor<2>, ids: &[i64], b: usize, s: usize) -> Result<Tensor<3>> {
         let vocab = self.config.vocab_size as i64;
         if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
             anyhow::bail!("token id {bad} is outside the vocabulary (0..{vocab})");
         }
         let ids = Tensor::<1, Int>::from_data(TensorData::new(ids.to_vec(), [b * s]), &self.device);
-        Ok(table
+        let rows = table
             .clone()
             .select(0, ids)
-            .reshape([b, s, self.config.d_model]))
+            .reshape([b, s, self.config.d_model]);
+        Ok(cast_to(rows, self.compute))
     }
 
     /// The encoder on `ids` `[b, s]` (row-major) with `mask` (1 = token, 0 = padding).

@@ -2,7 +2,7 @@
 //! 5.24.0):
 //!
 //! ```text
-//! p      = softmax(x W_router [+ b])                  f32
+//! p      = softmax(x W_router [+ b])                  f32 (x cast to f32 when it is bf16)
 //! e(t)   = argmax p(t)                                first on ties
 //! kept   = the first `expert_capacity` tokens of each expert in each sequence, by position
 //! y(t)   = p(t)[e(t)] * relu(x(t) wi_e) wo_e          if kept, else 0 (the residual carries it)
@@ -25,6 +25,7 @@ use super::checkpoint::{Deferred, Weights};
 use super::config::HfConfig;
 use super::linear::{linear_weight, linear_weight_f32, matmul2, matmul3};
 use super::training::{ParamMut, Training, Visit};
+use crate::model::precision::{cast_to, f32};
 use crate::routing::RoutePlan;
 use crate::routing::options::argmax;
 use crate::store::host_f32;
@@ -198,7 +199,9 @@ impl SparseMlp {
             Some(t) => t.jitter(x),
             None => x,
         };
-        let mut logits = matmul3(x.clone(), &self.router);
+        // The router in f32 whatever the activations' type (transformers' `router_dtype`).
+        let dtype = x.dtype();
+        let mut logits = matmul3(f32(x.clone()), &self.router);
         if let Some(bias) = &self.router_bias {
             logits = logits + bias.clone().reshape([1, 1, n]);
         }
@@ -257,10 +260,10 @@ impl SparseMlp {
                     Tensor::<2>::from_data(TensorData::new(scale, [m, 1]), &device)
                 }
             };
-            parts.push(h * scale);
+            parts.push(h * cast_to(scale, dtype));
             rows.extend(mine);
         }
-        let out = Tensor::<2>::zeros([b * s, d], &device);
+        let out = Tensor::<2>::zeros([b * s, d], (&device, dtype));
         let out = if rows.is_empty() {
             out
         } else {

@@ -11,11 +11,13 @@
 //!   on a sparse layer's normed input, before the router and the experts (transformers
 //!   multiplies in place, so the experts see it too)
 //! ```
-//! The masks come from the run's seeded generator ([`RoutingRng`]), so a run reproduces.
+//! The masks come from the run's seeded generator ([`RoutingRng`]), so a run reproduces; they
+//! are drawn in f32 and cast to the activations' type.
 
 use anyhow::Result;
 use burn::tensor::Tensor;
 
+use crate::model::precision::cast_to;
 use crate::model::switch::noise::{block_dropout_mask, uniform_tensor};
 use crate::routing::RoutingRng;
 
@@ -49,7 +51,8 @@ impl Training {
             return x;
         }
         let mask = block_dropout_mask(&mut self.rng, x.dims(), self.dropout, &x.device());
-        x * mask
+        let dtype = x.dtype();
+        x * cast_to(mask, dtype)
     }
 
     /// `x` times uniform noise in `[1 - jitter, 1 + jitter)`.
@@ -64,7 +67,8 @@ impl Training {
             1.0 + self.jitter,
             &x.device(),
         );
-        x * noise
+        let dtype = x.dtype();
+        x * cast_to(noise, dtype)
     }
 }
 

@@ -79,6 +79,7 @@ fn fine_tuning_on_the_device_ends_where_the_cpu_ends() {
     use switch_transformer::hf::finetune::parity::micro_batches;
     use switch_transformer::hf::finetune::run::finetune;
     use switch_transformer::hf::finetune::{Finetuner, Optimisation};
+    use switch_transformer::model::precision::Precision;
     use switch_transformer::optim::{AdamWConfig, LinearSchedule};
     use switch_transformer::store::TensorFile;
 
@@ -132,6 +133,7 @@ fn fine_tuning_on_the_device_ends_where_the_cpu_ends() {
         max_grad_norm: 1.0,
         dropout: 0.0,
         jitter: 0.0,
+        precision: Precision::F32,
     };
     let mut ft = Finetuner::new(model, &device, opt, 0).unwrap();
     ft.update(&batches[..1]).unwrap();

@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::hf::checkpoint::SaveDtype;
+use crate::model::precision::Precision;
 
 /// Every setting of a fine-tuning run (`--set key=value`); defaults are `Trainer`'s where it
 /// has one.
@@ -58,6 +59,10 @@ pub struct FinetuneConfig {
     pub save_every: u64,
     /// `f32` or `bf16`: what the saved model is written in.
     pub save_dtype: String,
+    /// `f32` or `bf16`: the type the forward and backward compute in. With bf16 the weights
+    /// stay f32 (AdamW's master copies) and are cast to bf16 where used; the router, norms'
+    /// statistics, softmaxes and losses stay f32.
+    pub precision: String,
     /// Updates with a non-finite gradient norm to skip (the model left unchanged) before the
     /// run stops with an error; 0: stop at the first.
     pub skip_nonfinite: u64,
@@ -88,6 +93,7 @@ impl Default for FinetuneConfig {
             eval_generate: 32,
             save_every: 0,
             save_dtype: "f32".into(),
+            precision: "f32".into(),
             skip_nonfinite: 0,
         }
     }
@@ -166,7 +172,19 @@ impl FinetuneConfig {
             bail!("weight_decay and max_grad_norm must be >= 0, adam_epsilon > 0");
         }
         self.dtype()?;
+        self.precision()?;
         Ok(())
+    }
+
+    /// The compute type `precision` names.
+    pub(crate) fn precision(&self) -> Result<Precision> {
+        match self.precision.as_str() {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => {
+                bail!("precision must be f32 or bf16, got `{other}` (f16 would need loss scaling)")
+            }
+        }
     }
 
     pub(crate) fn dtype(&self) -> Result<SaveDtype> {

@@ -12,6 +12,10 @@
 //!                                                            like an expert no token reached,
 //!                                                            skipped as PyTorch skips them)
 //! ```
+//! With `precision = "bf16"` the passes compute in bf16 on bf16 copies of the weights, made
+//! where each is used; the weights themselves stay f32 (the master copies AdamW updates, so
+//! that updates far below bf16's spacing, 2^-7 relative, still accumulate); the router,
+//! the norms' mean squares, the attention softmax and the losses stay f32.
 //!
 //! | file | what |
 //! |---|---|
@@ -36,7 +40,7 @@ pub mod run;
 pub mod validate;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::{RngCore, SeedableRng};
 
 use self::data::Batch;
@@ -45,6 +49,7 @@ use self::parallel::Workers;
 use crate::hf::model::HfSwitchTransformer;
 use crate::hf::sparse::Grouping;
 use crate::hf::training::{ParamMut, Training};
+use crate::model::precision::Precision;
 use crate::optim::adamw::decays;
 use crate::optim::{AdamW, AdamWConfig, LinearSchedule, clip_coefficient};
 use crate::routing::RoutingRng;
@@ -65,6 +70,10 @@ pub struct Optimisation {
     pub dropout: f64,
     /// Router jitter in training.
     pub jitter: f64,
+    /// The activations' type: f32, or bf16 (the forward and backward on bf16 copies of the
+    /// weights, cast from the f32 weights where used; AdamW updates the f32 weights, the
+    /// master copies; the router, norms' statistics, softmaxes and losses stay f32).
+    pub precision: Precision,
 }
 
 /// What one update measured (loss parts averaged over its micro-batches).
@@ -261,20 +270,32 @@ pub fn batch_loss(
         Some(t) => t.router_logits.split_at(n_enc),
         None => (&empty[..], &empty[..]),
     };
+    let logits = crate::model::precision::f32(logits);
     let loss = Seq2SeqLoss::new(&m.config, logits, &batch.labels, enc_router, dec_router)?;
     Ok((loss, dropped, layers))
 }
 
 impl Finetuner {
-    /// Takes `model` (on `device`, any dtype) to train it on `device` in f32.
+    /// Takes `model` (on `device`, any dtype) to train it on `device`: f32 weights, the
+    /// activations in `opt.precision` (f32 or bf16).
     pub fn new(
         mut model: HfSwitchTransformer,
         device: &Device,
         opt: Optimisation,
         seed: u64,
     ) -> Result<Self> {
+        let compute = match opt.precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => bail!(
+                "fine-tuning computes in f32 or bf16: f16 would need loss scaling (its range \
+                 underflows small gradients), which finetune does not do; use bf16"
+            ),
+        };
+        crate::model::precision::check_device(opt.precision, device)?;
         let ad = device.clone().autodiff();
         model.to_device_f32(&ad)?;
+        model.set_compute(compute);
         model.visit_params(&mut |_, p| {
             match p {
                 ParamMut::Vector(t) => *t = t.clone().require_grad(),
@@ -421,11 +442,13 @@ impl Finetuner {
         Ok((sum & ((1 << 52) - 1)) as f64)
     }
 
-    /// A copy of the model for inference on the plain device (no autodiff).
+    /// A copy of the model for inference on the plain device (no autodiff), computing in f32
+    /// as the saved model will (whatever the training's precision).
     pub fn inference_model(&self) -> Result<HfSwitchTransformer> {
         let mut m = self.model.clone();
         m.to_device_f32(&self.inner)
             .context("copying the model for inference")?;
+        m.set_compute(DType::F32);
         Ok(m)
     }
 }

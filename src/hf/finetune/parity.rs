@@ -17,6 +17,7 @@ use super::{Finetuner, Optimisation, batch_loss};
 use crate::hf::model::HfSwitchTransformer;
 use crate::hf::training::Training;
 use crate::interop::parity::{FixtureKind, Report};
+use crate::model::precision::Precision;
 use crate::optim::{AdamWConfig, LinearSchedule};
 use crate::routing::RoutingRng;
 use crate::store::TensorFile;
@@ -76,6 +77,7 @@ pub fn replay(dir: &Path, expected: &TensorFile, device: &Device) -> Result<Repo
         max_grad_norm: meta_f64(&meta, "max_grad_norm")?,
         dropout: 0.0,
         jitter: 0.0,
+        precision: Precision::F32,
     };
     let mut ft = Finetuner::new(model, device, opt, 0)?;
     let mut report = Report {

@@ -357,6 +357,7 @@ pub fn finetune(
         max_grad_norm: config.max_grad_norm,
         dropout: config.dropout_rate.unwrap_or(0.0),
         jitter: config.router_jitter_noise.unwrap_or(0.0),
+        precision: config.precision()?,
     };
     let mut ft = Finetuner::new(model, device, opt, config.seed)?;
     ft.workers = Workers::new(config.replicas, world.clone(), device)?;
@@ -405,7 +406,7 @@ pub fn finetune(
     };
     log(&format!(
         "fine-tuning {}: {} training pairs, {} updates of {} x {} sequences{workers}, lr {}, \
-         dropout {}, jitter {}",
+         dropout {}, jitter {}, computing in {}",
         args.model.display(),
         train.examples.len(),
         total,
@@ -413,7 +414,11 @@ pub fn finetune(
         config.batch_size,
         config.learning_rate,
         opt.dropout,
-        opt.jitter
+        opt.jitter,
+        match ft.model.compute() {
+            burn::tensor::DType::BF16 => "bf16",
+            _ => "f32",
+        }
     ));
 
     let run_validation =

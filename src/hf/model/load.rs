@@ -210,6 +210,7 @@ impl HfSwitchTransformer {
             encoder,
             decoder,
             lm_head,
+            compute: DType::F32,
             device: device.clone(),
         })
     }
