@@ -135,8 +135,21 @@ fn fine_tuning_on_the_device_ends_where_the_cpu_ends() {
         jitter: 0.0,
         precision: Precision::F32,
     };
-    let mut ft = Finetuner::new(model, &device, opt, 0).unwrap();
+    let mut ft = Finetuner::new(model.clone(), &device, opt, 0).unwrap();
     ft.update(&batches[..1]).unwrap();
+    // bf16 compute where the device has bf16 (wgpu has none: refused, saying so).
+    let bf16 = Optimisation {
+        precision: Precision::Bf16,
+        ..opt
+    };
+    let has_bf16 = device.supports_dtype(burn::tensor::FloatDType::BF16);
+    match Finetuner::new(model, &device, bf16, 0) {
+        Ok(_) => assert!(has_bf16, "bf16 accepted on a device without it"),
+        Err(e) => assert!(
+            !has_bf16 && e.to_string().contains("does not support"),
+            "{e}"
+        ),
+    }
     let on_cpu = std::env::var("SWITCH_TEST_DEVICE").map_or(true, |d| d == "cpu");
     // (A parameter without a gradient, an expert no token reached, has no state yet.)
     let updated: Vec<_> = ft.adamw.state.iter().filter(|s| s.step == 1).collect();
