@@ -1000,6 +1000,13 @@ fn bf16_compute_tracks_f32_and_keeps_f32_master_weights() {
     };
 
     let (mut f32s, mut bf16s) = (tuner(Precision::F32, 1e-6), tuner(Precision::Bf16, 1e-6));
+    let f16 = Optimisation {
+        precision: Precision::F16,
+        ..f32s.opt
+    };
+    let model = HfSwitchTransformer::load(&dir, &device).unwrap();
+    let refused = Finetuner::new(model, &device, f16, 0).err().unwrap();
+    assert!(refused.to_string().contains("loss scaling"), "{refused}");
     assert_eq!(bf16s.model.compute(), DType::BF16);
     // What runs in which type.
     let b = &batches[0];

@@ -284,18 +284,16 @@ impl Finetuner {
         opt: Optimisation,
         seed: u64,
     ) -> Result<Self> {
-        let compute = match opt.precision {
-            Precision::F32 => DType::F32,
-            Precision::Bf16 => DType::BF16,
-            Precision::F16 => bail!(
+        if opt.precision == Precision::F16 {
+            bail!(
                 "fine-tuning computes in f32 or bf16: f16 would need loss scaling (its range \
                  underflows small gradients), which finetune does not do; use bf16"
-            ),
-        };
+            );
+        }
         crate::model::precision::check_device(opt.precision, device)?;
         let ad = device.clone().autodiff();
         model.to_device_f32(&ad)?;
-        model.set_compute(compute);
+        model.set_compute(opt.precision.dtype().into());
         model.visit_params(&mut |_, p| {
             match p {
                 ParamMut::Vector(t) => *t = t.clone().require_grad(),
