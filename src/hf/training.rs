@@ -96,5 +96,15 @@ pub enum ParamMut<'a> {
     },
 }
 
+impl ParamMut<'_> {
+    /// The parameter's values, read back (from the device where it is elsewhere).
+    pub fn data(&self) -> burn::tensor::TensorData {
+        match self {
+            ParamMut::Vector(t) => (*t).clone().into_data(),
+            ParamMut::Matrix { tensor, .. } => (*tensor).clone().into_data(),
+        }
+    }
+}
+
 /// What visits each parameter: its transformers name and the tensor.
 pub type Visit<'v> = dyn FnMut(&str, ParamMut<'_>) -> Result<()> + 'v;

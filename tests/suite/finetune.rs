@@ -957,7 +957,7 @@ fn bf16_compute_tracks_f32_and_keeps_f32_master_weights() {
     use burn::tensor::DType;
     use rand::SeedableRng;
     use switch_transformer::hf::finetune::{Finetuner, Optimisation, batch_loss};
-    use switch_transformer::hf::training::{ParamMut, Training};
+    use switch_transformer::hf::training::Training;
     use switch_transformer::model::precision::Precision;
     use switch_transformer::optim::{AdamWConfig, LinearSchedule};
     use switch_transformer::routing::RoutingRng;
@@ -985,10 +985,7 @@ fn bf16_compute_tracks_f32_and_keeps_f32_master_weights() {
         let mut m = ft.model.clone();
         let mut out = Vec::new();
         m.visit_params(&mut |name, p| {
-            let t = match p {
-                ParamMut::Vector(t) => t.clone().into_data(),
-                ParamMut::Matrix { tensor, .. } => tensor.clone().into_data(),
-            };
+            let t = p.data();
             let values = t
                 .as_slice::<f32>()
                 .unwrap_or_else(|_| panic!("{name} is not f32"));

@@ -425,10 +425,7 @@ impl Finetuner {
         let mut sum = 0u64;
         let mut m = self.model.clone();
         m.visit_params(&mut |_, p| {
-            let data = match p {
-                ParamMut::Vector(t) => t.clone().into_data(),
-                ParamMut::Matrix { tensor, .. } => tensor.clone().into_data(),
-            };
+            let data = p.data();
             let values = data
                 .as_slice::<f32>()
                 .map_err(|e| anyhow::anyhow!("reading a parameter: {e:?}"))?;
