@@ -62,7 +62,7 @@ pub struct FinetuneConfig {
     /// `f32` or `bf16`: the type the forward and backward compute in. With bf16 the weights
     /// stay f32 (AdamW's master copies) and are cast to bf16 where used; the router, norms'
     /// statistics, softmaxes and losses stay f32.
-    pub precision: String,
+    pub precision: Precision,
     /// Updates with a non-finite gradient norm to skip (the model left unchanged) before the
     /// run stops with an error; 0: stop at the first.
     pub skip_nonfinite: u64,
@@ -93,7 +93,7 @@ impl Default for FinetuneConfig {
             eval_generate: 32,
             save_every: 0,
             save_dtype: "f32".into(),
-            precision: "f32".into(),
+            precision: Precision::F32,
             skip_nonfinite: 0,
         }
     }
@@ -172,19 +172,8 @@ impl FinetuneConfig {
             bail!("weight_decay and max_grad_norm must be >= 0, adam_epsilon > 0");
         }
         self.dtype()?;
-        self.precision()?;
+        super::check_precision(self.precision)?;
         Ok(())
-    }
-
-    /// The compute type `precision` names.
-    pub(crate) fn precision(&self) -> Result<Precision> {
-        match self.precision.as_str() {
-            "f32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            other => {
-                bail!("precision must be f32 or bf16, got `{other}` (f16 would need loss scaling)")
-            }
-        }
     }
 
     pub(crate) fn dtype(&self) -> Result<SaveDtype> {

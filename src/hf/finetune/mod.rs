@@ -275,6 +275,17 @@ pub fn batch_loss(
     Ok((loss, dropped, layers))
 }
 
+/// Refuses a compute type fine-tuning does not train in (f16).
+pub(crate) fn check_precision(precision: Precision) -> Result<()> {
+    if precision == Precision::F16 {
+        bail!(
+            "precision must be f32 or bf16: f16 would need loss scaling (its range underflows \
+             small gradients), which finetune does not do"
+        );
+    }
+    Ok(())
+}
+
 impl Finetuner {
     /// Takes `model` (on `device`, any dtype) to train it on `device`: f32 weights, the
     /// activations in `opt.precision` (f32 or bf16).
@@ -284,12 +295,7 @@ impl Finetuner {
         opt: Optimisation,
         seed: u64,
     ) -> Result<Self> {
-        if opt.precision == Precision::F16 {
-            bail!(
-                "fine-tuning computes in f32 or bf16: f16 would need loss scaling (its range \
-                 underflows small gradients), which finetune does not do; use bf16"
-            );
-        }
+        check_precision(opt.precision)?;
         crate::model::precision::check_device(opt.precision, device)?;
         let ad = device.clone().autodiff();
         model.to_device_f32(&ad)?;

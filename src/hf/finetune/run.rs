@@ -357,7 +357,7 @@ pub fn finetune(
         max_grad_norm: config.max_grad_norm,
         dropout: config.dropout_rate.unwrap_or(0.0),
         jitter: config.router_jitter_noise.unwrap_or(0.0),
-        precision: config.precision()?,
+        precision: config.precision,
     };
     let mut ft = Finetuner::new(model, device, opt, config.seed)?;
     ft.workers = Workers::new(config.replicas, world.clone(), device)?;
