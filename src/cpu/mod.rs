@@ -121,6 +121,9 @@ pub(crate) enum Kernel {
     /// The same product as a graph node of training, its backward included
     /// (`src/cpu/thin_linear.rs`), on this level.
     ThinLinear(Isa),
+    /// Of those, the products whose `W` was the transpose of a row-major matrix (a tied
+    /// output layer), read where it lies.
+    ThinLinearTransposed,
 }
 
 /// How many times each kernel has run (forward, or one Adam update) on this thread.
@@ -150,6 +153,8 @@ pub struct KernelRuns {
     pub thin_linear: u64,
     /// The instruction set of the last of them.
     pub thin_linear_isa: Option<Isa>,
+    /// Of those, the products with a transposed `W` read in place (a tied output layer).
+    pub thin_linear_transposed: u64,
 }
 
 thread_local! {
@@ -167,6 +172,7 @@ thread_local! {
             thin_matmul_isa: None,
             thin_linear: 0,
             thin_linear_isa: None,
+            thin_linear_transposed: 0,
         })
     };
 }
@@ -198,6 +204,7 @@ pub(crate) fn count(kernel: Kernel) {
                 v.thin_linear += 1;
                 v.thin_linear_isa = Some(isa);
             }
+            Kernel::ThinLinearTransposed => v.thin_linear_transposed += 1,
         }
         r.set(v)
     });

@@ -81,8 +81,16 @@ fn training_matches_transformers_on_every_fixture() {
             all > 0 && in_place == all,
             "{in_place} of {all} updates in place"
         );
-        // The linear layers' few-row products ran through the training kernel.
+        // The linear layers' few-row products ran through the training kernel; `accum`'s
+        // micro-batches (16 and 22 target tokens) take the tied output layer through it too,
+        // the embedding read in place (`step2`'s 66 are past the kernel's 64 rows).
         assert!(after.thin_linear > before.thin_linear);
+        let tied_in_place = after.thin_linear_transposed - before.thin_linear_transposed;
+        assert_eq!(
+            tied_in_place > 0,
+            name == "accum",
+            "{name}: tied output layer"
+        );
         let bad: Vec<_> = rows.iter().filter(|r| !r.pass).collect();
         assert!(bad.is_empty(), "{name}: {bad:#?}");
         // Loss parts, some gradients, the 3 losses and every weight were compared.

@@ -41,6 +41,9 @@ fn grouped_ffn_runs(r: &KernelRuns) -> u64 {
 fn thin_linear_runs(r: &KernelRuns) -> u64 {
     r.thin_linear
 }
+fn thin_linear_transposed_runs(r: &KernelRuns) -> u64 {
+    r.thin_linear_transposed
+}
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
     t.into_data()
@@ -337,15 +340,37 @@ fn grouped_ffn_matches_burn_ops() {
     check_grouped_ffn(&[7; 40], 16, 32); // many experts: multiplied in parallel
 }
 
+/// How the weights of [`check_thin_linear`] lie.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum WLayout {
+    /// A row-major `[k, n]` leaf.
+    Rows,
+    /// `S^T` for a row-major leaf `S` `[n, k]`: a tied output layer (`lm_head = shared^T`),
+    /// whose gradient reaches `S`.
+    TransposedLeaf,
+}
+
 /// `x W` with few rows in training (the Hugging Face models' linear layers,
 /// `hf::matmul2`): output and both gradients against Burn's matmul, with both inputs tracked,
-/// either one frozen, and `x` a strided view; above `THIN_MAX_ROWS` rows the kernel stays out.
-fn check_thin_linear(m: usize, k: usize, n: usize, track: (bool, bool), strided: bool) {
+/// either one frozen, `x` a strided view, and `W` a transposed view read in place; above
+/// `THIN_MAX_ROWS` rows the kernel stays out.
+fn check_thin_linear(
+    m: usize,
+    k: usize,
+    n: usize,
+    track: (bool, bool),
+    strided: bool,
+    layout: WLayout,
+) {
     let device = Device::default().autodiff();
     let raw_x = random([m, k], &device);
-    let raw_w = random([k, n], &device);
+    let raw_w = match layout {
+        WLayout::Rows => random([k, n], &device),
+        WLayout::TransposedLeaf => random([n, k], &device),
+    };
     let g = random([m, n], &device);
     let kernel = m <= 64;
+    let transposed = (kernel && layout == WLayout::TransposedLeaf) as u64;
     let run = |fused: bool| {
         let (x, w) = (raw_x.clone().detach(), raw_w.clone().detach());
         let x = if track.0 { x.require_grad() } else { x };
@@ -355,12 +380,18 @@ fn check_thin_linear(m: usize, k: usize, n: usize, track: (bool, bool), strided:
         } else {
             x.clone()
         };
+        let weights = match layout {
+            WLayout::Rows => w.clone(),
+            WLayout::TransposedLeaf => w.clone().transpose(),
+        };
         let y = if fused {
-            ran(thin_linear_runs, kernel as u64, || {
-                switch_transformer::hf::matmul2(input, &w)
+            ran(thin_linear_transposed_runs, transposed, || {
+                ran(thin_linear_runs, kernel as u64, || {
+                    switch_transformer::hf::matmul2(input, &weights)
+                })
             })
         } else {
-            ran(thin_linear_runs, 0, || input.matmul(w.clone()))
+            ran(thin_linear_runs, 0, || input.matmul(weights))
         };
         let grads = (y.clone() * g.clone()).sum().backward();
         let mut out = vec![("output", host(y))];
@@ -373,7 +404,7 @@ fn check_thin_linear(m: usize, k: usize, n: usize, track: (bool, bool), strided:
         out
     };
     for ((name, a), (_, b)) in run(true).into_iter().zip(run(false)) {
-        let what = format!("x W, {m}x{k}x{n} {track:?} strided {strided}: {name}");
+        let what = format!("x W, {m}x{k}x{n} {track:?} strided {strided} {layout:?}: {name}");
         assert_close(a, b, &what);
     }
 }
@@ -387,13 +418,32 @@ fn few_row_products_in_training_match_burns_matmul() {
         (64, 96, 130),
         (65, 30, 20),
     ] {
-        check_thin_linear(m, k, n, (true, true), false);
+        check_thin_linear(m, k, n, (true, true), false, WLayout::Rows);
     }
-    check_thin_linear(6, 50, 70, (true, false), false);
-    check_thin_linear(6, 50, 70, (false, true), false);
-    check_thin_linear(12, 50, 70, (true, true), true);
+    check_thin_linear(6, 50, 70, (true, false), false, WLayout::Rows);
+    check_thin_linear(6, 50, 70, (false, true), false, WLayout::Rows);
+    check_thin_linear(12, 50, 70, (true, true), true, WLayout::Rows);
     let isa = switch_transformer::cpu::runs().thin_linear_isa;
     assert_eq!(isa, Some(switch_transformer::cpu::Isa::selected()));
+}
+
+/// A tied output layer (`W` the transpose of the embedding) runs the kernels with the
+/// embedding read where it lies, its gradient reaching the embedding: one row, a register
+/// tile's rows and more, a partial vector of columns, either input frozen; above
+/// `THIN_MAX_ROWS` rows Burn's matmul takes it.
+#[test]
+fn a_tied_output_layer_is_read_in_place() {
+    for (m, k, n) in [
+        (1, 7, 5),
+        (4, 40, 24),
+        (9, 96, 1030),
+        (64, 64, 300),
+        (65, 30, 20),
+    ] {
+        check_thin_linear(m, k, n, (true, true), false, WLayout::TransposedLeaf);
+    }
+    check_thin_linear(6, 50, 70, (true, false), false, WLayout::TransposedLeaf);
+    check_thin_linear(6, 50, 70, (false, true), true, WLayout::TransposedLeaf);
 }
 
 /// The fast paths run where the model needs them: a training step of a small model on the
