@@ -112,7 +112,10 @@ fn contiguous_f32(t: &FlexTensor) -> &[f32] {
 }
 
 /// Sum of squares in f64, in parallel over large tensors. Eight partial sums, so that the loop
-/// runs in vector registers instead of waiting on one chain of dependent additions.
+/// runs in vector registers instead of waiting on one chain of dependent additions. The
+/// chunks' sums are added in their order, so the result does not depend on the thread count
+/// (rayon's `sum` adds them in a tree shaped by the threads: at 5 threads the last bit
+/// differed from 1 thread's).
 fn sum_squares(x: &[f32]) -> f64 {
     use rayon::prelude::*;
     let part = |c: &[f32]| {
@@ -131,7 +134,8 @@ fn sum_squares(x: &[f32]) -> f64 {
         acc.iter().sum::<f64>() + tail
     };
     if x.len() > 2 * CHUNK {
-        x.par_chunks(CHUNK).map(part).sum()
+        let parts: Vec<f64> = x.par_chunks(CHUNK).map(part).collect();
+        parts.iter().sum()
     } else {
         part(x)
     }
@@ -284,6 +288,24 @@ mod tests {
                 .collect();
             assert_eq!((&new, &m, &v), (&want_t, &want_m, &want_v), "into, n = {n}");
             assert_eq!(old, theta);
+        }
+    }
+
+    /// The parallel sum adds its chunks in one order: the same bits on any number of threads.
+    #[test]
+    fn sum_squares_does_not_depend_on_the_thread_count() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let x = random(300 * CHUNK + 17, &mut rng, 3.0);
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| sum_squares(&x))
+        };
+        let one = on(1);
+        for threads in [2, 3, 5, 8] {
+            assert_eq!(on(threads).to_bits(), one.to_bits(), "{threads} threads");
         }
     }
 
