@@ -25,8 +25,6 @@
 //! passes over the 98 MB embedding of switch-base-8 per update: a transposed copy and a
 //! plain one in the forward pass and again in the backward, about 0.1 s of a 2.5 s update.
 
-use std::borrow::Cow;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -52,9 +50,9 @@ pub(super) fn thin_linear(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
         [flex_input(x), flex_input(w)],
         |[x, w]| {
             let x_values = values(&x);
-            let y = match weights(&w) {
-                W::Rows(w) => thin_matmul_host(isa, &x_values, m, k, Weights::F32(&w), n),
-                W::Transposed(s) => {
+            let y = match transposed(&w) {
+                None => thin_matmul_host(isa, &x_values, m, k, Weights::F32(&values(&w)), n),
+                Some(s) => {
                     super::count(Kernel::ThinLinearTransposed);
                     thin_matmul_t_host(isa, &x_values, m, k, s, n)
                 }
@@ -80,55 +78,38 @@ impl Backward<Flex, 2> for ThinLinear {
             w.layout().shape().dims::<2>()[1],
         );
         let dy = values(&dy);
+        let s = transposed(&w);
         if let Some(node) = pw {
             let x = values(&x);
-            let dw = match transposed(&w) {
-                None => {
-                    let fill = |dw: &mut [std::mem::MaybeUninit<f32>]| {
-                        matmul_new(dw, Mat::rows(&x, 0, k).t(), Mat::rows(&dy, 0, n), k, n, m);
-                    };
-                    // SAFETY: `matmul_new` writes all `k * n` values.
-                    new_tensor(unsafe { written_by(k * n, fill) }, Shape::new([k, n]))
-                }
+            let dw = match s {
+                None => product(Mat::rows(&x, 0, k).t(), Mat::rows(&dy, 0, n), k, n, m),
+                // `dS` row-major, seen as `dW = dS^T` (the transpose's backward sees through
+                // it again: no copy either way).
                 Some(_) => {
-                    let fill = |ds: &mut [std::mem::MaybeUninit<f32>]| {
-                        matmul_new(ds, Mat::rows(&dy, 0, n).t(), Mat::rows(&x, 0, k), n, k, m);
-                    };
-                    // SAFETY: `matmul_new` writes all `n * k` values.
-                    let ds = unsafe { written_by(n * k, fill) };
-                    // `dS` row-major, seen as `dW = dS^T` (the transpose's backward sees
-                    // through it again: no copy either way).
-                    new_tensor(ds, Shape::new([n, k])).transpose(0, 1)
+                    product(Mat::rows(&dy, 0, n).t(), Mat::rows(&x, 0, k), n, k, m).transpose(0, 1)
                 }
             };
             grads.register::<Flex>(node.id, dw);
         }
         if let Some(node) = px {
             let isa = Isa::selected();
-            let dx = match weights(&w) {
-                W::Rows(w) => thin_matmul_t_host(isa, &dy, m, n, &w, k),
-                W::Transposed(s) => thin_matmul_host(isa, &dy, m, n, Weights::F32(s), k),
+            let dx = match s {
+                None => thin_matmul_t_host(isa, &dy, m, n, &values(&w), k),
+                Some(s) => thin_matmul_host(isa, &dy, m, n, Weights::F32(s), k),
             };
             grads.register::<Flex>(node.id, new_tensor(dx, Shape::new([m, k])));
         }
     }
 }
 
-/// The weights `W` `[k, n]` as the kernels read them.
-enum W<'a> {
-    /// Row-major `[k, n]` (borrowed where it lies, or a row-major copy of another layout).
-    Rows(Cow<'a, [f32]>),
-    /// `W = S^T` for a row-major `S` `[n, k]` lying in these values.
-    Transposed(&'a [f32]),
-}
-
-/// `w`'s values: `S` where `w` is the transpose of a row-major matrix, else row-major
-/// (copied where they do not lie so).
-fn weights(w: &FlexTensor) -> W<'_> {
-    match transposed(w) {
-        Some(s) => W::Transposed(s),
-        None => W::Rows(values(w)),
-    }
+/// `a b` (`a` `[rows, inner]`, `b` `[inner, cols]`) as a new row-major tensor, written once.
+fn product(a: Mat, b: Mat, rows: usize, cols: usize, inner: usize) -> FlexTensor {
+    let fill = |out: &mut [std::mem::MaybeUninit<f32>]| matmul_new(out, a, b, rows, cols, inner);
+    // SAFETY: `matmul_new` writes all `rows * cols` values.
+    new_tensor(
+        unsafe { written_by(rows * cols, fill) },
+        Shape::new([rows, cols]),
+    )
 }
 
 /// The values of `S` `[n, k]` (row-major) where `w` `[k, n]` is its transpose: element
